@@ -1,0 +1,252 @@
+"""The thin client for one server: upload, compute, wait, release."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import requests
+
+from fdrtd_client import wire
+from fdrtd_client.errors import (
+    ConnectError,
+    FdrtdClientError,
+    RequestTimeout,
+    ResultTimeout,
+    ServerError,
+    error_from_problem,
+)
+
+__all__ = ["Client", "Handle", "Job", "connect"]
+
+UPLOAD_CHUNK = 1024 * 1024
+MAX_POLL = 20.0
+
+
+class Handle(str):
+    """An opaque handle the server returned (a data or a result handle).
+
+    It is a plain string, so it can be stored, printed and sent to a
+    colleague; on its own it grants nothing without the owner's token.
+    """
+
+    __slots__ = ()
+
+    @property
+    def kind(self) -> str:
+        """``"data"`` or ``"result"``."""
+        return "data" if self.startswith("d-") else "result"
+
+
+def _array_chunks(array: np.ndarray[Any, Any]) -> Iterator[bytes]:
+    view = memoryview(np.ascontiguousarray(array)).cast("B")
+    for start in range(0, len(view), UPLOAD_CHUNK):
+        yield bytes(view[start : start + UPLOAD_CHUNK])
+
+
+def _file_chunks(handle: IO[bytes]) -> Iterator[bytes]:
+    while chunk := handle.read(UPLOAD_CHUNK):
+        yield chunk
+
+
+class Client:
+    """A connection to one fdrtd server.
+
+    Args:
+        url: The server's base URL, e.g. ``http://127.0.0.1:8000``.
+        token: Your token on that server.
+        timeout: Seconds to wait for any one HTTP answer.
+        verify: TLS verification (``True``, or a CA bundle path); never turned off by default.
+    """
+
+    def __init__(self, url: str, token: str, *, timeout: float = 30.0, verify: bool | str = True) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._session = requests.Session()
+        self._session.verify = verify
+        self._session.headers.update({"authorization": f"Bearer {token}", "accept": wire.MSGPACK})
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r})"
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._session.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, *, body: Any = None, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Send one request and decode the answer.
+
+        Raises:
+            ServerError: The subclass matching the server's error status.
+            TransportError: If the server cannot be reached or does not answer.
+        """
+        if body is not None:
+            kwargs["data"] = wire.packb(body)
+            kwargs.setdefault("headers", {})["content-type"] = wire.MSGPACK
+        try:
+            response = self._session.request(
+                method, self.url + path, timeout=timeout or self.timeout, **kwargs
+            )
+        except requests.ConnectionError as error:
+            raise ConnectError(f"cannot reach the fdrtd server at {self.url}") from error
+        except requests.Timeout as error:
+            raise RequestTimeout(f"{self.url} did not answer within {timeout or self.timeout:g} s") from error
+        if response.status_code >= 400:
+            try:
+                detail = str(response.json().get("detail", response.reason))
+            except ValueError:
+                detail = response.reason or "error"
+            raise error_from_problem(response.status_code, detail, self.url)
+        if response.headers.get("content-type", "").startswith(wire.MSGPACK):
+            return wire.unpackb(response.content)
+        return wire.from_jsonable(response.json())
+
+    # -- data ------------------------------------------------------------------
+
+    def upload(self, data: Any, *, dtype: str | None = None) -> Handle:
+        """Upload a dataset to this server and get its data handle.
+
+        Args:
+            data: One of: a list of numbers; a numpy array (sent as typed
+                binary, streamed); a path to a ``.csv`` file (streamed); a
+                mapping of column name to list or array (a table).
+            dtype: For lists, the numpy dtype to send (default float64).
+
+        Returns:
+            The data handle. The data can never be downloaded again.
+        """
+        if isinstance(data, str | os.PathLike):
+            path = Path(data)
+            with path.open("rb") as handle:
+                answer = self.request(
+                    "POST", "/v1/data", params={"format": "csv"}, data=_file_chunks(handle),
+                    headers={"content-type": "text/csv"},
+                )
+        elif isinstance(data, Mapping):
+            answer = self.request("POST", "/v1/data", params={"format": "msgpack"}, data=wire.packb(dict(data)))
+        else:
+            array = np.asarray(data, dtype=dtype or (None if isinstance(data, np.ndarray) else np.float64))
+            if array.dtype.kind not in "biuf":
+                raise FdrtdClientError("only numeric arrays can be uploaded this way; use a CSV file or a table")
+            array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+            params = {"format": "raw", "dtype": array.dtype.str, "shape": ",".join(map(str, array.shape))}
+            headers = {"content-type": "application/octet-stream"}
+            answer = self.request("POST", "/v1/data", params=params, data=_array_chunks(array), headers=headers)
+        return Handle(answer["handle"])
+
+    def describe(self, handle: str) -> dict[str, Any]:
+        """The schema of one of your datasets (columns, dtypes, rows)."""
+        answer: dict[str, Any] = self.request("GET", f"/v1/data/{handle}")
+        return answer
+
+    def datasets(self) -> list[dict[str, Any]]:
+        """Your datasets on this server."""
+        return list(self.request("GET", "/v1/data")["datasets"])
+
+    def release(self, handle: str) -> None:
+        """Delete a dataset or a result of yours."""
+        kind = "data" if str(handle).startswith("d-") else "results"
+        self.request("DELETE", f"/v1/{kind}/{handle}")
+
+    # -- computations ------------------------------------------------------------
+
+    def compute(self, microservice: str, function: str, session: Mapping[str, Any] | None = None, **inputs: Any) -> Job:
+        """Start a computation and return its :class:`Job` at once.
+
+        Args:
+            microservice: E.g. ``"map"`` or ``"smpc"``.
+            function: E.g. ``"aggregate"`` or ``"secure_sum"``.
+            session: For multi-party protocols: ``{"id": ..., "parties": [...]}``.
+            **inputs: The function's inputs (data handles, column names, options).
+        """
+        body: dict[str, Any] = {"microservice": microservice, "function": function, "inputs": inputs}
+        if session is not None:
+            body["session"] = dict(session)
+        answer = self.request("POST", "/v1/compute", body=body)
+        return Job(self, Handle(answer["result"]))
+
+    def job(self, handle: str) -> Job:
+        """A :class:`Job` for a result handle you got earlier."""
+        return Job(self, Handle(handle))
+
+    def microservices(self) -> list[dict[str, Any]]:
+        """The microservices running on this server."""
+        return list(self.request("GET", "/v1/microservices")["microservices"])
+
+    def identity(self) -> dict[str, Any]:
+        """The server's public peer entry."""
+        answer: dict[str, Any] = self.request("GET", "/v1/identity")
+        return answer
+
+
+class Job:
+    """A computation started on a server, known by its result handle."""
+
+    def __init__(self, client: Client, handle: Handle) -> None:
+        self.client = client
+        self.handle = handle
+
+    def __repr__(self) -> str:
+        return f"Job({self.handle!r} on {self.client.url})"
+
+    def status(self, wait: float = 0.0) -> dict[str, Any]:
+        """Status, progress and (when done) the value; waits up to ``wait`` s for the end."""
+        answer: dict[str, Any] = self.client.request(
+            "GET", f"/v1/results/{self.handle}", params={"wait": f"{wait:g}"},
+            timeout=self.client.timeout + wait,
+        )
+        return answer
+
+    def result(self, timeout: float = 60.0, *, progress: bool | None = None) -> Any:
+        """Wait for the computation and return its value.
+
+        Args:
+            timeout: Seconds to wait in all.
+            progress: Show a progress line on stderr; default: when it is a terminal.
+
+        Raises:
+            ResultTimeout: If it is not finished within ``timeout``.
+            ServerError: The computation's own error (e.g. ``PartyTimeout``).
+        """
+        show = sys.stderr.isatty() if progress is None else progress
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            view = self.status(wait=max(0.0, min(MAX_POLL, remaining)))
+            if show:
+                filled = int(20 * float(view.get("progress", 0)))
+                sys.stderr.write(f"\r[{'#' * filled}{' ' * (20 - filled)}] {view['status']:<8}")
+                sys.stderr.flush()
+            if view["status"] == "done":
+                if show:
+                    sys.stderr.write("\n")
+                return view["value"]
+            if view["status"] == "failed":
+                if show:
+                    sys.stderr.write("\n")
+                error = view.get("error", {})
+                raise error_from_problem(int(error.get("status", 500)), str(error.get("detail", "")), self.client.url)
+            if time.monotonic() >= deadline:
+                raise ResultTimeout(f"the computation {self.handle} did not finish within {timeout:g} s")
+
+    def release(self) -> None:
+        """Delete the result on the server."""
+        self.client.release(self.handle)
+
+
+def connect(url: str, token: str, *, timeout: float = 30.0, verify: bool | str = True) -> Client:
+    """Connect to an fdrtd server (no request is sent until you use it)."""
+    return Client(url, token, timeout=timeout, verify=verify)
+
+

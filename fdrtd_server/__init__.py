@@ -1,0 +1,1 @@
+"""fdrtd server: API controller, bus, peer gateway, identities and policy."""

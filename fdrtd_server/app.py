@@ -1,0 +1,488 @@
+"""The API controller: authenticate, validate, put on the bus, answer with a handle.
+
+The controller holds no data. An upload's body is streamed chunk by chunk
+into the JetStream object store; every other request becomes one NATS
+request to a microservice, whether that microservice runs in this process
+or in a worker elsewhere. Answers are handles, statuses, schemas and
+results, never a dataset's content (invariant 1).
+
+Errors are JSON problem documents (RFC 9457) with a human ``detail``, mapped
+from :mod:`fdrtd_server.errors` in one exception handler. Bodies are JSON or
+msgpack, chosen by ``Content-Type``; answers are msgpack when ``Accept``
+asks for ``application/msgpack``, else JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from fdrtd_client import wire
+from fdrtd_server import openapi
+from fdrtd_server.audit import AuditLog
+from fdrtd_server.bus import SERVICE_PREFIX, Bus, check_owner, new_handle, parse_handle
+from fdrtd_server.config import Settings, TokenStore
+from fdrtd_server.errors import (
+    BadRequest,
+    FdrtdError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
+    error_for_status,
+)
+
+__all__ = ["Principal", "bus_request", "create_app"]
+
+log = logging.getLogger("fdrtd.controller")
+NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+BUS_TIMEOUT = 30.0
+MAX_WAIT = 60.0
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the token's name and role."""
+
+    name: str
+    role: str
+
+
+@dataclass
+class State:
+    """What the running controller holds: connections, never data."""
+
+    settings: Settings
+    bus: Bus
+    tokens: TokenStore
+    audit: AuditLog
+    extra: dict[str, Any]
+
+
+def _state(request: Request) -> State:
+    state: State = request.app.state.fdrtd
+    return state
+
+
+def problem(status: int, title: str, detail: str) -> JSONResponse:
+    """An RFC 9457 problem document."""
+    return JSONResponse(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        status_code=status,
+        media_type="application/problem+json",
+    )
+
+
+def respond(request: Request, body: Any, status: int = 200) -> Response:
+    """Answer in msgpack if the client accepts it, else JSON."""
+    if wire.MSGPACK in request.headers.get("accept", ""):
+        return Response(wire.packb(body), status_code=status, media_type=wire.MSGPACK)
+    return JSONResponse(wire.to_jsonable(body), status_code=status)
+
+
+def authenticate(request: Request) -> Principal:
+    """The caller behind the ``Authorization: Bearer`` token.
+
+    Raises:
+        Unauthorized: If the header is missing or the token unknown.
+    """
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("send your token as 'Authorization: Bearer <token>'")
+    found = _state(request).tokens.authenticate(token.strip())
+    if found is None:
+        raise Unauthorized("the token is not valid on this server")
+    return Principal(*found)
+
+
+async def read_body(request: Request) -> Any:
+    """Read and decode a JSON or msgpack body within the size limit.
+
+    Raises:
+        PayloadTooLarge, UnsupportedMediaType, BadRequest.
+    """
+    limit = _state(request).settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+    media = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if media == wire.MSGPACK:
+        return wire.unpackb(bytes(body))
+    if media in ("application/json", ""):
+        return wire.json_loads(bytes(body))
+    raise UnsupportedMediaType("send the body as application/json or application/msgpack")
+
+
+async def bus_request(bus: Bus, subject: str, message: dict[str, Any], timeout: float = BUS_TIMEOUT) -> Any:
+    """Send one request on the bus and decode the answer or raise its error.
+
+    Raises:
+        NotFound: If no microservice listens on ``subject``.
+        ServiceUnavailable: If it does not answer in time.
+        FdrtdError: Whatever the microservice raised, rebuilt from status and message.
+    """
+    try:
+        reply = await bus.nc.request(subject, wire.packb(message), timeout=timeout)
+    except nats.errors.NoRespondersError:
+        parts = subject.split(".")
+        raise NotFound(
+            f"no microservice '{parts[2]}' with a function '{parts[3]}' runs on this server"
+        ) from None
+    except nats.errors.TimeoutError:
+        raise ServiceUnavailable("the microservice did not answer in time; try again") from None
+    headers = reply.headers or {}
+    if "Nats-Service-Error-Code" in headers:
+        code = headers["Nats-Service-Error-Code"]
+        status = int(code) if code.isdigit() else 500
+        raise error_for_status(status, headers.get("Nats-Service-Error", "microservice error"))
+    return wire.unpackb(reply.data)
+
+
+async def call_service(request: Request, microservice: str, function: str, inputs: dict[str, Any], **extra: Any) -> Any:
+    """Authenticate, then call ``fdrtd.svc.<microservice>.<function>``."""
+    principal = authenticate(request)
+    message = {"principal": principal.name, "role": principal.role, "inputs": inputs, **extra}
+    return await bus_request(_state(request).bus, f"{SERVICE_PREFIX}.{microservice}.{function}", message)
+
+
+# -- routes ------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness: the process answers."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: connected to NATS and the data microservice answers."""
+    state = _state(request)
+    if not state.bus.nc.is_connected:
+        return problem(503, "Not ready", "not connected to NATS")
+    try:
+        await state.bus.nc.request(f"{SERVICE_PREFIX}.data.describe", wire.packb({}), timeout=2)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        return problem(503, "Not ready", "the data microservice is not running")
+    return JSONResponse({"status": "ready", "server": state.settings.name})
+
+
+async def openapi_document(request: Request) -> Response:
+    """The OpenAPI 3.1 description of this API."""
+    return JSONResponse(openapi.document(_state(request).settings))
+
+
+async def upload(request: Request) -> Response:
+    """Stream a dataset into the object store and register it; answer its handle."""
+    principal = authenticate(request)
+    state = _state(request)
+    params = request.query_params
+    fmt = params.get("format", "raw")
+    inputs: dict[str, Any] = {"format": fmt}
+    if "dtype" in params:
+        inputs["dtype"] = params["dtype"]
+    if "shape" in params:
+        try:
+            inputs["shape"] = [int(n) for n in params["shape"].split(",") if n.strip()]
+        except ValueError:
+            raise BadRequest("'shape' must be comma-separated non-negative integers") from None
+    limit = state.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"upload is larger than this server's limit of {limit} bytes")
+    handle = new_handle("data")
+    size = await state.bus.put_stream(handle, request.stream(), limit)
+    inputs.update(handle=handle, size=size)
+    message = {"principal": principal.name, "role": principal.role, "inputs": inputs}
+    try:
+        described = await bus_request(state.bus, f"{SERVICE_PREFIX}.data.register", message)
+    except BaseException:
+        await state.bus.delete_object(handle)
+        state.audit.write(principal.name, "upload", handle, "refused")
+        raise
+    state.audit.write(principal.name, "upload", handle, bytes=size)
+    return respond(request, described, 201)
+
+
+async def list_data(request: Request) -> Response:
+    """The caller's datasets with their schemas."""
+    return respond(request, await call_service(request, "data", "list", {}))
+
+
+async def describe_data(request: Request) -> Response:
+    """A dataset's schema: columns, dtypes, row count. Never its content."""
+    handle = request.path_params["handle"]
+    return respond(request, await call_service(request, "data", "describe", {"handle": handle}))
+
+
+async def release_data(request: Request) -> Response:
+    """Delete a dataset the caller owns."""
+    handle = request.path_params["handle"]
+    answer = await call_service(request, "data", "release", {"handle": handle})
+    _state(request).audit.write(authenticate(request).name, "release", handle)
+    return respond(request, answer)
+
+
+def _check_session(session: Any) -> dict[str, Any] | None:
+    if session is None:
+        return None
+    if not isinstance(session, dict):
+        raise BadRequest("'session' must be a map with 'id' and 'parties'")
+    sid, parties = session.get("id"), session.get("parties")
+    if not isinstance(sid, str) or not re.match(r"^[A-Za-z0-9_-]{8,64}$", sid):
+        raise BadRequest("'session.id' must be 8 to 64 letters, digits, '-' or '_'")
+    if (
+        not isinstance(parties, list)
+        or not 2 <= len(parties) <= 64
+        or not all(isinstance(p, str) and NAME.match(p.replace("-", "_")) for p in parties)
+        or len(set(parties)) != len(parties)
+    ):
+        raise BadRequest("'session.parties' must list 2 to 64 distinct server names")
+    return {"id": sid, "parties": parties, **{k: v for k, v in session.items() if k not in ("id", "parties")}}
+
+
+async def compute(request: Request) -> Response:
+    """Start a computation; answer its result handle at once (202)."""
+    principal = authenticate(request)
+    state = _state(request)
+    body = await read_body(request)
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a map with 'microservice', 'function' and 'inputs'")
+    microservice, function = body.get("microservice"), body.get("function")
+    for key, value in (("microservice", microservice), ("function", function)):
+        if not isinstance(value, str) or not NAME.match(value):
+            raise BadRequest(f"'{key}' must be a name of lowercase letters, digits and '_'")
+    inputs = body.get("inputs", {})
+    if not isinstance(inputs, dict):
+        raise BadRequest("'inputs' must be a map")
+    allowed = state.settings.microservices
+    if allowed and microservice not in allowed:
+        raise NotFound(f"no microservice '{microservice}' is enabled on this server")
+    session = _check_session(body.get("session"))
+    handle = new_handle("result")
+    message = {
+        "principal": principal.name,
+        "role": principal.role,
+        "inputs": inputs,
+        "result": handle,
+        "session": session,
+    }
+    subject = f"{SERVICE_PREFIX}.{microservice}.{function}"
+    try:
+        answer = await bus_request(state.bus, subject, message)
+    except FdrtdError as error:
+        state.audit.write(principal.name, "compute", f"{microservice}.{function}", f"refused {error.status}")
+        raise
+    state.audit.write(principal.name, "compute", handle, microservice=microservice, function=function)
+    if not isinstance(answer, dict) or answer.get("result") != handle:
+        raise BadRequest(f"'{microservice}.{function}' is not a computation; it cannot be started")
+    return respond(request, {"result": handle, "status": answer.get("status", "queued")}, 202)
+
+
+async def _owned_job(request: Request) -> tuple[State, str]:
+    principal = authenticate(request)
+    state = _state(request)
+    handle = parse_handle(request.path_params["handle"], "result")
+    current = await state.bus.get_job(handle)
+    if current is None:
+        raise NotFound("no result with this handle")
+    check_owner(current[0].owner, principal.name, "result")
+    return state, handle
+
+
+async def _job_view(state: State, handle: str, wait: float) -> dict[str, Any]:
+    record = await state.bus.wait_job(handle, wait)
+    if record is None:
+        raise NotFound("no result with this handle")
+    view: dict[str, Any] = {
+        "result": handle,
+        "status": record.status,
+        "progress": record.progress,
+        "microservice": record.microservice,
+        "function": record.function,
+        "created": record.created,
+        "updated": record.updated,
+    }
+    if record.status == "done":
+        view["value"] = await state.bus.job_result(handle, record)
+    elif record.status == "failed":
+        view["error"] = {"status": record.error_status, "detail": record.error}
+    return view
+
+
+async def get_result(request: Request) -> Response:
+    """A computation's status and, once done, its value; ``?wait=s`` long-polls."""
+    state, handle = await _owned_job(request)
+    try:
+        wait = float(request.query_params.get("wait", "0"))
+    except ValueError:
+        raise BadRequest("'wait' must be a number of seconds") from None
+    if not 0 <= wait <= MAX_WAIT:
+        raise BadRequest(f"'wait' must be between 0 and {MAX_WAIT:g} seconds")
+    return respond(request, await _job_view(state, handle, wait))
+
+
+async def result_events(request: Request) -> Response:
+    """Server-sent events: the status while running, then the final state."""
+    state, handle = await _owned_job(request)
+
+    async def events() -> AsyncIterator[bytes]:
+        last = None
+        for _ in range(int(MAX_WAIT * 10)):
+            view = await _job_view(state, handle, 1.0)
+            summary = (view["status"], view["progress"])
+            if summary != last or view["status"] in ("done", "failed"):
+                payload = json.dumps(wire.to_jsonable(view))
+                yield f"event: status\ndata: {payload}\n\n".encode()
+                last = summary
+            if view["status"] in ("done", "failed"):
+                return
+        yield b"event: timeout\ndata: {}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def release_result(request: Request) -> Response:
+    """Delete a result the caller owns."""
+    state, handle = await _owned_job(request)
+    await state.bus.delete_job(handle)
+    state.audit.write(authenticate(request).name, "release", handle)
+    return respond(request, {"result": handle, "released": True})
+
+
+async def list_microservices(request: Request) -> Response:
+    """The microservices running on this server's bus, from ``$SRV.INFO``."""
+    authenticate(request)
+    bus = _state(request).bus
+    inbox = bus.nc.new_inbox()
+    found: dict[str, dict[str, Any]] = {}
+    sub = await bus.nc.subscribe(inbox)
+    await bus.nc.publish("$SRV.INFO", b"", reply=inbox)
+    with contextlib.suppress(asyncio.TimeoutError, nats.errors.TimeoutError):
+        while True:
+            msg = await sub.next_msg(timeout=0.25)
+            info = json.loads(msg.data)
+            name = (info.get("metadata") or {}).get("fdrtd.microservice")
+            if name:
+                entry = found.setdefault(
+                    name,
+                    {"name": name, "version": info.get("version"), "description": info.get("description"), "functions": {}, "instances": 0},
+                )
+                entry["instances"] += 1
+                for endpoint in info.get("endpoints", []):
+                    entry["functions"][endpoint["name"]] = (endpoint.get("metadata") or {}).get("kind", "job")
+    await sub.unsubscribe()
+    return respond(request, {"microservices": sorted(found.values(), key=lambda e: str(e["name"]))})
+
+
+async def identity(request: Request) -> Response:
+    """This server's public peer entry (name, URL, public keys)."""
+    entry = _state(request).extra.get("public_entry")
+    if entry is None:
+        raise NotFound("this server has no identity")
+    return respond(request, entry)
+
+
+# -- errors ------------------------------------------------------------------
+
+
+async def fdrtd_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, FdrtdError)
+    return problem(error.status, error.title, error.message)
+
+
+async def wire_error(request: Request, error: Exception) -> Response:
+    return problem(400, "Bad request", str(error))
+
+
+async def http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    detail = {404: "no such route; see /v1/openapi.json", 405: "this route does not accept that method"}
+    return problem(error.status_code, "HTTP error", detail.get(error.status_code, str(error.detail)))
+
+
+async def internal_error(request: Request, error: Exception) -> Response:
+    incident = secrets.token_hex(6)
+    log.error("internal error %s on %s %s", incident, request.method, request.url.path, exc_info=error)
+    return problem(500, "Internal error", f"internal error (incident {incident}); the server log has details")
+
+
+Lifespan = Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]
+ExtraRoutes = list[Route]
+
+
+def create_app(
+    settings: Settings,
+    nats_url: str,
+    *,
+    on_start: Callable[[State], Awaitable[None]] | None = None,
+    on_stop: Callable[[State], Awaitable[None]] | None = None,
+    extra_routes: ExtraRoutes | None = None,
+) -> Starlette:
+    """Build the controller app; its lifespan connects to NATS at ``nats_url``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        bus = await Bus.connect(nats_url, name=f"fdrtd-controller-{settings.name}")
+        state = State(
+            settings=settings,
+            bus=bus,
+            tokens=TokenStore(settings.home),
+            audit=AuditLog(settings.home / "audit.log"),
+            extra={},
+        )
+        app.state.fdrtd = state
+        try:
+            if on_start is not None:
+                await on_start(state)
+            yield
+        finally:
+            if on_stop is not None:
+                await on_stop(state)
+            await bus.close()
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/v1/openapi.json", openapi_document),
+        Route("/v1/identity", identity),
+        Route("/v1/microservices", list_microservices),
+        Route("/v1/data", upload, methods=["POST"]),
+        Route("/v1/data", list_data, methods=["GET"]),
+        Route("/v1/data/{handle}", describe_data, methods=["GET"]),
+        Route("/v1/data/{handle}", release_data, methods=["DELETE"]),
+        Route("/v1/compute", compute, methods=["POST"]),
+        Route("/v1/results/{handle}", get_result, methods=["GET"]),
+        Route("/v1/results/{handle}", release_result, methods=["DELETE"]),
+        Route("/v1/results/{handle}/events", result_events, methods=["GET"]),
+        *(extra_routes or []),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            FdrtdError: fdrtd_error,
+            wire.WireError: wire_error,
+            HTTPException: http_error,
+            Exception: internal_error,
+        },
+    )

@@ -1,0 +1,374 @@
+"""The bus: subject names, handles, and the JetStream buckets we keep state in.
+
+Everything a server remembers lives in JetStream with file storage, so that
+uploaded data and finished results survive a restart and any number of
+controllers and workers on the same NATS see the same state:
+
+================  =============  ===========================================
+bucket            kind           holds
+================  =============  ===========================================
+``fdrtd_data``    object store   uploaded datasets, by data handle
+``fdrtd_sets``    key-value      dataset descriptions (owner, format, columns)
+``fdrtd_jobs``    key-value      computation state, progress and small results
+``fdrtd_results`` object store   results too large for a key-value entry
+``fdrtd_replay``  key-value      peer message ids already seen (15 min TTL)
+``FDRTD_PEER``    stream         verified peer messages, by session
+================  =============  ===========================================
+
+Subjects follow ``fdrtd.<area>.<name>``; they are constants here so that a
+name is written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from hashlib import sha256
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from fdrtd_client import wire
+from fdrtd_server.errors import BadRequest, NotFound
+
+__all__ = [
+    "DATA_BUCKET",
+    "JOBS_BUCKET",
+    "PEER_IN_PREFIX",
+    "PEER_OUT_SUBJECT",
+    "PEER_STREAM",
+    "SERVICE_PREFIX",
+    "Bus",
+    "JobRecord",
+    "new_handle",
+    "parse_handle",
+]
+
+SERVICE_PREFIX = "fdrtd.svc"
+"""Microservice endpoints listen on ``fdrtd.svc.<microservice>.<function>``."""
+QUEUE_GROUP = "fdrtd"
+PEER_OUT_SUBJECT = "fdrtd.peer.out"
+"""Protocols request here to send a message to another party's server."""
+PEER_IN_PREFIX = "fdrtd.peer.in"
+"""Verified incoming peer messages: ``fdrtd.peer.in.<session>``."""
+PEER_STREAM = "FDRTD_PEER"
+DATA_BUCKET = "fdrtd_data"
+SETS_BUCKET = "fdrtd_sets"
+JOBS_BUCKET = "fdrtd_jobs"
+RESULTS_BUCKET = "fdrtd_results"
+REPLAY_BUCKET = "fdrtd_replay"
+INLINE_RESULT_LIMIT = 256 * 1024
+CHUNK_SIZE = 256 * 1024
+HANDLE_KINDS = {"data": "d", "result": "r"}
+_HANDLE_RULE = re.compile(r"^([dr])-([0-9a-f]{40})$")
+
+
+def new_handle(kind: str) -> str:
+    """Return a fresh, unguessable handle (160 random bits) of ``kind``."""
+    return f"{HANDLE_KINDS[kind]}-{secrets.token_hex(20)}"
+
+
+def parse_handle(text: Any, kind: str, field: str = "handle") -> str:
+    """Check that ``text`` is a handle of ``kind``.
+
+    Raises:
+        BadRequest: Naming ``field`` if it is not one (the value is never echoed).
+    """
+    if not isinstance(text, str) or not (match := _HANDLE_RULE.match(text)):
+        raise BadRequest(f"'{field}' must be a {kind} handle as returned by the server")
+    if match.group(1) != HANDLE_KINDS[kind]:
+        raise BadRequest(f"'{field}' must be a {kind} handle, not another kind of handle")
+    return text
+
+
+def now_iso() -> str:
+    """The current time in ISO 8601, UTC."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class JobRecord:
+    """The state of one computation, stored under its result handle."""
+
+    owner: str
+    microservice: str
+    function: str
+    status: str = "queued"  # queued -> running -> done | failed
+    progress: float = 0.0
+    created: str = ""
+    updated: str = ""
+    error_status: int = 0
+    error: str = ""
+    result: Any = None
+    result_in_store: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for msgpack."""
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobRecord:
+        """Rebuild from :meth:`to_dict` output."""
+        return cls(**data)
+
+    @property
+    def finished(self) -> bool:
+        """True once the job is done or failed."""
+        return self.status in ("done", "failed")
+
+
+class Bus:
+    """One NATS connection with the JetStream buckets fdrtd uses."""
+
+    def __init__(self, nc: NatsClient, js: JetStreamContext) -> None:
+        self.nc = nc
+        self.js = js
+        self.data: ObjectStore
+        self.results: ObjectStore
+        self.sets: KeyValue
+        self.jobs: KeyValue
+        self.replay: KeyValue
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str = "fdrtd") -> Bus:
+        """Connect to NATS at ``url`` and open (or create) every bucket."""
+        nc = await nats.connect(
+            url, name=name, max_reconnect_attempts=5, reconnect_time_wait=0.5, connect_timeout=5
+        )
+        bus = cls(nc, nc.jetstream(timeout=10))
+        await bus._open()
+        return bus
+
+    async def _kv(self, bucket: str, ttl: float | None = None) -> KeyValue:
+        try:
+            return await self.js.key_value(bucket)
+        except BucketNotFoundError:
+            config = js_api.KeyValueConfig(
+                bucket=bucket,
+                history=1,
+                ttl=ttl,
+                direct=True,
+                storage=js_api.StorageType.FILE,
+            )
+            return await self.js.create_key_value(config)
+
+    async def _obs(self, bucket: str) -> ObjectStore:
+        try:
+            return await self.js.object_store(bucket)
+        except (BucketNotFoundError, NotFoundError):
+            return await self.js.create_object_store(
+                bucket, config=js_api.ObjectStoreConfig(bucket=bucket, storage=js_api.StorageType.FILE)
+            )
+
+    async def _open(self) -> None:
+        self.data = await self._obs(DATA_BUCKET)
+        self.results = await self._obs(RESULTS_BUCKET)
+        self.sets = await self._kv(SETS_BUCKET)
+        self.jobs = await self._kv(JOBS_BUCKET)
+        self.replay = await self._kv(REPLAY_BUCKET, ttl=900)
+        try:
+            await self.js.stream_info(PEER_STREAM)
+        except NotFoundError:
+            await self.js.add_stream(
+                name=PEER_STREAM,
+                subjects=[PEER_IN_PREFIX + ".>"],
+                storage=js_api.StorageType.FILE,
+                max_age=3600,
+            )
+
+    async def close(self) -> None:
+        """Drain and close the connection."""
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    # -- datasets --------------------------------------------------------------
+
+    async def put_stream(self, name: str, chunks: AsyncIterator[bytes], limit: int) -> int:
+        """Stream ``chunks`` into the data object store under ``name``.
+
+        Compatible with the NATS object store format (``$O.<bucket>.C.<nuid>``
+        chunks, then a meta message), but fed from an async iterator and with
+        pipelined acknowledgements, so that an HTTP body goes to disk at bus
+        speed while at most a few chunks sit in memory.
+
+        Returns:
+            The number of bytes stored.
+
+        Raises:
+            PayloadTooLarge: If more than ``limit`` bytes arrive (nothing is kept).
+        """
+        from fdrtd_server.errors import PayloadTooLarge
+
+        bucket = DATA_BUCKET
+        nuid = self.nc._nuid.next().decode()
+        chunk_subject = f"$O.{bucket}.C.{nuid}"
+        digest = sha256()
+        total = sent = 0
+        buffer = bytearray()
+        pending: list[asyncio.Future[Any]] = []
+
+        async def flush(payload: bytes) -> None:
+            nonlocal sent
+            pending.append(await self.js.publish_async(chunk_subject, payload))
+            sent += 1
+            if len(pending) >= 64:
+                await asyncio.gather(*pending[:32])
+                del pending[:32]
+
+        try:
+            async for piece in chunks:
+                total += len(piece)
+                if total > limit:
+                    raise PayloadTooLarge(f"upload is larger than this server's limit of {limit} bytes")
+                digest.update(piece)
+                buffer += piece
+                while len(buffer) >= CHUNK_SIZE:
+                    await flush(bytes(buffer[:CHUNK_SIZE]))
+                    del buffer[:CHUNK_SIZE]
+            if buffer:
+                await flush(bytes(buffer))
+            await asyncio.gather(*pending)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            await self.js.purge_stream(f"OBJ_{bucket}", subject=chunk_subject)
+            raise
+        info = {
+            "name": name,
+            "bucket": bucket,
+            "nuid": nuid,
+            "size": total,
+            "chunks": sent,
+            "mtime": now_iso(),
+            "digest": "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode(),
+            "options": {"max_chunk_size": CHUNK_SIZE},
+        }
+        meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        await self.js.publish(
+            meta_subject, json.dumps(info).encode(), headers={"Nats-Rollup": "sub"}
+        )
+        return total
+
+    async def read_object(self, name: str) -> bytes:
+        """Read a whole dataset object."""
+        result = await self.data.get(name)
+        return bytes(result.data or b"")
+
+    async def delete_object(self, name: str) -> None:
+        """Delete a dataset object; missing objects are ignored."""
+        try:
+            await self.data.delete(name)
+        except NotFoundError:
+            pass
+
+    async def get_set(self, handle: str) -> dict[str, Any] | None:
+        """Return a dataset description, or None."""
+        try:
+            entry = await self.sets.get(handle)
+        except KeyNotFoundError:
+            return None
+        return None if entry.value is None else dict(wire.unpackb(entry.value))
+
+    async def put_set(self, handle: str, description: dict[str, Any]) -> None:
+        """Store a dataset description."""
+        await self.sets.put(handle, wire.packb(description))
+
+    async def delete_set(self, handle: str) -> None:
+        """Forget a dataset description."""
+        try:
+            await self.sets.purge(handle)
+        except KeyNotFoundError:
+            pass
+
+    # -- jobs and results ------------------------------------------------------
+
+    async def get_job(self, handle: str) -> tuple[JobRecord, int] | None:
+        """Return a job record and its revision, or None."""
+        try:
+            entry = await self.jobs.get(handle)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return JobRecord.from_dict(wire.unpackb(entry.value)), entry.revision
+
+    async def put_job(self, handle: str, record: JobRecord) -> None:
+        """Store a job record (large results go to the results object store)."""
+        record.updated = now_iso()
+        if record.status == "done" and not record.result_in_store:
+            packed = wire.packb(record.result)
+            if len(packed) > INLINE_RESULT_LIMIT:
+                await self.results.put(handle, packed)
+                record.result, record.result_in_store = None, True
+        await self.jobs.put(handle, wire.packb(record.to_dict()))
+
+    async def job_result(self, handle: str, record: JobRecord) -> Any:
+        """The result of a finished job, wherever it is kept."""
+        if record.result_in_store:
+            stored = await self.results.get(handle)
+            return wire.unpackb(bytes(stored.data or b""))
+        return record.result
+
+    async def delete_job(self, handle: str) -> None:
+        """Forget a job and its result."""
+        try:
+            await self.jobs.purge(handle)
+        except KeyNotFoundError:
+            pass
+        try:
+            await self.results.delete(handle)
+        except NotFoundError:
+            pass
+
+    async def wait_job(self, handle: str, timeout: float) -> JobRecord | None:
+        """Return the job record once finished, or as it is after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        current = await self.get_job(handle)
+        if current is None:
+            return None
+        record, _ = current
+        if record.finished or timeout <= 0:
+            return record
+        watcher = await self.jobs.watch(handle, include_history=False)
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    entry = await watcher.updates(timeout=remaining)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    break
+                if entry is None or entry.value is None:
+                    continue
+                record = JobRecord.from_dict(wire.unpackb(entry.value))
+                if record.finished:
+                    return record
+            # a final read: the update may have landed before the watch began
+            latest = await self.get_job(handle)
+            return latest[0] if latest else record
+        finally:
+            await watcher.stop()
+
+
+def check_owner(owner: str, principal: str, kind: str) -> None:
+    """Refuse with 404 unless ``principal`` owns the handle.
+
+    Another client's handle is reported exactly like an unknown one, so that
+    nobody learns whether a handle exists.
+    """
+    if owner != principal:
+        raise NotFound(f"no {kind} with this handle")

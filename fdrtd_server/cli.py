@@ -1,0 +1,158 @@
+"""The ``fdrtd-server`` command line.
+
+::
+
+    fdrtd-server init DIR [--name NAME] [--port PORT]   create a server home
+    fdrtd-server serve DIR [--nats-url URL] [--port PORT] [--no-local-microservices]
+    fdrtd-server worker --nats-url URL [--home DIR]     microservices only
+    fdrtd-server demo                                   three parties, one joint result
+    fdrtd-server token add DIR NAME [--role analyst|admin]
+    fdrtd-server federation show DIR [--url URL]        print this server's public entry
+    fdrtd-server federation add DIR FILE                add a peer's entry (FILE or -)
+    fdrtd-server audit verify DIR                       check the audit log's hash chain
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tomllib
+from pathlib import Path
+
+from fdrtd_server import config
+from fdrtd_server.identity import Identity, PeerEntry, add_member
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fdrtd-server", description="fdrtd: federated secure computing server")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    init = commands.add_parser("init", help="create a server home")
+    init.add_argument("home", type=Path)
+    init.add_argument("--name", help="server name (default: the directory's name)")
+    init.add_argument("--port", type=int, default=8000)
+    init.add_argument("--host", default="127.0.0.1")
+
+    serve = commands.add_parser("serve", help="run the API controller (and microservices)")
+    serve.add_argument("home", type=Path)
+    serve.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--no-local-microservices",
+        action="store_true",
+        help="run no microservices in this process (workers provide them)",
+    )
+
+    worker = commands.add_parser("worker", help="run microservices only, against an existing NATS")
+    worker.add_argument("--nats-url", required=True)
+    worker.add_argument("--home", type=Path, help="server home to read policy from")
+    worker.add_argument("--name", default="worker", help="server name, if no --home")
+
+    demo = commands.add_parser("demo", help="three servers on this machine compute a joint result")
+    demo.add_argument("--rows", type=int, default=5000, help="records per party")
+    demo.add_argument("--keep", type=Path, help="keep the server homes in this directory")
+
+    token = commands.add_parser("token", help="manage client tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    token_add = token_commands.add_parser("add", help="create a token (printed once)")
+    token_add.add_argument("home", type=Path)
+    token_add.add_argument("name")
+    token_add.add_argument("--role", default="analyst", choices=config.ROLES)
+
+    federation = commands.add_parser("federation", help="manage the federation file")
+    fed_commands = federation.add_subparsers(dest="federation_command", required=True)
+    show = fed_commands.add_parser("show", help="print this server's public entry as TOML")
+    show.add_argument("home", type=Path)
+    show.add_argument("--url", help="the URL peers reach this server at")
+    add = fed_commands.add_parser("add", help="add a peer's public entry")
+    add.add_argument("home", type=Path)
+    add.add_argument("file", help="a file holding the peer's entry, or - for stdin")
+
+    audit = commands.add_parser("audit", help="audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser("verify", help="check the hash chain")
+    verify.add_argument("home", type=Path)
+    return parser
+
+
+def _entry_toml(entry: PeerEntry) -> str:
+    fields = entry.to_dict()
+    lines = ["[[member]]", *(f'{key} = "{value}"' for key, value in fields.items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except (FileNotFoundError, FileExistsError, ValueError, PermissionError) as error:
+        print(f"fdrtd-server: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fdrtd_server.server import environment, home_path, run_worker, serve
+
+    if args.command == "init":
+        home = home_path(str(args.home))
+        name = args.name or home.name.lower()
+        token = config.init_home(home, name, port=args.port, host=args.host)
+        print(f"created server '{name}' in {home}")
+        print(f"admin token (shown once, store it safely): {token}")
+        return 0
+    if args.command == "serve":
+        settings = config.load_settings(
+            home_path(str(args.home)), {"nats_url": args.nats_url, "host": args.host, "port": args.port}
+        )
+        serve(settings, local_microservices=not args.no_local_microservices)
+        return 0
+    if args.command == "worker":
+        if args.home:
+            settings = config.load_settings(home_path(str(args.home)))
+            run_worker(args.nats_url, environment(settings), settings.microservices)
+        else:
+            settings = config.Settings(home=Path.cwd(), name=args.name)
+            run_worker(args.nats_url, environment(settings))
+        return 0
+    if args.command == "demo":
+        from fdrtd_server.demo import run_demo
+
+        return run_demo(rows=args.rows, keep=args.keep)
+    if args.command == "token":
+        home = home_path(str(args.home))
+        config.load_settings(home)  # refuse directories that are not server homes
+        print(config.TokenStore(home).add(args.name, args.role))
+        return 0
+    if args.command == "federation":
+        home = home_path(str(args.home))
+        settings = config.load_settings(home)
+        if args.federation_command == "show":
+            identity = Identity.load(home / "identity", settings.name)
+            print(_entry_toml(identity.public_entry(args.url or settings.url)), end="")
+            return 0
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
+        members = tomllib.loads(text).get("member", [])
+        if not members:
+            raise ValueError("the file holds no [[member]] entry")
+        for member in members:
+            entry = PeerEntry.from_dict(member)
+            if entry.name == settings.name:
+                raise ValueError("a server cannot add itself to its own federation")
+            add_member(home / "federation.toml", entry)
+            print(f"added '{entry.name}' ({entry.url})")
+        return 0
+    if args.command == "audit":
+        from fdrtd_server.audit import verify
+
+        count = verify(home_path(str(args.home)) / "audit.log")
+        print(f"audit log intact: {count} records")
+        return 0
+    raise AssertionError(args.command)  # argparse makes this unreachable

@@ -1,0 +1,268 @@
+"""Server settings and the server's home directory.
+
+A server home holds everything one party's server owns::
+
+    DIR/fdrtd.toml        settings (this module reads and writes it)
+    DIR/identity/         the server's signing and key-agreement key pairs
+    DIR/tokens.json       client tokens, stored as SHA-256 hashes only
+    DIR/federation.toml   the member servers and their public keys
+    DIR/jetstream/        embedded NATS JetStream storage (data, results)
+    DIR/audit.log         append-only, hash-chained audit log
+
+Settings come from, in order of precedence: command-line options, ``FDRTD_*``
+environment variables, then ``fdrtd.toml``. A bad value fails fast with the
+key's name and the rule it breaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CONFIG_FILE",
+    "Secret",
+    "Settings",
+    "TokenStore",
+    "init_home",
+    "load_settings",
+]
+
+CONFIG_FILE = "fdrtd.toml"
+TOKENS_FILE = "tokens.json"
+NAME_RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+ROLES = ("admin", "analyst")
+
+
+class Secret:
+    """A string whose ``repr`` never shows its value (tokens, keys)."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __str__(self) -> str:
+        return self._value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a running server needs to know, checked on construction."""
+
+    home: Path
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str = ""
+    nats_url: str | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_upload_bytes: int = 8 * 1024 * 1024 * 1024
+    min_cohort: int = 3
+    allow_map_reduce: bool = True
+    session_timeout: float = 30.0
+    microservices: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not NAME_RULE.match(self.name):
+            raise ValueError(
+                "setting 'name' must be 1-63 lowercase letters, digits, '-' or '_', "
+                "starting with a letter or digit"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ValueError("setting 'port' must be between 0 and 65535")
+        for key in ("max_body_bytes", "max_upload_bytes"):
+            if getattr(self, key) < 1024:
+                raise ValueError(f"setting '{key}' must be at least 1024")
+        if self.min_cohort < 1:
+            raise ValueError("setting 'min_cohort' must be at least 1")
+        if not 0 < self.session_timeout <= 3600:
+            raise ValueError("setting 'session_timeout' must be between 0 and 3600 seconds")
+
+    @property
+    def url(self) -> str:
+        """The URL peers and clients use to reach this server."""
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """Return a copy with the given non-None fields replaced."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+_FIELD_TYPES: dict[str, type] = {
+    "name": str,
+    "host": str,
+    "port": int,
+    "public_url": str,
+    "nats_url": str,
+    "max_body_bytes": int,
+    "max_upload_bytes": int,
+    "min_cohort": int,
+    "allow_map_reduce": bool,
+    "session_timeout": float,
+}
+
+
+def _cast(key: str, value: Any, source: str) -> Any:
+    wanted = _FIELD_TYPES[key]
+    if isinstance(value, str) and wanted is not str:
+        text = value.strip().lower()
+        try:
+            if wanted is bool:
+                if text not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text in ("true", "1", "yes")
+            return wanted(text)
+        except ValueError:
+            raise ValueError(
+                f"{source} '{key}' is not a valid {wanted.__name__}"
+            ) from None
+    if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+        raise ValueError(f"{source} '{key}' must be a {wanted.__name__}")
+    return value
+
+
+def load_settings(
+    home: Path, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read ``home/fdrtd.toml``, apply ``FDRTD_*`` variables, then ``overrides``.
+
+    Raises:
+        FileNotFoundError: If ``home`` is not an initialised server home.
+        ValueError: If a setting is unknown or has a bad value (the key is named).
+    """
+    path = home / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{home} is not a server home (no {CONFIG_FILE}); run 'fdrtd-server init {home}' first"
+        )
+    with path.open("rb") as handle:
+        try:
+            document = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{path} is not valid TOML: {error}") from None
+    table = document.get("server", {})
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _FIELD_TYPES:
+            raise ValueError(f"{path}: unknown setting '{key}' in [server]")
+        values[key] = _cast(key, value, f"{path}: setting")
+    if "microservices" in document.get("policy", {}):
+        services = document["policy"]["microservices"]
+        if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
+            raise ValueError(f"{path}: [policy] microservices must be a list of names")
+        values["microservices"] = tuple(services)
+    for key, value in document.get("policy", {}).items():
+        if key in ("min_cohort", "allow_map_reduce"):
+            values[key] = _cast(key, value, f"{path}: setting")
+        elif key != "microservices":
+            raise ValueError(f"{path}: unknown setting '{key}' in [policy]")
+    env = os.environ if environ is None else environ
+    for key in _FIELD_TYPES:
+        variable = "FDRTD_" + key.upper()
+        if variable in env:
+            values[key] = _cast(key, env[variable], "environment variable")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    return Settings(home=home, **values)
+
+
+def _hash_token(token: str) -> str:
+    # Tokens are 256-bit random strings, so a plain SHA-256 is a safe verifier.
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class TokenStore:
+    """Client tokens of one server, kept as hashes in ``tokens.json``.
+
+    The file is re-read when it changes, so ``fdrtd-server token add`` takes
+    effect on a running server.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / TOKENS_FILE
+        self._entries: dict[str, dict[str, str]] = {}
+        self._mtime = -1.0
+
+    def _reload(self) -> None:
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            self._entries, self._mtime = {}, -1.0
+            return
+        if mtime != self._mtime:
+            self._entries = json.loads(self.path.read_text("utf-8"))
+            self._mtime = mtime
+
+    def add(self, name: str, role: str = "analyst") -> str:
+        """Create a token for ``name`` and return it; only its hash is stored.
+
+        Raises:
+            ValueError: If the name or role breaks the rules.
+        """
+        if not NAME_RULE.match(name):
+            raise ValueError("token name must be lowercase letters, digits, '-' or '_'")
+        if role not in ROLES:
+            raise ValueError(f"token role must be one of {', '.join(ROLES)}")
+        self._reload()
+        token = secrets.token_urlsafe(32)
+        self._entries[name] = {"hash": _hash_token(token), "role": role}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._entries, indent=2), "utf-8")
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.path)
+        return token
+
+    def authenticate(self, token: str) -> tuple[str, str] | None:
+        """Return ``(name, role)`` for a valid token, else None (constant-time compare)."""
+        self._reload()
+        digest = _hash_token(token)
+        found: tuple[str, str] | None = None
+        for name, entry in self._entries.items():
+            if hmac.compare_digest(entry["hash"], digest):
+                found = (name, entry["role"])
+        return found
+
+
+def init_home(home: Path, name: str, *, port: int = 8000, host: str = "127.0.0.1") -> str:
+    """Create a server home and return the first admin token (shown once).
+
+    Raises:
+        FileExistsError: If ``home`` already holds a server.
+    """
+    from fdrtd_server.identity import Identity  # local: keeps `import config` light
+
+    if (home / CONFIG_FILE).exists():
+        raise FileExistsError(f"{home} already holds a server ({CONFIG_FILE} exists)")
+    settings = Settings(home=home, name=name, port=port, host=host)  # validates
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "jetstream").mkdir(exist_ok=True)
+    (home / CONFIG_FILE).write_text(
+        "# fdrtd server settings; see docs/deployment.md\n"
+        "[server]\n"
+        f'name = "{settings.name}"\n'
+        f'host = "{settings.host}"\n'
+        f"port = {settings.port}\n"
+        "# public_url = \"https://fdrtd.example.org\"\n"
+        "# nats_url = \"nats://127.0.0.1:4222\"   # default: an embedded nats-server\n"
+        "\n[policy]\n"
+        f"min_cohort = {settings.min_cohort}\n"
+        "allow_map_reduce = true\n",
+        "utf-8",
+    )
+    Identity.generate(name).save(home / "identity")
+    return TokenStore(home).add("admin", "admin")

@@ -1,0 +1,172 @@
+"""Every error fdrtd raises on purpose, and the HTTP status it maps to.
+
+The tree::
+
+    FdrtdError
+    ├── BadRequest (400)              malformed body, wrong types, bad parameter
+    │   └── InsufficientData (400)    fewer rows than a computation needs
+    ├── Unauthorized (401)            missing or wrong token
+    ├── Forbidden (403)               the server owner's policy says no
+    │   └── CohortTooSmall (403)      fewer records than the minimum cohort
+    ├── NotFound (404)                unknown route, handle or microservice
+    ├── Conflict (409)                replayed peer message, session clash
+    ├── PayloadTooLarge (413)
+    ├── UnsupportedMediaType (415)
+    ├── PeerRejected (403)            a peer message failed verification
+    ├── ComputationFailed (422)       a protocol ended without a result
+    ├── PartyTimeout (504)            a party did not answer in time
+    └── ServiceUnavailable (503)      the bus or a microservice is down
+
+Messages name the parameter, the rule and the fix; they never echo a value a
+client sent, because values may be private data. Errors cross the bus as
+``nats.micro`` service errors whose code is the HTTP status, so a worker on
+another machine raises exactly what an in-process microservice would.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "BadRequest",
+    "CohortTooSmall",
+    "ComputationFailed",
+    "Conflict",
+    "FdrtdError",
+    "Forbidden",
+    "InsufficientData",
+    "NotFound",
+    "PartyTimeout",
+    "PayloadTooLarge",
+    "PeerRejected",
+    "ServiceUnavailable",
+    "Unauthorized",
+    "UnsupportedMediaType",
+    "error_for_status",
+]
+
+
+class FdrtdError(Exception):
+    """Base class: an error with an HTTP status and a message for a person."""
+
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(FdrtdError):
+    """The request is malformed or a parameter breaks a rule."""
+
+    status = 400
+    title = "Bad request"
+
+
+class InsufficientData(BadRequest):
+    """The dataset has too few rows for the computation asked for."""
+
+
+class Unauthorized(FdrtdError):
+    """No token, or a token the server does not know."""
+
+    status = 401
+    title = "Unauthorized"
+
+
+class Forbidden(FdrtdError):
+    """The token is valid but the server owner's policy refuses the request."""
+
+    status = 403
+    title = "Forbidden"
+
+
+class CohortTooSmall(Forbidden):
+    """A result would describe fewer records than the minimum cohort size."""
+
+    def __init__(self, minimum: int) -> None:
+        super().__init__(
+            f"the result would cover fewer than the minimum cohort of {minimum} records "
+            "that this server's policy requires; use a larger dataset"
+        )
+        self.minimum = minimum
+
+
+class NotFound(FdrtdError):
+    """No such route, handle or microservice (or not one this token may see)."""
+
+    status = 404
+    title = "Not found"
+
+
+class Conflict(FdrtdError):
+    """The request clashes with the server's state (a replay, a reused session)."""
+
+    status = 409
+    title = "Conflict"
+
+
+class PayloadTooLarge(FdrtdError):
+    """The body is larger than the configured limit."""
+
+    status = 413
+    title = "Payload too large"
+
+
+class UnsupportedMediaType(FdrtdError):
+    """The body's content type is not one the route accepts."""
+
+    status = 415
+    title = "Unsupported media type"
+
+
+class PeerRejected(FdrtdError):
+    """A peer message failed verification (non-member, forged, tampered, stale)."""
+
+    status = 403
+    title = "Peer message rejected"
+
+
+class ComputationFailed(FdrtdError):
+    """A computation ran but could not produce a result."""
+
+    status = 422
+    title = "Computation failed"
+
+
+class PartyTimeout(FdrtdError, TimeoutError):
+    """A party of a computation did not answer within the session timeout."""
+
+    status = 504
+    title = "Party timeout"
+
+
+class ServiceUnavailable(FdrtdError):
+    """The bus or the microservice needed is not running."""
+
+    status = 503
+    title = "Service unavailable"
+
+
+_BY_STATUS: dict[int, type[FdrtdError]] = {
+    cls.status: cls
+    for cls in (
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+        ComputationFailed,
+        PartyTimeout,
+        ServiceUnavailable,
+    )
+}
+
+
+def error_for_status(status: int, message: str) -> FdrtdError:
+    """Rebuild an error that crossed the bus from its status and message."""
+    cls = _BY_STATUS.get(status, FdrtdError)
+    return cls(message)

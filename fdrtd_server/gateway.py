@@ -1,0 +1,179 @@
+"""The peer gateway: the only place where servers of different parties talk.
+
+Protocol microservices never speak HTTP. To send a message to another party
+they make a NATS request on ``fdrtd.peer.out``; the gateway (running in the
+controller, which holds the server's identity keys) seals it — encrypted for
+the receiver, signed by us, bound to session, sequence number and tag (see
+:mod:`fdrtd_server.envelope`) — and POSTs it to the receiver's ``/v1/peer``.
+
+The receiving gateway opens and verifies the envelope against its federation
+file, refuses replays (the triple sender/session/sequence may be seen once;
+kept in a key-value bucket with a TTL longer than the envelope's maximum
+age), and publishes the payload on ``fdrtd.peer.in.<session>`` in the
+JetStream stream ``FDRTD_PEER``, where the protocol microservice of that
+session reads it, whenever it subscribes. One HTTP port per server, so a
+reverse proxy with TLS in front of it is all a deployment needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import requests
+from nats.aio.msg import Msg
+from nats.js.errors import KeyWrongLastSequenceError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fdrtd_client import wire
+from fdrtd_server.app import State, problem
+from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT
+from fdrtd_server.envelope import PeerMessageRejected, open_envelope, replay_key, seal
+from fdrtd_server.errors import Conflict, PayloadTooLarge
+from fdrtd_server.identity import Identity, PeerEntry, load_federation
+
+__all__ = ["FEDERATION_FILE", "routes", "start", "stop"]
+
+log = logging.getLogger("fdrtd.gateway")
+FEDERATION_FILE = "federation.toml"
+SEND_TIMEOUT = 10.0
+MAX_PEER_MESSAGE = 64 * 1024 * 1024
+
+
+class Gateway:
+    """The state of a running gateway: keys, members, HTTP sessions."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        home = state.settings.home
+        self.identity = Identity.load(home / "identity", state.settings.name)
+        self.members: dict[str, PeerEntry] = {}
+        self.federation_path = home / FEDERATION_FILE
+        self._federation_mtime = -1.0
+        self.reload_members()
+        self.http: dict[str, requests.Session] = {}
+        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fdrtd-peer")
+        self.subscription: Any = None
+
+    def reload_members(self) -> None:
+        """Re-read the federation file if it changed."""
+        try:
+            mtime = self.federation_path.stat().st_mtime
+        except FileNotFoundError:
+            self.members = {}
+            return
+        if mtime != self._federation_mtime:
+            self.members = load_federation(self.federation_path)
+            self._federation_mtime = mtime
+
+    def _post(self, peer: PeerEntry, body: bytes) -> tuple[int, str]:
+        session = self.http.get(peer.name)
+        if session is None:
+            session = self.http[peer.name] = requests.Session()
+        url = peer.url.rstrip("/") + "/v1/peer"
+        try:
+            response = session.post(
+                url, data=body, headers={"content-type": wire.MSGPACK}, timeout=SEND_TIMEOUT
+            )
+        except requests.RequestException as error:
+            return 503, f"cannot reach party '{peer.name}': {type(error).__name__}"
+        if response.status_code >= 300:
+            try:
+                detail = str(response.json().get("detail", ""))
+            except ValueError:
+                detail = ""
+            return response.status_code, f"party '{peer.name}' refused the message: {detail}"
+        return response.status_code, ""
+
+    async def handle_outgoing(self, msg: Msg) -> None:
+        """Seal one outgoing message and deliver it; answer the protocol."""
+        try:
+            request = wire.unpackb(msg.data)
+            to = str(request["to"])
+            self.reload_members()
+            peer = self.members.get(to)
+            if peer is None:
+                answer = {"status": 404, "detail": f"party '{to}' is not in this server's federation"}
+            else:
+                body = seal(
+                    self.identity,
+                    peer,
+                    session=str(request["session"]),
+                    seq=int(request["seq"]),
+                    tag=str(request["tag"]),
+                    payload=bytes(request["payload"]),
+                )
+                loop = asyncio.get_running_loop()
+                status, detail = await loop.run_in_executor(self.pool, self._post, peer, body)
+                answer = {"status": status, "detail": detail}
+        except (KeyError, TypeError, ValueError, wire.WireError) as error:
+            answer = {"status": 400, "detail": f"malformed outgoing peer message: {type(error).__name__}"}
+        if msg.reply:
+            await self.state.bus.nc.publish(msg.reply, wire.packb(answer))
+
+
+async def start(state: State, nats_url: str) -> None:
+    """Load keys and members, serve ``fdrtd.peer.out``."""
+    gateway = Gateway(state)
+    state.extra["gateway"] = gateway
+    state.extra["public_entry"] = gateway.identity.public_entry(state.settings.url).to_dict()
+    gateway.subscription = await state.bus.nc.subscribe(
+        PEER_OUT_SUBJECT, queue="fdrtd-gateway", cb=gateway.handle_outgoing
+    )
+
+
+async def stop(state: State) -> None:
+    """Stop serving outgoing messages."""
+    gateway: Gateway | None = state.extra.pop("gateway", None)
+    if gateway is None:
+        return
+    with contextlib.suppress(Exception):
+        await gateway.subscription.unsubscribe()
+    gateway.pool.shutdown(wait=False, cancel_futures=True)
+    for session in gateway.http.values():
+        session.close()
+
+
+async def receive(request: Request) -> Response:
+    """``POST /v1/peer``: verify, refuse replays, relay onto our bus."""
+    state: State = request.app.state.fdrtd
+    gateway: Gateway = state.extra["gateway"]
+    settings = state.settings
+    limit = max(settings.max_body_bytes, MAX_PEER_MESSAGE)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"peer message is larger than the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"peer message is larger than the limit of {limit} bytes")
+    gateway.reload_members()
+    try:
+        message = open_envelope(gateway.identity, gateway.members, bytes(body))
+    except PeerMessageRejected as error:
+        state.audit.write("peer", "peer-message", "", f"rejected {error.reason}")
+        return problem(403, "Peer message rejected", str(error))
+    try:
+        await state.bus.replay.create(replay_key(message), b"1")
+    except KeyWrongLastSequenceError:
+        state.audit.write(message.sender, "peer-message", message.session, "rejected replay")
+        raise Conflict("this peer message was already received (replay)") from None
+    await state.bus.js.publish(
+        f"{PEER_IN_PREFIX}.{message.session}",
+        message.payload,
+        headers={"fdrtd-from": message.sender, "fdrtd-tag": message.tag, "fdrtd-seq": str(message.seq)},
+    )
+    return JSONResponse({"accepted": True}, status_code=202)
+
+
+def routes() -> list[Route]:
+    """The gateway's HTTP route."""
+    return [Route("/v1/peer", receive, methods=["POST"])]
+
+

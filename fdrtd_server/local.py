@@ -1,0 +1,133 @@
+"""Several real servers on this machine: for the demo, the tests and the benchmarks.
+
+:class:`LocalFederation` creates a server home per party under one directory,
+makes every server a member of every other's federation, gives each an
+analyst token, starts each as its own ``fdrtd-server serve`` process (with
+its own embedded ``nats-server``, its own ports and its own JetStream
+directory) on 127.0.0.1, and stops them all on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import requests
+
+from fdrtd_client import Client, Federation
+from fdrtd_server._embedded_nats import free_port
+from fdrtd_server.config import TokenStore, init_home
+from fdrtd_server.identity import Identity, add_member
+
+__all__ = ["LocalFederation", "LocalServer"]
+
+
+class LocalServer:
+    """One server process of a :class:`LocalFederation`."""
+
+    def __init__(self, home: Path, name: str, port: int, token: str, admin_token: str) -> None:
+        self.home, self.name, self.port = home, name, port
+        self.token, self.admin_token = token, admin_token
+        self.process: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []
+
+    @property
+    def url(self) -> str:
+        """Base URL of the server."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, timeout: float = 30.0) -> Client:
+        """A client with this server's analyst token."""
+        return Client(self.url, self.token, timeout=timeout)
+
+    def start(self, *, ready_timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
+        """Start ``fdrtd-server serve`` and wait for ``/readyz``."""
+        log = (self.home / "server.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fdrtd_server", "serve", str(self.home), *self.extra_args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+        log.close()
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server '{self.name}' exited; see {self.home / 'server.log'}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server '{self.name}' did not become ready; see {self.home / 'server.log'}")
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the server (SIGTERM, or SIGKILL with ``kill``)."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+class LocalFederation:
+    """N servers on 127.0.0.1 that are members of each other's federation.
+
+    Args:
+        root: Directory for the server homes (one subdirectory per party).
+        names: The parties' server names.
+    """
+
+    def __init__(self, root: Path, names: Sequence[str] = ("alpha", "beta", "gamma")) -> None:
+        self.root = root
+        self.servers: dict[str, LocalServer] = {}
+        for name in names:
+            home = root / name
+            port = free_port()
+            admin = init_home(home, name, port=port)
+            token = TokenStore(home).add("analyst")
+            self.servers[name] = LocalServer(home, name, port, token, admin)
+        for server in self.servers.values():
+            identity = Identity.load(server.home / "identity", server.name)
+            for other in self.servers.values():
+                if other is not server:
+                    add_member(other.home / "federation.toml", identity.public_entry(server.url))
+
+    def start(self) -> LocalFederation:
+        """Start every server (in parallel) and wait until all are ready."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(self.servers)) as pool:
+            list(pool.map(lambda server: server.start(), self.servers.values()))
+        return self
+
+    def stop(self) -> None:
+        """Stop every server."""
+        for server in self.servers.values():
+            server.stop()
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def federation(self, timeout: float = 30.0) -> Federation:
+        """A client :class:`Federation` holding the analyst token of every server."""
+        return Federation({name: s.client(timeout) for name, s in self.servers.items()})

@@ -1,0 +1,392 @@
+"""The plugin interface: how a microservice is written, found and run.
+
+A microservice is a :class:`Microservice` object with *functions*. A plugin
+author ships an ordinary Python package that exposes one in the entry-point
+group ``fdrtd.microservices``::
+
+    # my_plugin/__init__.py
+    from fdrtd_server.microservice import JobContext, Microservice
+
+    service = Microservice("wordcount", "1.0.0", "Counts rows of a dataset.")
+
+    @service.job("rows")
+    async def rows(ctx: JobContext, inputs: dict[str, object]) -> dict[str, int]:
+        dataset = await ctx.load_dataset(inputs.get("data"))
+        ctx.check_cohort(dataset.rows)
+        return {"rows": dataset.rows}
+
+    # pyproject.toml
+    [project.entry-points."fdrtd.microservices"]
+    wordcount = "my_plugin:service"
+
+Each microservice runs as a NATS service (``nats.micro``), so
+``$SRV.PING/INFO/STATS`` and the NATS tooling see it; every function listens
+on ``fdrtd.svc.<microservice>.<function>`` in the queue group ``fdrtd``, so
+any number of workers share the load. The controller never calls a function
+directly: it sends a request on that subject, whether the microservice runs
+in the controller's process or in a worker on another machine.
+
+Two kinds of functions exist:
+
+* ``@service.job(name)``: a computation. The caller gets a result handle at
+  once; the function runs in the background, may report progress, and its
+  return value is stored as the result.
+* ``@service.call(name)``: a quick request answered directly (used by the
+  built-in data microservice to register uploads).
+
+Errors never leak: a :class:`~fdrtd_server.errors.FdrtdError` crosses the bus
+as its status and message; anything else becomes "internal error" with an id
+that is written to the server log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service
+
+from fdrtd_client import wire
+from fdrtd_server.bus import QUEUE_GROUP, SERVICE_PREFIX, Bus, JobRecord, check_owner, now_iso, parse_handle
+from fdrtd_server.errors import BadRequest, CohortTooSmall, FdrtdError, NotFound
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "CallContext",
+    "Dataset",
+    "Environment",
+    "JobContext",
+    "Microservice",
+    "discover",
+    "start_microservices",
+]
+
+ENTRY_POINT_GROUP = "fdrtd.microservices"
+NAME_RULE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+log = logging.getLogger("fdrtd.microservice")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What microservices know about the server they run for."""
+
+    server: str
+    min_cohort: int = 3
+    session_timeout: float = 30.0
+    allow_map_reduce: bool = True
+
+
+@dataclass
+class Dataset:
+    """An uploaded dataset: named columns that share their first dimension."""
+
+    columns: dict[str, np.ndarray[Any, Any]]
+
+    @property
+    def rows(self) -> int:
+        """Number of records (the first dimension of the columns)."""
+        first = next(iter(self.columns.values()))
+        return int(first.shape[0]) if first.ndim else 1
+
+    def column(self, name: Any) -> np.ndarray[Any, Any]:
+        """The column ``name``; None picks the only column.
+
+        Raises:
+            BadRequest: If the column does not exist or a choice is needed.
+        """
+        if name is None:
+            if len(self.columns) != 1:
+                raise BadRequest(
+                    "the dataset has several columns; name one with the 'column' input"
+                )
+            return next(iter(self.columns.values()))
+        if not isinstance(name, str) or name not in self.columns:
+            raise BadRequest("the dataset has no column of that name")
+        return self.columns[name]
+
+
+@dataclass
+class CallContext:
+    """What a function gets besides its inputs: who asks, and the bus."""
+
+    bus: Bus
+    env: Environment
+    principal: str
+    role: str
+    session: dict[str, Any] | None = None
+
+    async def load_dataset(self, handle: Any, field_name: str = "data") -> Dataset:
+        """Load a dataset the caller owns.
+
+        Raises:
+            BadRequest: If ``handle`` is not a data handle.
+            NotFound: If it is unknown or belongs to another client.
+        """
+        handle = parse_handle(handle, "data", field_name)
+        description = await self.bus.get_set(handle)
+        if description is None:
+            raise NotFound("no dataset with this handle")
+        check_owner(description["owner"], self.principal, "dataset")
+        raw = await self.bus.read_object(handle)
+        return decode_dataset(description, raw)
+
+    def check_cohort(self, rows: int) -> None:
+        """Refuse results that describe fewer records than the policy's minimum.
+
+        Raises:
+            CohortTooSmall: If ``rows`` is below the minimum cohort.
+        """
+        if rows < self.env.min_cohort:
+            raise CohortTooSmall(self.env.min_cohort)
+
+
+@dataclass
+class JobContext(CallContext):
+    """A :class:`CallContext` for a running computation, with progress."""
+
+    handle: str = ""
+    record: JobRecord | None = None
+
+    async def progress(self, fraction: float) -> None:
+        """Report how far the computation is (0 to 1); clients see it while polling."""
+        if self.record is not None:
+            self.record.progress = max(0.0, min(1.0, float(fraction)))
+            await self.bus.put_job(self.handle, self.record)
+
+
+def decode_dataset(description: Mapping[str, Any], raw: bytes) -> Dataset:
+    """Turn a stored object back into columns, by the format recorded at upload."""
+    if description["format"] == "raw":
+        array = np.frombuffer(raw, dtype=np.dtype(description["dtype"]))
+        return Dataset({"value": array.reshape(description["shape"])})
+    columns = wire.unpackb(raw)
+    return Dataset(
+        {
+            name: values if isinstance(values, np.ndarray) else np.array(values, dtype=str)
+            for name, values in columns.items()
+        }
+    )
+
+
+JobFunction = Callable[[JobContext, dict[str, Any]], Awaitable[Any]]
+CallFunction = Callable[[CallContext, dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass
+class Microservice:
+    """A named set of functions, run as one NATS service.
+
+    Args:
+        name: Lowercase letters, digits and ``_``; the subject's middle part.
+        version: Semantic version; defaults to the installed distribution's.
+        description: One sentence shown by ``$SRV.INFO`` and ``/v1/microservices``.
+    """
+
+    name: str
+    version: str
+    description: str
+    jobs: dict[str, JobFunction] = field(default_factory=dict)
+    calls: dict[str, CallFunction] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not NAME_RULE.match(self.name):
+            raise ValueError(
+                f"microservice name '{self.name[:40]}' must be lowercase letters, digits "
+                "and '_', starting with a letter, at most 32 characters"
+            )
+
+    def job(self, name: str) -> Callable[[JobFunction], JobFunction]:
+        """Register a computation function under ``name``."""
+
+        def register(function: JobFunction) -> JobFunction:
+            self._check_new(name)
+            self.jobs[name] = function
+            return function
+
+        return register
+
+    def call(self, name: str) -> Callable[[CallFunction], CallFunction]:
+        """Register a direct request function under ``name``."""
+
+        def register(function: CallFunction) -> CallFunction:
+            self._check_new(name)
+            self.calls[name] = function
+            return function
+
+        return register
+
+    def _check_new(self, name: str) -> None:
+        if not NAME_RULE.match(name):
+            raise ValueError(f"function name '{name[:40]}' must be like a Python identifier")
+        if name in self.jobs or name in self.calls:
+            raise ValueError(f"function '{name}' is registered twice in '{self.name}'")
+
+    @property
+    def functions(self) -> list[str]:
+        """Names of all functions."""
+        return sorted([*self.jobs, *self.calls])
+
+
+def discover(allowed: Iterable[str] = ()) -> dict[str, Microservice]:
+    """Load microservices from the ``fdrtd.microservices`` entry points.
+
+    Args:
+        allowed: If not empty, only these microservices are loaded (the policy).
+
+    Raises:
+        ImportError: Naming the plugin, if a plugin fails to import.
+        TypeError: Naming the plugin, if it does not point at a Microservice.
+    """
+    wanted = set(allowed)
+    found: dict[str, Microservice] = {}
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if wanted and entry.name not in wanted:
+            continue
+        try:
+            obj = entry.load()
+        except Exception as error:
+            raise ImportError(
+                f"microservice plugin '{entry.name}' ({entry.value}) failed to import: {error}"
+            ) from error
+        if not isinstance(obj, Microservice):
+            raise TypeError(
+                f"microservice plugin '{entry.name}' ({entry.value}) is a "
+                f"{type(obj).__name__}, not a fdrtd_server.microservice.Microservice"
+            )
+        found[obj.name] = obj
+    return found
+
+
+def _sanitise(error: BaseException) -> tuple[str, str]:
+    """Turn any error into (status code, message) that is safe to send."""
+    if isinstance(error, FdrtdError):
+        return str(error.status), error.message
+    incident = secrets.token_hex(6)
+    log.error("internal error %s", incident, exc_info=error)
+    return "500", f"internal error (incident {incident}); the server log has details"
+
+
+class _Runner:
+    """Runs one microservice's handlers and its background jobs."""
+
+    def __init__(self, bus: Bus, env: Environment, spec: Microservice) -> None:
+        self.bus, self.env, self.spec = bus, env, spec
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def handler(self, function: str) -> Callable[[Request], Awaitable[None]]:
+        async def handle(request: Request) -> None:
+            try:
+                reply = await self._dispatch(function, request.data)
+            except BaseException as error:  # noqa: BLE001 - every error is answered
+                if isinstance(error, asyncio.CancelledError):
+                    raise
+                code, message = _sanitise(error)
+                await request.respond_error(code, message)
+                return
+            await request.respond(wire.packb(reply))
+
+        return handle
+
+    async def _dispatch(self, function: str, data: bytes) -> Any:
+        message = wire.unpackb(data)
+        if not isinstance(message, dict) or not isinstance(message.get("inputs"), dict):
+            raise BadRequest("bus request must be a map with an 'inputs' map")
+        principal, role = str(message.get("principal", "")), str(message.get("role", ""))
+        session = message.get("session")
+        if function in self.spec.calls:
+            ctx = CallContext(self.bus, self.env, principal, role, session)
+            return await self.spec.calls[function](ctx, message["inputs"])
+        handle = parse_handle(message.get("result"), "result", "result")
+        record = JobRecord(principal, self.spec.name, function, created=now_iso())
+        await self.bus.put_job(handle, record)
+        job = JobContext(self.bus, self.env, principal, role, session, handle, record)
+        task = asyncio.create_task(self._run(job, self.spec.jobs[function], message["inputs"]))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return {"result": handle, "status": record.status}
+
+    async def _run(self, ctx: JobContext, function: JobFunction, inputs: dict[str, Any]) -> None:
+        assert ctx.record is not None
+        ctx.record.status = "running"
+        await self.bus.put_job(ctx.handle, ctx.record)
+        try:
+            result = await function(ctx, inputs)
+        except asyncio.CancelledError:
+            ctx.record.status, ctx.record.error_status = "failed", 503
+            ctx.record.error = "the server stopped before the computation finished; run it again"
+            await asyncio.shield(self.bus.put_job(ctx.handle, ctx.record))
+            raise
+        except BaseException as error:  # noqa: BLE001 - stored as the job's error
+            code, message = _sanitise(error)
+            ctx.record.status, ctx.record.error_status, ctx.record.error = "failed", int(code), message
+        else:
+            ctx.record.status, ctx.record.progress, ctx.record.result = "done", 1.0, result
+        await self.bus.put_job(ctx.handle, ctx.record)
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class RunningMicroservices:
+    """The NATS services started by :func:`start_microservices`; stop them with :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self.services: list[Service] = []
+        self.runners: list[_Runner] = []
+
+    async def stop(self) -> None:
+        """Stop accepting requests, cancel running jobs (they are marked failed)."""
+        for service in self.services:
+            await service.stop()
+        for runner in self.runners:
+            await runner.stop()
+
+
+async def start_microservices(
+    bus: Bus, env: Environment, specs: Mapping[str, Microservice]
+) -> RunningMicroservices:
+    """Start every microservice in ``specs`` as a NATS service on ``bus``."""
+    running = RunningMicroservices()
+    for spec in specs.values():
+        service = await add_service(
+            bus.nc,
+            name=f"fdrtd-{spec.name}".replace("_", "-"),
+            version=spec.version,
+            description=spec.description,
+            metadata={"fdrtd.microservice": spec.name},
+            queue_group=QUEUE_GROUP,
+        )
+        runner = _Runner(bus, env, spec)
+        for function in spec.functions:
+            await service.add_endpoint(
+                EndpointConfig(
+                    name=function,
+                    handler=runner.handler(function),
+                    subject=f"{SERVICE_PREFIX}.{spec.name}.{function}",
+                    queue_group=QUEUE_GROUP,
+                    metadata={"kind": "job" if function in spec.jobs else "call"},
+                )
+            )
+        running.services.append(service)
+        running.runners.append(runner)
+    return running
+
+
+def distribution_version(distribution: str, fallback: str = "0.0.0") -> str:
+    """The installed version of ``distribution`` (for ``Microservice.version``)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return fallback

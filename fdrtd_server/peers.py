@@ -1,0 +1,181 @@
+"""A protocol's view of its computation session: send to and receive from parties.
+
+A :class:`PeerSession` is what a protocol microservice uses to talk to the
+other parties of one computation. Outgoing messages go to the local peer
+gateway over NATS (``fdrtd.peer.out``); incoming ones are read from the
+JetStream stream where the gateway put them after verification, so a message
+that arrives before this party has even joined is kept, not lost.
+
+Every wait has a deadline: :meth:`PeerSession.recv` raises
+:class:`~fdrtd_server.errors.PartyTimeout` naming the party that did not
+send in time. When a party fails, it tells the others (``abort``) so that
+they stop at once with a message that names it, instead of waiting out
+their own timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import nats.errors
+from nats.js import api as js_api
+
+from fdrtd_client import wire
+from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_STREAM, Bus
+from fdrtd_server.errors import BadRequest, ComputationFailed, PartyTimeout, error_for_status
+
+__all__ = ["ABORT_TAG", "PeerSession"]
+
+ABORT_TAG = "abort"
+
+
+class PeerSession:
+    """One party's end of a multi-party computation session.
+
+    Args:
+        bus: The microservice's bus connection.
+        session_id: Shared by all parties of the computation.
+        parties: The server names taking part, in an order all parties agree on.
+        me: This server's name; must be in ``parties``.
+        timeout: Seconds to wait for any one message before giving up.
+    """
+
+    def __init__(self, bus: Bus, session_id: str, parties: Sequence[str], me: str, timeout: float) -> None:
+        if me not in parties:
+            raise BadRequest(f"this server ('{me}') is not one of the session's parties")
+        self.bus = bus
+        self.id = session_id
+        self.parties = list(parties)
+        self.me = me
+        self.index = self.parties.index(me)
+        self.others = [p for p in self.parties if p != me]
+        self.timeout = timeout
+        self._seq = 0
+        self._inbox: dict[tuple[str, str], Any] = {}
+        self._arrived = asyncio.Condition()
+        self._subscription: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._aborted: tuple[str, str] | None = None
+
+    async def __aenter__(self) -> PeerSession:
+        self._subscription = await self.bus.js.subscribe(
+            f"{PEER_IN_PREFIX}.{self.id}",
+            stream=PEER_STREAM,
+            ordered_consumer=True,
+            deliver_policy=js_api.DeliverPolicy.ALL,
+        )
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None and not isinstance(exc, asyncio.CancelledError) and self._aborted is None:
+            reason = getattr(exc, "message", None) or "internal error"
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.broadcast(ABORT_TAG, {"reason": reason[:300]}), 3)
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        with contextlib.suppress(Exception):
+            await self._subscription.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self.bus.js.purge_stream(PEER_STREAM, subject=f"{PEER_IN_PREFIX}.{self.id}")
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                msg = await self._subscription.next_msg(timeout=3600)
+            except nats.errors.TimeoutError:
+                continue
+            headers = msg.headers or {}
+            sender, tag = headers.get("fdrtd-from", ""), headers.get("fdrtd-tag", "")
+            if sender not in self.parties or sender == self.me:
+                continue
+            try:
+                value = wire.unpackb(msg.data)
+            except wire.WireError:
+                value = {"reason": "a malformed message"}
+                tag = ABORT_TAG
+            async with self._arrived:
+                if tag == ABORT_TAG:
+                    reason = str(value.get("reason", "")) if isinstance(value, dict) else ""
+                    self._aborted = (sender, reason)
+                else:
+                    self._inbox.setdefault((sender, tag), value)
+                self._arrived.notify_all()
+
+    async def send(self, to: str, tag: str, value: Any) -> None:
+        """Send ``value`` to party ``to`` under ``tag`` (each tag once per pair).
+
+        Raises:
+            ComputationFailed: If the gateway or the receiving server refuses it.
+            PartyTimeout: If the gateway does not answer in time.
+        """
+        self._seq += 1
+        request = {
+            "to": to,
+            "session": self.id,
+            "seq": self._seq,
+            "tag": tag,
+            "payload": wire.packb(value),
+        }
+        try:
+            reply = await self.bus.nc.request(PEER_OUT_SUBJECT, wire.packb(request), timeout=self.timeout)
+        except nats.errors.NoRespondersError:
+            raise ComputationFailed("no peer gateway is running on this server") from None
+        except nats.errors.TimeoutError:
+            raise PartyTimeout(f"sending to party '{to}' timed out after {self.timeout:g} s") from None
+        answer = wire.unpackb(reply.data)
+        status = int(answer.get("status", 500))
+        if status >= 300:
+            if status in (503, 504):
+                raise PartyTimeout(str(answer.get("detail", "")))
+            raise error_for_status(status if status < 500 else 422, str(answer.get("detail", "")))
+
+    async def broadcast(self, tag: str, value: Any, to: Iterable[str] | None = None) -> None:
+        """Send the same ``value`` to every other party (concurrently)."""
+        targets = list(self.others if to is None else to)
+        async with asyncio.TaskGroup() as group:
+            for party in targets:
+                group.create_task(self.send(party, tag, value))
+
+    async def recv(self, sender: str, tag: str) -> Any:
+        """Wait for the message ``tag`` from ``sender``.
+
+        Raises:
+            PartyTimeout: Naming ``sender`` if nothing arrives within the timeout.
+            ComputationFailed: If any party aborted the session.
+        """
+        deadline = time.monotonic() + self.timeout
+        async with self._arrived:
+            while True:
+                if self._aborted is not None:
+                    party, reason = self._aborted
+                    raise ComputationFailed(f"party '{party}' ended the computation: {reason}")
+                if (sender, tag) in self._inbox:
+                    return self._inbox.pop((sender, tag))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PartyTimeout(
+                        f"party '{sender}' did not send its '{tag}' message within "
+                        f"{self.timeout:g} s; it may not have joined session '{self.id}' or dropped out"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    async def gather(self, tag: str, senders: Iterable[str] | None = None) -> dict[str, Any]:
+        """Receive ``tag`` from every other party (or from ``senders``)."""
+        names = list(self.others if senders is None else senders)
+        values = await asyncio.gather(*(self.recv(name, tag) for name in names))
+        return dict(zip(names, values, strict=True))
+
+    async def exchange(self, tag: str, value: Any) -> dict[str, Any]:
+        """Broadcast ``value`` and gather everyone's; includes our own under our name."""
+        await self.broadcast(tag, value)
+        received = await self.gather(tag)
+        received[self.me] = value
+        return {party: received[party] for party in self.parties}

@@ -1,0 +1,126 @@
+"""Running a server: the controller (with or without in-process microservices) and workers.
+
+``serve`` starts, in order: the embedded ``nats-server`` (unless a NATS URL is
+given), then uvicorn with the controller app, whose lifespan connects to NATS,
+starts the in-process microservices on their *own* NATS connection (so they
+talk to the controller only through subjects, exactly as a worker would) and
+the peer gateway. Stopping reverses that order and never leaves the NATS child
+behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from fdrtd_server.app import State, create_app
+from fdrtd_server.bus import Bus
+from fdrtd_server.config import Settings
+from fdrtd_server.microservice import Environment, RunningMicroservices, discover, start_microservices
+
+__all__ = ["run_worker", "serve"]
+
+log = logging.getLogger("fdrtd.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus re-raising SIGTERM after shutdown.
+
+    uvicorn re-raises the signal it caught once it has shut down, which kills
+    the process before ``serve`` can stop its embedded nats-server and reap
+    it. We stop gracefully and return instead.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def environment(settings: Settings) -> Environment:
+    """What microservices need to know of the server's settings and policy."""
+    return Environment(
+        server=settings.name,
+        min_cohort=settings.min_cohort,
+        session_timeout=settings.session_timeout,
+        allow_map_reduce=settings.allow_map_reduce,
+    )
+
+
+def serve(settings: Settings, *, local_microservices: bool = True) -> None:
+    """Run the server until SIGINT/SIGTERM."""
+    from fdrtd_server import gateway
+    from fdrtd_server._embedded_nats import EmbeddedNats
+
+    embedded = None
+    nats_url = settings.nats_url
+    if nats_url is None:
+        embedded = EmbeddedNats(settings.home / "jetstream").start()
+        nats_url = embedded.url
+    try:
+        services: dict[str, RunningMicroservices] = {}
+
+        async def on_start(state: State) -> None:
+            if local_microservices:
+                bus = await Bus.connect(nats_url, name=f"fdrtd-microservices-{settings.name}")
+                specs = discover(settings.microservices)
+                services["running"] = await start_microservices(bus, environment(settings), specs)
+                state.extra["microservice_bus"] = bus
+            await gateway.start(state, nats_url)
+
+        async def on_stop(state: State) -> None:
+            await gateway.stop(state)
+            if "running" in services:
+                await services["running"].stop()
+                await state.extra["microservice_bus"].close()
+
+        app = create_app(
+            settings, nats_url, on_start=on_start, on_stop=on_stop, extra_routes=gateway.routes()
+        )
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop",
+            http="httptools",
+            log_level="warning",
+            lifespan="on",
+            access_log=False,
+        )
+        _Server(config).run()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _worker(nats_url: str, env: Environment, allowed: tuple[str, ...]) -> None:
+    bus = await Bus.connect(nats_url, name=f"fdrtd-worker-{env.server}")
+    running = await start_microservices(bus, env, discover(allowed))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.warning("worker for '%s' serving %d microservices", env.server, len(running.services))
+    await stop.wait()
+    await running.stop()
+    await bus.close()
+
+
+def run_worker(nats_url: str, env: Environment, allowed: tuple[str, ...] = ()) -> None:
+    """Run microservices only, against an existing NATS, until SIGINT/SIGTERM."""
+    asyncio.run(_worker(nats_url, env, allowed))
+
+
+def home_path(text: str) -> Path:
+    """A server home directory from the command line."""
+    return Path(text).expanduser().resolve()

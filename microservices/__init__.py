@@ -1,0 +1,1 @@
+"""Built-in microservices: ``data`` (upload registration, release) and ``map`` (local aggregates)."""

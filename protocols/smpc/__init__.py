@@ -1,0 +1,1 @@
+"""Secure multiparty computation by additive secret sharing."""

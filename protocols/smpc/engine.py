@@ -1,0 +1,200 @@
+"""The SMPC engine: secure sums, secure OR and secure maximum over a peer session.
+
+All protocols in :mod:`protocols.smpc` are built from three primitives, run
+between the servers of one computation session (semi-honest servers; any
+coalition of up to n-1 servers learns nothing beyond the output, since every
+revealed value is masked with randomness of at least one server outside it).
+
+Setup (stage ``SEEDS``, one message round)
+    Every ordered pair of parties (i, j) gets a fresh 32-byte seed ``s_ij``
+    chosen by i and sent to j through the peer channel, which is encrypted
+    end to end and authenticated (:mod:`fdrtd_server.envelope`). A seed is
+    the compact form of a whole vector of additive shares: ``PRG(s_ij,
+    label)`` expands it with AES-256-CTR (:func:`protocols.smpc.ring.prg_uint64`).
+
+Secure sum (one broadcast round per sum)
+    Party i publishes ``y_i = x_i - sum_j PRG(s_ij) + sum_j PRG(s_ji)`` (mod
+    2^64, or mod 2^256 for the big ring). The masks cancel in the sum, so
+    ``sum_i y_i = sum_i x_i``, while each ``y_i`` alone is uniformly random:
+    this is additive secret sharing where each party sends one masked vector
+    instead of n-1 shares (pairwise masking, as in Bonawitz et al., CCS 2017,
+    without the dropout recovery). Labels bind the masks to the session, the
+    operation's tag and the pair, so no mask is ever used twice.
+
+Secure OR
+    To learn only whether *any* party holds a 1, party i contributes
+    ``r_i * b_i`` with ``r_i`` uniform in Z_2^64 to a secure sum: the sum is
+    0 if all bits are 0, and uniformly random otherwise (wrong with
+    probability 2^-64). Nobody learns which or how many parties hold a 1.
+
+Secure maximum (8 rounds of secure OR)
+    The maximum of the parties' values is found by 256-ary search over the
+    order-preserving 64-bit keys of float64 (:func:`protocols.smpc.ring.float_order_key`):
+    each round tests 255 thresholds t with "is any party's maximum >= t?".
+    Every bit revealed is a function of the maximum itself, so the parties
+    and the client learn the maximum and nothing else (the reference system
+    broadcast each party's own minimum and maximum in the clear).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fdrtd_server.errors import ComputationFailed
+from fdrtd_server.peers import PeerSession
+from protocols.smpc import ring
+
+__all__ = ["CHUNK", "SmpcSession", "Stage"]
+
+CHUNK = 128 * 1024
+"""Elements per peer message (1 MiB of uint64), below the bus payload limit."""
+U64 = npt.NDArray[np.uint64]
+
+
+class Stage:
+    """Names of the protocol stages, used as message tags."""
+
+    SEEDS = "seeds"
+    SUM = "sum"
+    BIGSUM = "bigsum"
+    OR = "or"
+
+    def __new__(cls) -> Stage:
+        raise TypeError("Stage is a namespace of constants")
+
+
+class SmpcSession:
+    """Secure arithmetic between the parties of one :class:`PeerSession`."""
+
+    def __init__(self, peers: PeerSession) -> None:
+        self.peers = peers
+        self.parties = len(peers.parties)
+        self._give: dict[str, bytes] = {}
+        self._take: dict[str, bytes] = {}
+        self._counter = 0
+        self.public: dict[str, Any] = {}
+
+    async def setup(self, public: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Exchange pairwise seeds, plus public metadata (shapes, counts of tags).
+
+        Returns:
+            Every party's ``public`` dict, by party name.
+        """
+        self._give = {party: ring.random_seed() for party in self.peers.others}
+        mine = public or {}
+        for party in self.peers.others:
+            await self.peers.send(party, Stage.SEEDS, {"seed": self._give[party], "public": mine})
+        received = await self.peers.gather(Stage.SEEDS)
+        for party, message in received.items():
+            seed = message.get("seed") if isinstance(message, dict) else None
+            if not isinstance(seed, bytes) or len(seed) != ring.SEED_BYTES:
+                raise ComputationFailed(f"party '{party}' sent a malformed setup message")
+            self._take[party] = seed
+        self.public = {party: received[party].get("public", {}) for party in self.peers.others}
+        self.public[self.peers.me] = mine
+        return self.public
+
+    def _label(self, tag: str, giver: str, taker: str) -> bytes:
+        return f"{self.peers.id}|{tag}|{giver}|{taker}".encode()
+
+    def _next(self, stage: str) -> str:
+        self._counter += 1
+        return f"{stage}.{self._counter}"
+
+    def _masked(self, tag: str, x: U64) -> U64:
+        y = x.copy()
+        me = self.peers.me
+        count = y.size
+        for party, seed in self._give.items():
+            y -= ring.prg_uint64(seed, self._label(tag, me, party), count).reshape(y.shape)
+        for party, seed in self._take.items():
+            y += ring.prg_uint64(seed, self._label(tag, party, me), count).reshape(y.shape)
+        return y
+
+    async def sum_ring(self, x: npt.ArrayLike) -> U64:
+        """Secure sum of uint64 ring elements (any shape, same on every party)."""
+        tag = self._next(Stage.SUM)
+        values = np.array(x, dtype=np.uint64)  # a copy; keeps 0-d shapes (ascontiguousarray would not)
+        y = self._masked(tag, values).reshape(-1)
+        total = y.copy()
+        pieces = max(1, -(-y.size // CHUNK))
+        for k in range(pieces):
+            await self.peers.broadcast(f"{tag}.{k}", y[k * CHUNK : (k + 1) * CHUNK])
+        for party in self.peers.others:
+            parts = [await self.peers.recv(party, f"{tag}.{k}") for k in range(pieces)]
+            theirs = np.concatenate(parts) if pieces > 1 else np.asarray(parts[0])
+            if theirs.dtype != np.uint64 or theirs.size != y.size:
+                raise ComputationFailed(f"party '{party}' sent a masked vector of the wrong size")
+            total += theirs
+        return total.reshape(values.shape)
+
+    async def sum_fixed(self, x: npt.ArrayLike, frac_bits: int = ring.DEFAULT_FRAC_BITS) -> npt.NDArray[np.float64]:
+        """Secure sum of float arrays in 64-bit fixed point (overflow is refused, not wrapped)."""
+        encoded = ring.encode_fixed(np.asarray(x, dtype=np.float64), frac_bits=frac_bits, parties=self.parties)
+        return ring.decode_fixed(await self.sum_ring(encoded), frac_bits=frac_bits)
+
+    async def sum_big(self, values: Sequence[float]) -> list[float]:
+        """Secure sum of a few floats in the 256-bit ring, exact to float precision."""
+        tag = self._next(Stage.BIGSUM)
+        encoded = ring.encode_big(values, parties=self.parties)
+        modulus = 1 << ring.BIG_RING_BITS
+        me = self.peers.me
+        masked = list(encoded)
+        for party, seed in self._give.items():
+            masked = [(a - b) % modulus for a, b in zip(masked, ring.prg_big(seed, self._label(tag, me, party), len(masked)), strict=True)]
+        for party, seed in self._take.items():
+            masked = [(a + b) % modulus for a, b in zip(masked, ring.prg_big(seed, self._label(tag, party, me), len(masked)), strict=True)]
+        # 256-bit integers travel as 32-byte big-endian strings
+        wire_form = [v.to_bytes(32, "big") for v in masked]
+        received = await self.peers.exchange(tag, wire_form)
+        total = [0] * len(masked)
+        for party, items in received.items():
+            if not isinstance(items, list) or len(items) != len(masked) or not all(isinstance(b, bytes) and len(b) == 32 for b in items):
+                raise ComputationFailed(f"party '{party}' sent a malformed masked vector")
+            total = [(t + int.from_bytes(b, "big")) % modulus for t, b in zip(total, items, strict=True)]
+        return ring.decode_big(total)
+
+    async def any_true(self, bits: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """Secure OR of boolean vectors: only whether any party holds True is revealed."""
+        flags = np.asarray(bits, dtype=bool).reshape(-1)
+        randomisers = np.frombuffer(secrets.token_bytes(8 * flags.size), dtype=np.uint64)
+        contribution = np.where(flags, randomisers, np.uint64(0)).astype(np.uint64)
+        total = await self.sum_ring(contribution)
+        return np.asarray(total != 0).reshape(np.shape(bits))
+
+    async def maximum_keys(self, keys: npt.ArrayLike, present: npt.ArrayLike) -> npt.NDArray[np.uint64]:
+        """The maximum over parties of uint64 keys, elementwise, by 256-ary search.
+
+        Args:
+            keys: This party's candidate per element (its local maximum's key).
+            present: Whether this party has a candidate at all (False for no data).
+        """
+        mine = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        has = np.asarray(present, dtype=bool).reshape(-1)
+        low = np.zeros(mine.size, dtype=np.uint64)
+        steps_k = np.arange(1, 256, dtype=np.uint64)
+        for round_number in range(8):
+            width = np.uint64(1 << (56 - 8 * round_number))
+            # lo + 255 * width < 2^64 always holds, so nothing wraps here
+            table = low[:, None] + steps_k[None, :] * width  # (elements, 255) thresholds
+            bits = (mine[:, None] >= table) & has[:, None]
+            above = await self.any_true(bits)
+            # thresholds increase along a row, so "some maximum >= t" is a prefix
+            low = low + above.sum(axis=1).astype(np.uint64) * width
+        return low.reshape(np.shape(keys))
+
+    async def minimum_maximum(self, local_min: npt.ArrayLike, local_max: npt.ArrayLike, present: bool) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Joint minimum and maximum of float arrays; neither party's own is revealed."""
+        lo = np.asarray(local_min, dtype=np.float64)
+        hi = np.asarray(local_max, dtype=np.float64)
+        # min(x) = -max(-x); both searches run in the same rounds
+        keys = np.concatenate([ring.float_order_key(-lo).reshape(-1), ring.float_order_key(hi).reshape(-1)])
+        found = await self.maximum_keys(keys, np.full(keys.size, present))
+        values = ring.float_from_order_key(found)
+        half = lo.size
+        return (-values[:half]).reshape(lo.shape), values[half:].reshape(hi.shape)

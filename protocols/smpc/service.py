@@ -1,0 +1,195 @@
+"""The ``smpc`` microservice: joint statistics by secure multiparty computation.
+
+Every function here is one party's side of a multi-party protocol. Each
+party's client (or one analyst through ``fdrtd_client.Federation``) starts
+the same function with the same session ``{"id", "parties"}`` on every
+server; each server then computes on its own data, exchanges only masked
+values with the others through the peer gateways (see
+:mod:`protocols.smpc.engine`), and stores the joint result under its own
+result handle. Inputs that every party must agree on (column names are not
+among them; options such as ``frac_bits`` are) are compared in the setup
+round, and a mismatch fails the computation on every server.
+
+Threat model, what each party learns, and round counts: ``docs/protocols.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fdrtd_server.errors import BadRequest, ComputationFailed
+from fdrtd_server.microservice import JobContext, Microservice, distribution_version
+from fdrtd_server.peers import PeerSession
+from protocols.smpc import ring, stats_math
+from protocols.smpc.engine import SmpcSession
+
+__all__ = ["service"]
+
+service = Microservice(
+    "smpc",
+    distribution_version("fdrtd", "0.1.0"),
+    "Secure multiparty computation: sums, counts, extremes, univariate and bivariate statistics.",
+)
+
+
+def _session(ctx: JobContext) -> PeerSession:
+    spec = ctx.session
+    if not spec:
+        raise BadRequest(
+            "this is a multi-party protocol: give a 'session' with an 'id' and the 'parties'"
+        )
+    return PeerSession(ctx.bus, spec["id"], spec["parties"], ctx.env.server, ctx.env.session_timeout)
+
+
+def _numeric(values: npt.NDArray[Any], name: str = "column") -> npt.NDArray[np.float64]:
+    if values.dtype.kind not in "biuf":
+        raise BadRequest(f"the {name} must be numeric")
+    return np.asarray(values, dtype=np.float64)
+
+
+def _finite_rows(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    if values.ndim == 1:
+        return values[np.isfinite(values)]
+    flat = values.reshape(values.shape[0], -1)
+    return values[np.isfinite(flat).all(axis=1)]
+
+
+def _agree(smpc: SmpcSession, key: str) -> Any:
+    """The value of public ``key`` that every party declared; refuse disagreement."""
+    values = {party: public.get(key) for party, public in smpc.public.items()}
+    distinct = {repr(v) for v in values.values()}
+    if len(distinct) != 1:
+        raise ComputationFailed(f"the parties disagree on '{key}'; every party must use the same")
+    return values[smpc.peers.me]
+
+
+async def _joint_count(ctx: JobContext, smpc: SmpcSession, rows: int) -> int:
+    total = int(ring.decode_int(await smpc.sum_ring(ring.encode_int(np.array([rows]), parties=smpc.parties)))[0])
+    ctx.check_cohort(total)
+    return total
+
+
+@service.job("count")
+async def count(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Total number of records over all parties; nothing else is revealed."""
+    dataset = await ctx.load_dataset(inputs.get("data"))
+    async with _session(ctx) as peers:
+        smpc = SmpcSession(peers)
+        await smpc.setup({"function": "count"})
+        _agree(smpc, "function")
+        return {"count": await _joint_count(ctx, smpc, dataset.rows)}
+
+
+@service.job("secure_sum")
+async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Sum of a column over all records of all parties (scalars, vectors, matrices).
+
+    Inputs: ``data``; ``column`` (optional); ``elementwise`` (default False):
+    if True, each party's whole array is added elementwise to the others'
+    (all parties must have the same shape; e.g. model updates), else each
+    party first sums its records; ``frac_bits`` (default 20) fixed-point
+    precision.
+    """
+    dataset = await ctx.load_dataset(inputs.get("data"))
+    values = _numeric(dataset.column(inputs.get("column")))
+    elementwise = bool(inputs.get("elementwise", False))
+    frac_bits = inputs.get("frac_bits", ring.DEFAULT_FRAC_BITS)
+    if not isinstance(frac_bits, int) or not 0 <= frac_bits <= 40:
+        raise BadRequest("'frac_bits' must be an integer from 0 to 40")
+    if elementwise:
+        local, rows = values, dataset.rows
+    else:
+        finite = _finite_rows(values)
+        local, rows = finite.sum(axis=0), int(finite.shape[0])
+    async with _session(ctx) as peers:
+        smpc = SmpcSession(peers)
+        await smpc.setup({"shape": list(np.shape(local)), "elementwise": elementwise, "frac_bits": frac_bits})
+        _agree(smpc, "elementwise")
+        _agree(smpc, "frac_bits")
+        _agree(smpc, "shape")
+        total_rows = await _joint_count(ctx, smpc, rows)
+        await ctx.progress(0.5)
+        total = await smpc.sum_fixed(local, frac_bits)
+    value: Any = float(total) if total.ndim == 0 else total
+    return {"sum": value, "count": total_rows}
+
+
+@service.job("minimum_maximum")
+async def minimum_maximum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Joint minimum and maximum of a column; no party's own extremes are revealed."""
+    dataset = await ctx.load_dataset(inputs.get("data"))
+    values = _finite_rows(_numeric(dataset.column(inputs.get("column"))))
+    async with _session(ctx) as peers:
+        smpc = SmpcSession(peers)
+        await smpc.setup({"function": "minimum_maximum", "shape": list(values.shape[1:])})
+        _agree(smpc, "shape")
+        total = await _joint_count(ctx, smpc, int(values.shape[0]))
+        present = values.shape[0] > 0
+        zeros = np.zeros(values.shape[1:])
+        lo, hi = await smpc.minimum_maximum(
+            values.min(axis=0) if present else zeros, values.max(axis=0) if present else zeros, present
+        )
+    def plain(a: npt.NDArray[np.float64]) -> Any:
+        return float(a) if a.ndim == 0 else a
+    return {"minimum": plain(lo), "maximum": plain(hi), "count": total}
+
+
+@service.job("univariate")
+async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The 22 univariate statistics of a column, jointly over all parties.
+
+    Revealed to all parties and the client: the statistics themselves (the
+    count, the power sums behind them, minimum and maximum); nothing of any
+    party's own data.
+    """
+    dataset = await ctx.load_dataset(inputs.get("data"))
+    column = _numeric(dataset.column(inputs.get("column")))
+    if column.ndim != 1:
+        raise BadRequest("univariate statistics need a column of single numbers")
+    values = _finite_rows(column)
+    async with _session(ctx) as peers:
+        smpc = SmpcSession(peers)
+        await smpc.setup({"function": "univariate"})
+        _agree(smpc, "function")
+        # stage 1: count and sum give the mean, the public shift for stage 2
+        n, total = await smpc.sum_big([float(values.size), float(values.sum())])
+        ctx.check_cohort(int(round(n)))
+        await ctx.progress(0.2)
+        shift = total / n
+        positive = stats_math.all_positive(values) if values.size else True
+        # stage 2: centred power sums, and whether every value of every party is positive
+        sums = await smpc.sum_big(list(stats_math.local_power_sums(values, shift=shift)))
+        everyone_positive = not bool((await smpc.any_true(np.array([not positive])))[0])
+        await ctx.progress(0.5)
+        present = values.size > 0
+        lo, hi = await smpc.minimum_maximum(
+            values.min() if present else 0.0, values.max() if present else 0.0, present
+        )
+    return stats_math.univariate(sums, float(lo), float(hi), all_positive=everyone_positive, shift=shift)
+
+
+@service.job("bivariate")
+async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Covariance, Pearson correlation and simple regression of two columns.
+
+    Inputs: ``data``, ``x`` and ``y`` (column names).
+    """
+    dataset = await ctx.load_dataset(inputs.get("data"))
+    x = _numeric(dataset.column(inputs.get("x")), "column 'x'")
+    y = _numeric(dataset.column(inputs.get("y")), "column 'y'")
+    if x.ndim != 1 or y.ndim != 1:
+        raise BadRequest("bivariate statistics need two columns of single numbers")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    async with _session(ctx) as peers:
+        smpc = SmpcSession(peers)
+        await smpc.setup({"function": "bivariate"})
+        _agree(smpc, "function")
+        n, sx, sy = await smpc.sum_big([float(x.size), float(x.sum()), float(y.sum())])
+        ctx.check_cohort(int(round(n)))
+        shift_x, shift_y = sx / n, sy / n
+        sums = await smpc.sum_big(list(stats_math.local_cross_sums(x, y, shift_x=shift_x, shift_y=shift_y)))
+    return stats_math.bivariate(sums, shift_x=shift_x, shift_y=shift_y)
