@@ -20,8 +20,8 @@ from fdrtd_client._federation import Federation as Federation
 from fdrtd_client._federation import combine_aggregates as combine_aggregates
 from fdrtd_client.errors import BadRequest as BadRequest
 from fdrtd_client.errors import ComputationFailed as ComputationFailed
-from fdrtd_client.errors import ConnectError as ConnectError
 from fdrtd_client.errors import Conflict as Conflict
+from fdrtd_client.errors import ConnectError as ConnectError
 from fdrtd_client.errors import FdrtdClientError as FdrtdClientError
 from fdrtd_client.errors import Forbidden as Forbidden
 from fdrtd_client.errors import NotFound as NotFound

@@ -18,7 +18,6 @@ from fdrtd_client.errors import (
     FdrtdClientError,
     RequestTimeout,
     ResultTimeout,
-    ServerError,
     error_from_problem,
 )
 
@@ -44,7 +43,11 @@ class Handle(str):
 
 
 def _array_chunks(array: np.ndarray[Any, Any]) -> Iterator[bytes]:
-    view = memoryview(np.ascontiguousarray(array)).cast("B")
+    view = memoryview(
+        np.ascontiguousarray(array).tobytes()
+        if array.ndim == 0
+        else np.ascontiguousarray(array).data
+    ).cast("B")
     for start in range(0, len(view), UPLOAD_CHUNK):
         yield bytes(view[start : start + UPLOAD_CHUNK])
 
@@ -64,7 +67,9 @@ class Client:
         verify: TLS verification (``True``, or a CA bundle path); never turned off by default.
     """
 
-    def __init__(self, url: str, token: str, *, timeout: float = 30.0, verify: bool | str = True) -> None:
+    def __init__(
+        self, url: str, token: str, *, timeout: float = 30.0, verify: bool | str = True
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._session = requests.Session()
@@ -84,7 +89,15 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, method: str, path: str, *, body: Any = None, timeout: float | None = None, **kwargs: Any) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Send one request and decode the answer.
 
         Raises:
@@ -101,7 +114,9 @@ class Client:
         except requests.ConnectionError as error:
             raise ConnectError(f"cannot reach the fdrtd server at {self.url}") from error
         except requests.Timeout as error:
-            raise RequestTimeout(f"{self.url} did not answer within {timeout or self.timeout:g} s") from error
+            raise RequestTimeout(
+                f"{self.url} did not answer within {timeout or self.timeout:g} s"
+            ) from error
         if response.status_code >= 400:
             try:
                 detail = str(response.json().get("detail", response.reason))
@@ -130,19 +145,34 @@ class Client:
             path = Path(data)
             with path.open("rb") as handle:
                 answer = self.request(
-                    "POST", "/v1/data", params={"format": "csv"}, data=_file_chunks(handle),
+                    "POST",
+                    "/v1/data",
+                    params={"format": "csv"},
+                    data=_file_chunks(handle),
                     headers={"content-type": "text/csv"},
                 )
         elif isinstance(data, Mapping):
-            answer = self.request("POST", "/v1/data", params={"format": "msgpack"}, data=wire.packb(dict(data)))
+            answer = self.request(
+                "POST", "/v1/data", params={"format": "msgpack"}, data=wire.packb(dict(data))
+            )
         else:
-            array = np.asarray(data, dtype=dtype or (None if isinstance(data, np.ndarray) else np.float64))
+            array = np.asarray(
+                data, dtype=dtype or (None if isinstance(data, np.ndarray) else np.float64)
+            )
             if array.dtype.kind not in "biuf":
-                raise FdrtdClientError("only numeric arrays can be uploaded this way; use a CSV file or a table")
+                raise FdrtdClientError(
+                    "only numeric arrays can be uploaded this way; use a CSV file or a table"
+                )
             array = array.astype(array.dtype.newbyteorder("<"), copy=False)
-            params = {"format": "raw", "dtype": array.dtype.str, "shape": ",".join(map(str, array.shape))}
+            params = {
+                "format": "raw",
+                "dtype": array.dtype.str,
+                "shape": ",".join(map(str, array.shape)),
+            }
             headers = {"content-type": "application/octet-stream"}
-            answer = self.request("POST", "/v1/data", params=params, data=_array_chunks(array), headers=headers)
+            answer = self.request(
+                "POST", "/v1/data", params=params, data=_array_chunks(array), headers=headers
+            )
         return Handle(answer["handle"])
 
     def describe(self, handle: str) -> dict[str, Any]:
@@ -161,7 +191,13 @@ class Client:
 
     # -- computations ------------------------------------------------------------
 
-    def compute(self, microservice: str, function: str, session: Mapping[str, Any] | None = None, **inputs: Any) -> Job:
+    def compute(
+        self,
+        microservice: str,
+        function: str,
+        session: Mapping[str, Any] | None = None,
+        **inputs: Any,
+    ) -> Job:
         """Start a computation and return its :class:`Job` at once.
 
         Args:
@@ -170,7 +206,11 @@ class Client:
             session: For multi-party protocols: ``{"id": ..., "parties": [...]}``.
             **inputs: The function's inputs (data handles, column names, options).
         """
-        body: dict[str, Any] = {"microservice": microservice, "function": function, "inputs": inputs}
+        body: dict[str, Any] = {
+            "microservice": microservice,
+            "function": function,
+            "inputs": inputs,
+        }
         if session is not None:
             body["session"] = dict(session)
         answer = self.request("POST", "/v1/compute", body=body)
@@ -203,7 +243,9 @@ class Job:
     def status(self, wait: float = 0.0) -> dict[str, Any]:
         """Status, progress and (when done) the value; waits up to ``wait`` s for the end."""
         answer: dict[str, Any] = self.client.request(
-            "GET", f"/v1/results/{self.handle}", params={"wait": f"{wait:g}"},
+            "GET",
+            f"/v1/results/{self.handle}",
+            params={"wait": f"{wait:g}"},
             timeout=self.client.timeout + wait,
         )
         return answer
@@ -236,9 +278,13 @@ class Job:
                 if show:
                     sys.stderr.write("\n")
                 error = view.get("error", {})
-                raise error_from_problem(int(error.get("status", 500)), str(error.get("detail", "")), self.client.url)
+                raise error_from_problem(
+                    int(error.get("status", 500)), str(error.get("detail", "")), self.client.url
+                )
             if time.monotonic() >= deadline:
-                raise ResultTimeout(f"the computation {self.handle} did not finish within {timeout:g} s")
+                raise ResultTimeout(
+                    f"the computation {self.handle} did not finish within {timeout:g} s"
+                )
 
     def release(self) -> None:
         """Delete the result on the server."""
@@ -248,5 +294,3 @@ class Job:
 def connect(url: str, token: str, *, timeout: float = 30.0, verify: bool | str = True) -> Client:
     """Connect to an fdrtd server (no request is sent until you use it)."""
     return Client(url, token, timeout=timeout, verify=verify)
-
-

@@ -12,7 +12,7 @@ import numpy as np
 from fdrtd_client._client import Client, Handle, Job
 from fdrtd_client.errors import FdrtdClientError
 
-__all__ = ["Federation", "FederatedJob", "combine_aggregates"]
+__all__ = ["FederatedJob", "Federation", "combine_aggregates"]
 
 
 def combine_aggregates(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -85,14 +85,24 @@ class Federation:
 
     def _each(self, calls: Mapping[str, Any], function: Any) -> dict[str, Any]:
         with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-            futures = {name: pool.submit(function, self.clients[name], value) for name, value in calls.items()}
+            futures = {
+                name: pool.submit(function, self.clients[name], value)
+                for name, value in calls.items()
+            }
             return {name: future.result() for name, future in futures.items()}
 
     def upload(self, datasets: Mapping[str, Any]) -> dict[str, Handle]:
         """Upload each party's dataset to its own server; returns the handles."""
         return self._each(datasets, lambda client, data: client.upload(data))
 
-    def map_reduce(self, handles: Mapping[str, str], *, column: str | None = None, bins: Sequence[float] | None = None, timeout: float = 60.0) -> dict[str, Any]:
+    def map_reduce(
+        self,
+        handles: Mapping[str, str],
+        *,
+        column: str | None = None,
+        bins: Sequence[float] | None = None,
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
         """Federated statistics by map-reduce: local aggregates, combined here.
 
         Each server's own aggregates are disclosed to you; use :meth:`compute`
@@ -103,7 +113,9 @@ class Federation:
             inputs["bins"] = list(bins)
 
         def run(client: Client, handle: str) -> Any:
-            return client.compute("map", "aggregate", data=handle, **inputs).result(timeout, progress=False)
+            return client.compute("map", "aggregate", data=handle, **inputs).result(
+                timeout, progress=False
+            )
 
         parts = self._each(handles, run)
         return combine_aggregates(list(parts.values()))

@@ -24,8 +24,8 @@ from __future__ import annotations
 __all__ = [
     "BadRequest",
     "ComputationFailed",
-    "ConnectError",
     "Conflict",
+    "ConnectError",
     "FdrtdClientError",
     "Forbidden",
     "NotFound",

@@ -134,7 +134,9 @@ async def read_body(request: Request) -> Any:
     raise UnsupportedMediaType("send the body as application/json or application/msgpack")
 
 
-async def bus_request(bus: Bus, subject: str, message: dict[str, Any], timeout: float = BUS_TIMEOUT) -> Any:
+async def bus_request(
+    bus: Bus, subject: str, message: dict[str, Any], timeout: float = BUS_TIMEOUT
+) -> Any:
     """Send one request on the bus and decode the answer or raise its error.
 
     Raises:
@@ -159,11 +161,15 @@ async def bus_request(bus: Bus, subject: str, message: dict[str, Any], timeout: 
     return wire.unpackb(reply.data)
 
 
-async def call_service(request: Request, microservice: str, function: str, inputs: dict[str, Any], **extra: Any) -> Any:
+async def call_service(
+    request: Request, microservice: str, function: str, inputs: dict[str, Any], **extra: Any
+) -> Any:
     """Authenticate, then call ``fdrtd.svc.<microservice>.<function>``."""
     principal = authenticate(request)
     message = {"principal": principal.name, "role": principal.role, "inputs": inputs, **extra}
-    return await bus_request(_state(request).bus, f"{SERVICE_PREFIX}.{microservice}.{function}", message)
+    return await bus_request(
+        _state(request).bus, f"{SERVICE_PREFIX}.{microservice}.{function}", message
+    )
 
 
 # -- routes ------------------------------------------------------------------
@@ -257,7 +263,11 @@ def _check_session(session: Any) -> dict[str, Any] | None:
         or len(set(parties)) != len(parties)
     ):
         raise BadRequest("'session.parties' must list 2 to 64 distinct server names")
-    return {"id": sid, "parties": parties, **{k: v for k, v in session.items() if k not in ("id", "parties")}}
+    return {
+        "id": sid,
+        "parties": parties,
+        **{k: v for k, v in session.items() if k not in ("id", "parties")},
+    }
 
 
 async def compute(request: Request) -> Response:
@@ -290,9 +300,13 @@ async def compute(request: Request) -> Response:
     try:
         answer = await bus_request(state.bus, subject, message)
     except FdrtdError as error:
-        state.audit.write(principal.name, "compute", f"{microservice}.{function}", f"refused {error.status}")
+        state.audit.write(
+            principal.name, "compute", f"{microservice}.{function}", f"refused {error.status}"
+        )
         raise
-    state.audit.write(principal.name, "compute", handle, microservice=microservice, function=function)
+    state.audit.write(
+        principal.name, "compute", handle, microservice=microservice, function=function
+    )
     if not isinstance(answer, dict) or answer.get("result") != handle:
         raise BadRequest(f"'{microservice}.{function}' is not a computation; it cannot be started")
     return respond(request, {"result": handle, "status": answer.get("status", "queued")}, 202)
@@ -385,11 +399,19 @@ async def list_microservices(request: Request) -> Response:
             if name:
                 entry = found.setdefault(
                     name,
-                    {"name": name, "version": info.get("version"), "description": info.get("description"), "functions": {}, "instances": 0},
+                    {
+                        "name": name,
+                        "version": info.get("version"),
+                        "description": info.get("description"),
+                        "functions": {},
+                        "instances": 0,
+                    },
                 )
                 entry["instances"] += 1
                 for endpoint in info.get("endpoints", []):
-                    entry["functions"][endpoint["name"]] = (endpoint.get("metadata") or {}).get("kind", "job")
+                    entry["functions"][endpoint["name"]] = (endpoint.get("metadata") or {}).get(
+                        "kind", "job"
+                    )
     await sub.unsubscribe()
     return respond(request, {"microservices": sorted(found.values(), key=lambda e: str(e["name"]))})
 
@@ -416,14 +438,23 @@ async def wire_error(request: Request, error: Exception) -> Response:
 
 async def http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
-    detail = {404: "no such route; see /v1/openapi.json", 405: "this route does not accept that method"}
-    return problem(error.status_code, "HTTP error", detail.get(error.status_code, str(error.detail)))
+    detail = {
+        404: "no such route; see /v1/openapi.json",
+        405: "this route does not accept that method",
+    }
+    return problem(
+        error.status_code, "HTTP error", detail.get(error.status_code, str(error.detail))
+    )
 
 
 async def internal_error(request: Request, error: Exception) -> Response:
     incident = secrets.token_hex(6)
-    log.error("internal error %s on %s %s", incident, request.method, request.url.path, exc_info=error)
-    return problem(500, "Internal error", f"internal error (incident {incident}); the server log has details")
+    log.error(
+        "internal error %s on %s %s", incident, request.method, request.url.path, exc_info=error
+    )
+    return problem(
+        500, "Internal error", f"internal error (incident {incident}); the server log has details"
+    )
 
 
 Lifespan = Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]

@@ -35,7 +35,9 @@ class AuditLog:
                     if line.strip():
                         self._last = json.loads(line)["hash"]
 
-    def write(self, principal: str, action: str, target: str = "", outcome: str = "ok", **extra: Any) -> None:
+    def write(
+        self, principal: str, action: str, target: str = "", outcome: str = "ok", **extra: Any
+    ) -> None:
         """Append one record."""
         if self.path is None:
             return
@@ -75,7 +77,10 @@ def verify(path: Path) -> int:
             record = json.loads(line)
             claimed = record.pop("hash", None)
             body = json.dumps(record, sort_keys=True, separators=(",", ":"))
-            if record.get("prev") != previous or hashlib.sha256(body.encode()).hexdigest() != claimed:
+            if (
+                record.get("prev") != previous
+                or hashlib.sha256(body.encode()).hexdigest() != claimed
+            ):
                 raise ValueError(f"audit log {path} is broken at line {number}")
             previous = claimed
             count += 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import secrets
@@ -170,7 +171,8 @@ class Bus:
             return await self.js.object_store(bucket)
         except (BucketNotFoundError, NotFoundError):
             return await self.js.create_object_store(
-                bucket, config=js_api.ObjectStoreConfig(bucket=bucket, storage=js_api.StorageType.FILE)
+                bucket,
+                config=js_api.ObjectStoreConfig(bucket=bucket, storage=js_api.StorageType.FILE),
             )
 
     async def _open(self) -> None:
@@ -232,7 +234,9 @@ class Bus:
             async for piece in chunks:
                 total += len(piece)
                 if total > limit:
-                    raise PayloadTooLarge(f"upload is larger than this server's limit of {limit} bytes")
+                    raise PayloadTooLarge(
+                        f"upload is larger than this server's limit of {limit} bytes"
+                    )
                 digest.update(piece)
                 buffer += piece
                 while len(buffer) >= CHUNK_SIZE:
@@ -269,10 +273,8 @@ class Bus:
 
     async def delete_object(self, name: str) -> None:
         """Delete a dataset object; missing objects are ignored."""
-        try:
+        with contextlib.suppress(NotFoundError):
             await self.data.delete(name)
-        except NotFoundError:
-            pass
 
     async def get_set(self, handle: str) -> dict[str, Any] | None:
         """Return a dataset description, or None."""
@@ -288,10 +290,8 @@ class Bus:
 
     async def delete_set(self, handle: str) -> None:
         """Forget a dataset description."""
-        try:
+        with contextlib.suppress(KeyNotFoundError):
             await self.sets.purge(handle)
-        except KeyNotFoundError:
-            pass
 
     # -- jobs and results ------------------------------------------------------
 
@@ -324,14 +324,10 @@ class Bus:
 
     async def delete_job(self, handle: str) -> None:
         """Forget a job and its result."""
-        try:
+        with contextlib.suppress(KeyNotFoundError):
             await self.jobs.purge(handle)
-        except KeyNotFoundError:
-            pass
-        try:
+        with contextlib.suppress(NotFoundError):
             await self.results.delete(handle)
-        except NotFoundError:
-            pass
 
     async def wait_job(self, handle: str, timeout: float) -> JobRecord | None:
         """Return the job record once finished, or as it is after ``timeout``."""
@@ -349,7 +345,7 @@ class Bus:
                 if remaining <= 0:
                     break
                 try:
-                    entry = await watcher.updates(timeout=remaining)
+                    entry = await watcher.updates(timeout=remaining)  # type: ignore[no-untyped-call]
                 except (TimeoutError, nats.errors.TimeoutError):
                     break
                 if entry is None or entry.value is None:
@@ -361,7 +357,7 @@ class Bus:
             latest = await self.get_job(handle)
             return latest[0] if latest else record
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 def check_owner(owner: str, principal: str, kind: str) -> None:

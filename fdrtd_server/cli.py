@@ -27,7 +27,9 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fdrtd-server", description="fdrtd: federated secure computing server")
+    parser = argparse.ArgumentParser(
+        prog="fdrtd-server", description="fdrtd: federated secure computing server"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     init = commands.add_parser("init", help="create a server home")
@@ -88,7 +90,9 @@ def _entry_toml(entry: PeerEntry) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return _run(args)
     except (FileNotFoundError, FileExistsError, ValueError, PermissionError) as error:
@@ -110,7 +114,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "serve":
         settings = config.load_settings(
-            home_path(str(args.home)), {"nats_url": args.nats_url, "host": args.host, "port": args.port}
+            home_path(str(args.home)),
+            {"nats_url": args.nats_url, "host": args.host, "port": args.port},
         )
         serve(settings, local_microservices=not args.no_local_microservices)
         return 0

@@ -125,9 +125,7 @@ def _cast(key: str, value: Any, source: str) -> Any:
                 return text in ("true", "1", "yes")
             return wanted(text)
         except ValueError:
-            raise ValueError(
-                f"{source} '{key}' is not a valid {wanted.__name__}"
-            ) from None
+            raise ValueError(f"{source} '{key}' is not a valid {wanted.__name__}") from None
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
@@ -257,8 +255,8 @@ def init_home(home: Path, name: str, *, port: int = 8000, host: str = "127.0.0.1
         f'name = "{settings.name}"\n'
         f'host = "{settings.host}"\n'
         f"port = {settings.port}\n"
-        "# public_url = \"https://fdrtd.example.org\"\n"
-        "# nats_url = \"nats://127.0.0.1:4222\"   # default: an embedded nats-server\n"
+        '# public_url = "https://fdrtd.example.org"\n'
+        '# nats_url = "nats://127.0.0.1:4222"   # default: an embedded nats-server\n'
         "\n[policy]\n"
         f"min_cohort = {settings.min_cohort}\n"
         "allow_map_reduce = true\n",

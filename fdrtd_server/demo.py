@@ -32,7 +32,8 @@ def synthetic_data(rows: int, seed: int = 7) -> dict[str, np.ndarray]:
 
 
 def _row(label: str, joint: float, plain: float) -> str:
-    return f"  {label:<22}{joint:>16.6f}{plain:>16.6f}   {'ok' if np.isclose(joint, plain, rtol=1e-6, atol=1e-6) else 'DIFFERENT'}"
+    verdict = "ok" if np.isclose(joint, plain, rtol=1e-6, atol=1e-6) else "DIFFERENT"
+    return f"  {label:<22}{joint:>16.6f}{plain:>16.6f}   {verdict}"
 
 
 def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
@@ -50,12 +51,19 @@ def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
             federation = local.federation()
             handles = federation.upload(data)
             for name, handle in handles.items():
-                print(f"  {name} uploaded {data[name].size} private records -> handle {handle[:10]}...")
+                print(
+                    f"  {name} uploaded {data[name].size} private records"
+                    f" -> handle {handle[:10]}..."
+                )
             began = time.perf_counter()
-            job = federation.compute("smpc", "univariate", {name: {"data": h} for name, h in handles.items()})
+            job = federation.compute(
+                "smpc", "univariate", {name: {"data": h} for name, h in handles.items()}
+            )
             joint = job.result(timeout=120)
             elapsed = time.perf_counter() - began
-            print(f"\nsecure multiparty univariate statistics ({elapsed * 1000:.0f} ms, 3 parties):")
+            print(
+                f"\nsecure multiparty univariate statistics ({elapsed * 1000:.0f} ms, 3 parties):"
+            )
             print(f"  {'statistic':<22}{'joint (SMPC)':>16}{'plaintext':>16}")
             plain = {
                 "samples": float(everything.size),
@@ -63,14 +71,18 @@ def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
                 "standard_deviation": float(everything.std(ddof=1)),
                 "minimum": float(everything.min()),
                 "maximum": float(everything.max()),
-                "skewness": float(((everything - everything.mean()) ** 3).mean() / everything.std() ** 3),
+                "skewness": float(
+                    ((everything - everything.mean()) ** 3).mean() / everything.std() ** 3
+                ),
             }
             failures = 0
             for key, value in plain.items():
                 line = _row(key, float(joint[key]), value)
                 failures += "DIFFERENT" in line
                 print(line)
-            total = federation.compute("smpc", "secure_sum", {name: {"data": h} for name, h in handles.items()}).result(timeout=60)
+            total = federation.compute(
+                "smpc", "secure_sum", {name: {"data": h} for name, h in handles.items()}
+            ).result(timeout=60)
             line = _row("secure sum", float(np.asarray(total["sum"])), float(everything.sum()))
             failures += "DIFFERENT" in line
             print(line)

@@ -98,7 +98,10 @@ class Gateway:
             self.reload_members()
             peer = self.members.get(to)
             if peer is None:
-                answer = {"status": 404, "detail": f"party '{to}' is not in this server's federation"}
+                answer = {
+                    "status": 404,
+                    "detail": f"party '{to}' is not in this server's federation",
+                }
             else:
                 body = seal(
                     self.identity,
@@ -112,7 +115,10 @@ class Gateway:
                 status, detail = await loop.run_in_executor(self.pool, self._post, peer, body)
                 answer = {"status": status, "detail": detail}
         except (KeyError, TypeError, ValueError, wire.WireError) as error:
-            answer = {"status": 400, "detail": f"malformed outgoing peer message: {type(error).__name__}"}
+            answer = {
+                "status": 400,
+                "detail": f"malformed outgoing peer message: {type(error).__name__}",
+            }
         if msg.reply:
             await self.state.bus.nc.publish(msg.reply, wire.packb(answer))
 
@@ -167,7 +173,11 @@ async def receive(request: Request) -> Response:
     await state.bus.js.publish(
         f"{PEER_IN_PREFIX}.{message.session}",
         message.payload,
-        headers={"fdrtd-from": message.sender, "fdrtd-tag": message.tag, "fdrtd-seq": str(message.seq)},
+        headers={
+            "fdrtd-from": message.sender,
+            "fdrtd-tag": message.tag,
+            "fdrtd-seq": str(message.seq),
+        },
     )
     return JSONResponse({"accepted": True}, status_code=202)
 
@@ -175,5 +185,3 @@ async def receive(request: Request) -> Response:
 def routes() -> list[Route]:
     """The gateway's HTTP route."""
     return [Route("/v1/peer", receive, methods=["POST"])]
-
-

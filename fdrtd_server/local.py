@@ -67,7 +67,9 @@ class LocalServer:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"server '{self.name}' did not become ready; see {self.home / 'server.log'}")
+        raise RuntimeError(
+            f"server '{self.name}' did not become ready; see {self.home / 'server.log'}"
+        )
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop the server (SIGTERM, or SIGKILL with ``kill``)."""

@@ -56,7 +56,15 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 
 from fdrtd_client import wire
-from fdrtd_server.bus import QUEUE_GROUP, SERVICE_PREFIX, Bus, JobRecord, check_owner, now_iso, parse_handle
+from fdrtd_server.bus import (
+    QUEUE_GROUP,
+    SERVICE_PREFIX,
+    Bus,
+    JobRecord,
+    check_owner,
+    now_iso,
+    parse_handle,
+)
 from fdrtd_server.errors import BadRequest, CohortTooSmall, FdrtdError, NotFound
 
 __all__ = [
@@ -286,7 +294,7 @@ class _Runner:
         async def handle(request: Request) -> None:
             try:
                 reply = await self._dispatch(function, request.data)
-            except BaseException as error:  # noqa: BLE001 - every error is answered
+            except BaseException as error:
                 if isinstance(error, asyncio.CancelledError):
                     raise
                 code, message = _sanitise(error)
@@ -325,9 +333,13 @@ class _Runner:
             ctx.record.error = "the server stopped before the computation finished; run it again"
             await asyncio.shield(self.bus.put_job(ctx.handle, ctx.record))
             raise
-        except BaseException as error:  # noqa: BLE001 - stored as the job's error
+        except BaseException as error:
             code, message = _sanitise(error)
-            ctx.record.status, ctx.record.error_status, ctx.record.error = "failed", int(code), message
+            ctx.record.status, ctx.record.error_status, ctx.record.error = (
+                "failed",
+                int(code),
+                message,
+            )
         else:
             ctx.record.status, ctx.record.progress, ctx.record.result = "done", 1.0, result
         await self.bus.put_job(ctx.handle, ctx.record)

@@ -86,7 +86,11 @@ def document(settings: Settings) -> dict[str, Any]:
                 "get": _op("A dataset's schema; its content can never be read"),
                 "delete": _op("Release a dataset"),
             },
-            "/v1/compute": {"post": _op("Start a computation; returns a result handle", "202", requestBody=_BODY)},
+            "/v1/compute": {
+                "post": _op(
+                    "Start a computation; returns a result handle", "202", requestBody=_BODY
+                )
+            },
             "/v1/results/{handle}": {
                 "parameters": [_HANDLE],
                 "get": _op(
@@ -99,7 +103,11 @@ def document(settings: Settings) -> dict[str, Any]:
                 "parameters": [_HANDLE],
                 "get": _op("Server-sent events with status and progress until finished"),
             },
-            "/v1/peer": {"post": _op("Peer gateway: signed and encrypted messages from member servers", secured=False)},
+            "/v1/peer": {
+                "post": _op(
+                    "Peer gateway: signed and encrypted messages from member servers", secured=False
+                )
+            },
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

@@ -44,7 +44,9 @@ class PeerSession:
         timeout: Seconds to wait for any one message before giving up.
     """
 
-    def __init__(self, bus: Bus, session_id: str, parties: Sequence[str], me: str, timeout: float) -> None:
+    def __init__(
+        self, bus: Bus, session_id: str, parties: Sequence[str], me: str, timeout: float
+    ) -> None:
         if me not in parties:
             raise BadRequest(f"this server ('{me}') is not one of the session's parties")
         self.bus = bus
@@ -71,8 +73,14 @@ class PeerSession:
         self._reader = asyncio.create_task(self._read())
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is not None and not isinstance(exc, asyncio.CancelledError) and self._aborted is None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if (
+            exc is not None
+            and not isinstance(exc, asyncio.CancelledError)
+            and self._aborted is None
+        ):
             reason = getattr(exc, "message", None) or "internal error"
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.broadcast(ABORT_TAG, {"reason": reason[:300]}), 3)
@@ -124,11 +132,15 @@ class PeerSession:
             "payload": wire.packb(value),
         }
         try:
-            reply = await self.bus.nc.request(PEER_OUT_SUBJECT, wire.packb(request), timeout=self.timeout)
+            reply = await self.bus.nc.request(
+                PEER_OUT_SUBJECT, wire.packb(request), timeout=self.timeout
+            )
         except nats.errors.NoRespondersError:
             raise ComputationFailed("no peer gateway is running on this server") from None
         except nats.errors.TimeoutError:
-            raise PartyTimeout(f"sending to party '{to}' timed out after {self.timeout:g} s") from None
+            raise PartyTimeout(
+                f"sending to party '{to}' timed out after {self.timeout:g} s"
+            ) from None
         answer = wire.unpackb(reply.data)
         status = int(answer.get("status", 500))
         if status >= 300:
@@ -162,7 +174,8 @@ class PeerSession:
                 if remaining <= 0:
                     raise PartyTimeout(
                         f"party '{sender}' did not send its '{tag}' message within "
-                        f"{self.timeout:g} s; it may not have joined session '{self.id}' or dropped out"
+                        f"{self.timeout:g} s; it may not have joined session '{self.id}' "
+                        "or dropped out"
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), remaining)

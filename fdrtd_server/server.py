@@ -22,7 +22,12 @@ import uvicorn
 from fdrtd_server.app import State, create_app
 from fdrtd_server.bus import Bus
 from fdrtd_server.config import Settings
-from fdrtd_server.microservice import Environment, RunningMicroservices, discover, start_microservices
+from fdrtd_server.microservice import (
+    Environment,
+    RunningMicroservices,
+    discover,
+    start_microservices,
+)
 
 __all__ = ["run_worker", "serve"]
 
@@ -39,7 +44,9 @@ class _Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {
+            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         try:
             yield
         finally:

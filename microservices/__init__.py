@@ -1,1 +1,1 @@
-"""Built-in microservices: ``data`` (upload registration, release) and ``map`` (local aggregates)."""
+"""Built-in microservices: ``data`` (registers and releases uploads), ``map`` (aggregates)."""

@@ -70,7 +70,10 @@ def aggregate_values(
         "maximum": data.max(axis=0) if count else np.nan,
     }
     if data.ndim == 1:
-        result = {k: (float(v) if isinstance(v, np.floating | np.ndarray) and np.ndim(v) == 0 else v) for k, v in result.items()}
+        result = {
+            k: (float(v) if isinstance(v, np.floating | np.ndarray) and np.ndim(v) == 0 else v)
+            for k, v in result.items()
+        }
     if edges is not None:
         if data.ndim != 1:
             raise BadRequest("histograms need a column of single numbers")

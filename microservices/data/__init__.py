@@ -121,9 +121,8 @@ def _normalise(document: Any) -> dict[str, Any]:
         raise BadRequest("upload must be a list, an array, or a map of 1 to 1000 named columns")
     columns: dict[str, Any] = {}
     for name, values in document.items():
-        if isinstance(values, np.ndarray):
-            columns[name] = values
-        elif isinstance(values, list) and all(isinstance(v, str) for v in values):
+        texts = isinstance(values, list) and all(isinstance(v, str) for v in values)
+        if isinstance(values, np.ndarray) or texts:
             columns[name] = values
         elif isinstance(values, list):
             try:

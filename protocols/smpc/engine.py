@@ -64,7 +64,7 @@ class Stage:
     BIGSUM = "bigsum"
     OR = "or"
 
-    def __new__(cls) -> Stage:
+    def __new__(cls) -> Stage:  # noqa: D102 - a namespace, never built
         raise TypeError("Stage is a namespace of constants")
 
 
@@ -119,7 +119,9 @@ class SmpcSession:
     async def sum_ring(self, x: npt.ArrayLike) -> U64:
         """Secure sum of uint64 ring elements (any shape, same on every party)."""
         tag = self._next(Stage.SUM)
-        values = np.array(x, dtype=np.uint64)  # a copy; keeps 0-d shapes (ascontiguousarray would not)
+        values = np.array(
+            x, dtype=np.uint64
+        )  # a copy; keeps 0-d shapes (ascontiguousarray would not)
         y = self._masked(tag, values).reshape(-1)
         total = y.copy()
         pieces = max(1, -(-y.size // CHUNK))
@@ -133,9 +135,13 @@ class SmpcSession:
             total += theirs
         return total.reshape(values.shape)
 
-    async def sum_fixed(self, x: npt.ArrayLike, frac_bits: int = ring.DEFAULT_FRAC_BITS) -> npt.NDArray[np.float64]:
+    async def sum_fixed(
+        self, x: npt.ArrayLike, frac_bits: int = ring.DEFAULT_FRAC_BITS
+    ) -> npt.NDArray[np.float64]:
         """Secure sum of float arrays in 64-bit fixed point (overflow is refused, not wrapped)."""
-        encoded = ring.encode_fixed(np.asarray(x, dtype=np.float64), frac_bits=frac_bits, parties=self.parties)
+        encoded = ring.encode_fixed(
+            np.asarray(x, dtype=np.float64), frac_bits=frac_bits, parties=self.parties
+        )
         return ring.decode_fixed(await self.sum_ring(encoded), frac_bits=frac_bits)
 
     async def sum_big(self, values: Sequence[float]) -> list[float]:
@@ -146,17 +152,37 @@ class SmpcSession:
         me = self.peers.me
         masked = list(encoded)
         for party, seed in self._give.items():
-            masked = [(a - b) % modulus for a, b in zip(masked, ring.prg_big(seed, self._label(tag, me, party), len(masked)), strict=True)]
+            masked = [
+                (a - b) % modulus
+                for a, b in zip(
+                    masked,
+                    ring.prg_big(seed, self._label(tag, me, party), len(masked)),
+                    strict=True,
+                )
+            ]
         for party, seed in self._take.items():
-            masked = [(a + b) % modulus for a, b in zip(masked, ring.prg_big(seed, self._label(tag, party, me), len(masked)), strict=True)]
+            masked = [
+                (a + b) % modulus
+                for a, b in zip(
+                    masked,
+                    ring.prg_big(seed, self._label(tag, party, me), len(masked)),
+                    strict=True,
+                )
+            ]
         # 256-bit integers travel as 32-byte big-endian strings
         wire_form = [v.to_bytes(32, "big") for v in masked]
         received = await self.peers.exchange(tag, wire_form)
         total = [0] * len(masked)
         for party, items in received.items():
-            if not isinstance(items, list) or len(items) != len(masked) or not all(isinstance(b, bytes) and len(b) == 32 for b in items):
+            if (
+                not isinstance(items, list)
+                or len(items) != len(masked)
+                or not all(isinstance(b, bytes) and len(b) == 32 for b in items)
+            ):
                 raise ComputationFailed(f"party '{party}' sent a malformed masked vector")
-            total = [(t + int.from_bytes(b, "big")) % modulus for t, b in zip(total, items, strict=True)]
+            total = [
+                (t + int.from_bytes(b, "big")) % modulus for t, b in zip(total, items, strict=True)
+            ]
         return ring.decode_big(total)
 
     async def any_true(self, bits: npt.ArrayLike) -> npt.NDArray[np.bool_]:
@@ -167,7 +193,9 @@ class SmpcSession:
         total = await self.sum_ring(contribution)
         return np.asarray(total != 0).reshape(np.shape(bits))
 
-    async def maximum_keys(self, keys: npt.ArrayLike, present: npt.ArrayLike) -> npt.NDArray[np.uint64]:
+    async def maximum_keys(
+        self, keys: npt.ArrayLike, present: npt.ArrayLike
+    ) -> npt.NDArray[np.uint64]:
         """The maximum over parties of uint64 keys, elementwise, by 256-ary search.
 
         Args:
@@ -188,12 +216,16 @@ class SmpcSession:
             low = low + above.sum(axis=1).astype(np.uint64) * width
         return low.reshape(np.shape(keys))
 
-    async def minimum_maximum(self, local_min: npt.ArrayLike, local_max: npt.ArrayLike, present: bool) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    async def minimum_maximum(
+        self, local_min: npt.ArrayLike, local_max: npt.ArrayLike, present: bool
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """Joint minimum and maximum of float arrays; neither party's own is revealed."""
         lo = np.asarray(local_min, dtype=np.float64)
         hi = np.asarray(local_max, dtype=np.float64)
         # min(x) = -max(-x); both searches run in the same rounds
-        keys = np.concatenate([ring.float_order_key(-lo).reshape(-1), ring.float_order_key(hi).reshape(-1)])
+        keys = np.concatenate(
+            [ring.float_order_key(-lo).reshape(-1), ring.float_order_key(hi).reshape(-1)]
+        )
         found = await self.maximum_keys(keys, np.full(keys.size, present))
         values = ring.float_from_order_key(found)
         half = lo.size

@@ -21,43 +21,41 @@ import numpy as np
 import numpy.typing as npt
 
 from fdrtd_server.errors import BadRequest, ComputationFailed
-from fdrtd_server.microservice import JobContext, Microservice, distribution_version
+from fdrtd_server.microservice import JobContext
 from fdrtd_server.peers import PeerSession
 from protocols.smpc import ring, stats_math
+from protocols.smpc._registry import service
 from protocols.smpc.engine import SmpcSession
 
-__all__ = ["service"]
-
-service = Microservice(
-    "smpc",
-    distribution_version("fdrtd", "0.1.0"),
-    "Secure multiparty computation: sums, counts, extremes, univariate and bivariate statistics.",
-)
+__all__ = ["service", "session_for"]
 
 
-def _session(ctx: JobContext) -> PeerSession:
+def session_for(ctx: JobContext) -> PeerSession:
+    """The peer session a multi-party function runs in, from the request's ``session``."""
     spec = ctx.session
     if not spec:
         raise BadRequest(
             "this is a multi-party protocol: give a 'session' with an 'id' and the 'parties'"
         )
-    return PeerSession(ctx.bus, spec["id"], spec["parties"], ctx.env.server, ctx.env.session_timeout)
+    return PeerSession(
+        ctx.bus, spec["id"], spec["parties"], ctx.env.server, ctx.env.session_timeout
+    )
 
 
-def _numeric(values: npt.NDArray[Any], name: str = "column") -> npt.NDArray[np.float64]:
+def numeric(values: npt.NDArray[Any], name: str = "column") -> npt.NDArray[np.float64]:
     if values.dtype.kind not in "biuf":
         raise BadRequest(f"the {name} must be numeric")
     return np.asarray(values, dtype=np.float64)
 
 
-def _finite_rows(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def finite_rows(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     if values.ndim == 1:
         return values[np.isfinite(values)]
     flat = values.reshape(values.shape[0], -1)
     return values[np.isfinite(flat).all(axis=1)]
 
 
-def _agree(smpc: SmpcSession, key: str) -> Any:
+def agree(smpc: SmpcSession, key: str) -> Any:
     """The value of public ``key`` that every party declared; refuse disagreement."""
     values = {party: public.get(key) for party, public in smpc.public.items()}
     distinct = {repr(v) for v in values.values()}
@@ -66,8 +64,12 @@ def _agree(smpc: SmpcSession, key: str) -> Any:
     return values[smpc.peers.me]
 
 
-async def _joint_count(ctx: JobContext, smpc: SmpcSession, rows: int) -> int:
-    total = int(ring.decode_int(await smpc.sum_ring(ring.encode_int(np.array([rows]), parties=smpc.parties)))[0])
+async def joint_count(ctx: JobContext, smpc: SmpcSession, rows: int) -> int:
+    total = int(
+        ring.decode_int(
+            await smpc.sum_ring(ring.encode_int(np.array([rows]), parties=smpc.parties))
+        )[0]
+    )
     ctx.check_cohort(total)
     return total
 
@@ -76,11 +78,11 @@ async def _joint_count(ctx: JobContext, smpc: SmpcSession, rows: int) -> int:
 async def count(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Total number of records over all parties; nothing else is revealed."""
     dataset = await ctx.load_dataset(inputs.get("data"))
-    async with _session(ctx) as peers:
+    async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
         await smpc.setup({"function": "count"})
-        _agree(smpc, "function")
-        return {"count": await _joint_count(ctx, smpc, dataset.rows)}
+        agree(smpc, "function")
+        return {"count": await joint_count(ctx, smpc, dataset.rows)}
 
 
 @service.job("secure_sum")
@@ -94,7 +96,7 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     precision.
     """
     dataset = await ctx.load_dataset(inputs.get("data"))
-    values = _numeric(dataset.column(inputs.get("column")))
+    values = numeric(dataset.column(inputs.get("column")))
     elementwise = bool(inputs.get("elementwise", False))
     frac_bits = inputs.get("frac_bits", ring.DEFAULT_FRAC_BITS)
     if not isinstance(frac_bits, int) or not 0 <= frac_bits <= 40:
@@ -102,15 +104,17 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     if elementwise:
         local, rows = values, dataset.rows
     else:
-        finite = _finite_rows(values)
+        finite = finite_rows(values)
         local, rows = finite.sum(axis=0), int(finite.shape[0])
-    async with _session(ctx) as peers:
+    async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
-        await smpc.setup({"shape": list(np.shape(local)), "elementwise": elementwise, "frac_bits": frac_bits})
-        _agree(smpc, "elementwise")
-        _agree(smpc, "frac_bits")
-        _agree(smpc, "shape")
-        total_rows = await _joint_count(ctx, smpc, rows)
+        await smpc.setup(
+            {"shape": list(np.shape(local)), "elementwise": elementwise, "frac_bits": frac_bits}
+        )
+        agree(smpc, "elementwise")
+        agree(smpc, "frac_bits")
+        agree(smpc, "shape")
+        total_rows = await joint_count(ctx, smpc, rows)
         await ctx.progress(0.5)
         total = await smpc.sum_fixed(local, frac_bits)
     value: Any = float(total) if total.ndim == 0 else total
@@ -121,19 +125,23 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
 async def minimum_maximum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Joint minimum and maximum of a column; no party's own extremes are revealed."""
     dataset = await ctx.load_dataset(inputs.get("data"))
-    values = _finite_rows(_numeric(dataset.column(inputs.get("column"))))
-    async with _session(ctx) as peers:
+    values = finite_rows(numeric(dataset.column(inputs.get("column"))))
+    async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
         await smpc.setup({"function": "minimum_maximum", "shape": list(values.shape[1:])})
-        _agree(smpc, "shape")
-        total = await _joint_count(ctx, smpc, int(values.shape[0]))
+        agree(smpc, "shape")
+        total = await joint_count(ctx, smpc, int(values.shape[0]))
         present = values.shape[0] > 0
         zeros = np.zeros(values.shape[1:])
         lo, hi = await smpc.minimum_maximum(
-            values.min(axis=0) if present else zeros, values.max(axis=0) if present else zeros, present
+            values.min(axis=0) if present else zeros,
+            values.max(axis=0) if present else zeros,
+            present,
         )
+
     def plain(a: npt.NDArray[np.float64]) -> Any:
         return float(a) if a.ndim == 0 else a
+
     return {"minimum": plain(lo), "maximum": plain(hi), "count": total}
 
 
@@ -146,17 +154,17 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     party's own data.
     """
     dataset = await ctx.load_dataset(inputs.get("data"))
-    column = _numeric(dataset.column(inputs.get("column")))
+    column = numeric(dataset.column(inputs.get("column")))
     if column.ndim != 1:
         raise BadRequest("univariate statistics need a column of single numbers")
-    values = _finite_rows(column)
-    async with _session(ctx) as peers:
+    values = finite_rows(column)
+    async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
         await smpc.setup({"function": "univariate"})
-        _agree(smpc, "function")
+        agree(smpc, "function")
         # stage 1: count and sum give the mean, the public shift for stage 2
         n, total = await smpc.sum_big([float(values.size), float(values.sum())])
-        ctx.check_cohort(int(round(n)))
+        ctx.check_cohort(round(n))
         await ctx.progress(0.2)
         shift = total / n
         positive = stats_math.all_positive(values) if values.size else True
@@ -168,7 +176,9 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         lo, hi = await smpc.minimum_maximum(
             values.min() if present else 0.0, values.max() if present else 0.0, present
         )
-    return stats_math.univariate(sums, float(lo), float(hi), all_positive=everyone_positive, shift=shift)
+    return stats_math.univariate(
+        sums, float(lo), float(hi), all_positive=everyone_positive, shift=shift
+    )
 
 
 @service.job("bivariate")
@@ -178,18 +188,27 @@ async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     Inputs: ``data``, ``x`` and ``y`` (column names).
     """
     dataset = await ctx.load_dataset(inputs.get("data"))
-    x = _numeric(dataset.column(inputs.get("x")), "column 'x'")
-    y = _numeric(dataset.column(inputs.get("y")), "column 'y'")
+    x = numeric(dataset.column(inputs.get("x")), "column 'x'")
+    y = numeric(dataset.column(inputs.get("y")), "column 'y'")
     if x.ndim != 1 or y.ndim != 1:
         raise BadRequest("bivariate statistics need two columns of single numbers")
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
-    async with _session(ctx) as peers:
+    async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
         await smpc.setup({"function": "bivariate"})
-        _agree(smpc, "function")
+        agree(smpc, "function")
         n, sx, sy = await smpc.sum_big([float(x.size), float(x.sum()), float(y.sum())])
-        ctx.check_cohort(int(round(n)))
+        ctx.check_cohort(round(n))
         shift_x, shift_y = sx / n, sy / n
-        sums = await smpc.sum_big(list(stats_math.local_cross_sums(x, y, shift_x=shift_x, shift_y=shift_y)))
+        sums = await smpc.sum_big(
+            list(stats_math.local_cross_sums(x, y, shift_x=shift_x, shift_y=shift_y))
+        )
     return stats_math.bivariate(sums, shift_x=shift_x, shift_y=shift_y)
+
+
+# The other protocol families register their functions on the same service.
+# Imported last: they import the helpers above.
+import protocols.smpc.order  # noqa: E402, F401
+import protocols.smpc.regression  # noqa: E402, F401
+import protocols.smpc.tables  # noqa: E402, F401

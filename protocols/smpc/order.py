@@ -1,0 +1,1 @@
+"""SMPC protocols: order (being written)."""

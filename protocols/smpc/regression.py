@@ -1,0 +1,1 @@
+"""SMPC protocols: regression (being written)."""

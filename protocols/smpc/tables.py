@@ -1,0 +1,1 @@
+"""SMPC protocols: tables (being written)."""

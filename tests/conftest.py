@@ -1,0 +1,110 @@
+"""Shared fixtures: real servers, real NATS, real HTTP on 127.0.0.1.
+
+Servers are started as real ``fdrtd-server serve`` processes through
+:class:`fdrtd_server.local.LocalFederation`, each with its own embedded
+``nats-server``. Session-scoped federations are shared between tests for
+speed; tests that stop, kill or reconfigure servers build their own.
+
+The pytest process makes itself a "child subreaper", so that a
+``nats-server`` orphaned by a test that SIGKILLs its parent is re-parented
+to pytest and reaped here instead of lingering as a zombie.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from fdrtd_server._embedded_nats import EmbeddedNats
+from fdrtd_server.local import LocalFederation, LocalServer
+
+PLUGIN_DIR = Path(__file__).parent / "plugins" / "example"
+
+
+def _make_subreaper() -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+
+
+def reap_orphans() -> None:
+    """Collect exited children we inherited (orphaned nats-servers)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+_make_subreaper()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reaper() -> Iterator[None]:
+    yield
+    reap_orphans()
+
+
+@pytest.fixture(scope="session")
+def example_plugin() -> None:
+    """Install the example plugin package (tests/plugins/example) into this environment."""
+    try:
+        import fdrtd_example  # noqa: F401
+    except ImportError:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                str(PLUGIN_DIR),
+            ],
+            check=True,
+        )
+
+
+@pytest.fixture(scope="session")
+def trio(
+    tmp_path_factory: pytest.TempPathFactory, example_plugin: None
+) -> Iterator[LocalFederation]:
+    """Three parties (alpha, beta, gamma), shared by the whole session."""
+    with LocalFederation(tmp_path_factory.mktemp("trio")) as federation:
+        yield federation
+
+
+@pytest.fixture(scope="session")
+def server(trio: LocalFederation) -> LocalServer:
+    """One running server (alpha of the shared trio) for single-server tests."""
+    return trio.servers["alpha"]
+
+
+@pytest.fixture
+def api(server: LocalServer) -> Iterator[requests.Session]:
+    """A raw HTTP session with the analyst token of ``server``; use ``server.url + path``."""
+    with requests.Session() as session:
+        session.headers["authorization"] = f"Bearer {server.token}"
+        yield session
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A standalone nats-server with JetStream, for workers and external-NATS tests."""
+    with EmbeddedNats(tmp_path / "nats") as running:
+        yield running
+
+
+def assert_healthy(server: LocalServer) -> None:
+    """The server still answers and is ready."""
+    assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
+    assert requests.get(server.url + "/readyz", timeout=5).status_code == 200
