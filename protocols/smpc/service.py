@@ -209,6 +209,6 @@ async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
 
 # The other protocol families register their functions on the same service.
 # Imported last: they import the helpers above.
-import protocols.smpc.order  # noqa: E402, F401
-import protocols.smpc.regression  # noqa: E402, F401
+import protocols.smpc.order  # noqa: E402
+import protocols.smpc.regression  # noqa: E402
 import protocols.smpc.tables  # noqa: E402, F401
