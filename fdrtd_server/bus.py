@@ -72,7 +72,7 @@ JOBS_BUCKET = "fdrtd_jobs"
 RESULTS_BUCKET = "fdrtd_results"
 REPLAY_BUCKET = "fdrtd_replay"
 INLINE_RESULT_LIMIT = 256 * 1024
-CHUNK_SIZE = 256 * 1024
+CHUNK_SIZE = 1024 * 1024
 HANDLE_KINDS = {"data": "d", "result": "r"}
 _HANDLE_RULE = re.compile(r"^([dr])-([0-9a-f]{40})$")
 

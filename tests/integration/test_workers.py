@@ -1,0 +1,443 @@
+"""Scale-out on NATS: a controller without microservices and separate worker processes.
+
+Every test here runs real processes against a standalone ``nats-server``
+with JetStream (the ``nats_server`` fixture): ``fdrtd-server serve HOME
+--nats-url URL --no-local-microservices`` as the controller and ``fdrtd-server
+worker --nats-url URL`` as workers. The NATS service API (``$SRV.PING``,
+``$SRV.INFO``, ``$SRV.STATS``) is queried directly with nats-py, as standard
+NATS tooling would, to see which worker handled what.
+
+The last tests are unit tests of the plugin interface (``discover`` and the
+``Microservice`` rules), which need no processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import numpy as np
+import pytest
+import requests
+
+import fdrtd_client
+from fdrtd_client import errors as client_errors
+from fdrtd_server._embedded_nats import EmbeddedNats, free_port
+from fdrtd_server.config import TokenStore, init_home
+from fdrtd_server.microservice import JobContext, Microservice, discover
+
+SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
+)
+BUILT_IN = ("data", "map", "smpc")
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+class Processes:
+    """Processes started by one test; every one is terminated and waited for."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, label: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start ``python -m fdrtd_server ARGS`` with its output in ``<label>.log``."""
+        with (self.log_dir / f"{label}.log").open("ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fdrtd_server", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        self.running[label] = process
+        return process
+
+    def stop(self, label: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Send ``sig`` to the process, wait for it, and return its exit code."""
+        process = self.running.pop(label)
+        if process.poll() is None:
+            process.send_signal(sig)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+            raise AssertionError(f"{label} did not stop within {timeout:g} s") from None
+
+    def stop_all(self) -> None:
+        """Terminate everything still running (SIGKILL if SIGTERM is not enough)."""
+        for label in list(self.running):
+            process = self.running.pop(label)
+            if process.poll() is None:
+                process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+
+    def logs(self) -> str:
+        """The last lines of every log, for assertion messages."""
+        parts = []
+        for path in sorted(self.log_dir.glob("*.log")):
+            tail = path.read_text("utf-8", "replace").splitlines()[-15:]
+            parts.append(f"--- {path.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    group = Processes(tmp_path / "logs")
+    try:
+        yield group
+    finally:
+        group.stop_all()
+
+
+@dataclass
+class Home:
+    """A server home made for these tests."""
+
+    path: Path
+    port: int
+    token: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self) -> fdrtd_client.Client:
+        return fdrtd_client.connect(self.url, self.token, timeout=15)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Home:
+    path = tmp_path / "h"
+    port = free_port()
+    init_home(path, "solo", port=port)
+    return Home(path, port, TokenStore(path).add("analyst"))
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, procs: Processes, timeout: float = 20.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}\n{procs.logs()}")
+
+
+def http_status(url: str) -> int | None:
+    """The status code of GET ``url``, or None if nothing answers."""
+    try:
+        return requests.get(url, timeout=3).status_code
+    except requests.ConnectionError:
+        return None
+
+
+def start_controller(procs: Processes, home: Home, nats_url: str) -> subprocess.Popen[bytes]:
+    process = procs.start(
+        "serve", "serve", str(home.path), "--nats-url", nats_url, "--no-local-microservices"
+    )
+
+    def alive_and_healthy() -> bool:
+        assert process.poll() is None, f"the controller exited\n{procs.logs()}"
+        return http_status(home.url + "/healthz") == 200
+
+    wait_until(alive_and_healthy, "the controller's /healthz", procs)
+    return process
+
+
+def start_worker(
+    procs: Processes, label: str, nats_url: str, home: Home | None = None
+) -> subprocess.Popen[bytes]:
+    args = ["worker", "--nats-url", nats_url]
+    args += ["--home", str(home.path)] if home else ["--name", label]
+    return procs.start(label, *args)
+
+
+async def _gather(url: str, subject: str, wait: float, enough: int | None) -> list[dict[str, Any]]:
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    replies: list[dict[str, Any]] = []
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(subject, b"", reply=inbox)
+        deadline = time.monotonic() + wait
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=remaining)
+            except nats.errors.TimeoutError:
+                break
+            replies.append(json.loads(msg.data))
+            if enough is not None and len(replies) >= enough:
+                break
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return replies
+
+
+def srv(url: str, subject: str, *, wait: float = 0.5, enough: int | None = None) -> list[Any]:
+    """Replies to a ``$SRV`` discovery request, gathered for ``wait`` seconds."""
+    return asyncio.run(_gather(url, subject, wait, enough))
+
+
+def instances(url: str, verb: str, service: str) -> list[dict[str, Any]]:
+    """Replies of every instance of ``service`` to ``$SRV.<verb>.<service>``."""
+    return srv(url, f"$SRV.{verb}.{service}")
+
+
+def wait_for_instances(url: str, count: int, procs: Processes) -> None:
+    """Wait until every fdrtd microservice has ``count`` instances answering PING."""
+    names = {f"fdrtd-{name}".replace("_", "-") for name in discover()}
+
+    def complete() -> bool:
+        counts = Counter(reply["name"] for reply in srv(url, "$SRV.PING", wait=0.3))
+        return all(counts[name] == count for name in names)
+
+    wait_until(complete, f"{count} instance(s) of {sorted(names)}", procs)
+
+
+# -- scale-out -------------------------------------------------------------------
+
+
+def test_two_workers_share_the_load_and_the_service_goes_when_they_go(
+    nats_server: EmbeddedNats, home: Home, procs: Processes, example_plugin: None
+) -> None:
+    url = nats_server.url
+    start_controller(procs, home, url)
+    # no microservice anywhere yet: alive, but not ready
+    assert http_status(home.url + "/readyz") == 503
+    with home.client() as client:
+        with pytest.raises(client_errors.NotFound):
+            client.upload(np.arange(5.0))
+
+        start_worker(procs, "worker1", url, home)
+        start_worker(procs, "worker2", url, home)
+        wait_until(lambda: http_status(home.url + "/readyz") == 200, "/readyz 200", procs)
+        wait_for_instances(url, 2, procs)
+        listed = {entry["name"]: entry for entry in client.microservices()}
+        assert {name: listed[name]["instances"] for name in (*BUILT_IN, "example")} == {
+            "data": 2,
+            "map": 2,
+            "smpc": 2,
+            "example": 2,
+        }
+
+        sizes = (5, 8, 13, 21)
+        handles = [client.upload(np.arange(float(n))) for n in sizes]
+        map_jobs = [
+            (n, client.compute("map", "aggregate", data=h))
+            for n, h in zip(sizes * 10, handles * 10, strict=True)
+        ]
+        example_jobs = [
+            (n, client.compute("example", "rows", data=h))
+            for n, h in zip(sizes, handles, strict=True)
+        ]
+        scaled = [
+            (n, client.compute("example", "scaled_sum", data=h, factor=2.0, steps=3))
+            for n, h in zip(sizes[:2], handles[:2], strict=True)
+        ]
+        assert len(map_jobs) == 40
+        for n, job in map_jobs:
+            value = job.result(timeout=30)
+            assert value["count"] == n
+            assert value["sum"] == n * (n - 1) / 2
+            assert (value["minimum"], value["maximum"]) == (0.0, n - 1.0)
+        for n, job in example_jobs:
+            assert job.result(timeout=30) == {"rows": n}
+        for n, job in scaled:
+            assert job.result(timeout=30) == {"sum": float(n * (n - 1))}
+
+        # both workers did part of the work, and no request was counted twice
+        stats = instances(url, "STATS", "fdrtd-map")
+        assert len(stats) == 2, stats
+        assert len({s["id"] for s in stats}) == 2
+        per_instance = [
+            {e["name"]: e["num_requests"] for e in s["endpoints"]}["aggregate"] for s in stats
+        ]
+        assert all(count > 0 for count in per_instance), per_instance
+        assert sum(per_instance) == 40
+        example_stats = instances(url, "STATS", "fdrtd-example")
+        example_calls = Counter[str]()
+        for instance in example_stats:
+            for endpoint in instance["endpoints"]:
+                example_calls[endpoint["name"]] += endpoint["num_requests"]
+        assert example_calls == Counter({"rows": 4, "scaled_sum": 2})
+        data_stats = instances(url, "STATS", "fdrtd-data")
+        assert sum(
+            e["num_requests"] for s in data_stats for e in s["endpoints"] if e["name"] == "register"
+        ) == len(sizes)
+
+        # one worker goes: the other carries on alone
+        assert procs.stop("worker1") == 0
+        pings = instances(url, "PING", "fdrtd-map")
+        assert len(pings) == 1
+        assert http_status(home.url + "/readyz") == 200
+        survivors = [client.compute("map", "aggregate", data=h) for h in handles]
+        for n, job in zip(sizes, survivors, strict=True):
+            assert job.result(timeout=30)["count"] == n
+        fresh = client.upload(np.arange(34.0))
+        assert client.compute("map", "aggregate", data=fresh).result(timeout=30)["count"] == 34
+
+        # none left: a prompt 404, not a hang; finished results are still there
+        assert procs.stop("worker2") == 0
+        assert instances(url, "PING", "fdrtd-map") == []
+        started = time.monotonic()
+        with pytest.raises(client_errors.NotFound) as refused:
+            client.compute("map", "aggregate", data=handles[0])
+        assert time.monotonic() - started < 3.0
+        assert refused.value.status == 404
+        assert "map" in str(refused.value)
+        assert http_status(home.url + "/readyz") == 503
+        assert map_jobs[0][1].result(timeout=5)["count"] == sizes[0]
+        assert survivors[-1].status()["status"] == "done"
+
+
+def test_controller_restart_keeps_handles_while_workers_run(
+    nats_server: EmbeddedNats, home: Home, procs: Processes, example_plugin: None
+) -> None:
+    url = nats_server.url
+    start_controller(procs, home, url)
+    worker = start_worker(procs, "worker", url, home)
+    wait_until(lambda: http_status(home.url + "/readyz") == 200, "/readyz 200", procs)
+    wait_for_instances(url, 1, procs)
+    (before,) = instances(url, "PING", "fdrtd-example")
+
+    with home.client() as client:
+        data = client.upload(np.arange(20.0))
+        done = client.compute("map", "aggregate", data=data)
+        assert done.result(timeout=30)["sum"] == 190.0
+        slow = client.compute("example", "scaled_sum", data=data, factor=3.0, steps=4, delay=0.4)
+        assert slow.status()["status"] in ("queued", "running")
+
+    assert procs.stop("serve") == 0
+    assert http_status(home.url + "/healthz") is None
+    start_controller(procs, home, url)
+    wait_until(lambda: http_status(home.url + "/readyz") == 200, "/readyz 200 again", procs)
+
+    with home.client() as client:
+        assert client.job(done.handle).result(timeout=10)["sum"] == 190.0
+        assert client.job(slow.handle).result(timeout=30) == {"sum": 570.0}
+        assert client.describe(data)["rows"] == 20
+        again = client.compute("map", "aggregate", data=data).result(timeout=30)
+        assert (again["count"], again["sum"]) == (20, 190.0)
+        assert [d["handle"] for d in client.datasets()] == [data]
+
+    # the very same worker (process and service instance) did all of it
+    assert worker.poll() is None
+    (after,) = instances(url, "PING", "fdrtd-example")
+    assert after["id"] == before["id"]
+    stats = {
+        e["name"]: e["num_requests"] for e in instances(url, "STATS", "fdrtd-map")[0]["endpoints"]
+    }
+    assert stats["aggregate"] == 2
+
+
+# -- discovery -----------------------------------------------------------------
+
+
+def test_srv_discovery_names_versions_and_subjects(
+    nats_server: EmbeddedNats, procs: Processes, example_plugin: None
+) -> None:
+    url = nats_server.url
+    start_worker(procs, "disco", url)
+    wait_for_instances(url, 1, procs)
+    specs = discover()
+    assert set(BUILT_IN) <= set(specs)
+
+    pings = {reply["name"]: reply for reply in srv(url, "$SRV.PING")}
+    expected_names = {f"fdrtd-{name}" for name in specs}
+    assert expected_names <= set(pings)
+    for name, spec in specs.items():
+        ping = pings[f"fdrtd-{name}"]
+        assert ping["type"] == "io.nats.micro.v1.ping_response"
+        assert SEMVER.match(ping["version"]), ping["version"]
+        assert ping["version"] == spec.version
+        assert ping["metadata"] == {"fdrtd.microservice": name}
+
+    infos = {reply["name"]: reply for reply in srv(url, "$SRV.INFO")}
+    for name, spec in specs.items():
+        info = infos[f"fdrtd-{name}"]
+        assert info["version"] == spec.version
+        assert info["description"] == spec.description
+        endpoints = {e["name"]: e for e in info["endpoints"]}
+        assert sorted(endpoints) == spec.functions
+        for function, endpoint in endpoints.items():
+            assert endpoint["subject"] == f"fdrtd.svc.{name}.{function}"
+            assert endpoint["queue_group"] == "fdrtd"
+            kind = "job" if function in spec.jobs else "call"
+            assert endpoint["metadata"] == {"kind": kind}
+
+    # the built-in functions themselves, by name
+    subjects = {e["subject"] for info in infos.values() for e in info["endpoints"]}
+    assert {
+        "fdrtd.svc.data.register",
+        "fdrtd.svc.data.describe",
+        "fdrtd.svc.map.aggregate",
+        "fdrtd.svc.smpc.secure_sum",
+        "fdrtd.svc.smpc.univariate",
+    } <= subjects
+    # a service-specific INFO request reaches only that service
+    (map_info,) = instances(url, "INFO", "fdrtd-map")
+    assert map_info["name"] == "fdrtd-map"
+    assert procs.stop("disco") == 0
+    assert srv(url, "$SRV.PING", wait=0.3) == []
+
+
+# -- the plugin interface, without processes -----------------------------------
+
+
+def test_discover_loads_only_allowed_microservices(example_plugin: None) -> None:
+    only_map = discover(allowed=("map",))
+    assert list(only_map) == ["map"]
+    assert isinstance(only_map["map"], Microservice)
+    assert "aggregate" in only_map["map"].functions
+    assert discover(allowed=("no_such_service",)) == {}
+    everything = discover()
+    assert {*BUILT_IN, "example"} <= set(everything)
+    assert all(spec.name == key for key, spec in everything.items())
+
+
+@pytest.mark.parametrize("name", ["Bad Name", "map-reduce", "1map", "", "x" * 33, "Map"])
+def test_microservice_name_rule(name: str) -> None:
+    with pytest.raises(ValueError, match="microservice name"):
+        Microservice(name, "1.0.0", "a test service")
+
+
+def test_function_registered_twice_is_refused() -> None:
+    service = Microservice("twice", "1.0.0", "a test service")
+
+    async def first(ctx: JobContext, inputs: dict[str, Any]) -> int:
+        return 1
+
+    service.job("go")(first)
+    with pytest.raises(ValueError, match="registered twice"):
+        service.job("go")(first)
+    with pytest.raises(ValueError, match="registered twice"):
+        service.call("go")(first)
+    with pytest.raises(ValueError, match="function name"):
+        service.job("Not-A-Name")(first)
+    assert service.functions == ["go"]
+    assert service.jobs == {"go": first}
