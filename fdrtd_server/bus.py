@@ -28,6 +28,7 @@ import json
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ from typing import Any
 
 import nats
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
@@ -72,6 +74,7 @@ JOBS_BUCKET = "fdrtd_jobs"
 RESULTS_BUCKET = "fdrtd_results"
 REPLAY_BUCKET = "fdrtd_replay"
 INLINE_RESULT_LIMIT = 256 * 1024
+SET_CACHE_SIZE = 10_000
 CHUNK_SIZE = 1024 * 1024
 HANDLE_KINDS = {"data": "d", "result": "r"}
 _HANDLE_RULE = re.compile(r"^([dr])-([0-9a-f]{40})$")
@@ -142,6 +145,7 @@ class Bus:
         self.sets: KeyValue
         self.jobs: KeyValue
         self.replay: KeyValue
+        self._set_cache: OrderedDict[str, dict[str, Any]] | None = None
 
     @classmethod
     async def connect(cls, url: str, *, name: str = "fdrtd") -> Bus:
@@ -276,13 +280,40 @@ class Bus:
         with contextlib.suppress(NotFoundError):
             await self.data.delete(name)
 
+    async def enable_set_cache(self) -> None:
+        """Cache dataset descriptions in memory, evicted as soon as one changes.
+
+        Descriptions are written once and only ever deleted, so a cache that
+        listens to the bucket's own subject (``$KV.fdrtd_sets.<handle>``) for
+        deletions stays correct across any number of workers, and saves a
+        JetStream round trip on every request that names a dataset.
+        """
+        self._set_cache = OrderedDict()
+
+        async def evict(msg: Msg) -> None:
+            if self._set_cache is not None:
+                self._set_cache.pop(msg.subject.rsplit(".", 1)[-1], None)
+
+        await self.nc.subscribe(f"$KV.{SETS_BUCKET}.>", cb=evict)
+
     async def get_set(self, handle: str) -> dict[str, Any] | None:
         """Return a dataset description, or None."""
+        cache = self._set_cache
+        if cache is not None and handle in cache:
+            cache.move_to_end(handle)
+            return dict(cache[handle])
         try:
             entry = await self.sets.get(handle)
         except KeyNotFoundError:
             return None
-        return None if entry.value is None else dict(wire.unpackb(entry.value))
+        if entry.value is None:
+            return None
+        description = dict(wire.unpackb(entry.value))
+        if cache is not None:
+            cache[handle] = description
+            if len(cache) > SET_CACHE_SIZE:
+                cache.popitem(last=False)
+        return dict(description)
 
     async def put_set(self, handle: str, description: dict[str, Any]) -> None:
         """Store a dataset description."""

@@ -371,6 +371,7 @@ async def start_microservices(
 ) -> RunningMicroservices:
     """Start every microservice in ``specs`` as a NATS service on ``bus``."""
     running = RunningMicroservices()
+    await bus.enable_set_cache()
     for spec in specs.values():
         service = await add_service(
             bus.nc,

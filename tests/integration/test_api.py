@@ -9,7 +9,6 @@ only come from uploaded data are checked to never appear in any answer.
 
 from __future__ import annotations
 
-import __future__
 import base64
 import hashlib
 import inspect
@@ -42,12 +41,7 @@ SCHEMA_KEYS = {"handle", "format", "columns", "rows", "bytes", "created"}
 TIMEOUT = 30.0
 
 CSV_TEXT = (
-    "site,age,weight\n"
-    "north,34,70.5\n"
-    "south,51,\n"
-    "east,29,88.25\n"
-    "west,62,64.0\n"
-    "north,45,79.75\n"
+    "site,age,weight\nnorth,34,70.5\nsouth,51,\neast,29,88.25\nwest,62,64.0\nnorth,45,79.75\n"
 )
 CSV_WEIGHTS = np.array([70.5, np.nan, 88.25, 64.0, 79.75])
 
@@ -244,7 +238,7 @@ def test_list_shows_only_the_callers_datasets(
 
 def test_describe_returns_schema_only(server: LocalServer, api: requests.Session) -> None:
     values = np.array([0.125, 271828.5, 3.0, 4.0])
-    params, body, content_type = _raw(values)
+    params, body, _ = _raw(values)
     handle = api.post(server.url + "/v1/data", params=params, data=body, timeout=TIMEOUT).json()[
         "handle"
     ]
@@ -370,9 +364,13 @@ def test_compute_refuses_bad_requests(server: LocalServer, api: requests.Session
         response = api.post(url, json=body, timeout=TIMEOUT)
         assert response.status_code == status, (body, response.text)
         assert fragment in response.json()["detail"]
-    response = api.post(url, data=b"microservice=map", headers={"content-type": "text/plain"})
+    response = api.post(
+        url, data=b"microservice=map", headers={"content-type": "text/plain"}, timeout=TIMEOUT
+    )
     assert response.status_code == 415
-    response = api.post(url, data=b"{", headers={"content-type": "application/json"})
+    response = api.post(
+        url, data=b"{", headers={"content-type": "application/json"}, timeout=TIMEOUT
+    )
     assert response.status_code == 400
     assert requests.post(url, json={}, timeout=TIMEOUT).status_code == 401
     bad = requests.post(url, json={}, headers={"authorization": "Bearer nope"}, timeout=TIMEOUT)
@@ -508,13 +506,17 @@ def test_release_answers(server: LocalServer, client: Client, api: requests.Sess
 
 
 def test_malformed_handles_are_refused(server: LocalServer, api: requests.Session) -> None:
-    for path in ("/v1/results/d-" + "0" * 40, "/v1/results/r-xyz", "/v1/data/../etc"):
+    cases = {
+        "/v1/results/d-" + "0" * 40: "not another kind of handle",
+        "/v1/results/r-short": "must be a result handle",
+        "/v1/data/r-" + "0" * 40: "not another kind of handle",
+        "/v1/data/nonsense": "must be a data handle",
+    }
+    for path, fragment in cases.items():
         response = api.get(server.url + path, timeout=TIMEOUT)
-        assert response.status_code in (400, 404), path
+        assert response.status_code == 400, path
         assert response.headers["content-type"] == "application/problem+json"
-    response = api.get(server.url + "/v1/results/r-short", timeout=TIMEOUT)
-    assert response.status_code == 400
-    assert "result handle" in response.json()["detail"]
+        assert fragment in response.json()["detail"], path
 
 
 # -- isolation between principals -----------------------------------------------
@@ -527,7 +529,7 @@ def _problem(action: Callable[[], Any]) -> tuple[int, str]:
 
 
 def test_another_principal_cannot_touch_handles(
-    server: LocalServer, client: Client, other: Client
+    server: LocalServer, client: Client, other: Client, tokens: dict[str, str]
 ) -> None:
     handle = client.upload(np.arange(10.0))
     job = client.compute("map", "aggregate", data=handle)
@@ -542,15 +544,16 @@ def test_another_principal_cannot_touch_handles(
     assert _problem(lambda: other.job(job.handle).status()) == _problem(
         lambda: other.job(r_unknown).status()
     )
-    assert _problem(lambda: other.job(job.handle).status(wait=1)) == (404, "no result with this handle")
-    assert _problem(lambda: other.release(handle)) == _problem(lambda: other.release(d_unknown))
-    assert _problem(lambda: other.release(job.handle)) == _problem(
-        lambda: other.release(r_unknown)
+    assert _problem(lambda: other.job(job.handle).status(wait=1)) == (
+        404,
+        "no result with this handle",
     )
+    assert _problem(lambda: other.release(handle)) == _problem(lambda: other.release(d_unknown))
+    assert _problem(lambda: other.release(job.handle)) == _problem(lambda: other.release(r_unknown))
     assert _problem(lambda: other.describe(handle)) == (404, "no dataset with this handle")
 
     # the raw answers are byte for byte those of unknown handles
-    headers = {"authorization": f"Bearer {other._session.headers['authorization'][7:]}"}
+    headers = {"authorization": f"Bearer {tokens['other']}"}
     for mine, theirs in ((handle, d_unknown), (job.handle, r_unknown)):
         kind = "data" if mine.startswith("d-") else "results"
         for method in ("GET", "DELETE"):
@@ -677,6 +680,8 @@ def test_openapi_documents_every_route(server: LocalServer, tmp_path: Path) -> N
         for method in getattr(route, "methods", None) or ()
         if method != "HEAD"
     }
+    # the document describes the API, not itself (as FastAPI's does not either)
+    served.discard(("/v1/openapi.json", "get"))
     assert documented == served
     for path, method in documented:
         operation = document["paths"][path][method]
@@ -686,7 +691,8 @@ def test_openapi_documents_every_route(server: LocalServer, tmp_path: Path) -> N
         live = requests.request(
             method, server.url + path.replace("{handle}", unknown("d")), timeout=TIMEOUT
         )
-        assert live.status_code not in (404, 405) or "no such route" not in live.text, path
+        assert live.status_code != 405, (path, method)
+        assert "no such route" not in live.text, (path, method)
 
 
 def test_health_and_readiness(server: LocalServer) -> None:
@@ -709,9 +715,7 @@ def test_identity_is_public(server: LocalServer) -> None:
         assert len(base64.b64decode(entry[key])) == 32
 
 
-def test_microservices_are_listed_with_their_functions(
-    server: LocalServer, client: Client
-) -> None:
+def test_microservices_are_listed_with_their_functions(server: LocalServer, client: Client) -> None:
     assert requests.get(server.url + "/v1/microservices", timeout=TIMEOUT).status_code == 401
     found = {entry["name"]: entry for entry in client.microservices()}
     assert {"data", "map", "smpc", "example"} <= set(found)
@@ -794,7 +798,7 @@ def test_client_exports_exactly_its_public_names() -> None:
         for name, value in vars(fdrtd_client).items()
         if not name.startswith("_")
         and not inspect.ismodule(value)
-        and value is not __future__.annotations
+        and value is not annotations  # the __future__ feature, here as in fdrtd_client
     }
     assert fdrtd_client.__all__ == sorted(fdrtd_client.__all__)
     assert set(fdrtd_client.__all__) == public
