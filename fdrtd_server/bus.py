@@ -11,8 +11,8 @@ bucket            kind           holds
 ``fdrtd_sets``    key-value      dataset descriptions (owner, format, columns)
 ``fdrtd_jobs``    key-value      computation state, progress and small results
 ``fdrtd_results`` object store   results too large for a key-value entry
-``fdrtd_replay``  key-value      peer message ids already seen (15 min TTL)
-``FDRTD_PEER``    stream         verified peer messages, by session
+``FDRTD_PEER``    stream         verified peer messages, by session; its
+                                 15-minute duplicate window refuses replays
 ================  =============  ===========================================
 
 Subjects follow ``fdrtd.<area>.<name>``; they are constants here so that a
@@ -72,7 +72,10 @@ DATA_BUCKET = "fdrtd_data"
 SETS_BUCKET = "fdrtd_sets"
 JOBS_BUCKET = "fdrtd_jobs"
 RESULTS_BUCKET = "fdrtd_results"
-REPLAY_BUCKET = "fdrtd_replay"
+REPLAY_WINDOW = 900.0
+"""Seconds during which a replayed peer message is recognised (3x the envelope's max age)."""
+OBJECT_CACHE_BYTES = 256 * 1024 * 1024
+OBJECT_CACHE_ITEM = 16 * 1024 * 1024
 INLINE_RESULT_LIMIT = 256 * 1024
 SET_CACHE_SIZE = 10_000
 CHUNK_SIZE = 1024 * 1024
@@ -144,7 +147,8 @@ class Bus:
         self.results: ObjectStore
         self.sets: KeyValue
         self.jobs: KeyValue
-        self.replay: KeyValue
+        self._object_cache: OrderedDict[str, bytes] = OrderedDict()
+        self._object_cache_bytes = 0
         self._set_cache: OrderedDict[str, dict[str, Any]] | None = None
 
     @classmethod
@@ -184,7 +188,6 @@ class Bus:
         self.results = await self._obs(RESULTS_BUCKET)
         self.sets = await self._kv(SETS_BUCKET)
         self.jobs = await self._kv(JOBS_BUCKET)
-        self.replay = await self._kv(REPLAY_BUCKET, ttl=900)
         try:
             await self.js.stream_info(PEER_STREAM)
         except NotFoundError:
@@ -193,6 +196,9 @@ class Bus:
                 subjects=[PEER_IN_PREFIX + ".>"],
                 storage=js_api.StorageType.FILE,
                 max_age=3600,
+                # the gateway publishes each message with Nats-Msg-Id = its replay
+                # key, so JetStream itself refuses replays inside this window
+                duplicate_window=REPLAY_WINDOW,
             )
 
     async def close(self) -> None:
@@ -271,9 +277,20 @@ class Bus:
         return total
 
     async def read_object(self, name: str) -> bytes:
-        """Read a whole dataset object."""
+        """Read a whole dataset object (small ones are cached while the set cache is on)."""
+        cached = self._object_cache.get(name)
+        if cached is not None:
+            self._object_cache.move_to_end(name)
+            return cached
         result = await self.data.get(name)
-        return bytes(result.data or b"")
+        data = bytes(result.data or b"")
+        if self._set_cache is not None and len(data) <= OBJECT_CACHE_ITEM:
+            self._object_cache[name] = data
+            self._object_cache_bytes += len(data)
+            while self._object_cache_bytes > OBJECT_CACHE_BYTES:
+                _, dropped = self._object_cache.popitem(last=False)
+                self._object_cache_bytes -= len(dropped)
+        return data
 
     async def delete_object(self, name: str) -> None:
         """Delete a dataset object; missing objects are ignored."""
@@ -281,7 +298,7 @@ class Bus:
             await self.data.delete(name)
 
     async def enable_set_cache(self) -> None:
-        """Cache dataset descriptions in memory, evicted as soon as one changes.
+        """Cache dataset descriptions (and small datasets) in memory, evicted on change.
 
         Descriptions are written once and only ever deleted, so a cache that
         listens to the bucket's own subject (``$KV.fdrtd_sets.<handle>``) for
@@ -291,8 +308,12 @@ class Bus:
         self._set_cache = OrderedDict()
 
         async def evict(msg: Msg) -> None:
+            handle = msg.subject.rsplit(".", 1)[-1]
             if self._set_cache is not None:
-                self._set_cache.pop(msg.subject.rsplit(".", 1)[-1], None)
+                self._set_cache.pop(handle, None)
+            dropped = self._object_cache.pop(handle, None)
+            if dropped is not None:
+                self._object_cache_bytes -= len(dropped)
 
         await self.nc.subscribe(f"$KV.{SETS_BUCKET}.>", cb=evict)
 
@@ -361,34 +382,35 @@ class Bus:
             await self.results.delete(handle)
 
     async def wait_job(self, handle: str, timeout: float) -> JobRecord | None:
-        """Return the job record once finished, or as it is after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        current = await self.get_job(handle)
-        if current is None:
-            return None
-        record, _ = current
-        if record.finished or timeout <= 0:
-            return record
-        watcher = await self.jobs.watch(handle, include_history=False)
+        """Return the job record once finished, or as it is after ``timeout``.
+
+        Listens on the bucket's own subject (``$KV.fdrtd_jobs.<handle>``) with
+        a plain subscription, made before the first read so that no update
+        can slip between the two: far cheaper than a JetStream watcher.
+        """
+        if timeout <= 0:
+            current = await self.get_job(handle)
+            return current[0] if current else None
+        updates = await self.nc.subscribe(f"$KV.{JOBS_BUCKET}.{handle}")
         try:
-            while True:
+            current = await self.get_job(handle)
+            if current is None:
+                return None
+            record = current[0]
+            deadline = time.monotonic() + timeout
+            while not record.finished:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 try:
-                    entry = await watcher.updates(timeout=remaining)  # type: ignore[no-untyped-call]
-                except (TimeoutError, nats.errors.TimeoutError):
+                    msg = await updates.next_msg(timeout=remaining)
+                except nats.errors.TimeoutError:
                     break
-                if entry is None or entry.value is None:
-                    continue
-                record = JobRecord.from_dict(wire.unpackb(entry.value))
-                if record.finished:
-                    return record
-            # a final read: the update may have landed before the watch began
-            latest = await self.get_job(handle)
-            return latest[0] if latest else record
+                if msg.data:
+                    record = JobRecord.from_dict(wire.unpackb(msg.data))
+            return record
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            await updates.unsubscribe()
 
 
 def check_owner(owner: str, principal: str, kind: str) -> None:

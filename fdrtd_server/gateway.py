@@ -7,9 +7,10 @@ the receiver, signed by us, bound to session, sequence number and tag (see
 :mod:`fdrtd_server.envelope`) — and POSTs it to the receiver's ``/v1/peer``.
 
 The receiving gateway opens and verifies the envelope against its federation
-file, refuses replays (the triple sender/session/sequence may be seen once;
-kept in a key-value bucket with a TTL longer than the envelope's maximum
-age), and publishes the payload on ``fdrtd.peer.in.<session>`` in the
+file, refuses replays (the triple sender/session/sequence may be seen once:
+it is the JetStream message id, and the stream's 15-minute duplicate window,
+three times the envelope's maximum age, drops a second copy), and
+publishes the payload on ``fdrtd.peer.in.<session>`` in the
 JetStream stream ``FDRTD_PEER``, where the protocol microservice of that
 session reads it, whenever it subscribes. One HTTP port per server, so a
 reverse proxy with TLS in front of it is all a deployment needs.
@@ -17,20 +18,18 @@ reverse proxy with TLS in front of it is all a deployment needs.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import requests
 from nats.aio.msg import Msg
-from nats.js.errors import KeyWrongLastSequenceError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fdrtd_client import wire
+from fdrtd_server._http import HttpError, PeerHttpClient
 from fdrtd_server.app import State, problem
 from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT
 from fdrtd_server.envelope import PeerMessageRejected, open_envelope, replay_key, seal
@@ -56,8 +55,7 @@ class Gateway:
         self.federation_path = home / FEDERATION_FILE
         self._federation_mtime = -1.0
         self.reload_members()
-        self.http: dict[str, requests.Session] = {}
-        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fdrtd-peer")
+        self.http = PeerHttpClient(timeout=SEND_TIMEOUT)
         self.subscription: Any = None
 
     def reload_members(self) -> None:
@@ -71,24 +69,18 @@ class Gateway:
             self.members = load_federation(self.federation_path)
             self._federation_mtime = mtime
 
-    def _post(self, peer: PeerEntry, body: bytes) -> tuple[int, str]:
-        session = self.http.get(peer.name)
-        if session is None:
-            session = self.http[peer.name] = requests.Session()
-        url = peer.url.rstrip("/") + "/v1/peer"
+    async def _post(self, peer: PeerEntry, body: bytes) -> tuple[int, str]:
         try:
-            response = session.post(
-                url, data=body, headers={"content-type": wire.MSGPACK}, timeout=SEND_TIMEOUT
-            )
-        except requests.RequestException as error:
+            status, answer = await self.http.post(peer.url, "/v1/peer", body, wire.MSGPACK)
+        except (HttpError, TimeoutError) as error:
             return 503, f"cannot reach party '{peer.name}': {type(error).__name__}"
-        if response.status_code >= 300:
+        if status >= 300:
             try:
-                detail = str(response.json().get("detail", ""))
-            except ValueError:
+                detail = str(json.loads(answer).get("detail", ""))
+            except (ValueError, AttributeError):
                 detail = ""
-            return response.status_code, f"party '{peer.name}' refused the message: {detail}"
-        return response.status_code, ""
+            return status, f"party '{peer.name}' refused the message: {detail}"
+        return status, ""
 
     async def handle_outgoing(self, msg: Msg) -> None:
         """Seal one outgoing message and deliver it; answer the protocol."""
@@ -111,8 +103,7 @@ class Gateway:
                     tag=str(request["tag"]),
                     payload=bytes(request["payload"]),
                 )
-                loop = asyncio.get_running_loop()
-                status, detail = await loop.run_in_executor(self.pool, self._post, peer, body)
+                status, detail = await self._post(peer, body)
                 answer = {"status": status, "detail": detail}
         except (KeyError, TypeError, ValueError, wire.WireError) as error:
             answer = {
@@ -140,9 +131,7 @@ async def stop(state: State) -> None:
         return
     with contextlib.suppress(Exception):
         await gateway.subscription.unsubscribe()
-    gateway.pool.shutdown(wait=False, cancel_futures=True)
-    for session in gateway.http.values():
-        session.close()
+    await gateway.http.close()
 
 
 async def receive(request: Request) -> Response:
@@ -165,20 +154,19 @@ async def receive(request: Request) -> Response:
     except PeerMessageRejected as error:
         state.audit.write("peer", "peer-message", "", f"rejected {error.reason}")
         return problem(403, "Peer message rejected", str(error))
-    try:
-        await state.bus.replay.create(replay_key(message), b"1")
-    except KeyWrongLastSequenceError:
-        state.audit.write(message.sender, "peer-message", message.session, "rejected replay")
-        raise Conflict("this peer message was already received (replay)") from None
-    await state.bus.js.publish(
+    ack = await state.bus.js.publish(
         f"{PEER_IN_PREFIX}.{message.session}",
         message.payload,
         headers={
+            "Nats-Msg-Id": replay_key(message),
             "fdrtd-from": message.sender,
             "fdrtd-tag": message.tag,
             "fdrtd-seq": str(message.seq),
         },
     )
+    if ack.duplicate:
+        state.audit.write(message.sender, "peer-message", message.session, "rejected replay")
+        raise Conflict("this peer message was already received (replay)")
     return JSONResponse({"accepted": True}, status_code=202)
 
 

@@ -314,7 +314,8 @@ class _Runner:
             ctx = CallContext(self.bus, self.env, principal, role, session)
             return await self.spec.calls[function](ctx, message["inputs"])
         handle = parse_handle(message.get("result"), "result", "result")
-        record = JobRecord(principal, self.spec.name, function, created=now_iso())
+        # the job starts at once, so it is recorded as running straight away
+        record = JobRecord(principal, self.spec.name, function, "running", created=now_iso())
         await self.bus.put_job(handle, record)
         job = JobContext(self.bus, self.env, principal, role, session, handle, record)
         task = asyncio.create_task(self._run(job, self.spec.jobs[function], message["inputs"]))
@@ -324,8 +325,6 @@ class _Runner:
 
     async def _run(self, ctx: JobContext, function: JobFunction, inputs: dict[str, Any]) -> None:
         assert ctx.record is not None
-        ctx.record.status = "running"
-        await self.bus.put_job(ctx.handle, ctx.record)
         try:
             result = await function(ctx, inputs)
         except asyncio.CancelledError:

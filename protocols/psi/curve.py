@@ -1,69 +1,106 @@
-"""Elliptic-curve primitives for Diffie-Hellman private set intersection (DH-PSI).
+"""Curve25519 primitives for private set intersection and the set-union mix-net.
 
 What this is
     The group operations behind PSI by *commutative encryption*, the idea of
     Meadows (1986, "A more efficient cryptographic matchmaking protocol for use
     in the absence of a continuously available third party", IEEE S&P) and of
     Huberman, Franklin and Hogg (1999, "Enhancing privacy and trust in
-    electronic communities", ACM EC). This module holds only pure functions;
-    the message flow lives with the protocol that uses them.
+    electronic communities", ACM EC), plus the layered sealed boxes of the
+    union's decryption mix-net (Chaum 1981, "Untraceable electronic mail,
+    return addresses, and digital pseudonyms", CACM). This module holds only
+    pure functions; the message flow lives in :mod:`protocols.psi.service`.
 
 The math
-    Let ``G`` be the prime-order subgroup of Edwards25519, of order
-    ``L = 2**252 + 27742317777372353535851937790883648493``, and let
-    ``H: {0,1}* -> G`` be a hash onto the group. Party A draws a secret scalar
-    ``a`` and party B a secret scalar ``b`` from ``[1, L)``. Because scalar
-    multiplication in a cyclic group commutes::
+    Let ``G`` be the prime-order subgroup of Curve25519, of order
+    ``L = 2**252 + 27742317777372353535851937790883648493``, and ``H`` a hash
+    onto ``G``. Each party ``i`` draws a secret scalar ``a_i``. X25519 (RFC
+    7748) computes ``[c(a)]P`` from the u-coordinate of ``P``, where ``c``
+    *clamps* the scalar (clears its three low bits, sets bit 254). Clamping is
+    a fixed function of the scalar, and multiplication by integers commutes::
 
-        (H(x) ^ a) ^ b  ==  H(x) ^ (a * b mod L)  ==  (H(x) ^ b) ^ a
+        X25519(b, X25519(a, u(P)))  ==  u([c(b) * c(a)] P)  ==  X25519(a, X25519(b, u(P)))
 
-    (written multiplicatively; on the curve ``^`` is scalar multiplication). A
-    sends ``{H(x)^a : x in X}``; B sends ``{H(y)^b : y in Y}``; each side raises
-    what it received to its own scalar, and the doubly blinded sets meet exactly
-    where ``x == y``. Every map ``P -> P^a`` with ``a != 0`` is a bijection of
-    ``G``, so distinct items stay distinct (up to collisions of ``H``, which are
-    negligible). Under the decisional Diffie-Hellman assumption in ``G`` with
-    ``H`` modelled as a random oracle, a singly blinded point reveals nothing
-    about its item to anyone who lacks the scalar. This is the semi-honest
-    setting: the protocol does not stop a party from choosing its own set
-    maliciously.
+    so the order in which parties blind does not matter. ``c(a)`` is never a
+    multiple of ``L`` (it is a multiple of 8 below ``2**255 < 8 L`` and ``L``
+    is odd), so ``P -> [c(a)]P`` is a bijection of ``G``: distinct items stay
+    distinct (up to collisions of ``H``, probability about ``n**2 / 2**252``).
+    Under the decisional Diffie-Hellman assumption in ``G``, with ``H`` as
+    below, a blinded point reveals nothing about its item to anyone who lacks
+    the scalar. This is the semi-honest setting.
+
+    A u-coordinate identifies ``P`` and ``-P``. That is harmless: ``H`` is
+    only ever compared after blinding, ``[k](-P) = -[k]P`` keeps the pair
+    together, and a collision ``H(x) = -H(y)`` is as unlikely as
+    ``H(x) = H(y)``.
 
 The hash onto the group
-    ``hash_to_point`` computes ``h = SHA-512(len(domain) || domain || item)``,
-    splits the 64 bytes into two 32-byte halves, maps each with libsodium's
-    Elligator 2 map ``crypto_core_ed25519_from_uniform`` (which also clears the
-    cofactor, so the result lies in ``G``), and adds the two points. This is the
-    shape of the random-oracle construction of RFC 9380 (``hash_to_curve`` =
-    ``map(u0) + map(u1)``). A single Elligator map covers only about half of
-    the group and is therefore *not* a random oracle (RFC 9380, section 10),
-    and the security argument above needs one. The output is not
-    byte-compatible with RFC 9380 test vectors, since the RFC derives the field
-    elements with ``expand_message_xmd``. Prefixing the domain with its length
-    makes ``(domain, item)`` parse uniquely, so two domains never collide.
+    ``H(x) = u(from_uniform(SHA-512(len(domain) || domain || x)[:32]))``:
+    libsodium's ``crypto_core_ed25519_from_uniform`` is the Elligator 2 map
+    followed by cofactor clearing, so its output lies in ``G`` (in Edwards
+    form); the birational map ``u = (1 + y) / (1 - y)`` (RFC 7748, section
+    4.1) gives its Montgomery u-coordinate. The length prefix makes
+    ``(domain, x)`` parse uniquely, so two domains never collide.
 
-Why libsodium
-    Every curve operation is done by libsodium through ``nacl.bindings``:
-    constant-time, audited, and it refuses non-canonical encodings,
-    small-order points and points outside ``G``. Nothing here implements
-    curve arithmetic by hand, and nothing should.
+    *One map, not two.* RFC 9380 builds a random oracle as ``map(u0) +
+    map(u1)``, because one Elligator map reaches only about half of the curve
+    and so is not indifferentiable from a random oracle. We use one map, and
+    argue that it suffices here: ``f = [8] o Elligator2`` is a *weak encoding*
+    in the sense of Brier, Coron, Icart, Madore, Randriam and Tibouchi
+    ("Efficient indifferentiable hashing into ordinary elliptic curves",
+    CRYPTO 2010, section 3): efficiently computable, bounded-to-one (at most 16
+    preimages per point) and samplable (Elligator 2 is invertible, so a
+    preimage of a given point can be drawn with the right distribution by
+    rejection sampling). For such an ``f``, ``f(h(x))`` with ``h`` a random
+    oracle can stand in for a random oracle onto ``G`` in proofs that program
+    the oracle as ``H(x) = [r]B`` for a random known ``r``, which is how
+    the DDH-based simulation proofs of DH-PSI use it. The second map would
+    double the cost of hashing (two ``from_uniform`` plus a point addition with
+    two decompressions: 72 instead of 27 microseconds on the reference
+    machine) for no gain in this protocol.
 
-Wire format
-    A point is its 32-byte compressed Edwards encoding; a scalar is 32 bytes,
-    little-endian, reduced modulo ``L``. Points received from a peer must pass
-    :func:`validate_points` (or go through :func:`blind` / :func:`reblind`,
-    which reject them the same way).
+    The Edwards-to-Montgomery conversion is done here with Montgomery's batch
+    inversion (about 2 microseconds per point) instead of libsodium's
+    ``crypto_sign_ed25519_pk_to_curve25519`` (59 microseconds, because it
+    re-checks subgroup membership that ``from_uniform`` already guarantees);
+    the unit tests check that both agree.
+
+Why libsodium and X25519
+    Every scalar multiplication is libsodium's constant-time X25519 through
+    ``nacl.bindings.crypto_scalarmult`` (39 microseconds on the reference
+    machine, against 115 for ``crypto_scalarmult_ed25519_noclamp``, which
+    decompresses and checks the subgroup on every call). Nothing here
+    implements curve arithmetic by hand; the only field arithmetic in Python is
+    the public birational map and the public on-curve test.
+
+Points received from a peer
+    :func:`validate_points` (and :func:`reblind`, which runs the same check in
+    the worker processes) accepts a 32-byte string only if it is the canonical
+    encoding (``u < p``, top bit clear) of a point on Curve25519 itself (not on
+    its twist; a Legendre symbol), other than the five points of small order.
+    Torsion components are not detected, and need not be: a clamped scalar is
+    a multiple of the cofactor 8, so ``[c(a)](P + T) = [c(a)]P`` wipes them,
+    and X25519 is twist-secure, so no input, valid or not, reveals anything
+    about the scalar (Bernstein, "Curve25519: new Diffie-Hellman speed
+    records", PKC 2006). The checks catch malformed or hostile messages early
+    and keep the equality of byte strings equal to the equality of points.
+
+The mix-net layers
+    :func:`seal_onions` wraps each (padded) item in one libsodium sealed box
+    (``crypto_box_seal``: an ephemeral X25519 key, XSalsa20-Poly1305) per
+    party, the first party's layer outermost; :func:`peel_onions` removes
+    one layer. Every layer adds :data:`ONION_LAYER_BYTES`, and items are padded
+    to one length (:func:`pad_item`) so sizes reveal nothing.
 
 Parallelism
-    One scalar multiplication costs about 150 microseconds, so a set of
-    100,000 items costs seconds of CPU. :func:`hash_and_blind` and
-    :func:`reblind` split lists of at least ``PARALLEL_THRESHOLD`` items into
-    chunks for a ``ProcessPoolExecutor``. The pool is created lazily, reused,
-    and closed by :func:`shutdown_pool`. It uses the ``forkserver`` start
-    method (``spawn`` where that is missing): forking a process that runs an
-    asyncio loop and threads is unsafe, and Python 3.12+ warns about it. These
-    functions block, so an asyncio caller should run them through
-    ``asyncio.to_thread``. The secret scalar is sent to the local worker
-    processes through a pipe and never leaves the machine.
+    :func:`hash_and_blind`, :func:`reblind`, :func:`validate_points`,
+    :func:`seal_onions` and :func:`peel_onions` split lists of at least
+    ``PARALLEL_THRESHOLD`` items into chunks for a ``ProcessPoolExecutor``. The
+    pool is created lazily, reused, and closed by :func:`shutdown_pool`. It
+    uses the ``forkserver`` start method (``spawn`` where that is missing):
+    forking a process that runs an asyncio loop and threads is unsafe. These
+    functions block, so an asyncio caller runs them through
+    ``asyncio.to_thread``. Secret scalars and keys go to the local worker
+    processes through a pipe and never leave the machine.
 """
 
 from __future__ import annotations
@@ -72,35 +109,47 @@ import hashlib
 import math
 import multiprocessing
 import os
+import re
 import secrets
 import struct
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
+from typing import Any
 
+import gmpy2
 from nacl import bindings as _sodium
 from nacl.exceptions import CryptoError
 
 __all__ = [
+    "ONION_LAYER_BYTES",
     "PARALLEL_THRESHOLD",
     "POINT_BYTES",
     "SCALAR_BYTES",
     "blind",
+    "decode_item",
     "default_workers",
     "encode_item",
     "hash_and_blind",
     "hash_to_point",
+    "pad_item",
+    "peel_onions",
     "random_scalar",
     "reblind",
+    "seal_onions",
     "shutdown_pool",
+    "unpad_item",
     "validate_points",
 ]
 
 POINT_BYTES = 32
-"""Length of a compressed Edwards25519 point on the wire."""
+"""Length of a point on the wire: its little-endian Montgomery u-coordinate."""
 
 SCALAR_BYTES = 32
-"""Length of a scalar modulo the group order ``L``."""
+"""Length of an X25519 scalar."""
+
+ONION_LAYER_BYTES = 48
+"""Bytes one sealed-box layer adds: an ephemeral public key and a Poly1305 tag."""
 
 PARALLEL_THRESHOLD = 5000
 """Lists shorter than this are processed in the calling process.
@@ -109,9 +158,25 @@ Below it, the cost of sending chunks to worker processes (and of starting the
 pool the first time) outweighs the gain.
 """
 
+_P = 2**255 - 19
+_A = 486662  # Montgomery coefficient of Curve25519: v^2 = u^3 + A u^2 + u
+_MASK_255 = (1 << 255) - 1
+_P_MPZ = gmpy2.mpz(_P)
+# u-coordinates of the points of small order on Curve25519 and its twist
+# (canonical encodings only; non-canonical ones fail the u < p check).
+_SMALL_ORDER_U = frozenset(
+    {
+        0,
+        1,
+        _P - 1,
+        325606250916557431795983626356110631294008115727848805560023387167927233504,
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,
+    }
+)
 _MAX_DOMAIN_BYTES = 255
 _CHUNKS_PER_WORKER = 4  # several chunks per worker even out uneven progress
-_ZERO_SCALAR = bytes(SCALAR_BYTES)
+_PAD_MARK = b"\x80"  # ISO/IEC 7816-4 padding: 0x80, then zeros
+_INT_TEXT = re.compile(rb"-?(0|[1-9][0-9]*)")
 
 # Type tags for encode_item: one byte in front of the payload, so values of
 # different types never encode alike (1, 1.0, "1" and b"1" are four items).
@@ -129,14 +194,14 @@ def encode_item(value: str | int | float | bytes) -> bytes:
 
     The encoding is a one-byte type tag followed by a payload, so values of
     different types never collide: ``1``, ``1.0``, ``"1"`` and ``b"1"`` are four
-    different items. Both parties must encode with this function for their
-    items to match.
+    different items. All parties must encode with this function for their
+    items to match (the service turns integral floats into ints first).
 
     * ``bytes``: tag ``b`` plus the bytes unchanged.
     * ``str``: tag ``s`` plus UTF-8, exactly as given. There is no Unicode
       normalisation or case folding; the caller normalises if it wants to.
     * ``int``: tag ``i`` plus the decimal ASCII digits (with ``-`` for negative
-      numbers). Any size is allowed.
+      numbers).
     * ``float``: tag ``f`` plus IEEE 754 binary64, big-endian. ``-0.0`` is
       encoded as ``0.0`` because the two compare equal.
 
@@ -173,63 +238,95 @@ def encode_item(value: str | int | float | bytes) -> bytes:
     )
 
 
-def random_scalar() -> bytes:
-    """Draw a secret blinding scalar uniformly from ``[1, L)``.
+def decode_item(encoded: bytes) -> str | int | float | bytes:
+    """Invert :func:`encode_item`, accepting only canonical encodings.
 
-    PyNaCl does not expose ``crypto_core_ed25519_scalar_random``, so this
-    reduces 64 bytes from :mod:`secrets` modulo ``L`` with
-    ``crypto_core_ed25519_scalar_reduce``; the bias is below ``2**-250``.
+    ``encode_item(decode_item(e)) == e`` holds for every accepted ``e``, so a
+    decoded item is never a second spelling of another one.
+
+    Args:
+        encoded: Bytes produced by :func:`encode_item`.
 
     Returns:
-        A 32-byte little-endian scalar, reduced and nonzero.
+        The value.
+
+    Raises:
+        ValueError: If ``encoded`` is not a canonical encoding (unknown tag,
+            invalid UTF-8, malformed integer, wrong float length, NaN or
+            ``-0.0``). The message never echoes the bytes.
     """
-    while True:
-        scalar: bytes = _sodium.crypto_core_ed25519_scalar_reduce(secrets.token_bytes(64))
-        if scalar != _ZERO_SCALAR:  # probability about 2**-252
-            return scalar
+    if not isinstance(encoded, bytes) or not encoded:
+        raise ValueError("an encoded item must be non-empty bytes")
+    tag, payload = encoded[:1], encoded[1:]
+    if tag == _TAG_BYTES:
+        return payload
+    if tag == _TAG_STR:
+        try:
+            return payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("an encoded text item is not valid UTF-8") from None
+    if tag == _TAG_INT:
+        if not _INT_TEXT.fullmatch(payload) or payload == b"-0":
+            raise ValueError("an encoded integer item is not canonical decimal digits")
+        return int(payload)
+    if tag == _TAG_FLOAT:
+        if len(payload) != 8:
+            raise ValueError("an encoded float item must have 8 bytes")
+        value: float = struct.unpack(">d", payload)[0]
+        if math.isnan(value) or payload == struct.pack(">d", -0.0):
+            raise ValueError("an encoded float item must not be NaN or -0.0")
+        return value
+    raise ValueError("an encoded item has an unknown type tag")
+
+
+def random_scalar() -> bytes:
+    """Draw a secret blinding scalar: 32 random bytes, clamped as X25519 does.
+
+    Clamping here, as well as inside X25519, gives each scalar one canonical
+    representation; it keeps 251 random bits.
+
+    Returns:
+        A 32-byte clamped scalar.
+    """
+    scalar = bytearray(secrets.token_bytes(SCALAR_BYTES))
+    scalar[0] &= 248
+    scalar[31] &= 127
+    scalar[31] |= 64
+    return bytes(scalar)
 
 
 def hash_to_point(item: bytes, domain: bytes) -> bytes:
-    """Hash an item onto the prime-order subgroup of Edwards25519.
-
-    Computes ``SHA-512(len(domain) || domain || item)``, maps each 32-byte half
-    with ``crypto_core_ed25519_from_uniform`` (Elligator 2 plus cofactor
-    clearing) and adds the two points, as described in the module docstring.
+    """Hash an item onto the prime-order subgroup: the u-coordinate of ``H(item)``.
 
     Args:
         item: The encoded item, usually from :func:`encode_item`.
         domain: A domain-separation tag of 1 to 255 bytes, for example the
-            protocol name and session id. Both parties must use the same tag.
+            protocol name and session id. All parties must use the same tag.
 
     Returns:
-        The 32-byte compressed encoding of ``H(item)``.
+        The 32-byte u-coordinate of ``H(item)`` (see the module docstring).
 
     Raises:
         ValueError: If ``domain`` is empty or longer than 255 bytes.
     """
     _check_domain(domain)
-    return _hash_to_point(item, _domain_prefix(domain))
+    return _hash_to_points([item], _domain_prefix(domain))[0]
 
 
 def blind(points: Sequence[bytes], scalar: bytes) -> list[bytes]:
-    """Raise each point to the secret scalar, in the calling process.
-
-    Computes ``P ^ scalar`` for each ``P`` with
-    ``crypto_scalarmult_ed25519_noclamp``. Unlike the clamped X25519-style
-    variant, this keeps the scalar as it is, so blinding commutes:
-    ``blind(blind(P, a), b) == blind(blind(P, b), a)``.
+    """Multiply each point by the secret scalar with X25519, in the calling process.
 
     Args:
-        points: Compressed points in the prime-order subgroup.
+        points: u-coordinates of points in the prime-order subgroup.
         scalar: A scalar from :func:`random_scalar`.
 
     Returns:
         The blinded points, in the input order.
 
     Raises:
-        ValueError: If the scalar is not a nonzero reduced 32-byte scalar,
-            or if a point is not a valid curve point (the message gives the
-            index, never the bytes).
+        ValueError: If the scalar is not 32 clamped bytes, or if a point is not
+            valid (see :func:`validate_points`; the message gives the index,
+            never the bytes).
     """
     _check_scalar(scalar)
     return _blind_chunk(list(points), 0, scalar)
@@ -242,12 +339,11 @@ def hash_and_blind(
     *,
     workers: int | None = None,
 ) -> list[bytes]:
-    """Hash each item onto the curve and blind it: ``H(x) ^ scalar``.
+    """Hash each item onto the curve and blind it: ``X25519(scalar, H(x))``.
 
-    This is the first step of each party in DH-PSI. Lists of at least
-    ``PARALLEL_THRESHOLD`` items are processed in chunks by the shared process
-    pool; shorter lists, or ``workers=1``, run in the calling process. The
-    result is the same either way.
+    Lists of at least ``PARALLEL_THRESHOLD`` items are processed in chunks by
+    the shared process pool; shorter lists, or ``workers=1``, run in the
+    calling process. The result is the same either way.
 
     Args:
         items: Encoded items (see :func:`encode_item`).
@@ -281,50 +377,138 @@ def reblind(
     *,
     workers: int | None = None,
 ) -> list[bytes]:
-    """Blind a peer's points with this party's scalar: ``P ^ scalar``.
+    """Validate a peer's points and blind them with this party's scalar.
 
-    This is the second step of DH-PSI, applied to the points received from the
-    other party. It is :func:`blind` with the same parallel strategy as
-    :func:`hash_and_blind`. libsodium rejects every invalid point on the way,
-    so a separate :func:`validate_points` call is not needed first.
+    It is :func:`blind` with the parallel strategy of :func:`hash_and_blind`;
+    every point passes the checks of :func:`validate_points` first.
 
     Args:
-        points: Compressed points received from the peer.
+        points: u-coordinates received from a peer.
         scalar: This party's secret scalar from :func:`random_scalar`.
         workers: Number of worker processes. Defaults to
             :func:`default_workers`.
 
     Returns:
-        The doubly blinded points, in the input order.
+        The blinded points, in the input order.
 
     Raises:
         ValueError: If the scalar is invalid, ``workers < 1``, or a point is
-            not a valid curve point (the message gives the index, never the
-            bytes).
+            not valid (the message gives the index, never the bytes).
     """
     _check_scalar(scalar)
     return _run(_blind_chunk, list(points), (scalar,), workers)
 
 
-def validate_points(points: Sequence[bytes]) -> None:
-    """Check that every point is a valid element of the prime-order subgroup.
+def validate_points(points: Sequence[bytes], *, workers: int | None = None) -> None:
+    """Check that every point is a valid u-coordinate on Curve25519.
 
-    Uses ``crypto_core_ed25519_is_valid_point``, which rejects non-canonical
-    encodings, points of small order (including the identity) and points
-    outside the prime-order subgroup. Call this on points received from a peer
-    before using them in anything other than :func:`reblind` or :func:`blind`
-    (which check them anyway).
+    A point is accepted if it is 32 bytes, the canonical encoding of a field
+    element (``u < 2**255 - 19``), not the u-coordinate of a point of small
+    order, and on the curve rather than its quadratic twist (``u^3 + A u^2 +
+    u`` is a nonzero square). Torsion components are not detected; see the
+    module docstring for why they do no harm.
 
     Args:
-        points: Compressed 32-byte points.
+        points: 32-byte u-coordinates.
+        workers: Number of worker processes for long lists. Defaults to
+            :func:`default_workers`.
 
     Raises:
         ValueError: For the first invalid point; the message names its index
             and never echoes its bytes.
     """
-    for index, point in enumerate(points):
-        if not _is_valid_point(point):
-            raise ValueError(_invalid_point_message(index))
+    _run(_validate_chunk, list(points), (), workers)
+
+
+def pad_item(item: bytes, length: int) -> bytes:
+    """Pad an item to ``length`` bytes: the item, ``0x80``, then zeros (ISO/IEC 7816-4).
+
+    Args:
+        item: The encoded item.
+        length: The padded length; at least ``len(item) + 1``.
+
+    Returns:
+        The padded item.
+
+    Raises:
+        ValueError: If the item does not fit.
+    """
+    if len(item) + 1 > length:
+        raise ValueError(f"an item of {len(item)} bytes does not fit a padded length of {length}")
+    return item + _PAD_MARK + bytes(length - len(item) - 1)
+
+
+def unpad_item(padded: bytes) -> bytes:
+    """Remove the padding added by :func:`pad_item`.
+
+    Args:
+        padded: A padded item.
+
+    Returns:
+        The item.
+
+    Raises:
+        ValueError: If the padding is malformed.
+    """
+    stripped = padded.rstrip(b"\x00")
+    if not stripped.endswith(_PAD_MARK):
+        raise ValueError("a padded item does not end with the 0x80 padding mark")
+    return stripped[:-1]
+
+
+def seal_onions(
+    items: Sequence[bytes],
+    public_keys: Sequence[bytes],
+    *,
+    workers: int | None = None,
+) -> list[bytes]:
+    """Wrap each item in one sealed box per public key, the first key's layer outermost.
+
+    The result for item ``x`` is ``seal(k_0, seal(k_1, ... seal(k_last, x)))``,
+    ``len(x) + ONION_LAYER_BYTES * len(public_keys)`` bytes long, so the owner
+    of ``k_0`` peels first.
+
+    Args:
+        items: Padded items (all of one length, so that onions are alike).
+        public_keys: The X25519 public keys of the mix-net's parties, in order.
+        workers: Number of worker processes. Defaults to :func:`default_workers`.
+
+    Returns:
+        The onions, in the input order.
+
+    Raises:
+        ValueError: If a public key is not a valid point (by index).
+    """
+    keys = list(public_keys)
+    for index, key in enumerate(keys):
+        if not _is_valid_u(key):
+            raise ValueError(f"public key at index {index} is not a valid curve point")
+    return _run(_seal_chunk, list(items), (b"".join(keys),), workers)
+
+
+def peel_onions(
+    onions: Sequence[bytes],
+    private_key: bytes,
+    *,
+    workers: int | None = None,
+) -> list[bytes]:
+    """Remove this party's (outermost) sealed-box layer from each onion.
+
+    Args:
+        onions: Onions whose outermost layer was sealed to ``private_key``.
+        private_key: This party's 32-byte X25519 private key.
+        workers: Number of worker processes. Defaults to :func:`default_workers`.
+
+    Returns:
+        The inner onions (or padded items, for the last party), in input order.
+
+    Raises:
+        ValueError: If the key is not 32 bytes, or an onion does not decrypt
+            (the message gives the index).
+    """
+    if not isinstance(private_key, bytes) or len(private_key) != SCALAR_BYTES:
+        raise ValueError(f"private key must be {SCALAR_BYTES} bytes")
+    return _run(_peel_chunk, list(onions), (private_key,), workers)
 
 
 def default_workers() -> int:
@@ -359,11 +543,8 @@ def shutdown_pool() -> None:
 def _check_scalar(scalar: bytes) -> None:
     if not isinstance(scalar, bytes) or len(scalar) != SCALAR_BYTES:
         raise ValueError(f"scalar must be {SCALAR_BYTES} bytes; draw it with random_scalar()")
-    if scalar == _ZERO_SCALAR:
-        raise ValueError("scalar must be nonzero; draw it with random_scalar()")
-    reduced = _sodium.crypto_core_ed25519_scalar_reduce(scalar + bytes(32))
-    if reduced != scalar:
-        raise ValueError("scalar must be reduced modulo the group order; use random_scalar()")
+    if scalar[0] & 7 or scalar[31] & 128 or not scalar[31] & 64:
+        raise ValueError("scalar must be clamped as X25519 does; draw it with random_scalar()")
 
 
 def _check_domain(domain: bytes) -> None:
@@ -377,54 +558,117 @@ def _domain_prefix(domain: bytes) -> bytes:
     return bytes([len(domain)]) + domain
 
 
-def _hash_to_point(item: bytes, prefix: bytes) -> bytes:
-    digest = hashlib.sha512(prefix + item).digest()
-    p0 = _sodium.crypto_core_ed25519_from_uniform(digest[:32])
-    p1 = _sodium.crypto_core_ed25519_from_uniform(digest[32:])
-    point: bytes = _sodium.crypto_core_ed25519_add(p0, p1)
-    return point
+def _hash_to_points(items: list[bytes], prefix: bytes) -> list[bytes]:
+    from_uniform = _sodium.crypto_core_ed25519_from_uniform
+    sha512 = hashlib.sha512
+    edwards = [from_uniform(sha512(prefix + item).digest()[:32]) for item in items]
+    return _edwards_to_montgomery(edwards)
 
 
-def _is_valid_point(point: object) -> bool:
-    return (
-        isinstance(point, bytes)
-        and len(point) == POINT_BYTES
-        and bool(_sodium.crypto_core_ed25519_is_valid_point(point))
-    )
+def _edwards_to_montgomery(points: list[bytes]) -> list[bytes]:
+    """u = (1 + y) / (1 - y) mod p for each compressed Edwards point (RFC 7748, 4.1).
+
+    Montgomery's trick: one modular inversion for the whole list, three
+    multiplications per point. The sign bit of x is dropped (u is the same
+    for P and -P).
+    """
+    ys = [int.from_bytes(point, "little") & _MASK_255 for point in points]
+    denominators = [(1 - y) % _P for y in ys]
+    prefix = [1] * len(ys)
+    accumulated = 1
+    for index, denominator in enumerate(denominators):
+        prefix[index] = accumulated
+        accumulated = accumulated * denominator % _P
+    if accumulated == 0:
+        # Only the neutral element has y = 1; from_uniform returns it with
+        # probability about 2**-250.
+        raise ValueError("an item hashed to the neutral element; use another domain")
+    inverse = pow(accumulated, -1, _P)
+    out = [b""] * len(ys)
+    for index in range(len(ys) - 1, -1, -1):
+        u = (1 + ys[index]) * inverse % _P * prefix[index] % _P
+        out[index] = u.to_bytes(POINT_BYTES, "little")
+        inverse = inverse * denominators[index] % _P
+    return out
+
+
+def _is_valid_u(point: object) -> bool:
+    if not isinstance(point, bytes) or len(point) != POINT_BYTES:
+        return False
+    u = int.from_bytes(point, "little")
+    if u >= _P or u in _SMALL_ORDER_U:
+        return False
+    # On the curve (not the twist) iff u^3 + A u^2 + u is a square; nonzero here.
+    rhs = gmpy2.mpz(u * ((u + _A) * u + 1) % _P)
+    return bool(gmpy2.legendre(rhs, _P_MPZ) == 1)
 
 
 def _invalid_point_message(index: int) -> str:
     return (
         f"point at index {index} is not a valid curve point "
-        f"(expected a {POINT_BYTES}-byte encoding of an element of the prime-order subgroup)"
+        f"(expected the {POINT_BYTES}-byte canonical u-coordinate of a point on Curve25519)"
     )
+
+
+# Chunk functions: top-level so that worker processes can unpickle them by
+# name; `offset` is the chunk's position in the full list, so errors name the
+# global index.
 
 
 def _hash_and_blind_chunk(
     items: list[bytes], offset: int, scalar: bytes, domain: bytes
 ) -> list[bytes]:
-    # Top-level so that worker processes can unpickle it by name. `offset` is
-    # unused; it keeps the signature the same as _blind_chunk's for _run.
-    del offset
-    prefix = _domain_prefix(domain)
-    mult = _sodium.crypto_scalarmult_ed25519_noclamp
-    return [mult(scalar, _hash_to_point(item, prefix)) for item in items]
+    del offset  # hashing cannot fail on bytes input
+    mult = _sodium.crypto_scalarmult
+    return [mult(scalar, u) for u in _hash_to_points(items, _domain_prefix(domain))]
 
 
 def _blind_chunk(points: list[bytes], offset: int, scalar: bytes) -> list[bytes]:
-    # Top-level so that worker processes can unpickle it by name. `offset` is
-    # the chunk's position in the full list, so errors name the global index.
-    mult = _sodium.crypto_scalarmult_ed25519_noclamp
+    mult = _sodium.crypto_scalarmult
     out: list[bytes] = []
     for index, point in enumerate(points):
-        if not isinstance(point, bytes) or len(point) != POINT_BYTES:
+        if not _is_valid_u(point):
             raise ValueError(_invalid_point_message(offset + index))
         try:
-            # libsodium refuses non-canonical, small-order and off-subgroup
-            # points here; the scalar was checked, so any failure is the point.
             out.append(mult(scalar, point))
-        except CryptoError:
+        except (CryptoError, RuntimeError):  # an all-zero result: cannot happen after the check
             raise ValueError(_invalid_point_message(offset + index)) from None
+    return out
+
+
+def _validate_chunk(points: list[bytes], offset: int) -> list[bytes]:
+    for index, point in enumerate(points):
+        if not _is_valid_u(point):
+            raise ValueError(_invalid_point_message(offset + index))
+    return []
+
+
+def _seal_chunk(items: list[bytes], offset: int, keys: bytes) -> list[bytes]:
+    del offset  # sealing cannot fail on valid keys
+    seal = _sodium.crypto_box_seal
+    layers = [keys[k : k + POINT_BYTES] for k in range(len(keys) - POINT_BYTES, -1, -POINT_BYTES)]
+    out: list[bytes] = []
+    for item in items:
+        onion = item
+        for key in layers:  # innermost (last party's) layer first
+            onion = seal(onion, key)
+        out.append(onion)
+    return out
+
+
+def _peel_chunk(onions: list[bytes], offset: int, private_key: bytes) -> list[bytes]:
+    public_key = _sodium.crypto_scalarmult_base(private_key)
+    open_ = _sodium.crypto_box_seal_open
+    out: list[bytes] = []
+    for index, onion in enumerate(onions):
+        try:
+            if not isinstance(onion, bytes) or len(onion) < ONION_LAYER_BYTES:
+                raise CryptoError
+            out.append(open_(onion, public_key, private_key))
+        except (CryptoError, TypeError):
+            raise ValueError(
+                f"onion at index {offset + index} does not decrypt with this party's key"
+            ) from None
     return out
 
 
@@ -445,7 +689,7 @@ def _get_pool(workers: int) -> ProcessPoolExecutor:
 def _run(
     func: Callable[..., list[bytes]],  # a chunk function: (data, offset, *args)
     data: list[bytes],
-    args: tuple[bytes, ...],
+    args: tuple[Any, ...],
     workers: int | None,
 ) -> list[bytes]:
     if workers is None:

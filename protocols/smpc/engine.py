@@ -38,6 +38,7 @@ Secure maximum (8 rounds of secure OR)
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -87,8 +88,10 @@ class SmpcSession:
         """
         self._give = {party: ring.random_seed() for party in self.peers.others}
         mine = public or {}
-        for party in self.peers.others:
-            await self.peers.send(party, Stage.SEEDS, {"seed": self._give[party], "public": mine})
+        async with asyncio.TaskGroup() as group:
+            for party in self.peers.others:
+                message = {"seed": self._give[party], "public": mine}
+                group.create_task(self.peers.send(party, Stage.SEEDS, message))
         received = await self.peers.gather(Stage.SEEDS)
         for party, message in received.items():
             seed = message.get("seed") if isinstance(message, dict) else None

@@ -1,1 +1,847 @@
-"""SMPC protocols: regression (being written)."""
+"""SMPC regression: horizontal linear and logistic, vertical OLS, secure matrix product.
+
+Four functions of the ``smpc`` microservice; the threat model and the round
+counts of each are in ``docs/protocols.md``.
+
+``linear_regression`` (horizontal: every party holds whole records)
+    Each party computes its local ``X'X``, ``X'y``, ``y'y`` and count; the
+    parties add them with one secure sum in the 256-bit ring
+    (:meth:`~protocols.smpc.engine.SmpcSession.sum_big`, exact to float
+    precision) and solve the normal equations. Revealed: these totals.
+
+``logistic_regression`` (horizontal)
+    Newton-Raphson at a public current ``beta``: each iteration adds the
+    parties' local gradients ``X'(y - p)``, Hessians ``X'WX`` and
+    log-likelihoods securely. Revealed: those totals at every iterate.
+
+``linear_regression_vertical`` (every party holds some columns of shared records)
+    The parties join their records on an ``id`` column by HMAC-SHA256 under
+    a key that the first data party sends to the others through the
+    encrypted peer channel: each data party sends its sorted tag list to the
+    other data parties, and the rows whose tag every data party holds, in
+    tag order, form the joint design. A data party learns the size of each
+    other party's id set, which of its own ids are in the intersection, and
+    -- since every data party knows the key -- whether any id it can guess is
+    in another party's list; use ids with enough entropy, or the PSI
+    protocols for a stronger join. The intercept column (when asked for)
+    and ``y`` belong to the target holder's block. Diagonal blocks of the
+    Gram matrix are local; each cross block ``Z_i' Z_j`` is a secure matrix
+    product (:mod:`protocols.smpc.matmul`: a Beaver matrix triple from a
+    third party with three or more parties, Paillier with two). The whole
+    Gram matrix (``X'X``, ``X'y``, ``y'y``, ``n``) is then revealed to all
+    parties, as in the reference system, and the model is solved from it.
+    A party without ``data`` takes part as a helper (dealer) only.
+
+``matrix_product``
+    ``A @ B`` for ``A`` at party ``left`` and ``B`` at party ``right``, by the
+    same secure product; the result is revealed to every party.
+
+Standard errors (both OLS functions) come from the aggregates alone:
+``RSS = y'y - 2 b'X'y + b'X'X b``, ``sigma^2 = RSS / (n - p)``,
+``SE = sqrt(diag(sigma^2 (X'X)^-1))``. ``r_squared`` is centred with an
+intercept and uncentred (``1 - RSS / y'y``) without one, as statsmodels does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import math
+import secrets
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from phe import paillier
+
+from fdrtd_server.errors import BadRequest, ComputationFailed
+from fdrtd_server.microservice import Dataset, JobContext
+from fdrtd_server.peers import PeerSession
+from protocols.smpc import matmul, ring
+from protocols.smpc._registry import service
+from protocols.smpc.engine import SmpcSession
+from protocols.smpc.service import agree, numeric, session_for
+
+__all__ = ["ols_from_gram"]
+
+F64 = npt.NDArray[np.float64]
+BLOB_BYTES = 1 << 20
+"""Bytes of packed integers per peer message (the bus carries up to 8 MiB)."""
+MAX_PIECES = 1 << 16
+CONDITION_LIMIT = 1e12
+"""Largest condition number of the scaled ``X'X`` before it counts as singular."""
+INTERCEPT = "intercept"
+_TAG_BYTES = 32
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def _names(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(f"'{what}' must be a list of column names")
+    if len(set(value)) != len(value):
+        raise BadRequest(f"'{what}' names a column twice")
+    return list(value)
+
+
+def _flag(inputs: dict[str, Any], key: str, default: bool) -> bool:
+    value = inputs.get(key, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{key}' must be true or false")
+    return value
+
+
+def _integer(inputs: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = inputs.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadRequest(f"'{key}' must be an integer from {low} to {high}")
+    return value
+
+
+def _columns(dataset: Dataset, names: list[str], what: str) -> F64:
+    """The named 1-D numeric columns as a ``rows x len(names)`` matrix."""
+    columns = []
+    for name in names:
+        values = numeric(dataset.column(name), f"column in '{what}'")
+        if values.ndim != 1:
+            raise BadRequest(f"every column in '{what}' must hold single numbers")
+        columns.append(values)
+    return np.column_stack(columns) if columns else np.zeros((dataset.rows, 0))
+
+
+def _horizontal_data(dataset: Dataset, inputs: dict[str, Any]) -> tuple[F64, F64, list[str]]:
+    """Design matrix (intercept first) and target over the rows with finite values."""
+    features = _names(inputs.get("x"), "x")
+    target = inputs.get("y")
+    if not isinstance(target, str):
+        raise BadRequest("'y' must name the target column")
+    x = _columns(dataset, features, "x")
+    y = _columns(dataset, [target], "y")[:, 0]
+    keep = np.isfinite(x).all(axis=1) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    names = list(features)
+    if _flag(inputs, "intercept", True):
+        x = np.column_stack([np.ones(x.shape[0]), x])
+        names = [INTERCEPT, *names]
+    if not names:
+        raise BadRequest("give feature columns in 'x' or set 'intercept'")
+    return x, y, names
+
+
+def _first_party_names(smpc: SmpcSession, count: int) -> list[str]:
+    """Coefficient names: the first party's (column names need not agree)."""
+    names = smpc.public[smpc.peers.parties[0]].get("names")
+    if (
+        not isinstance(names, list)
+        or len(names) != count
+        or not all(isinstance(n, str) for n in names)
+    ):
+        raise ComputationFailed("the first party sent malformed coefficient names")
+    return names
+
+
+# -- linear algebra ---------------------------------------------------------------------------
+
+
+def _triu(matrix: F64) -> list[float]:
+    return [float(v) for v in matrix[np.triu_indices(matrix.shape[0])]]
+
+
+def _from_triu(values: list[float], size: int) -> F64:
+    matrix = np.zeros((size, size))
+    matrix[np.triu_indices(size)] = values
+    return matrix + np.triu(matrix, 1).T
+
+
+def _check_full_rank(matrix: F64) -> None:
+    scale = np.sqrt(np.diag(matrix))
+    if not np.all(np.isfinite(matrix)) or np.any(scale <= 0):
+        raise ComputationFailed(
+            "a feature column is zero on every record; drop it (or the intercept)"
+        )
+    condition = float(np.linalg.cond(matrix / np.outer(scale, scale)))
+    if not math.isfinite(condition) or condition > CONDITION_LIMIT:
+        raise ComputationFailed(
+            "the feature columns are linearly dependent (collinear, or constant besides "
+            "the intercept); drop the redundant ones"
+        )
+
+
+def ols_from_gram(
+    xtx: F64, xty: F64, yty: float, n: int, names: list[str], *, intercept: bool
+) -> dict[str, Any]:
+    """Least squares, standard errors and R^2 from the aggregated Gram matrix.
+
+    Args:
+        xtx: ``X'X`` (``p x p``).
+        xty: ``X'y`` (``p``).
+        yty: ``y'y``.
+        n: Number of records.
+        names: Coefficient names, in the columns' order.
+        intercept: Whether the first column is the intercept (for the centred R^2).
+
+    Returns:
+        ``coefficients``, ``standard_errors``, ``t_values`` (by name),
+        ``r_squared``, ``adjusted_r_squared``, ``residual_sum_of_squares``,
+        ``samples`` and ``degrees_of_freedom``.
+
+    Raises:
+        ComputationFailed: If there are no more records than coefficients or
+            the columns are linearly dependent.
+    """
+    p = len(names)
+    dof = n - p
+    if dof <= 0:
+        raise ComputationFailed("linear regression needs more records than coefficients")
+    _check_full_rank(xtx)
+    try:
+        beta = np.linalg.solve(xtx, xty)
+        inverse = np.linalg.inv(xtx)
+    except np.linalg.LinAlgError:
+        raise ComputationFailed("X'X is singular; drop linearly dependent columns") from None
+    rss = max(float(yty - 2.0 * beta @ xty + beta @ xtx @ beta), 0.0)
+    sigma2 = rss / dof
+    errors = np.sqrt(np.maximum(np.diag(inverse), 0.0) * sigma2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_values = np.where(errors > 0, beta / errors, math.nan)
+    total = float(yty - xty[0] ** 2 / n) if intercept else float(yty)
+    r2 = 1.0 - rss / total if total > 0 else math.nan
+    adjusted = 1.0 - (1.0 - r2) * (n - int(intercept)) / dof
+    return {
+        "coefficients": dict(zip(names, map(float, beta), strict=True)),
+        "standard_errors": dict(zip(names, map(float, errors), strict=True)),
+        "t_values": dict(zip(names, map(float, t_values), strict=True)),
+        "r_squared": r2,
+        "adjusted_r_squared": adjusted,
+        "residual_sum_of_squares": rss,
+        "samples": n,
+        "degrees_of_freedom": dof,
+    }
+
+
+async def _sum_big(smpc: SmpcSession, values: list[float]) -> list[float]:
+    """Secure sum of local aggregates; a range error becomes a readable failure."""
+    try:
+        return await smpc.sum_big(values)
+    except ring.FixedPointOverflow as error:
+        raise ComputationFailed(f"the local aggregates are too large: {error}") from None
+    except ValueError:
+        raise ComputationFailed(
+            "the local aggregates overflowed to infinity; scale the data down"
+        ) from None
+
+
+# -- horizontal -------------------------------------------------------------------------------
+
+
+@service.job("linear_regression")
+async def linear_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Ordinary least squares over the records of all parties (horizontal partition).
+
+    Inputs: ``data``; ``x`` (feature column names) and ``y`` (target column);
+    ``intercept`` (default true, must agree). Coefficients are named after the
+    first party's columns. Records with a missing value are left out.
+    """
+    async with session_for(ctx) as peers:
+        dataset = await ctx.load_dataset(inputs.get("data"))
+        x, y, names = _horizontal_data(dataset, inputs)
+        intercept = names[0] == INTERCEPT
+        p = len(names)
+        smpc = SmpcSession(peers)
+        await smpc.setup(
+            {"function": "linear_regression", "intercept": intercept, "features": p, "names": names}
+        )
+        for key in ("function", "intercept", "features"):
+            agree(smpc, key)
+        names = _first_party_names(smpc, p)
+        local = [float(x.shape[0]), float(y @ y), *map(float, x.T @ y), *_triu(x.T @ x)]
+        sums = await _sum_big(smpc, local)
+    n = round(sums[0])
+    ctx.check_cohort(n)
+    xty = np.array(sums[2 : 2 + p])
+    xtx = _from_triu(sums[2 + p :], p)
+    return ols_from_gram(xtx, xty, sums[1], n, names, intercept=intercept)
+
+
+def _logistic_local(x: F64, y: F64, beta: F64) -> list[float]:
+    """Local gradient, Hessian (upper triangle) and log-likelihood at ``beta``."""
+    eta = x @ beta
+    prob = np.exp(-np.logaddexp(0.0, -eta))  # the logistic function without overflow
+    weights = prob * (1.0 - prob)
+    loglik = float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+    return [*map(float, x.T @ (y - prob)), *_triu((x * weights[:, None]).T @ x), loglik]
+
+
+@service.job("logistic_regression")
+async def logistic_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Logistic regression by Newton-Raphson over all parties' records (horizontal).
+
+    Inputs: ``data``; ``x``, ``y`` (0/1); ``intercept`` (default true),
+    ``max_iterations`` (default 25), ``tolerance`` (default 1e-8; stop when no
+    coefficient moves by more); all but the column names must agree.
+
+    Returns ``coefficients``, ``standard_errors`` and ``z_values`` (from the
+    Hessian at the final coefficients), ``log_likelihood``, ``iterations``
+    (Newton steps taken), ``converged`` and ``samples``.
+    """
+    max_iterations = _integer(inputs, "max_iterations", 25, 1, 200)
+    tolerance = inputs.get("tolerance", 1e-8)
+    if not isinstance(tolerance, int | float) or not 0 < tolerance < 1:
+        raise BadRequest("'tolerance' must be a number between 0 and 1")
+    async with session_for(ctx) as peers:
+        dataset = await ctx.load_dataset(inputs.get("data"))
+        x, y, names = _horizontal_data(dataset, inputs)
+        if not np.all((y == 0) | (y == 1)):
+            raise BadRequest("the target column of a logistic regression must hold 0 or 1")
+        p = len(names)
+        smpc = SmpcSession(peers)
+        await smpc.setup(
+            {
+                "function": "logistic_regression",
+                "intercept": names[0] == INTERCEPT,
+                "features": p,
+                "names": names,
+                "max_iterations": max_iterations,
+                "tolerance": float(tolerance),
+            }
+        )
+        for key in ("function", "intercept", "features", "max_iterations", "tolerance"):
+            agree(smpc, key)
+        names = _first_party_names(smpc, p)
+        n = round((await _sum_big(smpc, [float(x.shape[0])]))[0])
+        ctx.check_cohort(n)
+        beta = np.zeros(p)
+        iterations, converged = 0, False
+        while True:
+            sums = await _sum_big(smpc, _logistic_local(x, y, beta))
+            gradient, hessian = np.array(sums[:p]), _from_triu(sums[p:-1], p)
+            if iterations == 0:
+                _check_full_rank(hessian)
+            if converged or iterations == max_iterations:
+                break
+            try:
+                step = np.linalg.solve(hessian, gradient)
+            except np.linalg.LinAlgError:
+                break
+            if not np.all(np.isfinite(step)):
+                break
+            beta = beta + step
+            iterations += 1
+            converged = float(np.max(np.abs(step))) < tolerance
+            await ctx.progress(iterations / (max_iterations + 1))
+    try:
+        errors = np.sqrt(np.maximum(np.diag(np.linalg.inv(hessian)), 0.0))
+    except np.linalg.LinAlgError:
+        errors = np.full(p, math.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z_values = np.where(errors > 0, beta / errors, math.nan)
+    return {
+        "coefficients": dict(zip(names, map(float, beta), strict=True)),
+        "standard_errors": dict(zip(names, map(float, errors), strict=True)),
+        "z_values": dict(zip(names, map(float, z_values), strict=True)),
+        "log_likelihood": sums[-1],
+        "iterations": iterations,
+        "converged": converged,
+        "samples": n,
+    }
+
+
+# -- message helpers ----------------------------------------------------------------------------
+
+
+async def _send_blob(
+    peers: PeerSession,
+    to: list[str],
+    tag: str,
+    blob: bytes,
+    header: dict[str, Any] | None = None,
+) -> None:
+    """Send ``blob`` in pieces of at most :data:`BLOB_BYTES`; the first carries ``header``."""
+    pieces = max(1, -(-len(blob) // BLOB_BYTES))
+    for k in range(pieces):
+        message: dict[str, Any] = {"data": blob[k * BLOB_BYTES : (k + 1) * BLOB_BYTES]}
+        if k == 0:
+            message.update(header or {}, pieces=pieces)
+        await peers.broadcast(f"{tag}.{k}", message, to=to)
+
+
+async def _recv_blob(peers: PeerSession, sender: str, tag: str) -> tuple[dict[str, Any], bytes]:
+    """Receive what :func:`_send_blob` sent: ``(header, blob)``."""
+    first = await peers.recv(sender, f"{tag}.0")
+    pieces = first.get("pieces") if isinstance(first, dict) else None
+    if not isinstance(pieces, int) or not 1 <= pieces <= MAX_PIECES:
+        raise ComputationFailed(f"party '{sender}' sent a malformed message")
+    parts = [first.get("data")]
+    for k in range(1, pieces):
+        message = await peers.recv(sender, f"{tag}.{k}")
+        parts.append(message.get("data") if isinstance(message, dict) else None)
+    if not all(isinstance(part, bytes) for part in parts):
+        raise ComputationFailed(f"party '{sender}' sent a malformed message")
+    return first, b"".join(parts)
+
+
+def _int_from(header: dict[str, Any], key: str, sender: str) -> int:
+    value = header.get(key)
+    if not isinstance(value, bytes) or not value:
+        raise ComputationFailed(f"party '{sender}' sent a malformed message")
+    return int.from_bytes(value, "little")
+
+
+def _int_bytes(value: int) -> bytes:
+    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "little")
+
+
+def _unpack(blob: bytes, width: int, shape: tuple[int, ...], sender: str) -> matmul.ObjArray:
+    try:
+        values = matmul.ints_from_bytes(blob, width, math.prod(shape))
+    except ValueError:
+        raise ComputationFailed(f"party '{sender}' sent a matrix of the wrong size") from None
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out.reshape(shape)
+
+
+def _seed(message: Any, sender: str) -> bytes:
+    seed = message.get("seed") if isinstance(message, dict) else None
+    if not isinstance(seed, bytes) or len(seed) != ring.SEED_BYTES:
+        raise ComputationFailed(f"party '{sender}' sent a malformed seed")
+    return seed
+
+
+# -- secure matrix product ------------------------------------------------------------------
+
+
+def _encode(operand: F64 | None, frac_bits: int, inner: int) -> matmul.ObjArray:
+    if operand is None:
+        raise ComputationFailed("a party of a matrix product has no matrix")
+    try:
+        return matmul.encode_operand(operand, frac_bits=frac_bits, inner=inner)
+    except ring.FixedPointOverflow as error:
+        raise ComputationFailed(str(error)) from None
+
+
+Share = tuple[matmul.ObjArray, int]
+
+
+async def secure_product(
+    peers: PeerSession,
+    name: str,
+    left: str,
+    right: str,
+    operand: F64 | None,
+    dims: tuple[int, int, int],
+    frac_bits: int,
+    paillier_bits: int,
+) -> Share | None:
+    """One party's side of the secure product ``A @ B`` (``A`` at ``left``, ``B`` at ``right``).
+
+    Every party of the session calls it with the same public ``name``,
+    ``dims = (m, k, n)`` and options; ``operand`` is ``A`` at ``left``, ``B`` at
+    ``right`` and None elsewhere. With three or more parties the first other
+    party deals a Beaver matrix triple; with two, Paillier is used.
+
+    Returns:
+        ``(share, modulus)`` at ``left`` and ``right`` (the shares add up to
+        the product with ``2 * frac_bits`` fractional bits), None elsewhere.
+
+    Raises:
+        ComputationFailed: If an operand is out of the fixed-point range or a
+            party sends something malformed.
+    """
+    m, k, n = dims
+    me, tag = peers.me, f"mm.{name}"
+    if len(peers.parties) >= 3:
+        dealer = next(p for p in peers.parties if p not in (left, right))
+        label = f"{peers.id}|matmul|{name}".encode()
+        if me == dealer:
+            seed_left, seed_right = ring.random_seed(), ring.random_seed()
+            w_right = await asyncio.to_thread(
+                matmul.dealer_share, seed_left, seed_right, label, m, k, n
+            )
+            await peers.send(left, f"{tag}.seed", {"seed": seed_left})
+            await peers.send(right, f"{tag}.seed", {"seed": seed_right})
+            await _send_blob(peers, [right], f"{tag}.w", matmul.ints_to_bytes(w_right, 32))
+            return None
+        if me == left:
+            a = _encode(operand, frac_bits, k)
+            seed = _seed(await peers.recv(dealer, f"{tag}.seed"), dealer)
+            u, w_left = await asyncio.to_thread(matmul.left_masks, seed, label, m, k, n)
+            e = matmul.masked(a, u)
+            await _send_blob(peers, [right], f"{tag}.e", matmul.ints_to_bytes(e, 32))
+            _, blob = await _recv_blob(peers, right, f"{tag}.f")
+            f = _unpack(blob, 32, (k, n), right)
+            return await asyncio.to_thread(matmul.left_share, a, f, w_left), matmul.MODULUS
+        if me == right:
+            b = _encode(operand, frac_bits, k)
+            seed = _seed(await peers.recv(dealer, f"{tag}.seed"), dealer)
+            v = await asyncio.to_thread(matmul.right_mask, seed, label, k, n)
+            f = matmul.masked(b, v)
+            await _send_blob(peers, [left], f"{tag}.f", matmul.ints_to_bytes(f, 32))
+            _, blob = await _recv_blob(peers, dealer, f"{tag}.w")
+            w_right = _unpack(blob, 32, (m, n), dealer)
+            _, blob = await _recv_blob(peers, left, f"{tag}.e")
+            e = _unpack(blob, 32, (m, k), left)
+            return await asyncio.to_thread(matmul.right_share, e, v, w_right), matmul.MODULUS
+        return None
+    return await _paillier_product(peers, tag, left, right, operand, dims, frac_bits, paillier_bits)
+
+
+async def _paillier_product(
+    peers: PeerSession,
+    tag: str,
+    left: str,
+    right: str,
+    operand: F64 | None,
+    dims: tuple[int, int, int],
+    frac_bits: int,
+    paillier_bits: int,
+) -> Share | None:
+    m, k, n = dims
+    me = peers.me
+    if me not in (left, right):
+        return None
+    # encrypt the smaller operand: A (m x k) at left, or B' (n x k) at right
+    left_encrypts = m * k <= k * n
+    encryptor, evaluator = (left, right) if left_encrypts else (right, left)
+    own = _encode(operand, frac_bits, k)
+    if me == encryptor:
+        key = await asyncio.to_thread(matmul.PaillierKey, paillier_bits)
+        plain = own if left_encrypts else own.T
+        cipher = await asyncio.to_thread(key.encrypt, plain)
+        width = matmul.width_for(key.nsquare)
+        await _send_blob(
+            peers,
+            [evaluator],
+            f"{tag}.c",
+            matmul.ints_to_bytes(cipher, width),
+            {"n": _int_bytes(key.n)},
+        )
+        _, blob = await _recv_blob(peers, evaluator, f"{tag}.r")
+        masked = _unpack(blob, width, (m, n), evaluator)
+        if any(int(c) >= key.nsquare for c in masked.reshape(-1)):
+            raise ComputationFailed(f"party '{evaluator}' sent a malformed ciphertext")
+        return await asyncio.to_thread(key.decrypt, masked), key.n
+    header, blob = await _recv_blob(peers, encryptor, f"{tag}.c")
+    modulus = _int_from(header, "n", encryptor)
+    if modulus.bit_length() < max(1024, paillier_bits - 8) or modulus % 2 == 0:
+        raise ComputationFailed(f"party '{encryptor}' sent a Paillier key of the wrong size")
+    width = matmul.width_for(modulus * modulus)
+    cipher = _unpack(blob, width, (m if left_encrypts else n, k), encryptor)
+    plain = own if left_encrypts else own.T
+    product = await asyncio.to_thread(matmul.encrypted_matmul, modulus, cipher, plain)
+    if not left_encrypts:
+        product = product.T
+    public = paillier.PaillierPublicKey(modulus)
+    masked, share = await asyncio.to_thread(matmul.mask_ciphertexts, public, product)
+    await _send_blob(peers, [encryptor], f"{tag}.r", matmul.ints_to_bytes(masked, width))
+    return share, modulus
+
+
+async def reveal_product(
+    peers: PeerSession,
+    name: str,
+    holders: tuple[str, str],
+    share: Share | None,
+    shape: tuple[int, int],
+    frac_bits: int,
+) -> F64:
+    """Open a shared product to every party: both holders broadcast their shares."""
+    tag = f"open.{name}"
+    if share is not None:
+        values, modulus = share
+        await _send_blob(
+            peers,
+            peers.others,
+            tag,
+            matmul.ints_to_bytes(values, matmul.width_for(modulus)),
+            {"modulus": _int_bytes(modulus)},
+        )
+    parts: list[Share] = []
+    for holder in holders:
+        if holder == peers.me and share is not None:
+            parts.append(share)
+            continue
+        header, blob = await _recv_blob(peers, holder, tag)
+        modulus = _int_from(header, "modulus", holder)
+        parts.append((_unpack(blob, matmul.width_for(modulus), shape, holder), modulus))
+    if parts[0][1] != parts[1][1]:
+        raise ComputationFailed("the two holders of a product used different moduli")
+    modulus = parts[0][1]
+    total = np.asarray((parts[0][0] + parts[1][0]) % modulus, dtype=object)
+    return matmul.decode_product(total, modulus, frac_bits)
+
+
+def _product_options(inputs: dict[str, Any]) -> tuple[int, int]:
+    frac_bits = _integer(inputs, "frac_bits", matmul.DEFAULT_FRAC_BITS, 0, matmul.MAX_FRAC_BITS)
+    paillier_bits = _integer(inputs, "paillier_bits", 2048, 1024, 4096)
+    return frac_bits, paillier_bits
+
+
+@service.job("matrix_product")
+async def matrix_product(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The product ``A @ B`` of a matrix at party ``left`` and one at party ``right``.
+
+    Inputs: ``left`` and ``right`` (party names, common); ``data`` and
+    ``column`` (a 2-D numeric column) at those two parties; ``frac_bits``
+    (default 40) and ``paillier_bits`` (default 2048, two parties only),
+    common. Other parties give no data (one of them deals the triple).
+    Revealed to everyone: both shapes and the product.
+    """
+    frac_bits, paillier_bits = _product_options(inputs)
+    left, right = inputs.get("left"), inputs.get("right")
+    async with session_for(ctx) as peers:
+        if not isinstance(left, str) or not isinstance(right, str) or left == right:
+            raise BadRequest("'left' and 'right' must name two different parties")
+        if left not in peers.parties or right not in peers.parties:
+            raise BadRequest("'left' and 'right' must be parties of the session")
+        matrix: F64 | None = None
+        if peers.me in (left, right):
+            dataset = await ctx.load_dataset(inputs.get("data"))
+            matrix = numeric(dataset.column(inputs.get("column")), "matrix")
+            if matrix.ndim != 2 or matrix.size == 0:
+                raise BadRequest("the matrix must be a non-empty 2-D column")
+            if not np.all(np.isfinite(matrix)):
+                raise BadRequest("the matrix must not hold NaN or infinity")
+        smpc = SmpcSession(peers)
+        await smpc.setup(
+            {
+                "function": "matrix_product",
+                "left": left,
+                "right": right,
+                "frac_bits": frac_bits,
+                "paillier_bits": paillier_bits,
+                "shape": None if matrix is None else list(matrix.shape),
+            }
+        )
+        for key in ("function", "left", "right", "frac_bits", "paillier_bits"):
+            agree(smpc, key)
+        shape_a, shape_b = smpc.public[left].get("shape"), smpc.public[right].get("shape")
+        for shape in (shape_a, shape_b):
+            if not (
+                isinstance(shape, list)
+                and len(shape) == 2
+                and all(isinstance(s, int) and s > 0 for s in shape)
+            ):
+                raise ComputationFailed("a party sent a malformed matrix shape")
+        assert isinstance(shape_a, list) and isinstance(shape_b, list)
+        if shape_a[1] != shape_b[0]:
+            raise ComputationFailed(
+                "the matrices do not fit: the columns of 'left' must equal the rows of 'right'"
+            )
+        dims = (shape_a[0], shape_a[1], shape_b[1])
+        await ctx.progress(0.1)
+        share = await secure_product(
+            peers, "ab", left, right, matrix, dims, frac_bits, paillier_bits
+        )
+        await ctx.progress(0.8)
+        product = await reveal_product(
+            peers, "ab", (left, right), share, (dims[0], dims[2]), frac_bits
+        )
+    return {"product": product, "shape": [dims[0], dims[2]]}
+
+
+# -- vertical ---------------------------------------------------------------------------------
+
+
+def _id_keys(column: npt.NDArray[Any]) -> list[bytes | None]:
+    """Canonical bytes of each id (None for a missing one); 7 and 7.0 are the same id."""
+    if column.ndim != 1:
+        raise BadRequest("the 'id' column must hold single values")
+    keys: list[bytes | None] = []
+    if column.dtype.kind in "biu":
+        return [str(int(v)).encode() for v in column.tolist()]
+    if column.dtype.kind == "f":
+        for value in column.tolist():
+            if not math.isfinite(value):
+                keys.append(None)
+            else:
+                keys.append(str(int(value) if value.is_integer() else repr(value)).encode())
+        return keys
+    if column.dtype.kind in "US":
+        for value in column.tolist():
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            keys.append(text.encode() if text.strip() else None)
+        return keys
+    raise BadRequest("the 'id' column must hold numbers or text")
+
+
+async def _join(
+    peers: PeerSession, holders: list[str], keys: list[bytes] | None
+) -> tuple[int, npt.NDArray[np.intp] | None]:
+    """Intersect the data parties' ids by HMAC-SHA256 tags.
+
+    Returns:
+        The number of common records and, at a data party, the indices of its
+        own rows for them in the common (tag) order.
+    """
+    me, first = peers.me, holders[0]
+    helpers = [p for p in peers.parties if p not in holders]
+    if keys is None:
+        message = await peers.recv(first, "join.count")
+        count = message.get("n") if isinstance(message, dict) else None
+        if not isinstance(count, int) or count < 0:
+            raise ComputationFailed(f"party '{first}' sent a malformed record count")
+        return count, None
+    others = [p for p in holders if p != me]
+    if me == first:
+        key = secrets.token_bytes(32)
+        await peers.broadcast("join.key", {"seed": key}, to=others)
+    else:
+        key = _seed(await peers.recv(first, "join.key"), first)
+    tags = [
+        hmac.new(key, b"fdrtd.vertical.id\x00" + item, hashlib.sha256).digest() for item in keys
+    ]
+    mine = {tag: row for row, tag in enumerate(tags)}
+    if len(mine) != len(tags):
+        raise BadRequest("the 'id' column must not repeat an id")
+    await _send_blob(peers, others, "join.tags", b"".join(sorted(mine)))
+    common = set(mine)
+    for party in others:
+        _, blob = await _recv_blob(peers, party, "join.tags")
+        if len(blob) % _TAG_BYTES:
+            raise ComputationFailed(f"party '{party}' sent a malformed id list")
+        common &= {blob[i : i + _TAG_BYTES] for i in range(0, len(blob), _TAG_BYTES)}
+    order = sorted(common)
+    if me == first and helpers:
+        await peers.broadcast("join.count", {"n": len(order)}, to=helpers)
+    return len(order), np.array([mine[tag] for tag in order], dtype=np.intp)
+
+
+def _layout(
+    parties: list[str], names: dict[str, list[str]], target: str, intercept: bool
+) -> tuple[list[str], dict[str, list[int]]]:
+    """Coefficient names, and each party's block columns as indices into ``[X | y]``."""
+    coefficients: list[str] = [INTERCEPT] if intercept else []
+    blocks: dict[str, list[int]] = {party: [] for party in parties}
+    if intercept:
+        blocks[target].append(0)
+    for party in parties:
+        start = len(coefficients)
+        coefficients += names[party]
+        blocks[party] += list(range(start, len(coefficients)))
+    blocks[target].append(len(coefficients))  # y
+    return coefficients, blocks
+
+
+def _vertical_public(smpc: SmpcSession) -> tuple[str, dict[str, list[str]], list[str]]:
+    """Check the declared roles; return the target holder, names by party, data parties."""
+    target = agree(smpc, "target_holder")
+    parties = smpc.peers.parties
+    if target not in parties:
+        raise ComputationFailed("'target_holder' must name a party of the session")
+    names: dict[str, list[str]] = {}
+    for party in parties:
+        public = smpc.public[party]
+        declared = public.get("names")
+        if not isinstance(declared, list) or not all(isinstance(n, str) for n in declared):
+            raise ComputationFailed(f"party '{party}' sent malformed column names")
+        names[party] = declared
+        if bool(public.get("has_y")) != (party == target):
+            raise ComputationFailed(
+                "the target holder, and only it, must give the target column 'y'"
+            )
+        if declared and not public.get("has_data"):
+            raise ComputationFailed(f"party '{party}' names columns but gives no 'data'")
+    holders = [p for p in parties if smpc.public[p].get("has_data")]
+    if target not in holders:
+        raise ComputationFailed("the target holder must give 'data'")
+    everything = [n for party in parties for n in names[party]]
+    if agree(smpc, "intercept"):
+        everything.append(INTERCEPT)
+    if len(set(everything)) != len(everything):
+        raise ComputationFailed(
+            "feature names must be unique across parties (and not 'intercept'); rename them"
+        )
+    return target, names, holders
+
+
+@service.job("linear_regression_vertical")
+async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Ordinary least squares over records whose columns are spread over the parties.
+
+    Inputs at each party: ``data``, ``id`` (the column that identifies a
+    record), ``x`` (this party's feature columns, may be empty), ``y`` (the
+    target column at ``target_holder``, else absent). Common:
+    ``target_holder``, ``intercept`` (default true), ``frac_bits`` (default
+    40), ``paillier_bits`` (default 2048, two parties only). A party with no
+    ``data`` only helps (deals Beaver triples). Records with a missing id or
+    value at any data party are left out. Output as ``linear_regression``.
+    """
+    frac_bits, paillier_bits = _product_options(inputs)
+    intercept = _flag(inputs, "intercept", True)
+    async with session_for(ctx) as peers:
+        own_names = _names(inputs.get("x"), "x")
+        target_name = inputs.get("y")
+        if target_name is not None and not isinstance(target_name, str):
+            raise BadRequest("'y' must name the target column")
+        keys: list[bytes] | None = None
+        block = np.zeros((0, 0))
+        if inputs.get("data") is not None:
+            dataset = await ctx.load_dataset(inputs.get("data"))
+            values = _columns(dataset, own_names + ([target_name] if target_name else []), "x")
+            ids = _id_keys(dataset.column(inputs.get("id")))
+            keep = np.isfinite(values).all(axis=1) & np.array([k is not None for k in ids])
+            keys = [k for k, kept in zip(ids, keep.tolist(), strict=True) if kept and k]
+            block = values[keep]
+        elif own_names or target_name is not None:
+            raise BadRequest("give 'data' with the columns in 'x' and 'y'")
+        smpc = SmpcSession(peers)
+        await smpc.setup(
+            {
+                "function": "linear_regression_vertical",
+                "target_holder": inputs.get("target_holder"),
+                "intercept": intercept,
+                "frac_bits": frac_bits,
+                "paillier_bits": paillier_bits,
+                "names": own_names,
+                "has_y": target_name is not None,
+                "has_data": keys is not None,
+            }
+        )
+        for key in ("function", "frac_bits", "paillier_bits"):
+            agree(smpc, key)
+        target, names, holders = _vertical_public(smpc)
+        n, rows = await _join(peers, holders, keys)
+        ctx.check_cohort(n)
+        if n == 0:
+            raise ComputationFailed("the parties have no record id in common")
+        await ctx.progress(0.2)
+        coefficients, blocks = _layout(peers.parties, names, target, intercept)
+        me = peers.me
+        if rows is not None:
+            block = block[rows]
+            if me == target and intercept:
+                block = np.column_stack([np.ones(n), block])
+        gram = np.zeros((len(coefficients) + 1,) * 2)
+        owners = [p for p in peers.parties if blocks[p]]
+        # diagonal blocks are local and revealed as they are
+        if me in owners:
+            own_gram = block.T @ block
+            await peers.broadcast("gram", own_gram, to=[p for p in peers.others])
+            gram[np.ix_(blocks[me], blocks[me])] = own_gram
+        for party in owners:
+            if party != me:
+                received = np.asarray(await peers.recv(party, "gram"), dtype=np.float64)
+                if received.shape != (len(blocks[party]),) * 2:
+                    raise ComputationFailed(f"party '{party}' sent a malformed Gram block")
+                gram[np.ix_(blocks[party], blocks[party])] = received
+        pairs = [(a, b) for i, a in enumerate(owners) for b in owners[i + 1 :]]
+        for number, (a, b) in enumerate(pairs):
+            operand = block.T if me == a else block if me == b else None
+            dims = (len(blocks[a]), n, len(blocks[b]))
+            name = f"x{number}"
+            share = await secure_product(peers, name, a, b, operand, dims, frac_bits, paillier_bits)
+            cross = await reveal_product(peers, name, (a, b), share, (dims[0], dims[2]), frac_bits)
+            gram[np.ix_(blocks[a], blocks[b])] = cross
+            gram[np.ix_(blocks[b], blocks[a])] = cross.T
+            await ctx.progress(0.2 + 0.7 * (number + 1) / len(pairs))
+    p = len(coefficients)
+    return ols_from_gram(
+        gram[:p, :p], gram[:p, p], float(gram[p, p]), n, coefficients, intercept=intercept
+    )

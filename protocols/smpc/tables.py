@@ -1,1 +1,793 @@
-"""SMPC protocols: tables (being written)."""
+"""Frequency tables, histograms and contingency tables, jointly over all parties.
+
+Four functions of the ``smpc`` microservice live here. Each is one party's
+side of a protocol run between the servers of a computation session.
+
+``frequency_table`` and ``histogram`` (horizontal partitioning)
+    Every party counts its own records per public category (or per bin of
+    public edges), plus an "other" cell for values outside them. The joint
+    number of records is found first by a secure sum and checked against the
+    minimum cohort; only then is the vector of counts summed securely
+    (pairwise-masked sums in ``Z_2^64``, :class:`~protocols.smpc.engine.SmpcSession`).
+
+``contingency_table`` (horizontal partitioning)
+    The same, with the local ``kx x ky`` count matrix of two categorical
+    columns that every party holds for its own records.
+
+``contingency_table_vertical`` (vertical partitioning)
+    Two parties (the *holders*) hold one column each of the same records,
+    joined on an id column. The join is a Diffie-Hellman private set
+    intersection over Edwards25519 (:mod:`protocols.psi.curve`): each holder
+    learns which of its own ids are shared, and the size of the other's id
+    set, but nothing about the other's ids outside the intersection, since a
+    singly blinded point cannot be tested against guesses without the other's
+    secret scalar (a keyed hash with a key both holders know could). Both
+    holders sort the intersection by its doubly blinded points, which gives
+    the same order of records on both sides without revealing any id.
+
+    The table is then ``T = I_x^T I_y`` for the one-hot indicator matrices of
+    the aligned records, computed by a secure two-party matrix product:
+
+    * With three or more parties, the first non-holder of the session is a
+      *dealer* of a Beaver-style matrix triple in ``Z_2^64``: it draws
+      ``R_x`` (``n x kx``), ``R_y`` (``n x ky``) and ``C_x`` from fresh seeds,
+      computes ``C = R_x^T R_y`` and sends ``(seed R_x, seed C_x)`` to the
+      x-holder and ``(seed R_y, C_y = C - C_x)`` to the y-holder. The holders
+      exchange ``E = I_x - R_x`` and ``F = I_y - R_y`` (each uniformly random
+      to the other) and hold the shares ``Z_x = I_x^T F + C_x`` (which equals
+      ``R_x^T F + E^T F + C_x``) and ``Z_y = E^T R_y + C_y``; then
+      ``Z_x + Z_y = T``. The shares are opened between the two holders only:
+      the dealer, who knows ``R_x`` and ``R_y``, would learn ``I_x^T R_y``
+      from ``Z_y`` and thereby ``I_x``. The x-holder then sends ``T`` to the
+      other parties. Secure against one semi-honest party; the dealer must
+      not collude with a holder.
+    * With exactly two parties there is no dealer, and additively
+      homomorphic Paillier encryption (``phe``) does the product: the
+      x-holder encrypts, for each aligned record, its one-hot row packed into
+      one plaintext (slot ``s`` of ``b`` bits holds category ``s``, with
+      ``2^b > n`` so that sums never carry into the next slot); the y-holder
+      multiplies the ciphertexts of the records in each of its categories
+      (adding the plaintexts), re-randomises every sum with a fresh
+      encryption of zero, and sends them back; the x-holder decrypts the
+      ``ky`` packed columns of ``T`` and sends ``T`` to the y-holder. The
+      y-holder sees only ciphertexts; the x-holder sees only ``T``. The cost
+      is one encryption per aligned record (about 80 per second and core at
+      2048 bits, so about 13 s for 1000 records).
+
+Disclosure control (invariant 3)
+    A table over fewer records than the minimum cohort is refused on every
+    party. The minimum is the *largest* ``min_cohort`` among the parties'
+    policies, exchanged in the setup round, so every party returns the same
+    answer and every owner's policy holds. Cells with ``0 < count <
+    minimum`` are suppressed (``None``). Because the total is released, a
+    single suppressed cell could be recovered by subtraction, so if exactly
+    one cell is small the smallest other non-zero cell is suppressed as well
+    (complementary suppression). The servers themselves see the table
+    before suppression; suppression protects against the analyst.
+
+Threat model, what each party learns, and round counts: ``docs/protocols.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from phe import paillier
+
+from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed
+from fdrtd_server.microservice import Dataset, JobContext
+from fdrtd_server.peers import PeerSession
+from protocols.psi import curve
+from protocols.smpc import ring
+from protocols.smpc._registry import service
+from protocols.smpc.engine import SmpcSession
+from protocols.smpc.service import agree, numeric, session_for
+
+__all__ = [
+    "contingency_table",
+    "contingency_table_vertical",
+    "frequency_table",
+    "histogram",
+    "suppress",
+]
+
+Label = str | int | float
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+
+MAX_CATEGORIES = 10_000
+"""Most categories (or bins) per dimension."""
+MAX_CELLS = 1_000_000
+"""Most cells of a contingency table."""
+PIECE_BYTES = 1 << 20
+"""Largest piece of a long peer message (the bus allows a few MiB)."""
+PAILLIER_BITS = (1024, 2048, 3072, 4096)
+"""Allowed Paillier modulus sizes; 2048 is the default, 1024 is for tests only."""
+
+_OTHER = -1  # category index of a value outside the categories or bins
+_MISSING = -2  # category index of a missing value (NaN)
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+def _labels(value: Any, name: str) -> list[Label]:
+    """Check a list of public category labels (strings or finite numbers, distinct)."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_CATEGORIES:
+        raise BadRequest(
+            f"'{name}' must be a list of 1 to {MAX_CATEGORIES} category labels (strings or numbers)"
+        )
+    for label in value:
+        if isinstance(label, bool) or not isinstance(label, str | int | float):
+            raise BadRequest(f"every label in '{name}' must be a string or a number")
+        if isinstance(label, float) and not math.isfinite(label):
+            raise BadRequest(f"the labels in '{name}' must be finite numbers")
+    if len({_text(label) for label in value}) != len(value) or len(
+        {float(label) for label in value if not isinstance(label, str)}
+    ) != sum(not isinstance(label, str) for label in value):
+        raise BadRequest(f"the labels in '{name}' must be distinct")
+    return list(value)
+
+
+def _edges(value: Any) -> list[float]:
+    """Check bin edges: at least two finite numbers, strictly increasing."""
+    if (
+        not isinstance(value, list)
+        or not 2 <= len(value) <= MAX_CATEGORIES + 1
+        or not all(isinstance(e, int | float) and not isinstance(e, bool) for e in value)
+    ):
+        raise BadRequest(f"'bins' must be a list of 2 to {MAX_CATEGORIES + 1} numbers (bin edges)")
+    edges = [float(e) for e in value]
+    if not all(math.isfinite(e) for e in edges) or any(
+        b <= a for a, b in itertools.pairwise(edges)
+    ):
+        raise BadRequest("'bins' must be finite and strictly increasing")
+    return edges
+
+
+def _text(label: Label) -> str:
+    """The text a label matches in a text column (``1`` matches ``"1"``)."""
+    return label if isinstance(label, str) else repr(label)
+
+
+def _name(inputs: dict[str, Any], key: str) -> str:
+    name = inputs.get(key)
+    if not isinstance(name, str) or not name:
+        raise BadRequest(f"'{key}' must name a column of the dataset")
+    return name
+
+
+def _vector(dataset: Dataset, name: Any) -> npt.NDArray[Any]:
+    column = dataset.column(name)
+    if column.ndim != 1:
+        raise BadRequest("tables need columns of single values, not of vectors")
+    return column
+
+
+def _lookup(values: npt.NDArray[Any], keys: npt.NDArray[Any]) -> I64:
+    """Position of each value in ``keys``, or ``_OTHER`` (vectorised by binary search)."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    position = np.minimum(np.searchsorted(ordered, values), ordered.size - 1)
+    hit = ordered[position] == values
+    return np.where(hit, order[position], _OTHER).astype(np.int64)
+
+
+def category_index(column: npt.NDArray[Any], labels: list[Label]) -> I64:
+    """Map each record to the index of its category.
+
+    A numeric column matches numeric labels by value; a text column matches
+    each label's text (numbers as ``repr``, so ``1`` matches ``"1"`` and
+    ``1.5`` matches ``"1.5"``).
+
+    Returns:
+        The index into ``labels``, ``-1`` for a value that is none of them and
+        ``-2`` for a missing value (NaN in a numeric column).
+
+    Raises:
+        BadRequest: If a numeric column is given text labels.
+    """
+    if column.dtype.kind in "biuf":
+        if any(isinstance(label, str) for label in labels):
+            raise BadRequest("a numeric column needs numeric category labels")
+        values = numeric(column)
+        index = _lookup(values, np.array([float(label) for label in labels]))
+        index[np.isnan(values)] = _MISSING
+        return index
+    texts = column.astype(str)
+    return _lookup(texts, np.array([_text(label) for label in labels], dtype=str))
+
+
+def bin_index(column: npt.NDArray[Any], edges: list[float]) -> I64:
+    """Map each record to its bin: ``[e0, e1), ..., [e_{k-1}, e_k]`` (the last one closed).
+
+    Returns:
+        The bin index, ``-1`` outside ``[e0, e_k]`` and ``-2`` for NaN.
+
+    Raises:
+        BadRequest: If the column is not numeric.
+    """
+    values = numeric(column, "binned column")
+    bounds = np.asarray(edges, dtype=np.float64)
+    index = (np.searchsorted(bounds, values, side="right") - 1).astype(np.int64)
+    index[values == bounds[-1]] = bounds.size - 2
+    index[(values < bounds[0]) | (values > bounds[-1])] = _OTHER
+    index[np.isnan(values)] = _MISSING
+    return index
+
+
+def _bin_labels(edges: list[float]) -> list[Label]:
+    last = len(edges) - 2
+    return [
+        f"[{a:g}, {b:g}{']' if k == last else ')'}"
+        for k, (a, b) in enumerate(itertools.pairwise(edges))
+    ]
+
+
+# --- disclosure control -------------------------------------------------------------------
+
+
+def suppress(counts: npt.ArrayLike, minimum: int) -> npt.NDArray[np.bool_]:
+    """Which cells of a table to hide: small cells, plus one complement if needed.
+
+    A cell with ``0 < count < minimum`` is suppressed. If that leaves exactly
+    one suppressed cell, it could be recovered from the released total, so
+    the smallest other non-zero cell (the first one on ties, in row-major
+    order) is suppressed as well.
+
+    Args:
+        counts: The table (any shape) of non-negative counts.
+        minimum: The minimum cohort size.
+
+    Returns:
+        A boolean mask of the shape of ``counts``.
+    """
+    cells = np.asarray(counts, dtype=np.int64)
+    hidden = (cells > 0) & (cells < minimum)
+    if int(hidden.sum()) == 1:
+        candidates = ((cells > 0) & ~hidden).reshape(-1)
+        if candidates.any():
+            flat = np.where(candidates, cells.reshape(-1), np.iinfo(np.int64).max)
+            hidden.reshape(-1)[int(np.argmin(flat))] = True
+    return hidden
+
+
+def _threshold(smpc: SmpcSession) -> int:
+    """The strictest minimum cohort among the parties' policies."""
+    minimums = [public.get("min_cohort") for public in smpc.public.values()]
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in minimums):
+        raise ComputationFailed("a party sent a malformed minimum cohort size")
+    return max(int(m) for m in minimums)
+
+
+def _hide(counts: I64, hidden: npt.NDArray[np.bool_]) -> list[Any]:
+    shown = counts.astype(object)
+    shown[hidden] = None
+    cells: list[Any] = shown.tolist()
+    return cells
+
+
+async def _secure_total(smpc: SmpcSession, local: int) -> int:
+    encoded = ring.encode_int(np.array([local], dtype=np.int64), parties=smpc.parties)
+    return int(ring.decode_int(await smpc.sum_ring(encoded))[0])
+
+
+async def _secure_counts(smpc: SmpcSession, local: I64) -> I64:
+    return ring.decode_int(await smpc.sum_ring(ring.encode_int(local, parties=smpc.parties)))
+
+
+# --- frequency tables and histograms -------------------------------------------------------
+
+
+async def _one_way(ctx: JobContext, inputs: dict[str, Any], function: str) -> dict[str, Any]:
+    async with session_for(ctx) as peers:
+        # Checked inside the session, so that a refusal here ends it for all parties at once.
+        edges = _edges(inputs.get("bins")) if function == "histogram" else None
+        categories = None
+        if function == "frequency_table":
+            if (inputs.get("categories") is None) == (inputs.get("bins") is None):
+                raise BadRequest("give either 'categories' (labels) or 'bins' (numeric edges)")
+            if inputs.get("categories") is not None:
+                categories = _labels(inputs.get("categories"), "categories")
+            else:
+                edges = _edges(inputs.get("bins"))
+        dataset = await ctx.load_dataset(inputs.get("data"))
+        column = _vector(dataset, inputs.get("column"))
+        index = (
+            bin_index(column, edges)
+            if edges is not None
+            else category_index(column, categories or [])
+        )
+        cells = len(edges) - 1 if edges is not None else len(categories or [])
+        smpc = SmpcSession(peers)
+        await smpc.setup(
+            {
+                "function": function,
+                "categories": categories,
+                "bins": edges,
+                "min_cohort": ctx.env.min_cohort,
+            }
+        )
+        for key in ("function", "categories", "bins"):
+            agree(smpc, key)
+        minimum = _threshold(smpc)
+        present = index != _MISSING
+        total = await _secure_total(smpc, int(present.sum()))
+        if total >= minimum:
+            await ctx.progress(0.5)
+            local = np.bincount(
+                np.where(index == _OTHER, cells, index)[present], minlength=cells + 1
+            )
+            counts = await _secure_counts(smpc, local.astype(np.int64))
+    # Raised after the session ends normally: every party refuses on its own, so
+    # none of them is told "another party ended the computation" instead.
+    if total < minimum:
+        raise CohortTooSmall(minimum)
+    hidden = suppress(counts, minimum)
+    shown = _hide(counts, hidden)
+    result: dict[str, Any] = {
+        "counts": shown[:cells],
+        "other": shown[cells],
+        "total": total,
+        "suppressed": [int(i) for i in np.flatnonzero(hidden)],
+    }
+    if categories is not None:
+        result = {"categories": categories, **result}
+    elif function == "frequency_table":
+        result = {"categories": _bin_labels(edges or []), "edges": edges, **result}
+    else:
+        result = {"edges": edges, **result}
+    return result
+
+
+@service.job("frequency_table")
+async def frequency_table(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Joint counts of a column's values per public category, with small cells suppressed.
+
+    Inputs: ``data``; ``column``; either ``categories`` (labels, the same on
+    every party) or ``bins`` (numeric edges, as for :func:`histogram`).
+
+    Returns:
+        ``{"categories", "counts", "other", "total", "suppressed"}`` (plus
+        ``"edges"`` with bins). ``counts[i]`` counts ``categories[i]`` and
+        ``other`` the values that are none of them; a suppressed cell is
+        ``None``, and ``suppressed`` lists its index (``len(categories)``
+        stands for ``other``). Missing values (NaN) are not counted.
+    """
+    return await _one_way(ctx, inputs, "frequency_table")
+
+
+@service.job("histogram")
+async def histogram(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Joint histogram of a numeric column over public bin edges, small cells suppressed.
+
+    Inputs: ``data``; ``column``; ``bins``: edges ``e0 < ... < ek``; bin ``i``
+    is ``[e_i, e_{i+1})``, the last one closed.
+
+    Returns:
+        ``{"edges", "counts", "other", "total", "suppressed"}``: ``other``
+        counts the values outside ``[e0, ek]``; as for :func:`frequency_table`.
+    """
+    return await _one_way(ctx, inputs, "histogram")
+
+
+@service.job("contingency_table")
+async def contingency_table(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Joint contingency table of two columns that every party holds for its own records.
+
+    Inputs: ``data``; ``x`` and ``y`` (column names); ``x_categories`` and
+    ``y_categories`` (labels, the same on every party). Records whose ``x``
+    or ``y`` is not among the categories (or missing) are not counted.
+
+    Returns:
+        ``{"x_categories", "y_categories", "counts", "total", "suppressed"}``:
+        ``counts[i][j]`` counts the records with ``x_categories[i]`` and
+        ``y_categories[j]``, ``None`` if suppressed; ``suppressed`` lists
+        ``[i, j]`` of each suppressed cell.
+    """
+    async with session_for(ctx) as peers:
+        x_labels = _labels(inputs.get("x_categories"), "x_categories")
+        y_labels = _labels(inputs.get("y_categories"), "y_categories")
+        if len(x_labels) * len(y_labels) > MAX_CELLS:
+            raise BadRequest(f"a contingency table may have at most {MAX_CELLS} cells")
+        dataset = await ctx.load_dataset(inputs.get("data"))
+        xi = category_index(_vector(dataset, _name(inputs, "x")), x_labels)
+        yi = category_index(_vector(dataset, _name(inputs, "y")), y_labels)
+        smpc = SmpcSession(peers)
+        await smpc.setup(
+            {
+                "function": "contingency_table",
+                "x_categories": x_labels,
+                "y_categories": y_labels,
+                "min_cohort": ctx.env.min_cohort,
+            }
+        )
+        for key in ("function", "x_categories", "y_categories"):
+            agree(smpc, key)
+        minimum = _threshold(smpc)
+        inside = (xi >= 0) & (yi >= 0)
+        total = await _secure_total(smpc, int(inside.sum()))
+        if total >= minimum:
+            await ctx.progress(0.5)
+            local = np.zeros((len(x_labels), len(y_labels)), dtype=np.int64)
+            np.add.at(local, (xi[inside], yi[inside]), 1)
+            counts = await _secure_counts(smpc, local)
+    if total < minimum:
+        raise CohortTooSmall(minimum)
+    return _two_way_result(x_labels, y_labels, counts, total, minimum)
+
+
+def _two_way_result(
+    x_labels: list[Label], y_labels: list[Label], counts: I64, total: int, minimum: int
+) -> dict[str, Any]:
+    hidden = suppress(counts, minimum)
+    return {
+        "x_categories": x_labels,
+        "y_categories": y_labels,
+        "counts": _hide(counts, hidden),
+        "total": total,
+        "suppressed": [[int(i), int(j)] for i, j in np.argwhere(hidden)],
+    }
+
+
+# --- vertical partitioning: long messages ------------------------------------------------
+
+
+async def _send_blob(peers: PeerSession, to: str, tag: str, blob: bytes) -> None:
+    pieces = max(1, -(-len(blob) // PIECE_BYTES))
+    for k in range(pieces):
+        part = blob[k * PIECE_BYTES : (k + 1) * PIECE_BYTES]
+        await peers.send(to, f"{tag}.{k}", {"of": pieces, "data": part})
+
+
+async def _recv_blob(peers: PeerSession, sender: str, tag: str) -> bytes:
+    parts: list[bytes] = []
+    pieces = 1
+    while len(parts) < pieces:
+        message = await peers.recv(sender, f"{tag}.{len(parts)}")
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("of"), int)
+            or not isinstance(message.get("data"), bytes)
+            or message["of"] < 1
+        ):
+            raise ComputationFailed(f"party '{sender}' sent a malformed '{tag}' message")
+        pieces = message["of"]
+        parts.append(message["data"])
+    return b"".join(parts)
+
+
+async def _send_matrix(peers: PeerSession, to: str, tag: str, matrix: U64) -> None:
+    await _send_blob(peers, to, tag, np.ascontiguousarray(matrix, dtype="<u8").tobytes())
+
+
+async def _recv_matrix(peers: PeerSession, sender: str, tag: str, shape: tuple[int, int]) -> U64:
+    blob = await _recv_blob(peers, sender, tag)
+    if len(blob) != 8 * shape[0] * shape[1]:
+        raise ComputationFailed(f"party '{sender}' sent a matrix of the wrong size")
+    return np.frombuffer(blob, dtype="<u8").astype(np.uint64).reshape(shape)
+
+
+def _prg_matrix(seed: Any, label: bytes, shape: tuple[int, int], sender: str) -> U64:
+    if not isinstance(seed, bytes) or len(seed) != ring.SEED_BYTES:
+        raise ComputationFailed(f"party '{sender}' sent a malformed seed")
+    return ring.prg_uint64(seed, label, shape[0] * shape[1]).reshape(shape)
+
+
+# --- vertical partitioning: the protocol ---------------------------------------------------
+
+
+@dataclass
+class _Holding:
+    """A holder's own column: canonical ids and category indices, row by row."""
+
+    ids: list[str]
+    index: I64
+
+
+def _canonical_ids(column: npt.NDArray[Any]) -> tuple[list[str], npt.NDArray[np.bool_]]:
+    """Ids as text (integral numbers without ``.0``, so 7.0 matches "7"); missing ones masked."""
+    if column.dtype.kind in "biuf":
+        values = numeric(column, "id column")
+        present = ~np.isnan(values)
+        ids = [
+            str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
+            for v in values.tolist()
+            if not math.isnan(v)
+        ]
+        return ids, present
+    texts = column.astype(str)
+    present = texts != ""
+    return [str(t) for t in texts[present]], present
+
+
+async def _load_holding(ctx: JobContext, inputs: dict[str, Any], labels: list[Label]) -> _Holding:
+    dataset = await ctx.load_dataset(inputs.get("data"))
+    ids, present = _canonical_ids(_vector(dataset, _name(inputs, "id")))
+    index = category_index(_vector(dataset, _name(inputs, "column")), labels)[present]
+    if len(set(ids)) != len(ids):
+        raise BadRequest("the id column has duplicate values; a vertical join needs unique ids")
+    return _Holding(ids, index)
+
+
+@dataclass
+class _Vertical:
+    """What every party of a vertical table knows after the setup round."""
+
+    ctx: JobContext
+    peers: PeerSession
+    holders: list[str]
+    shape: tuple[int, int]
+    minimum: int
+    bits: int
+
+    @property
+    def others(self) -> list[str]:
+        return [p for p in self.peers.parties if p not in self.holders]
+
+    def label(self, what: str) -> bytes:
+        return f"{self.peers.id}|tables.vertical|{what}".encode()
+
+
+def _points(blob: bytes, sender: str, count: int | None = None) -> list[bytes]:
+    size = curve.POINT_BYTES
+    if len(blob) % size or (count is not None and len(blob) != count * size):
+        raise ComputationFailed(f"party '{sender}' sent a malformed list of points")
+    return [blob[k : k + size] for k in range(0, len(blob), size)]
+
+
+async def _join(v: _Vertical, holding: _Holding) -> npt.NDArray[np.intp]:
+    """DH-PSI with the other holder; my rows of the common records, in a common order."""
+    peers = v.peers
+    other = v.holders[1] if peers.me == v.holders[0] else v.holders[0]
+    domain = b"fdrtd/smpc/tables/" + hashlib.sha256(peers.id.encode()).hexdigest().encode()
+    scalar = curve.random_scalar()
+    items = [curve.encode_item(i) for i in holding.ids]
+    mine = await asyncio.to_thread(curve.hash_and_blind, items, scalar, domain)
+    order = sorted(range(len(mine)), key=mine.__getitem__)  # hides the order of my rows
+    await _send_blob(peers, other, "vt.psi.blinded", b"".join(mine[k] for k in order))
+    theirs = _points(await _recv_blob(peers, other, "vt.psi.blinded"), other)
+    try:
+        theirs_double = await asyncio.to_thread(curve.reblind, theirs, scalar)
+    except ValueError:
+        raise ComputationFailed(f"party '{other}' sent invalid curve points") from None
+    await _send_blob(peers, other, "vt.psi.reblinded", b"".join(theirs_double))
+    mine_double = _points(await _recv_blob(peers, other, "vt.psi.reblinded"), other, len(order))
+    row_of = {point: order[k] for k, point in enumerate(mine_double)}
+    common = sorted(row_of.keys() & set(theirs_double))
+    return np.array([row_of[p] for p in common], dtype=np.intp)
+
+
+def _one_hot(index: I64, width: int) -> U64:
+    rows = np.flatnonzero(index >= 0)
+    matrix = np.zeros((index.size, width), dtype=np.uint64)
+    matrix[rows, index[rows]] = 1
+    return matrix
+
+
+async def _holder(v: _Vertical, holding: _Holding) -> tuple[int, U64 | None]:
+    peers = v.peers
+    is_x = peers.me == v.holders[0]
+    other = v.holders[1] if is_x else v.holders[0]
+    rows = await _join(v, holding)
+    n = int(rows.size)
+    await v.ctx.progress(0.3)
+    kx, ky = v.shape
+    if is_x:
+        for party in v.others:
+            await peers.send(party, "vt.size", {"n": n})
+    if n < v.minimum:
+        return n, None
+    indicator = _one_hot(holding.index[rows], kx if is_x else ky)
+    if v.others:
+        dealer = v.others[0]
+        triple = await peers.recv(dealer, "vt.triple")
+        if not isinstance(triple, dict):
+            raise ComputationFailed(f"party '{dealer}' sent a malformed triple")
+        if is_x:
+            e = indicator - _prg_matrix(triple.get("seed_r"), v.label("rx"), (n, kx), dealer)
+            c_x = _prg_matrix(triple.get("seed_c"), v.label("cx"), (kx, ky), dealer)
+            await _send_matrix(peers, other, "vt.masked", e)
+            f = await _recv_matrix(peers, other, "vt.masked", (n, ky))
+            share = indicator.T @ f + c_x  # = R_x^T F + E^T F + C_x
+        else:
+            r_y = _prg_matrix(triple.get("seed_r"), v.label("ry"), (n, ky), dealer)
+            c_y = await _recv_matrix(peers, dealer, "vt.triple.c", (kx, ky))
+            await _send_matrix(peers, other, "vt.masked", indicator - r_y)
+            e = await _recv_matrix(peers, other, "vt.masked", (n, kx))
+            share = e.T @ r_y + c_y
+        await _send_matrix(peers, other, "vt.share", share)
+        table = share + await _recv_matrix(peers, other, "vt.share", (kx, ky))
+    elif is_x:
+        table = await _paillier_x(v, indicator)
+    else:
+        table = await _paillier_y(v, holding.index[rows])
+    if is_x:
+        for party in (*v.others, *([] if v.others else [other])):
+            await _send_matrix(peers, party, "vt.table", table)
+    return n, table
+
+
+async def _dealer(v: _Vertical, n: int) -> U64:
+    """Deal a matrix triple ``C = R_x^T R_y`` to the holders, then receive ``T``."""
+    kx, ky = v.shape
+    x_holder, y_holder = v.holders
+    seed_rx, seed_ry, seed_cx = ring.random_seed(), ring.random_seed(), ring.random_seed()
+    r_x = ring.prg_uint64(seed_rx, v.label("rx"), n * kx).reshape(n, kx)
+    r_y = ring.prg_uint64(seed_ry, v.label("ry"), n * ky).reshape(n, ky)
+    c_x = ring.prg_uint64(seed_cx, v.label("cx"), kx * ky).reshape(kx, ky)
+    c_y = r_x.T @ r_y - c_x  # uint64 arithmetic wraps modulo 2^64
+    await v.peers.send(x_holder, "vt.triple", {"seed_r": seed_rx, "seed_c": seed_cx})
+    await v.peers.send(y_holder, "vt.triple", {"seed_r": seed_ry})
+    await _send_matrix(v.peers, y_holder, "vt.triple.c", c_y)
+    return await _recv_matrix(v.peers, x_holder, "vt.table", v.shape)
+
+
+def _slot_bits(n: int) -> int:
+    return max(1, n.bit_length())  # every count is at most n < 2^bits
+
+
+def _encrypt_rows(public_key: Any, index: I64, kx: int, n: int) -> tuple[list[int], int]:
+    bits = _slot_bits(n)
+    slots = (public_key.n.bit_length() - 1) // bits
+    groups = -(-kx // slots)
+    ciphertexts = []
+    for category in index.tolist():
+        for group in range(groups):
+            inside = category >= 0 and category // slots == group
+            plaintext = 1 << (bits * (category % slots)) if inside else 0
+            ciphertexts.append(int(public_key.raw_encrypt(plaintext)))
+    return ciphertexts, groups
+
+
+def _pack(numbers: list[int], modulus: int) -> bytes:
+    width = (modulus.bit_length() + 7) // 8
+    return b"".join(number.to_bytes(width, "big") for number in numbers)
+
+
+def _unpack(blob: bytes, modulus: int, count: int, sender: str) -> list[int]:
+    width = (modulus.bit_length() + 7) // 8
+    if len(blob) != width * count:
+        raise ComputationFailed(f"party '{sender}' sent the wrong number of ciphertexts")
+    numbers = [int.from_bytes(blob[k : k + width], "big") for k in range(0, len(blob), width)]
+    if not all(0 < c < modulus for c in numbers):
+        raise ComputationFailed(f"party '{sender}' sent malformed ciphertexts")
+    return numbers
+
+
+async def _paillier_x(v: _Vertical, indicator: U64) -> U64:
+    """The key owner's side of the two-party product: encrypt rows, decrypt column sums."""
+    peers, other = v.peers, v.holders[1]
+    kx, ky = v.shape
+    n = indicator.shape[0]
+    index = np.where(indicator.any(axis=1), indicator.argmax(axis=1), _OTHER).astype(np.int64)
+    public_key, private_key = await asyncio.to_thread(
+        paillier.generate_paillier_keypair, None, v.bits
+    )
+    ciphertexts, groups = await asyncio.to_thread(_encrypt_rows, public_key, index, kx, n)
+    modulus = int(public_key.n)
+    await peers.send(other, "vt.he.key", {"n": modulus.to_bytes((modulus.bit_length() + 7) // 8)})
+    await _send_blob(peers, other, "vt.he.rows", _pack(ciphertexts, int(public_key.nsquare)))
+    await v.ctx.progress(0.6)
+    sums = _unpack(
+        await _recv_blob(peers, other, "vt.he.sums"), int(public_key.nsquare), ky * groups, other
+    )
+    plaintexts = await asyncio.to_thread(lambda: [int(private_key.raw_decrypt(c)) for c in sums])
+    bits = _slot_bits(n)
+    slots = (modulus.bit_length() - 1) // bits
+    if any(p >> (bits * slots) for p in plaintexts):
+        raise ComputationFailed(f"party '{other}' sent sums that do not decrypt to counts")
+    table = np.zeros((kx, ky), dtype=np.uint64)
+    for j in range(ky):
+        for i in range(kx):
+            packed = plaintexts[j * groups + i // slots]
+            table[i, j] = (packed >> (bits * (i % slots))) & ((1 << bits) - 1)
+    return table
+
+
+async def _paillier_y(v: _Vertical, index: I64) -> U64:
+    """The other holder's side: add the encrypted rows per own category, re-randomise."""
+    peers, owner = v.peers, v.holders[0]
+    kx, ky = v.shape
+    n = index.size
+    key = await peers.recv(owner, "vt.he.key")
+    if not isinstance(key, dict) or not isinstance(key.get("n"), bytes):
+        raise ComputationFailed(f"party '{owner}' sent a malformed public key")
+    modulus = int.from_bytes(key["n"])
+    if modulus.bit_length() != v.bits:
+        raise ComputationFailed(f"party '{owner}' sent a key of the wrong size")
+    public_key = paillier.PaillierPublicKey(modulus)
+    slots = (modulus.bit_length() - 1) // _slot_bits(n)
+    groups = -(-kx // slots)
+    nsquare = int(public_key.nsquare)
+    rows = _unpack(await _recv_blob(peers, owner, "vt.he.rows"), nsquare, n * groups, owner)
+
+    def add_up() -> list[int]:
+        sums = [1] * (ky * groups)  # 1 is the (not yet randomised) encryption of 0
+        for r, category in enumerate(index.tolist()):
+            if category >= 0:
+                for g in range(groups):
+                    cell = category * groups + g
+                    sums[cell] = sums[cell] * rows[r * groups + g] % nsquare
+        # a fresh encryption of 0 hides which ciphertexts were multiplied
+        return [s * int(public_key.raw_encrypt(0)) % nsquare for s in sums]
+
+    sums = await asyncio.to_thread(add_up)
+    await _send_blob(peers, owner, "vt.he.sums", _pack(sums, nsquare))
+    return await _recv_matrix(peers, owner, "vt.table", v.shape)
+
+
+def _holders(value: Any, parties: list[str]) -> list[str]:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(p, str) and p in parties for p in value)
+        or value[0] == value[1]
+    ):
+        raise BadRequest("'holders' must name two different parties of the session: [x, y]")
+    return list(value)
+
+
+@service.job("contingency_table_vertical")
+async def contingency_table_vertical(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Contingency table of two columns held by two parties for the same records (by id).
+
+    Common inputs: ``holders`` (``[x_party, y_party]``), ``x_categories``,
+    ``y_categories``; ``paillier_bits`` (2048; only used with two parties).
+    A holder's own inputs: ``data``, ``id`` (the id column), ``column`` (its
+    categorical column). Other parties give no data: the first of them deals
+    the correlated randomness, and all of them receive the table.
+
+    Returns:
+        As :func:`contingency_table`, over the records whose id both holders
+        have and whose values are among the categories.
+    """
+    async with session_for(ctx) as peers:
+        holders = _holders(inputs.get("holders"), peers.parties)
+        x_labels = _labels(inputs.get("x_categories"), "x_categories")
+        y_labels = _labels(inputs.get("y_categories"), "y_categories")
+        if len(x_labels) * len(y_labels) > MAX_CELLS:
+            raise BadRequest(f"a contingency table may have at most {MAX_CELLS} cells")
+        bits = inputs.get("paillier_bits", 2048)
+        if bits not in PAILLIER_BITS or isinstance(bits, bool):
+            raise BadRequest(f"'paillier_bits' must be one of {', '.join(map(str, PAILLIER_BITS))}")
+        holding = None
+        if peers.me in holders:
+            labels = x_labels if peers.me == holders[0] else y_labels
+            holding = await _load_holding(ctx, inputs, labels)
+        smpc = SmpcSession(peers)
+        public: dict[str, Any] = {"function": "contingency_table_vertical", "holders": holders}
+        public |= {"x_categories": x_labels, "y_categories": y_labels, "paillier_bits": bits}
+        await smpc.setup({**public, "min_cohort": ctx.env.min_cohort})
+        for key in public:
+            agree(smpc, key)
+        v = _Vertical(ctx, peers, holders, (len(x_labels), len(y_labels)), _threshold(smpc), bits)
+        table: U64 | None = None
+        if holding is not None:
+            n, table = await _holder(v, holding)
+        else:
+            size = await peers.recv(holders[0], "vt.size")
+            if not isinstance(size, dict) or not isinstance(size.get("n"), int) or size["n"] < 0:
+                raise ComputationFailed(f"party '{holders[0]}' sent a malformed size")
+            n = int(size["n"])
+            if n >= v.minimum:
+                if peers.me == v.others[0]:
+                    table = await _dealer(v, n)
+                else:
+                    table = await _recv_matrix(peers, holders[0], "vt.table", v.shape)
+    if table is None:
+        raise CohortTooSmall(v.minimum)
+    counts = ring.decode_int(table)
+    if counts.min() < 0 or int(counts.sum()) > n:
+        raise ComputationFailed("the joint table is inconsistent; run the computation again")
+    total = int(counts.sum())
+    if total < v.minimum:
+        raise CohortTooSmall(v.minimum)
+    return _two_way_result(x_labels, y_labels, counts, total, v.minimum)

@@ -40,7 +40,7 @@ from fdrtd_client import errors as client_errors
 from fdrtd_server._embedded_nats import EmbeddedNats, free_port
 from fdrtd_server.bus import DATA_BUCKET
 from fdrtd_server.config import TokenStore, init_home
-from fdrtd_server.microservice import JobContext, Microservice, discover
+from fdrtd_server.microservice import CallContext, JobContext, Microservice, discover
 
 SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -476,12 +476,18 @@ def test_function_registered_twice_is_refused() -> None:
     async def first(ctx: JobContext, inputs: dict[str, Any]) -> int:
         return 1
 
+    async def direct(ctx: CallContext, inputs: dict[str, Any]) -> int:
+        return 2
+
     service.job("go")(first)
     with pytest.raises(ValueError, match="registered twice"):
         service.job("go")(first)
     with pytest.raises(ValueError, match="registered twice"):
-        service.call("go")(first)
+        service.call("go")(direct)
+    service.call("ask")(direct)
+    with pytest.raises(ValueError, match="registered twice"):
+        service.job("ask")(first)
     with pytest.raises(ValueError, match="function name"):
         service.job("Not-A-Name")(first)
-    assert service.functions == ["go"]
-    assert service.jobs == {"go": first}
+    assert service.functions == ["ask", "go"]
+    assert (service.jobs, service.calls) == ({"go": first}, {"ask": direct})

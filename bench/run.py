@@ -1,0 +1,265 @@
+"""Benchmarks: fdrtd against the reference systems, side by side, in one run.
+
+    python bench/run.py            # everything; writes bench/RESULTS.md
+    python bench/run.py --quick    # smaller sizes, for a smoke run
+
+Needs the bench extra for the reference systems: ``pip install -e '.[bench]'``
+(federatedsecure-server/-simon/-client and mpyc). A reference that is not
+installed is reported as "not installed", never silently skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fdrtd_server.local import LocalFederation  # noqa: E402
+
+Row = dict[str, Any]
+
+
+def p50(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def timed(function: Callable[[], Any], repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_round_trip(local: LocalFederation, repeat: int) -> list[Row]:
+    """Client -> controller -> NATS -> data microservice -> reply, on a keep-alive connection."""
+    server = next(iter(local.servers.values()))
+    handle = server.client().upload(np.arange(10.0))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port)
+    headers = {"authorization": f"Bearer {server.token}"}
+
+    def get(path: str) -> Callable[[], None]:
+        def run() -> None:
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+
+        return run
+
+    for _ in range(200):
+        get(f"/v1/data/{handle}")()
+    bare = timed(get("/healthz"), repeat)
+    full = timed(get(f"/v1/data/{handle}"), repeat)
+    conn.close()
+    return [
+        {"name": "HTTP only (/healthz), p50", "fdrtd": f"{p50(bare) * 1000:.2f} ms"},
+        {
+            "name": "client -> controller -> NATS -> microservice -> reply, p50",
+            "fdrtd": f"{p50(full) * 1000:.2f} ms",
+            "target": "< 1 ms",
+        },
+        {
+            "name": "same, p99",
+            "fdrtd": f"{np.percentile(full, 99) * 1000:.2f} ms",
+        },
+    ]
+
+
+def bench_upload(local: LocalFederation, gib: float) -> list[Row]:
+    """A streamed upload of ``gib`` GiB of float64, and the controller's RSS growth."""
+    server = next(iter(local.servers.values()))
+    assert server.process is not None
+    array = np.random.default_rng(1).random(int(gib * (1 << 30)) // 8)
+    before = rss_mb(server.process.pid)
+    peak = before
+    start = time.perf_counter()
+    import threading
+
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.wait(0.05):
+            peak = max(peak, rss_mb(server.process.pid))  # type: ignore[union-attr]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        handle = server.client(timeout=600).upload(array)
+    finally:
+        done.set()
+        watcher.join()
+    elapsed = time.perf_counter() - start
+    server.client().release(handle)
+    return [
+        {
+            "name": f"{gib:g} GiB streamed upload",
+            "fdrtd": f"{array.nbytes / elapsed / 1e6:.0f} MB/s",
+            "target": ">= 150 MB/s",
+        },
+        {
+            "name": "controller RSS growth during that upload",
+            "fdrtd": f"{peak - before:.1f} MB",
+            "target": "< 100 MB",
+        },
+    ]
+
+
+def _federated(local: LocalFederation, data: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+    fed = local.federation(timeout=300)
+    return fed, fed.upload(data)
+
+
+def bench_smpc(local: LocalFederation, quick: bool) -> list[Row]:
+    """SMPC between three servers on 127.0.0.1, end to end from the client's call."""
+    rows: list[Row] = []
+    names = list(local.servers)
+    fed, scalars = _federated(local, {n: np.array([float(i + 1)]) for i, n in enumerate(names)})
+    inputs = {n: {"data": h} for n, h in scalars.items()}
+
+    def scalar_sum() -> None:
+        assert fed.compute("smpc", "secure_sum", inputs).result(timeout=60)["sum"] == 6.0
+
+    # the minimum cohort applies to scalars too; the bench servers run with min_cohort 1
+    for _ in range(5):
+        scalar_sum()
+    samples = timed(scalar_sum, 20 if quick else 100)
+    rows.append(
+        {
+            "name": "scalar secure sum, 3 parties, p50",
+            "fdrtd": f"{p50(samples) * 1000:.1f} ms",
+            "target": "<= 10 ms",
+            "key": "scalar_sum",
+        }
+    )
+    rows.append(
+        {
+            "name": "sequential secure sums per second",
+            "fdrtd": f"{len(samples) / sum(samples):.0f} /s",
+            "target": ">= 100 /s",
+        }
+    )
+
+    size = 100_000 if quick else 1_000_000
+    rng = np.random.default_rng(2)
+    _, vectors = _federated(local, {n: rng.normal(0, 1000, size) for n in names})
+    vinputs = {n: {"data": h, "elementwise": True} for n, h in vectors.items()}
+    samples = timed(lambda: fed.compute("smpc", "secure_sum", vinputs).result(timeout=300), 3)
+    rows.append(
+        {
+            "name": f"{size:,}-element vector secure sum, 3 parties",
+            "fdrtd": f"{p50(samples):.3f} s",
+            "target": "<= 0.5 s",
+            "key": "vector_sum",
+        }
+    )
+
+    for n_values in (100_000,) if quick else (100_000, 1_000_000):
+        _, columns = _federated(local, {n: rng.normal(120, 15, n_values) for n in names})
+        uinputs = {n: {"data": h} for n, h in columns.items()}
+        samples = timed(lambda: fed.compute("smpc", "univariate", uinputs).result(timeout=300), 3)
+        target = "<= 0.3 s" if n_values == 100_000 else "<= 1 s"
+        rows.append(
+            {
+                "name": f"univariate statistics, {n_values:,} values per party",
+                "fdrtd": f"{p50(samples):.3f} s",
+                "target": target,
+                "key": f"univariate_{n_values}",
+            }
+        )
+    return rows
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()} — {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def write_results(sections: dict[str, list[Row]], path: Path, args: argparse.Namespace) -> None:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Recorded by `python bench/run.py{' --quick' if args.quick else ''}` on "
+        f"{datetime.date.today().isoformat()}.",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "All servers run on 127.0.0.1 on this one machine, so the parties share its cores.",
+        "Times are medians (p50) unless stated.",
+        "",
+    ]
+    for title, rows in sections.items():
+        lines += [f"## {title}", ""]
+        refs = sorted(
+            {k for row in rows for k in row if k not in ("name", "fdrtd", "target", "key")}
+        )
+        header = ["measurement", "fdrtd", *refs, "target"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for row in rows:
+            cells = [
+                row["name"],
+                row.get("fdrtd", ""),
+                *(str(row.get(r, "")) for r in refs),
+                row.get("target", ""),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = parser.parse_args()
+    sections: dict[str, list[Row]] = {}
+    os.environ["FDRTD_MIN_COHORT"] = "1"  # the benchmarks sum single scalars
+    with tempfile.TemporaryDirectory(prefix="fdrtd-bench-") as scratch:
+        with LocalFederation(Path(scratch) / "one", names=("solo",)) as local:
+            sections["Controller and bus"] = bench_round_trip(local, 500 if args.quick else 3000)
+            sections["Controller and bus"] += bench_upload(local, 0.125 if args.quick else 1.0)
+        with LocalFederation(Path(scratch) / "three") as local:
+            sections["Secure multiparty computation (3 servers)"] = bench_smpc(local, args.quick)
+        try:
+            import references
+
+            references.add_reference_results(sections, args.quick)
+        except ImportError as error:
+            print(f"reference systems not measured: {error}")
+    write_results(sections, args.output, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
