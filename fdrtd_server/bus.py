@@ -10,6 +10,7 @@ bucket            kind           holds
 ``fdrtd_data``    object store   uploaded datasets, by data handle
 ``fdrtd_sets``    key-value      dataset descriptions (owner, format, columns)
 ``fdrtd_jobs``    key-value      computation state, progress and small results
+``fdrtd_sessions`` key-value     computation session ids already used (never reused)
 ``fdrtd_results`` object store   results too large for a key-value entry
 ``FDRTD_PEER``    stream         verified peer messages, by session; its
                                  15-minute duplicate window refuses replays
@@ -52,6 +53,7 @@ __all__ = [
     "JOBS_BUCKET",
     "PEER_IN_PREFIX",
     "PEER_OUT_SUBJECT",
+    "PEER_SEEDS_SUBJECT",
     "PEER_STREAM",
     "SERVICE_PREFIX",
     "Bus",
@@ -65,11 +67,14 @@ SERVICE_PREFIX = "fdrtd.svc"
 QUEUE_GROUP = "fdrtd"
 PEER_OUT_SUBJECT = "fdrtd.peer.out"
 """Protocols request here to send a message to another party's server."""
+PEER_SEEDS_SUBJECT = "fdrtd.peer.seeds"
+"""Protocols request here the pairwise seeds of a session (key agreement)."""
 PEER_IN_PREFIX = "fdrtd.peer.in"
 """Verified incoming peer messages: ``fdrtd.peer.in.<session>``."""
 PEER_STREAM = "FDRTD_PEER"
 DATA_BUCKET = "fdrtd_data"
 SETS_BUCKET = "fdrtd_sets"
+SESSIONS_BUCKET = "fdrtd_sessions"
 JOBS_BUCKET = "fdrtd_jobs"
 RESULTS_BUCKET = "fdrtd_results"
 REPLAY_WINDOW = 900.0
@@ -147,6 +152,7 @@ class Bus:
         self.results: ObjectStore
         self.sets: KeyValue
         self.jobs: KeyValue
+        self.sessions: KeyValue
         self._object_cache: OrderedDict[str, bytes] = OrderedDict()
         self._object_cache_bytes = 0
         self._set_cache: OrderedDict[str, dict[str, Any]] | None = None
@@ -188,6 +194,7 @@ class Bus:
         self.results = await self._obs(RESULTS_BUCKET)
         self.sets = await self._kv(SETS_BUCKET)
         self.jobs = await self._kv(JOBS_BUCKET)
+        self.sessions = await self._kv(SESSIONS_BUCKET)
         try:
             await self.js.stream_info(PEER_STREAM)
         except NotFoundError:

@@ -23,6 +23,8 @@ import json
 import logging
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nats.aio.msg import Msg
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -31,7 +33,10 @@ from starlette.routing import Route
 from fdrtd_client import wire
 from fdrtd_server._http import HttpError, PeerHttpClient
 from fdrtd_server.app import State, problem
-from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT
+from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_SEEDS_SUBJECT
+from fdrtd_server.envelope import (
+    SESSION_PATTERN as SESSION_RULE,
+)
 from fdrtd_server.envelope import PeerMessageRejected, open_envelope, replay_key, seal
 from fdrtd_server.errors import Conflict, PayloadTooLarge
 from fdrtd_server.identity import Identity, PeerEntry, load_federation
@@ -57,6 +62,7 @@ class Gateway:
         self.reload_members()
         self.http = PeerHttpClient(timeout=SEND_TIMEOUT)
         self.subscription: Any = None
+        self.seed_subscription: Any = None
 
     def reload_members(self) -> None:
         """Re-read the federation file if it changed."""
@@ -113,6 +119,43 @@ class Gateway:
         if msg.reply:
             await self.state.bus.nc.publish(msg.reply, wire.packb(answer))
 
+    async def handle_seeds(self, msg: Msg) -> None:
+        """Derive this server's pairwise seeds with the named parties for one session.
+
+        ``seed = HKDF-SHA256(X25519(our key, their key), salt="fdrtd pair seed v1",
+        info=session | low name | high name)``: both servers of a pair derive
+        the same 32 bytes without a message, and every session gets fresh
+        seeds. Protocol microservices then expand them into pairwise masks.
+        The seeds never leave this party's bus.
+        """
+        try:
+            request = wire.unpackb(msg.data)
+            session = str(request["session"])
+            if not SESSION_RULE.match(session):
+                raise ValueError("session")
+            self.reload_members()
+            seeds: dict[str, bytes] = {}
+            for name in request["parties"]:
+                peer = self.members.get(str(name))
+                if peer is None:
+                    answer: dict[str, Any] = {
+                        "status": 404,
+                        "detail": f"party '{name}' is not in this server's federation",
+                    }
+                    break
+                low, high = sorted((self.identity.name, peer.name))
+                info = b"\x00".join((session.encode(), low.encode(), high.encode()))
+                shared = self.identity.exchange(peer.box_public)
+                seeds[peer.name] = HKDF(
+                    algorithm=hashes.SHA256(), length=32, salt=b"fdrtd pair seed v1", info=info
+                ).derive(shared)
+            else:
+                answer = {"status": 200, "seeds": seeds}
+        except (KeyError, TypeError, ValueError, wire.WireError):
+            answer = {"status": 400, "detail": "malformed seed request"}
+        if msg.reply:
+            await self.state.bus.nc.publish(msg.reply, wire.packb(answer))
+
 
 async def start(state: State, nats_url: str) -> None:
     """Load keys and members, serve ``fdrtd.peer.out``."""
@@ -121,6 +164,9 @@ async def start(state: State, nats_url: str) -> None:
     state.extra["public_entry"] = gateway.identity.public_entry(state.settings.url).to_dict()
     gateway.subscription = await state.bus.nc.subscribe(
         PEER_OUT_SUBJECT, queue="fdrtd-gateway", cb=gateway.handle_outgoing
+    )
+    gateway.seed_subscription = await state.bus.nc.subscribe(
+        PEER_SEEDS_SUBJECT, queue="fdrtd-gateway", cb=gateway.handle_seeds
     )
 
 
@@ -131,6 +177,7 @@ async def stop(state: State) -> None:
         return
     with contextlib.suppress(Exception):
         await gateway.subscription.unsubscribe()
+        await gateway.seed_subscription.unsubscribe()
     await gateway.http.close()
 
 

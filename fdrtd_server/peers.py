@@ -23,10 +23,17 @@ from typing import Any
 
 import nats.errors
 from nats.js import api as js_api
+from nats.js.errors import KeyWrongLastSequenceError
 
 from fdrtd_client import wire
-from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_STREAM, Bus
-from fdrtd_server.errors import BadRequest, ComputationFailed, PartyTimeout, error_for_status
+from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_SEEDS_SUBJECT, PEER_STREAM, Bus
+from fdrtd_server.errors import (
+    BadRequest,
+    ComputationFailed,
+    Conflict,
+    PartyTimeout,
+    error_for_status,
+)
 
 __all__ = ["ABORT_TAG", "PeerSession"]
 
@@ -64,6 +71,15 @@ class PeerSession:
         self._aborted: tuple[str, str] | None = None
 
     async def __aenter__(self) -> PeerSession:
+        # A session id is used once per server: masks are derived from it, so a
+        # reused id would reuse masks.
+        try:
+            await self.bus.sessions.create(self.id, wire.packb({"parties": self.parties}))
+        except KeyWrongLastSequenceError:
+            raise Conflict(
+                f"session '{self.id}' was already used on this server; "
+                "start every computation with a new session id"
+            ) from None
         self._subscription = await self.bus.js.subscribe(
             f"{PEER_IN_PREFIX}.{self.id}",
             stream=PEER_STREAM,
@@ -147,6 +163,29 @@ class PeerSession:
             if status in (503, 504):
                 raise PartyTimeout(str(answer.get("detail", "")))
             raise error_for_status(status if status < 500 else 422, str(answer.get("detail", "")))
+
+    async def pair_seeds(self) -> dict[str, bytes]:
+        """32-byte seeds shared with each other party, from key agreement (no message).
+
+        The local gateway derives them from this server's X25519 key and each
+        peer's, bound to this session id (see ``Gateway.handle_seeds``).
+        """
+        request = {"session": self.id, "parties": self.others}
+        try:
+            reply = await self.bus.nc.request(
+                PEER_SEEDS_SUBJECT, wire.packb(request), timeout=self.timeout
+            )
+        except nats.errors.NoRespondersError:
+            raise ComputationFailed("no peer gateway is running on this server") from None
+        except nats.errors.TimeoutError:
+            raise PartyTimeout("the peer gateway did not answer in time") from None
+        answer = wire.unpackb(reply.data)
+        if answer.get("status") != 200:
+            raise ComputationFailed(
+                str(answer.get("detail", "the gateway refused to derive seeds"))
+            )
+        seeds: dict[str, bytes] = answer["seeds"]
+        return seeds
 
     async def broadcast(self, tag: str, value: Any, to: Iterable[str] | None = None) -> None:
         """Send the same ``value`` to every other party (concurrently)."""

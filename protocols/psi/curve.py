@@ -566,7 +566,7 @@ def _hash_to_points(items: list[bytes], prefix: bytes) -> list[bytes]:
 
 
 def _edwards_to_montgomery(points: list[bytes]) -> list[bytes]:
-    """u = (1 + y) / (1 - y) mod p for each compressed Edwards point (RFC 7748, 4.1).
+    """Map compressed Edwards points to u = (1 + y) / (1 - y) mod p (RFC 7748, 4.1).
 
     Montgomery's trick: one modular inversion for the whole list, three
     multiplications per point. The sign bit of x is dropped (u is the same

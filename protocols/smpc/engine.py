@@ -5,12 +5,16 @@ between the servers of one computation session (semi-honest servers; any
 coalition of up to n-1 servers learns nothing beyond the output, since every
 revealed value is masked with randomness of at least one server outside it).
 
-Setup (stage ``SEEDS``, one message round)
-    Every ordered pair of parties (i, j) gets a fresh 32-byte seed ``s_ij``
-    chosen by i and sent to j through the peer channel, which is encrypted
-    end to end and authenticated (:mod:`fdrtd_server.envelope`). A seed is
-    the compact form of a whole vector of additive shares: ``PRG(s_ij,
-    label)`` expands it with AES-256-CTR (:func:`protocols.smpc.ring.prg_uint64`).
+Setup (stage ``SEEDS``, one message round for the public metadata)
+    Every pair of parties (i, j) shares a 32-byte seed ``s_ij`` from key
+    agreement: each server's gateway derives it from its own X25519 key and
+    the peer's public key in the federation file, bound to the session id by
+    HKDF, so no message is needed and no session reuses a seed (session ids
+    are refused on reuse). A seed is the compact form of a whole vector of
+    additive shares: ``PRG(s_ij, label)`` expands it with AES-256-CTR
+    (:func:`protocols.smpc.ring.prg_uint64`). The public metadata every
+    party declares (shapes, options) is exchanged in the same round as the
+    first secure sum when the caller defers it, else in a round of its own.
 
 Secure sum (one broadcast round per sum)
     Party i publishes ``y_i = x_i - sum_j PRG(s_ij) + sum_j PRG(s_ji)`` (mod
@@ -38,7 +42,6 @@ Secure maximum (8 rounds of secure OR)
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -79,28 +82,44 @@ class SmpcSession:
         self._take: dict[str, bytes] = {}
         self._counter = 0
         self.public: dict[str, Any] = {}
+        self._deferred: dict[str, Any] | None = None
 
-    async def setup(self, public: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Exchange pairwise seeds, plus public metadata (shapes, counts of tags).
+    async def setup(
+        self, public: dict[str, Any] | None = None, *, defer: bool = False
+    ) -> dict[str, Any]:
+        """Get the pairwise seeds, and exchange public metadata (shapes, options).
+
+        Args:
+            public: What this party declares to the others; compare it with
+                ``protocols.smpc.service.agree``.
+            defer: Send ``public`` along with the first secure sum instead of in
+                a round of its own (saves a round); :attr:`public` is filled
+                once that sum is done.
 
         Returns:
-            Every party's ``public`` dict, by party name.
+            Every party's ``public`` dict, by party name (only ours if deferred).
         """
-        self._give = {party: ring.random_seed() for party in self.peers.others}
-        mine = public or {}
-        async with asyncio.TaskGroup() as group:
-            for party in self.peers.others:
-                message = {"seed": self._give[party], "public": mine}
-                group.create_task(self.peers.send(party, Stage.SEEDS, message))
-        received = await self.peers.gather(Stage.SEEDS)
-        for party, message in received.items():
-            seed = message.get("seed") if isinstance(message, dict) else None
+        seeds = await self.peers.pair_seeds()
+        for party in self.peers.others:
+            seed = seeds.get(party)
             if not isinstance(seed, bytes) or len(seed) != ring.SEED_BYTES:
-                raise ComputationFailed(f"party '{party}' sent a malformed setup message")
-            self._take[party] = seed
-        self.public = {party: received[party].get("public", {}) for party in self.peers.others}
-        self.public[self.peers.me] = mine
+                raise ComputationFailed(f"no pairwise seed could be derived with party '{party}'")
+            # one shared seed per pair; the labels tell the two directions apart
+            self._give[party] = self._take[party] = seed
+        mine = public or {}
+        self.public = {self.peers.me: mine}
+        if defer:
+            self._deferred = mine
+            return self.public
+        received = await self.peers.exchange(Stage.SEEDS, mine)
+        self._store_public(received)
         return self.public
+
+    def _store_public(self, received: dict[str, Any]) -> None:
+        for party, value in received.items():
+            if not isinstance(value, dict):
+                raise ComputationFailed(f"party '{party}' sent malformed public metadata")
+            self.public[party] = value
 
     def _label(self, tag: str, giver: str, taker: str) -> bytes:
         return f"{self.peers.id}|{tag}|{giver}|{taker}".encode()
@@ -128,10 +147,21 @@ class SmpcSession:
         y = self._masked(tag, values).reshape(-1)
         total = y.copy()
         pieces = max(1, -(-y.size // CHUNK))
+        deferred, self._deferred = self._deferred, None
         for k in range(pieces):
-            await self.peers.broadcast(f"{tag}.{k}", y[k * CHUNK : (k + 1) * CHUNK])
+            piece = y[k * CHUNK : (k + 1) * CHUNK]
+            await self.peers.broadcast(
+                f"{tag}.{k}",
+                {"v": piece, "public": deferred} if k == 0 and deferred is not None else piece,
+            )
         for party in self.peers.others:
             parts = [await self.peers.recv(party, f"{tag}.{k}") for k in range(pieces)]
+            if deferred is not None:
+                first = parts[0] if isinstance(parts[0], dict) else {}
+                self._store_public({party: first.get("public")})
+                parts[0] = first.get("v")
+            if not all(isinstance(part, np.ndarray) for part in parts):
+                raise ComputationFailed(f"party '{party}' sent a malformed masked vector")
             theirs = np.concatenate(parts) if pieces > 1 else np.asarray(parts[0])
             if theirs.dtype != np.uint64 or theirs.size != y.size:
                 raise ComputationFailed(f"party '{party}' sent a masked vector of the wrong size")
@@ -174,7 +204,17 @@ class SmpcSession:
             ]
         # 256-bit integers travel as 32-byte big-endian strings
         wire_form = [v.to_bytes(32, "big") for v in masked]
-        received = await self.peers.exchange(tag, wire_form)
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            received = await self.peers.exchange(tag, wire_form)
+        else:
+            wrapped = await self.peers.exchange(tag, {"v": wire_form, "public": deferred})
+            received = {}
+            for party, message in wrapped.items():
+                message = message if isinstance(message, dict) else {}
+                if party != self.peers.me:
+                    self._store_public({party: message.get("public")})
+                received[party] = message.get("v")
         total = [0] * len(masked)
         for party, items in received.items():
             if (

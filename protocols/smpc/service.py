@@ -80,9 +80,10 @@ async def count(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     dataset = await ctx.load_dataset(inputs.get("data"))
     async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
-        await smpc.setup({"function": "count"})
+        await smpc.setup({"function": "count"}, defer=True)
+        total = await joint_count(ctx, smpc, dataset.rows)
         agree(smpc, "function")
-        return {"count": await joint_count(ctx, smpc, dataset.rows)}
+        return {"count": total}
 
 
 @service.job("secure_sum")
@@ -108,14 +109,16 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         local, rows = finite.sum(axis=0), int(finite.shape[0])
     async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
-        await smpc.setup(
-            {"shape": list(np.shape(local)), "elementwise": elementwise, "frac_bits": frac_bits}
-        )
+        public = {
+            "shape": list(np.shape(local)),
+            "elementwise": elementwise,
+            "frac_bits": frac_bits,
+        }
+        await smpc.setup(public, defer=True)
+        total_rows = await joint_count(ctx, smpc, rows)
         agree(smpc, "elementwise")
         agree(smpc, "frac_bits")
         agree(smpc, "shape")
-        total_rows = await joint_count(ctx, smpc, rows)
-        await ctx.progress(0.5)
         total = await smpc.sum_fixed(local, frac_bits)
     value: Any = float(total) if total.ndim == 0 else total
     return {"sum": value, "count": total_rows}
@@ -128,9 +131,11 @@ async def minimum_maximum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, 
     values = finite_rows(numeric(dataset.column(inputs.get("column"))))
     async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
-        await smpc.setup({"function": "minimum_maximum", "shape": list(values.shape[1:])})
-        agree(smpc, "shape")
+        await smpc.setup(
+            {"function": "minimum_maximum", "shape": list(values.shape[1:])}, defer=True
+        )
         total = await joint_count(ctx, smpc, int(values.shape[0]))
+        agree(smpc, "shape")
         present = values.shape[0] > 0
         zeros = np.zeros(values.shape[1:])
         lo, hi = await smpc.minimum_maximum(
@@ -160,10 +165,10 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     values = finite_rows(column)
     async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
-        await smpc.setup({"function": "univariate"})
-        agree(smpc, "function")
+        await smpc.setup({"function": "univariate"}, defer=True)
         # stage 1: count and sum give the mean, the public shift for stage 2
         n, total = await smpc.sum_big([float(values.size), float(values.sum())])
+        agree(smpc, "function")
         ctx.check_cohort(round(n))
         await ctx.progress(0.2)
         shift = total / n
@@ -196,9 +201,9 @@ async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     x, y = x[keep], y[keep]
     async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
-        await smpc.setup({"function": "bivariate"})
-        agree(smpc, "function")
+        await smpc.setup({"function": "bivariate"}, defer=True)
         n, sx, sy = await smpc.sum_big([float(x.size), float(x.sum()), float(y.sum())])
+        agree(smpc, "function")
         ctx.check_cohort(round(n))
         shift_x, shift_y = sx / n, sy / n
         sums = await smpc.sum_big(

@@ -1,0 +1,600 @@
+"""The ``psi`` microservice: private set intersection, its size, and set union.
+
+Every function is one party's side of a protocol among n >= 2 servers (the
+session's ``parties``, in the order every party was given). Each party's
+input is a column of its own dataset (``data`` and ``column``); the items are
+the column's distinct values, text or numbers. Numbers compare by value as in
+Python (``1 == 1.0``; integral floats become ints, NaN is dropped), text and
+numbers never match (``1 != "1"``). Semi-honest servers are assumed: they
+follow the protocol and may try to learn more from what they see.
+
+Functions
+    ``intersection``
+        The sorted items that every party holds; every party returns the same.
+    ``intersection_size``
+        Only the number of such items; no party learns which they are.
+    ``union``
+        The sorted distinct items of all parties, without revealing which
+        party holds which item.
+
+Intersection (stages, a la Meadows 1986 and Huberman, Franklin, Hogg 1999)
+    ``SETUP``: the parties exchange the function, the protocol version and
+    their set sizes; each server refuses if any set is smaller than its
+    policy's minimum cohort (a tiny set would turn the intersection into a
+    membership test on the other parties' data). ``RING``: party ``i`` draws
+    a fresh scalar ``a_i``, shuffles its items (secretly, so that positions
+    mean nothing), sends ``X25519(a_i, H(x))`` for each to party ``i+1``;
+    the list travels around the ring, each party applying its own scalar and
+    keeping the order, in messages of at most 32,000 points (1 MiB). All n
+    lists travel at once, chunk by chunk, so every server is busy all the time.
+    The party that applies the last scalar to party ``o``'s list, ``o-1``,
+    holds the *fully blinded* ``F_o`` in ``o``'s (shuffled) order. ``FINAL``:
+    it sends ``F_o`` sorted to every party; all compute ``I = F_0 & ... &
+    F_{n-1}``. ``HITS`` (``intersection`` only): ``o-1`` tells ``o`` which
+    positions of its list are in ``I``, and ``o`` maps them to its items.
+
+    This differs from the textbook flow, where the owner gets ``F_o`` back in
+    order and maps the intersection itself: an owner that holds its own
+    ordered ``F_o`` *and* the others' ``F_j`` can tell, for every one of its
+    items, exactly which other parties hold it. Here only ``o-1`` holds
+    ``F_o`` in order, and it does not know ``o``'s shuffle. Same messages,
+    same cost, less leakage.
+
+Union (a decryption mix-net, Chaum 1981)
+    ``SETUP`` also carries each party's fresh X25519 key and a padded item
+    length class (a power of two); every party pads its items to the largest
+    class and wraps each in one sealed box per party, party 0's layer
+    outermost. ``COLLECT``: everyone sends its onions to party 0. ``MIX``:
+    party ``k`` peels its layer, shuffles with ``secrets.SystemRandom`` and
+    passes the batch to ``k+1``; the last party removes the last layer,
+    unpads, deduplicates and broadcasts the union (``UNION``); every party
+    checks that its own items are in it.
+
+What is revealed (threat model, message counts, cost: ``docs/protocols.md``)
+    To every party and the client: the result, and every party's set size.
+    ``intersection`` and ``intersection_size`` with n > 2: the sizes of all
+    sub-intersections (``|S_1 & S_2|``, ``|S_1 & S_3|``, ...), since every
+    party sees all ``F_j`` as sets, but not which items they contain.
+    ``union``: the last party learns how many parties hold each item (for
+    n = 2 that is the intersection); party 0 learns how many items each party
+    sent (the set sizes, public anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import secrets
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+from nacl import bindings as sodium
+
+from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed, FdrtdError
+from fdrtd_server.microservice import JobContext, Microservice, distribution_version
+from fdrtd_server.peers import PeerSession
+from protocols.psi import curve
+
+__all__ = [
+    "CHUNK_POINTS",
+    "MAX_ITEMS",
+    "MAX_ITEM_BYTES",
+    "PROTOCOL_VERSION",
+    "Item",
+    "Stage",
+    "column_items",
+    "parse_points",
+    "service",
+    "sort_key",
+]
+
+Item = str | int | float | bytes
+T = TypeVar("T")
+
+PROTOCOL_VERSION = 1
+"""Sent in the setup round; parties running different versions refuse to start."""
+
+CHUNK_POINTS = 32_000
+"""Points per peer message: 1,024,000 bytes, within 1 MiB."""
+
+MAX_ITEMS = 2_000_000
+"""Largest set a party may announce; bounds the memory a peer can make us use."""
+
+MAX_ITEM_BYTES = 1024
+"""Largest encoded item in ``union`` (items travel, encrypted, in the mix-net)."""
+
+_CHUNK_BYTES = 1024 * 1024
+_MIN_PAD = 16
+_INT_RANGE = (-(2**63), 2**64)  # integers msgpack carries; integral floats inside become int
+
+service = Microservice(
+    "psi",
+    distribution_version("fdrtd", "0.1.0"),
+    "Private set intersection, intersection size and union (commutative encryption, mix-net).",
+)
+
+
+class Stage:
+    """Names of the protocol stages; message tags start with them."""
+
+    SETUP = "setup"
+    RING = "ring"
+    FINAL = "final"
+    HITS = "hits"
+    COLLECT = "onion"
+    MIX = "mix"
+    UNION = "union"
+
+    def __new__(cls) -> Stage:  # noqa: D102 - a namespace, never built
+        raise TypeError("Stage is a namespace of constants")
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+def column_items(values: np.ndarray[Any, Any]) -> list[Item]:
+    """The distinct items of a column: text as ``str``, numbers as ``int`` or ``float``.
+
+    Integral floats within the 64-bit range become ``int`` (so ``2.0`` from a CSV
+    file meets ``2`` from an integer array), NaN is dropped, ``-0.0`` is ``0``.
+
+    Args:
+        values: A one-dimensional column.
+
+    Returns:
+        The distinct items, in no particular order.
+
+    Raises:
+        BadRequest: If the column is not one-dimensional text or numbers.
+    """
+    if values.ndim != 1:
+        raise BadRequest("set operations need a column of single values, not a matrix")
+    kind = values.dtype.kind
+    if kind == "U":
+        return list({str(v) for v in values.tolist()})
+    if kind in "iu":
+        return list({int(v) for v in values.tolist()})
+    if kind == "f":
+        items: set[Item] = set()
+        for v in values.tolist():
+            if math.isnan(v):
+                continue
+            items.add(int(v) if v.is_integer() and _INT_RANGE[0] <= v < _INT_RANGE[1] else v)
+        return list(items)
+    raise BadRequest("set operations need a column of text or numbers (not booleans)")
+
+
+def sort_key(item: Item) -> tuple[int, Any]:
+    """Sort numbers first (by value), then text, then bytes."""
+    if isinstance(item, str):
+        return (1, item)
+    if isinstance(item, bytes):
+        return (2, item)
+    return (0, item)
+
+
+async def _load_items(ctx: JobContext, inputs: dict[str, Any]) -> list[Item]:
+    dataset = await ctx.load_dataset(inputs.get("data"))
+    items = column_items(dataset.column(inputs.get("column")))
+    if len(items) > MAX_ITEMS:
+        raise BadRequest(f"a set may hold at most {MAX_ITEMS} distinct items")
+    secrets.SystemRandom().shuffle(items)  # positions must say nothing about items
+    return items
+
+
+def _session(ctx: JobContext) -> PeerSession:
+    spec = ctx.session
+    if not spec:
+        raise BadRequest(
+            "this is a multi-party protocol: give a 'session' with an 'id' and the 'parties'"
+        )
+    parties = spec.get("parties")
+    if (
+        not isinstance(parties, list)
+        or len(parties) < 2
+        or len(set(map(str, parties))) != len(parties)
+    ):
+        raise BadRequest("the session's 'parties' must name at least two different servers")
+    return PeerSession(
+        ctx.bus, str(spec.get("id", "")), parties, ctx.env.server, ctx.env.session_timeout
+    )
+
+
+# --- messages -----------------------------------------------------------------------------
+
+
+def parse_points(message: Any, count: int, sender: str) -> list[bytes]:
+    """Split a ``{"points": bytes}`` message into ``count`` 32-byte points.
+
+    Only the shape is checked here; :func:`curve.validate_points` or
+    :func:`curve.reblind` check the points themselves.
+
+    Args:
+        message: The message as received.
+        count: How many points the protocol expects in it.
+        sender: The sending party, for the error message.
+
+    Returns:
+        The points.
+
+    Raises:
+        ComputationFailed: If the message is not a map with ``count`` points.
+    """
+    blob = message.get("points") if isinstance(message, dict) else None
+    if not isinstance(blob, bytes) or len(blob) != count * curve.POINT_BYTES:
+        raise ComputationFailed(
+            f"party '{sender}' sent a malformed message (expected {count} curve points)"
+        )
+    size = curve.POINT_BYTES
+    return [blob[k : k + size] for k in range(0, len(blob), size)]
+
+
+def _chunk_counts(total: int, per_chunk: int = CHUNK_POINTS) -> list[int]:
+    return [min(per_chunk, total - start) for start in range(0, total, per_chunk)]
+
+
+async def _crypto(sender: str, function: Callable[..., T], *args: Any) -> T:
+    """Run a blocking curve function in a thread; a bad point is the sender's fault."""
+    try:
+        return await asyncio.to_thread(function, *args)
+    except ValueError as error:
+        raise ComputationFailed(f"party '{sender}' sent invalid data: {error}") from None
+
+
+async def _all(*jobs: Coroutine[Any, Any, None]) -> None:
+    """Run jobs concurrently; on failure cancel the rest and raise the first real error."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for job in jobs:
+                group.create_task(job)
+    except BaseExceptionGroup as failures:
+        raise _first_error(failures) from None
+
+
+def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    # An abort from another party explains more than our own follow-up errors.
+    for leaf in leaves:
+        if isinstance(leaf, FdrtdError):
+            return leaf
+    return leaves[0]
+
+
+async def _setup(
+    ctx: JobContext, peers: PeerSession, function: str, size: int, extra: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Stage SETUP: agree on function and version, learn the sizes, apply the cohort rule."""
+    if size < ctx.env.min_cohort:
+        raise CohortTooSmall(ctx.env.min_cohort)
+    mine = {"function": function, "version": PROTOCOL_VERSION, "size": size, **extra}
+    received = await peers.exchange(Stage.SETUP, mine)
+    for party, message in received.items():
+        if not isinstance(message, dict):
+            raise ComputationFailed(f"party '{party}' sent a malformed setup message")
+        if message.get("function") != function or message.get("version") != PROTOCOL_VERSION:
+            raise ComputationFailed(
+                "the parties disagree on the function or protocol version; every party "
+                "must run the same psi function of the same fdrtd version"
+            )
+        count = message.get("size")
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_ITEMS:
+            raise ComputationFailed(f"party '{party}' announced an invalid set size")
+    if any(received[party]["size"] < ctx.env.min_cohort for party in peers.parties):
+        raise CohortTooSmall(ctx.env.min_cohort)
+    return received
+
+
+# --- intersection -------------------------------------------------------------------------
+
+
+def _domain(peers: PeerSession) -> bytes:
+    return b"fdrtd-psi/v1/" + peers.id.encode()
+
+
+async def _ring(
+    peers: PeerSession, scalar: bytes, encoded: list[bytes], sizes: list[int]
+) -> list[bytes]:
+    """Stage RING; returns ``F`` of the next party's list, in that party's order."""
+    n, me = len(peers.parties), peers.index
+    after, before = peers.parties[(me + 1) % n], peers.parties[(me - 1) % n]
+    domain = _domain(peers)
+    held: list[bytes] = []
+
+    async def forward(owner: int, applied: int, k: int, points: list[bytes]) -> None:
+        if applied == n:  # the last scalar: this is F_owner (owner == me + 1)
+            held.extend(points)
+        else:
+            tag = f"{Stage.RING}.{owner}.{applied}.{k}"
+            await peers.send(after, tag, {"points": b"".join(points)})
+
+    async def own() -> None:
+        for k, start in enumerate(range(0, len(encoded), CHUNK_POINTS)):
+            chunk = encoded[start : start + CHUNK_POINTS]
+            points = await asyncio.to_thread(curve.hash_and_blind, chunk, scalar, domain)
+            await forward(me, 1, k, points)
+
+    async def relay(owner: int) -> None:
+        applied = (me - owner) % n  # scalars on the list when it reaches us
+        for k, count in enumerate(_chunk_counts(sizes[owner])):
+            message = await peers.recv(before, f"{Stage.RING}.{owner}.{applied}.{k}")
+            points = parse_points(message, count, before)
+            await forward(
+                owner, applied + 1, k, await _crypto(before, curve.reblind, points, scalar)
+            )
+
+    await _all(own(), *(relay(owner) for owner in range(n) if owner != me))
+    return held
+
+
+async def _final(peers: PeerSession, held: list[bytes], sizes: list[int]) -> set[bytes]:
+    """Stage FINAL: publish the held ``F`` sorted, collect the others, intersect."""
+    n, me = len(peers.parties), peers.index
+    mine = sorted(held)
+    sets: list[set[bytes]] = [set(mine)]
+
+    async def publish() -> None:
+        for k, start in enumerate(range(0, len(mine), CHUNK_POINTS)):
+            blob = b"".join(mine[start : start + CHUNK_POINTS])
+            await peers.broadcast(f"{Stage.FINAL}.{(me + 1) % n}.{k}", {"points": blob})
+
+    async def collect(owner: int) -> None:
+        sender = peers.parties[(owner - 1) % n]
+        points: list[bytes] = []
+        for k, count in enumerate(_chunk_counts(sizes[owner])):
+            message = await peers.recv(sender, f"{Stage.FINAL}.{owner}.{k}")
+            points.extend(parse_points(message, count, sender))
+        await _crypto(sender, curve.validate_points, points)
+        # Sorted and distinct: positions carry nothing, and no point counts twice.
+        if any(a >= b for a, b in itertools.pairwise(points)):
+            raise ComputationFailed(f"party '{sender}' sent a blinded set that is not sorted")
+        sets.append(set(points))
+
+    owners = [owner for owner in range(n) if owner != (me + 1) % n]
+    await _all(publish(), *(collect(owner) for owner in owners))
+    sets.sort(key=len)
+    return sets[0].intersection(*sets[1:])
+
+
+async def _hits(
+    peers: PeerSession, held: list[bytes], joint: set[bytes], items: list[Item]
+) -> list[Item]:
+    """Stage HITS: tell the next party its positions in the intersection; learn ours."""
+    n, me = len(peers.parties), peers.index
+    after, before = peers.parties[(me + 1) % n], peers.parties[(me - 1) % n]
+    positions = np.array([k for k, point in enumerate(held) if point in joint], dtype=np.uint32)
+    await peers.send(after, Stage.HITS, {"positions": positions})
+    message = await peers.recv(before, Stage.HITS)
+    ours = message.get("positions") if isinstance(message, dict) else None
+    if (
+        not isinstance(ours, np.ndarray)
+        or ours.dtype != np.uint32
+        or ours.ndim != 1
+        or ours.size != len(joint)
+        or (ours.size and int(ours.max()) >= len(items))
+        or np.unique(ours).size != ours.size
+    ):
+        raise ComputationFailed(f"party '{before}' sent malformed intersection positions")
+    return sorted((items[int(k)] for k in ours), key=sort_key)
+
+
+async def _run_intersection(
+    ctx: JobContext, inputs: dict[str, Any], *, reveal_items: bool
+) -> dict[str, Any]:
+    items = await _load_items(ctx, inputs)
+    function = "intersection" if reveal_items else "intersection_size"
+    async with _session(ctx) as peers:
+        received = await _setup(ctx, peers, function, len(items), {})
+        sizes = [received[party]["size"] for party in peers.parties]
+        await ctx.progress(0.05)
+        scalar = curve.random_scalar()
+        encoded = [curve.encode_item(item) for item in items]
+        held = await _ring(peers, scalar, encoded, sizes)
+        await ctx.progress(0.8)
+        joint = await _final(peers, held, sizes)
+        if not reveal_items:
+            return {"size": len(joint)}
+        await ctx.progress(0.95)
+        found = await _hits(peers, held, joint, items)
+    return {"intersection": found, "size": len(found)}
+
+
+@service.job("intersection")
+async def intersection(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The items that every party holds, sorted (numbers first, then text).
+
+    Inputs: ``data``; ``column`` (optional if the dataset has one column).
+    Returns ``{"intersection": [...], "size": k}``; every party returns the same.
+    """
+    return await _run_intersection(ctx, inputs, reveal_items=True)
+
+
+@service.job("intersection_size")
+async def intersection_size(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """How many items every party holds; no party learns which.
+
+    Inputs: ``data``; ``column``. Returns ``{"size": k}``.
+    """
+    return await _run_intersection(ctx, inputs, reveal_items=False)
+
+
+# --- union --------------------------------------------------------------------------------
+
+
+def _pad_class(encoded: Sequence[bytes]) -> int:
+    longest = max((len(e) for e in encoded), default=0)
+    return max(_MIN_PAD, 1 << longest.bit_length())  # a power of two > longest
+
+
+def _blob_chunks(blob_items: list[bytes], size: int) -> list[list[bytes]]:
+    per = max(1, _CHUNK_BYTES // size)
+    return [blob_items[start : start + per] for start in range(0, len(blob_items), per)]
+
+
+def _valid_key(key: bytes) -> bool:
+    try:
+        curve.validate_points([key], workers=1)
+    except ValueError:
+        return False
+    return True
+
+
+def _split(message: Any, count: int, size: int, sender: str) -> list[bytes]:
+    blob = message.get("onions") if isinstance(message, dict) else None
+    if not isinstance(blob, bytes) or len(blob) != count * size:
+        raise ComputationFailed(f"party '{sender}' sent a malformed mix-net message")
+    return [blob[k : k + size] for k in range(0, len(blob), size)]
+
+
+async def _send_onions(peers: PeerSession, to: str, tag: str, onions: list[bytes]) -> None:
+    if not onions:
+        return
+    for k, chunk in enumerate(_blob_chunks(onions, len(onions[0]))):
+        await peers.send(to, f"{tag}.{k}", {"onions": b"".join(chunk)})
+
+
+async def _recv_onions(
+    peers: PeerSession, sender: str, tag: str, count: int, size: int
+) -> list[bytes]:
+    out: list[bytes] = []
+    per = max(1, _CHUNK_BYTES // size)
+    for k, expected in enumerate(_chunk_counts(count, per)):
+        out.extend(_split(await peers.recv(sender, f"{tag}.{k}"), expected, size, sender))
+    return out
+
+
+def _decode_union_item(encoded: bytes) -> Item:
+    value = curve.decode_item(encoded)
+    if isinstance(value, int) and not _INT_RANGE[0] <= value < _INT_RANGE[1]:
+        raise ValueError("an integer item is outside the 64-bit range")
+    if isinstance(value, float) and value.is_integer() and _INT_RANGE[0] <= value < _INT_RANGE[1]:
+        raise ValueError("an integral float item was not turned into an integer")
+    return value
+
+
+@service.job("union")
+async def union(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The distinct items of all parties, sorted, hiding who holds which.
+
+    Inputs: ``data``; ``column``. Returns ``{"union": [...], "size": k}``; every
+    party returns the same. The last party of the session learns how many
+    parties hold each item (see the module docstring).
+    """
+    items = await _load_items(ctx, inputs)
+    encoded = [curve.encode_item(item) for item in items]
+    if any(len(e) > MAX_ITEM_BYTES for e in encoded):
+        raise BadRequest(f"union items must be at most {MAX_ITEM_BYTES} bytes long (UTF-8)")
+    private_key = curve.random_scalar()  # an ephemeral X25519 key for this session only
+    public_key = sodium.crypto_scalarmult_base(private_key)
+    async with _session(ctx) as peers:
+        n, me = len(peers.parties), peers.index
+        extra = {"key": public_key, "pad": _pad_class(encoded)}
+        received = await _setup(ctx, peers, "union", len(items), extra)
+        keys, pads = [], []
+        for party in peers.parties:
+            key, pad = received[party].get("key"), received[party].get("pad")
+            if (
+                not isinstance(key, bytes)
+                or not _valid_key(key)
+                or not isinstance(pad, int)
+                or pad < _MIN_PAD
+                or pad > 2 * MAX_ITEM_BYTES
+                or pad & (pad - 1)
+            ):
+                raise ComputationFailed(f"party '{party}' sent a malformed union setup message")
+            keys.append(key)
+            pads.append(pad)
+        sizes = [received[party]["size"] for party in peers.parties]
+        total, length = sum(sizes), max(pads)
+        await ctx.progress(0.05)
+
+        # COLLECT: everyone's onions go to party 0.
+        padded = [curve.pad_item(e, length) for e in encoded]
+        onions = await asyncio.to_thread(curve.seal_onions, padded, keys)
+        onion_size = length + n * curve.ONION_LAYER_BYTES
+        collector = peers.parties[0]
+        if me != 0:
+            await _send_onions(peers, collector, Stage.COLLECT, onions)
+        else:
+            batches = [onions]
+            for j in range(1, n):
+                sender = peers.parties[j]
+                batches.append(
+                    await _recv_onions(peers, sender, Stage.COLLECT, sizes[j], onion_size)
+                )
+            onions = [onion for batch in batches for onion in batch]
+        await ctx.progress(0.3)
+
+        # MIX: party k peels, shuffles and passes on; the last one gets the items.
+        last = peers.parties[n - 1]
+        if me > 0:
+            sender = peers.parties[me - 1]
+            size = length + (n - me) * curve.ONION_LAYER_BYTES
+            onions = await _recv_onions(peers, sender, f"{Stage.MIX}.{me}", total, size)
+        try:
+            inner = await asyncio.to_thread(curve.peel_onions, onions, private_key)
+        except ValueError:
+            # After party 0's shuffle nobody can tell whose onion it was.
+            raise ComputationFailed("an onion in the mix-net does not decrypt") from None
+        secrets.SystemRandom().shuffle(inner)
+        await ctx.progress(0.6)
+        if me < n - 1:
+            await _send_onions(peers, peers.parties[me + 1], f"{Stage.MIX}.{me + 1}", inner)
+            found = await _receive_union(peers, last, total)
+        else:
+            try:
+                distinct = {curve.unpad_item(p) for p in inner}
+                values = sorted((_decode_union_item(e) for e in distinct), key=sort_key)
+            except ValueError as error:
+                raise ComputationFailed(f"an item in the mix-net is malformed: {error}") from None
+            await _broadcast_union(peers, values)
+            found = values
+        if not set(items) <= set(found):
+            raise ComputationFailed("the union misses items of this party; a party misbehaved")
+    return {"union": found, "size": len(found)}
+
+
+async def _broadcast_union(peers: PeerSession, values: list[Item]) -> None:
+    encoded = [curve.encode_item(v) for v in values]
+    chunks: list[list[bytes]] = [[]]
+    used = 0
+    for item in encoded:
+        if chunks[-1] and used + len(item) + 8 > _CHUNK_BYTES:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(item)
+        used += len(item) + 8
+    for k, chunk in enumerate(chunks):
+        await peers.broadcast(f"{Stage.UNION}.{k}", {"items": chunk, "more": k < len(chunks) - 1})
+
+
+async def _receive_union(peers: PeerSession, sender: str, total: int) -> list[Item]:
+    values: list[Item] = []
+    k, more = 0, True
+    while more:
+        message = await peers.recv(sender, f"{Stage.UNION}.{k}")
+        chunk = message.get("items") if isinstance(message, dict) else None
+        flag = message.get("more") if isinstance(message, dict) else None
+        if not isinstance(chunk, list) or not isinstance(flag, bool):
+            raise ComputationFailed(f"party '{sender}' sent a malformed union message")
+        more = flag
+        try:
+            values.extend(_decode_union_item(e) for e in chunk)
+        except (ValueError, TypeError):
+            raise ComputationFailed(f"party '{sender}' sent a malformed union item") from None
+        if len(values) > total:
+            raise ComputationFailed(f"party '{sender}' sent more union items than were sent in")
+        k += 1
+    if len(set(values)) != len(values):
+        raise ComputationFailed(f"party '{sender}' sent a union with repeated items")
+    return sorted(values, key=sort_key)
