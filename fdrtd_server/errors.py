@@ -88,7 +88,7 @@ class CohortTooSmall(Forbidden):
     def __init__(self, minimum: int) -> None:
         super().__init__(
             f"the result would cover fewer than the minimum cohort of {minimum} records "
-            "that this server's policy requires; use a larger dataset"
+            "that the servers' policies require; use a larger dataset"
         )
         self.minimum = minimum
 

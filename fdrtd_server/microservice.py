@@ -204,6 +204,7 @@ class Microservice:
     description: str
     jobs: dict[str, JobFunction] = field(default_factory=dict)
     calls: dict[str, CallFunction] = field(default_factory=dict)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not NAME_RULE.match(self.name):
@@ -231,6 +232,11 @@ class Microservice:
             return function
 
         return register
+
+    def add_cleanup(self, function: Callable[[], None]) -> None:
+        """Run ``function`` when the microservice stops (e.g. shut down a process pool)."""
+        if function not in self.cleanups:
+            self.cleanups.append(function)
 
     def _check_new(self, name: str) -> None:
         if not NAME_RULE.match(name):
@@ -348,6 +354,11 @@ class _Runner:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        for cleanup in self.spec.cleanups:
+            try:
+                cleanup()
+            except Exception:
+                log.exception("cleanup of microservice '%s' failed", self.spec.name)
 
 
 class RunningMicroservices:

@@ -204,11 +204,12 @@ class PeerSession:
         deadline = time.monotonic() + self.timeout
         async with self._arrived:
             while True:
+                # a message that arrived before an abort is still delivered
+                if (sender, tag) in self._inbox:
+                    return self._inbox.pop((sender, tag))
                 if self._aborted is not None:
                     party, reason = self._aborted
                     raise ComputationFailed(f"party '{party}' ended the computation: {reason}")
-                if (sender, tag) in self._inbox:
-                    return self._inbox.pop((sender, tag))
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise PartyTimeout(

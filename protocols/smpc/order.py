@@ -84,13 +84,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fdrtd_server.errors import BadRequest, ComputationFailed
+from fdrtd_server.errors import BadRequest, ComputationFailed, FdrtdError
 from fdrtd_server.microservice import JobContext
 from protocols.psi import curve
 from protocols.smpc import ring
 from protocols.smpc._registry import service
 from protocols.smpc.engine import SmpcSession
-from protocols.smpc.service import agree, joint_count, numeric, session_for
+from protocols.smpc.service import agree, numeric, session_for
 
 __all__ = [
     "KEY_BITS",
@@ -388,16 +388,32 @@ async def _order_statistics(
     public: dict[str, Any],
     ranks_for: Callable[[int], list[int]],
 ) -> tuple[int, dict[int, float]]:
-    """Run setup, joint count and search; return the joint count and the values by rank."""
+    """Run setup, joint count and search; return the joint count and the values by rank.
+
+    A cohort that is too small, or a rank beyond the joint count, is detected
+    by every party from the same public count. Each party then leaves the
+    session cleanly and raises the error itself: raising inside the session
+    would send an abort that can reach a party still reading the count, which
+    would then report "party ... ended the computation" instead.
+    """
+    refusal: FdrtdError | None = None
     async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
         await smpc.setup(public)
         for key in public:
             agree(smpc, key)
-        total = await joint_count(ctx, smpc, int(values.size))
-        ranks = sorted(set(ranks_for(total)))
-        await ctx.progress(0.1)
-        keys = await OrderSearch(smpc, values, total).smallest_keys(ranks, ctx.progress)
+        encoded = ring.encode_int(np.array([values.size]), parties=smpc.parties)
+        total = int(ring.decode_int(await smpc.sum_ring(encoded))[0])
+        try:
+            ctx.check_cohort(total)
+            ranks = sorted(set(ranks_for(total)))
+        except FdrtdError as error:
+            refusal = error
+        else:
+            await ctx.progress(0.1)
+            keys = await OrderSearch(smpc, values, total).smallest_keys(ranks, ctx.progress)
+    if refusal is not None:
+        raise refusal
     found = ring.float_from_order_key(keys).tolist()
     return total, dict(zip(ranks, found, strict=True))
 

@@ -551,30 +551,41 @@ async def reveal_product(
     shape: tuple[int, int],
     frac_bits: int,
 ) -> F64:
-    """Open a shared product to every party: both holders broadcast their shares."""
+    """Open a shared product to every party.
+
+    The two holders swap their shares and add them; then both send the
+    product to every other party, which checks that the two copies agree.
+    The shares never reach a third party: the dealer, who knows the triple,
+    could otherwise peel ``A @ V`` off a share and with it learn ``A``.
+    """
     tag = f"open.{name}"
-    if share is not None:
-        values, modulus = share
-        await _send_blob(
-            peers,
-            peers.others,
-            tag,
-            matmul.ints_to_bytes(values, matmul.width_for(modulus)),
-            {"modulus": _int_bytes(modulus)},
-        )
-    parts: list[Share] = []
-    for holder in holders:
-        if holder == peers.me and share is not None:
-            parts.append(share)
-            continue
-        header, blob = await _recv_blob(peers, holder, tag)
-        modulus = _int_from(header, "modulus", holder)
-        parts.append((_unpack(blob, matmul.width_for(modulus), shape, holder), modulus))
-    if parts[0][1] != parts[1][1]:
+    left, right = holders
+    if share is None:
+        copies = []
+        for holder in holders:
+            copy = np.asarray(await peers.recv(holder, f"{tag}.result"))
+            if copy.shape != shape or copy.dtype != np.float64:
+                raise ComputationFailed(f"party '{holder}' sent a malformed product")
+            copies.append(copy)
+        if not np.array_equal(copies[0], copies[1], equal_nan=True):
+            raise ComputationFailed("the two holders of a product opened different values")
+        return copies[0]
+    values, modulus = share
+    other = right if peers.me == left else left
+    width = matmul.width_for(modulus)
+    await _send_blob(
+        peers, [other], tag, matmul.ints_to_bytes(values, width), {"modulus": _int_bytes(modulus)}
+    )
+    header, blob = await _recv_blob(peers, other, tag)
+    if _int_from(header, "modulus", other) != modulus:
         raise ComputationFailed("the two holders of a product used different moduli")
-    modulus = parts[0][1]
-    total = np.asarray((parts[0][0] + parts[1][0]) % modulus, dtype=object)
-    return matmul.decode_product(total, modulus, frac_bits)
+    theirs = _unpack(blob, width, shape, other)
+    total = np.asarray((values + theirs) % modulus, dtype=object)
+    product = matmul.decode_product(total, modulus, frac_bits)
+    rest = [party for party in peers.others if party not in holders]
+    if rest:
+        await peers.broadcast(f"{tag}.result", product, to=rest)
+    return product
 
 
 def _product_options(inputs: dict[str, Any]) -> tuple[int, int]:

@@ -20,14 +20,24 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fdrtd_server.errors import BadRequest, ComputationFailed
+from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed
 from fdrtd_server.microservice import JobContext
 from fdrtd_server.peers import PeerSession
+from protocols.psi import curve
 from protocols.smpc import ring, stats_math
 from protocols.smpc._registry import service
 from protocols.smpc.engine import SmpcSession
 
-__all__ = ["service", "session_for"]
+__all__ = [
+    "agree",
+    "check_joint_cohort",
+    "declare",
+    "finite_rows",
+    "joint_count",
+    "numeric",
+    "service",
+    "session_for",
+]
 
 
 def session_for(ctx: JobContext) -> PeerSession:
@@ -43,12 +53,14 @@ def session_for(ctx: JobContext) -> PeerSession:
 
 
 def numeric(values: npt.NDArray[Any], name: str = "column") -> npt.NDArray[np.float64]:
+    """The column as float64; refuses text columns with a message naming ``name``."""
     if values.dtype.kind not in "biuf":
         raise BadRequest(f"the {name} must be numeric")
     return np.asarray(values, dtype=np.float64)
 
 
 def finite_rows(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The rows without NaN or infinity (in any element, for vector rows)."""
     if values.ndim == 1:
         return values[np.isfinite(values)]
     flat = values.reshape(values.shape[0], -1)
@@ -64,13 +76,33 @@ def agree(smpc: SmpcSession, key: str) -> Any:
     return values[smpc.peers.me]
 
 
+def declare(ctx: JobContext, **public: Any) -> dict[str, Any]:
+    """Public metadata for ``SmpcSession.setup``, with this server's minimum cohort."""
+    return {**public, "min_cohort": ctx.env.min_cohort}
+
+
+def check_joint_cohort(ctx: JobContext, smpc: SmpcSession, total: float) -> None:
+    """Refuse a result over fewer records than the strictest party's minimum cohort.
+
+    Every party declared its policy's ``min_cohort`` (see :func:`declare`) and
+    every party sees the same total, so all of them refuse together, at the
+    same point of the protocol.
+
+    Raises:
+        CohortTooSmall: If ``total`` is below the largest declared minimum.
+    """
+    declared = [p.get("min_cohort") for p in smpc.public.values()]
+    minimums = [m for m in declared if isinstance(m, int) and not isinstance(m, bool)]
+    strictest = max([ctx.env.min_cohort, *minimums])
+    if round(total) < strictest:
+        raise CohortTooSmall(strictest)
+
+
 async def joint_count(ctx: JobContext, smpc: SmpcSession, rows: int) -> int:
-    total = int(
-        ring.decode_int(
-            await smpc.sum_ring(ring.encode_int(np.array([rows]), parties=smpc.parties))
-        )[0]
-    )
-    ctx.check_cohort(total)
+    """Securely sum the parties' record counts and check the joint cohort."""
+    encoded = ring.encode_int(np.array([rows]), parties=smpc.parties)
+    total = int(ring.decode_int(await smpc.sum_ring(encoded))[0])
+    check_joint_cohort(ctx, smpc, total)
     return total
 
 
@@ -80,7 +112,7 @@ async def count(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     dataset = await ctx.load_dataset(inputs.get("data"))
     async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
-        await smpc.setup({"function": "count"}, defer=True)
+        await smpc.setup(declare(ctx, function="count"), defer=True)
         total = await joint_count(ctx, smpc, dataset.rows)
         agree(smpc, "function")
         return {"count": total}
@@ -109,11 +141,9 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         local, rows = finite.sum(axis=0), int(finite.shape[0])
     async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
-        public = {
-            "shape": list(np.shape(local)),
-            "elementwise": elementwise,
-            "frac_bits": frac_bits,
-        }
+        public = declare(
+            ctx, shape=list(np.shape(local)), elementwise=elementwise, frac_bits=frac_bits
+        )
         await smpc.setup(public, defer=True)
         total_rows = await joint_count(ctx, smpc, rows)
         agree(smpc, "elementwise")
@@ -132,7 +162,7 @@ async def minimum_maximum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, 
     async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
         await smpc.setup(
-            {"function": "minimum_maximum", "shape": list(values.shape[1:])}, defer=True
+            declare(ctx, function="minimum_maximum", shape=list(values.shape[1:])), defer=True
         )
         total = await joint_count(ctx, smpc, int(values.shape[0]))
         agree(smpc, "shape")
@@ -165,11 +195,11 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     values = finite_rows(column)
     async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
-        await smpc.setup({"function": "univariate"}, defer=True)
+        await smpc.setup(declare(ctx, function="univariate"), defer=True)
         # stage 1: count and sum give the mean, the public shift for stage 2
         n, total = await smpc.sum_big([float(values.size), float(values.sum())])
         agree(smpc, "function")
-        ctx.check_cohort(round(n))
+        check_joint_cohort(ctx, smpc, n)
         await ctx.progress(0.2)
         shift = total / n
         positive = stats_math.all_positive(values) if values.size else True
@@ -201,16 +231,19 @@ async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     x, y = x[keep], y[keep]
     async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
-        await smpc.setup({"function": "bivariate"}, defer=True)
+        await smpc.setup(declare(ctx, function="bivariate"), defer=True)
         n, sx, sy = await smpc.sum_big([float(x.size), float(x.sum()), float(y.sum())])
         agree(smpc, "function")
-        ctx.check_cohort(round(n))
+        check_joint_cohort(ctx, smpc, n)
         shift_x, shift_y = sx / n, sy / n
         sums = await smpc.sum_big(
             list(stats_math.local_cross_sums(x, y, shift_x=shift_x, shift_y=shift_y))
         )
     return stats_math.bivariate(sums, shift_x=shift_x, shift_y=shift_y)
 
+
+# The vertical join and the PSI functions share the curve's process pool.
+service.add_cleanup(curve.shutdown_pool)
 
 # The other protocol families register their functions on the same service.
 # Imported last: they import the helpers above.

@@ -82,7 +82,9 @@ def assert_ols(result: dict[str, Any], expected: dict[str, Any], rtol: float) ->
 def newton_reference(x: np.ndarray, y: np.ndarray, tol: float = 1e-8) -> dict[str, Any]:
     design = np.column_stack([np.ones(len(y)), x])
     beta = np.zeros(design.shape[1])
-    for iterations in range(1, 26):
+    iterations = 0
+    while iterations < 25:
+        iterations += 1
         prob = 1 / (1 + np.exp(-(design @ beta)))
         hessian = (design * (prob * (1 - prob))[:, None]).T @ design
         step = np.linalg.solve(hessian, design.T @ (y - prob))
@@ -175,7 +177,10 @@ def test_linear_regression_refuses_overflow_and_disagreement(pair: LocalFederati
     with pytest.raises(ComputationFailed) as caught:
         federation.compute("smpc", "linear_regression", inputs, x=["x"], y="y").result(60)
     assert "too large" in caught.value.detail
-    disagreeing = {"p1": {"data": handles["p1"], "intercept": False}, "p2": {"data": handles["p2"]}}
+    disagreeing: dict[str, dict[str, Any]] = {
+        "p1": {"data": handles["p1"], "intercept": False},
+        "p2": {"data": handles["p2"]},
+    }
     with pytest.raises(ComputationFailed) as caught:
         federation.compute("smpc", "linear_regression", disagreeing, x=["x"], y="y").result(60)
     assert "disagree on 'intercept'" in caught.value.detail
@@ -376,7 +381,7 @@ def error_bound(a: np.ndarray, b: np.ndarray, frac_bits: int) -> np.ndarray:
     delta = 2.0 ** -(frac_bits + 1)
     k = a.shape[1]
     terms = np.abs(a).sum(axis=1)[:, None] * delta + np.abs(b).sum(axis=0)[None, :] * delta
-    return terms + k * delta**2 + np.abs(a @ b) * 2.0**-52
+    return np.asarray(terms + k * delta**2 + np.abs(a @ b) * 2.0**-52)
 
 
 def run_product(

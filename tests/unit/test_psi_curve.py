@@ -1,4 +1,4 @@
-"""Unit tests for protocols.psi.curve: the DH-PSI elliptic-curve primitives."""
+"""Unit tests for protocols.psi.curve: the DH-PSI and mix-net primitives on Curve25519."""
 
 from __future__ import annotations
 
@@ -10,13 +10,19 @@ from nacl import bindings as sodium
 
 from protocols.psi import curve
 from protocols.psi.curve import (
+    ONION_LAYER_BYTES,
     PARALLEL_THRESHOLD,
     blind,
+    decode_item,
     encode_item,
     hash_and_blind,
     hash_to_point,
+    pad_item,
+    peel_onions,
     random_scalar,
     reblind,
+    seal_onions,
+    unpad_item,
     validate_points,
 )
 
@@ -33,15 +39,31 @@ def _items(n: int, prefix: str = "item") -> list[bytes]:
     return [encode_item(f"{prefix}-{i}") for i in range(n)]
 
 
+_P = 2**255 - 19
+_L = 2**252 + 27742317777372353535851937790883648493
+_ORDER8 = (
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+)
+
+
+def _u(value: int) -> bytes:
+    return value.to_bytes(32, "little")
+
+
 def _invalid_points() -> list[bytes]:
-    identity = bytes([1]) + bytes(31)  # small order: the neutral element
-    # A point of order 8 (a torsion point, not in the prime-order subgroup).
-    order8 = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
-    valid = hash_to_point(b"x", DOMAIN)
-    # valid + order-8 point: on the curve but outside the prime-order subgroup.
-    mixed = sodium.crypto_core_ed25519_add(valid, order8)
-    p_plus = (2**255 - 19 + 2).to_bytes(32, "little")  # non-canonical y coordinate
-    return [identity, order8, mixed, p_plus, b"\xff" * 32, valid[:31], b""]
+    return [
+        _u(0),  # order 2
+        _u(1),  # order 4
+        _u(_P - 1),  # order 4
+        _u(_ORDER8[0]),  # order 8
+        _u(_ORDER8[1]),  # order 8
+        _u(2),  # on the quadratic twist, not on Curve25519
+        _u(_P + 4),  # non-canonical spelling of u = 4 (which is on the curve)
+        b"\xff" * 32,  # top bit set
+        hash_to_point(b"x", DOMAIN)[:31],  # short
+        b"",
+    ]
 
 
 # --- public API -------------------------------------------------------------------------
@@ -95,22 +117,74 @@ def test_encode_item_rejects_bool_nan_and_other_types() -> None:
         encode_item([1])  # type: ignore[arg-type]
 
 
+# --- decode_item and padding ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["", "é", "1", 0, -42, 2**70, 1.5, -0.5, float("inf"), b"\x00"])
+def test_decode_item_inverts_encode_item(value: object) -> None:
+    decoded = decode_item(encode_item(value))  # type: ignore[arg-type]
+    assert decoded == value
+    assert type(decoded) is type(value)
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        b"",
+        b"x1",
+        b"s\xff",
+        b"i",
+        b"i01",
+        b"i-0",
+        b"i+1",
+        b"i1.0",
+        b"f\x00",
+        b"f" + b"\x80" + bytes(7),
+    ],
+    ids=[
+        "empty",
+        "tag",
+        "utf8",
+        "no-digits",
+        "leading-zero",
+        "minus-zero",
+        "plus",
+        "dot",
+        "short-float",
+        "negative-zero-float",
+    ],
+)
+def test_decode_item_refuses_non_canonical(encoded: bytes) -> None:
+    with pytest.raises(ValueError, match="item"):
+        decode_item(encoded)
+
+
+def test_pad_and_unpad() -> None:
+    assert pad_item(b"ab", 5) == b"ab\x80\x00\x00"
+    assert unpad_item(pad_item(b"a\x00", 16)) == b"a\x00"
+    assert unpad_item(pad_item(b"", 1)) == b""
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_item(b"abcd", 4)
+    with pytest.raises(ValueError, match="padding mark"):
+        unpad_item(b"ab\x00\x00")
+
+
 # --- scalars and hashing ----------------------------------------------------------------
 
 
-def test_random_scalar_is_reduced_nonzero_and_fresh() -> None:
+def test_random_scalar_is_clamped_and_fresh() -> None:
     scalars = {random_scalar() for _ in range(50)}
     assert len(scalars) == 50
     for scalar in scalars:
         assert len(scalar) == 32
-        assert scalar != bytes(32)
-        assert sodium.crypto_core_ed25519_scalar_reduce(scalar + bytes(32)) == scalar
+        assert scalar[0] & 7 == 0
+        assert scalar[31] & 0xC0 == 0x40
 
 
 def test_hash_to_point_is_valid_deterministic_and_domain_separated() -> None:
     point = hash_to_point(b"alice", DOMAIN)
     assert len(point) == 32
-    assert sodium.crypto_core_ed25519_is_valid_point(point)
+    validate_points([point])
     assert hash_to_point(b"alice", DOMAIN) == point
     assert hash_to_point(b"alice", b"other-domain") != point
     # The length prefix keeps (domain, item) unambiguous.
@@ -118,12 +192,19 @@ def test_hash_to_point_is_valid_deterministic_and_domain_separated() -> None:
 
 
 def test_hash_to_point_matches_documented_construction() -> None:
-    digest = hashlib.sha512(bytes([len(DOMAIN)]) + DOMAIN + b"alice").digest()
-    expected = sodium.crypto_core_ed25519_add(
-        sodium.crypto_core_ed25519_from_uniform(digest[:32]),
-        sodium.crypto_core_ed25519_from_uniform(digest[32:]),
-    )
-    assert hash_to_point(b"alice", DOMAIN) == expected
+    for item in (b"alice", b"", b"x" * 1000):
+        digest = hashlib.sha512(bytes([len(DOMAIN)]) + DOMAIN + item).digest()
+        edwards = sodium.crypto_core_ed25519_from_uniform(digest[:32])
+        assert sodium.crypto_core_ed25519_is_valid_point(edwards)  # in the prime-order group
+        # Our batch conversion agrees with libsodium's birational map.
+        assert hash_to_point(item, DOMAIN) == sodium.crypto_sign_ed25519_pk_to_curve25519(edwards)
+
+
+def test_neutral_element_cannot_be_converted() -> None:
+    identity = bytes([1]) + bytes(31)  # Edwards (0, 1)
+    valid = sodium.crypto_core_ed25519_from_uniform(bytes(range(32)))
+    with pytest.raises(ValueError, match="neutral element"):
+        curve._edwards_to_montgomery([valid, identity])
 
 
 def test_different_items_give_different_points() -> None:
@@ -144,21 +225,28 @@ def test_hash_to_point_rejects_bad_domain(domain: bytes) -> None:
 
 
 def test_blinding_commutes_for_many_items() -> None:
-    a, b = random_scalar(), random_scalar()
+    a, b, c = random_scalar(), random_scalar(), random_scalar()
     items = _items(300)
     ab = reblind(hash_and_blind(items, a, DOMAIN), b)
     ba = reblind(hash_and_blind(items, b, DOMAIN), a)
     assert ab == ba
+    assert reblind(ab, c) == reblind(reblind(hash_and_blind(items, c, DOMAIN), b), a)
     # Blinding really changes the points, and depends on the scalar.
     assert hash_and_blind(items, a, DOMAIN) != [hash_to_point(x, DOMAIN) for x in items]
     assert hash_and_blind(items, a, DOMAIN) != hash_and_blind(items, b, DOMAIN)
+    validate_points(ab)  # blinded points stay on the curve, canonical
 
 
-def test_blind_equals_product_scalar() -> None:
+def test_blind_equals_product_of_clamped_scalars() -> None:
     a, b = random_scalar(), random_scalar()
-    point = hash_to_point(b"x", DOMAIN)
-    ab = sodium.crypto_core_ed25519_scalar_mul(a, b)
-    assert blind(blind([point], a), b) == blind([point], ab)
+    digest = hashlib.sha512(bytes([len(DOMAIN)]) + DOMAIN + b"x").digest()
+    edwards = sodium.crypto_core_ed25519_from_uniform(digest[:32])
+    # X25519 clamps; random_scalar already returns the clamped integer.
+    product = int.from_bytes(a, "little") * int.from_bytes(b, "little") % _L
+    expected = sodium.crypto_sign_ed25519_pk_to_curve25519(
+        sodium.crypto_scalarmult_ed25519_noclamp(product.to_bytes(32, "little"), edwards)
+    )
+    assert blind(blind([hash_to_point(b"x", DOMAIN)], a), b) == [expected]
 
 
 def test_hash_and_blind_equals_hash_then_blind() -> None:
@@ -170,8 +258,14 @@ def test_hash_and_blind_equals_hash_then_blind() -> None:
 
 @pytest.mark.parametrize(
     "scalar",
-    [bytes(32), b"\x01" * 31, b"\xff" * 32],
-    ids=["zero", "short", "unreduced"],
+    [
+        b"\x40" * 31,
+        bytes(31) + b"\x40" + b"\x00",
+        b"\x01" + bytes(30) + b"\x40",
+        bytes(31) + b"\xc0",
+        bytes(32),
+    ],
+    ids=["short", "long", "low-bits", "top-bit", "bit-254-clear"],
 )
 def test_bad_scalar_rejected(scalar: bytes) -> None:
     point = hash_to_point(b"x", DOMAIN)
@@ -179,6 +273,8 @@ def test_bad_scalar_rejected(scalar: bytes) -> None:
         blind([point], scalar)
     with pytest.raises(ValueError, match="scalar"):
         hash_and_blind([b"x"], scalar, DOMAIN)
+    with pytest.raises(ValueError, match="scalar"):
+        reblind([point], scalar)
 
 
 def test_hash_and_blind_rejects_non_bytes_item() -> None:
@@ -196,10 +292,11 @@ def test_workers_must_be_positive() -> None:
 
 def test_validate_points_accepts_valid_points() -> None:
     validate_points([hash_to_point(x, DOMAIN) for x in _items(20)])
+    validate_points([_u(4), _u(9)])  # on the curve (9 is the X25519 base point)
     validate_points([])
 
 
-@pytest.mark.parametrize("bad_index", range(7))
+@pytest.mark.parametrize("bad_index", range(10))
 def test_invalid_points_rejected_by_index_without_echo(bad_index: int) -> None:
     bad = _invalid_points()[bad_index]
     good = [hash_to_point(x, DOMAIN) for x in _items(3)]
@@ -220,6 +317,38 @@ def test_invalid_points_rejected_by_index_without_echo(bad_index: int) -> None:
 def test_validate_points_rejects_non_bytes() -> None:
     with pytest.raises(ValueError, match="index 0"):
         validate_points(["00" * 32])  # type: ignore[list-item]
+
+
+# --- onions -------------------------------------------------------------------------------
+
+
+def test_onions_peel_in_order_to_the_padded_items() -> None:
+    keys = [sodium.crypto_box_keypair() for _ in range(3)]
+    items = [pad_item(encode_item(f"item-{i}"), 32) for i in range(20)]
+    onions = seal_onions(items, [public for public, _ in keys])
+    assert {len(onion) for onion in onions} == {32 + 3 * ONION_LAYER_BYTES}
+    assert len(set(onions)) == len(onions)
+    for _, secret in keys:
+        onions = peel_onions(onions, secret)
+    assert onions == items
+    # Sealing is randomised: the same item gives a different onion each time.
+    assert seal_onions(items[:1], [keys[0][0]]) != seal_onions(items[:1], [keys[0][0]])
+
+
+def test_onions_refuse_wrong_key_tampering_and_bad_keys() -> None:
+    (public, secret), (_, other) = sodium.crypto_box_keypair(), sodium.crypto_box_keypair()
+    onions = seal_onions([b"a" * 16, b"b" * 16], [public])
+    with pytest.raises(ValueError, match="onion at index 0 does not decrypt"):
+        peel_onions(onions, other)
+    tampered = onions[1][:-1] + bytes([onions[1][-1] ^ 1])
+    with pytest.raises(ValueError, match="onion at index 1 does not decrypt"):
+        peel_onions([onions[0], tampered], secret)
+    with pytest.raises(ValueError, match="onion at index 1 does not decrypt"):
+        peel_onions([onions[0], b"short"], secret)
+    with pytest.raises(ValueError, match="public key at index 1"):
+        seal_onions([b"a"], [public, _u(0)])
+    with pytest.raises(ValueError, match="private key"):
+        peel_onions(onions, b"short")
 
 
 # --- parallel path ----------------------------------------------------------------------
@@ -243,6 +372,19 @@ def test_parallel_reblind_reports_global_index() -> None:
     points[n - 3] = b"\xff" * 32
     with pytest.raises(ValueError, match=f"point at index {n - 3} is not"):
         reblind(points, scalar, workers=2)
+
+
+def test_parallel_validation_and_onions() -> None:
+    n = PARALLEL_THRESHOLD + 7
+    points = [hash_to_point(x, DOMAIN) for x in _items(n)]
+    validate_points(points, workers=2)
+    points[n - 1] = _u(2)
+    with pytest.raises(ValueError, match=f"point at index {n - 1} is not"):
+        validate_points(points, workers=2)
+    public, secret = sodium.crypto_box_keypair()
+    items = [pad_item(x, 32) for x in _items(n)]
+    onions = seal_onions(items, [public], workers=2)
+    assert peel_onions(onions, secret, workers=2) == items
 
 
 def test_shutdown_pool_is_idempotent_and_pool_restarts() -> None:

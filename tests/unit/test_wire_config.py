@@ -6,6 +6,7 @@ No server, no NATS: these test pure functions and files in ``tmp_path``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import json
 import re
@@ -497,8 +498,6 @@ def test_audit_verify_detects_an_edit(tmp_path: Path) -> None:
 
 
 def test_audit_verify_detects_an_edit_with_a_recomputed_hash(tmp_path: Path) -> None:
-    import hashlib
-
     path = tmp_path / "audit.log"
     _write_records(path)
     lines = _lines(path)
@@ -577,9 +576,29 @@ GARBAGE = [
     "d-../../etc/passwd-secretvalue",
     "<script>alert('secretvalue')</script>",
 ]
+GARBAGE_IDS = [
+    "none",
+    "int",
+    "bytes",
+    "list",
+    "empty",
+    "prefix-only",
+    "39-hex",
+    "41-hex",
+    "upper-hex",
+    "upper-kind",
+    "unknown-kind",
+    "underscore",
+    "leading-space",
+    "trailing-space",
+    "trailing-newline",
+    "non-hex",
+    "path",
+    "script",
+]
 
 
-@pytest.mark.parametrize("text", GARBAGE, ids=range(len(GARBAGE)))
+@pytest.mark.parametrize("text", GARBAGE, ids=GARBAGE_IDS)
 def test_parse_handle_rejects_garbage_without_echoing_it(text: Any) -> None:
     with pytest.raises(errors.BadRequest) as refused:
         parse_handle(text, "data", "dataset")

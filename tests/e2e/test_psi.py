@@ -1,0 +1,265 @@
+"""End-to-end tests of the ``psi`` microservice: real servers, compared with Python sets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fdrtd_client import errors
+from fdrtd_server.errors import BadRequest, ComputationFailed
+from fdrtd_server.local import LocalFederation
+from protocols.psi import curve, service
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def duo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    with LocalFederation(tmp_path_factory.mktemp("psi-duo"), names=("p1", "p2")) as federation:
+        yield federation
+
+
+@pytest.fixture(scope="module")
+def quintet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    names = ("a1", "a2", "a3", "a4", "a5")
+    with LocalFederation(tmp_path_factory.mktemp("psi-five"), names=names) as federation:
+        yield federation
+
+
+def run(
+    federation: LocalFederation,
+    function: str,
+    sets: Mapping[str, Any],
+    timeout: float = 90.0,
+) -> list[Any]:
+    """Upload each party's set as column 'v' and run ``function``; every party's result."""
+    clients = federation.federation(timeout=30)
+    handles = clients.upload({name: {"v": values} for name, values in sets.items()})
+    inputs = {name: {"data": handles[name], "column": "v"} for name in sets}
+    return clients.compute("psi", function, inputs).results(timeout)
+
+
+def expect_everywhere(results: Sequence[Any], expected: Any) -> None:
+    assert len(results) >= 2
+    for result in results:
+        assert result == expected
+
+
+def python_sorted(values: set[Any]) -> list[Any]:
+    return sorted(values, key=service.sort_key)
+
+
+# --- two parties --------------------------------------------------------------------------
+
+
+def test_two_parties_text(duo: LocalFederation) -> None:
+    p1 = ["alice", "bob", "carol", "dave", "ève", ""]
+    p2 = ["bob", "ève", "frank", "carol", "Bob", ""]
+    expected = python_sorted(set(p1) & set(p2))
+    assert expected == ["", "bob", "carol", "ève"]
+    expect_everywhere(
+        run(duo, "intersection", {"p1": p1, "p2": p2}),
+        {"intersection": expected, "size": 4},
+    )
+    expect_everywhere(run(duo, "intersection_size", {"p1": p1, "p2": p2}), {"size": 4})
+    union = python_sorted(set(p1) | set(p2))
+    expect_everywhere(run(duo, "union", {"p1": p1, "p2": p2}), {"union": union, "size": 8})
+
+
+def test_text_one_is_not_number_one(duo: LocalFederation) -> None:
+    text = ["1", "2", "3", "x"]
+    numbers = np.array([1, 2, 3, 4], dtype=np.int64)
+    expect_everywhere(
+        run(duo, "intersection", {"p1": text, "p2": numbers}), {"intersection": [], "size": 0}
+    )
+    union = run(duo, "union", {"p1": text, "p2": numbers})
+    expect_everywhere(union, {"union": [1, 2, 3, 4, "1", "2", "3", "x"], "size": 8})
+
+
+def test_numbers_compare_by_value(duo: LocalFederation) -> None:
+    # Integers from an int64 array meet integral floats from a list (uploaded as float64);
+    # NaN is dropped, duplicates are removed, non-integral floats stay floats.
+    ints = np.array([1, 3, 7, 7, -2, 10**12], dtype=np.int64)
+    floats = [1.0, 2.5, 3.0, 7.0, -2.0, 1e12, float("nan"), 2.5]
+    expected = python_sorted({1, 3, 7, -2, 10**12} & {1.0, 2.5, 3.0, 7.0, -2.0, 1e12})
+    (first, second) = run(duo, "intersection", {"p1": ints, "p2": floats})
+    assert first == second == {"intersection": [-2, 1, 3, 7, 10**12], "size": 5}
+    assert expected == first["intersection"]
+    assert all(type(v) is int for v in first["intersection"])
+    union = run(duo, "union", {"p1": ints, "p2": floats})
+    expect_everywhere(union, {"union": [-2, 1, 2.5, 3, 7, 10**12], "size": 6})
+
+
+def test_set_below_minimum_cohort_is_refused(duo: LocalFederation) -> None:
+    clients = duo.federation(timeout=30)
+    handles = clients.upload({"p1": {"v": ["a", "b"]}, "p2": {"v": ["a", "b", "c", "d"]}})
+    inputs = {name: {"data": handles[name], "column": "v"} for name in handles}
+    job = clients.compute("psi", "intersection", inputs)
+    with pytest.raises(errors.Forbidden, match="minimum cohort of 3"):
+        job.jobs[0].result(60)
+    with pytest.raises(errors.ServerError) as refused:
+        job.jobs[1].result(60)
+    # The other party refuses on its own policy or hears p1's abort; never a result.
+    assert refused.value.status in (403, 422)
+
+
+def test_parties_must_run_the_same_function(duo: LocalFederation) -> None:
+    p1 = duo.servers["p1"].client()
+    p2 = duo.servers["p2"].client()
+    h1, h2 = p1.upload({"v": ["a", "b", "c"]}), p2.upload({"v": ["a", "b", "c"]})
+    session = {"id": "psi-mismatch-1", "parties": ["p1", "p2"]}
+    j1 = p1.compute("psi", "intersection", session=session, data=h1)
+    j2 = p2.compute("psi", "union", session=session, data=h2)
+    for job in (j1, j2):
+        with pytest.raises(errors.ComputationFailed, match=r"disagree|ended the computation"):
+            job.result(60)
+
+
+def test_single_server_without_session_is_a_bad_request(duo: LocalFederation) -> None:
+    client = duo.servers["p1"].client()
+    handle = client.upload({"v": ["a", "b", "c"]})
+    with pytest.raises(errors.BadRequest, match="session"):
+        client.compute("psi", "intersection", data=handle).result(30)
+
+
+# --- three parties (the shared trio) -------------------------------------------------------
+
+
+def test_three_parties_text_and_size_and_union(trio: LocalFederation) -> None:
+    sets = {
+        "alpha": [f"k{i}" for i in range(0, 60)],
+        "beta": [f"k{i}" for i in range(20, 90)] + ["only-beta"],
+        "gamma": [f"k{i}" for i in range(10, 50, 2)] + ["k75"],
+    }
+    joint = set(sets["alpha"]) & set(sets["beta"]) & set(sets["gamma"])
+    expected = python_sorted(joint)
+    assert len(expected) == 15
+    expect_everywhere(
+        run(trio, "intersection", sets), {"intersection": expected, "size": len(expected)}
+    )
+    expect_everywhere(run(trio, "intersection_size", sets), {"size": 15})
+    union = python_sorted(set(sets["alpha"]) | set(sets["beta"]) | set(sets["gamma"]))
+    expect_everywhere(run(trio, "union", sets), {"union": union, "size": 91})
+
+
+def test_three_parties_numbers(trio: LocalFederation) -> None:
+    sets = {
+        "alpha": np.arange(0, 300, 3, dtype=np.int64),
+        "beta": [float(v) for v in range(0, 300, 2)] + [0.5],
+        "gamma": np.arange(0, 300, 5, dtype=np.uint32),
+    }
+    expected = list(range(0, 300, 30))
+    expect_everywhere(
+        run(trio, "intersection", sets), {"intersection": expected, "size": len(expected)}
+    )
+
+
+def test_three_parties_empty_intersection(trio: LocalFederation) -> None:
+    sets = {name: [f"{name}-{i}" for i in range(5)] + ["shared-by-two"] for name in trio.servers}
+    sets["gamma"] = ["g1", "g2", "g3"]
+    expect_everywhere(run(trio, "intersection", sets), {"intersection": [], "size": 0})
+    expect_everywhere(run(trio, "intersection_size", sets), {"size": 0})
+
+
+def test_three_parties_all_sets_equal(trio: LocalFederation) -> None:
+    values = ["same", "set", "everywhere", "same"]  # a duplicate, removed locally
+    sets = {name: list(values) for name in trio.servers}
+    expected = ["everywhere", "same", "set"]
+    expect_everywhere(run(trio, "intersection", sets), {"intersection": expected, "size": 3})
+    expect_everywhere(run(trio, "union", sets), {"union": expected, "size": 3})
+
+
+def test_three_parties_20000_items(trio: LocalFederation) -> None:
+    n = 20_000
+    shared = [f"customer-{i:08d}" for i in range(0, n, 4)]
+    sets = {
+        name: shared + [f"{name}-{i:08d}" for i in range(n - len(shared))] for name in trio.servers
+    }
+    started = time.perf_counter()
+    results = run(trio, "intersection", sets, timeout=110)
+    elapsed = time.perf_counter() - started
+    print(f"\nPSI intersection, 3 parties x {n} items: {elapsed:.2f} s")
+    expected = sorted(shared)
+    for result in results:
+        assert result["size"] == len(shared)
+        assert result["intersection"] == expected
+
+
+# --- five parties --------------------------------------------------------------------------
+
+
+def test_five_parties(quintet: LocalFederation) -> None:
+    sets: dict[str, Any] = {
+        f"a{p}": [f"v{i}" for i in range(100) if i % (p + 1) == 0 or i % 7 == 0] + [f"own{p}"]
+        for p in range(1, 6)
+    }
+    values = [set(v) for v in sets.values()]
+    joint = python_sorted(set.intersection(*values))
+    assert len(joint) > 3
+    expect_everywhere(
+        run(quintet, "intersection", sets), {"intersection": joint, "size": len(joint)}
+    )
+    expect_everywhere(run(quintet, "intersection_size", sets), {"size": len(joint)})
+    union = python_sorted(set.union(*values))
+    expect_everywhere(run(quintet, "union", sets), {"union": union, "size": len(union)})
+
+
+def test_five_parties_numbers(quintet: LocalFederation) -> None:
+    sets = {f"a{p}": np.arange(p, 200, dtype=np.int64) for p in range(1, 6)}
+    expected = list(range(5, 200))
+    expect_everywhere(
+        run(quintet, "intersection", sets), {"intersection": expected, "size": len(expected)}
+    )
+
+
+# --- unit level: what a peer sends is checked ---------------------------------------------
+
+
+def test_invalid_points_from_a_peer_are_rejected() -> None:
+    scalar = curve.random_scalar()
+    good = curve.hash_and_blind([curve.encode_item(f"x{i}") for i in range(3)], scalar, b"t")
+    twist = (2).to_bytes(32, "little")  # u = 2 lies on the twist, not on Curve25519
+    small = bytes(32)  # u = 0, a point of order 2
+    for bad in (twist, small, b"\xff" * 32):
+        message = {"points": b"".join([good[0], bad, good[2]])}
+        points = service.parse_points(message, 3, "beta")
+        with pytest.raises(ComputationFailed, match="party 'beta' sent invalid data") as error:
+            asyncio.run(service._crypto("beta", curve.reblind, points, scalar))
+        assert "index 1" in error.value.message
+        assert bad.hex() not in error.value.message
+        with pytest.raises(ComputationFailed, match="party 'beta'"):
+            asyncio.run(service._crypto("beta", curve.validate_points, points))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"points": b"\x01" * 95},
+        {"points": b"\x01" * 128},
+        {"points": "text"},
+        {"other": b""},
+        [b"\x01" * 96],
+        None,
+    ],
+    ids=["short", "long", "text", "no-points", "list", "none"],
+)
+def test_malformed_point_messages_are_rejected(message: Any) -> None:
+    with pytest.raises(ComputationFailed, match="party 'gamma' sent a malformed message"):
+        service.parse_points(message, 3, "gamma")
+
+
+def test_column_items_normalises_and_refuses() -> None:
+    items = service.column_items(np.array([2.0, 2.5, float("nan"), -0.0, 2.0, 1e30]))
+    assert sorted(items, key=service.sort_key) == [0, 2, 2.5, 1e30]
+    assert [type(v) for v in sorted(items, key=service.sort_key)] == [int, int, float, float]
+    assert sorted(service.column_items(np.array(["b", "a", "b"]))) == ["a", "b"]
+    assert sorted(service.column_items(np.array([3, 1, 3], dtype=np.uint8))) == [1, 3]
+    with pytest.raises(BadRequest, match="not booleans"):
+        service.column_items(np.array([True, False]))
+    with pytest.raises(BadRequest, match="not a matrix"):
+        service.column_items(np.zeros((3, 2)))
