@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 
 import msgpack
@@ -50,7 +51,7 @@ def _check_dtype(text: str) -> np.dtype[Any]:
         raise WireError("array dtype is not a numpy dtype name such as '<f8'") from error
     if dtype.kind not in _ALLOWED_KINDS or dtype.hasobject:
         raise WireError("array dtype must be boolean, integer or float")
-    return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+    return dtype
 
 
 def _array_to_parts(array: np.ndarray[Any, Any]) -> tuple[str, list[int], bytes]:
@@ -65,13 +66,16 @@ def _array_from_parts(dtype_text: Any, shape: Any, raw: Any) -> np.ndarray[Any, 
         raise WireError("array must be [dtype, shape, bytes]")
     if not isinstance(shape, list | tuple) or len(shape) > _MAX_DIMS:
         raise WireError(f"array shape must be a list of at most {_MAX_DIMS} sizes")
-    if not all(isinstance(size, int) and size >= 0 for size in shape):
-        raise WireError("array shape must hold non-negative integers")
+    if not all(isinstance(size, int) and 0 <= size < 2**62 for size in shape):
+        raise WireError("array shape must hold non-negative integers below 2^62")
     dtype = _check_dtype(dtype_text)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if count * dtype.itemsize != len(raw):
+    if math.prod(shape) * dtype.itemsize != len(raw):  # exact Python integers: no overflow
         raise WireError("array byte length does not match its dtype and shape")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if dtype.byteorder == ">":
+        array = array.astype(dtype.newbyteorder("<"))
+        array.flags.writeable = False
+    return array
 
 
 def _default(obj: Any) -> Any:

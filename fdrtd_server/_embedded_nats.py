@@ -78,6 +78,7 @@ class EmbeddedNats:
         self.port = port or free_port()
         self.ready_timeout = ready_timeout
         self._process: subprocess.Popen[bytes] | None = None
+        self._pump: threading.Thread | None = None
         self._log: list[str] = []
 
     @property
@@ -122,7 +123,8 @@ class EmbeddedNats:
                 if "Server is ready" in line:
                     ready.set()
 
-        threading.Thread(target=pump, name="nats-server-log", daemon=True).start()
+        self._pump = threading.Thread(target=pump, name="nats-server-log", daemon=True)
+        self._pump.start()
         deadline = time.monotonic() + self.ready_timeout
         while not ready.wait(0.05):
             if process.poll() is not None or time.monotonic() > deadline:
@@ -135,15 +137,20 @@ class EmbeddedNats:
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s); safe to call twice."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
+        if process.poll() is None:
+            process.terminate()
+            try:
                 process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=5)
+        if self._pump is not None:
+            self._pump.join(5)
+        if process.stderr is not None:
+            process.stderr.close()
 
     def __enter__(self) -> EmbeddedNats:
         return self.start()

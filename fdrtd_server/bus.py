@@ -99,7 +99,7 @@ def parse_handle(text: Any, kind: str, field: str = "handle") -> str:
     Raises:
         BadRequest: Naming ``field`` if it is not one (the value is never echoed).
     """
-    if not isinstance(text, str) or not (match := _HANDLE_RULE.match(text)):
+    if not isinstance(text, str) or not (match := _HANDLE_RULE.fullmatch(text)):
         raise BadRequest(f"'{field}' must be a {kind} handle as returned by the server")
     if match.group(1) != HANDLE_KINDS[kind]:
         raise BadRequest(f"'{field}' must be a {kind} handle, not another kind of handle")
