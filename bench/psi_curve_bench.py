@@ -25,7 +25,10 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,64 +37,59 @@ from nacl import bindings as sodium
 from protocols.psi import curve
 
 DOMAIN = b"fdrtd-psi-bench"
+T = TypeVar("T")
+
+
+def timed(label: str, count: int, workers: int, call: Callable[[], T]) -> T:
+    """Run ``call`` once; print its wall time, items/s and (one worker) CPU us/item."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    result = call()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    line = f"workers={workers} {label:15s} {wall:7.2f} s {count / wall:9.0f} items/s"
+    if workers == 1:
+        line += f"  {cpu / count * 1e6:6.1f} us CPU/item"
+    print(line)
+    return result
 
 
 def primitives(n: int, workers_list: list[int], onion_items: int) -> None:
     items = [curve.encode_item(f"customer-{i:09d}") for i in range(n)]
     a, b = curve.random_scalar(), curve.random_scalar()
+    keys = [sodium.crypto_box_keypair() for _ in range(3)]
+    publics = [public for public, _ in keys]
+    padded = [curve.pad_item(x, 32) for x in items[:onion_items]]
     print(f"items={n} cpus_available={curve.default_workers()} os.cpu_count={os.cpu_count()}")
     reference: list[bytes] | None = None
     try:
-        for workers in workers_list:
-            if workers > 1:
+        for w in workers_list:
+            if w > 1:
                 warm = items[: curve.PARALLEL_THRESHOLD]
                 t0 = time.perf_counter()
-                curve.hash_and_blind(warm, a, DOMAIN, workers=workers)
+                curve.hash_and_blind(warm, a, DOMAIN, workers=w)
                 print(
-                    f"workers={workers} pool start + first {len(warm)} items: "
-                    f"{time.perf_counter() - t0:.2f} s"
+                    f"workers={w} pool start + first {len(warm)}: {time.perf_counter() - t0:.2f} s"
                 )
-            steps: list[tuple[str, float, float]] = []
-
-            def timed(name: str, count: int, call: object) -> object:
-                c0, t0 = time.process_time(), time.perf_counter()
-                result = call()  # type: ignore[operator]
-                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                steps.append((name, wall, cpu / count * 1e6))
-                print(
-                    f"workers={workers} {name:15s} {wall:7.2f} s {count / wall:9.0f} items/s"
-                    + (f"  {cpu / count * 1e6:6.1f} us CPU/item" if workers == 1 else "")
-                )
-                return result
-
-            blinded: list[bytes] = timed(  # type: ignore[assignment]
-                "hash_and_blind", n, lambda: curve.hash_and_blind(items, a, DOMAIN, workers=workers)
+            blinded = timed(
+                "hash_and_blind", n, w, partial(curve.hash_and_blind, items, a, DOMAIN, workers=w)
             )
-            double: list[bytes] = timed(  # type: ignore[assignment]
-                "reblind", n, lambda: curve.reblind(blinded, b, workers=workers)
-            )
-            timed("validate", n, lambda: curve.validate_points(double, workers=workers))
-            keys = [sodium.crypto_box_keypair() for _ in range(3)]
-            padded = [curve.pad_item(x, 32) for x in items[:onion_items]]
-            onions: list[bytes] = timed(  # type: ignore[assignment]
-                "seal x3",
-                onion_items,
-                lambda: curve.seal_onions(padded, [k[0] for k in keys], workers=workers),
+            double = timed("reblind", n, w, partial(curve.reblind, blinded, b, workers=w))
+            timed("validate", n, w, partial(curve.validate_points, double, workers=w))
+            onions = timed(
+                "seal x3", onion_items, w, partial(curve.seal_onions, padded, publics, workers=w)
             )
             for index, (_, secret) in enumerate(keys):
-                onions = timed(  # type: ignore[assignment]
+                onions = timed(
                     f"peel layer {index}",
                     onion_items,
-                    lambda secret=secret, onions=onions: curve.peel_onions(
-                        onions, secret, workers=workers
-                    ),
+                    w,
+                    partial(curve.peel_onions, onions, secret, workers=w),
                 )
             if onions != padded:
                 raise SystemExit("onions did not peel back to the items")
             if reference is None:
                 reference = double
             elif double != reference:
-                raise SystemExit(f"workers={workers}: result differs from the first run")
+                raise SystemExit(f"workers={w}: result differs from the first run")
     finally:
         curve.shutdown_pool()
 
@@ -102,22 +100,24 @@ def protocol(n: int, parties: int) -> None:
     names = tuple(f"party{i}" for i in range(1, parties + 1))
     shared = [f"customer-{i:09d}" for i in range(n // 2)]
     sets = {name: shared + [f"{name}-{i:09d}" for i in range(n - len(shared))] for name in names}
-    with tempfile.TemporaryDirectory() as root:
-        with LocalFederation(Path(root) / "fed", names=names) as federation:
-            clients = federation.federation(timeout=120)
-            handles = clients.upload({name: {"v": values} for name, values in sets.items()})
-            inputs = {name: {"data": handles[name], "column": "v"} for name in names}
-            for function in ("intersection", "intersection_size"):
-                t0 = time.perf_counter()
-                results = clients.compute("psi", function, inputs).results(900)
-                wall = time.perf_counter() - t0
-                sizes = {result["size"] for result in results}
-                if sizes != {len(shared)}:
-                    raise SystemExit(f"{function}: wrong size {sizes}")
-                print(
-                    f"{function:18s} {parties} parties x {n} items: {wall:6.2f} s "
-                    f"({parties * n / wall:8.0f} items/s over all parties)"
-                )
+    with (
+        tempfile.TemporaryDirectory() as root,
+        LocalFederation(Path(root) / "fed", names=names) as federation,
+    ):
+        clients = federation.federation(timeout=120)
+        handles = clients.upload({name: {"v": values} for name, values in sets.items()})
+        inputs = {name: {"data": handles[name], "column": "v"} for name in names}
+        for function in ("intersection", "intersection_size"):
+            t0 = time.perf_counter()
+            results = clients.compute("psi", function, inputs).results(900)
+            wall = time.perf_counter() - t0
+            sizes = {result["size"] for result in results}
+            if sizes != {len(shared)}:
+                raise SystemExit(f"{function}: wrong size {sizes}")
+            print(
+                f"{function:18s} {parties} parties x {n} items: {wall:6.2f} s "
+                f"({parties * n / wall:8.0f} items/s over all parties)"
+            )
 
 
 def main() -> None:

@@ -34,7 +34,14 @@ from starlette.routing import Route
 from fdrtd_client import wire
 from fdrtd_server import openapi
 from fdrtd_server.audit import AuditLog
-from fdrtd_server.bus import SERVICE_PREFIX, Bus, check_owner, new_handle, parse_handle
+from fdrtd_server.bus import (
+    SERVICE_PREFIX,
+    Bus,
+    JobRecord,
+    check_owner,
+    new_handle,
+    parse_handle,
+)
 from fdrtd_server.config import Settings, TokenStore
 from fdrtd_server.errors import (
     BadRequest,
@@ -53,6 +60,8 @@ log = logging.getLogger("fdrtd.controller")
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 BUS_TIMEOUT = 30.0
 MAX_WAIT = 60.0
+SSE_LIMIT = 600.0
+"""An event stream ends after this many seconds; reconnect to follow longer jobs."""
 
 
 @dataclass(frozen=True)
@@ -323,10 +332,7 @@ async def _owned_job(request: Request) -> tuple[State, str]:
     return state, handle
 
 
-async def _job_view(state: State, handle: str, wait: float) -> dict[str, Any]:
-    record = await state.bus.wait_job(handle, wait)
-    if record is None:
-        raise NotFound("no result with this handle")
+async def _view(state: State, handle: str, record: JobRecord) -> dict[str, Any]:
     view: dict[str, Any] = {
         "result": handle,
         "status": record.status,
@@ -341,6 +347,13 @@ async def _job_view(state: State, handle: str, wait: float) -> dict[str, Any]:
     elif record.status == "failed":
         view["error"] = {"status": record.error_status, "detail": record.error}
     return view
+
+
+async def _job_view(state: State, handle: str, wait: float) -> dict[str, Any]:
+    record = await state.bus.wait_job(handle, wait)
+    if record is None:
+        raise NotFound("no result with this handle")
+    return await _view(state, handle, record)
 
 
 async def get_result(request: Request) -> Response:
@@ -360,15 +373,10 @@ async def result_events(request: Request) -> Response:
     state, handle = await _owned_job(request)
 
     async def events() -> AsyncIterator[bytes]:
-        last = None
-        for _ in range(int(MAX_WAIT * 10)):
-            view = await _job_view(state, handle, 1.0)
-            summary = (view["status"], view["progress"])
-            if summary != last or view["status"] in ("done", "failed"):
-                payload = json.dumps(wire.to_jsonable(view))
-                yield f"event: status\ndata: {payload}\n\n".encode()
-                last = summary
-            if view["status"] in ("done", "failed"):
+        async for record in state.bus.watch_job(handle, SSE_LIMIT):
+            payload = json.dumps(wire.to_jsonable(await _view(state, handle, record)))
+            yield f"event: status\ndata: {payload}\n\n".encode()
+            if record.finished:
                 return
         yield b"event: timeout\ndata: {}\n\n"
 
@@ -391,9 +399,11 @@ async def list_microservices(request: Request) -> Response:
     found: dict[str, dict[str, Any]] = {}
     sub = await bus.nc.subscribe(inbox)
     await bus.nc.publish("$SRV.INFO", b"", reply=inbox)
+    deadline = asyncio.get_running_loop().time() + 1.0
     with contextlib.suppress(asyncio.TimeoutError, nats.errors.TimeoutError):
-        while True:
-            msg = await sub.next_msg(timeout=0.25)
+        # collect replies until none came for 0.25 s, or for 1 s in all
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            msg = await sub.next_msg(timeout=min(0.25, left))
             info = json.loads(msg.data)
             name = (info.get("metadata") or {}).get("fdrtd.microservice")
             if name:

@@ -289,7 +289,10 @@ class Bus:
         if cached is not None:
             self._object_cache.move_to_end(name)
             return cached
-        result = await self.data.get(name)
+        try:
+            result = await self.data.get(name)
+        except NotFoundError:
+            raise NotFound("no dataset with this handle") from None
         data = bytes(result.data or b"")
         if self._set_cache is not None and len(data) <= OBJECT_CACHE_ITEM:
             self._object_cache[name] = data
@@ -387,6 +390,30 @@ class Bus:
             await self.jobs.purge(handle)
         with contextlib.suppress(NotFoundError):
             await self.results.delete(handle)
+
+    async def watch_job(self, handle: str, timeout: float) -> AsyncIterator[JobRecord]:
+        """Yield the job record now and on every change, until it finishes or ``timeout``."""
+        updates = await self.nc.subscribe(f"$KV.{JOBS_BUCKET}.{handle}")
+        try:
+            current = await self.get_job(handle)
+            if current is None:
+                return
+            record = current[0]
+            yield record
+            deadline = time.monotonic() + timeout
+            while not record.finished:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                try:
+                    msg = await updates.next_msg(timeout=remaining)
+                except nats.errors.TimeoutError:
+                    return
+                if msg.data:
+                    record = JobRecord.from_dict(wire.unpackb(msg.data))
+                    yield record
+        finally:
+            await updates.unsubscribe()
 
     async def wait_job(self, handle: str, timeout: float) -> JobRecord | None:
         """Return the job record once finished, or as it is after ``timeout``.

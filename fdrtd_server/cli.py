@@ -102,8 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def home_path(text: str) -> Path:
+    """A server home directory from the command line."""
+    return Path(text).expanduser().resolve()
+
+
 def _run(args: argparse.Namespace) -> int:
-    from fdrtd_server.server import environment, home_path, run_worker, serve
+    if args.command in ("serve", "worker"):
+        # uvicorn, starlette and nats load only for the commands that need them
+        from fdrtd_server.server import environment, run_worker, serve
 
     if args.command == "init":
         home = home_path(str(args.home))
@@ -157,7 +164,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "audit":
         from fdrtd_server.audit import verify
 
-        count = verify(home_path(str(args.home)) / "audit.log")
+        log = home_path(str(args.home)) / "audit.log"
+        if not log.is_file():
+            raise FileNotFoundError(f"{log} does not exist: nothing was audited on this server yet")
+        count = verify(log)
         print(f"audit log intact: {count} records")
         return 0
     raise AssertionError(args.command)  # argparse makes this unreachable

@@ -317,6 +317,11 @@ class _Runner:
         principal, role = str(message.get("principal", "")), str(message.get("role", ""))
         session = message.get("session")
         if function in self.spec.calls:
+            if "result" in message:
+                # /v1/compute sends a result handle: only jobs may be started that way
+                raise BadRequest(
+                    f"'{self.spec.name}.{function}' is not a computation; it cannot be started"
+                )
             ctx = CallContext(self.bus, self.env, principal, role, session)
             return await self.spec.calls[function](ctx, message["inputs"])
         handle = parse_handle(message.get("result"), "result", "result")

@@ -62,6 +62,7 @@ def document(settings: Settings) -> dict[str, Any]:
         "paths": {
             "/healthz": {"get": _op("Liveness", secured=False)},
             "/readyz": {"get": _op("Readiness: NATS and the data microservice", secured=False)},
+            "/v1/openapi.json": {"get": _op("This OpenAPI document", secured=False)},
             "/v1/identity": {"get": _op("This server's public peer entry", secured=False)},
             "/v1/microservices": {"get": _op("Running microservices and their functions")},
             "/v1/data": {

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import uvicorn
 
@@ -29,7 +28,7 @@ from fdrtd_server.microservice import (
     start_microservices,
 )
 
-__all__ = ["run_worker", "serve"]
+__all__ = ["environment", "run_worker", "serve"]
 
 log = logging.getLogger("fdrtd.server")
 
@@ -126,8 +125,3 @@ async def _worker(nats_url: str, env: Environment, allowed: tuple[str, ...]) -> 
 def run_worker(nats_url: str, env: Environment, allowed: tuple[str, ...] = ()) -> None:
     """Run microservices only, against an existing NATS, until SIGINT/SIGTERM."""
     asyncio.run(_worker(nats_url, env, allowed))
-
-
-def home_path(text: str) -> Path:
-    """A server home directory from the command line."""
-    return Path(text).expanduser().resolve()

@@ -32,7 +32,7 @@ import numpy as np
 
 from fdrtd_client import wire
 from fdrtd_server.bus import check_owner, now_iso, parse_handle
-from fdrtd_server.errors import BadRequest, NotFound, PayloadTooLarge
+from fdrtd_server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from fdrtd_server.microservice import CallContext, Microservice, distribution_version
 
 service = Microservice(
@@ -155,6 +155,9 @@ async def register(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
     handle = parse_handle(inputs.get("handle"), "data")
     size = inputs.get("size")
     fmt = inputs.get("format")
+    if await ctx.bus.get_set(handle) is not None:
+        # never touch a dataset that is already registered (not even to clean up)
+        raise Conflict("this dataset is already registered")
     try:
         if not isinstance(size, int) or size < 0:
             raise BadRequest("'size' must be the number of bytes uploaded")

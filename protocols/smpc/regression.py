@@ -61,7 +61,7 @@ from fdrtd_server.peers import PeerSession
 from protocols.smpc import matmul, ring
 from protocols.smpc._registry import service
 from protocols.smpc.engine import SmpcSession
-from protocols.smpc.service import agree, numeric, session_for
+from protocols.smpc.service import agree, check_joint_cohort, declare, numeric, session_for
 
 __all__ = ["ols_from_gram"]
 
@@ -254,19 +254,20 @@ async def linear_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[str
         intercept = names[0] == INTERCEPT
         p = len(names)
         smpc = SmpcSession(peers)
-        await smpc.setup(
-            {"function": "linear_regression", "intercept": intercept, "features": p, "names": names}
+        public = declare(
+            ctx, function="linear_regression", intercept=intercept, features=p, names=names
         )
+        await smpc.setup(public, defer=True)
+        # the count first: nothing else is summed unless the cohort is large enough
+        n = round((await _sum_big(smpc, [float(x.shape[0])]))[0])
         for key in ("function", "intercept", "features"):
             agree(smpc, key)
+        check_joint_cohort(ctx, smpc, n)
         names = _first_party_names(smpc, p)
-        local = [float(x.shape[0]), float(y @ y), *map(float, x.T @ y), *_triu(x.T @ x)]
-        sums = await _sum_big(smpc, local)
-    n = round(sums[0])
-    ctx.check_cohort(n)
-    xty = np.array(sums[2 : 2 + p])
-    xtx = _from_triu(sums[2 + p :], p)
-    return ols_from_gram(xtx, xty, sums[1], n, names, intercept=intercept)
+        sums = await _sum_big(smpc, [float(y @ y), *map(float, x.T @ y), *_triu(x.T @ x)])
+    xty = np.array(sums[1 : 1 + p])
+    xtx = _from_triu(sums[1 + p :], p)
+    return ols_from_gram(xtx, xty, sums[0], n, names, intercept=intercept)
 
 
 def _logistic_local(x: F64, y: F64, beta: F64) -> list[float]:
@@ -301,21 +302,21 @@ async def logistic_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[s
             raise BadRequest("the target column of a logistic regression must hold 0 or 1")
         p = len(names)
         smpc = SmpcSession(peers)
-        await smpc.setup(
-            {
-                "function": "logistic_regression",
-                "intercept": names[0] == INTERCEPT,
-                "features": p,
-                "names": names,
-                "max_iterations": max_iterations,
-                "tolerance": float(tolerance),
-            }
+        public = declare(
+            ctx,
+            function="logistic_regression",
+            intercept=names[0] == INTERCEPT,
+            features=p,
+            names=names,
+            max_iterations=max_iterations,
+            tolerance=float(tolerance),
         )
+        await smpc.setup(public, defer=True)
+        n = round((await _sum_big(smpc, [float(x.shape[0])]))[0])
         for key in ("function", "intercept", "features", "max_iterations", "tolerance"):
             agree(smpc, key)
+        check_joint_cohort(ctx, smpc, n)
         names = _first_party_names(smpc, p)
-        n = round((await _sum_big(smpc, [float(x.shape[0])]))[0])
-        ctx.check_cohort(n)
         beta = np.zeros(p)
         iterations, converged = 0, False
         while True:
@@ -621,14 +622,15 @@ async def matrix_product(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, A
                 raise BadRequest("the matrix must not hold NaN or infinity")
         smpc = SmpcSession(peers)
         await smpc.setup(
-            {
-                "function": "matrix_product",
-                "left": left,
-                "right": right,
-                "frac_bits": frac_bits,
-                "paillier_bits": paillier_bits,
-                "shape": None if matrix is None else list(matrix.shape),
-            }
+            declare(
+                ctx,
+                function="matrix_product",
+                left=left,
+                right=right,
+                frac_bits=frac_bits,
+                paillier_bits=paillier_bits,
+                shape=None if matrix is None else list(matrix.shape),
+            )
         )
         for key in ("function", "left", "right", "frac_bits", "paillier_bits"):
             agree(smpc, key)
@@ -804,22 +806,23 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
             raise BadRequest("give 'data' with the columns in 'x' and 'y'")
         smpc = SmpcSession(peers)
         await smpc.setup(
-            {
-                "function": "linear_regression_vertical",
-                "target_holder": inputs.get("target_holder"),
-                "intercept": intercept,
-                "frac_bits": frac_bits,
-                "paillier_bits": paillier_bits,
-                "names": own_names,
-                "has_y": target_name is not None,
-                "has_data": keys is not None,
-            }
+            declare(
+                ctx,
+                function="linear_regression_vertical",
+                target_holder=inputs.get("target_holder"),
+                intercept=intercept,
+                frac_bits=frac_bits,
+                paillier_bits=paillier_bits,
+                names=own_names,
+                has_y=target_name is not None,
+                has_data=keys is not None,
+            )
         )
         for key in ("function", "frac_bits", "paillier_bits"):
             agree(smpc, key)
         target, names, holders = _vertical_public(smpc)
         n, rows = await _join(peers, holders, keys)
-        ctx.check_cohort(n)
+        check_joint_cohort(ctx, smpc, n)
         if n == 0:
             raise ComputationFailed("the parties have no record id in common")
         await ctx.progress(0.2)

@@ -182,6 +182,24 @@ def test_same_sequence_number_in_a_fresh_envelope_is_a_replay(
     assert post(alpha, third).status_code == 202
 
 
+def test_replay_after_the_session_finished_is_refused(
+    trio: LocalFederation, alpha: LocalServer, alpha_entry: PeerEntry, beta_identity: Identity
+) -> None:
+    """Ending a session clears its messages on the receiver, but not the replay record."""
+    session = session_id()
+    probe = seal(beta_identity, alpha_entry, session=session, seq=10**9, tag="p", payload=b"x")
+    assert post(alpha, probe).status_code == 202
+    fed = trio.federation()
+    jobs = []
+    for name in ("alpha", "beta"):
+        client = fed.clients[name]
+        handle = client.upload(np.arange(3.0))
+        spec = {"id": session, "parties": ["alpha", "beta"]}
+        jobs.append(client.compute("smpc", "secure_sum", session=spec, data=handle))
+    assert [job.result(30, progress=False) for job in jobs] == [{"sum": 6.0, "count": 6}] * 2
+    assert_rejected(post(alpha, probe), 409, "replay")
+
+
 def test_flipped_ciphertext_byte_is_refused(
     alpha: LocalServer, alpha_entry: PeerEntry, beta_identity: Identity
 ) -> None:

@@ -32,7 +32,8 @@ from protocols.smpc.stats_math import BIVARIATE_KEYS, UNIVARIATE_KEYS
 F64 = npt.NDArray[np.float64]
 FRACTION = 2.0**-20
 """Resolution of the default fixed point (``frac_bits = 20``)."""
-RESULT_TIMEOUT = 60.0
+RESULT_TIMEOUT = 45.0
+"""Longest wait for any job: the default session timeout (30 s) plus a margin."""
 SIZES = (2, 3, 5)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fdrtd_client import FederatedJob
 from fdrtd_client.errors import BadRequest, ComputationFailed
 from fdrtd_server.local import LocalFederation
 from protocols.smpc import matmul
@@ -104,6 +105,14 @@ def split_rows(total: int, parties: int, rng: np.random.Generator) -> list[np.nd
     return np.split(np.arange(total), cuts)
 
 
+def every_party_fails(job: FederatedJob, text: str) -> None:
+    """Every party's job ends with a clear 400/422 error (none hangs, none succeeds)."""
+    for handle in job.jobs:
+        with pytest.raises((ComputationFailed, BadRequest)) as caught:
+            handle.result(45)
+        assert text in caught.value.detail
+
+
 # -- horizontal linear regression ---------------------------------------------------------
 
 
@@ -174,16 +183,14 @@ def test_linear_regression_refuses_overflow_and_disagreement(pair: LocalFederati
     }
     handles = federation.upload(huge)
     inputs = {name: {"data": h} for name, h in handles.items()}
-    with pytest.raises(ComputationFailed) as caught:
-        federation.compute("smpc", "linear_regression", inputs, x=["x"], y="y").result(60)
-    assert "too large" in caught.value.detail
+    job = federation.compute("smpc", "linear_regression", inputs, x=["x"], y="y")
+    every_party_fails(job, "too large")
     disagreeing: dict[str, dict[str, Any]] = {
         "p1": {"data": handles["p1"], "intercept": False},
         "p2": {"data": handles["p2"]},
     }
-    with pytest.raises(ComputationFailed) as caught:
-        federation.compute("smpc", "linear_regression", disagreeing, x=["x"], y="y").result(60)
-    assert "disagree on 'intercept'" in caught.value.detail
+    job = federation.compute("smpc", "linear_regression", disagreeing, x=["x"], y="y")
+    every_party_fails(job, "disagree on 'intercept'")
 
 
 # -- logistic regression ----------------------------------------------------------------------
@@ -243,9 +250,8 @@ def test_logistic_regression_reports_non_convergence(trio: LocalFederation) -> N
     assert result["converged"] is False
     assert result["iterations"] == 6
     bad = {name: {"data": h} for name, h in handles.items()}
-    with pytest.raises((ComputationFailed, BadRequest)) as caught:
-        federation.compute("smpc", "logistic_regression", bad, x=["y"], y="x").result(60)
-    assert "0 or 1" in caught.value.detail
+    job = federation.compute("smpc", "logistic_regression", bad, x=["y"], y="x")
+    every_party_fails(job, "must hold 0 or 1")
 
 
 # -- vertical linear regression -----------------------------------------------------------------
@@ -368,9 +374,7 @@ def test_vertical_rejects_duplicate_ids(pair: LocalFederation) -> None:
         target_holder="p2",
         paillier_bits=1024,
     )
-    with pytest.raises((ComputationFailed, BadRequest)) as caught:
-        job.result(60)
-    assert "must not repeat an id" in caught.value.detail
+    every_party_fails(job, "must not repeat an id")
 
 
 # -- secure matrix product ----------------------------------------------------------------------
@@ -384,6 +388,23 @@ def error_bound(a: np.ndarray, b: np.ndarray, frac_bits: int) -> np.ndarray:
     return np.asarray(terms + k * delta**2 + np.abs(a @ b) * 2.0**-52)
 
 
+def start_product(
+    federation: LocalFederation,
+    left: str,
+    right: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    **common: Any,
+) -> FederatedJob:
+    client = federation.federation()
+    ha = federation.servers[left].client().upload(a)
+    hb = federation.servers[right].client().upload(b)
+    inputs: dict[str, dict[str, Any]] = {name: {} for name in client.parties}
+    inputs[left] = {"data": ha}
+    inputs[right] = {"data": hb}
+    return client.compute("smpc", "matrix_product", inputs, left=left, right=right, **common)
+
+
 def run_product(
     federation: LocalFederation,
     left: str,
@@ -392,14 +413,7 @@ def run_product(
     b: np.ndarray,
     **common: Any,
 ) -> list[Any]:
-    client = federation.federation()
-    ha = federation.servers[left].client().upload(a)
-    hb = federation.servers[right].client().upload(b)
-    inputs: dict[str, dict[str, Any]] = {name: {} for name in client.parties}
-    inputs[left] = {"data": ha}
-    inputs[right] = {"data": hb}
-    job = client.compute("smpc", "matrix_product", inputs, left=left, right=right, **common)
-    return job.results(timeout=90)
+    return start_product(federation, left, right, a, b, **common).results(timeout=90)
 
 
 @pytest.mark.parametrize(
@@ -453,15 +467,13 @@ def test_matrix_product_overflow_is_refused(
     federation: LocalFederation = request.getfixturevalue(fixture)
     a = np.array([[1.0, 2.0], [3.0, 1e30]])
     b = np.eye(2)
-    with pytest.raises((ComputationFailed, BadRequest)) as caught:
-        run_product(federation, left, right, a, b, paillier_bits=1024)
-    assert "out of range for the secure matrix product" in caught.value.detail
+    job = start_product(federation, left, right, a, b, paillier_bits=1024)
+    every_party_fails(job, "out of range for the secure matrix product")
 
 
 def test_matrix_product_shape_mismatch(trio: LocalFederation) -> None:
-    with pytest.raises(ComputationFailed) as caught:
-        run_product(trio, "alpha", "beta", np.ones((2, 3)), np.ones((4, 2)))
-    assert "do not fit" in caught.value.detail
+    job = start_product(trio, "alpha", "beta", np.ones((2, 3)), np.ones((4, 2)))
+    every_party_fails(job, "do not fit")
 
 
 # -- the primitive without servers --------------------------------------------------------------

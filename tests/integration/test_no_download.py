@@ -1,25 +1,29 @@
 """Invariant 1: a data handle can never be downloaded, by any endpoint, role or trick.
 
-Two servers of their own (``north`` and ``south``, short session timeout)
-hold datasets of distinctive values: four floats such as ``7777.123456``
-hidden among padding (so that no minimum, maximum, median or quartile is one
-of them) and, in the CSV upload, a text column with a marker word in one
-record. Then the data handle is thrown at everything:
+Two servers of their own (``north`` and ``south``) hold datasets of
+distinctive values: four floats such as ``7777.123456``, each in a single
+record, hidden among common padding (so that no minimum, maximum, median,
+quantile or k-th value is one of them) and, in the table uploads, a text
+column with a marker word in one record. South's single records differ from
+north's. Then north's data handle is thrown at everything:
 
 * every route of ``/v1/openapi.json`` with every method, the handle in every
   path parameter and in the query, with empty, JSON and msgpack bodies, for
   the owner, the admin, another analyst and nobody;
-* path tricks (dot segments, suffixes, encodings, the results routes);
+* path tricks sent verbatim (dot segments, suffixes, encodings, the results
+  routes);
 * every input name of every function of every microservice that
-  ``/v1/microservices`` lists, through ``/v1/compute``, then every result
-  in JSON, msgpack and as server-sent events;
-* every job function again as a two-party session between north and south.
+  ``/v1/microservices`` lists, through ``/v1/compute``; every result is read
+  in JSON, in msgpack and as server-sent events;
+* every job function again as a north-south session, and two tricks that an
+  analyst with an account on a second server could try: a set union, and an
+  elementwise secure sum against zeros.
 
 No answer may contain the marker, a value (as text, as a number anywhere in
-a JSON or msgpack answer, as little- or big-endian bytes, as hex) or the
-raw array bytes, also not base64-encoded; neither may ``server.log`` nor
-``audit.log``. A handle owned by another principal is a 404 exactly like an
-unknown one, everywhere, and cannot be taken over.
+a JSON or msgpack answer, as little- or big-endian float64 or float32 bytes,
+as hex) or the raw array bytes, also not base64-encoded; neither may
+``server.log`` nor ``audit.log``. A handle owned by another principal is a
+404 exactly like an unknown one, everywhere, and cannot be taken over.
 """
 
 from __future__ import annotations
@@ -74,34 +78,57 @@ INPUT_NAMES = (
     "features",
 )
 UNKNOWN_DATA = "d-" + "0" * 40
-SESSION_TIMEOUT = "5"
+SESSION_TIMEOUT = "20"
+"""Generous: every session of the federated sweep runs at the same time on two cores."""
 
 
-def distinctive_values() -> np.ndarray[Any, np.dtype[np.float64]]:
-    """1014 floats: the four distinctive ones, each once, between blocks of padding."""
-    blocks = [
-        (-50000.0, 61),
-        (4000.0, 61),
-        (DISTINCT[3], 1),
-        (5000.0, 255),
-        (DISTINCT[2], 1),
-        (6000.0, 255),
-        (DISTINCT[1], 1),
-        (7000.0, 255),
-        (DISTINCT[0], 1),
-        (8000.0, 61),
-        (50000.0, 62),
-    ]
+SOUTH_DISTINCT = (7654.321987, 6789.123456, 5678.912345, 4567.891234)
+"""South's own single-record values: north's never occur on south."""
+LAYOUT: tuple[tuple[float | None, int], ...] = (
+    (-50000.0, 61),
+    (4000.0, 61),
+    (None, 3),
+    (5000.0, 255),
+    (None, 2),
+    (6000.0, 255),
+    (None, 1),
+    (7000.0, 255),
+    (None, 0),
+    (8000.0, 61),
+    (50000.0, 62),
+)
+"""Blocks of common padding ``(value, count)``; ``(None, i)`` is the i-th single record."""
+
+
+def distinctive_values(distinct: tuple[float, ...]) -> np.ndarray[Any, np.dtype[np.float64]]:
+    """1014 floats: four single-record values, each between blocks of common padding.
+
+    Sorted, the single records sit at positions that no minimum, maximum,
+    median, quartile or the ``K``/``PROBABILITIES`` used below land on, so
+    that no honest statistic over one or both parties' data equals one.
+    """
+    blocks = [(distinct[count], 1) if value is None else (value, count) for value, count in LAYOUT]
     values = np.concatenate([np.full(count, value) for value, count in blocks])
     return np.random.default_rng(20240611).permutation(values)
 
 
-VALUES = distinctive_values()
+def csv_text(values: np.ndarray[Any, Any], labels: list[str]) -> bytes:
+    """The CSV upload: a numeric ``value`` and a text ``label`` column."""
+    rows = [f"{float(v)!r},{label}\n" for v, label in zip(values, labels, strict=True)]
+    return ("value,label\n" + "".join(rows)).encode()
+
+
+VALUES = distinctive_values(DISTINCT)
 LABELS = ["plain"] * VALUES.size
-LABELS[417] = MARKER
-CSV = (
-    "value,label\n" + "".join(f"{v!r},{t}\n" for v, t in zip(VALUES, LABELS, strict=True))
-).encode()
+LABELS[0] = MARKER  # first: a parser error about the column would name it
+CSV = csv_text(VALUES, LABELS)
+SOUTH_VALUES = distinctive_values(SOUTH_DISTINCT)
+SOUTH_LABELS = ["plain"] * VALUES.size
+SOUTH_LABELS[99] = "southonly"
+K = 500
+PROBABILITIES = [0.1, 0.25, 0.5, 0.75, 0.9]
+SET_REVEALING = {("psi", "union")}
+"""Functions whose result is made of data items; checked on their own below."""
 
 
 # -- the leak detector ---------------------------------------------------------
@@ -161,7 +188,8 @@ class Detector:
             bare = run.rstrip(b"=")
             for skip in range(4):
                 piece = bare[skip:]
-                piece = piece[: len(piece) - len(piece) % 4]
+                piece = piece[: len(piece) - 1] if len(piece) % 4 == 1 else piece
+                piece += b"=" * (-len(piece) % 4)
                 for decode in (base64.b64decode, base64.urlsafe_b64decode):
                     with contextlib.suppress(binascii.Error, ValueError):
                         decoded.append(decode(piece))
@@ -189,14 +217,16 @@ DETECT = Detector()
 def test_the_detector_finds_every_form_of_the_data() -> None:
     """The detector itself: each encoding of the data is caught, a clean answer is not."""
     raw = VALUES.astype("<f8").tobytes()
+    where = int(np.flatnonzero(DISTINCT[2] == VALUES)[0])
     caught = [
         raw,
         base64.b64encode(raw),
-        b"x" + base64.b64encode(raw[8:200]),
+        b"x" + base64.b64encode(raw[8 * where - 13 : 8 * where + 29]),
         raw.hex().encode(),
         json.dumps(wire.to_jsonable({"v": VALUES})).encode(),
         wire.packb({"v": VALUES}),
         wire.packb({"v": [float(v) for v in VALUES[:50]] + [DISTINCT[2]]}),
+        wire.packb({"v": np.array([DISTINCT[0]], dtype="<f4")}),
         json.dumps({"v": DISTINCT[0]}).encode(),
         json.dumps({"v": [1.0, DISTINCT[3] * (1 + 1e-12)]}).encode(),
         json.dumps({"detail": f"bad value {DISTINCT[1]:.2f}"}).encode(),
@@ -211,6 +241,7 @@ def test_the_detector_finds_every_form_of_the_data() -> None:
         {"sum": float(VALUES.sum()), "count": 1014, "minimum": -50000.0, "handle": UNKNOWN_DATA}
     ).encode()
     assert DETECT.leaks(clean, "clean") == []
+    assert DETECT.leaks(csv_text(SOUTH_VALUES, SOUTH_LABELS), "south") == []
 
 
 # -- the servers ---------------------------------------------------------------
@@ -239,16 +270,18 @@ class World:
     federation: LocalFederation
 
 
-def upload_all(url: str, token: str) -> dict[str, str]:
-    """Upload the distinctive data in every format; return the handles by format."""
+def upload_all(
+    url: str, token: str, values: np.ndarray[Any, Any], labels: list[str]
+) -> dict[str, str]:
+    """Upload ``values`` (and ``labels``) in every format; return the handles by format."""
     bodies = {
-        "raw": ({"format": "raw", "dtype": "float64"}, VALUES.astype("<f8").tobytes()),
-        "csv": ({"format": "csv"}, CSV),
+        "raw": ({"format": "raw", "dtype": "float64"}, values.astype("<f8").tobytes()),
+        "csv": ({"format": "csv"}, csv_text(values, labels)),
         "json": (
             {"format": "json"},
-            json.dumps({"value": VALUES.tolist(), "label": LABELS}).encode(),
+            json.dumps({"value": values.tolist(), "label": labels}).encode(),
         ),
-        "msgpack": ({"format": "msgpack"}, wire.packb({"value": VALUES, "label": LABELS})),
+        "msgpack": ({"format": "msgpack"}, wire.packb({"value": values, "label": labels})),
     }
     handles = {}
     for fmt, (params, body) in bodies.items():
@@ -286,10 +319,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, example_plugin: None) -> Ite
             thread.join()
         if errors:
             raise errors[0]
-        parties = (Party(north, other), Party(south))
-        for party in parties:
-            party.handles = upload_all(party.url, party.server.token)
-        yield World(parties[0], parties[1], federation)
+        world = World(Party(north, other), Party(south), federation)
+        world.north.handles = upload_all(north.url, north.token, VALUES, LABELS)
+        world.south.handles = upload_all(south.url, south.token, SOUTH_VALUES, SOUTH_LABELS)
+        yield world
     finally:
         federation.stop()
 
@@ -320,9 +353,11 @@ def fetch(
 
 
 def aggregate_value(party: Party, handle: str, token: str) -> dict[str, Any]:
+    """The result view of ``map.aggregate`` over the ``value`` column of ``handle``."""
+    inputs = {"data": handle, "column": "value"}
     response = requests.post(
         party.url + "/v1/compute",
-        json={"microservice": "map", "function": "aggregate", "inputs": {"data": handle}},
+        json={"microservice": "map", "function": "aggregate", "inputs": inputs},
         headers=party.auth(token),
         timeout=30,
     )
@@ -338,44 +373,54 @@ def aggregate_value(party: Party, handle: str, token: str) -> dict[str, Any]:
 # -- every route, every method, every principal --------------------------------
 
 
+def body_variants(handle: str) -> list[tuple[dict[str, str], bytes | None]]:
+    """(headers, body) pairs: no body in three ``Accept`` flavours, a JSON and a msgpack body."""
+    message = {
+        "handle": handle,
+        "data": handle,
+        "microservice": "data",
+        "function": "describe",
+        "inputs": {name: handle for name in INPUT_NAMES},
+    }
+    return [
+        ({"accept": "application/json"}, None),
+        ({"accept": MSGPACK}, None),
+        ({"accept": "application/octet-stream, text/csv, */*"}, None),
+        (
+            {"accept": "application/json", "content-type": "application/json"},
+            json.dumps(message).encode(),
+        ),
+        ({"accept": MSGPACK, "content-type": MSGPACK}, wire.packb(message)),
+    ]
+
+
 def test_no_route_returns_the_data(world: World) -> None:
+    """Every route x method x principal x body, the handle in the path and the query."""
     north = world.north
     owner, admin = north.server.token, north.server.admin_token
     found: list[str] = []
+    statuses: dict[int, int] = {}
     with requests.Session() as session:
         spec = session.get(north.url + "/v1/openapi.json", timeout=30).json()
         paths = sorted(spec["paths"])
-        assert {"/v1/data", "/v1/data/{handle}", "/v1/results/{handle}", "/v1/compute"} <= set(
-            paths
-        )
-        statuses: dict[int, int] = {}
+        wanted = {"/v1/data", "/v1/data/{handle}", "/v1/results/{handle}", "/v1/compute"}
+        assert wanted <= set(paths)
         for fmt in ("raw", "csv"):
             handle = north.handles[fmt]
-            query = {name: handle for name in ("handle", "data", "id", "dataset")}
-            message = {
-                "handle": handle,
-                "data": handle,
-                "microservice": "data",
-                "function": "describe",
-                "inputs": {name: handle for name in INPUT_NAMES},
-            }
-            variants: list[tuple[dict[str, str], bytes | None]] = [
-                ({"accept": "application/json"}, None),
-                ({"accept": MSGPACK}, None),
-                ({"accept": "application/octet-stream, text/csv, */*"}, None),
-                (
-                    {"accept": "application/json", "content-type": "application/json"},
-                    json.dumps(message).encode(),
-                ),
-                ({"accept": MSGPACK, "content-type": MSGPACK}, wire.packb(message)),
-            ]
+            query = {name: handle for name in ("handle", "data", "id", "dataset", "download")}
+            variants = body_variants(handle)
             for token in (owner, admin, north.other, None):
                 for template in paths:
                     path = re.sub(r"\{[^}]+\}", handle, template)
                     for method in METHODS:
                         if token == owner and method == "DELETE" and "{" in template:
                             continue  # releasing is tested on its own below
-                        for headers, body in variants:
+                        chosen = variants
+                        if template == "/v1/microservices" or (fmt == "csv" and token != owner):
+                            # /v1/microservices waits 0.25 s for $SRV.INFO answers, and the
+                            # strangers' answers for the CSV handle repeat the raw one's
+                            chosen = variants[:1] if method in ("GET", "POST") else []
+                        for headers, body in chosen:
                             response = fetch(
                                 session,
                                 method,
@@ -392,13 +437,14 @@ def test_no_route_returns_the_data(world: World) -> None:
                             )
     check(found)
     # the sweep reached real answers, not only refusals
-    assert statuses.get(200, 0) >= 100 and statuses.get(401, 0) >= 100, statuses
-    assert statuses.get(404, 0) >= 20 and statuses.get(405, 0) >= 100, statuses
+    assert statuses.get(200, 0) >= 50 and statuses.get(401, 0) >= 50, statuses
+    assert statuses.get(404, 0) >= 20 and statuses.get(405, 0) >= 50, statuses
     assert not any(status >= 500 for status in statuses), statuses
 
 
 def test_describe_is_schema_only(world: World) -> None:
     north = world.north
+    owner = north.server.token
     found: list[str] = []
     with requests.Session() as session:
         for fmt, handle in north.handles.items():
@@ -418,10 +464,12 @@ def test_describe_is_schema_only(world: World) -> None:
             ).json()
             assert set(described) == {"handle", "format", "columns", "rows", "bytes", "created"}
             assert described["rows"] == VALUES.size
-        listed = fetch(
-            session, "GET", north.url + "/v1/data", north.server.token, "list", found
-        ).json()
-        assert {entry["handle"] for entry in listed["datasets"]} >= set(north.handles.values())
+        # one listing may come back short (nats-py's KeyValue.keys() race, nats.py#842)
+        listed: set[str] = set()
+        for _ in range(3):
+            answer = fetch(session, "GET", north.url + "/v1/data", owner, "list", found)
+            listed.update(entry["handle"] for entry in answer.json()["datasets"])
+        assert listed >= set(north.handles.values())
     check(found)
 
 
@@ -538,43 +586,43 @@ def finish(
 
 
 def test_no_function_returns_the_data(world: World) -> None:
+    """Every function of every microservice, the handle in every input, one party."""
     north = world.north
     token = north.server.token
     found: list[str] = []
     views: dict[tuple[str, str, str, int], dict[str, Any]] = {}
     with requests.Session() as session:
         pending: list[tuple[tuple[str, str, str, int], str]] = []
-        for microservice, function, _kind in microservice_functions(north):
+        for microservice, function, kind in microservice_functions(north):
             for fmt in ("raw", "csv"):
-                # a fresh copy each time: call functions (release!) may have effects
                 for number, template in enumerate(input_sets(UNKNOWN_DATA, fmt)):
-                    handle = upload_all_one(north, fmt)
+                    # calls act at once (data.release!): they get a fresh copy each
+                    handle = upload_copy(north, fmt) if kind == "call" else north.handles[fmt]
                     inputs = {k: handle if v == UNKNOWN_DATA else v for k, v in template.items()}
                     body = {"microservice": microservice, "function": function, "inputs": inputs}
-                    for accept, encoded, media in (
-                        ("application/json", json.dumps(body).encode(), "application/json"),
-                        (MSGPACK, wire.packb(body), MSGPACK),
-                    ):
-                        where = f"{microservice}.{function} {fmt} #{number} {media}"
-                        response = fetch(
-                            session,
-                            "POST",
-                            north.url + "/v1/compute",
-                            token,
-                            where,
-                            found,
-                            data=encoded,
-                            headers={"content-type": media, "accept": accept},
+                    media, encoded = (
+                        (MSGPACK, wire.packb(body))
+                        if number % 2
+                        else ("application/json", json.dumps(body).encode())
+                    )
+                    where = f"{microservice}.{function} {fmt} #{number} {media}"
+                    response = fetch(
+                        session,
+                        "POST",
+                        north.url + "/v1/compute",
+                        token,
+                        where,
+                        found,
+                        data=encoded,
+                        headers={"content-type": media, "accept": media},
+                    )
+                    assert response.status_code < 500, (where, response.text[:300])
+                    if response.status_code == 202:
+                        started = (
+                            wire.unpackb(response.content) if media == MSGPACK else response.json()
                         )
-                        assert response.status_code < 500, (where, response.text[:300])
-                        if response.status_code == 202:
-                            result = (
-                                response.json()
-                                if media != MSGPACK
-                                else wire.unpackb(response.content)
-                            )
-                            key = (microservice, function, fmt, number)
-                            pending.append((key, result["result"]))
+                        key = (microservice, function, fmt, number)
+                        pending.append((key, started["result"]))
         for key, result in pending:
             views[key] = finish(session, north, token, result, " ".join(map(str, key)), found)
     check(found)
@@ -592,7 +640,7 @@ def test_no_function_returns_the_data(world: World) -> None:
     assert server_errors == []
 
 
-def upload_all_one(party: Party, fmt: str) -> str:
+def upload_copy(party: Party, fmt: str) -> str:
     params, body = (
         ({"format": "raw", "dtype": "float64"}, VALUES.astype("<f8").tobytes())
         if fmt == "raw"
@@ -610,54 +658,157 @@ def upload_all_one(party: Party, fmt: str) -> str:
     return handle
 
 
+def federated_inputs(handle: str, fmt: str) -> dict[str, Any]:
+    """Inputs that let most protocols run to the end on the ``value`` column."""
+    inputs: dict[str, Any] = {
+        "data": handle,
+        "k": K,
+        "probabilities": PROBABILITIES,
+        "bins": [-100000.0, 0.0, 100000.0],
+    }
+    if fmt == "csv":
+        inputs.update(column="value", x="value", y="value")
+    return inputs
+
+
+def start_federated(
+    world: World,
+    session: requests.Session,
+    microservice: str,
+    function: str,
+    inputs: dict[str, dict[str, Any]],
+    found: list[str],
+) -> list[tuple[str, Party, str]]:
+    """Start one computation on north and south in one session: (where, party, result)."""
+    spec = {"id": f"nodl-{secrets.token_hex(12)}", "parties": ["north", "south"]}
+    started = []
+    for party in (world.north, world.south):
+        name = party.server.name
+        body = {
+            "microservice": microservice,
+            "function": function,
+            "inputs": inputs[name],
+            "session": spec,
+        }
+        where = f"{name} {microservice}.{function}"
+        response = fetch(
+            session, "POST", party.url + "/v1/compute", party.server.token, where, found, json=body
+        )
+        assert response.status_code == 202, (where, response.text[:300])
+        started.append((where, party, response.json()["result"]))
+    return started
+
+
+def run_federated(
+    world: World,
+    session: requests.Session,
+    microservice: str,
+    function: str,
+    inputs: dict[str, dict[str, Any]],
+    found: list[str],
+) -> dict[str, dict[str, Any]]:
+    """Run one computation on north and south in one session; their final views by name."""
+    started = start_federated(world, session, microservice, function, inputs, found)
+    return {
+        party.server.name: finish(session, party, party.server.token, result, where, found)
+        for where, party, result in started
+    }
+
+
 def test_no_federated_computation_returns_the_data(world: World) -> None:
-    parties = (world.north, world.south)
+    """Every job function as a north-south session; south's data shares only the padding.
+
+    All sessions run at once, on the CSV datasets (``value`` column); the
+    secure sum also on the raw ones.
+    """
     jobs = [(ms, fn) for ms, fn, kind in microservice_functions(world.north) if kind == "job"]
     found: list[str] = []
-    pending: list[tuple[str, Party, str]] = []
+    runs = [(ms, fn, "csv") for ms, fn in jobs if (ms, fn) not in SET_REVEALING]
+    runs.append(("smpc", "secure_sum", "raw"))
     with requests.Session() as session:
-        for microservice, function in jobs:
-            for fmt in ("raw", "csv"):
-                session_spec = {
-                    "id": f"nodl-{function}-{fmt}-{secrets.token_hex(6)}"[:64],
-                    "parties": ["north", "south"],
-                }
-                for party in parties:
-                    handle = party.handles[fmt]
-                    inputs: dict[str, Any] = {"data": handle}
-                    if fmt == "csv":
-                        inputs.update(column="value", x="value", y="value")
-                    body = {
-                        "microservice": microservice,
-                        "function": function,
-                        "inputs": inputs,
-                        "session": session_spec,
-                    }
-                    where = f"{party.server.name} {microservice}.{function} {fmt}"
-                    response = fetch(
-                        session,
-                        "POST",
-                        party.url + "/v1/compute",
-                        party.server.token,
-                        where,
-                        found,
-                        json=body,
-                    )
-                    assert response.status_code == 202, (where, response.text[:300])
-                    pending.append((where, party, response.json()["result"]))
+        started = {
+            (ms, fn, fmt): start_federated(
+                world,
+                session,
+                ms,
+                fn,
+                {
+                    "north": federated_inputs(world.north.handles[fmt], fmt),
+                    "south": federated_inputs(world.south.handles[fmt], fmt),
+                },
+                found,
+            )
+            for ms, fn, fmt in runs
+        }
         views = {
-            where: finish(session, party, party.server.token, result, where, found)
-            for where, party, result in pending
+            (run, party.server.name): finish(
+                session, party, party.server.token, result, where, found
+            )
+            for run, parties in started.items()
+            for where, party, result in parties
         }
     check(found)
+    # the protocols really ran on the data
     for name in ("north", "south"):
-        joint = views[f"{name} smpc.secure_sum raw"]
+        joint = views[("smpc", "secure_sum", "raw"), name]
         assert joint["status"] == "done", joint
-        assert joint["value"]["count"] == 2 * VALUES.size
-        assert joint["value"]["sum"] == pytest.approx(2 * float(VALUES.sum()), abs=1e-3)
-        extremes = views[f"{name} smpc.minimum_maximum csv"]
+        assert joint["value"]["count"] == VALUES.size + SOUTH_VALUES.size
+        total = float(VALUES.sum() + SOUTH_VALUES.sum())
+        assert joint["value"]["sum"] == pytest.approx(total, abs=1e-3)
+        extremes = views[("smpc", "minimum_maximum", "csv"), name]
         assert extremes["status"] == "done", extremes
         assert extremes["value"]["maximum"] == pytest.approx(50000.0, abs=1e-3)
+        common = views[("psi", "intersection", "csv"), name]
+        assert common["status"] == "done", common
+        assert common["value"]["size"] == len(LAYOUT) - 4
+    server_errors = [
+        (key, view["error"])
+        for key, view in views.items()
+        if view["status"] == "failed" and view["error"]["status"] >= 500
+    ]
+    assert server_errors == []
+
+
+def test_union_reveals_no_single_record_item(world: World) -> None:
+    """``psi.union`` must not hand out items that fewer than ``min_cohort`` records hold.
+
+    Each of north's distinctive values (and the marker) is held by one record,
+    below the minimum cohort of 3; a union that lists them hands north's
+    single records to whoever runs it with a second server.
+    """
+    found: list[str] = []
+    with requests.Session() as session:
+        for fmt, column in (("raw", None), ("csv", "value"), ("csv", "label")):
+            inputs = {
+                name: {"data": party.handles[fmt], "column": column}
+                for name, party in (("north", world.north), ("south", world.south))
+            }
+            run_federated(world, session, "psi", "union", inputs, found)
+    check(found)
+
+
+def test_elementwise_sum_with_a_zero_partner_returns_no_data(world: World) -> None:
+    """``smpc.secure_sum`` elementwise, with zeros on the other server, must not echo the array.
+
+    With ``elementwise`` the result is north's array plus south's; an analyst
+    who also uploads zeros on south gets north's records back one by one.
+    """
+    zeros = requests.post(
+        world.south.url + "/v1/data",
+        params={"format": "raw", "dtype": "float64"},
+        data=np.zeros(VALUES.size).tobytes(),
+        headers=world.south.auth(world.south.server.token),
+        timeout=30,
+    )
+    assert zeros.status_code == 201
+    inputs = {
+        "north": {"data": world.north.handles["raw"], "elementwise": True},
+        "south": {"data": zeros.json()["handle"], "elementwise": True},
+    }
+    found: list[str] = []
+    with requests.Session() as session:
+        run_federated(world, session, "smpc", "secure_sum", inputs, found)
+    check(found)
 
 
 # -- other principals ----------------------------------------------------------
@@ -668,9 +819,9 @@ def refusal(party: Party, token: str, handle: str, kind: str) -> tuple[int, str]
     auth = party.auth(token)
     if kind in ("GET", "DELETE"):
         response = requests.request(kind, f"{party.url}/v1/data/{handle}", headers=auth, timeout=30)
-        return response.status_code, response.json()["detail"]
+        return response.status_code, str(response.json().get("detail", "answered"))
     microservice, function = kind.split(".")
-    inputs = {"handle": handle} if microservice == "data" else {"data": handle}
+    inputs = {"handle": handle} if microservice == "data" else {"data": handle, "column": "value"}
     response = requests.post(
         party.url + "/v1/compute",
         json={"microservice": microservice, "function": function, "inputs": inputs},
@@ -678,11 +829,12 @@ def refusal(party: Party, token: str, handle: str, kind: str) -> tuple[int, str]
         timeout=30,
     )
     if response.status_code != 202:
-        return response.status_code, response.json()["detail"]
+        return response.status_code, str(response.json().get("detail", "answered"))
     view = requests.get(
         f"{party.url}/v1/results/{response.json()['result']}?wait=30", headers=auth, timeout=60
     ).json()
-    assert view["status"] == "failed", view
+    if view["status"] != "failed":
+        return 200, "computed"
     return view["error"]["status"], view["error"]["detail"]
 
 
@@ -694,7 +846,8 @@ def test_another_principals_handle_is_404_like_an_unknown_one(world: World) -> N
     ).json()
     expected = aggregate_value(north, handle, north.server.token)
     assert expected["status"] == "done"
-    kinds = ("GET", "DELETE", "map.aggregate", "example.rows", "smpc.count", "data.describe")
+    kinds = ("GET", "DELETE", "map.aggregate", "example.rows", "smpc.count")
+    refused_alike = ("data.describe", "data.release")  # calls: /v1/compute refuses them
     strangers = [
         (north, north.other),
         (north, north.server.admin_token),
@@ -702,9 +855,10 @@ def test_another_principals_handle_is_404_like_an_unknown_one(world: World) -> N
         (south, south.server.admin_token),
     ]
     for party, token in strangers:
-        for kind in kinds:
+        for kind in kinds + refused_alike:
             unknown = refusal(party, token, UNKNOWN_DATA, kind)
-            assert unknown[0] == 404, (kind, unknown)
+            assert 400 <= unknown[0] < 500, (kind, unknown)
+            assert kind in refused_alike or unknown[0] == 404, (kind, unknown)
             assert refusal(party, token, handle, kind) == unknown, kind
         listed = requests.get(party.url + "/v1/data", headers=party.auth(token), timeout=30)
         assert handle not in listed.text
@@ -719,7 +873,7 @@ def test_another_principals_handle_is_404_like_an_unknown_one(world: World) -> N
 def test_another_principal_cannot_take_over_or_destroy_a_data_handle(world: World) -> None:
     """``data.register``/``data.release`` through /v1/compute with someone else's handle."""
     north = world.north
-    handle = upload_all_one(north, "raw")
+    handle = upload_copy(north, "raw")
     owner = north.server.token
     before = requests.get(f"{north.url}/v1/data/{handle}", headers=north.auth(owner), timeout=30)
     expected = aggregate_value(north, handle, owner)
@@ -753,7 +907,7 @@ def test_another_principal_cannot_take_over_or_destroy_a_data_handle(world: Worl
 def test_released_handle_is_gone_without_a_trace(world: World) -> None:
     north = world.north
     owner = north.server.token
-    handle = upload_all_one(north, "csv")
+    handle = upload_copy(north, "csv")
     found: list[str] = []
     with requests.Session() as session:
         released = fetch(
@@ -775,7 +929,7 @@ def test_hostile_uploads_echo_no_data(world: World) -> None:
     bodies = [
         ({"format": "json"}, json.dumps({"a": [*DISTINCT, MARKER]}).encode()),
         ({"format": "json"}, json.dumps({"a": list(DISTINCT), "b": [MARKER]}).encode()),
-        ({"format": "json"}, json.dumps({MARKER: {"x": list(DISTINCT)}}).encode()),
+        ({"format": "json"}, json.dumps({"a": {"x": [MARKER, *DISTINCT]}}).encode()),
         ({"format": "csv"}, ("a,b\n" + ",".join(text) + "\n").encode()),
         ({"format": "csv"}, f"a,b\n{DISTINCT[0]},{MARKER}\n".encode("utf-16")),
         ({"format": "msgpack"}, wire.packb({"a": [*DISTINCT, MARKER]})),

@@ -139,7 +139,7 @@ def test_restart_keeps_data_and_results(solo: LocalServer, tmp_path: Path) -> No
     assert _wait_gone_or_zombie(nats_pid, 10) in (None, "Z")
     solo.start()
 
-    client = solo.client(timeout=TIMEOUT)
+    client = solo.client(timeout=TIMEOUT)  # a new connection: the old server is gone
     for name, handle in handles.items():
         assert client.describe(handle) == described[name]
     assert {entry["handle"] for entry in client.datasets()} == set(handles.values())
@@ -153,6 +153,7 @@ def test_restart_keeps_data_and_results(solo: LocalServer, tmp_path: Path) -> No
     assert again == before[small.handle]
     rows = client.compute("map", "aggregate", data=handles["table"], column="x").result(TIMEOUT)
     assert (rows["count"], rows["sum"]) == (3, 8.0)
+    client.close()
 
     # the audit chain goes on across the restart
     records = verify(solo.home / "audit.log")
@@ -183,6 +184,7 @@ def test_sigkill_takes_the_embedded_nats_server_down(solo: LocalServer) -> None:
     assert client.describe(handle)["rows"] == 12
     result = client.compute("map", "aggregate", data=handle).result(TIMEOUT)
     assert (result["count"], result["sum"]) == (12, 66.0)
+    client.close()
     new_nats = _embedded_nats_pid(solo)
     assert new_nats != nats_pid
 
@@ -259,11 +261,11 @@ def test_token_add_serve_and_audit_verify(tmp_path: Path) -> None:
         # a token added while the server runs works at once
         late = cli("token", "add", str(home), "dave", "--role", "admin")
         assert late.returncode == 0, late.stderr
-        client = server.client()
-        dave = Client(server.url, late.stdout.strip(), timeout=TIMEOUT)
-        handle = dave.upload([1.0, 2.0, 3.0, 4.0])
-        assert dave.compute("map", "aggregate", data=handle).result(TIMEOUT)["sum"] == 10.0
-        assert client.datasets() == []  # carol does not see dave's data
+        with Client(server.url, late.stdout.strip(), timeout=TIMEOUT) as dave:
+            handle = dave.upload([1.0, 2.0, 3.0, 4.0])
+            assert dave.compute("map", "aggregate", data=handle).result(TIMEOUT)["sum"] == 10.0
+        with server.client() as client:
+            assert client.datasets() == []  # carol does not see dave's data
     finally:
         server.stop()
 

@@ -191,20 +191,30 @@ def test_hash_to_point_is_valid_deterministic_and_domain_separated() -> None:
     assert hash_to_point(b"bc", b"a") != hash_to_point(b"c", b"ab")
 
 
-def test_hash_to_point_matches_documented_construction() -> None:
-    for item in (b"alice", b"", b"x" * 1000):
-        digest = hashlib.sha512(bytes([len(DOMAIN)]) + DOMAIN + item).digest()
-        edwards = sodium.crypto_core_ed25519_from_uniform(digest[:32])
+def _libsodium_h(item: bytes) -> bytes:
+    """H(item) = [8] Elligator2(r) in Edwards form, computed by libsodium."""
+    digest = hashlib.sha512(bytes([len(DOMAIN)]) + DOMAIN + item).digest()
+    r = int.from_bytes(digest, "little") % _P
+    return sodium.crypto_core_ed25519_from_uniform(r.to_bytes(32, "little"))
+
+
+def _times(k: int, edwards: bytes) -> bytes:
+    """u([k mod L] P) for an Edwards point P of the prime-order group, by libsodium."""
+    scalar = (k % _L).to_bytes(32, "little")
+    return sodium.crypto_sign_ed25519_pk_to_curve25519(
+        sodium.crypto_scalarmult_ed25519_noclamp(scalar, edwards)
+    )
+
+
+def test_hash_matches_libsodium_elligator_with_cofactor_cleared_by_blinding() -> None:
+    # X25519(a, u(P0)) = u([c(a) / 8] [8] P0), and libsodium's from_uniform is [8] P0.
+    scalar = random_scalar()
+    k = int.from_bytes(scalar, "little") // 8
+    for item in (b"alice", b"", b"x" * 1000, encode_item(42)):
+        edwards = _libsodium_h(item)
         assert sodium.crypto_core_ed25519_is_valid_point(edwards)  # in the prime-order group
-        # Our batch conversion agrees with libsodium's birational map.
-        assert hash_to_point(item, DOMAIN) == sodium.crypto_sign_ed25519_pk_to_curve25519(edwards)
-
-
-def test_neutral_element_cannot_be_converted() -> None:
-    identity = bytes([1]) + bytes(31)  # Edwards (0, 1)
-    valid = sodium.crypto_core_ed25519_from_uniform(bytes(range(32)))
-    with pytest.raises(ValueError, match="neutral element"):
-        curve._edwards_to_montgomery([valid, identity])
+        assert blind([hash_to_point(item, DOMAIN)], scalar) == [_times(k, edwards)]
+        assert hash_and_blind([item], scalar, DOMAIN) == [_times(k, edwards)]
 
 
 def test_different_items_give_different_points() -> None:
@@ -239,13 +249,9 @@ def test_blinding_commutes_for_many_items() -> None:
 
 def test_blind_equals_product_of_clamped_scalars() -> None:
     a, b = random_scalar(), random_scalar()
-    digest = hashlib.sha512(bytes([len(DOMAIN)]) + DOMAIN + b"x").digest()
-    edwards = sodium.crypto_core_ed25519_from_uniform(digest[:32])
-    # X25519 clamps; random_scalar already returns the clamped integer.
-    product = int.from_bytes(a, "little") * int.from_bytes(b, "little") % _L
-    expected = sodium.crypto_sign_ed25519_pk_to_curve25519(
-        sodium.crypto_scalarmult_ed25519_noclamp(product.to_bytes(32, "little"), edwards)
-    )
+    # X25519 clamps; random_scalar already returns the clamped integer, a multiple of 8.
+    product = int.from_bytes(a, "little") * int.from_bytes(b, "little") // 8
+    expected = _times(product, _libsodium_h(b"x"))
     assert blind(blind([hash_to_point(b"x", DOMAIN)], a), b) == [expected]
 
 
