@@ -397,11 +397,25 @@ async def _order_statistics(
     would then report "party ... ended the computation" instead.
     """
     refusal: FdrtdError | None = None
-    async with session_for(ctx) as peers:
+    import sys, time
+    _sid = (ctx.session or {}).get("id")
+    def dbg(*a):
+        print("DBG", _sid, round(time.monotonic(), 3), *a, file=sys.stderr, flush=True)
+    dbg("start")
+    try:
+      async with session_for(ctx) as peers:
+        dbg("entered")
         smpc = SmpcSession(peers)
-        await smpc.setup(public)
-        for key in public:
-            agree(smpc, key)
+        try:
+            await smpc.setup(public)
+        except BaseException as e:
+            dbg("setup failed", repr(e)); raise
+        dbg("setup done")
+        try:
+            for key in public:
+                agree(smpc, key)
+        except BaseException as e:
+            dbg("agree failed", repr(e)); raise
         encoded = ring.encode_int(np.array([values.size]), parties=smpc.parties)
         total = int(ring.decode_int(await smpc.sum_ring(encoded))[0])
         try:
@@ -412,6 +426,8 @@ async def _order_statistics(
         else:
             await ctx.progress(0.1)
             keys = await OrderSearch(smpc, values, total).smallest_keys(ranks, ctx.progress)
+    except BaseException as e:
+        dbg("exited with", repr(e)); raise
     if refusal is not None:
         raise refusal
     found = ring.float_from_order_key(keys).tolist()
