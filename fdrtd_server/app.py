@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import secrets
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ from fdrtd_server.bus import (
     new_handle,
     parse_handle,
 )
+from fdrtd_server.config import NAME_RULE as SERVER_NAME
 from fdrtd_server.config import Settings, TokenStore
 from fdrtd_server.errors import (
     BadRequest,
@@ -154,7 +156,13 @@ async def bus_request(
         FdrtdError: Whatever the microservice raised, rebuilt from status and message.
     """
     try:
-        reply = await bus.nc.request(subject, wire.packb(message), timeout=timeout)
+        payload = wire.packb(message)
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(
+            "the request holds a value that cannot be sent on (e.g. an integer beyond 64 bits)"
+        ) from None
+    try:
+        reply = await bus.nc.request(subject, payload, timeout=timeout)
     except nats.errors.NoRespondersError:
         parts = subject.split(".")
         raise NotFound(
@@ -220,6 +228,8 @@ async def upload(request: Request) -> Response:
             inputs["shape"] = [int(n) for n in params["shape"].split(",") if n.strip()]
         except ValueError:
             raise BadRequest("'shape' must be comma-separated non-negative integers") from None
+        if not all(0 <= n < 2**62 for n in inputs["shape"]):
+            raise BadRequest("'shape' must hold non-negative integers below 2^62")
     limit = state.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -263,12 +273,12 @@ def _check_session(session: Any) -> dict[str, Any] | None:
     if not isinstance(session, dict):
         raise BadRequest("'session' must be a map with 'id' and 'parties'")
     sid, parties = session.get("id"), session.get("parties")
-    if not isinstance(sid, str) or not re.match(r"^[A-Za-z0-9_-]{8,64}$", sid):
+    if not isinstance(sid, str) or not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", sid):
         raise BadRequest("'session.id' must be 8 to 64 letters, digits, '-' or '_'")
     if (
         not isinstance(parties, list)
         or not 2 <= len(parties) <= 64
-        or not all(isinstance(p, str) and NAME.match(p.replace("-", "_")) for p in parties)
+        or not all(isinstance(p, str) and SERVER_NAME.fullmatch(p) for p in parties)
         or len(set(parties)) != len(parties)
     ):
         raise BadRequest("'session.parties' must list 2 to 64 distinct server names")
@@ -288,7 +298,7 @@ async def compute(request: Request) -> Response:
         raise BadRequest("body must be a map with 'microservice', 'function' and 'inputs'")
     microservice, function = body.get("microservice"), body.get("function")
     for key, value in (("microservice", microservice), ("function", function)):
-        if not isinstance(value, str) or not NAME.match(value):
+        if not isinstance(value, str) or not NAME.fullmatch(value):
             raise BadRequest(f"'{key}' must be a name of lowercase letters, digits and '_'")
     inputs = body.get("inputs", {})
     if not isinstance(inputs, dict):
@@ -459,8 +469,14 @@ async def http_error(request: Request, error: Exception) -> Response:
 
 async def internal_error(request: Request, error: Exception) -> Response:
     incident = secrets.token_hex(6)
+    # the message of an unexpected error may hold data: log its type and frames only
     log.error(
-        "internal error %s on %s %s", incident, request.method, request.url.path, exc_info=error
+        "internal error %s on %s %s: %s\n%s",
+        incident,
+        request.method,
+        request.url.path,
+        type(error).__name__,
+        "".join(traceback.format_tb(error.__traceback__)),
     )
     return problem(
         500, "Internal error", f"internal error (incident {incident}); the server log has details"

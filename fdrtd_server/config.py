@@ -71,11 +71,12 @@ class Settings:
     max_upload_bytes: int = 8 * 1024 * 1024 * 1024
     min_cohort: int = 3
     allow_map_reduce: bool = True
+    allow_set_union: bool = False
     session_timeout: float = 30.0
     microservices: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if not NAME_RULE.match(self.name):
+        if not NAME_RULE.fullmatch(self.name):
             raise ValueError(
                 "setting 'name' must be 1-63 lowercase letters, digits, '-' or '_', "
                 "starting with a letter or digit"
@@ -110,6 +111,7 @@ _FIELD_TYPES: dict[str, type] = {
     "max_upload_bytes": int,
     "min_cohort": int,
     "allow_map_reduce": bool,
+    "allow_set_union": bool,
     "session_timeout": float,
 }
 
@@ -164,7 +166,7 @@ def load_settings(
             raise ValueError(f"{path}: [policy] microservices must be a list of names")
         values["microservices"] = tuple(services)
     for key, value in document.get("policy", {}).items():
-        if key in ("min_cohort", "allow_map_reduce"):
+        if key in ("min_cohort", "allow_map_reduce", "allow_set_union"):
             values[key] = _cast(key, value, f"{path}: setting")
         elif key != "microservices":
             raise ValueError(f"{path}: unknown setting '{key}' in [policy]")
@@ -212,7 +214,7 @@ class TokenStore:
         Raises:
             ValueError: If the name or role breaks the rules.
         """
-        if not NAME_RULE.match(name):
+        if not NAME_RULE.fullmatch(name):
             raise ValueError("token name must be lowercase letters, digits, '-' or '_'")
         if role not in ROLES:
             raise ValueError(f"token role must be one of {', '.join(ROLES)}")
@@ -259,7 +261,9 @@ def init_home(home: Path, name: str, *, port: int = 8000, host: str = "127.0.0.1
         '# nats_url = "nats://127.0.0.1:4222"   # default: an embedded nats-server\n'
         "\n[policy]\n"
         f"min_cohort = {settings.min_cohort}\n"
-        "allow_map_reduce = true\n",
+        "allow_map_reduce = true\n"
+        "# a set union discloses every item of every party (not who holds it)\n"
+        "allow_set_union = false\n",
         "utf-8",
     )
     Identity.generate(name).save(home / "identity")

@@ -90,10 +90,17 @@ class LocalFederation:
     Args:
         root: Directory for the server homes (one subdirectory per party).
         names: The parties' server names.
+        env: Extra environment for every server process (``FDRTD_*`` settings).
     """
 
-    def __init__(self, root: Path, names: Sequence[str] = ("alpha", "beta", "gamma")) -> None:
+    def __init__(
+        self,
+        root: Path,
+        names: Sequence[str] = ("alpha", "beta", "gamma"),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
+        self.env = dict(env or {})
         self.servers: dict[str, LocalServer] = {}
         for name in names:
             home = root / name
@@ -112,7 +119,7 @@ class LocalFederation:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(len(self.servers)) as pool:
-            list(pool.map(lambda server: server.start(), self.servers.values()))
+            list(pool.map(lambda server: server.start(env=self.env), self.servers.values()))
         return self
 
     def stop(self) -> None:

@@ -46,6 +46,7 @@ import importlib.metadata
 import logging
 import re
 import secrets
+import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,7 @@ class Environment:
     min_cohort: int = 3
     session_timeout: float = 30.0
     allow_map_reduce: bool = True
+    allow_set_union: bool = False
 
 
 @dataclass
@@ -207,7 +209,7 @@ class Microservice:
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not NAME_RULE.match(self.name):
+        if not NAME_RULE.fullmatch(self.name):
             raise ValueError(
                 f"microservice name '{self.name[:40]}' must be lowercase letters, digits "
                 "and '_', starting with a letter, at most 32 characters"
@@ -239,7 +241,7 @@ class Microservice:
             self.cleanups.append(function)
 
     def _check_new(self, name: str) -> None:
-        if not NAME_RULE.match(name):
+        if not NAME_RULE.fullmatch(name):
             raise ValueError(f"function name '{name[:40]}' must be like a Python identifier")
         if name in self.jobs or name in self.calls:
             raise ValueError(f"function '{name}' is registered twice in '{self.name}'")
@@ -285,7 +287,13 @@ def _sanitise(error: BaseException) -> tuple[str, str]:
     if isinstance(error, FdrtdError):
         return str(error.status), error.message
     incident = secrets.token_hex(6)
-    log.error("internal error %s", incident, exc_info=error)
+    # the message of an unexpected error may hold data: log its type and frames only
+    log.error(
+        "internal error %s: %s\n%s",
+        incident,
+        type(error).__name__,
+        "".join(traceback.format_tb(error.__traceback__)),
+    )
     return "500", f"internal error (incident {incident}); the server log has details"
 
 

@@ -60,6 +60,7 @@ def environment(settings: Settings) -> Environment:
         min_cohort=settings.min_cohort,
         session_timeout=settings.session_timeout,
         allow_map_reduce=settings.allow_map_reduce,
+        allow_set_union=settings.allow_set_union,
     )
 
 

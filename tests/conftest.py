@@ -79,7 +79,8 @@ def trio(
     tmp_path_factory: pytest.TempPathFactory, example_plugin: None
 ) -> Iterator[LocalFederation]:
     """Three parties (alpha, beta, gamma), shared by the whole session."""
-    with LocalFederation(tmp_path_factory.mktemp("trio")) as federation:
+    policy = {"FDRTD_ALLOW_SET_UNION": "true"}
+    with LocalFederation(tmp_path_factory.mktemp("trio"), env=policy) as federation:
         yield federation
 
 

@@ -31,7 +31,10 @@ MAX_BINS = 10_000
 def _edges(bins: Any) -> np.ndarray[Any, Any] | None:
     if bins is None:
         return None
-    edges = np.asarray(bins, dtype=np.float64) if isinstance(bins, list | np.ndarray) else None
+    try:
+        edges = np.asarray(bins, dtype=np.float64) if isinstance(bins, list | np.ndarray) else None
+    except (TypeError, ValueError):
+        edges = None
     if (
         edges is None
         or edges.ndim != 1

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from fdrtd_client import wire
-from fdrtd_server.bus import check_owner, now_iso, parse_handle
+from fdrtd_server.bus import SETS_BUCKET, check_owner, now_iso, parse_handle
 from fdrtd_server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from fdrtd_server.microservice import CallContext, Microservice, distribution_version
 
@@ -121,6 +121,10 @@ def _normalise(document: Any) -> dict[str, Any]:
         raise BadRequest("upload must be a list, an array, or a map of 1 to 1000 named columns")
     columns: dict[str, Any] = {}
     for name, values in document.items():
+        if not isinstance(name, str) or not name:
+            raise BadRequest("column names must be non-empty strings")
+        if isinstance(values, np.ndarray) and values.ndim == 0:
+            raise BadRequest(f"column '{name[:40]}' must be a list or an array of records")
         texts = isinstance(values, list) and all(isinstance(v, str) for v in values)
         if isinstance(values, np.ndarray) or texts:
             columns[name] = values
@@ -180,7 +184,10 @@ async def register(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
                 except (ValueError, RecursionError):
                     raise BadRequest("JSON upload is not valid JSON") from None
             else:
-                columns = _normalise(wire.unpackb(raw))
+                try:
+                    columns = _normalise(wire.unpackb(raw))
+                except wire.WireError as error:
+                    raise BadRequest(f"msgpack upload cannot be read: {error}") from None
             description = _table_description(columns)
             await ctx.bus.delete_object(handle)
             await ctx.bus.data.put(handle, wire.packb(columns))
@@ -225,10 +232,9 @@ async def release(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
 @service.call("list")
 async def list_sets(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The caller's datasets, by handle, with their schemas."""
-    try:
-        keys = await ctx.bus.sets.keys()
-    except Exception:  # nats raises NoKeysError on an empty bucket
-        keys = []
+    # the stream's subject list is exact; KeyValue.keys() can miss keys under load
+    info = await ctx.bus.js.stream_info(f"KV_{SETS_BUCKET}", subjects_filter=f"$KV.{SETS_BUCKET}.>")
+    keys = [subject.rsplit(".", 1)[-1] for subject in (info.state.subjects or {})]
     found = []
     for key in keys:
         description = await ctx.bus.get_set(key)

@@ -146,6 +146,9 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         )
         await smpc.setup(public, defer=True)
         total_rows = await joint_count(ctx, smpc, rows)
+        if elementwise:
+            # each element of an elementwise sum describes one record per party
+            check_joint_cohort(ctx, smpc, smpc.parties)
         agree(smpc, "elementwise")
         agree(smpc, "frac_bits")
         agree(smpc, "shape")

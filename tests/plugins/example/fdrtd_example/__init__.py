@@ -40,7 +40,10 @@ async def scaled_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, float
     if not isinstance(steps, int) or not 1 <= steps <= 100:
         raise BadRequest("'steps' must be an integer from 1 to 100")
     dataset = await ctx.load_dataset(inputs.get("data"))
-    values = np.asarray(dataset.column(inputs.get("column")), dtype=np.float64)
+    column = dataset.column(inputs.get("column"))
+    if column.dtype.kind not in "biuf":
+        raise BadRequest("the column must be numeric")
+    values = np.asarray(column, dtype=np.float64)
     ctx.check_cohort(dataset.rows)
     total = 0.0
     for step, part in enumerate(np.array_split(values, steps), start=1):
