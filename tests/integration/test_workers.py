@@ -20,7 +20,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -107,23 +106,9 @@ class Processes:
 
 
 @pytest.fixture
-def nats_url(nats_server: EmbeddedNats) -> Iterator[str]:
-    """The URL of the ``nats_server`` fixture, whose log pipe is closed on teardown.
-
-    Workaround: ``EmbeddedNats.stop`` leaves the child's stderr pipe open, and
-    its ResourceWarning fails the test under ``filterwarnings=error``. Stopping
-    the server here and closing the pipe is harmless once that is fixed.
-    """
-    try:
-        yield nats_server.url
-    finally:
-        process = nats_server._process
-        nats_server.stop()
-        for thread in threading.enumerate():
-            if thread.name == "nats-server-log":
-                thread.join(timeout=5)  # it ends at EOF, now that the server is gone
-        if process is not None and process.stderr is not None:
-            process.stderr.close()
+def nats_url(nats_server: EmbeddedNats) -> str:
+    """The URL of the ``nats_server`` fixture (which stops it on teardown)."""
+    return nats_server.url
 
 
 @pytest.fixture
