@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import numpy as np
@@ -54,11 +54,22 @@ class FederatedJob:
         self.session = session
 
     def results(self, timeout: float = 60.0, *, progress: bool | None = None) -> list[Any]:
-        """Each server's result, in server order."""
-        with ThreadPoolExecutor(max_workers=len(self.jobs)) as pool:
+        """Each server's result, in server order.
+
+        Raises:
+            ServerError: The first error any server reports, as soon as it does
+                (the other servers' jobs are not waited for).
+        """
+        pool = ThreadPoolExecutor(max_workers=len(self.jobs))
+        try:
             futures = [pool.submit(job.result, timeout, progress=False) for job in self.jobs[1:]]
-            first = self.jobs[0].result(timeout, progress=progress)
-            return [first, *(future.result() for future in futures)]
+            first = pool.submit(self.jobs[0].result, timeout, progress=progress)
+            ordered = [first, *futures]
+            for future in as_completed(ordered):
+                future.result()  # raises at once if this server's job failed
+            return [future.result() for future in ordered]
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def result(self, timeout: float = 60.0, *, progress: bool | None = None) -> Any:
         """The joint result (every server computes the same; the first one's is returned)."""

@@ -52,6 +52,9 @@ class FdrtdError(Exception):
     status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal error"
 
+    collective: bool = False
+    """True when every party of a computation raises this error by itself (no abort needed)."""
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message

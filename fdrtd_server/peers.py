@@ -69,6 +69,7 @@ class PeerSession:
         self._subscription: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._aborted: tuple[str, str] | None = None
+        self._closing = False
 
     async def __aenter__(self) -> PeerSession:
         # A session id is used once per server: masks are derived from it, so a
@@ -92,27 +93,33 @@ class PeerSession:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
+        # an error every party reaches by itself from the same public data
+        # (a disagreement, a cohort too small) needs no abort message
+        collective = getattr(exc, "collective", False)
         if (
             exc is not None
             and not isinstance(exc, asyncio.CancelledError)
             and self._aborted is None
+            and not collective
         ):
             reason = getattr(exc, "message", None) or "internal error"
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.broadcast(ABORT_TAG, {"reason": reason[:300]}), 3)
+        self._closing = True
         if self._reader is not None:
+            # nats-py's next_msg can swallow a cancellation that lands as a message
+            # arrives; the closing flag and a bounded wait make sure we never hang
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await asyncio.wait({self._reader}, timeout=2)
         with contextlib.suppress(Exception):
             await self._subscription.unsubscribe()
         with contextlib.suppress(Exception):
             await self.bus.js.purge_stream(PEER_STREAM, subject=f"{PEER_IN_PREFIX}.{self.id}")
 
     async def _read(self) -> None:
-        while True:
+        while not self._closing:
             try:
-                msg = await self._subscription.next_msg(timeout=3600)
+                msg = await self._subscription.next_msg(timeout=1.0)
             except nats.errors.TimeoutError:
                 continue
             headers = msg.headers or {}

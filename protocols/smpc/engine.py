@@ -128,7 +128,13 @@ class SmpcSession:
         self._counter += 1
         return f"{stage}.{self._counter}"
 
-    def _masked(self, tag: str, x: U64) -> U64:
+    def masked(self, tag: str, x: U64) -> U64:
+        """``x`` under this party's pairwise masks for operation ``tag``.
+
+        The masks of all parties cancel when the masked values of every party
+        for the same ``tag`` are added, so a protocol may also send its masked
+        value to a single party that adds them up (as ``order`` does).
+        """
         y = x.copy()
         me = self.peers.me
         count = y.size
@@ -144,7 +150,7 @@ class SmpcSession:
         values = np.array(
             x, dtype=np.uint64
         )  # a copy; keeps 0-d shapes (ascontiguousarray would not)
-        y = self._masked(tag, values).reshape(-1)
+        y = self.masked(tag, values).reshape(-1)
         total = y.copy()
         pieces = max(1, -(-y.size // CHUNK))
         deferred, self._deferred = self._deferred, None

@@ -51,21 +51,23 @@ Secure comparison (one per order statistic and round; stage names in :class:`Sta
     4. ``BITS``: E sends the bits to every other party.
 
 Threat model and leakage
-    Semi-honest servers; P_0 and E must not collude. Every party and the
-    client learn the joint count ``N`` and the requested order statistics
-    (for an interpolated quantile or an averaged median: both neighbouring
-    order statistics). E sees uniformly random values and, under the
-    decisional Diffie-Hellman assumption with ``H`` a random oracle, blinded
-    points that reveal only the intersection size, which is the output bit.
-    P_0 sees only blinded points. The other parties see only the bits. Any
-    coalition that does not hold both P_0 and E learns nothing more. If P_0
-    and E collude they learn ``S(t)`` at every probed threshold (64 per
-    order statistic), hence the joint count of the *other* parties' values
-    at those thresholds; never which party holds which value.
+    Semi-honest servers; P_0 and E must not collude. Every party learns the
+    joint count ``N`` and each order statistic searched (both neighbours of
+    an interpolated quantile or of an averaged median); the client gets the
+    result and ``N``. E sees uniformly random sums and, under the decisional
+    Diffie-Hellman assumption with ``H`` a random oracle, blinded points that
+    reveal only the size of each intersection, which is the output bit. P_0
+    sees only blinded points, the other parties only the bits. Any coalition
+    that does not contain both P_0 and E learns nothing more. P_0 and E
+    together would learn ``S(t)`` at every probed threshold (64 per order
+    statistic), i.e. the joint count of the other parties' values there (with
+    three parties: the third party's own counts).
 
 Cost (per search round, all order statistics together)
-    ``2n + 1`` messages in 4 sequential hops; 64 rounds, plus the setup and
-    the joint count. With ``J`` order statistics, E and P_0 each hash
+    ``2n + 1`` messages in 4 sequential hops; 64 rounds, after the joint
+    count (one broadcast round of ``n(n-1)`` messages that also carries the
+    options; the pairwise seeds come from key agreement, without messages).
+    With ``J`` order statistics, E and P_0 each hash
     ``J * L`` items onto the curve and compute ``2 * J * L`` scalar
     multiplications (``L = ceil(log2 N) + 1``); messages carry ``32 * J * L``
     bytes of points.
@@ -90,7 +92,7 @@ from protocols.psi import curve
 from protocols.smpc import ring
 from protocols.smpc._registry import service
 from protocols.smpc.engine import SmpcSession
-from protocols.smpc.service import agree, numeric, session_for
+from protocols.smpc.service import agree, check_joint_cohort, declare, numeric, session_for
 
 __all__ = [
     "KEY_BITS",
@@ -234,6 +236,10 @@ class OrderSearch:
     def __init__(self, smpc: SmpcSession, values: F64, total: int) -> None:
         if total < 1:
             raise ValueError("`total` must be at least 1")
+        if len(smpc.peers.parties) < 2:
+            raise BadRequest(
+                "order statistics are a multi-party protocol: name two or more parties"
+            )
         self.smpc = smpc
         self.peers = smpc.peers
         self.keys = np.sort(ring.float_order_key(values).reshape(-1))
@@ -279,7 +285,7 @@ class OrderSearch:
             mine = counts - ranks + rho  # wraps modulo 2^64, as intended
         else:
             mine = counts
-        masked = self.smpc._masked(count_tag, mine)
+        masked = self.smpc.masked(count_tag, mine)
         if me != self.evaluator:
             await self.peers.send(self.evaluator, count_tag, masked)
         if me == self.evaluator:
@@ -385,49 +391,38 @@ def _values(dataset: Any, inputs: dict[str, Any]) -> F64:
 async def _order_statistics(
     ctx: JobContext,
     values: F64,
-    public: dict[str, Any],
+    options: dict[str, Any],
     ranks_for: Callable[[int], list[int]],
 ) -> tuple[int, dict[int, float]]:
     """Run setup, joint count and search; return the joint count and the values by rank.
 
-    A cohort that is too small, or a rank beyond the joint count, is detected
-    by every party from the same public count. Each party then leaves the
-    session cleanly and raises the error itself: raising inside the session
-    would send an abort that can reach a party still reading the count, which
-    would then report "party ... ended the computation" instead.
+    ``options`` (the function and its inputs) travel with the joint count
+    (a deferred setup) and must be equal at every party. Disagreeing
+    options, a cohort below the strictest party's minimum and a rank beyond
+    the joint count are detected by every party alike from public data. Each
+    party then leaves the session cleanly and raises the error afterwards:
+    raising inside the session would broadcast an abort, and an abort that
+    reaches a party still reading a message turns the precise error into
+    "party ... ended the computation" there.
     """
     refusal: FdrtdError | None = None
-    import sys, time
-    _sid = (ctx.session or {}).get("id")
-    def dbg(*a):
-        print("DBG", _sid, round(time.monotonic(), 3), *a, file=sys.stderr, flush=True)
-    dbg("start")
-    try:
-      async with session_for(ctx) as peers:
-        dbg("entered")
+    total, ranks = 0, [0]
+    keys = np.zeros(1, dtype=np.uint64)
+    async with session_for(ctx) as peers:
         smpc = SmpcSession(peers)
-        try:
-            await smpc.setup(public)
-        except BaseException as e:
-            dbg("setup failed", repr(e)); raise
-        dbg("setup done")
-        try:
-            for key in public:
-                agree(smpc, key)
-        except BaseException as e:
-            dbg("agree failed", repr(e)); raise
+        await smpc.setup(declare(ctx, **options), defer=True)
         encoded = ring.encode_int(np.array([values.size]), parties=smpc.parties)
         total = int(ring.decode_int(await smpc.sum_ring(encoded))[0])
         try:
-            ctx.check_cohort(total)
+            for key in options:
+                agree(smpc, key)
+            check_joint_cohort(ctx, smpc, total)
             ranks = sorted(set(ranks_for(total)))
         except FdrtdError as error:
             refusal = error
-        else:
+        if refusal is None:
             await ctx.progress(0.1)
             keys = await OrderSearch(smpc, values, total).smallest_keys(ranks, ctx.progress)
-    except BaseException as e:
-        dbg("exited with", repr(e)); raise
     if refusal is not None:
         raise refusal
     found = ring.float_from_order_key(keys).tolist()
@@ -452,7 +447,7 @@ async def kth_smallest(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any
             right after the joint count).
     """
     k = inputs.get("k")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < 2**62:
         raise BadRequest("'k' must be a positive integer: the 1-based rank in the joint data")
     values = _values(await ctx.load_dataset(inputs.get("data")), inputs)
 
@@ -526,8 +521,12 @@ async def quantiles(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     and probability ``p``, with ``v = (n - 1) p``, the result interpolates
     between the order statistics of 0-based rank ``floor(v)`` and
     ``floor(v) + 1`` with weight ``v - floor(v)`` (see :func:`quantile_ranks`
-    and :func:`interpolate`). The parties learn those order statistics.
-    NaN values are dropped.
+    and :func:`interpolate`), so the result equals ``numpy.quantile(values,
+    p)`` bit for bit on finite data. (With infinite values, where the
+    quantile is a single order statistic, numpy's formula may compute
+    ``inf - inf`` and return NaN; this returns the order statistic.) The
+    parties learn the order statistics interpolated between. NaN values are
+    dropped.
 
     Returns:
         ``{"quantiles", "probabilities", "method", "count"}``, the quantiles

@@ -4,10 +4,11 @@ Four functions of the ``smpc`` microservice; the threat model and the round
 counts of each are in ``docs/protocols.md``.
 
 ``linear_regression`` (horizontal: every party holds whole records)
-    Each party computes its local ``X'X``, ``X'y``, ``y'y`` and count; the
-    parties add them with one secure sum in the 256-bit ring
-    (:meth:`~protocols.smpc.engine.SmpcSession.sum_big`, exact to float
-    precision) and solve the normal equations. Revealed: these totals.
+    The parties add their record counts (and check the joint cohort), then
+    their local ``X'X``, ``X'y`` and ``y'y`` with one secure sum in the
+    256-bit ring (:meth:`~protocols.smpc.engine.SmpcSession.sum_big`, exact
+    to float precision), and solve the normal equations. Revealed: these
+    totals.
 
 ``logistic_regression`` (horizontal)
     Newton-Raphson at a public current ``beta``: each iteration adds the
@@ -34,7 +35,8 @@ counts of each are in ``docs/protocols.md``.
 
 ``matrix_product``
     ``A @ B`` for ``A`` at party ``left`` and ``B`` at party ``right``, by the
-    same secure product; the result is revealed to every party.
+    same secure product; the result is revealed to every party. Mind that
+    the product itself can disclose an input (``B = I`` reveals ``A``).
 
 Standard errors (both OLS functions) come from the aggregates alone:
 ``RSS = y'y - 2 b'X'y + b'X'X b``, ``sigma^2 = RSS / (n - p)``,
@@ -72,6 +74,8 @@ MAX_PIECES = 1 << 16
 CONDITION_LIMIT = 1e12
 """Largest condition number of the scaled ``X'X`` before it counts as singular."""
 INTERCEPT = "intercept"
+MAX_PRODUCT_TERMS = 1 << 27
+"""Most multiply-adds of one ``matrix_product`` (about a minute of 256-bit arithmetic)."""
 _TAG_BYTES = 32
 
 
@@ -160,8 +164,10 @@ def _from_triu(values: list[float], size: int) -> F64:
 
 
 def _check_full_rank(matrix: F64) -> None:
+    if not np.all(np.isfinite(matrix)):
+        raise ComputationFailed("the aggregates overflowed to infinity; scale the data down")
     scale = np.sqrt(np.diag(matrix))
-    if not np.all(np.isfinite(matrix)) or np.any(scale <= 0):
+    if np.any(scale <= 0):
         raise ComputationFailed(
             "a feature column is zero on every record; drop it (or the intercept)"
         )
@@ -589,6 +595,17 @@ async def reveal_product(
     return product
 
 
+def _shape(smpc: SmpcSession, party: str) -> tuple[int, int]:
+    shape = smpc.public[party].get("shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    ):
+        raise ComputationFailed(f"party '{party}' sent a malformed matrix shape")
+    return shape[0], shape[1]
+
+
 def _product_options(inputs: dict[str, Any]) -> tuple[int, int]:
     frac_bits = _integer(inputs, "frac_bits", matmul.DEFAULT_FRAC_BITS, 0, matmul.MAX_FRAC_BITS)
     paillier_bits = _integer(inputs, "paillier_bits", 2048, 1024, 4096)
@@ -634,20 +651,17 @@ async def matrix_product(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, A
         )
         for key in ("function", "left", "right", "frac_bits", "paillier_bits"):
             agree(smpc, key)
-        shape_a, shape_b = smpc.public[left].get("shape"), smpc.public[right].get("shape")
-        for shape in (shape_a, shape_b):
-            if not (
-                isinstance(shape, list)
-                and len(shape) == 2
-                and all(isinstance(s, int) and s > 0 for s in shape)
-            ):
-                raise ComputationFailed("a party sent a malformed matrix shape")
-        assert isinstance(shape_a, list) and isinstance(shape_b, list)
-        if shape_a[1] != shape_b[0]:
+        (m, k), (k_right, n) = _shape(smpc, left), _shape(smpc, right)
+        if k != k_right:
             raise ComputationFailed(
                 "the matrices do not fit: the columns of 'left' must equal the rows of 'right'"
             )
-        dims = (shape_a[0], shape_a[1], shape_b[1])
+        if m * k * n > MAX_PRODUCT_TERMS:
+            raise ComputationFailed(
+                f"the product is too large: rows x inner x columns must be at most "
+                f"{MAX_PRODUCT_TERMS}; split the matrices into blocks"
+            )
+        dims = (m, k, n)
         await ctx.progress(0.1)
         share = await secure_product(
             peers, "ab", left, right, matrix, dims, frac_bits, paillier_bits
@@ -656,7 +670,7 @@ async def matrix_product(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, A
         product = await reveal_product(
             peers, "ab", (left, right), share, (dims[0], dims[2]), frac_bits
         )
-    return {"product": product, "shape": [dims[0], dims[2]]}
+    return {"product": product, "shape": [m, n]}
 
 
 # -- vertical ---------------------------------------------------------------------------------

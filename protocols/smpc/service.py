@@ -72,7 +72,9 @@ def agree(smpc: SmpcSession, key: str) -> Any:
     values = {party: public.get(key) for party, public in smpc.public.items()}
     distinct = {repr(v) for v in values.values()}
     if len(distinct) != 1:
-        raise ComputationFailed(f"the parties disagree on '{key}'; every party must use the same")
+        error = ComputationFailed(f"the parties disagree on '{key}'; every party must use the same")
+        error.collective = True  # every party sees the same declarations: no abort needed
+        raise error
     return values[smpc.peers.me]
 
 
@@ -95,7 +97,9 @@ def check_joint_cohort(ctx: JobContext, smpc: SmpcSession, total: float) -> None
     minimums = [m for m in declared if isinstance(m, int) and not isinstance(m, bool)]
     strictest = max([ctx.env.min_cohort, *minimums])
     if round(total) < strictest:
-        raise CohortTooSmall(strictest)
+        error = CohortTooSmall(strictest)
+        error.collective = True  # every party sees the same total: no abort needed
+        raise error
 
 
 async def joint_count(ctx: JobContext, smpc: SmpcSession, rows: int) -> int:

@@ -392,9 +392,30 @@ def test_reused_session_id_is_refused(trio: LocalFederation) -> None:
 # -- dropouts (own federation, 3 s session timeout) ------------------------------------------
 
 
-def start_all(federation: LocalFederation, env: dict[str, str]) -> None:
-    with ThreadPoolExecutor(len(federation.servers)) as pool:
-        list(pool.map(lambda server: server.start(env=env), federation.servers.values()))
+def own_servers(federation: LocalFederation) -> bool:
+    """Every server process runs and its URL answers with its own name."""
+    return all(
+        server.process is not None
+        and server.process.poll() is None
+        and requests.get(server.url + "/v1/identity", timeout=5).json()["name"] == name
+        for name, server in federation.servers.items()
+    )
+
+
+def start_federation(root: Path, names: tuple[str, ...], env: dict[str, str]) -> LocalFederation:
+    """Start servers with ``env``; rebuild on fresh ports if another process took one."""
+    for attempt in range(3):
+        federation = LocalFederation(root / f"try{attempt}", names=names)
+        try:
+            with ThreadPoolExecutor(len(names)) as pool:
+                list(pool.map(lambda server: server.start(env=env), federation.servers.values()))
+        except RuntimeError:
+            federation.stop()
+            continue
+        if own_servers(federation):
+            return federation
+        federation.stop()
+    raise RuntimeError(f"could not start the federation {names} on free ports")
 
 
 @pytest.fixture(scope="module")
@@ -407,12 +428,9 @@ def short(
     tmp_path_factory: pytest.TempPathFactory, dropout_env: dict[str, str]
 ) -> Iterator[LocalFederation]:
     """Three servers whose sessions time out after 3 s."""
-    federation = LocalFederation(tmp_path_factory.mktemp("short"), names=DROPOUT_NAMES)
-    try:
-        start_all(federation, dropout_env)
-        yield federation
-    finally:
-        federation.stop()
+    federation = start_federation(tmp_path_factory.mktemp("short"), DROPOUT_NAMES, dropout_env)
+    yield federation
+    federation.stop()
 
 
 @pytest.fixture
@@ -421,6 +439,7 @@ def running(short: LocalFederation, dropout_env: dict[str, str]) -> LocalFederat
     for server in short.servers.values():
         if server.process is None or server.process.poll() is not None:
             server.start(env=dropout_env)
+    assert own_servers(short), "a restarted server lost its port to another process"
     return short
 
 
@@ -520,8 +539,3 @@ def test_federation_recovers_after_dropouts(running: LocalFederation) -> None:
     handles = fed.upload({name: np.arange(1.0, 5.0) for name in fed.parties})
     job = fed.compute("smpc", "secure_sum", {n: {"data": h} for n, h in handles.items()})
     assert job.results(timeout=20, progress=False) == [{"sum": 30.0, "count": 12}] * 3
-
-
-def test_homes_are_separate(short: LocalFederation) -> None:
-    homes = {Path(server.home).resolve() for server in short.servers.values()}
-    assert len(homes) == 3

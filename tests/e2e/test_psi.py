@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pytest
 
-from fdrtd_client import errors
+from fdrtd_client import Job, errors
 from fdrtd_server.errors import BadRequest, ComputationFailed
 from fdrtd_server.local import LocalFederation
 from protocols.psi import curve, service
@@ -20,8 +21,19 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def duo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    with LocalFederation(tmp_path_factory.mktemp("psi-duo"), names=("p1", "p2")) as federation:
+    """Two servers; p1's policy has a minimum cohort of 2, p2's the default 3."""
+    federation = LocalFederation(tmp_path_factory.mktemp("psi-duo"), names=("p1", "p2"))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            started = [
+                pool.submit(federation.servers["p1"].start, env={"FDRTD_MIN_COHORT": "2"}),
+                pool.submit(federation.servers["p2"].start),
+            ]
+            for future in started:
+                future.result()
         yield federation
+    finally:
+        federation.stop()
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +107,29 @@ def test_numbers_compare_by_value(duo: LocalFederation) -> None:
     expect_everywhere(union, {"union": [-2, 1, 2.5, 3, 7, 10**12], "size": 6})
 
 
-def test_set_below_minimum_cohort_is_refused(duo: LocalFederation) -> None:
+def start_pair(duo: LocalFederation, p1: list[str], p2: list[str]) -> tuple[Job, Job]:
     clients = duo.federation(timeout=30)
-    handles = clients.upload({"p1": {"v": ["a", "b"]}, "p2": {"v": ["a", "b", "c", "d"]}})
+    handles = clients.upload({"p1": {"v": p1}, "p2": {"v": p2}})
     inputs = {name: {"data": handles[name], "column": "v"} for name in handles}
-    job = clients.compute("psi", "intersection", inputs)
+    first, second = clients.compute("psi", "intersection", inputs).jobs
+    return first, second
+
+
+def test_own_set_below_minimum_cohort_is_refused(duo: LocalFederation) -> None:
+    on_p1, on_p2 = start_pair(duo, ["a", "b", "c"], ["a", "b"])
     with pytest.raises(errors.Forbidden, match="minimum cohort of 3"):
-        job.jobs[0].result(60)
-    with pytest.raises(errors.ServerError) as refused:
-        job.jobs[1].result(60)
-    # The other party refuses on its own policy or hears p1's abort; never a result.
-    assert refused.value.status in (403, 422)
+        on_p2.result(60)
+    with pytest.raises(errors.ComputationFailed, match="party 'p2' ended the computation"):
+        on_p1.result(60)
+
+
+def test_another_partys_small_set_is_refused_by_policy(duo: LocalFederation) -> None:
+    # p1 allows sets of 2; p2 does not, and refuses to intersect its data with one.
+    on_p1, on_p2 = start_pair(duo, ["a", "b"], ["a", "b", "c", "d"])
+    with pytest.raises(errors.Forbidden, match="party 'p1' brings fewer items than the minimum"):
+        on_p2.result(60)
+    with pytest.raises(errors.ComputationFailed, match="party 'p2' ended the computation"):
+        on_p1.result(60)
 
 
 def test_parties_must_run_the_same_function(duo: LocalFederation) -> None:
@@ -118,6 +142,22 @@ def test_parties_must_run_the_same_function(duo: LocalFederation) -> None:
     for job in (j1, j2):
         with pytest.raises(errors.ComputationFailed, match=r"disagree|ended the computation"):
             job.result(60)
+
+
+def test_refused_input_ends_the_session_for_everyone_at_once(duo: LocalFederation) -> None:
+    clients = duo.federation(timeout=30)
+    handles = clients.upload({"p1": {"v": ["a", "b", "c"]}, "p2": {"v": ["a", "b", "c"]}})
+    inputs: dict[str, dict[str, Any]] = {
+        "p1": {"data": handles["p1"], "column": "nope"},
+        "p2": {"data": handles["p2"]},
+    }
+    started = time.perf_counter()
+    job = clients.compute("psi", "intersection_size", inputs)
+    with pytest.raises(errors.BadRequest, match="no column of that name"):
+        job.jobs[0].result(60)
+    with pytest.raises(errors.ComputationFailed, match="party 'p1' ended the computation"):
+        job.jobs[1].result(60)
+    assert time.perf_counter() - started < 15  # not the 30 s session timeout
 
 
 def test_single_server_without_session_is_a_bad_request(duo: LocalFederation) -> None:
@@ -172,6 +212,21 @@ def test_three_parties_all_sets_equal(trio: LocalFederation) -> None:
     expected = ["everywhere", "same", "set"]
     expect_everywhere(run(trio, "intersection", sets), {"intersection": expected, "size": 3})
     expect_everywhere(run(trio, "union", sets), {"union": expected, "size": 3})
+
+
+def test_three_parties_union_of_long_items_in_several_messages(trio: LocalFederation) -> None:
+    # 2500 items of ~200 bytes per party: the mix-net batches (7500 onions of 400 bytes)
+    # and the broadcast union (~1.1 MB) take several messages each.
+    def item(i: int) -> str:
+        return f"{i:06d}-" + "x" * 193
+
+    sets = {
+        name: [item(i) for i in range(k * 1000, k * 1000 + 2500)]
+        for k, name in enumerate(trio.servers)
+    }
+    union = sorted(set().union(*map(set, sets.values())))
+    assert len(union) == 4500
+    expect_everywhere(run(trio, "union", sets), {"union": union, "size": 4500})
 
 
 def test_three_parties_20000_items(trio: LocalFederation) -> None:

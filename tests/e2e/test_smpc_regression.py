@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fdrtd_client import FederatedJob
-from fdrtd_client.errors import BadRequest, ComputationFailed
+from fdrtd_client.errors import BadRequest, ComputationFailed, ResultTimeout
 from fdrtd_server.local import LocalFederation
 from protocols.smpc import matmul
 
@@ -108,9 +108,15 @@ def split_rows(total: int, parties: int, rng: np.random.Generator) -> list[np.nd
 def every_party_fails(job: FederatedJob, text: str) -> None:
     """Every party's job ends with a clear 400/422 error (none hangs, none succeeds)."""
     for handle in job.jobs:
-        with pytest.raises((ComputationFailed, BadRequest)) as caught:
-            handle.result(45)
-        assert text in caught.value.detail
+        try:
+            value = handle.result(45)
+        except (ComputationFailed, BadRequest) as error:
+            assert text in error.detail
+        except ResultTimeout:
+            view = handle.status()
+            pytest.fail(f"{handle!r} still {view['status']} after 45 s ({view.get('progress')})")
+        else:
+            pytest.fail(f"{handle!r} returned {value!r} instead of failing")
 
 
 # -- horizontal linear regression ---------------------------------------------------------
@@ -471,9 +477,11 @@ def test_matrix_product_overflow_is_refused(
     every_party_fails(job, "out of range for the secure matrix product")
 
 
-def test_matrix_product_shape_mismatch(trio: LocalFederation) -> None:
+def test_matrix_product_shape_mismatch_and_size_limit(trio: LocalFederation) -> None:
     job = start_product(trio, "alpha", "beta", np.ones((2, 3)), np.ones((4, 2)))
     every_party_fails(job, "do not fit")
+    job = start_product(trio, "alpha", "beta", np.ones((512, 512)), np.ones((512, 520)))
+    every_party_fails(job, "the product is too large")
 
 
 # -- the primitive without servers --------------------------------------------------------------

@@ -283,6 +283,14 @@ def test_bad_scalar_rejected(scalar: bytes) -> None:
         reblind([point], scalar)
 
 
+def test_x25519_reports_a_zero_result() -> None:
+    x25519 = curve._x25519_for_thread()
+    assert x25519(random_scalar(), _u(0)) is None  # small order: libsodium refuses
+    point = hash_to_point(b"x", DOMAIN)
+    scalar = random_scalar()
+    assert x25519(scalar, point) == sodium.crypto_scalarmult(scalar, point)
+
+
 def test_hash_and_blind_rejects_non_bytes_item() -> None:
     with pytest.raises(TypeError, match="index 1"):
         hash_and_blind([b"a", "b"], random_scalar(), DOMAIN)  # type: ignore[list-item]
