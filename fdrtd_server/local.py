@@ -62,8 +62,15 @@ class LocalServer:
                 raise RuntimeError(f"server '{self.name}' exited; see {self.home / 'server.log'}")
             try:
                 if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
+                    # make sure it is our process that answers on this port
+                    name = requests.get(self.url + "/v1/identity", timeout=1).json().get("name")
+                    if name == self.name and self.process.poll() is None:
+                        return
+                    self.stop()
+                    raise RuntimeError(
+                        f"another server answers on port {self.port} instead of '{self.name}'"
+                    )
+            except (requests.RequestException, ValueError):
                 pass
             time.sleep(0.05)
         self.stop()

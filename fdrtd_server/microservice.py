@@ -284,6 +284,10 @@ def discover(allowed: Iterable[str] = ()) -> dict[str, Microservice]:
 
 def _sanitise(error: BaseException) -> tuple[str, str]:
     """Turn any error into (status code, message) that is safe to send."""
+    if isinstance(error, BaseExceptionGroup):
+        inner = [e for e in error.exceptions if isinstance(e, FdrtdError)]
+        if inner:
+            error = inner[0]
     if isinstance(error, FdrtdError):
         return str(error.status), error.message
     incident = secrets.token_hex(6)

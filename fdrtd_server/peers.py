@@ -68,7 +68,7 @@ class PeerSession:
         self._arrived = asyncio.Condition()
         self._subscription: Any = None
         self._reader: asyncio.Task[None] | None = None
-        self._aborted: tuple[str, str] | None = None
+        self._aborted: tuple[str, str, int] | None = None
         self._closing = False
 
     async def __aenter__(self) -> PeerSession:
@@ -103,14 +103,19 @@ class PeerSession:
             and not collective
         ):
             reason = getattr(exc, "message", None) or "internal error"
+            status = getattr(exc, "status", 422)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.broadcast(ABORT_TAG, {"reason": reason[:300]}), 3)
+                abort = {"reason": reason[:300], "status": status}
+                await asyncio.wait_for(self.broadcast(ABORT_TAG, abort), 3)
         self._closing = True
         if self._reader is not None:
             # nats-py's next_msg can swallow a cancellation that lands as a message
             # arrives; the closing flag and a bounded wait make sure we never hang
-            self._reader.cancel()
-            await asyncio.wait({self._reader}, timeout=2)
+            for _ in range(5):
+                if self._reader.done():
+                    break
+                self._reader.cancel()
+                await asyncio.wait({self._reader}, timeout=0.5)
         with contextlib.suppress(Exception):
             await self._subscription.unsubscribe()
         with contextlib.suppress(Exception):
@@ -133,8 +138,12 @@ class PeerSession:
                 tag = ABORT_TAG
             async with self._arrived:
                 if tag == ABORT_TAG:
-                    reason = str(value.get("reason", "")) if isinstance(value, dict) else ""
-                    self._aborted = (sender, reason)
+                    value = value if isinstance(value, dict) else {}
+                    status = value.get("status")
+                    status = status if isinstance(status, int) and 400 <= status < 500 else 422
+                    if value.get("status") == 504:
+                        status = 504
+                    self._aborted = (sender, str(value.get("reason", "")), status)
                 else:
                     self._inbox.setdefault((sender, tag), value)
                 self._arrived.notify_all()
@@ -197,9 +206,13 @@ class PeerSession:
     async def broadcast(self, tag: str, value: Any, to: Iterable[str] | None = None) -> None:
         """Send the same ``value`` to every other party (concurrently)."""
         targets = list(self.others if to is None else to)
-        async with asyncio.TaskGroup() as group:
-            for party in targets:
-                group.create_task(self.send(party, tag, value))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for party in targets:
+                    group.create_task(self.send(party, tag, value))
+        except BaseExceptionGroup as group_error:
+            # report the first party's failure itself (it names the party)
+            raise group_error.exceptions[0] from None
 
     async def recv(self, sender: str, tag: str) -> Any:
         """Wait for the message ``tag`` from ``sender``.
@@ -215,8 +228,11 @@ class PeerSession:
                 if (sender, tag) in self._inbox:
                     return self._inbox.pop((sender, tag))
                 if self._aborted is not None:
-                    party, reason = self._aborted
-                    raise ComputationFailed(f"party '{party}' ended the computation: {reason}")
+                    # the other party's own error, with its status (403, 422, 504...)
+                    party, reason, status = self._aborted
+                    raise error_for_status(
+                        status, f"party '{party}' ended the computation: {reason}"
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise PartyTimeout(
