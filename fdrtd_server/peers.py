@@ -139,10 +139,10 @@ class PeerSession:
             async with self._arrived:
                 if tag == ABORT_TAG:
                     value = value if isinstance(value, dict) else {}
+                    # a policy refusal (403) or a timeout (504) means the same for
+                    # every party; anything else is this computation failing (422)
                     status = value.get("status")
-                    status = status if isinstance(status, int) and 400 <= status < 500 else 422
-                    if value.get("status") == 504:
-                        status = 504
+                    status = status if status in (403, 504) else 422
                     self._aborted = (sender, str(value.get("reason", "")), status)
                 else:
                     self._inbox.setdefault((sender, tag), value)
