@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import nats.errors
 from nats.js import api as js_api
@@ -35,7 +35,33 @@ from fdrtd_server.errors import (
     error_for_status,
 )
 
-__all__ = ["ABORT_TAG", "PeerSession"]
+__all__ = ["ABORT_TAG", "PeerSession", "both"]
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Run two awaitables concurrently; the first failure cancels the other and is raised.
+
+    Protocols send and receive in the same round: waiting for our messages to
+    be delivered before listening for the others' would add a network round
+    trip to every round, and a failed send must not wait for a receive timeout.
+    """
+    one = asyncio.ensure_future(first)
+    two = asyncio.ensure_future(second)
+    try:
+        done, _ = await asyncio.wait({one, two}, return_when=asyncio.FIRST_EXCEPTION)
+        for task in (one, two):
+            if task in done and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return await one, await two
+    finally:
+        for task in (one, two):
+            if not task.done():
+                task.cancel()
+        await asyncio.wait({one, two})
+
 
 ABORT_TAG = "abort"
 
@@ -251,7 +277,6 @@ class PeerSession:
 
     async def exchange(self, tag: str, value: Any) -> dict[str, Any]:
         """Broadcast ``value`` and gather everyone's; includes our own under our name."""
-        await self.broadcast(tag, value)
-        received = await self.gather(tag)
+        _, received = await both(self.broadcast(tag, value), self.gather(tag))
         received[self.me] = value
         return {party: received[party] for party in self.parties}

@@ -50,7 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fdrtd_server.errors import ComputationFailed
-from fdrtd_server.peers import PeerSession
+from fdrtd_server.peers import PeerSession, both
 from protocols.smpc import ring
 
 __all__ = ["CHUNK", "SmpcSession", "Stage"]
@@ -154,14 +154,23 @@ class SmpcSession:
         total = y.copy()
         pieces = max(1, -(-y.size // CHUNK))
         deferred, self._deferred = self._deferred, None
-        for k in range(pieces):
-            piece = y[k * CHUNK : (k + 1) * CHUNK]
-            await self.peers.broadcast(
-                f"{tag}.{k}",
-                {"v": piece, "public": deferred} if k == 0 and deferred is not None else piece,
-            )
-        for party in self.peers.others:
-            parts = [await self.peers.recv(party, f"{tag}.{k}") for k in range(pieces)]
+
+        async def send_all() -> None:
+            for k in range(pieces):
+                piece = y[k * CHUNK : (k + 1) * CHUNK]
+                first = k == 0 and deferred is not None
+                await self.peers.broadcast(
+                    f"{tag}.{k}", {"v": piece, "public": deferred} if first else piece
+                )
+
+        async def receive_all() -> dict[str, list[Any]]:
+            return {
+                party: [await self.peers.recv(party, f"{tag}.{k}") for k in range(pieces)]
+                for party in self.peers.others
+            }
+
+        _, received = await both(send_all(), receive_all())
+        for party, parts in received.items():
             if deferred is not None:
                 first = parts[0] if isinstance(parts[0], dict) else {}
                 self._store_public({party: first.get("public")})
