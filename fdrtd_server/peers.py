@@ -18,10 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import nats.errors
+from nats.aio.msg import Msg
 from nats.js import api as js_api
 from nats.js.errors import KeyWrongLastSequenceError
 
@@ -35,7 +38,7 @@ from fdrtd_server.errors import (
     error_for_status,
 )
 
-__all__ = ["ABORT_TAG", "PeerSession", "both"]
+__all__ = ["ABORT_TAG", "PeerInbox", "PeerSession", "both"]
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -64,6 +67,85 @@ async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
 
 
 ABORT_TAG = "abort"
+INBOX_HOLD = 120.0
+"""Seconds a message for a session not (yet) open in this process is kept."""
+INBOX_BYTES = 256 * 1024 * 1024
+"""At most this many bytes of such messages are kept; the oldest go first."""
+
+
+class PeerInbox:
+    """Routes verified peer messages from JetStream to the open sessions of this process.
+
+    One ordered consumer per bus connection reads ``fdrtd.peer.in.>`` (from
+    :data:`INBOX_HOLD` seconds before it starts), instead of one consumer per
+    session: a session then opens without a JetStream round trip. Messages
+    for sessions that are not open here yet (a fast party's first message
+    can arrive before this party's own request) are held for
+    :data:`INBOX_HOLD` seconds, or until the memory bound pushes them out.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.sessions: dict[str, PeerSession] = {}
+        self.held: OrderedDict[int, tuple[float, str, Msg]] = OrderedDict()
+        self.held_bytes = 0
+        self._subscription: Any = None
+        self._started = asyncio.Lock()
+
+    @classmethod
+    async def of(cls, bus: Bus) -> PeerInbox:
+        """The inbox of ``bus``, started on first use."""
+        inbox: PeerInbox | None = getattr(bus, "_peer_inbox", None)
+        if inbox is None:
+            inbox = cls(bus)
+            bus._peer_inbox = inbox  # type: ignore[attr-defined]
+        await inbox.start()
+        return inbox
+
+    async def start(self) -> None:
+        """Subscribe once."""
+        async with self._started:
+            if self._subscription is not None:
+                return
+            since = datetime.now(UTC) - timedelta(seconds=INBOX_HOLD)
+            self._subscription = await self.bus.js.subscribe(
+                f"{PEER_IN_PREFIX}.>",
+                stream=PEER_STREAM,
+                ordered_consumer=True,
+                deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
+                config=js_api.ConsumerConfig(opt_start_time=since),
+                cb=self._route,
+            )
+
+    async def _route(self, msg: Msg) -> None:
+        session_id = msg.subject[len(PEER_IN_PREFIX) + 1 :]
+        session = self.sessions.get(session_id)
+        if session is not None:
+            await session.deliver(msg)
+            return
+        now = time.monotonic()
+        key = id(msg)
+        self.held[key] = (now, session_id, msg)
+        self.held_bytes += len(msg.data)
+        while self.held and (
+            self.held_bytes > INBOX_BYTES or next(iter(self.held.values()))[0] < now - INBOX_HOLD
+        ):
+            _, (_, _, old) = self.held.popitem(last=False)
+            self.held_bytes -= len(old.data)
+
+    async def open(self, session: PeerSession) -> None:
+        """Route the session's messages to it, those held so far first."""
+        self.sessions[session.id] = session
+        for key, (_, session_id, msg) in list(self.held.items()):
+            if session_id == session.id:
+                del self.held[key]
+                self.held_bytes -= len(msg.data)
+                await session.deliver(msg)
+
+    def close(self, session: PeerSession) -> None:
+        """Stop routing to the session."""
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
 
 
 class PeerSession:
@@ -92,10 +174,8 @@ class PeerSession:
         self._seq = 0
         self._inbox: dict[tuple[str, str], Any] = {}
         self._arrived = asyncio.Condition()
-        self._subscription: Any = None
-        self._reader: asyncio.Task[None] | None = None
+        self._router: PeerInbox | None = None
         self._aborted: tuple[str, str, int] | None = None
-        self._closing = False
 
     async def __aenter__(self) -> PeerSession:
         # A session id is used once per server: masks are derived from it, so a
@@ -107,13 +187,8 @@ class PeerSession:
                 f"session '{self.id}' was already used on this server; "
                 "start every computation with a new session id"
             ) from None
-        self._subscription = await self.bus.js.subscribe(
-            f"{PEER_IN_PREFIX}.{self.id}",
-            stream=PEER_STREAM,
-            ordered_consumer=True,
-            deliver_policy=js_api.DeliverPolicy.ALL,
-        )
-        self._reader = asyncio.create_task(self._read())
+        self._router = await PeerInbox.of(self.bus)
+        await self._router.open(self)
         return self
 
     async def __aexit__(
@@ -133,46 +208,36 @@ class PeerSession:
             with contextlib.suppress(Exception):
                 abort = {"reason": reason[:300], "status": status}
                 await asyncio.wait_for(self.broadcast(ABORT_TAG, abort), 3)
-        self._closing = True
-        if self._reader is not None:
-            # nats-py's next_msg can swallow a cancellation that lands as a message
-            # arrives; the closing flag and a bounded wait make sure we never hang
-            for _ in range(5):
-                if self._reader.done():
-                    break
-                self._reader.cancel()
-                await asyncio.wait({self._reader}, timeout=0.5)
-        with contextlib.suppress(Exception):
-            await self._subscription.unsubscribe()
-        with contextlib.suppress(Exception):
-            await self.bus.js.purge_stream(PEER_STREAM, subject=f"{PEER_IN_PREFIX}.{self.id}")
+        if self._router is not None:
+            self._router.close(self)
+        # the session's messages are masked values: remove them from disk now,
+        # in the background (the stream's max age would remove them within the hour)
+        purge = self.bus.js.purge_stream(PEER_STREAM, subject=f"{PEER_IN_PREFIX}.{self.id}")
+        task = asyncio.ensure_future(purge)
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
-    async def _read(self) -> None:
-        while not self._closing:
-            try:
-                msg = await self._subscription.next_msg(timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            headers = msg.headers or {}
-            sender, tag = headers.get("fdrtd-from", ""), headers.get("fdrtd-tag", "")
-            if sender not in self.parties or sender == self.me:
-                continue
-            try:
-                value = wire.unpackb(msg.data)
-            except wire.WireError:
-                value = {"reason": "a malformed message"}
-                tag = ABORT_TAG
-            async with self._arrived:
-                if tag == ABORT_TAG:
-                    value = value if isinstance(value, dict) else {}
-                    # a policy refusal (403) or a timeout (504) means the same for
-                    # every party; anything else is this computation failing (422)
-                    status = value.get("status")
-                    status = status if status in (403, 504) else 422
-                    self._aborted = (sender, str(value.get("reason", "")), status)
-                else:
-                    self._inbox.setdefault((sender, tag), value)
-                self._arrived.notify_all()
+    async def deliver(self, msg: Msg) -> None:
+        """Take one message of this session from the inbox router."""
+        headers = msg.headers or {}
+        sender, tag = headers.get("fdrtd-from", ""), headers.get("fdrtd-tag", "")
+        if sender not in self.parties or sender == self.me:
+            return
+        try:
+            value = wire.unpackb(msg.data)
+        except wire.WireError:
+            value = {"reason": "a malformed message"}
+            tag = ABORT_TAG
+        async with self._arrived:
+            if tag == ABORT_TAG:
+                value = value if isinstance(value, dict) else {}
+                # a policy refusal (403) or a timeout (504) means the same for
+                # every party; anything else is this computation failing (422)
+                status = value.get("status")
+                status = status if status in (403, 504) else 422
+                self._aborted = (sender, str(value.get("reason", "")), status)
+            else:
+                self._inbox.setdefault((sender, tag), value)
+            self._arrived.notify_all()
 
     async def send(self, to: str, tag: str, value: Any) -> None:
         """Send ``value`` to party ``to`` under ``tag`` (each tag once per pair).
