@@ -128,6 +128,14 @@ def _normalise(document: Any) -> dict[str, Any]:
         texts = isinstance(values, list) and all(isinstance(v, str) for v in values)
         if isinstance(values, np.ndarray) or texts:
             columns[name] = values
+        elif isinstance(values, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values
+        ):
+            # whole numbers stay exact (ids above 2^53 would be rounded as floats)
+            try:
+                columns[name] = np.array(values, dtype=np.int64)
+            except OverflowError:
+                columns[name] = np.array(values, dtype=np.float64)
         elif isinstance(values, list):
             try:
                 columns[name] = np.array(values, dtype=np.float64)

@@ -132,6 +132,7 @@ service = Microservice(
     distribution_version("fdrtd", "0.1.0"),
     "Private set intersection, intersection size and union (commutative encryption, mix-net).",
 )
+service.add_cleanup(curve.shutdown_pool)
 
 
 class Stage:
@@ -521,6 +522,11 @@ async def union(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """
     async with _session(ctx) as peers:
         # Inside the session: if our input is refused, the others hear it at once.
+        if not ctx.env.allow_set_union:
+            raise Forbidden(
+                "this server's policy does not allow set unions (a union discloses every "
+                "item of every party); the owner can set allow_set_union = true"
+            )
         items, encoded = await _load_items(ctx, inputs)
         if any(len(e) > MAX_ITEM_BYTES for e in encoded):
             raise BadRequest(f"union items must be at most {MAX_ITEM_BYTES} bytes long (UTF-8)")

@@ -42,7 +42,7 @@ Secure comparison (one per order statistic and round; stage names in :class:`Sta
        disjoint). This is the prefix-set idea of Lin and Tzeng's
        millionaires' protocol (ACNS 2005), applied to an interval.
     3. ``BLOCKS``, ``QUERY``, ``ANSWER``: private set-intersection cardinality
-       by commutative blinding on Edwards25519 (:mod:`protocols.psi.curve`,
+       by commutative blinding on Curve25519 (X25519) (:mod:`protocols.psi.curve`,
        after Meadows 1986 and Huberman, Franklin and Hogg 1999). P_0 sends
        ``H(b)^beta`` for its shuffled blocks, E sends ``H(p)^alpha`` for its
        prefixes, P_0 returns them as ``H(p)^(alpha*beta)`` shuffled, E raises

@@ -17,7 +17,7 @@ side of a protocol run between the servers of a computation session.
 ``contingency_table_vertical`` (vertical partitioning)
     Two parties (the *holders*) hold one column each of the same records,
     joined on an id column. The join is a Diffie-Hellman private set
-    intersection over Edwards25519 (:mod:`protocols.psi.curve`): each holder
+    intersection over Curve25519 (X25519) (:mod:`protocols.psi.curve`): each holder
     learns which of its own ids are shared, and the size of the other's id
     set, but nothing about the other's ids outside the intersection, since a
     singly blinded point cannot be tested against guesses without the other's

@@ -770,11 +770,12 @@ def test_no_federated_computation_returns_the_data(world: World) -> None:
 
 
 def test_union_reveals_no_single_record_item(world: World) -> None:
-    """``psi.union`` must not hand out items that fewer than ``min_cohort`` records hold.
+    """``psi.union`` must not hand out north's single records to a second server's analyst.
 
     Each of north's distinctive values (and the marker) is held by one record,
-    below the minimum cohort of 3; a union that lists them hands north's
-    single records to whoever runs it with a second server.
+    below the minimum cohort of 3; a union would list them. A union discloses
+    items by nature, so it runs only where the owner's policy allows it
+    (``allow_set_union``, off by default, as on north and south here).
     """
     found: list[str] = []
     with requests.Session() as session:
