@@ -113,8 +113,9 @@ async def joint_count(ctx: JobContext, smpc: SmpcSession, rows: int) -> int:
 @service.job("count")
 async def count(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Total number of records over all parties; nothing else is revealed."""
-    dataset = await ctx.load_dataset(inputs.get("data"))
     async with session_for(ctx) as peers:
+        # inside the session: if this party's input is refused, the others hear it at once
+        dataset = await ctx.load_dataset(inputs.get("data"))
         smpc = SmpcSession(peers)
         await smpc.setup(declare(ctx, function="count"), defer=True)
         total = await joint_count(ctx, smpc, dataset.rows)
@@ -132,18 +133,19 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     party first sums its records; ``frac_bits`` (default 20) fixed-point
     precision.
     """
-    dataset = await ctx.load_dataset(inputs.get("data"))
-    values = numeric(dataset.column(inputs.get("column")))
-    elementwise = bool(inputs.get("elementwise", False))
-    frac_bits = inputs.get("frac_bits", ring.DEFAULT_FRAC_BITS)
-    if not isinstance(frac_bits, int) or not 0 <= frac_bits <= 40:
-        raise BadRequest("'frac_bits' must be an integer from 0 to 40")
-    if elementwise:
-        local, rows = values, dataset.rows
-    else:
-        finite = finite_rows(values)
-        local, rows = finite.sum(axis=0), int(finite.shape[0])
     async with session_for(ctx) as peers:
+        # inside the session: if this party's input is refused, the others hear it at once
+        dataset = await ctx.load_dataset(inputs.get("data"))
+        values = numeric(dataset.column(inputs.get("column")))
+        elementwise = bool(inputs.get("elementwise", False))
+        frac_bits = inputs.get("frac_bits", ring.DEFAULT_FRAC_BITS)
+        if not isinstance(frac_bits, int) or not 0 <= frac_bits <= 40:
+            raise BadRequest("'frac_bits' must be an integer from 0 to 40")
+        if elementwise:
+            local, rows = values, dataset.rows
+        else:
+            finite = finite_rows(values)
+            local, rows = finite.sum(axis=0), int(finite.shape[0])
         smpc = SmpcSession(peers)
         public = declare(
             ctx, shape=list(np.shape(local)), elementwise=elementwise, frac_bits=frac_bits
@@ -164,9 +166,10 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
 @service.job("minimum_maximum")
 async def minimum_maximum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Joint minimum and maximum of a column; no party's own extremes are revealed."""
-    dataset = await ctx.load_dataset(inputs.get("data"))
-    values = finite_rows(numeric(dataset.column(inputs.get("column"))))
     async with session_for(ctx) as peers:
+        # inside the session: if this party's input is refused, the others hear it at once
+        dataset = await ctx.load_dataset(inputs.get("data"))
+        values = finite_rows(numeric(dataset.column(inputs.get("column"))))
         smpc = SmpcSession(peers)
         await smpc.setup(
             declare(ctx, function="minimum_maximum", shape=list(values.shape[1:])), defer=True
@@ -195,12 +198,13 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     count, the power sums behind them, minimum and maximum); nothing of any
     party's own data.
     """
-    dataset = await ctx.load_dataset(inputs.get("data"))
-    column = numeric(dataset.column(inputs.get("column")))
-    if column.ndim != 1:
-        raise BadRequest("univariate statistics need a column of single numbers")
-    values = finite_rows(column)
     async with session_for(ctx) as peers:
+        # inside the session: if this party's input is refused, the others hear it at once
+        dataset = await ctx.load_dataset(inputs.get("data"))
+        column = numeric(dataset.column(inputs.get("column")))
+        if column.ndim != 1:
+            raise BadRequest("univariate statistics need a column of single numbers")
+        values = finite_rows(column)
         smpc = SmpcSession(peers)
         await smpc.setup(declare(ctx, function="univariate"), defer=True)
         # stage 1: count and sum give the mean, the public shift for stage 2
@@ -229,14 +233,15 @@ async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
 
     Inputs: ``data``, ``x`` and ``y`` (column names).
     """
-    dataset = await ctx.load_dataset(inputs.get("data"))
-    x = numeric(dataset.column(inputs.get("x")), "column 'x'")
-    y = numeric(dataset.column(inputs.get("y")), "column 'y'")
-    if x.ndim != 1 or y.ndim != 1:
-        raise BadRequest("bivariate statistics need two columns of single numbers")
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
     async with session_for(ctx) as peers:
+        # inside the session: if this party's input is refused, the others hear it at once
+        dataset = await ctx.load_dataset(inputs.get("data"))
+        x = numeric(dataset.column(inputs.get("x")), "column 'x'")
+        y = numeric(dataset.column(inputs.get("y")), "column 'y'")
+        if x.ndim != 1 or y.ndim != 1:
+            raise BadRequest("bivariate statistics need two columns of single numbers")
+        keep = np.isfinite(x) & np.isfinite(y)
+        x, y = x[keep], y[keep]
         smpc = SmpcSession(peers)
         await smpc.setup(declare(ctx, function="bivariate"), defer=True)
         n, sx, sy = await smpc.sum_big([float(x.size), float(x.sum()), float(y.sum())])
