@@ -122,21 +122,30 @@ def authenticate(request: Request) -> Principal:
     return Principal(*found)
 
 
+async def read_limited(request: Request, limit: int, what: str) -> bytes:
+    """The whole body, refused as soon as it is known to exceed ``limit`` bytes.
+
+    Raises:
+        PayloadTooLarge: Naming ``what`` and the limit.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
+    return bytes(body)
+
+
 async def read_body(request: Request) -> Any:
     """Read and decode a JSON or msgpack body within the size limit.
 
     Raises:
         PayloadTooLarge, UnsupportedMediaType, BadRequest.
     """
-    limit = _state(request).settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+    body = await read_limited(request, _state(request).settings.max_body_bytes, "request body")
     media = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if media == wire.MSGPACK:
         return wire.unpackb(bytes(body))

@@ -32,13 +32,13 @@ from starlette.routing import Route
 
 from fdrtd_client import wire
 from fdrtd_server._http import HttpError, PeerHttpClient
-from fdrtd_server.app import State, problem
+from fdrtd_server.app import State, problem, read_limited
 from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_SEEDS_SUBJECT
 from fdrtd_server.envelope import (
     SESSION_PATTERN as SESSION_RULE,
 )
 from fdrtd_server.envelope import PeerMessageRejected, open_envelope, replay_key, seal
-from fdrtd_server.errors import Conflict, PayloadTooLarge
+from fdrtd_server.errors import Conflict
 from fdrtd_server.identity import Identity, PeerEntry, load_federation
 
 __all__ = ["FEDERATION_FILE", "routes", "start", "stop"]
@@ -187,14 +187,7 @@ async def receive(request: Request) -> Response:
     gateway: Gateway = state.extra["gateway"]
     settings = state.settings
     limit = max(settings.max_body_bytes, MAX_PEER_MESSAGE)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"peer message is larger than the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"peer message is larger than the limit of {limit} bytes")
+    body = await read_limited(request, limit, "peer message")
     gateway.reload_members()
     try:
         message = open_envelope(gateway.identity, gateway.members, bytes(body))

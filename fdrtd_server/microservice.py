@@ -134,6 +134,22 @@ class CallContext:
     role: str
     session: dict[str, Any] | None = None
 
+    async def owned_description(
+        self, handle: Any, field_name: str = "handle"
+    ) -> tuple[str, dict[str, Any]]:
+        """The handle and stored description of a dataset the caller owns.
+
+        Raises:
+            BadRequest: If ``handle`` is not a data handle.
+            NotFound: If it is unknown or belongs to another client (the same answer).
+        """
+        handle = parse_handle(handle, "data", field_name)
+        description = await self.bus.get_set(handle)
+        if description is None:
+            raise NotFound("no dataset with this handle")
+        check_owner(description["owner"], self.principal, "dataset")
+        return handle, description
+
     async def load_dataset(self, handle: Any, field_name: str = "data") -> Dataset:
         """Load a dataset the caller owns.
 
@@ -141,11 +157,7 @@ class CallContext:
             BadRequest: If ``handle`` is not a data handle.
             NotFound: If it is unknown or belongs to another client.
         """
-        handle = parse_handle(handle, "data", field_name)
-        description = await self.bus.get_set(handle)
-        if description is None:
-            raise NotFound("no dataset with this handle")
-        check_owner(description["owner"], self.principal, "dataset")
+        handle, description = await self.owned_description(handle, field_name)
         raw = await self.bus.read_object(handle)
         return decode_dataset(description, raw)
 

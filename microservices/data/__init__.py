@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from fdrtd_client import wire
-from fdrtd_server.bus import SETS_BUCKET, check_owner, now_iso, parse_handle
-from fdrtd_server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from fdrtd_server.bus import SETS_BUCKET, now_iso, parse_handle
+from fdrtd_server.errors import BadRequest, Conflict, PayloadTooLarge
 from fdrtd_server.microservice import CallContext, Microservice, distribution_version
 
 service = Microservice(
@@ -216,22 +216,14 @@ def _public(description: dict[str, Any]) -> dict[str, Any]:
 @service.call("describe")
 async def describe(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The schema of a dataset the caller owns."""
-    handle = parse_handle(inputs.get("handle"), "data")
-    description = await ctx.bus.get_set(handle)
-    if description is None:
-        raise NotFound("no dataset with this handle")
-    check_owner(description["owner"], ctx.principal, "dataset")
+    handle, description = await ctx.owned_description(inputs.get("handle"))
     return {"handle": handle, **_public(description)}
 
 
 @service.call("release")
 async def release(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Delete a dataset the caller owns."""
-    handle = parse_handle(inputs.get("handle"), "data")
-    description = await ctx.bus.get_set(handle)
-    if description is None:
-        raise NotFound("no dataset with this handle")
-    check_owner(description["owner"], ctx.principal, "dataset")
+    handle, _ = await ctx.owned_description(inputs.get("handle"))
     await ctx.bus.delete_set(handle)
     await ctx.bus.delete_object(handle)
     return {"handle": handle, "released": True}

@@ -202,7 +202,7 @@ def test_client_uploads_each_kind_of_data(client: Client, tmp_path: Path) -> Non
             {"x": np.arange(4.0), "y": [1, 2, 3, 4], "tag": ["a", "b", "a", "b"]},
             {
                 "x": {"dtype": "<f8", "shape": [4]},
-                "y": {"dtype": "<f8", "shape": [4]},
+                "y": {"dtype": "<i8", "shape": [4]},  # whole numbers stay exact
                 "tag": {"dtype": "text", "shape": [4]},
             },
             4,
