@@ -260,5 +260,6 @@ service.add_cleanup(curve.shutdown_pool)
 # The other protocol families register their functions on the same service.
 # Imported last: they import the helpers above.
 import protocols.smpc.order  # noqa: E402
+import protocols.smpc.product  # noqa: E402
 import protocols.smpc.regression  # noqa: E402
 import protocols.smpc.tables  # noqa: E402, F401

@@ -1,0 +1,370 @@
+"""SMPC secure matrix product: ``A @ B`` between two parties' private matrices.
+
+Used by ``linear_regression_vertical`` (the cross blocks of the Gram matrix)
+and offered as the ``matrix_product`` function of the ``smpc`` microservice.
+With three or more parties a third party deals a Beaver matrix triple (as
+seeds); with two, the product runs under Paillier encryption (``phe``). The
+pure arithmetic is in :mod:`protocols.smpc.matmul`; the threat model and the
+round counts are in ``docs/protocols.md``. Mind that the product itself can
+disclose an input (``B = I`` reveals ``A``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from phe import paillier
+
+from fdrtd_server.errors import BadRequest, ComputationFailed
+from fdrtd_server.microservice import JobContext
+from fdrtd_server.peers import PeerSession
+from protocols.smpc import matmul, ring
+from protocols.smpc._registry import service
+from protocols.smpc.engine import SmpcSession
+from protocols.smpc.service import agree, declare, numeric, session_for
+
+__all__ = [
+    "product_options",
+    "recv_blob",
+    "reveal_product",
+    "secure_product",
+    "seed_from",
+    "send_blob",
+]
+
+F64 = npt.NDArray[np.float64]
+BLOB_BYTES = 1 << 20
+"""Bytes of packed integers per peer message (the bus carries up to 8 MiB)."""
+MAX_PIECES = 1 << 16
+MAX_PRODUCT_TERMS = 1 << 27
+"""Most multiply-adds of one ``matrix_product`` (about a minute of 256-bit arithmetic)."""
+
+
+def integer_input(inputs: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    """The integer input ``key`` (or ``default``), refused unless in ``[low, high]``."""
+    value = inputs.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadRequest(f"'{key}' must be an integer from {low} to {high}")
+    return value
+
+
+# -- message helpers ----------------------------------------------------------------------------
+
+
+async def send_blob(
+    peers: PeerSession,
+    to: list[str],
+    tag: str,
+    blob: bytes,
+    header: dict[str, Any] | None = None,
+) -> None:
+    """Send ``blob`` in pieces of at most :data:`BLOB_BYTES`; the first carries ``header``."""
+    pieces = max(1, -(-len(blob) // BLOB_BYTES))
+    for k in range(pieces):
+        message: dict[str, Any] = {"data": blob[k * BLOB_BYTES : (k + 1) * BLOB_BYTES]}
+        if k == 0:
+            message.update(header or {}, pieces=pieces)
+        await peers.broadcast(f"{tag}.{k}", message, to=to)
+
+
+async def recv_blob(peers: PeerSession, sender: str, tag: str) -> tuple[dict[str, Any], bytes]:
+    """Receive what :func:`send_blob` sent: ``(header, blob)``."""
+    first = await peers.recv(sender, f"{tag}.0")
+    pieces = first.get("pieces") if isinstance(first, dict) else None
+    if not isinstance(pieces, int) or not 1 <= pieces <= MAX_PIECES:
+        raise ComputationFailed(f"party '{sender}' sent a malformed message")
+    parts = [first.get("data")]
+    for k in range(1, pieces):
+        message = await peers.recv(sender, f"{tag}.{k}")
+        parts.append(message.get("data") if isinstance(message, dict) else None)
+    if not all(isinstance(part, bytes) for part in parts):
+        raise ComputationFailed(f"party '{sender}' sent a malformed message")
+    return first, b"".join(parts)
+
+
+def _int_from(header: dict[str, Any], key: str, sender: str) -> int:
+    value = header.get(key)
+    if not isinstance(value, bytes) or not value:
+        raise ComputationFailed(f"party '{sender}' sent a malformed message")
+    return int.from_bytes(value, "little")
+
+
+def _int_bytes(value: int) -> bytes:
+    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "little")
+
+
+def _unpack(blob: bytes, width: int, shape: tuple[int, ...], sender: str) -> matmul.ObjArray:
+    try:
+        values = matmul.ints_from_bytes(blob, width, math.prod(shape))
+    except ValueError:
+        raise ComputationFailed(f"party '{sender}' sent a matrix of the wrong size") from None
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out.reshape(shape)
+
+
+def seed_from(message: Any, sender: str) -> bytes:
+    """The 32-byte seed in a peer message from ``sender``; refuses anything else."""
+    seed = message.get("seed") if isinstance(message, dict) else None
+    if not isinstance(seed, bytes) or len(seed) != ring.SEED_BYTES:
+        raise ComputationFailed(f"party '{sender}' sent a malformed seed")
+    return seed
+
+
+# -- secure matrix product ------------------------------------------------------------------
+
+
+def _encode(operand: F64 | None, frac_bits: int, inner: int) -> matmul.ObjArray:
+    if operand is None:
+        raise ComputationFailed("a party of a matrix product has no matrix")
+    try:
+        return matmul.encode_operand(operand, frac_bits=frac_bits, inner=inner)
+    except ring.FixedPointOverflow as error:
+        raise ComputationFailed(str(error)) from None
+
+
+Share = tuple[matmul.ObjArray, int]
+
+
+async def secure_product(
+    peers: PeerSession,
+    name: str,
+    left: str,
+    right: str,
+    operand: F64 | None,
+    dims: tuple[int, int, int],
+    frac_bits: int,
+    paillier_bits: int,
+) -> Share | None:
+    """One party's side of the secure product ``A @ B`` (``A`` at ``left``, ``B`` at ``right``).
+
+    Every party of the session calls it with the same public ``name``,
+    ``dims = (m, k, n)`` and options; ``operand`` is ``A`` at ``left``, ``B`` at
+    ``right`` and None elsewhere. With three or more parties the first other
+    party deals a Beaver matrix triple; with two, Paillier is used.
+
+    Returns:
+        ``(share, modulus)`` at ``left`` and ``right`` (the shares add up to
+        the product with ``2 * frac_bits`` fractional bits), None elsewhere.
+
+    Raises:
+        ComputationFailed: If an operand is out of the fixed-point range or a
+            party sends something malformed.
+    """
+    m, k, n = dims
+    me, tag = peers.me, f"mm.{name}"
+    if len(peers.parties) >= 3:
+        dealer = next(p for p in peers.parties if p not in (left, right))
+        label = f"{peers.id}|matmul|{name}".encode()
+        if me == dealer:
+            seed_left, seed_right = ring.random_seed(), ring.random_seed()
+            w_right = await asyncio.to_thread(
+                matmul.dealer_share, seed_left, seed_right, label, m, k, n
+            )
+            await peers.send(left, f"{tag}.seed", {"seed": seed_left})
+            await peers.send(right, f"{tag}.seed", {"seed": seed_right})
+            await send_blob(peers, [right], f"{tag}.w", matmul.ints_to_bytes(w_right, 32))
+            return None
+        if me == left:
+            a = _encode(operand, frac_bits, k)
+            seed = seed_from(await peers.recv(dealer, f"{tag}.seed"), dealer)
+            u, w_left = await asyncio.to_thread(matmul.left_masks, seed, label, m, k, n)
+            e = matmul.masked(a, u)
+            await send_blob(peers, [right], f"{tag}.e", matmul.ints_to_bytes(e, 32))
+            _, blob = await recv_blob(peers, right, f"{tag}.f")
+            f = _unpack(blob, 32, (k, n), right)
+            return await asyncio.to_thread(matmul.left_share, a, f, w_left), matmul.MODULUS
+        if me == right:
+            b = _encode(operand, frac_bits, k)
+            seed = seed_from(await peers.recv(dealer, f"{tag}.seed"), dealer)
+            v = await asyncio.to_thread(matmul.right_mask, seed, label, k, n)
+            f = matmul.masked(b, v)
+            await send_blob(peers, [left], f"{tag}.f", matmul.ints_to_bytes(f, 32))
+            _, blob = await recv_blob(peers, dealer, f"{tag}.w")
+            w_right = _unpack(blob, 32, (m, n), dealer)
+            _, blob = await recv_blob(peers, left, f"{tag}.e")
+            e = _unpack(blob, 32, (m, k), left)
+            return await asyncio.to_thread(matmul.right_share, e, v, w_right), matmul.MODULUS
+        return None
+    return await _paillier_product(peers, tag, left, right, operand, dims, frac_bits, paillier_bits)
+
+
+async def _paillier_product(
+    peers: PeerSession,
+    tag: str,
+    left: str,
+    right: str,
+    operand: F64 | None,
+    dims: tuple[int, int, int],
+    frac_bits: int,
+    paillier_bits: int,
+) -> Share | None:
+    m, k, n = dims
+    me = peers.me
+    if me not in (left, right):
+        return None
+    # encrypt the smaller operand: A (m x k) at left, or B' (n x k) at right
+    left_encrypts = m * k <= k * n
+    encryptor, evaluator = (left, right) if left_encrypts else (right, left)
+    own = _encode(operand, frac_bits, k)
+    if me == encryptor:
+        key = await asyncio.to_thread(matmul.PaillierKey, paillier_bits)
+        plain = own if left_encrypts else own.T
+        cipher = await asyncio.to_thread(key.encrypt, plain)
+        width = matmul.width_for(key.nsquare)
+        await send_blob(
+            peers,
+            [evaluator],
+            f"{tag}.c",
+            matmul.ints_to_bytes(cipher, width),
+            {"n": _int_bytes(key.n)},
+        )
+        _, blob = await recv_blob(peers, evaluator, f"{tag}.r")
+        masked = _unpack(blob, width, (m, n), evaluator)
+        if any(int(c) >= key.nsquare for c in masked.reshape(-1)):
+            raise ComputationFailed(f"party '{evaluator}' sent a malformed ciphertext")
+        return await asyncio.to_thread(key.decrypt, masked), key.n
+    header, blob = await recv_blob(peers, encryptor, f"{tag}.c")
+    modulus = _int_from(header, "n", encryptor)
+    if modulus.bit_length() < max(1024, paillier_bits - 8) or modulus % 2 == 0:
+        raise ComputationFailed(f"party '{encryptor}' sent a Paillier key of the wrong size")
+    width = matmul.width_for(modulus * modulus)
+    cipher = _unpack(blob, width, (m if left_encrypts else n, k), encryptor)
+    plain = own if left_encrypts else own.T
+    product = await asyncio.to_thread(matmul.encrypted_matmul, modulus, cipher, plain)
+    if not left_encrypts:
+        product = product.T
+    public = paillier.PaillierPublicKey(modulus)
+    masked, share = await asyncio.to_thread(matmul.mask_ciphertexts, public, product)
+    await send_blob(peers, [encryptor], f"{tag}.r", matmul.ints_to_bytes(masked, width))
+    return share, modulus
+
+
+async def reveal_product(
+    peers: PeerSession,
+    name: str,
+    holders: tuple[str, str],
+    share: Share | None,
+    shape: tuple[int, int],
+    frac_bits: int,
+) -> F64:
+    """Open a shared product to every party.
+
+    The two holders swap their shares and add them; then both send the
+    product to every other party, which checks that the two copies agree.
+    The shares never reach a third party: the dealer, who knows the triple,
+    could otherwise peel ``A @ V`` off a share and with it learn ``A``.
+    """
+    tag = f"open.{name}"
+    left, right = holders
+    if share is None:
+        copies = []
+        for holder in holders:
+            copy = np.asarray(await peers.recv(holder, f"{tag}.result"))
+            if copy.shape != shape or copy.dtype != np.float64:
+                raise ComputationFailed(f"party '{holder}' sent a malformed product")
+            copies.append(copy)
+        if not np.array_equal(copies[0], copies[1], equal_nan=True):
+            raise ComputationFailed("the two holders of a product opened different values")
+        return copies[0]
+    values, modulus = share
+    other = right if peers.me == left else left
+    width = matmul.width_for(modulus)
+    await send_blob(
+        peers, [other], tag, matmul.ints_to_bytes(values, width), {"modulus": _int_bytes(modulus)}
+    )
+    header, blob = await recv_blob(peers, other, tag)
+    if _int_from(header, "modulus", other) != modulus:
+        raise ComputationFailed("the two holders of a product used different moduli")
+    theirs = _unpack(blob, width, shape, other)
+    total = np.asarray((values + theirs) % modulus, dtype=object)
+    product = matmul.decode_product(total, modulus, frac_bits)
+    rest = [party for party in peers.others if party not in holders]
+    if rest:
+        await peers.broadcast(f"{tag}.result", product, to=rest)
+    return product
+
+
+def _shape(smpc: SmpcSession, party: str) -> tuple[int, int]:
+    shape = smpc.public[party].get("shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    ):
+        raise ComputationFailed(f"party '{party}' sent a malformed matrix shape")
+    return shape[0], shape[1]
+
+
+def product_options(inputs: dict[str, Any]) -> tuple[int, int]:
+    """The ``frac_bits`` and ``paillier_bits`` inputs of a secure product, checked."""
+    frac_bits = integer_input(
+        inputs, "frac_bits", matmul.DEFAULT_FRAC_BITS, 0, matmul.MAX_FRAC_BITS
+    )
+    paillier_bits = integer_input(inputs, "paillier_bits", 2048, 1024, 4096)
+    return frac_bits, paillier_bits
+
+
+@service.job("matrix_product")
+async def matrix_product(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The product ``A @ B`` of a matrix at party ``left`` and one at party ``right``.
+
+    Inputs: ``left`` and ``right`` (party names, common); ``data`` and
+    ``column`` (a 2-D numeric column) at those two parties; ``frac_bits``
+    (default 40) and ``paillier_bits`` (default 2048, two parties only),
+    common. Other parties give no data (one of them deals the triple).
+    Revealed to everyone: both shapes and the product.
+    """
+    frac_bits, paillier_bits = product_options(inputs)
+    left, right = inputs.get("left"), inputs.get("right")
+    async with session_for(ctx) as peers:
+        if not isinstance(left, str) or not isinstance(right, str) or left == right:
+            raise BadRequest("'left' and 'right' must name two different parties")
+        if left not in peers.parties or right not in peers.parties:
+            raise BadRequest("'left' and 'right' must be parties of the session")
+        matrix: F64 | None = None
+        if peers.me in (left, right):
+            dataset = await ctx.load_dataset(inputs.get("data"))
+            matrix = numeric(dataset.column(inputs.get("column")), "matrix")
+            if matrix.ndim != 2 or matrix.size == 0:
+                raise BadRequest("the matrix must be a non-empty 2-D column")
+            if not np.all(np.isfinite(matrix)):
+                raise BadRequest("the matrix must not hold NaN or infinity")
+        smpc = SmpcSession(peers)
+        await smpc.setup(
+            declare(
+                ctx,
+                function="matrix_product",
+                left=left,
+                right=right,
+                frac_bits=frac_bits,
+                paillier_bits=paillier_bits,
+                shape=None if matrix is None else list(matrix.shape),
+            )
+        )
+        for key in ("function", "left", "right", "frac_bits", "paillier_bits"):
+            agree(smpc, key)
+        (m, k), (k_right, n) = _shape(smpc, left), _shape(smpc, right)
+        if k != k_right:
+            raise ComputationFailed(
+                "the matrices do not fit: the columns of 'left' must equal the rows of 'right'"
+            )
+        if m * k * n > MAX_PRODUCT_TERMS:
+            raise ComputationFailed(
+                f"the product is too large: rows x inner x columns must be at most "
+                f"{MAX_PRODUCT_TERMS}; split the matrices into blocks"
+            )
+        dims = (m, k, n)
+        await ctx.progress(0.1)
+        share = await secure_product(
+            peers, "ab", left, right, matrix, dims, frac_bits, paillier_bits
+        )
+        await ctx.progress(0.8)
+        product = await reveal_product(
+            peers, "ab", (left, right), share, (dims[0], dims[2]), frac_bits
+        )
+    return {"product": product, "shape": [m, n]}
