@@ -240,22 +240,30 @@ class Job:
     def __repr__(self) -> str:
         return f"Job({self.handle!r} on {self.client.url})"
 
-    def status(self, wait: float = 0.0) -> dict[str, Any]:
-        """Status, progress and (when done) the value; waits up to ``wait`` s for the end."""
+    def status(self, wait: float = 0.0, *, value: bool = True) -> dict[str, Any]:
+        """Status, progress and (when done) the value; waits up to ``wait`` s for the end.
+
+        Args:
+            wait: Seconds the server may hold the request until the job ends.
+            value: Include the value of a finished job (``False`` for only the state).
+        """
         answer: dict[str, Any] = self.client.request(
             "GET",
             f"/v1/results/{self.handle}",
-            params={"wait": f"{wait:g}"},
+            params={"wait": f"{wait:g}", "value": "true" if value else "false"},
             timeout=self.client.timeout + wait,
         )
         return answer
 
-    def result(self, timeout: float = 60.0, *, progress: bool | None = None) -> Any:
+    def result(
+        self, timeout: float = 60.0, *, progress: bool | None = None, value: bool = True
+    ) -> Any:
         """Wait for the computation and return its value.
 
         Args:
             timeout: Seconds to wait in all.
             progress: Show a progress line on stderr; default: when it is a terminal.
+            value: ``False`` waits for success without downloading the value (returns None).
 
         Raises:
             ResultTimeout: If it is not finished within ``timeout``.
@@ -265,7 +273,7 @@ class Job:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            view = self.status(wait=max(0.0, min(MAX_POLL, remaining)))
+            view = self.status(wait=max(0.0, min(MAX_POLL, remaining)), value=value)
             if show:
                 filled = int(20 * float(view.get("progress", 0)))
                 sys.stderr.write(f"\r[{'#' * filled}{' ' * (20 - filled)}] {view['status']:<8}")
@@ -273,7 +281,7 @@ class Job:
             if view["status"] == "done":
                 if show:
                     sys.stderr.write("\n")
-                return view["value"]
+                return view.get("value")
             if view["status"] == "failed":
                 if show:
                     sys.stderr.write("\n")

@@ -72,8 +72,26 @@ class FederatedJob:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def result(self, timeout: float = 60.0, *, progress: bool | None = None) -> Any:
-        """The joint result (every server computes the same; the first one's is returned)."""
-        return self.results(timeout, progress=progress)[0]
+        """The joint result: the first server's value, once every server has succeeded.
+
+        Every server computes the same result; only the first one's is
+        downloaded. Use :meth:`results` to fetch (and compare) all of them.
+
+        Raises:
+            ServerError: The first error any server reports, as soon as it does.
+        """
+        pool = ThreadPoolExecutor(max_workers=len(self.jobs))
+        try:
+            first = pool.submit(self.jobs[0].result, timeout, progress=progress)
+            others = [
+                pool.submit(job.result, timeout, progress=False, value=False)
+                for job in self.jobs[1:]
+            ]
+            for future in as_completed([first, *others]):
+                future.result()  # raises at once if this server's job failed
+            return first.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Federation:

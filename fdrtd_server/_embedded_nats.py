@@ -99,7 +99,7 @@ class EmbeddedNats:
         conf.write_text(
             "# written by fdrtd-server on every start\n"
             f'listen: "127.0.0.1:{self.port}"\n'
-            "max_payload: 8MB\n"
+            "max_payload: 32MB\n"
             f'jetstream {{ store_dir: "{store}" }}\n',
             "utf-8",
         )

@@ -351,7 +351,9 @@ async def _owned_job(request: Request) -> tuple[State, str]:
     return state, handle
 
 
-async def _view(state: State, handle: str, record: JobRecord) -> dict[str, Any]:
+async def _view(
+    state: State, handle: str, record: JobRecord, with_value: bool = True
+) -> dict[str, Any]:
     view: dict[str, Any] = {
         "result": handle,
         "status": record.status,
@@ -361,18 +363,20 @@ async def _view(state: State, handle: str, record: JobRecord) -> dict[str, Any]:
         "created": record.created,
         "updated": record.updated,
     }
-    if record.status == "done":
+    if record.status == "done" and with_value:
         view["value"] = await state.bus.job_result(handle, record)
     elif record.status == "failed":
         view["error"] = {"status": record.error_status, "detail": record.error}
     return view
 
 
-async def _job_view(state: State, handle: str, wait: float) -> dict[str, Any]:
+async def _job_view(
+    state: State, handle: str, wait: float, with_value: bool = True
+) -> dict[str, Any]:
     record = await state.bus.wait_job(handle, wait)
     if record is None:
         raise NotFound("no result with this handle")
-    return await _view(state, handle, record)
+    return await _view(state, handle, record, with_value)
 
 
 async def get_result(request: Request) -> Response:
@@ -384,7 +388,11 @@ async def get_result(request: Request) -> Response:
         raise BadRequest("'wait' must be a number of seconds") from None
     if not 0 <= wait <= MAX_WAIT:
         raise BadRequest(f"'wait' must be between 0 and {MAX_WAIT:g} seconds")
-    return respond(request, await _job_view(state, handle, wait))
+    with_value = request.query_params.get("value", "true").lower()
+    if with_value not in ("true", "false", "1", "0"):
+        raise BadRequest("'value' must be true or false")
+    view = await _job_view(state, handle, wait, with_value in ("true", "1"))
+    return respond(request, view)
 
 
 async def result_events(request: Request) -> Response:

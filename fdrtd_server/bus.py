@@ -9,7 +9,7 @@ bucket            kind           holds
 ================  =============  ===========================================
 ``fdrtd_data``    object store   uploaded datasets, by data handle
 ``fdrtd_sets``    key-value      dataset descriptions (owner, format, columns)
-``fdrtd_jobs``    key-value      computation state, progress and small results
+``fdrtd_jobs``    key-value      computation state, progress, results up to 16 MiB
 ``fdrtd_sessions`` key-value     computation session ids already used (never reused)
 ``fdrtd_results`` object store   results too large for a key-value entry
 ``FDRTD_PEER``    stream         verified peer messages, by session; its
@@ -81,7 +81,9 @@ REPLAY_WINDOW = 900.0
 """Seconds during which a replayed peer message is recognised (3x the envelope's max age)."""
 OBJECT_CACHE_BYTES = 256 * 1024 * 1024
 OBJECT_CACHE_ITEM = 16 * 1024 * 1024
-INLINE_RESULT_LIMIT = 256 * 1024
+INLINE_RESULT_LIMIT = 16 * 1024 * 1024
+"""Results up to this size live in the job's key-value entry (one fast read); larger
+ones go to the results object store. An external NATS needs ``max_payload`` above it."""
 SET_CACHE_SIZE = 10_000
 CHUNK_SIZE = 1024 * 1024
 HANDLE_KINDS = {"data": "d", "result": "r"}
@@ -372,7 +374,8 @@ class Bus:
         record.updated = now_iso()
         if record.status == "done" and not record.result_in_store:
             packed = wire.packb(record.result)
-            if len(packed) > INLINE_RESULT_LIMIT:
+            # an external NATS may allow smaller messages than our embedded one
+            if len(packed) > min(INLINE_RESULT_LIMIT, self.nc.max_payload // 2):
                 await self.results.put(handle, packed)
                 record.result, record.result_in_store = None, True
         await self.jobs.put(handle, wire.packb(record.to_dict()))

@@ -26,9 +26,13 @@ Sealing:
    bound by the AAD instead, because the header holds ``from`` and ``to``.
 3. ``ciphertext = ChaCha20-Poly1305(key).encrypt(nonce, payload, aad=header_bytes)``.
 4. ``signature = Ed25519(sender sign key, b"fdrtd peer v1 sig" || 0x00 ||
-   len(header_bytes) as 4 bytes big-endian || header_bytes || ciphertext)``.
-   The domain prefix keeps these signatures from being valid in any other
-   use of the key; the length prefix fixes the header/ciphertext boundary.
+   len(header_bytes) as 4 bytes big-endian || header_bytes ||
+   SHA-256(ciphertext))``. The domain prefix keeps these signatures from
+   being valid in any other use of the key; the length prefix fixes the
+   header/ciphertext boundary. Signing the ciphertext's SHA-256 rather than
+   the ciphertext itself is as strong (SHA-256 is collision resistant) and
+   several times faster for megabyte messages: Ed25519 hashes what it signs
+   twice with SHA-512, which has no hardware help here, while SHA-256 has.
 
 Why both a signature and an AEAD: the pair key is known to *both* ends, so a
 tag alone would let the receiver forge messages "from" the sender towards
@@ -234,7 +238,8 @@ def _verifier(sign_public: bytes) -> Ed25519PublicKey:
 
 
 def _signed_bytes(header_bytes: bytes, ciphertext: bytes) -> bytes:
-    return _SIGNATURE_DOMAIN + len(header_bytes).to_bytes(4, "big") + header_bytes + ciphertext
+    digest = hashlib.sha256(ciphertext).digest()
+    return _SIGNATURE_DOMAIN + len(header_bytes).to_bytes(4, "big") + header_bytes + digest
 
 
 def seal(

@@ -96,7 +96,10 @@ def document(settings: Settings) -> dict[str, Any]:
                 "parameters": [_HANDLE],
                 "get": _op(
                     "Status, progress and (when done) the value; long-poll with ?wait=seconds",
-                    parameters=[{"name": "wait", "in": "query", "schema": {"type": "number"}}],
+                    parameters=[
+                        {"name": "wait", "in": "query", "schema": {"type": "number"}},
+                        {"name": "value", "in": "query", "schema": {"type": "boolean"}},
+                    ],
                 ),
                 "delete": _op("Release a result"),
             },

@@ -42,6 +42,7 @@ Secure maximum (8 rounds of secure OR)
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +58,8 @@ __all__ = ["CHUNK", "SmpcSession", "Stage"]
 
 CHUNK = 128 * 1024
 """Elements per peer message (1 MiB of uint64), below the bus payload limit."""
+SEND_WINDOW = 4
+"""Pieces of one vector in flight at once, per receiving party."""
 U64 = npt.NDArray[np.uint64]
 
 
@@ -155,13 +158,19 @@ class SmpcSession:
         pieces = max(1, -(-y.size // CHUNK))
         deferred, self._deferred = self._deferred, None
 
-        async def send_all() -> None:
-            for k in range(pieces):
-                piece = y[k * CHUNK : (k + 1) * CHUNK]
-                first = k == 0 and deferred is not None
+        window = asyncio.Semaphore(SEND_WINDOW)
+
+        async def send_piece(k: int) -> None:
+            piece = y[k * CHUNK : (k + 1) * CHUNK]
+            first = k == 0 and deferred is not None
+            async with window:
                 await self.peers.broadcast(
                     f"{tag}.{k}", {"v": piece, "public": deferred} if first else piece
                 )
+
+        async def send_all() -> None:
+            # pieces go out a few at a time, so that sealing, HTTP and storage overlap
+            await asyncio.gather(*(send_piece(k) for k in range(pieces)))
 
         async def receive_all() -> dict[str, list[Any]]:
             return {

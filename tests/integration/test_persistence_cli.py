@@ -114,7 +114,8 @@ def _wait_gone_or_zombie(pid: int, seconds: float) -> str | None:
 def test_restart_keeps_data_and_results(solo: LocalServer, tmp_path: Path) -> None:
     client = solo.client(timeout=TIMEOUT)
     values = np.arange(40.0)
-    wide = np.arange(3 * 40_000, dtype=np.float64).reshape(3, 40_000)  # a result > 256 KiB
+    # a result > 16 MiB (four 750,000-element vectors), kept in the results object store
+    wide = np.arange(3 * 750_000, dtype=np.float64).reshape(3, 750_000)
     csv_path = tmp_path / "table.csv"
     csv_path.write_text("group,x\na,1.5\nb,2.5\na,\nc,4.0\n", "utf-8")
     handles = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Callable
@@ -158,7 +159,7 @@ def test_wire_format_matches_the_documented_construction(
     assert ChaCha20Poly1305(key).decrypt(header["nonce"], ciphertext, header_bytes) == b"m"
     signed = b"fdrtd peer v1 sig\x00" + len(header_bytes).to_bytes(4, "big")
     Ed25519PublicKey.from_public_bytes(alice.sign_public).verify(
-        signature, signed + header_bytes + ciphertext
+        signature, signed + header_bytes + hashlib.sha256(ciphertext).digest()
     )
 
 
