@@ -44,6 +44,12 @@ A = TypeVar("A")
 B = TypeVar("B")
 
 
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Collect a background task's outcome, so that nothing is logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
     """Run two awaitables concurrently; the first failure cancels the other and is raised.
 
@@ -60,13 +66,18 @@ async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
                 raise task.exception()  # type: ignore[misc]
         return await one, await two
     finally:
-        for task in (one, two):
-            if not task.done():
-                task.cancel()
-        await asyncio.wait({one, two})
+        pending = {task for task in (one, two) if not task.done()}
+        for task in pending:
+            task.cancel()
+            task.add_done_callback(_consume)
+        if pending:
+            # a NATS request may take a moment to notice its cancellation: never wait long
+            await asyncio.wait(pending, timeout=1.0)
 
 
 ABORT_TAG = "abort"
+ABORT_WAIT = 3.0
+"""Seconds a failing party spends telling the others."""
 INBOX_HOLD = 120.0
 """Seconds a message for a session not (yet) open in this process is kept."""
 INBOX_BYTES = 256 * 1024 * 1024
@@ -205,16 +216,22 @@ class PeerSession:
         ):
             reason = getattr(exc, "message", None) or "internal error"
             status = getattr(exc, "status", 422)
-            with contextlib.suppress(Exception):
-                abort = {"reason": reason[:300], "status": status}
-                await asyncio.wait_for(self.broadcast(ABORT_TAG, abort), 3)
+            abort = {"reason": reason[:300], "status": status}
+            # best effort, to every party independently, for at most ABORT_WAIT
+            # seconds; a send still under way then is left to finish on its own
+            sends = [
+                asyncio.ensure_future(self.send(party, ABORT_TAG, abort, timeout=ABORT_WAIT))
+                for party in self.others
+            ]
+            await asyncio.wait(sends, timeout=ABORT_WAIT)
+            for sending in sends:
+                sending.add_done_callback(_consume)
         if self._router is not None:
             self._router.close(self)
         # the session's messages are masked values: remove them from disk now,
         # in the background (the stream's max age would remove them within the hour)
         purge = self.bus.js.purge_stream(PEER_STREAM, subject=f"{PEER_IN_PREFIX}.{self.id}")
-        task = asyncio.ensure_future(purge)
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        asyncio.ensure_future(purge).add_done_callback(_consume)
 
     async def deliver(self, msg: Msg) -> None:
         """Take one message of this session from the inbox router."""
@@ -239,8 +256,14 @@ class PeerSession:
                 self._inbox.setdefault((sender, tag), value)
             self._arrived.notify_all()
 
-    async def send(self, to: str, tag: str, value: Any) -> None:
+    async def send(self, to: str, tag: str, value: Any, *, timeout: float | None = None) -> None:
         """Send ``value`` to party ``to`` under ``tag`` (each tag once per pair).
+
+        Args:
+            to: The receiving party.
+            tag: Names the message within the session.
+            value: Plain data (see :mod:`fdrtd_client.wire`).
+            timeout: Seconds to wait for the delivery; the session timeout by default.
 
         Raises:
             ComputationFailed: If the gateway or the receiving server refuses it.
@@ -256,7 +279,7 @@ class PeerSession:
         }
         try:
             reply = await self.bus.nc.request(
-                PEER_OUT_SUBJECT, wire.packb(request), timeout=self.timeout
+                PEER_OUT_SUBJECT, wire.packb(request), timeout=timeout or self.timeout
             )
         except nats.errors.NoRespondersError:
             raise ComputationFailed("no peer gateway is running on this server") from None
