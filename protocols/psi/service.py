@@ -88,6 +88,7 @@ from fdrtd_server.errors import (
 )
 from fdrtd_server.microservice import JobContext, Microservice, distribution_version
 from fdrtd_server.peers import PeerSession
+from protocols._namespace import Namespace
 from protocols.psi import curve
 
 __all__ = [
@@ -135,7 +136,7 @@ service = Microservice(
 service.add_cleanup(curve.shutdown_pool)
 
 
-class Stage:
+class Stage(Namespace):
     """Names of the protocol stages; message tags start with them."""
 
     SETUP = "setup"
@@ -145,9 +146,6 @@ class Stage:
     COLLECT = "onion"
     MIX = "mix"
     UNION = "union"
-
-    def __new__(cls) -> Stage:  # noqa: D102 - a namespace, never built
-        raise TypeError("Stage is a namespace of constants")
 
 
 # --- inputs -------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ import numpy.typing as npt
 
 from fdrtd_server.errors import ComputationFailed
 from fdrtd_server.peers import PeerSession, both
+from protocols._namespace import Namespace
 from protocols.smpc import ring
 
 __all__ = ["CHUNK", "SmpcSession", "Stage"]
@@ -63,16 +64,13 @@ SEND_WINDOW = 4
 U64 = npt.NDArray[np.uint64]
 
 
-class Stage:
+class Stage(Namespace):
     """Names of the protocol stages, used as message tags."""
 
     SEEDS = "seeds"
     SUM = "sum"
     BIGSUM = "bigsum"
     OR = "or"
-
-    def __new__(cls) -> Stage:  # noqa: D102 - a namespace, never built
-        raise TypeError("Stage is a namespace of constants")
 
 
 class SmpcSession:

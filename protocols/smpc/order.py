@@ -88,6 +88,7 @@ import numpy.typing as npt
 
 from fdrtd_server.errors import BadRequest, ComputationFailed, FdrtdError
 from fdrtd_server.microservice import JobContext
+from protocols._namespace import Namespace
 from protocols.psi import curve
 from protocols.smpc import ring
 from protocols.smpc._registry import service
@@ -127,7 +128,7 @@ _DUMMY = b"D"
 _POINT = curve.POINT_BYTES
 
 
-class Stage:
+class Stage(Namespace):
     """Message tags of one comparison round (suffixed with the round number)."""
 
     COUNT = "order.count"
@@ -135,9 +136,6 @@ class Stage:
     QUERY = "order.query"
     ANSWER = "order.answer"
     BITS = "order.bits"
-
-    def __new__(cls) -> Stage:  # noqa: D102 - a namespace, never built
-        raise TypeError("Stage is a namespace of constants")
 
 
 def dyadic_cover(start: int, bits: int) -> list[tuple[int, int]]:
