@@ -188,10 +188,16 @@ async def bus_request(
 
 
 async def call_service(
-    request: Request, microservice: str, function: str, inputs: dict[str, Any], **extra: Any
+    request: Request,
+    microservice: str,
+    function: str,
+    inputs: dict[str, Any],
+    *,
+    principal: Principal | None = None,
+    **extra: Any,
 ) -> Any:
-    """Authenticate, then call ``fdrtd.svc.<microservice>.<function>``."""
-    principal = authenticate(request)
+    """Call ``fdrtd.svc.<microservice>.<function>`` for ``principal`` (authenticated if None)."""
+    principal = principal or authenticate(request)
     message = {"principal": principal.name, "role": principal.role, "inputs": inputs, **extra}
     return await bus_request(
         _state(request).bus, f"{SERVICE_PREFIX}.{microservice}.{function}", message
@@ -246,9 +252,8 @@ async def upload(request: Request) -> Response:
     handle = new_handle("data")
     size = await state.bus.put_stream(handle, request.stream(), limit)
     inputs.update(handle=handle, size=size)
-    message = {"principal": principal.name, "role": principal.role, "inputs": inputs}
     try:
-        described = await bus_request(state.bus, f"{SERVICE_PREFIX}.data.register", message)
+        described = await call_service(request, "data", "register", inputs, principal=principal)
     except BaseException:
         await state.bus.delete_object(handle)
         state.audit.write(principal.name, "upload", handle, "refused")
@@ -270,9 +275,10 @@ async def describe_data(request: Request) -> Response:
 
 async def release_data(request: Request) -> Response:
     """Delete a dataset the caller owns."""
+    principal = authenticate(request)
     handle = request.path_params["handle"]
-    answer = await call_service(request, "data", "release", {"handle": handle})
-    _state(request).audit.write(authenticate(request).name, "release", handle)
+    answer = await call_service(request, "data", "release", {"handle": handle}, principal=principal)
+    _state(request).audit.write(principal.name, "release", handle)
     return respond(request, answer)
 
 
@@ -305,10 +311,13 @@ async def compute(request: Request) -> Response:
     body = await read_body(request)
     if not isinstance(body, dict):
         raise BadRequest("body must be a map with 'microservice', 'function' and 'inputs'")
-    microservice, function = body.get("microservice"), body.get("function")
-    for key, value in (("microservice", microservice), ("function", function)):
+    names: list[str] = []
+    for key in ("microservice", "function"):
+        value = body.get(key)
         if not isinstance(value, str) or not NAME.fullmatch(value):
             raise BadRequest(f"'{key}' must be a name of lowercase letters, digits and '_'")
+        names.append(value)
+    microservice, function = names
     inputs = body.get("inputs", {})
     if not isinstance(inputs, dict):
         raise BadRequest("'inputs' must be a map")
@@ -317,16 +326,16 @@ async def compute(request: Request) -> Response:
         raise NotFound(f"no microservice '{microservice}' is enabled on this server")
     session = _check_session(body.get("session"))
     handle = new_handle("result")
-    message = {
-        "principal": principal.name,
-        "role": principal.role,
-        "inputs": inputs,
-        "result": handle,
-        "session": session,
-    }
-    subject = f"{SERVICE_PREFIX}.{microservice}.{function}"
     try:
-        answer = await bus_request(state.bus, subject, message)
+        answer = await call_service(
+            request,
+            microservice,
+            function,
+            inputs,
+            principal=principal,
+            result=handle,
+            session=session,
+        )
     except FdrtdError as error:
         state.audit.write(
             principal.name, "compute", f"{microservice}.{function}", f"refused {error.status}"
@@ -340,7 +349,7 @@ async def compute(request: Request) -> Response:
     return respond(request, {"result": handle, "status": answer.get("status", "queued")}, 202)
 
 
-async def _owned_job(request: Request) -> tuple[State, str]:
+async def _owned_job(request: Request) -> tuple[State, str, Principal]:
     principal = authenticate(request)
     state = _state(request)
     handle = parse_handle(request.path_params["handle"], "result")
@@ -348,7 +357,7 @@ async def _owned_job(request: Request) -> tuple[State, str]:
     if current is None:
         raise NotFound("no result with this handle")
     check_owner(current[0].owner, principal.name, "result")
-    return state, handle
+    return state, handle, principal
 
 
 async def _view(
@@ -381,7 +390,7 @@ async def _job_view(
 
 async def get_result(request: Request) -> Response:
     """A computation's status and, once done, its value; ``?wait=s`` long-polls."""
-    state, handle = await _owned_job(request)
+    state, handle, _ = await _owned_job(request)
     try:
         wait = float(request.query_params.get("wait", "0"))
     except ValueError:
@@ -397,7 +406,7 @@ async def get_result(request: Request) -> Response:
 
 async def result_events(request: Request) -> Response:
     """Server-sent events: the status while running, then the final state."""
-    state, handle = await _owned_job(request)
+    state, handle, _ = await _owned_job(request)
 
     async def events() -> AsyncIterator[bytes]:
         async for record in state.bus.watch_job(handle, SSE_LIMIT):
@@ -412,9 +421,9 @@ async def result_events(request: Request) -> Response:
 
 async def release_result(request: Request) -> Response:
     """Delete a result the caller owns."""
-    state, handle = await _owned_job(request)
+    state, handle, principal = await _owned_job(request)
     await state.bus.delete_job(handle)
-    state.audit.write(authenticate(request).name, "release", handle)
+    state.audit.write(principal.name, "release", handle)
     return respond(request, {"result": handle, "released": True})
 
 
@@ -500,7 +509,6 @@ async def internal_error(request: Request, error: Exception) -> Response:
     )
 
 
-Lifespan = Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]
 ExtraRoutes = list[Route]
 
 

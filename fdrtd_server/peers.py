@@ -3,8 +3,9 @@
 A :class:`PeerSession` is what a protocol microservice uses to talk to the
 other parties of one computation. Outgoing messages go to the local peer
 gateway over NATS (``fdrtd.peer.out``); incoming ones are read from the
-JetStream stream where the gateway put them after verification, so a message
-that arrives before this party has even joined is kept, not lost.
+JetStream stream where the gateway put them after verification, by one
+:class:`PeerInbox` per process, which holds a message that arrives before this
+party has even joined its session instead of losing it.
 
 Every wait has a deadline: :meth:`PeerSession.recv` raises
 :class:`~fdrtd_server.errors.PartyTimeout` naming the party that did not

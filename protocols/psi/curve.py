@@ -175,7 +175,6 @@ pool the first time) outweighs the gain.
 
 _P = 2**255 - 19
 _A = 486662  # Montgomery coefficient of Curve25519: v^2 = u^3 + A u^2 + u
-_MASK_255 = (1 << 255) - 1
 _P_MPZ = gmpy2.mpz(_P)
 _ONE = gmpy2.mpz(1)
 # u-coordinates of the points of small order on Curve25519 and its twist
