@@ -13,12 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 __all__ = ["HttpError", "PeerHttpClient"]
 
 MAX_RESPONSE = 1024 * 1024
+IDLE_REUSE = 3.0
+"""A connection idle longer than this is closed, not reused: servers close idle
+keep-alive connections after a few seconds (uvicorn: 5 s), and a request written
+into one that is being closed is lost."""
 
 
 class HttpError(Exception):
@@ -31,7 +36,19 @@ class _Pool:
     port: int
     ssl: ssl.SSLContext | None
     prefix: str
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = field(default_factory=list)
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = field(
+        default_factory=list
+    )
+
+    def take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The most recently used idle connection that is still fresh; stale ones are closed."""
+        limit = time.monotonic() - IDLE_REUSE
+        while self.idle:
+            reader, writer, since = self.idle.pop()
+            if since >= limit and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return None
 
 
 class PeerHttpClient:
@@ -74,8 +91,9 @@ class PeerHttpClient:
         async with asyncio.timeout(self.timeout):
             # a kept-alive connection may have been closed by the peer: retry once on a new one
             for attempt in range(2):
-                fresh = not pool.idle
-                if fresh:
+                # the retry always takes a new connection
+                kept = pool.take() if attempt == 0 else None
+                if kept is None:
                     try:
                         reader, writer = await asyncio.open_connection(
                             pool.host, pool.port, ssl=pool.ssl
@@ -83,20 +101,20 @@ class PeerHttpClient:
                     except OSError as error:
                         raise HttpError(f"cannot connect: {type(error).__name__}") from None
                 else:
-                    reader, writer = pool.idle.pop()
+                    reader, writer = kept
                 try:
                     status, answer, keep = await self._exchange(
                         pool, reader, writer, path, body, content_type
                     )
                 except (OSError, asyncio.IncompleteReadError, HttpError) as error:
                     writer.close()
-                    if fresh or attempt:
+                    if kept is None:
                         raise HttpError(
                             f"peer closed the connection: {type(error).__name__}"
                         ) from None
                     continue
                 if keep and len(pool.idle) < self.max_idle:
-                    pool.idle.append((reader, writer))
+                    pool.idle.append((reader, writer, time.monotonic()))
                 else:
                     writer.close()
                 return status, answer
@@ -118,7 +136,8 @@ class PeerHttpClient:
             f"Content-Length: {len(body)}\r\n"
             "Connection: keep-alive\r\n\r\n"
         )
-        writer.write(head.encode("latin-1") + body)
+        # one gathered write: the body (up to tens of MiB) is not copied into the head
+        writer.writelines([head.encode("latin-1"), body])
         await writer.drain()
         status_line = await reader.readline()
         parts = status_line.split(b" ", 2)
@@ -154,7 +173,7 @@ class PeerHttpClient:
     async def close(self) -> None:
         """Close every kept connection."""
         for pool in self._pools.values():
-            for _, writer in pool.idle:
+            for _, writer, _ in pool.idle:
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()

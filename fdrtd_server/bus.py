@@ -12,9 +12,12 @@ bucket            kind           holds
 ``fdrtd_jobs``    key-value      computation state, progress, results up to 16 MiB
 ``fdrtd_sessions`` key-value     computation session ids already used (never reused)
 ``fdrtd_results`` object store   results too large for a key-value entry
-``FDRTD_PEER``    stream         verified peer messages, by session; its
-                                 15-minute duplicate window refuses replays
 ================  =============  ===========================================
+
+Peer messages are deliberately *not* kept: they are masked values of one live
+session, which exists only in the memory of the process running it, so the
+gateway hands them to that process directly or over core NATS
+(``fdrtd.peer.in.<session>``) and nothing of them ever reaches a disk.
 
 Subjects follow ``fdrtd.<area>.<name>``; they are constants here so that a
 name is written once.
@@ -54,7 +57,6 @@ __all__ = [
     "PEER_IN_PREFIX",
     "PEER_OUT_SUBJECT",
     "PEER_SEEDS_SUBJECT",
-    "PEER_STREAM",
     "SERVICE_PREFIX",
     "Bus",
     "JobRecord",
@@ -71,14 +73,13 @@ PEER_SEEDS_SUBJECT = "fdrtd.peer.seeds"
 """Protocols request here the pairwise seeds of a session (key agreement)."""
 PEER_IN_PREFIX = "fdrtd.peer.in"
 """Verified incoming peer messages: ``fdrtd.peer.in.<session>``."""
-PEER_STREAM = "FDRTD_PEER"
+LEGACY_PEER_STREAM = "FDRTD_PEER"
+"""Where earlier versions kept peer messages on disk; removed when found."""
 DATA_BUCKET = "fdrtd_data"
 SETS_BUCKET = "fdrtd_sets"
 SESSIONS_BUCKET = "fdrtd_sessions"
 JOBS_BUCKET = "fdrtd_jobs"
 RESULTS_BUCKET = "fdrtd_results"
-REPLAY_WINDOW = 900.0
-"""Seconds during which a replayed peer message is recognised (3x the envelope's max age)."""
 OBJECT_CACHE_BYTES = 256 * 1024 * 1024
 OBJECT_CACHE_ITEM = 16 * 1024 * 1024
 INLINE_RESULT_LIMIT = 16 * 1024 * 1024
@@ -197,18 +198,10 @@ class Bus:
         self.sets = await self._kv(SETS_BUCKET)
         self.jobs = await self._kv(JOBS_BUCKET)
         self.sessions = await self._kv(SESSIONS_BUCKET)
-        try:
-            await self.js.stream_info(PEER_STREAM)
-        except NotFoundError:
-            await self.js.add_stream(
-                name=PEER_STREAM,
-                subjects=[PEER_IN_PREFIX + ".>"],
-                storage=js_api.StorageType.FILE,
-                max_age=3600,
-                # the gateway publishes each message with Nats-Msg-Id = its replay
-                # key, so JetStream itself refuses replays inside this window
-                duplicate_window=REPLAY_WINDOW,
-            )
+        # a stream on fdrtd.peer.in.> would capture (and write to disk) every
+        # peer message published on the bus: remove one left by an old version
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_stream(LEGACY_PEER_STREAM)
 
     async def close(self) -> None:
         """Drain and close the connection."""

@@ -7,13 +7,28 @@ the receiver, signed by us, bound to session, sequence number and tag (see
 :mod:`fdrtd_server.envelope`) — and POSTs it to the receiver's ``/v1/peer``.
 
 The receiving gateway opens and verifies the envelope against its federation
-file, refuses replays (the triple sender/session/sequence may be seen once:
-it is the JetStream message id, and the stream's 15-minute duplicate window,
-three times the envelope's maximum age, drops a second copy), and
-publishes the payload on ``fdrtd.peer.in.<session>`` in the
-JetStream stream ``FDRTD_PEER``, where the protocol microservice of that
-session reads it, whenever it subscribes. One HTTP port per server, so a
-reverse proxy with TLS in front of it is all a deployment needs.
+file, refuses replays, and hands the payload to the protocol: directly when
+the session runs in its own process (the embedded default), else on core
+NATS as ``fdrtd.peer.in.<session>`` for the worker that runs it. Peer
+messages are masked values of one live session, so they are never stored.
+One HTTP port per server, so a reverse proxy with TLS in front of it is all a
+deployment needs.
+
+Replays are refused at three levels:
+
+1. The gateway remembers the triple sender/session/sequence number of every
+   message it accepted (:class:`ReplayGuard`) for as long as the envelope's
+   timestamp is fresh, and answers a repeat with 409; later the envelope is
+   refused as stale anyway (403).
+2. A session drops any (sender, sequence number) it has already taken, so a
+   replay cannot feed a protocol twice even if the gateway forgot it (its
+   memory does not survive a restart).
+3. Session ids are single use on every server (recorded in JetStream), so a
+   message of a finished session never reaches a protocol again.
+
+When the gateway runs in the same process as the protocol microservices, they
+call it directly (:class:`fdrtd_server.peers.GatewayLink`) instead of through
+``fdrtd.peer.out``: the same requests and answers without two bus hops.
 """
 
 from __future__ import annotations
@@ -21,6 +36,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
+from collections import OrderedDict
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -37,16 +54,51 @@ from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_SEEDS_SUBJEC
 from fdrtd_server.envelope import (
     SESSION_PATTERN as SESSION_RULE,
 )
-from fdrtd_server.envelope import PeerMessageRejected, open_envelope, replay_key, seal
+from fdrtd_server.envelope import (
+    OpenedMessage,
+    PeerMessageRejected,
+    open_envelope,
+    replay_key,
+    seal,
+)
 from fdrtd_server.errors import Conflict
 from fdrtd_server.identity import Identity, PeerEntry, load_federation
+from fdrtd_server.peers import Incoming, PeerInbox
 
-__all__ = ["FEDERATION_FILE", "routes", "start", "stop"]
+__all__ = ["FEDERATION_FILE", "Gateway", "ReplayGuard", "routes", "start", "stop"]
 
 log = logging.getLogger("fdrtd.gateway")
 FEDERATION_FILE = "federation.toml"
 SEND_TIMEOUT = 10.0
 MAX_PEER_MESSAGE = 64 * 1024 * 1024
+MAX_AGE = 300.0
+"""Seconds an envelope's timestamp may be off this server's clock (transit and skew)."""
+REPLAY_KEYS = 1_000_000
+"""At most this many accepted messages are remembered; beyond, the oldest are forgotten
+(a session still drops a message it already took)."""
+
+
+class ReplayGuard:
+    """The messages accepted while their timestamps are fresh, to refuse a second copy."""
+
+    def __init__(self, max_age: float = MAX_AGE, limit: int = REPLAY_KEYS) -> None:
+        self.max_age = max_age
+        self.limit = limit
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def first_time(self, message: OpenedMessage, now: float | None = None) -> bool:
+        """Record ``message``; False if it was recorded before (a replay)."""
+        clock = time.time() if now is None else now
+        while self._until and (
+            len(self._until) >= self.limit or next(iter(self._until.values())) < clock
+        ):
+            self._until.popitem(last=False)
+        key = replay_key(message)
+        if key in self._until:
+            return False
+        # after this the envelope is stale (refused anyway); the margin covers rounding
+        self._until[key] = max(clock, message.ts) + self.max_age + 1.0
+        return True
 
 
 class Gateway:
@@ -61,8 +113,16 @@ class Gateway:
         self._federation_mtime = -1.0
         self.reload_members()
         self.http = PeerHttpClient(timeout=SEND_TIMEOUT)
+        self.replays = ReplayGuard()
+        self.local: PeerInbox | None = None
+        """The inbox of the microservices in this process, if they run here."""
         self.subscription: Any = None
         self.seed_subscription: Any = None
+
+    async def attach(self, inbox: PeerInbox) -> None:
+        """Serve the protocol microservices of this process directly (no bus hops)."""
+        self.local = inbox
+        inbox.gateway = self
 
     def reload_members(self) -> None:
         """Re-read the federation file if it changed."""
@@ -88,38 +148,31 @@ class Gateway:
             return status, f"party '{peer.name}' refused the message: {detail}"
         return status, ""
 
-    async def handle_outgoing(self, msg: Msg) -> None:
-        """Seal one outgoing message and deliver it; answer the protocol."""
+    async def outgoing(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Seal one outgoing message and deliver it; ``{"status", "detail"}``."""
         try:
-            request = wire.unpackb(msg.data)
             to = str(request["to"])
             self.reload_members()
             peer = self.members.get(to)
             if peer is None:
-                answer = {
-                    "status": 404,
-                    "detail": f"party '{to}' is not in this server's federation",
-                }
-            else:
-                body = seal(
-                    self.identity,
-                    peer,
-                    session=str(request["session"]),
-                    seq=int(request["seq"]),
-                    tag=str(request["tag"]),
-                    payload=bytes(request["payload"]),
-                )
-                status, detail = await self._post(peer, body)
-                answer = {"status": status, "detail": detail}
-        except (KeyError, TypeError, ValueError, wire.WireError) as error:
-            answer = {
+                return {"status": 404, "detail": f"party '{to}' is not in this server's federation"}
+            body = seal(
+                self.identity,
+                peer,
+                session=str(request["session"]),
+                seq=int(request["seq"]),
+                tag=str(request["tag"]),
+                payload=bytes(request["payload"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            return {
                 "status": 400,
                 "detail": f"malformed outgoing peer message: {type(error).__name__}",
             }
-        if msg.reply:
-            await self.state.bus.nc.publish(msg.reply, wire.packb(answer))
+        status, detail = await self._post(peer, body)
+        return {"status": status, "detail": detail}
 
-    async def handle_seeds(self, msg: Msg) -> None:
+    def seeds(self, request: dict[str, Any]) -> dict[str, Any]:
         """Derive this server's pairwise seeds with the named parties for one session.
 
         ``seed = HKDF-SHA256(X25519(our key, their key), salt="fdrtd pair seed v1",
@@ -129,7 +182,6 @@ class Gateway:
         The seeds never leave this party's bus.
         """
         try:
-            request = wire.unpackb(msg.data)
             session = str(request["session"])
             if not SESSION_RULE.match(session):
                 raise ValueError("session")
@@ -138,23 +190,58 @@ class Gateway:
             for name in request["parties"]:
                 peer = self.members.get(str(name))
                 if peer is None:
-                    answer: dict[str, Any] = {
+                    return {
                         "status": 404,
                         "detail": f"party '{name}' is not in this server's federation",
                     }
-                    break
                 low, high = sorted((self.identity.name, peer.name))
                 info = b"\x00".join((session.encode(), low.encode(), high.encode()))
                 shared = self.identity.exchange(peer.box_public)
                 seeds[peer.name] = HKDF(
                     algorithm=hashes.SHA256(), length=32, salt=b"fdrtd pair seed v1", info=info
                 ).derive(shared)
-            else:
-                answer = {"status": 200, "seeds": seeds}
-        except (KeyError, TypeError, ValueError, wire.WireError):
+        except (KeyError, TypeError, ValueError):
+            return {"status": 400, "detail": "malformed seed request"}
+        return {"status": 200, "seeds": seeds}
+
+    async def handle_outgoing(self, msg: Msg) -> None:
+        """``fdrtd.peer.out``: :meth:`outgoing` for microservices in other processes."""
+        try:
+            request = wire.unpackb(msg.data)
+            if not isinstance(request, dict):
+                raise TypeError("not a map")
+            answer = await self.outgoing(request)
+        except (TypeError, wire.WireError) as error:
+            answer = {
+                "status": 400,
+                "detail": f"malformed outgoing peer message: {type(error).__name__}",
+            }
+        if msg.reply:
+            await self.state.bus.nc.publish(msg.reply, wire.packb(answer))
+
+    async def handle_seeds(self, msg: Msg) -> None:
+        """``fdrtd.peer.seeds``: :meth:`seeds` for microservices in other processes."""
+        try:
+            request = wire.unpackb(msg.data)
+            if not isinstance(request, dict):
+                raise TypeError("not a map")
+            answer = self.seeds(request)
+        except (TypeError, wire.WireError):
             answer = {"status": 400, "detail": "malformed seed request"}
         if msg.reply:
             await self.state.bus.nc.publish(msg.reply, wire.packb(answer))
+
+    async def hand_on(self, message: OpenedMessage) -> None:
+        """Give a verified message to its session: here if it runs here, else over NATS."""
+        incoming = Incoming(
+            message.session, message.sender, message.tag, message.seq, message.payload
+        )
+        if self.local is not None and self.local.is_open(message.session):
+            await self.local.route(incoming)
+            return
+        await self.state.bus.nc.publish(
+            f"{PEER_IN_PREFIX}.{message.session}", message.payload, headers=incoming.headers()
+        )
 
 
 async def start(state: State, nats_url: str) -> None:
@@ -190,23 +277,14 @@ async def receive(request: Request) -> Response:
     body = await read_limited(request, limit, "peer message")
     gateway.reload_members()
     try:
-        message = open_envelope(gateway.identity, gateway.members, bytes(body))
+        message = open_envelope(gateway.identity, gateway.members, bytes(body), max_age=MAX_AGE)
     except PeerMessageRejected as error:
         state.audit.write("peer", "peer-message", "", f"rejected {error.reason}")
         return problem(403, "Peer message rejected", str(error))
-    ack = await state.bus.js.publish(
-        f"{PEER_IN_PREFIX}.{message.session}",
-        message.payload,
-        headers={
-            "Nats-Msg-Id": replay_key(message),
-            "fdrtd-from": message.sender,
-            "fdrtd-tag": message.tag,
-            "fdrtd-seq": str(message.seq),
-        },
-    )
-    if ack.duplicate:
+    if not gateway.replays.first_time(message):
         state.audit.write(message.sender, "peer-message", message.session, "rejected replay")
         raise Conflict("this peer message was already received (replay)")
+    await gateway.hand_on(message)
     return JSONResponse({"accepted": True}, status_code=202)
 
 

@@ -67,6 +67,7 @@ from fdrtd_server.bus import (
     parse_handle,
 )
 from fdrtd_server.errors import BadRequest, CohortTooSmall, FdrtdError, NotFound
+from fdrtd_server.peers import PeerInbox
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -411,6 +412,8 @@ async def start_microservices(
     """Start every microservice in ``specs`` as a NATS service on ``bus``."""
     running = RunningMicroservices()
     await bus.enable_set_cache()
+    # listen for peer messages before any session can start, so that none is missed
+    await PeerInbox.of(bus)
     for spec in specs.values():
         service = await add_service(
             bus.nc,

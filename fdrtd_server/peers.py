@@ -2,10 +2,13 @@
 
 A :class:`PeerSession` is what a protocol microservice uses to talk to the
 other parties of one computation. Outgoing messages go to the local peer
-gateway over NATS (``fdrtd.peer.out``); incoming ones are read from the
-JetStream stream where the gateway put them after verification, by one
-:class:`PeerInbox` per process, which holds a message that arrives before this
-party has even joined its session instead of losing it.
+gateway: over NATS (``fdrtd.peer.out``), or by a direct call when the gateway
+runs in the same process (the embedded default; see :class:`GatewayLink`).
+Incoming ones reach the session through one :class:`PeerInbox` per process,
+which the gateway feeds directly when the session is open in its own process
+and otherwise over core NATS (``fdrtd.peer.in.<session>``), and which holds a
+message that arrives before this party has even joined its session instead of
+losing it.
 
 Every wait has a deadline: :meth:`PeerSession.recv` raises
 :class:`~fdrtd_server.errors.PartyTimeout` naming the party that did not
@@ -21,16 +24,15 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Iterable, Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.js import api as js_api
 from nats.js.errors import KeyWrongLastSequenceError
 
 from fdrtd_client import wire
-from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_SEEDS_SUBJECT, PEER_STREAM, Bus
+from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_SEEDS_SUBJECT, Bus
 from fdrtd_server.errors import (
     BadRequest,
     ComputationFailed,
@@ -39,7 +41,7 @@ from fdrtd_server.errors import (
     error_for_status,
 )
 
-__all__ = ["ABORT_TAG", "PeerInbox", "PeerSession", "both"]
+__all__ = ["ABORT_TAG", "GatewayLink", "Incoming", "PeerInbox", "PeerSession", "both"]
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -85,22 +87,70 @@ INBOX_BYTES = 256 * 1024 * 1024
 """At most this many bytes of such messages are kept; the oldest go first."""
 
 
-class PeerInbox:
-    """Routes verified peer messages from JetStream to the open sessions of this process.
+class GatewayLink(Protocol):
+    """The peer gateway as a protocol in the same process calls it, without NATS.
 
-    One ordered consumer per bus connection reads ``fdrtd.peer.in.>`` (from
-    :data:`INBOX_HOLD` seconds before it starts), instead of one consumer per
-    session: a session then opens without a JetStream round trip. Messages
-    for sessions that are not open here yet (a fast party's first message
-    can arrive before this party's own request) are held for
+    Both methods take and return exactly the maps that travel on
+    ``fdrtd.peer.out`` and ``fdrtd.peer.seeds`` (see
+    :class:`fdrtd_server.gateway.Gateway`), so that the two ways are the same
+    protocol; a direct call only saves the two bus hops of each message.
+    """
+
+    async def outgoing(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Seal and deliver one message; ``{"status", "detail"}``."""
+        ...
+
+    def seeds(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The pairwise seeds of a session; ``{"status", "seeds"}``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One verified peer message, as the gateway hands it on."""
+
+    session: str
+    sender: str
+    tag: str
+    seq: int
+    payload: bytes
+
+    @classmethod
+    def from_msg(cls, msg: Msg) -> Incoming:
+        """Rebuild from a ``fdrtd.peer.in.<session>`` message (headers set by the gateway)."""
+        headers = msg.headers or {}
+        seq = headers.get("fdrtd-seq", "")
+        return cls(
+            session=msg.subject[len(PEER_IN_PREFIX) + 1 :],
+            sender=headers.get("fdrtd-from", ""),
+            tag=headers.get("fdrtd-tag", ""),
+            seq=int(seq) if seq.isdigit() else -1,
+            payload=msg.data,
+        )
+
+    def headers(self) -> dict[str, str]:
+        """The NATS headers that carry everything but the payload and session."""
+        return {"fdrtd-from": self.sender, "fdrtd-tag": self.tag, "fdrtd-seq": str(self.seq)}
+
+
+class PeerInbox:
+    """Routes verified peer messages to the open sessions of this process.
+
+    The gateway of the same process calls :meth:`route` itself for a session
+    open here; every other message arrives on core NATS (``fdrtd.peer.in.>``,
+    one plain subscription per process, made when the microservices start).
+    Messages for sessions that are not open here yet (a fast party's first
+    message can arrive before this party's own request) are held for
     :data:`INBOX_HOLD` seconds, or until the memory bound pushes them out.
     """
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.sessions: dict[str, PeerSession] = {}
-        self.held: OrderedDict[int, tuple[float, str, Msg]] = OrderedDict()
+        self.held: OrderedDict[int, tuple[float, Incoming]] = OrderedDict()
         self.held_bytes = 0
+        self.gateway: GatewayLink | None = None
+        """The gateway of this process, if the microservices share its process."""
         self._subscription: Any = None
         self._started = asyncio.Lock()
 
@@ -117,42 +167,41 @@ class PeerInbox:
     async def start(self) -> None:
         """Subscribe once."""
         async with self._started:
-            if self._subscription is not None:
-                return
-            since = datetime.now(UTC) - timedelta(seconds=INBOX_HOLD)
-            self._subscription = await self.bus.js.subscribe(
-                f"{PEER_IN_PREFIX}.>",
-                stream=PEER_STREAM,
-                ordered_consumer=True,
-                deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
-                config=js_api.ConsumerConfig(opt_start_time=since),
-                cb=self._route,
-            )
+            if self._subscription is None:
+                self._subscription = await self.bus.nc.subscribe(
+                    f"{PEER_IN_PREFIX}.>", cb=self._from_bus
+                )
 
-    async def _route(self, msg: Msg) -> None:
-        session_id = msg.subject[len(PEER_IN_PREFIX) + 1 :]
-        session = self.sessions.get(session_id)
+    async def _from_bus(self, msg: Msg) -> None:
+        await self.route(Incoming.from_msg(msg))
+
+    def is_open(self, session_id: str) -> bool:
+        """Whether a session with this id runs in this process now."""
+        return session_id in self.sessions
+
+    async def route(self, message: Incoming) -> None:
+        """Deliver to the open session, or hold the message for a while."""
+        session = self.sessions.get(message.session)
         if session is not None:
-            await session.deliver(msg)
+            await session.deliver(message)
             return
         now = time.monotonic()
-        key = id(msg)
-        self.held[key] = (now, session_id, msg)
-        self.held_bytes += len(msg.data)
+        self.held[id(message)] = (now, message)
+        self.held_bytes += len(message.payload)
         while self.held and (
             self.held_bytes > INBOX_BYTES or next(iter(self.held.values()))[0] < now - INBOX_HOLD
         ):
-            _, (_, _, old) = self.held.popitem(last=False)
-            self.held_bytes -= len(old.data)
+            _, (_, old) = self.held.popitem(last=False)
+            self.held_bytes -= len(old.payload)
 
     async def open(self, session: PeerSession) -> None:
         """Route the session's messages to it, those held so far first."""
         self.sessions[session.id] = session
-        for key, (_, session_id, msg) in list(self.held.items()):
-            if session_id == session.id:
+        for key, (_, message) in list(self.held.items()):
+            if message.session == session.id:
                 del self.held[key]
-                self.held_bytes -= len(msg.data)
-                await session.deliver(msg)
+                self.held_bytes -= len(message.payload)
+                await session.deliver(message)
 
     def close(self, session: PeerSession) -> None:
         """Stop routing to the session."""
@@ -185,6 +234,7 @@ class PeerSession:
         self.timeout = timeout
         self._seq = 0
         self._inbox: dict[tuple[str, str], Any] = {}
+        self._seen: set[tuple[str, int]] = set()
         self._arrived = asyncio.Condition()
         self._router: PeerInbox | None = None
         self._aborted: tuple[str, str, int] | None = None
@@ -229,19 +279,22 @@ class PeerSession:
                 sending.add_done_callback(_consume)
         if self._router is not None:
             self._router.close(self)
-        # the session's messages are masked values: remove them from disk now,
-        # in the background (the stream's max age would remove them within the hour)
-        purge = self.bus.js.purge_stream(PEER_STREAM, subject=f"{PEER_IN_PREFIX}.{self.id}")
-        asyncio.ensure_future(purge).add_done_callback(_consume)
 
-    async def deliver(self, msg: Msg) -> None:
-        """Take one message of this session from the inbox router."""
-        headers = msg.headers or {}
-        sender, tag = headers.get("fdrtd-from", ""), headers.get("fdrtd-tag", "")
+    async def deliver(self, message: Incoming) -> None:
+        """Take one message of this session from the inbox router.
+
+        A message whose (sender, sequence number) this session has already
+        taken is dropped: a replay can never feed a protocol twice, even one
+        that the gateway no longer remembers (after a restart).
+        """
+        sender, tag = message.sender, message.tag
         if sender not in self.parties or sender == self.me:
             return
+        if (sender, message.seq) in self._seen:
+            return
+        self._seen.add((sender, message.seq))
         try:
-            value = wire.unpackb(msg.data)
+            value = wire.unpackb(message.payload)
         except wire.WireError:
             value = {"reason": "a malformed message"}
             tag = ABORT_TAG
@@ -278,22 +331,42 @@ class PeerSession:
             "tag": tag,
             "payload": wire.packb(value),
         }
-        try:
-            reply = await self.bus.nc.request(
-                PEER_OUT_SUBJECT, wire.packb(request), timeout=timeout or self.timeout
-            )
-        except nats.errors.NoRespondersError:
-            raise ComputationFailed("no peer gateway is running on this server") from None
-        except nats.errors.TimeoutError:
-            raise PartyTimeout(
-                f"sending to party '{to}' timed out after {self.timeout:g} s"
-            ) from None
-        answer = wire.unpackb(reply.data)
+        link = self._router.gateway if self._router is not None else None
+        if link is not None:
+            # shielded: a send we stop waiting for finishes (or fails) on its own,
+            # as it would in a gateway behind NATS, and never leaves a half-written
+            # request on a connection the gateway reuses
+            sending = asyncio.ensure_future(link.outgoing(request))
+            sending.add_done_callback(_consume)
+            try:
+                answer = await asyncio.wait_for(asyncio.shield(sending), timeout or self.timeout)
+            except TimeoutError:
+                raise PartyTimeout(
+                    f"sending to party '{to}' timed out after {timeout or self.timeout:g} s"
+                ) from None
+        else:
+            answer = await self._bus_request(PEER_OUT_SUBJECT, request, timeout, to)
         status = int(answer.get("status", 500))
         if status >= 300:
             if status in (503, 504):
                 raise PartyTimeout(str(answer.get("detail", "")))
             raise error_for_status(status if status < 500 else 422, str(answer.get("detail", "")))
+
+    async def _bus_request(
+        self, subject: str, request: dict[str, Any], timeout: float | None, to: str | None
+    ) -> dict[str, Any]:
+        """One request to the gateway over NATS (when it runs in another process)."""
+        try:
+            reply = await self.bus.nc.request(
+                subject, wire.packb(request), timeout=timeout or self.timeout
+            )
+        except nats.errors.NoRespondersError:
+            raise ComputationFailed("no peer gateway is running on this server") from None
+        except nats.errors.TimeoutError:
+            what = f"sending to party '{to}'" if to else "asking the peer gateway"
+            raise PartyTimeout(f"{what} timed out after {timeout or self.timeout:g} s") from None
+        answer: dict[str, Any] = wire.unpackb(reply.data)
+        return answer
 
     async def pair_seeds(self) -> dict[str, bytes]:
         """32-byte seeds shared with each other party, from key agreement (no message).
@@ -302,15 +375,11 @@ class PeerSession:
         peer's, bound to this session id (see ``Gateway.handle_seeds``).
         """
         request = {"session": self.id, "parties": self.others}
-        try:
-            reply = await self.bus.nc.request(
-                PEER_SEEDS_SUBJECT, wire.packb(request), timeout=self.timeout
-            )
-        except nats.errors.NoRespondersError:
-            raise ComputationFailed("no peer gateway is running on this server") from None
-        except nats.errors.TimeoutError:
-            raise PartyTimeout("the peer gateway did not answer in time") from None
-        answer = wire.unpackb(reply.data)
+        link = self._router.gateway if self._router is not None else None
+        if link is not None:
+            answer = link.seeds(request)
+        else:
+            answer = await self._bus_request(PEER_SEEDS_SUBJECT, request, None, None)
         if answer.get("status") != 200:
             raise ComputationFailed(
                 str(answer.get("detail", "the gateway refused to derive seeds"))

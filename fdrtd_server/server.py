@@ -27,6 +27,7 @@ from fdrtd_server.microservice import (
     discover,
     start_microservices,
 )
+from fdrtd_server.peers import PeerInbox
 
 __all__ = ["environment", "run_worker", "serve"]
 
@@ -84,6 +85,10 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> None:
                 services["running"] = await start_microservices(bus, environment(settings), specs)
                 state.extra["microservice_bus"] = bus
             await gateway.start(state, nats_url)
+            if local_microservices:
+                # protocols in this process reach the gateway directly, and it them
+                inbox = await PeerInbox.of(state.extra["microservice_bus"])
+                await state.extra["gateway"].attach(inbox)
 
         async def on_stop(state: State) -> None:
             await gateway.stop(state)
