@@ -78,9 +78,33 @@ def _array_from_parts(dtype_text: Any, shape: Any, raw: Any) -> np.ndarray[Any, 
     return array
 
 
+def _bin_header(size: int) -> bytes:
+    if size < 1 << 8:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 1 << 16:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
+def _array_ext(array: np.ndarray[Any, Any]) -> msgpack.ExtType:
+    """The extension for ``array``: msgpack ``[dtype, shape, bin]``, with one copy of the data.
+
+    Built by hand rather than with ``msgpack.packb(_array_to_parts(...))``,
+    which copies the array's bytes three times (``tobytes``, the packer's
+    buffer, its result): an 8 MB array then took 16 ms to pack instead of 5.
+    """
+    if array.dtype.kind not in _ALLOWED_KINDS:
+        raise WireError("only boolean, integer and float arrays can be sent")
+    # np.require, not np.ascontiguousarray: the latter turns a 0-d array into 1-d
+    little = np.require(array.astype(array.dtype.newbyteorder("<"), copy=False), requirements="C")
+    raw = little.data.cast("B") if little.size else memoryview(b"")
+    head = b"\x93" + msgpack.packb(little.dtype.str) + msgpack.packb(list(little.shape))
+    return msgpack.ExtType(NDARRAY_EXT, b"".join((head, _bin_header(raw.nbytes), raw)))
+
+
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        return msgpack.ExtType(NDARRAY_EXT, msgpack.packb(_array_to_parts(obj)))
+        return _array_ext(obj)
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, tuple | set | frozenset):

@@ -148,9 +148,7 @@ class SmpcSession:
     async def sum_ring(self, x: npt.ArrayLike) -> U64:
         """Secure sum of uint64 ring elements (any shape, same on every party)."""
         tag = self._next(Stage.SUM)
-        values = np.array(
-            x, dtype=np.uint64
-        )  # a copy; keeps 0-d shapes (ascontiguousarray would not)
+        values = np.asarray(x, dtype=np.uint64)  # keeps 0-d shapes; masked() copies
         y = self.masked(tag, values).reshape(-1)
         total = y.copy()
         pieces = max(1, -(-y.size // CHUNK))
@@ -182,12 +180,14 @@ class SmpcSession:
                 first = parts[0] if isinstance(parts[0], dict) else {}
                 self._store_public({party: first.get("public")})
                 parts[0] = first.get("v")
-            if not all(isinstance(part, np.ndarray) for part in parts):
+            sizes = [min(CHUNK, y.size - k * CHUNK) for k in range(pieces)]
+            if not all(
+                isinstance(part, np.ndarray) and part.dtype == np.uint64 and part.size == size
+                for part, size in zip(parts, sizes, strict=True)
+            ):
                 raise ComputationFailed(f"party '{party}' sent a malformed masked vector")
-            theirs = np.concatenate(parts) if pieces > 1 else np.asarray(parts[0])
-            if theirs.dtype != np.uint64 or theirs.size != y.size:
-                raise ComputationFailed(f"party '{party}' sent a masked vector of the wrong size")
-            total += theirs
+            for k, part in enumerate(parts):
+                total[k * CHUNK : k * CHUNK + part.size] += part.reshape(-1)
         return total.reshape(values.shape)
 
     async def sum_fixed(

@@ -233,20 +233,23 @@ def encode_fixed(x: npt.ArrayLike, *, frac_bits: int = DEFAULT_FRAC_BITS, partie
     _check_parties(parties)
     _check_frac_bits(frac_bits, RING_BITS)
     values = np.asarray(x, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-        raise ValueError(
-            "cannot encode NaN or infinity as fixed point; remove or impute missing values first"
-        )
     with np.errstate(over="ignore"):  # a scaled value of inf fails the range check below
-        scaled = np.rint(np.ldexp(values, frac_bits))
-    # 2^63 is exact in float64; below it the cast to int64 is exact as well.
-    if np.any(np.abs(scaled) >= 2.0**63):
+        scaled = np.ldexp(values, frac_bits, out=np.empty_like(values))  # an array, even 0-d
+    np.rint(scaled, out=scaled)
+    # one pass for both checks: the largest magnitude is NaN or inf if any value is
+    peak = float(np.max(np.abs(scaled))) if scaled.size else 0.0
+    if not math.isfinite(peak):
+        if not np.all(np.isfinite(values)):
+            raise ValueError(
+                "cannot encode NaN or infinity as fixed point; remove or impute missing "
+                "values first"
+            )
         raise _overflow(parties, frac_bits, RING_BITS)
-    integers = scaled.astype(np.int64)
-    limit = _max_magnitude(parties, RING_BITS)
-    if np.any(integers > limit) or np.any(integers < -limit):
+    # ``peak`` is an integer-valued float; Python compares it with the int exactly,
+    # and below 2^63 the cast to int64 is exact as well
+    if peak > _max_magnitude(parties, RING_BITS):
         raise _overflow(parties, frac_bits, RING_BITS)
-    return np.asarray(integers.view(np.uint64))
+    return np.asarray(scaled.astype(np.int64).view(np.uint64))
 
 
 def decode_fixed(v: npt.ArrayLike, *, frac_bits: int = DEFAULT_FRAC_BITS) -> F64Array:
@@ -338,7 +341,7 @@ def random_seed() -> bytes:
     return secrets.token_bytes(SEED_BYTES)
 
 
-def _keystream(seed: bytes, info: bytes, nbytes: int) -> bytes:
+def _keystream(seed: bytes, info: bytes, nbytes: int) -> memoryview:
     if len(seed) < _MIN_SEED_BYTES:
         raise ValueError(f"`seed` must be at least {_MIN_SEED_BYTES} bytes long")
     if nbytes < 0:
@@ -347,7 +350,13 @@ def _keystream(seed: bytes, info: bytes, nbytes: int) -> bytes:
     # The key is unique per (seed, label), so a fixed all-zero counter block
     # never repeats a (key, nonce) pair.
     encryptor = Cipher(algorithms.AES256(key), modes.CTR(bytes(16))).encryptor()
-    return encryptor.update(bytes(nbytes)) + encryptor.finalize()
+    # encrypt zeros straight into one buffer: ``np.zeros`` maps zero pages lazily,
+    # and ``update_into`` saves the copies of ``update(...) + finalize()``
+    # (``update_into`` wants 15 spare bytes, a block less one)
+    out = bytearray(nbytes + 15)
+    encryptor.update_into(np.zeros(nbytes, dtype=np.uint8).data, out)
+    encryptor.finalize()
+    return memoryview(out)[:nbytes]
 
 
 def prg_uint64(seed: bytes, label: bytes, count: int) -> U64Array:
@@ -371,7 +380,10 @@ def prg_uint64(seed: bytes, label: bytes, count: int) -> U64Array:
         ValueError: If the seed is shorter than 16 bytes or ``count < 0``.
     """
     stream = _keystream(seed, _PRG64_INFO + label, 8 * count)
-    return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
+    # a writable view of the fresh buffer, no copy (uint64 is "<u8" on every platform
+    # numpy supports here; a big-endian one would need the byte swap below)
+    words = np.frombuffer(stream, dtype="<u8")
+    return words if words.dtype == np.uint64 else words.astype(np.uint64)
 
 
 def split(x: npt.ArrayLike, n: int) -> list[U64Array]:
