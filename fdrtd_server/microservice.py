@@ -42,6 +42,7 @@ that is written to the server log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import logging
 import re
@@ -295,6 +296,20 @@ def discover(allowed: Iterable[str] = ()) -> dict[str, Microservice]:
     return found
 
 
+MAX_START_WAIT = 60.0
+"""Longest a start request may be held for its job to end (the controller's ``MAX_WAIT``)."""
+
+
+def _start_wait(message: Mapping[str, Any]) -> float:
+    """Seconds the start request may be held (``wait`` in the bus request; 0 if absent)."""
+    wait = message.get("wait", 0)
+    if isinstance(wait, bool) or not isinstance(wait, int | float):
+        raise BadRequest("'wait' in a bus request must be a number of seconds")
+    if not 0 <= wait <= MAX_START_WAIT:
+        raise BadRequest(f"'wait' must be between 0 and {MAX_START_WAIT:g} seconds")
+    return float(wait)
+
+
 def _sanitise(error: BaseException) -> tuple[str, str]:
     """Turn any error into (status code, message) that is safe to send."""
     if isinstance(error, BaseExceptionGroup):
@@ -324,21 +339,38 @@ class _Runner:
     def handler(self, function: str) -> Callable[[Request], Awaitable[None]]:
         async def handle(request: Request) -> None:
             try:
-                reply = await self._dispatch(function, request.data)
+                message = wire.unpackb(request.data)
+                if not isinstance(message, dict) or not isinstance(message.get("inputs"), dict):
+                    raise BadRequest("bus request must be a map with an 'inputs' map")
+                if _start_wait(message) > 0:
+                    # held until the job ends or the wait is over: answered from a task
+                    # of its own, since NATS hands an endpoint its requests one by one
+                    answering = asyncio.create_task(self._answer(function, message, request))
+                    self.tasks.add(answering)
+                    answering.add_done_callback(self.tasks.discard)
+                    return
             except BaseException as error:
                 if isinstance(error, asyncio.CancelledError):
                     raise
-                code, message = _sanitise(error)
-                await request.respond_error(code, message)
+                code, text = _sanitise(error)
+                await request.respond_error(code, text)
                 return
-            await request.respond(wire.packb(reply))
+            await self._answer(function, message, request)
 
         return handle
 
-    async def _dispatch(self, function: str, data: bytes) -> Any:
-        message = wire.unpackb(data)
-        if not isinstance(message, dict) or not isinstance(message.get("inputs"), dict):
-            raise BadRequest("bus request must be a map with an 'inputs' map")
+    async def _answer(self, function: str, message: dict[str, Any], request: Request) -> None:
+        try:
+            reply = await self._dispatch(function, message)
+        except BaseException as error:
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            code, text = _sanitise(error)
+            await request.respond_error(code, text)
+            return
+        await request.respond(wire.packb(reply))
+
+    async def _dispatch(self, function: str, message: dict[str, Any]) -> Any:
         principal, role = str(message.get("principal", "")), str(message.get("role", ""))
         session = message.get("session")
         if function in self.spec.calls:
@@ -350,16 +382,40 @@ class _Runner:
             ctx = CallContext(self.bus, self.env, principal, role, session)
             return await self.spec.calls[function](ctx, message["inputs"])
         handle = parse_handle(message.get("result"), "result", "result")
-        # the job starts at once, so it is recorded as running straight away
         record = JobRecord(principal, self.spec.name, function, "running", created=now_iso())
-        await self.bus.put_job(handle, record)
         job = JobContext(self.bus, self.env, principal, role, session, handle, record)
-        task = asyncio.create_task(self._run(job, self.spec.jobs[function], message["inputs"]))
+        computed = asyncio.Event()
+        recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            self._run(job, self.spec.jobs[function], message["inputs"], computed, recorded)
+        )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return {"result": handle, "status": record.status}
+        wait = _start_wait(message)
+        if wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(computed.wait(), wait)
+        if computed.is_set():
+            # finished within the wait: one record, the final one, and it goes back
+            # with the answer, so that the controller need not read it again
+            await self.bus.put_job(handle, record)
+            recorded.set_result(True)
+            return {"result": handle, "status": record.status, "record": record.to_dict()}
+        # the job runs on: record it as running now, and the task records the end
+        # after this (so that the running record can never overwrite the final one)
+        await self.bus.put_job(handle, record)
+        recorded.set_result(False)
+        return {"result": handle, "status": "running"}
 
-    async def _run(self, ctx: JobContext, function: JobFunction, inputs: dict[str, Any]) -> None:
+    async def _run(
+        self,
+        ctx: JobContext,
+        function: JobFunction,
+        inputs: dict[str, Any],
+        computed: asyncio.Event,
+        recorded: asyncio.Future[bool],
+    ) -> None:
+        """Compute, then write the final record unless the start request's answer did."""
         assert ctx.record is not None
         try:
             result = await function(ctx, inputs)
@@ -377,7 +433,13 @@ class _Runner:
             )
         else:
             ctx.record.status, ctx.record.progress, ctx.record.result = "done", 1.0, result
-        await self.bus.put_job(ctx.handle, ctx.record)
+        computed.set()
+        try:
+            written = await asyncio.shield(recorded)
+        except asyncio.CancelledError:
+            written = False  # stopping: record the end now, whoever else may
+        if not written:
+            await asyncio.shield(self.bus.put_job(ctx.handle, ctx.record))
 
     async def stop(self) -> None:
         for task in list(self.tasks):
