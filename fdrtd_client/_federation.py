@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import secrets
+import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from typing import Any
 
 import numpy as np
 
-from fdrtd_client._client import Client, Handle, Job
+from fdrtd_client._client import Client, Handle, Job, _draw
 from fdrtd_client.errors import FdrtdClientError
 
 __all__ = ["FederatedJob", "Federation", "combine_aggregates"]
@@ -47,11 +50,22 @@ def combine_aggregates(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 class FederatedJob:
-    """The same computation running on several servers (one session)."""
+    """The same computation running on several servers (one session).
 
-    def __init__(self, jobs: Sequence[Job], session: str) -> None:
+    Attributes:
+        jobs: One :class:`Job` per server, in the federation's server order.
+        session: The session id the servers share.
+    """
+
+    def __init__(
+        self, jobs: Sequence[Job], session: str, *, federation: Federation | None = None
+    ) -> None:
         self.jobs = list(jobs)
         self.session = session
+        self._federation = federation
+
+    def __repr__(self) -> str:
+        return f"FederatedJob({self.session!r}, {len(self.jobs)} servers)"
 
     def results(self, timeout: float = 60.0, *, progress: bool | None = None) -> list[Any]:
         """Each server's result, in server order.
@@ -59,17 +73,10 @@ class FederatedJob:
         Raises:
             ServerError: The first error any server reports, as soon as it does
                 (the other servers' jobs are not waited for).
+            ResultTimeout: If a server's job is not finished within ``timeout``.
         """
-        pool = ThreadPoolExecutor(max_workers=len(self.jobs))
-        try:
-            futures = [pool.submit(job.result, timeout, progress=False) for job in self.jobs[1:]]
-            first = pool.submit(self.jobs[0].result, timeout, progress=progress)
-            ordered = [first, *futures]
-            for future in as_completed(ordered):
-                future.result()  # raises at once if this server's job failed
-            return [future.result() for future in ordered]
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+        views = self._finish(timeout, progress, [True] * len(self.jobs))
+        return [job._outcome(view, True) for job, view in zip(self.jobs, views, strict=True)]
 
     def result(self, timeout: float = 60.0, *, progress: bool | None = None) -> Any:
         """The joint result: the first server's value, once every server has succeeded.
@@ -79,23 +86,77 @@ class FederatedJob:
 
         Raises:
             ServerError: The first error any server reports, as soon as it does.
+            ResultTimeout: If a server's job is not finished within ``timeout``.
         """
-        pool = ThreadPoolExecutor(max_workers=len(self.jobs))
-        try:
-            first = pool.submit(self.jobs[0].result, timeout, progress=progress)
-            others = [
-                pool.submit(job.result, timeout, progress=False, value=False)
-                for job in self.jobs[1:]
-            ]
-            for future in as_completed([first, *others]):
-                future.result()  # raises at once if this server's job failed
-            return first.result()
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+        wanted = [True] + [False] * (len(self.jobs) - 1)
+        return self.jobs[0]._outcome(self._finish(timeout, progress, wanted)[0], True)
+
+    def _finish(
+        self, timeout: float, progress: bool | None, wanted: list[bool]
+    ) -> list[dict[str, Any]]:
+        """Every job's final view (with its value where ``wanted``), or the first error raised.
+
+        Views already received are used as they are; only the jobs not known
+        to be finished are polled, concurrently.
+        """
+        show = sys.stderr.isatty() if progress is None else progress
+        deadline = time.monotonic() + timeout
+        known = [job._cached(value) for job, value in zip(self.jobs, wanted, strict=True)]
+        self._raise_first_failure(known)
+        pending = [index for index, view in enumerate(known) if view is None]
+        if show and known[0] is not None:
+            _draw(known[0], final=True)
+        if len(pending) == 1:
+            # one job left to wait for: poll it here, no thread needed
+            index = pending[0]
+            known[index] = self.jobs[index]._wait(
+                timeout, value=wanted[index], show=show and index == 0
+            )
+            self._raise_first_failure(known)
+        elif pending:
+            stop = threading.Event()
+            # a FederatedJob made by hand has no federation: it uses a pool of its own
+            own = None if self._federation is not None else ThreadPoolExecutor(len(pending))
+            pool = self._federation._executor() if self._federation is not None else own
+            assert pool is not None
+            try:
+                futures = {
+                    pool.submit(
+                        self.jobs[index]._wait,
+                        max(0.0, deadline - time.monotonic()),
+                        value=wanted[index],
+                        show=show and index == 0,
+                        stop=stop,
+                    ): index
+                    for index in pending
+                }
+                for future in as_completed(futures):
+                    known[futures[future]] = future.result()
+                    self._raise_first_failure(known)  # at once if this server's job failed
+            finally:
+                stop.set()  # polls still running end at their next turn
+                if own is not None:
+                    own.shutdown(wait=False, cancel_futures=True)
+        return [view for view in known if view is not None]
+
+    def _raise_first_failure(self, views: Sequence[dict[str, Any] | None]) -> None:
+        """Raise the error of the failed job whose end was learnt first, if any."""
+        failed = [
+            (self.jobs[index]._final_at, index, view)
+            for index, view in enumerate(views)
+            if view is not None and view["status"] == "failed"
+        ]
+        if failed:
+            _, index, view = min(failed, key=lambda entry: entry[:2])
+            self.jobs[index]._outcome(view, False)
 
 
 class Federation:
     """Several servers, one analyst, one token per server.
+
+    A federation keeps a small thread pool (made when first needed) to talk to
+    its servers concurrently; :meth:`close` ends it and the clients'
+    connections, as does leaving a ``with`` block.
 
     Args:
         clients: One :class:`Client` per server, keyed by the server's name in
@@ -106,19 +167,64 @@ class Federation:
         if len(clients) < 2:
             raise FdrtdClientError("a federation needs at least two servers")
         self.clients = dict(clients)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Federation({', '.join(self.clients)})"
 
     @property
     def parties(self) -> list[str]:
         """The server names, in the order the protocols use."""
         return list(self.clients)
 
+    def close(self) -> None:
+        """End the thread pool and close every client's HTTP connections.
+
+        The federation stays usable: a later call makes a new pool and new
+        connections.
+        """
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        for client in self.clients.values():
+            client.close()
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """The federation's thread pool, made on first use."""
+        with self._lock:
+            if self._pool is None:
+                # twice the servers: polls given up after an error (which end at
+                # their next turn) never hold up the next call's requests
+                self._pool = ThreadPoolExecutor(
+                    max_workers=2 * len(self.clients), thread_name_prefix="fdrtd-federation"
+                )
+            return self._pool
+
     def _each(self, calls: Mapping[str, Any], function: Any) -> dict[str, Any]:
-        with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-            futures = {
-                name: pool.submit(function, self.clients[name], value)
-                for name, value in calls.items()
-            }
-            return {name: future.result() for name, future in futures.items()}
+        """``function(client, argument)`` for each server named in ``calls``, concurrently.
+
+        Every call ends before this returns; then the first error in server
+        order is raised.
+        """
+        (name, argument), *rest = calls.items()
+        futures = {
+            other: self._executor().submit(function, self.clients[other], value)
+            for other, value in rest
+        }
+        try:
+            # the first call runs in this thread, which would only wait otherwise
+            first = function(self.clients[name], argument)
+        finally:
+            wait(futures.values())
+        return {name: first, **{other: future.result() for other, future in futures.items()}}
 
     def upload(self, datasets: Mapping[str, Any]) -> dict[str, Handle]:
         """Upload each party's dataset to its own server; returns the handles."""
@@ -160,21 +266,39 @@ class Federation:
     ) -> FederatedJob:
         """Start one multi-party computation on every server.
 
+        All servers are asked at once, each holding the request up to its
+        client's ``start_wait``: a fast computation has ended by the time this
+        returns, and :meth:`FederatedJob.result` needs no further request. Only
+        the first server sends the value; the others say whether they succeeded.
+
         Args:
             microservice: E.g. ``"smpc"``.
             function: E.g. ``"secure_sum"``.
             inputs: Each server's own inputs (its data handle...), by server name.
             session: The session id; a fresh random one by default.
             **common: Inputs shared by every server.
+
+        Raises:
+            ServerError: If a server refuses to start the computation.
         """
         missing = set(self.clients) - set(inputs)
         if missing:
             raise FdrtdClientError(f"no inputs for server(s): {', '.join(sorted(missing))}")
         session_id = session or secrets.token_hex(16)
         spec = {"id": session_id, "parties": self.parties}
+        first = self.parties[0]
 
-        def start(client: Client, own: Mapping[str, Any]) -> Job:
-            return client.compute(microservice, function, session=spec, **{**common, **own})
+        def start(client: Client, call: tuple[bool, Mapping[str, Any]]) -> Job:
+            with_value, own = call
+            return client._start(
+                microservice,
+                function,
+                spec,
+                {**common, **own},
+                wait=client.start_wait,
+                value=with_value,
+            )
 
-        jobs = self._each(inputs, start)
-        return FederatedJob([jobs[name] for name in self.parties], session_id)
+        calls = {name: (name == first, inputs[name]) for name in self.parties}
+        jobs = self._each(calls, start)
+        return FederatedJob([jobs[name] for name in self.parties], session_id, federation=self)

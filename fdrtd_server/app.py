@@ -194,13 +194,14 @@ async def call_service(
     inputs: dict[str, Any],
     *,
     principal: Principal | None = None,
+    bus_timeout: float = BUS_TIMEOUT,
     **extra: Any,
 ) -> Any:
     """Call ``fdrtd.svc.<microservice>.<function>`` for ``principal`` (authenticated if None)."""
     principal = principal or authenticate(request)
     message = {"principal": principal.name, "role": principal.role, "inputs": inputs, **extra}
     return await bus_request(
-        _state(request).bus, f"{SERVICE_PREFIX}.{microservice}.{function}", message
+        _state(request).bus, f"{SERVICE_PREFIX}.{microservice}.{function}", message, bus_timeout
     )
 
 
@@ -304,10 +305,43 @@ def _check_session(session: Any) -> dict[str, Any] | None:
     }
 
 
+def _wait_and_value(request: Request) -> tuple[float, bool]:
+    """The ``wait`` (seconds, 0 to MAX_WAIT) and ``value`` (boolean) query parameters.
+
+    Shared by ``POST /v1/compute`` and ``GET /v1/results/{handle}``.
+
+    Raises:
+        BadRequest: If either is malformed or out of range.
+    """
+    try:
+        wait = float(request.query_params.get("wait", "0"))
+    except ValueError:
+        raise BadRequest("'wait' must be a number of seconds") from None
+    if not 0 <= wait <= MAX_WAIT:  # also refuses nan and inf
+        raise BadRequest(f"'wait' must be between 0 and {MAX_WAIT:g} seconds")
+    with_value = request.query_params.get("value", "true").lower()
+    if with_value not in ("true", "false", "1", "0"):
+        raise BadRequest("'value' must be true or false")
+    return wait, with_value in ("true", "1")
+
+
 async def compute(request: Request) -> Response:
-    """Start a computation; answer its result handle at once (202)."""
+    """Start a computation; answer its result handle (202), or its end (200).
+
+    ``?wait=s`` holds the request up to ``s`` seconds for the job to end: a
+    job that finished (done or failed) by then is answered 200 with the view
+    ``GET /v1/results/{handle}`` gives (its value left out with
+    ``&value=false``), so that a fast computation costs one request.
+    Otherwise, and with the default ``wait=0``, the answer is 202 ``{result,
+    status}``. Both parameters are checked before anything starts.
+
+    The microservice itself holds its answer (the bus request's ``wait``) and
+    sends the final record along, having written it once: no "running" record,
+    no watch on the jobs bucket and no second read for a fast job.
+    """
     principal = authenticate(request)
     state = _state(request)
+    wait, with_value = _wait_and_value(request)
     body = await read_body(request)
     if not isinstance(body, dict):
         raise BadRequest("body must be a map with 'microservice', 'function' and 'inputs'")
@@ -335,6 +369,8 @@ async def compute(request: Request) -> Response:
             principal=principal,
             result=handle,
             session=session,
+            bus_timeout=BUS_TIMEOUT + wait,
+            **({"wait": wait} if wait > 0 else {}),
         )
     except FdrtdError as error:
         state.audit.write(
@@ -346,6 +382,11 @@ async def compute(request: Request) -> Response:
     )
     if not isinstance(answer, dict) or answer.get("result") != handle:
         raise BadRequest(f"'{microservice}.{function}' is not a computation; it cannot be started")
+    final = answer.get("record")
+    if isinstance(final, dict):
+        record = JobRecord.from_dict(final)
+        if record.finished:
+            return respond(request, await _view(state, handle, record, with_value))
     return respond(request, {"result": handle, "status": answer.get("status", "queued")}, 202)
 
 
@@ -391,16 +432,8 @@ async def _job_view(
 async def get_result(request: Request) -> Response:
     """A computation's status and, once done, its value; ``?wait=s`` long-polls."""
     state, handle, _ = await _owned_job(request)
-    try:
-        wait = float(request.query_params.get("wait", "0"))
-    except ValueError:
-        raise BadRequest("'wait' must be a number of seconds") from None
-    if not 0 <= wait <= MAX_WAIT:
-        raise BadRequest(f"'wait' must be between 0 and {MAX_WAIT:g} seconds")
-    with_value = request.query_params.get("value", "true").lower()
-    if with_value not in ("true", "false", "1", "0"):
-        raise BadRequest("'value' must be true or false")
-    view = await _job_view(state, handle, wait, with_value in ("true", "1"))
+    wait, with_value = _wait_and_value(request)
+    view = await _job_view(state, handle, wait, with_value)
     return respond(request, view)
 
 

@@ -82,6 +82,8 @@ JOBS_BUCKET = "fdrtd_jobs"
 RESULTS_BUCKET = "fdrtd_results"
 OBJECT_CACHE_BYTES = 256 * 1024 * 1024
 OBJECT_CACHE_ITEM = 16 * 1024 * 1024
+REREAD = 0.5
+"""Seconds a long poll waits for an update before it reads the job record again."""
 INLINE_RESULT_LIMIT = 16 * 1024 * 1024
 """Results up to this size live in the job's key-value entry (one fast read); larger
 ones go to the results object store. An external NATS needs ``max_payload`` above it."""
@@ -402,9 +404,17 @@ class Bus:
                 if remaining <= 0:
                     return
                 try:
-                    msg = await updates.next_msg(timeout=remaining)
+                    msg = await updates.next_msg(timeout=min(remaining, REREAD))
                 except nats.errors.TimeoutError:
-                    return
+                    # an update may have passed before we subscribed (see wait_job)
+                    again = await self.get_job(handle)
+                    if again is None:
+                        return
+                    seen = (record.status, record.progress, record.updated)
+                    if (again[0].status, again[0].progress, again[0].updated) != seen:
+                        record = again[0]
+                        yield record
+                    continue
                 if msg.data:
                     record = JobRecord.from_dict(wire.unpackb(msg.data))
                     yield record
@@ -415,8 +425,12 @@ class Bus:
         """Return the job record once finished, or as it is after ``timeout``.
 
         Listens on the bucket's own subject (``$KV.fdrtd_jobs.<handle>``) with
-        a plain subscription, made before the first read so that no update
-        can slip between the two: far cheaper than a JetStream watcher.
+        a plain subscription, made before the first read: far cheaper than a
+        JetStream watcher. NATS hands a put to plain subscribers before
+        JetStream has stored it, so an update can pass just before the
+        subscription exists while the first read still finds the old record;
+        the record is therefore read again whenever :data:`REREAD` seconds
+        pass without an update.
         """
         if timeout <= 0:
             current = await self.get_job(handle)
@@ -433,9 +447,13 @@ class Bus:
                 if remaining <= 0:
                     break
                 try:
-                    msg = await updates.next_msg(timeout=remaining)
+                    msg = await updates.next_msg(timeout=min(remaining, REREAD))
                 except nats.errors.TimeoutError:
-                    break
+                    again = await self.get_job(handle)
+                    if again is None:
+                        break
+                    record = again[0]
+                    continue
                 if msg.data:
                     record = JobRecord.from_dict(wire.unpackb(msg.data))
             return record

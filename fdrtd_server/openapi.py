@@ -25,6 +25,20 @@ _ERRORS = {
     )
 }
 _HANDLE = {"name": "handle", "in": "path", "required": True, "schema": {"type": "string"}}
+_WAIT_VALUE = [
+    {
+        "name": "wait",
+        "in": "query",
+        "description": "seconds (0 to 60, app.MAX_WAIT) to hold the request until the job ends",
+        "schema": {"type": "number", "minimum": 0, "maximum": 60, "default": 0},
+    },
+    {
+        "name": "value",
+        "in": "query",
+        "description": "include a finished job's value ('false' for only its state)",
+        "schema": {"type": "boolean", "default": True},
+    },
+]
 _BODY = {
     "required": True,
     "content": {
@@ -89,17 +103,23 @@ def document(settings: Settings) -> dict[str, Any]:
             },
             "/v1/compute": {
                 "post": _op(
-                    "Start a computation; returns a result handle", "202", requestBody=_BODY
+                    "Start a computation; returns a result handle (202), or with ?wait=seconds "
+                    "the finished job's status and value (200) if it ends within that time",
+                    "202",
+                    requestBody=_BODY,
+                    parameters=_WAIT_VALUE,
+                    responses={
+                        "200": {"description": "finished within 'wait': the result's view"},
+                        "202": {"description": "started: {result, status}"},
+                        **_ERRORS,
+                    },
                 )
             },
             "/v1/results/{handle}": {
                 "parameters": [_HANDLE],
                 "get": _op(
                     "Status, progress and (when done) the value; long-poll with ?wait=seconds",
-                    parameters=[
-                        {"name": "wait", "in": "query", "schema": {"type": "number"}},
-                        {"name": "value", "in": "query", "schema": {"type": "boolean"}},
-                    ],
+                    parameters=_WAIT_VALUE,
                 ),
                 "delete": _op("Release a result"),
             },
