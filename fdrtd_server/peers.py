@@ -237,11 +237,10 @@ class PeerSession:
         self._seen: set[tuple[str, int]] = set()
         self._arrived = asyncio.Condition()
         self._router: PeerInbox | None = None
+        self._registered: asyncio.Future[None] | None = None
         self._aborted: tuple[str, str, int] | None = None
 
-    async def __aenter__(self) -> PeerSession:
-        # A session id is used once per server: masks are derived from it, so a
-        # reused id would reuse masks.
+    async def _register(self) -> None:
         try:
             await self.bus.sessions.create(self.id, wire.packb({"parties": self.parties}))
         except KeyWrongLastSequenceError:
@@ -249,6 +248,13 @@ class PeerSession:
                 f"session '{self.id}' was already used on this server; "
                 "start every computation with a new session id"
             ) from None
+
+    async def __aenter__(self) -> PeerSession:
+        # A session id is used once per server: masks are derived from it, so a
+        # reused id would reuse masks. The id is recorded while the protocol
+        # loads its data and derives its seeds; nothing is sent before the record
+        # is made (see send), so a reused id can never put a masked value on the wire.
+        self._registered = asyncio.ensure_future(self._register())
         self._router = await PeerInbox.of(self.bus)
         await self._router.open(self)
         return self
@@ -256,6 +262,17 @@ class PeerSession:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
+        refused = None
+        if self._registered is not None:
+            await asyncio.wait([self._registered])
+            if not self._registered.cancelled():
+                refused = self._registered.exception()
+        if refused is not None:
+            # a reused session id: nothing was sent, and whatever happened since
+            # is explained by the refusal, which is what every party reports
+            if self._router is not None:
+                self._router.close(self)
+            raise refused from None
         # an error every party reaches by itself from the same public data
         # (a disagreement, a cohort too small) needs no abort message
         collective = getattr(exc, "collective", False)
@@ -323,6 +340,8 @@ class PeerSession:
             ComputationFailed: If the gateway or the receiving server refuses it.
             PartyTimeout: If the gateway does not answer in time.
         """
+        if self._registered is not None:
+            await self._registered  # the session id is recorded as used before anything leaves
         self._seq += 1
         request = {
             "to": to,
