@@ -286,9 +286,9 @@ def test_five_parties_numbers(quintet: LocalFederation) -> None:
 def test_invalid_points_from_a_peer_are_rejected() -> None:
     scalar = curve.random_scalar()
     good = curve.hash_and_blind([curve.encode_item(f"x{i}") for i in range(3)], scalar, b"t")
-    twist = (2).to_bytes(32, "little")  # u = 2 lies on the twist, not on Curve25519
+    non_canonical = (2**255 - 19 + 9).to_bytes(32, "little")  # u = 9 spelt u + p
     small = bytes(32)  # u = 0, a point of order 2
-    for bad in (twist, small, b"\xff" * 32):
+    for bad in (non_canonical, small, b"\xff" * 32):
         message = {"points": b"".join([good[0], bad, good[2]])}
         points = service.parse_points(message, 3, "beta")
         with pytest.raises(ComputationFailed, match="party 'beta' sent invalid data") as error:
