@@ -296,6 +296,7 @@ def discover(allowed: Iterable[str] = ()) -> dict[str, Microservice]:
     return found
 
 
+STOPPED = "the server stopped before the computation finished; run it again"
 MAX_START_WAIT = 60.0
 """Longest a start request may be held for its job to end (the controller's ``MAX_WAIT``)."""
 
@@ -364,6 +365,10 @@ class _Runner:
             reply = await self._dispatch(function, message)
         except BaseException as error:
             if isinstance(error, asyncio.CancelledError):
+                # stopping while the answer is held: say so now rather than let
+                # the controller wait out its bus timeout
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(request.respond_error("503", STOPPED))
                 raise
             code, text = _sanitise(error)
             await request.respond_error(code, text)
@@ -421,7 +426,7 @@ class _Runner:
             result = await function(ctx, inputs)
         except asyncio.CancelledError:
             ctx.record.status, ctx.record.error_status = "failed", 503
-            ctx.record.error = "the server stopped before the computation finished; run it again"
+            ctx.record.error = STOPPED
             await asyncio.shield(self.bus.put_job(ctx.handle, ctx.record))
             raise
         except BaseException as error:

@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -391,6 +392,41 @@ def test_controller_restart_keeps_handles_while_workers_run(
         for e in instances(url, "STATS", "fdrtd-map", 1)[0]["endpoints"]
     }
     assert stats["aggregate"] == 2
+
+
+def test_a_worker_that_stops_answers_a_held_start_at_once(
+    nats_url: str, home: Home, procs: Processes, example_plugin: None
+) -> None:
+    """A start request held for its job (``?wait=``) is answered 503 when the worker stops."""
+    start_controller(procs, home, nats_url)
+    start_worker(procs, "worker", nats_url, home)
+    wait_until(lambda: http_status(home.url + "/readyz") == 200, "/readyz 200", procs)
+    wait_for_instances(nats_url, 1, procs)
+    with fdrtd_client.connect(home.url, home.token, timeout=15, start_wait=20) as client:
+        data = client.upload(np.arange(5.0))
+        outcome: list[BaseException | object] = []
+
+        def start() -> None:
+            try:
+                outcome.append(
+                    client.compute(
+                        "example", "scaled_sum", data=data, factor=1.0, steps=10, delay=1.0
+                    )
+                )
+            except BaseException as error:  # the assertion below names it
+                outcome.append(error)
+
+        starter = threading.Thread(target=start)
+        starter.start()
+        time.sleep(1.0)  # the request is held now: the job takes 10 s
+        stopped = time.monotonic()
+        assert procs.stop("worker") == 0
+        starter.join(timeout=20)
+        assert not starter.is_alive()
+        (error,) = outcome
+        assert isinstance(error, client_errors.ServiceUnavailable), error
+        assert "stopped" in error.detail
+        assert time.monotonic() - stopped < 10.0  # the bus timeout would be 30 s more
 
 
 # -- discovery -----------------------------------------------------------------
