@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -132,11 +133,21 @@ async def _peer_streams(url: str) -> list[str]:
         await nc.close()
 
 
+def _embedded_nats_url(server: LocalServer) -> str:
+    """The URL of a server's embedded nats-server, from the configuration it was given."""
+    conf = (server.home / "jetstream" / "nats-server.conf").read_text("utf-8")
+    match = re.search(r'listen: "([0-9.]+:[0-9]+)"', conf)
+    assert match is not None, conf
+    return f"nats://{match.group(1)}"
+
+
 def test_no_stream_keeps_peer_messages(mixed: LocalFederation) -> None:
     """Masked values of a session are never written to JetStream, on either path."""
     beta = mixed.servers["beta"]
-    url = beta.extra_args[beta.extra_args.index("--nats-url") + 1]
-    assert asyncio.run(_peer_streams(url)) == []
+    worker_side = beta.extra_args[beta.extra_args.index("--nats-url") + 1]
+    embedded = _embedded_nats_url(mixed.servers["alpha"])
+    assert asyncio.run(_peer_streams(worker_side)) == []
+    assert asyncio.run(_peer_streams(embedded)) == []
 
 
 # -- the gateway's replay record and the session's own -------------------------------------
