@@ -33,6 +33,7 @@ call it directly (:class:`fdrtd_server.peers.GatewayLink`) instead of through
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -114,6 +115,7 @@ class Gateway:
         self.reload_members()
         self.http = PeerHttpClient(timeout=SEND_TIMEOUT)
         self.replays = ReplayGuard()
+        self.sending: set[asyncio.Task[None]] = set()
         self.local: PeerInbox | None = None
         """The inbox of the microservices in this process, if they run here."""
         self.subscription: Any = None
@@ -204,6 +206,17 @@ class Gateway:
             return {"status": 400, "detail": "malformed seed request"}
         return {"status": 200, "seeds": seeds}
 
+    async def dispatch_outgoing(self, msg: Msg) -> None:
+        """Handle each ``fdrtd.peer.out`` request in a task of its own.
+
+        NATS runs a subscription's callback for one message at a time, so a
+        send to a slow or unreachable party (up to ``SEND_TIMEOUT``) would
+        otherwise hold up every other worker's messages to every party.
+        """
+        task = asyncio.create_task(self.handle_outgoing(msg))
+        self.sending.add(task)
+        task.add_done_callback(self.sending.discard)
+
     async def handle_outgoing(self, msg: Msg) -> None:
         """``fdrtd.peer.out``: :meth:`outgoing` for microservices in other processes."""
         try:
@@ -250,7 +263,7 @@ async def start(state: State, nats_url: str) -> None:
     state.extra["gateway"] = gateway
     state.extra["public_entry"] = gateway.identity.public_entry(state.settings.url).to_dict()
     gateway.subscription = await state.bus.nc.subscribe(
-        PEER_OUT_SUBJECT, queue="fdrtd-gateway", cb=gateway.handle_outgoing
+        PEER_OUT_SUBJECT, queue="fdrtd-gateway", cb=gateway.dispatch_outgoing
     )
     gateway.seed_subscription = await state.bus.nc.subscribe(
         PEER_SEEDS_SUBJECT, queue="fdrtd-gateway", cb=gateway.handle_seeds
@@ -265,6 +278,10 @@ async def stop(state: State) -> None:
     with contextlib.suppress(Exception):
         await gateway.subscription.unsubscribe()
         await gateway.seed_subscription.unsubscribe()
+    for task in list(gateway.sending):
+        task.cancel()
+    if gateway.sending:
+        await asyncio.wait(gateway.sending, timeout=5.0)
     await gateway.http.close()
 
 

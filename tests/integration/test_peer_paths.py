@@ -13,12 +13,15 @@ replays, and never keep a peer message in JetStream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -31,7 +34,7 @@ import requests
 from fdrtd_server._embedded_nats import EmbeddedNats
 from fdrtd_server.envelope import OpenedMessage, seal
 from fdrtd_server.gateway import ReplayGuard
-from fdrtd_server.identity import Identity, load_federation
+from fdrtd_server.identity import Identity, add_member, load_federation
 from fdrtd_server.local import LocalFederation, LocalServer
 from fdrtd_server.peers import Incoming, PeerSession
 
@@ -148,6 +151,69 @@ def test_no_stream_keeps_peer_messages(mixed: LocalFederation) -> None:
     embedded = _embedded_nats_url(mixed.servers["alpha"])
     assert asyncio.run(_peer_streams(worker_side)) == []
     assert asyncio.run(_peer_streams(embedded)) == []
+
+
+class _Blackhole:
+    """A TCP port on 127.0.0.1 that accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self.server.accept()
+                self.held.append(connection)
+
+    def close(self) -> None:
+        self.server.close()
+        for connection in self.held:
+            connection.close()
+        self.thread.join(timeout=5)
+
+
+def test_a_party_that_never_answers_holds_up_no_other_computation(
+    mixed: LocalFederation,
+) -> None:
+    """Workers' sends are handled concurrently: one stuck send does not stall the rest.
+
+    beta's worker starts a session with 'ghost', whose port accepts the
+    connection and never answers (the gateway waits up to its send timeout);
+    meanwhile a sum between alpha and beta must go through as usual.
+    """
+    beta = mixed.servers["beta"]
+    federation_file = beta.home / "federation.toml"
+    original = federation_file.read_text("utf-8")
+    blackhole = _Blackhole()
+    try:
+        ghost = Identity.generate("ghost").public_entry(f"http://127.0.0.1:{blackhole.port}")
+        add_member(federation_file, ghost)
+        with beta.client() as client:
+            data = client.upload(np.array([1.0, 2.0]))
+            stuck = client.compute(
+                "smpc",
+                "secure_sum",
+                session={"id": secrets.token_hex(16), "parties": ["beta", "ghost"]},
+                data=data,
+            )
+            deadline = time.monotonic() + 10
+            while not blackhole.held:  # beta's gateway is now sending to ghost
+                assert time.monotonic() < deadline, "beta never tried to reach ghost"
+                time.sleep(0.02)
+            fed = mixed.federation()
+            handles = fed.upload({"alpha": np.array([5.0]), "beta": np.array([7.0])})
+            started = time.monotonic()
+            job = fed.compute("smpc", "secure_sum", {n: {"data": h} for n, h in handles.items()})
+            assert job.result(timeout=30, progress=False) == {"sum": 12.0, "count": 2}
+            assert time.monotonic() - started < 5.0  # the stuck send lasts 10 s
+            assert stuck.status()["status"] == "running"
+    finally:
+        federation_file.write_text(original, "utf-8")
+        blackhole.close()
 
 
 # -- the gateway's replay record and the session's own -------------------------------------
