@@ -115,6 +115,7 @@ class Gateway:
         self.reload_members()
         self.http = PeerHttpClient(timeout=SEND_TIMEOUT)
         self.replays = ReplayGuard()
+        self._shared: dict[bytes, bytes] = {}
         self.sending: set[asyncio.Task[None]] = set()
         self.local: PeerInbox | None = None
         """The inbox of the microservices in this process, if they run here."""
@@ -174,6 +175,13 @@ class Gateway:
         status, detail = await self._post(peer, body)
         return {"status": status, "detail": detail}
 
+    def _shared_secret(self, peer_box_public: bytes) -> bytes:
+        """The X25519 secret shared with a peer, computed once per peer key (it never changes)."""
+        shared = self._shared.get(peer_box_public)
+        if shared is None:
+            shared = self._shared[peer_box_public] = self.identity.exchange(peer_box_public)
+        return shared
+
     def seeds(self, request: dict[str, Any]) -> dict[str, Any]:
         """Derive this server's pairwise seeds with the named parties for one session.
 
@@ -198,7 +206,7 @@ class Gateway:
                     }
                 low, high = sorted((self.identity.name, peer.name))
                 info = b"\x00".join((session.encode(), low.encode(), high.encode()))
-                shared = self.identity.exchange(peer.box_public)
+                shared = self._shared_secret(peer.box_public)
                 seeds[peer.name] = HKDF(
                     algorithm=hashes.SHA256(), length=32, salt=b"fdrtd pair seed v1", info=info
                 ).derive(shared)
