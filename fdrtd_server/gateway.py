@@ -74,9 +74,10 @@ SEND_TIMEOUT = 10.0
 MAX_PEER_MESSAGE = 64 * 1024 * 1024
 MAX_AGE = 300.0
 """Seconds an envelope's timestamp may be off this server's clock (transit and skew)."""
-REPLAY_KEYS = 1_000_000
-"""At most this many accepted messages are remembered; beyond, the oldest are forgotten
-(a session still drops a message it already took)."""
+REPLAY_KEYS = 250_000
+"""At most this many accepted messages are remembered (about 55 MB at most; 830 messages
+a second for the 5 minutes an envelope stays fresh); beyond, the oldest are forgotten,
+and a session still drops a message it has already taken."""
 
 
 class ReplayGuard:
