@@ -370,7 +370,7 @@ async def compute(request: Request) -> Response:
             result=handle,
             session=session,
             bus_timeout=BUS_TIMEOUT + wait,
-            **({"wait": wait} if wait > 0 else {}),
+            **({"wait": wait, "value": with_value} if wait > 0 else {}),
         )
     except FdrtdError as error:
         state.audit.write(

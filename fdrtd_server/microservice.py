@@ -405,7 +405,10 @@ class _Runner:
             # with the answer, so that the controller need not read it again
             await self.bus.put_job(handle, record)
             recorded.set_result(True)
-            return {"result": handle, "status": record.status, "record": record.to_dict()}
+            final = record.to_dict()
+            if message.get("value") is False:
+                final["result"] = None  # the caller wants the state only
+            return {"result": handle, "status": record.status, "record": final}
         # the job runs on: record it as running now, and the task records the end
         # after this (so that the running record can never overwrite the final one)
         await self.bus.put_job(handle, record)
