@@ -76,7 +76,7 @@ class Counted:
                 self.sent.append((method, url[base:].split("?")[0]))
             return original(method, url, *args, **kwargs)
 
-        session.request = request  # type: ignore[method-assign]
+        session.request = request  # type: ignore[method-assign,assignment]
 
     def take(self) -> list[tuple[str, str]]:
         with self._lock:
@@ -154,6 +154,45 @@ def test_a_slow_job_is_answered_202_when_the_wait_is_up(
     assert 0.35 <= held < 1.4  # held for the wait, not until the end
     done = api.get(server.url + f"/v1/results/{answer['result']}?wait=20", timeout=TIMEOUT)
     assert done.json()["value"] == {"sum": 15.0}
+
+
+def test_jobs_ending_as_the_wait_ends_always_leave_their_final_record(
+    server: LocalServer, api: requests.Session, client: Client
+) -> None:
+    """Around the boundary the "running" record must never land after the final one.
+
+    Each job takes about the time the request may wait, so some end just
+    before the answer is decided and some just after; whichever way, the
+    answer is 200 with the value or 202, and the record read afterwards is
+    the final one at once (no long poll may find it "running").
+    """
+    data = client.upload(np.arange(4.0))
+    body = {
+        "microservice": "example",
+        "function": "scaled_sum",
+        "inputs": {"data": data, "steps": 2, "delay": 0.05},
+    }
+    codes = set()
+    for _ in range(16):
+        response = start(api, server, body, wait="0.1")
+        codes.add(response.status_code)
+        answer = response.json()
+        if response.status_code == 200:
+            assert answer["status"] == "done" and answer["value"] == {"sum": 6.0}
+            continue
+        assert response.status_code == 202
+        handle = answer["result"]
+        deadline = time.monotonic() + 5
+        while (view := api.get(server.url + f"/v1/results/{handle}", timeout=TIMEOUT).json())[
+            "status"
+        ] != "done":
+            assert time.monotonic() < deadline, view
+            time.sleep(0.02)
+        assert view["value"] == {"sum": 6.0}
+        time.sleep(0.3)  # long after the end: the record must still be the final one
+        again = api.get(server.url + f"/v1/results/{handle}", timeout=TIMEOUT).json()
+        assert again["status"] == "done", again
+    assert codes <= {200, 202}
 
 
 def test_no_wait_answers_202_at_once(
