@@ -220,6 +220,38 @@ def bench_smpc(local: LocalFederation, quick: bool) -> list[Row]:
     return rows
 
 
+def machine_speed() -> list[Row]:
+    """Two fixed single-core workloads, so that runs on a machine whose speed varies compare.
+
+    The cloud VM these results come from ran 20-40 % slower at some hours than
+    at others; every number of a run moves with these two, the reference
+    systems' included (the ratios move far less).
+    """
+    from nacl import bindings as sodium
+
+    scalar, point = bytes(range(32)), sodium.crypto_scalarmult_base(bytes(range(1, 33)))
+    count = 5000
+    start = time.process_time()
+    for _ in range(count):
+        sodium.crypto_scalarmult(scalar, point)
+    x25519 = (time.process_time() - start) / count
+    start = time.process_time()
+    total = 0
+    for value in range(2_000_000):
+        total += value & 7
+    loop = time.process_time() - start
+    return [
+        {
+            "name": "X25519 scalar multiplication, one core (libsodium)",
+            "fdrtd": f"{x25519 * 1e6:.1f} µs",
+        },
+        {
+            "name": "2,000,000 iterations of a Python loop, one core",
+            "fdrtd": f"{loop * 1000:.0f} ms",
+        },
+    ]
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -272,7 +304,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
-    sections: dict[str, list[Row]] = {}
+    sections: dict[str, list[Row]] = {"Speed of the machine during this run": machine_speed()}
     os.environ["FDRTD_MIN_COHORT"] = "1"  # the benchmarks sum single scalars
     with tempfile.TemporaryDirectory(prefix="fdrtd-bench-") as scratch:
         with LocalFederation(Path(scratch) / "one", names=("solo",)) as local:
@@ -283,6 +315,9 @@ def main() -> int:
         import references  # bench/references.py: SIMON and MPyC, side by side
 
         references.add_reference_results(sections, args.quick)
+    sections["Speed of the machine during this run"] += [
+        {**row, "name": row["name"] + ", again at the end"} for row in machine_speed()
+    ]
     write_results(sections, args.output, args)
     return 0
 
