@@ -80,8 +80,11 @@ class PeerHttpClient:
 
     async def post(
         self, base_url: str, path: str, body: bytes, content_type: str
-    ) -> tuple[int, bytes]:
-        """POST ``body`` to ``base_url + path``; returns (status, response body).
+    ) -> tuple[int, bytes, bool]:
+        """POST ``body`` to ``base_url + path``; returns (status, response body, retried).
+
+        ``retried`` is True when a kept-alive connection failed and the answer
+        came on a new one: the peer may then have received the body twice.
 
         Raises:
             HttpError: If the peer cannot be reached or the answer is not HTTP.
@@ -117,7 +120,7 @@ class PeerHttpClient:
                     pool.idle.append((reader, writer, time.monotonic()))
                 else:
                     writer.close()
-                return status, answer
+                return status, answer, attempt > 0
         raise HttpError("unreachable")  # pragma: no cover
 
     async def _exchange(

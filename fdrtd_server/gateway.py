@@ -141,9 +141,13 @@ class Gateway:
 
     async def _post(self, peer: PeerEntry, body: bytes) -> tuple[int, str]:
         try:
-            status, answer = await self.http.post(peer.url, "/v1/peer", body, wire.MSGPACK)
+            status, answer, retried = await self.http.post(peer.url, "/v1/peer", body, wire.MSGPACK)
         except (HttpError, TimeoutError) as error:
             return 503, f"cannot reach party '{peer.name}': {type(error).__name__}"
+        if retried and status == 409:
+            # the first attempt reached the peer before its connection failed:
+            # this very envelope was delivered, and its second copy refused
+            return 202, ""
         if status >= 300:
             try:
                 detail = str(json.loads(answer).get("detail", ""))
