@@ -396,24 +396,29 @@ class _Runner:
         )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        wait = _start_wait(message)
-        if wait > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(computed.wait(), wait)
-        if computed.is_set():
-            # finished within the wait: one record, the final one, and it goes back
-            # with the answer, so that the controller need not read it again
+        try:
+            wait = _start_wait(message)
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(computed.wait(), wait)
+            if computed.is_set():
+                # finished within the wait: one record, the final one, and it goes
+                # back with the answer, so that the controller need not read it again
+                await self.bus.put_job(handle, record)
+                recorded.set_result(True)
+                final = record.to_dict()
+                if message.get("value") is False:
+                    final["result"] = None  # the caller wants the state only
+                return {"result": handle, "status": record.status, "record": final}
+            # the job runs on: record it as running now, and the task records the end
+            # after this (so that the running record can never overwrite the final one)
             await self.bus.put_job(handle, record)
-            recorded.set_result(True)
-            final = record.to_dict()
-            if message.get("value") is False:
-                final["result"] = None  # the caller wants the state only
-            return {"result": handle, "status": record.status, "record": final}
-        # the job runs on: record it as running now, and the task records the end
-        # after this (so that the running record can never overwrite the final one)
-        await self.bus.put_job(handle, record)
-        recorded.set_result(False)
-        return {"result": handle, "status": "running"}
+            return {"result": handle, "status": "running"}
+        finally:
+            if not recorded.done():
+                # the running record is written, or a write failed, or we were
+                # stopped: either way the task records the end itself
+                recorded.set_result(False)
 
     async def _run(
         self,
