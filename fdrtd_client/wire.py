@@ -54,11 +54,17 @@ def _check_dtype(text: str) -> np.dtype[Any]:
     return dtype
 
 
-def _array_to_parts(array: np.ndarray[Any, Any]) -> tuple[str, list[int], bytes]:
+def _little_endian(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """``array`` as a C-contiguous little-endian array (a copy only if needed); any shape."""
     if array.dtype.kind not in _ALLOWED_KINDS:
         raise WireError("only boolean, integer and float arrays can be sent")
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    return little.dtype.str, list(little.shape), np.ascontiguousarray(little).tobytes()
+    # np.require, not np.ascontiguousarray: the latter turns a 0-d array into 1-d
+    return np.require(array.astype(array.dtype.newbyteorder("<"), copy=False), requirements="C")
+
+
+def _array_to_parts(array: np.ndarray[Any, Any]) -> tuple[str, list[int], bytes]:
+    little = _little_endian(array)
+    return little.dtype.str, list(little.shape), little.tobytes()
 
 
 def _array_from_parts(dtype_text: Any, shape: Any, raw: Any) -> np.ndarray[Any, Any]:
@@ -93,10 +99,7 @@ def _array_ext(array: np.ndarray[Any, Any]) -> msgpack.ExtType:
     which copies the array's bytes three times (``tobytes``, the packer's
     buffer, its result): an 8 MB array then took 16 ms to pack instead of 5.
     """
-    if array.dtype.kind not in _ALLOWED_KINDS:
-        raise WireError("only boolean, integer and float arrays can be sent")
-    # np.require, not np.ascontiguousarray: the latter turns a 0-d array into 1-d
-    little = np.require(array.astype(array.dtype.newbyteorder("<"), copy=False), requirements="C")
+    little = _little_endian(array)
     raw = little.data.cast("B") if little.size else memoryview(b"")
     head = b"\x93" + msgpack.packb(little.dtype.str) + msgpack.packb(list(little.shape))
     return msgpack.ExtType(NDARRAY_EXT, b"".join((head, _bin_header(raw.nbytes), raw)))

@@ -343,10 +343,11 @@ class _Runner:
                 message = wire.unpackb(request.data)
                 if not isinstance(message, dict) or not isinstance(message.get("inputs"), dict):
                     raise BadRequest("bus request must be a map with an 'inputs' map")
-                if _start_wait(message) > 0:
+                wait = _start_wait(message)
+                if wait > 0:
                     # held until the job ends or the wait is over: answered from a task
                     # of its own, since NATS hands an endpoint its requests one by one
-                    answering = asyncio.create_task(self._answer(function, message, request))
+                    answering = asyncio.create_task(self._answer(function, message, wait, request))
                     self.tasks.add(answering)
                     answering.add_done_callback(self.tasks.discard)
                     return
@@ -356,13 +357,15 @@ class _Runner:
                 code, text = _sanitise(error)
                 await request.respond_error(code, text)
                 return
-            await self._answer(function, message, request)
+            await self._answer(function, message, wait, request)
 
         return handle
 
-    async def _answer(self, function: str, message: dict[str, Any], request: Request) -> None:
+    async def _answer(
+        self, function: str, message: dict[str, Any], wait: float, request: Request
+    ) -> None:
         try:
-            reply = await self._dispatch(function, message)
+            reply = await self._dispatch(function, message, wait)
         except BaseException as error:
             if isinstance(error, asyncio.CancelledError):
                 # stopping while the answer is held: say so now rather than let
@@ -375,7 +378,7 @@ class _Runner:
             return
         await request.respond(wire.packb(reply))
 
-    async def _dispatch(self, function: str, message: dict[str, Any]) -> Any:
+    async def _dispatch(self, function: str, message: dict[str, Any], wait: float) -> Any:
         principal, role = str(message.get("principal", "")), str(message.get("role", ""))
         session = message.get("session")
         if function in self.spec.calls:
@@ -397,7 +400,6 @@ class _Runner:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         try:
-            wait = _start_wait(message)
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(computed.wait(), wait)

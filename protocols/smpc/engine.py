@@ -175,12 +175,12 @@ class SmpcSession:
             }
 
         _, received = await both(send_all(), receive_all())
+        sizes = [min(CHUNK, y.size - k * CHUNK) for k in range(pieces)]
         for party, parts in received.items():
             if deferred is not None:
                 first = parts[0] if isinstance(parts[0], dict) else {}
                 self._store_public({party: first.get("public")})
                 parts[0] = first.get("v")
-            sizes = [min(CHUNK, y.size - k * CHUNK) for k in range(pieces)]
             if not all(
                 isinstance(part, np.ndarray) and part.dtype == np.uint64 and part.size == size
                 for part, size in zip(parts, sizes, strict=True)
