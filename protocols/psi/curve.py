@@ -34,47 +34,60 @@ The math
     ``H(x) = H(y)``.
 
 The hash onto the group
-    ``hash_to_point(x)`` is the u-coordinate of ``P0 = Elligator2(r)``, with
-    ``r = SHA-512(len(domain) || domain || x) mod p`` (64 bytes reduced, bias
-    below ``2**-256``) and Elligator 2 exactly as RFC 9380, section 6.7.1
-    (``map_to_curve_elligator2``, ``Z = 2``): ``x1 = -A / (1 + 2 r^2)``, and
-    ``-x1 - A`` instead if ``x1^3 + A x1^2 + x1`` is not a square. ``P0`` is on
-    the curve but may carry a torsion component; the group element that
-    stands for ``x`` is ``H(x) = [8]P0``, which is RFC 9380's
-    ``encode_to_curve`` shape (map, then clear the cofactor 8). No code ever
-    computes ``[8]P0``: a clamped scalar is a multiple of 8, so the first
-    blinding clears the cofactor for free,
-    ``X25519(a, u(P0)) = u([c(a) / 8] H(x))``, and from then on every point is
-    in ``G``. The length prefix makes ``(domain, x)`` parse uniquely, so two
-    domains never collide. The unit tests check this map against libsodium's
-    ``crypto_core_ed25519_from_uniform`` (the same Elligator 2 map, followed by
-    cofactor clearing in Edwards form).
+    ``H(x)`` is libsodium's ``crypto_core_ed25519_from_uniform(r)``, with
+    ``r`` the first 32 bytes of ``SHA-512(len(domain) || domain || x)``.
+    libsodium reads the low 255 bits of ``r`` as a field element (reduced
+    modulo p, bias below ``2**-250``) and the top bit as the sign of the
+    Edwards x-coordinate, applies Elligator 2 exactly as RFC 9380, section
+    6.7.1 (``map_to_curve_elligator2``, ``Z = 2``), and multiplies the result
+    by the cofactor 8: RFC 9380's ``encode_to_curve`` shape (map, then clear
+    the cofactor). So ``H(x)`` is a point of ``G``, as an Edwards point. The
+    length prefix makes ``(domain, x)`` parse uniquely, so two domains never
+    collide.
 
-    Why not libsodium's map directly: ``from_uniform`` plus the conversion of
-    its Edwards output to a u-coordinate costs 30 microseconds on the
-    reference machine (five field exponentiations, two of them for the
-    Edwards round trip), this batch version 5.5 (one inversion per batch by
-    Montgomery's trick and one Legendre symbol per item, in ``gmpy2``).
+    ``hash_to_point(x)`` is the Montgomery u-coordinate of ``H(x)``, by the
+    birational map of RFC 7748, section 4.1: ``u = (1 + y) / (1 - y) mod p``,
+    where ``y`` is the low 255 bits of the compressed Edwards encoding (the
+    top bit, the sign of x, does not matter: ``P`` and ``-P`` share ``u``).
+    This is coordinate arithmetic only, no group law: it needs no
+    decompression, and a whole list shares one modular inversion
+    (Montgomery's trick). It gives what libsodium's
+    ``crypto_sign_ed25519_pk_to_curve25519`` gives, which the unit tests
+    check, without that function's decompression and subgroup check (58
+    microseconds a point). Only the identity (``y = 1``) has no u-coordinate;
+    it, or a point of small order, is refused with a ``ValueError`` naming
+    the item, though ``H`` reaches one with negligible probability.
+
+    Cost: ``from_uniform`` takes about 27 microseconds per item on the
+    reference machine and the map to ``u`` about 3, against 6 for the
+    hand-written ``gmpy2`` Elligator 2 that this module used before. We
+    accept the difference because nothing of the curve is hand-written now,
+    and libsodium's map is constant-time, which the Python one was not.
 
     *One map, not two.* RFC 9380 builds a random oracle as ``map(u0) +
     map(u1)``, because one Elligator map reaches only about half of the curve
-    and so is not indifferentiable from a random oracle. We use one map, and
-    argue that it suffices here: ``f = [8] o Elligator2`` is a *weak encoding*
-    in the sense of Brier, Coron, Icart, Madore, Randriam and Tibouchi
-    ("Efficient indifferentiable hashing into ordinary elliptic curves",
-    CRYPTO 2010): efficiently computable, bounded-to-one (at most 16
-    preimages per point) and samplable (Elligator 2 is invertible, so a
-    preimage of a given point can be drawn with the right distribution by
-    rejection sampling). For such an ``f``, ``f(h(x))`` with ``h`` a random
-    oracle can stand in for a random oracle onto ``G`` in proofs that program
-    the oracle as ``H(x) = [r]B`` for a random known ``r``, which is how the
-    DDH-based simulation proofs of DH-PSI use it. A second map would need an
-    Edwards point addition and would more than double the cost of hashing.
+    and so is not indifferentiable from a random oracle. libsodium's
+    ``from_uniform`` is a single Elligator 2 map followed by cofactor
+    clearing, and we argue that one map suffices here: ``f = [8] o
+    Elligator2`` is a *weak encoding* in the sense of Brier, Coron, Icart,
+    Madore, Randriam and Tibouchi ("Efficient indifferentiable hashing into
+    ordinary elliptic curves", CRYPTO 2010): efficiently computable,
+    bounded-to-one (at most 16 preimages, field element and sign bit, per
+    point) and samplable (Elligator 2 is invertible, so a preimage of a given
+    point can be drawn with the right distribution by rejection sampling).
+    For such an ``f``, ``f(h(x))`` with ``h`` a random oracle can stand in
+    for a random oracle onto ``G`` in proofs that program the oracle as
+    ``H(x) = [r]B`` for a random known ``r``, which is how the DDH-based
+    simulation proofs of DH-PSI use it. A second map would need a second
+    ``from_uniform`` and an Edwards point addition, and would double the
+    cost of hashing.
 
-    Python's integers are not constant-time, so a process on the same host
-    that can time this hashing finely could learn bits of ``H(x)`` for our
-    own items. The server host is trusted in this threat model; the scalar
-    multiplications, which involve the secrets, are libsodium's.
+    The birational map runs in Python, and ``gmpy2``'s arithmetic, its
+    modular inversion above all, is not constant-time, so a process on the
+    same host that can time this finely could learn bits of ``H(x)`` for our
+    own items. The server host is trusted in this threat model; the hash
+    onto the curve and the scalar multiplications, which involve the
+    secrets, are libsodium's constant-time code.
 
 Why libsodium and X25519
     Every scalar multiplication is libsodium's constant-time X25519,
@@ -84,8 +97,8 @@ Why libsodium and X25519
     cffi handle (``nacl._sodium``) with a reused output buffer, which saves 3
     microseconds per call over ``nacl.bindings``; if that private module ever
     goes away, ``nacl.bindings`` is used. Nothing here implements curve
-    arithmetic by hand; the only field arithmetic in Python is the public
-    Elligator map.
+    arithmetic by hand; the only field arithmetic in Python is the
+    birational map from an Edwards y-coordinate to a Montgomery u-coordinate.
 
 Points received from a peer
     :func:`validate_points` (and :func:`reblind`, which runs the same check in
@@ -181,7 +194,7 @@ pool the first time) outweighs the gain.
 """
 
 _P = 2**255 - 19
-_A = 486662  # Montgomery coefficient of Curve25519: v^2 = u^3 + A u^2 + u
+_Y_MASK = (1 << 255) - 1  # the y-coordinate in a compressed Edwards point; bit 255 is x's sign
 _P_MPZ = gmpy2.mpz(_P)
 _ONE = gmpy2.mpz(1)
 # u-coordinates of the points of small order on Curve25519 and its twist
@@ -318,11 +331,12 @@ def random_scalar() -> bytes:
 
 
 def hash_to_point(item: bytes, domain: bytes) -> bytes:
-    """Hash an item onto Curve25519 with Elligator 2.
+    """Hash an item onto the prime-order subgroup of Curve25519.
 
-    The result is the u-coordinate of ``P0``, whose cofactor-cleared multiple
-    ``[8]P0`` is the group element ``H(item)``; the first X25519 blinding
-    clears the cofactor (see the module docstring).
+    ``H(item)`` is libsodium's ``crypto_core_ed25519_from_uniform`` (Elligator
+    2, then cofactor clearing) on the first 32 bytes of
+    ``SHA-512(len(domain) || domain || item)``; the result is its Montgomery
+    u-coordinate (see the module docstring).
 
     Args:
         item: The encoded item, usually from :func:`encode_item`.
@@ -330,13 +344,14 @@ def hash_to_point(item: bytes, domain: bytes) -> bytes:
             protocol name and session id. All parties must use the same tag.
 
     Returns:
-        The 32-byte u-coordinate of ``P0``.
+        The 32-byte u-coordinate of ``H(item)``.
 
     Raises:
-        ValueError: If ``domain`` is empty or longer than 255 bytes.
+        ValueError: If ``domain`` is empty or longer than 255 bytes, or (with
+            negligible probability) the item hashes to the identity.
     """
     _check_domain(domain)
-    return _hash_to_points([item], _domain_prefix(domain))[0]
+    return _hash_to_points([item], _domain_prefix(domain), 0)[0]
 
 
 def blind(points: Sequence[bytes], scalar: bytes) -> list[bytes]:
@@ -583,19 +598,39 @@ def _domain_prefix(domain: bytes) -> bytes:
     return bytes([len(domain)]) + domain
 
 
-def _hash_to_points(items: list[bytes], prefix: bytes) -> list[bytes]:
-    """Elligator 2 (RFC 9380, 6.7.1, Z = 2) on ``SHA-512(prefix || item) mod p``.
+def _hash_to_points(items: list[bytes], prefix: bytes, offset: int) -> list[bytes]:
+    """u-coordinates of ``H(item) = from_uniform(SHA-512(prefix || item)[:32])``.
 
-    Montgomery's trick: one modular inversion for the whole list, three
-    multiplications per item. ``1 + 2 r^2`` is never zero, because ``-1/2`` is
-    not a square modulo p.
+    ``offset`` is the position of ``items[0]`` in the caller's list, so that an
+    error names the global index.
     """
-    sha512, mpz, legendre = hashlib.sha512, gmpy2.mpz, gmpy2.legendre
-    p = _P_MPZ
-    denominators = [
-        (1 + 2 * r * r) % p
-        for r in (mpz(int.from_bytes(sha512(prefix + item).digest(), "little")) for item in items)
-    ]
+    sha512, from_uniform = hashlib.sha512, _sodium.crypto_core_ed25519_from_uniform
+    edwards = [from_uniform(sha512(prefix + item).digest()[:POINT_BYTES]) for item in items]
+    return _edwards_to_u(edwards, offset)
+
+
+def _edwards_to_u(points: list[bytes], offset: int) -> list[bytes]:
+    """Map compressed Edwards points to Montgomery u-coordinates: ``u = (1 + y) / (1 - y)``.
+
+    This is the birational map of RFC 7748, section 4.1: coordinate arithmetic
+    only, no group law, and no decompression (``y`` is the low 255 bits of the
+    encoding; the sign of x does not change ``u``). Montgomery's trick shares
+    one ``gmpy2.invert`` among the whole list, at three multiplications per
+    point. The points must be canonical encodings of points of the
+    prime-order subgroup, as ``from_uniform`` returns; nothing else is
+    checked.
+
+    Raises:
+        ValueError: If a point is the identity (``y = 1``, which has no
+            u-coordinate) or maps to the u-coordinate of a point of small
+            order; the message names the item's index ``offset + i``.
+    """
+    mpz, p = gmpy2.mpz, _P_MPZ
+    ys = [mpz(int.from_bytes(point, "little") & _Y_MASK) for point in points]
+    for index, y in enumerate(ys):
+        if y == 1:
+            raise ValueError(_small_order_hash_message(offset + index))
+    denominators = [(1 - y) % p for y in ys]
     prefix_products = [_ONE] * len(denominators)
     accumulated = _ONE
     for index, denominator in enumerate(denominators):
@@ -604,12 +639,20 @@ def _hash_to_points(items: list[bytes], prefix: bytes) -> list[bytes]:
     inverse = gmpy2.invert(accumulated, p)
     out = [b""] * len(denominators)
     for index in range(len(denominators) - 1, -1, -1):
-        x1 = -_A * (inverse * prefix_products[index]) % p
+        u = int((1 + ys[index]) * (inverse * prefix_products[index]) % p)
         inverse = inverse * denominators[index] % p
-        if legendre(x1 * ((x1 + _A) * x1 + 1) % p, p) != 1:
-            x1 = (-x1 - _A) % p
-        out[index] = int(x1).to_bytes(POINT_BYTES, "little")
+        if u in _SMALL_ORDER_U:
+            raise ValueError(_small_order_hash_message(offset + index))
+        out[index] = u.to_bytes(POINT_BYTES, "little")
     return out
+
+
+def _small_order_hash_message(index: int) -> str:
+    # H reaches the identity or a point of small order with negligible probability.
+    return (
+        f"item at index {index} hashed to the identity or another point of small order; "
+        "use another domain"
+    )
 
 
 def _x25519_function() -> Callable[[bytes, bytes], bytes | None]:
@@ -678,15 +721,12 @@ def _hash_and_blind_chunk(
 ) -> list[bytes]:
     x25519 = _x25519_for_thread()
     out: list[bytes] = []
-    for index, point in enumerate(_hash_to_points(items, _domain_prefix(domain))):
+    for index, point in enumerate(_hash_to_points(items, _domain_prefix(domain), offset)):
         blinded = x25519(scalar, point)
         if blinded is None:
-            # Elligator 2 reaches a point of small order only for a handful of
-            # field elements: probability about 2**-250.
-            raise ValueError(
-                f"item at index {offset + index} hashed to a point of small order; "
-                "use another domain"
-            )
+            # Cannot happen: H(x) is a point of G other than the identity, and
+            # a clamped scalar is never a multiple of L.
+            raise ValueError(_small_order_hash_message(offset + index))
         out.append(blinded)
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Iterator
 
 import pytest
@@ -191,11 +192,10 @@ def test_hash_to_point_is_valid_deterministic_and_domain_separated() -> None:
     assert hash_to_point(b"bc", b"a") != hash_to_point(b"c", b"ab")
 
 
-def _libsodium_h(item: bytes) -> bytes:
-    """H(item) = [8] Elligator2(r) in Edwards form, computed by libsodium."""
-    digest = hashlib.sha512(bytes([len(DOMAIN)]) + DOMAIN + item).digest()
-    r = int.from_bytes(digest, "little") % _P
-    return sodium.crypto_core_ed25519_from_uniform(r.to_bytes(32, "little"))
+def _libsodium_h(item: bytes, domain: bytes = DOMAIN) -> bytes:
+    """H(item) = from_uniform(SHA-512(prefix || item)[:32]) in Edwards form, by libsodium."""
+    digest = hashlib.sha512(bytes([len(domain)]) + domain + item).digest()
+    return sodium.crypto_core_ed25519_from_uniform(digest[:32])
 
 
 def _times(k: int, edwards: bytes) -> bytes:
@@ -206,15 +206,78 @@ def _times(k: int, edwards: bytes) -> bytes:
     )
 
 
-def test_hash_matches_libsodium_elligator_with_cofactor_cleared_by_blinding() -> None:
-    # X25519(a, u(P0)) = u([c(a) / 8] [8] P0), and libsodium's from_uniform is [8] P0.
+def _edwards(y: int, x_sign: int = 0) -> bytes:
+    """A compressed Edwards encoding with the given y and sign bit (not checked to be a point)."""
+    return (y | x_sign << 255).to_bytes(32, "little")
+
+
+def test_hash_matches_libsodium_from_uniform_and_pk_to_curve25519() -> None:
+    items = [b"alice", b"", b"x" * 1000, encode_item(42), *_items(300)]
+    edwards = [_libsodium_h(item) for item in items]
+    expected = [sodium.crypto_sign_ed25519_pk_to_curve25519(e) for e in edwards]
+    # Both signs of x occur, so the sign bit really is ignored by the map.
+    assert {e[31] >> 7 for e in edwards} == {0, 1}
+    assert [hash_to_point(item, DOMAIN) for item in items] == expected
+    # The batch (one inversion for the whole list) gives the same as one at a time.
+    assert curve._hash_to_points(items, bytes([len(DOMAIN)]) + DOMAIN, 0) == expected
+    assert hash_to_point(b"alice", b"other") == sodium.crypto_sign_ed25519_pk_to_curve25519(
+        _libsodium_h(b"alice", b"other")
+    )
+
+
+def test_edwards_to_u_matches_libsodium_on_random_points() -> None:
+    # Points of the prime-order group that do not come from from_uniform: [k]B.
+    scalars = [secrets.randbelow(_L - 1) + 1 for _ in range(500)] + [1, 2, 3, _L - 1]
+    points = [sodium.crypto_scalarmult_ed25519_base_noclamp(_u(k)) for k in scalars]
+    expected = [sodium.crypto_sign_ed25519_pk_to_curve25519(p) for p in points]
+    assert curve._edwards_to_u(points, 0) == expected
+    assert curve._edwards_to_u([], 0) == []
+
+
+def test_blind_of_hash_equals_edwards_scalar_multiplication() -> None:
+    # X25519 and crypto_scalarmult_ed25519 clamp the scalar alike, and H(x) is
+    # already in the prime-order group, so blinding is plain [c(a)] H(x).
     scalar = random_scalar()
-    k = int.from_bytes(scalar, "little") // 8
-    for item in (b"alice", b"", b"x" * 1000, encode_item(42)):
+    for item in (b"alice", b"", b"x" * 1000, encode_item(42), *_items(50)):
         edwards = _libsodium_h(item)
         assert sodium.crypto_core_ed25519_is_valid_point(edwards)  # in the prime-order group
-        assert blind([hash_to_point(item, DOMAIN)], scalar) == [_times(k, edwards)]
-        assert hash_and_blind([item], scalar, DOMAIN) == [_times(k, edwards)]
+        expected = sodium.crypto_sign_ed25519_pk_to_curve25519(
+            sodium.crypto_scalarmult_ed25519(scalar, edwards)
+        )
+        assert expected == _times(int.from_bytes(scalar, "little"), edwards)
+        assert blind([hash_to_point(item, DOMAIN)], scalar) == [expected]
+        assert hash_and_blind([item], scalar, DOMAIN) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("y", "x_sign"),
+    [(1, 0), (1, 1), (0, 0), (_P - 1, 0)],
+    ids=["identity", "identity-sign", "order-4", "order-2"],
+)
+def test_edwards_to_u_refuses_identity_and_small_order_by_index(y: int, x_sign: int) -> None:
+    good = [_libsodium_h(item) for item in _items(3)]
+    with pytest.raises(ValueError, match="item at index 12 hashed to the identity") as e:
+        curve._edwards_to_u([*good[:2], _edwards(y, x_sign), good[2]], 10)
+    assert "use another domain" in str(e.value)
+
+
+def test_hash_and_blind_names_the_item_that_hashed_to_the_identity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = sodium.crypto_core_ed25519_from_uniform
+    bad = hashlib.sha512(bytes([len(DOMAIN)]) + DOMAIN + b"bad").digest()[:32]
+
+    def from_uniform(r: bytes) -> bytes:
+        return _edwards(1) if r == bad else real(r)
+
+    monkeypatch.setattr(curve._sodium, "crypto_core_ed25519_from_uniform", from_uniform)
+    with pytest.raises(ValueError, match="item at index 3 hashed to the identity"):
+        hash_and_blind([b"a", b"b", b"c", b"bad", b"d"], random_scalar(), DOMAIN, workers=1)
+    with pytest.raises(ValueError, match="item at index 0 hashed to the identity"):
+        hash_to_point(b"bad", DOMAIN)
+    assert hash_to_point(b"a", DOMAIN) == sodium.crypto_sign_ed25519_pk_to_curve25519(
+        _libsodium_h(b"a")
+    )
 
 
 def test_different_items_give_different_points() -> None:
@@ -249,8 +312,8 @@ def test_blinding_commutes_for_many_items() -> None:
 
 def test_blind_equals_product_of_clamped_scalars() -> None:
     a, b = random_scalar(), random_scalar()
-    # X25519 clamps; random_scalar already returns the clamped integer, a multiple of 8.
-    product = int.from_bytes(a, "little") * int.from_bytes(b, "little") // 8
+    # X25519 clamps; random_scalar already returns the clamped integer.
+    product = int.from_bytes(a, "little") * int.from_bytes(b, "little")
     expected = _times(product, _libsodium_h(b"x"))
     assert blind(blind([hash_to_point(b"x", DOMAIN)], a), b) == [expected]
 
