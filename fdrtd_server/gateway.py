@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from typing import Any
@@ -44,13 +45,15 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nats.aio.msg import Msg
+from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from fdrtd_client import wire
 from fdrtd_server._http import HttpError, PeerHttpClient
-from fdrtd_server.app import State, problem, read_limited
+from fdrtd_server.app import State, internal_error, problem, read_limited
 from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_SEEDS_SUBJECT
 from fdrtd_server.envelope import (
     SESSION_PATTERN as SESSION_RULE,
@@ -62,14 +65,24 @@ from fdrtd_server.envelope import (
     replay_key,
     seal,
 )
-from fdrtd_server.errors import Conflict
+from fdrtd_server.errors import Conflict, FdrtdError, ServiceUnavailable
 from fdrtd_server.identity import Identity, PeerEntry, load_federation
 from fdrtd_server.peers import Incoming, PeerInbox
 
-__all__ = ["FEDERATION_FILE", "Gateway", "ReplayGuard", "routes", "start", "stop"]
+__all__ = [
+    "FEDERATION_FILE",
+    "PEER_PATH",
+    "Gateway",
+    "PeerFastPath",
+    "ReplayGuard",
+    "routes",
+    "start",
+    "stop",
+]
 
 log = logging.getLogger("fdrtd.gateway")
 FEDERATION_FILE = "federation.toml"
+PEER_PATH = "/v1/peer"
 SEND_TIMEOUT = 10.0
 MAX_PEER_MESSAGE = 64 * 1024 * 1024
 MAX_AGE = 300.0
@@ -112,7 +125,8 @@ class Gateway:
         self.identity = Identity.load(home / "identity", state.settings.name)
         self.members: dict[str, PeerEntry] = {}
         self.federation_path = home / FEDERATION_FILE
-        self._federation_mtime = -1.0
+        self._federation_file = os.fspath(self.federation_path)
+        self._federation_mtime = -1
         self.reload_members()
         self.http = PeerHttpClient(timeout=SEND_TIMEOUT)
         self.replays = ReplayGuard()
@@ -129,9 +143,9 @@ class Gateway:
         inbox.gateway = self
 
     def reload_members(self) -> None:
-        """Re-read the federation file if it changed."""
+        """Re-read the federation file if it changed (one ``stat`` per peer message)."""
         try:
-            mtime = self.federation_path.stat().st_mtime
+            mtime = os.stat(self._federation_file).st_mtime_ns
         except FileNotFoundError:
             self.members = {}
             return
@@ -299,9 +313,11 @@ async def stop(state: State) -> None:
 
 
 async def receive(request: Request) -> Response:
-    """``POST /v1/peer``: verify, refuse replays, relay onto our bus."""
+    """``POST /v1/peer``: verify, refuse replays, hand on to the session."""
     state: State = request.app.state.fdrtd
-    gateway: Gateway = state.extra["gateway"]
+    gateway: Gateway | None = state.extra.get("gateway")
+    if gateway is None:
+        raise ServiceUnavailable("the peer gateway is not running yet; retry shortly")
     settings = state.settings
     limit = max(settings.max_body_bytes, MAX_PEER_MESSAGE)
     body = await read_limited(request, limit, "peer message")
@@ -315,9 +331,47 @@ async def receive(request: Request) -> Response:
         state.audit.write(message.sender, "peer-message", message.session, "rejected replay")
         raise Conflict("this peer message was already received (replay)")
     await gateway.hand_on(message)
-    return JSONResponse({"accepted": True}, status_code=202)
+    return Response(_ACCEPTED, status_code=202, media_type="application/json")
+
+
+_ACCEPTED = json.dumps({"accepted": True}).encode()
+
+
+class PeerFastPath:
+    """The controller app, with ``POST /v1/peer`` served ahead of its routing.
+
+    Peer messages are the most frequent requests of a computation (a secure sum
+    of three parties takes four per server). Starlette's middleware stack and
+    its route matching cost about 70 microseconds of CPU per request here, so
+    this ASGI wrapper hands that one route straight to :func:`receive`, with the
+    same error answers the app gives (problem documents, 500 with an incident
+    id). Everything else, ``/v1/peer`` with other methods included, goes to the
+    app unchanged.
+    """
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive_: Receive, send: Send) -> None:
+        """Serve one ASGI connection scope."""
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] != scope.get("root_path", "") + PEER_PATH
+        ):
+            await self.app(scope, receive_, send)
+            return
+        scope["app"] = self.app  # what Starlette sets, for request.app
+        request = Request(scope, receive_)
+        try:
+            response = await receive(request)
+        except FdrtdError as error:
+            response = problem(error.status, error.title, error.message)
+        except Exception as error:  # answered as the app's own handler does
+            response = await internal_error(request, error)
+        await response(scope, receive_, send)
 
 
 def routes() -> list[Route]:
     """The gateway's HTTP route."""
-    return [Route("/v1/peer", receive, methods=["POST"])]
+    return [Route(PEER_PATH, receive, methods=["POST"])]

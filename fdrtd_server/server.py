@@ -100,7 +100,7 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> None:
             settings, nats_url, on_start=on_start, on_stop=on_stop, extra_routes=gateway.routes()
         )
         config = uvicorn.Config(
-            app,
+            gateway.PeerFastPath(app),
             host=settings.host,
             port=settings.port,
             loop="uvloop",
