@@ -68,15 +68,15 @@ class Counted:
         self.sent: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         session = client._session
-        original = session.request
+        original = session.send
         base = len(client.url)
 
-        def request(method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        def send(prepared: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
             with self._lock:
-                self.sent.append((method, url[base:].split("?")[0]))
-            return original(method, url, *args, **kwargs)
+                self.sent.append((str(prepared.method), str(prepared.url)[base:].split("?")[0]))
+            return original(prepared, **kwargs)
 
-        session.request = request  # type: ignore[method-assign,assignment]
+        session.send = send  # type: ignore[method-assign,assignment]
 
     def take(self) -> list[tuple[str, str]]:
         with self._lock:
