@@ -72,6 +72,7 @@ class Settings:
     min_cohort: int = 3
     allow_map_reduce: bool = True
     allow_set_union: bool = False
+    allow_matrix_product: bool = False
     session_timeout: float = 30.0
     microservices: tuple[str, ...] = field(default_factory=tuple)
 
@@ -112,8 +113,13 @@ _FIELD_TYPES: dict[str, type] = {
     "min_cohort": int,
     "allow_map_reduce": bool,
     "allow_set_union": bool,
+    "allow_matrix_product": bool,
     "session_timeout": float,
 }
+
+
+_POLICY_KEYS = ("min_cohort", "allow_map_reduce", "allow_set_union", "allow_matrix_product")
+"""The settings of the ``[policy]`` table (besides its ``microservices`` list)."""
 
 
 def _cast(key: str, value: Any, source: str) -> Any:
@@ -166,7 +172,7 @@ def load_settings(
             raise ValueError(f"{path}: [policy] microservices must be a list of names")
         values["microservices"] = tuple(services)
     for key, value in document.get("policy", {}).items():
-        if key in ("min_cohort", "allow_map_reduce", "allow_set_union"):
+        if key in _POLICY_KEYS:
             values[key] = _cast(key, value, f"{path}: setting")
         elif key != "microservices":
             raise ValueError(f"{path}: unknown setting '{key}' in [policy]")
@@ -263,7 +269,9 @@ def init_home(home: Path, name: str, *, port: int = 8000, host: str = "127.0.0.1
         f"min_cohort = {settings.min_cohort}\n"
         "allow_map_reduce = true\n"
         "# a set union discloses every item of every party (not who holds it)\n"
-        "allow_set_union = false\n",
+        "allow_set_union = false\n"
+        "# a matrix product can disclose a whole input (B = I reveals A)\n"
+        "allow_matrix_product = false\n",
         "utf-8",
     )
     Identity.generate(name).save(home / "identity")

@@ -5,8 +5,9 @@ and offered as the ``matrix_product`` function of the ``smpc`` microservice.
 With three or more parties a third party deals a Beaver matrix triple (as
 seeds); with two, the product runs under Paillier encryption (``phe``). The
 pure arithmetic is in :mod:`protocols.smpc.matmul`; the threat model and the
-round counts are in ``docs/protocols.md``. Mind that the product itself can
-disclose an input (``B = I`` reveals ``A``).
+round counts are in ``docs/protocols.md``. The product itself can disclose
+an input (``B = I`` reveals ``A``), so ``matrix_product`` runs only where the
+holders' policies allow it (``allow_matrix_product``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from phe import paillier
 
-from fdrtd_server.errors import BadRequest, ComputationFailed
+from fdrtd_server.errors import BadRequest, ComputationFailed, Forbidden
 from fdrtd_server.microservice import JobContext
 from fdrtd_server.peers import PeerSession
 from protocols.smpc import matmul, ring
@@ -318,6 +319,11 @@ async def matrix_product(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, A
     (default 40) and ``paillier_bits`` (default 2048, two parties only),
     common. Other parties give no data (one of them deals the triple).
     Revealed to everyone: both shapes and the product.
+
+    The product can disclose an input whole (with ``B = I``, ``A @ B = A``),
+    so a server holding one of the matrices takes part only where its
+    policy sets ``allow_matrix_product = true``; otherwise it refuses
+    (403), and the other parties hear why at once.
     """
     frac_bits, paillier_bits = product_options(inputs)
     left, right = inputs.get("left"), inputs.get("right")
@@ -326,6 +332,12 @@ async def matrix_product(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, A
             raise BadRequest("'left' and 'right' must name two different parties")
         if left not in peers.parties or right not in peers.parties:
             raise BadRequest("'left' and 'right' must be parties of the session")
+        if peers.me in (left, right) and not ctx.env.allow_matrix_product:
+            raise Forbidden(
+                "this server's policy does not allow matrix products (a product can "
+                "disclose a whole input: B = I reveals A); the owner can set "
+                "allow_matrix_product = true"
+            )
         matrix: F64 | None = None
         if peers.me in (left, right):
             dataset = await ctx.load_dataset(inputs.get("data"))

@@ -23,18 +23,22 @@ from fdrtd_server.local import LocalFederation
 from protocols.smpc import matmul
 
 F = matmul.DEFAULT_FRAC_BITS
+PRODUCTS = {"FDRTD_ALLOW_MATRIX_PRODUCT": "true"}
+"""The policy that lets ``matrix_product`` run (off by default: B = I reveals A)."""
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    with LocalFederation(tmp_path_factory.mktemp("reg2"), names=("p1", "p2")) as federation:
+    with LocalFederation(
+        tmp_path_factory.mktemp("reg2"), names=("p1", "p2"), env=PRODUCTS
+    ) as federation:
         yield federation
 
 
 @pytest.fixture(scope="module")
 def five(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     names = ("a1", "a2", "a3", "a4", "a5")
-    with LocalFederation(tmp_path_factory.mktemp("reg5"), names=names) as federation:
+    with LocalFederation(tmp_path_factory.mktemp("reg5"), names=names, env=PRODUCTS) as federation:
         yield federation
 
 

@@ -812,6 +812,46 @@ def test_elementwise_sum_with_a_zero_partner_returns_no_data(world: World) -> No
     check(found)
 
 
+def test_matrix_product_with_an_identity_partner_returns_no_data(world: World) -> None:
+    """``smpc.matrix_product`` with the identity on south would hand out north's matrix.
+
+    ``I @ A = A``: an analyst who can upload on south reads north's records
+    back, one per row. A server holding one of the two matrices takes part
+    only where its policy allows matrix products (``allow_matrix_product``,
+    off by default, as on north and south here); both refuse, and say why.
+    """
+    matrix = upload_matrix(world.north, VALUES.reshape(-1, 1))
+    identity = upload_matrix(world.south, np.eye(VALUES.size))
+    common = {"left": "south", "right": "north"}
+    inputs = {"north": {"data": matrix, **common}, "south": {"data": identity, **common}}
+    found: list[str] = []
+    with requests.Session() as session:
+        views = run_federated(world, session, "smpc", "matrix_product", inputs, found)
+    check(found)
+    for name, view in views.items():
+        assert view["status"] == "failed", (name, view)
+        assert view["error"]["status"] == 403, (name, view)
+        assert "allow_matrix_product = true" in view["error"]["detail"], (name, view)
+
+
+def upload_matrix(party: Party, matrix: np.ndarray[Any, Any]) -> str:
+    """Upload a 2-D float64 matrix as one raw dataset of ``party``; its handle."""
+    response = requests.post(
+        party.url + "/v1/data",
+        params={
+            "format": "raw",
+            "dtype": "<f8",
+            "shape": ",".join(map(str, matrix.shape)),
+        },
+        data=matrix.astype("<f8").tobytes(),
+        headers=party.auth(party.server.token),
+        timeout=60,
+    )
+    assert response.status_code == 201, response.text[:300]
+    handle: str = response.json()["handle"]
+    return handle
+
+
 # -- other principals ----------------------------------------------------------
 
 

@@ -300,6 +300,20 @@ def test_settings_precedence_file_env_overrides(home: Path) -> None:
     assert (overridden.port, overridden.min_cohort, overridden.host) == (3333, 7, "127.0.0.1")
 
 
+def test_the_revealing_protocols_are_off_unless_the_policy_allows_them(home: Path) -> None:
+    _write_config(home, '[server]\nname = "unit"\n')
+    default = load_settings(home, environ={})
+    assert (default.allow_set_union, default.allow_matrix_product) == (False, False)
+    _write_config(
+        home,
+        '[server]\nname = "unit"\n[policy]\nallow_matrix_product = true\nallow_set_union = true\n',
+    )
+    allowed = load_settings(home, environ={})
+    assert (allowed.allow_set_union, allowed.allow_matrix_product) == (True, True)
+    closed = load_settings(home, environ={"FDRTD_ALLOW_MATRIX_PRODUCT": "false"})
+    assert closed.allow_matrix_product is False
+
+
 def test_settings_read_the_process_environment(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FDRTD_SESSION_TIMEOUT", "12.5")
     monkeypatch.setenv("FDRTD_MAX_BODY_BYTES", "4096")
