@@ -2,122 +2,271 @@
 
 Three real servers start on 127.0.0.1, each with its own embedded NATS and
 its own synthetic private data: the patients of three hospitals (an id, age,
-systolic blood pressure, smoker or not). The analyst asks for joint
-statistics, a table, a regression, a median and the number of patients
-treated at all three hospitals; the servers compute each by secure
-multiparty computation through their peer gateways, so no server sees
-another's records. The demo prints every joint result beside the answer
-computed in plain text from all the data at once, which only a demo can do.
+age band, systolic blood pressure, smoker or not; some patients are treated
+at all three), a matrix of admissions per quarter and ward at each hospital,
+and two matrices A (at alpha) and B (at beta). The analyst runs the whole
+catalogue of protocols between the three servers:
+
+* ``smpc``: ``count``; ``secure_sum`` (of a column, and elementwise of the
+  admissions matrices); ``minimum_maximum``; ``univariate`` (a selection of
+  its 22 statistics); ``bivariate`` (covariance, correlation, regression
+  line); ``frequency_table``, ``histogram`` and ``contingency_table``;
+  ``contingency_table_vertical`` (alpha's smoker status against beta's age
+  band for the patients both treat); ``linear_regression``,
+  ``linear_regression_vertical`` (gamma's blood pressure on alpha's smoker
+  status and beta's age, joined on the patient id) and
+  ``logistic_regression``; ``matrix_product`` (alpha's A times beta's B,
+  gamma dealing); ``median``, ``quantiles`` and ``kth_smallest``;
+* ``psi``: ``intersection``, ``intersection_size`` and ``union`` of the
+  patient ids.
+
+The servers compute each result by secure multiparty computation through
+their peer gateways, so no server sees another's records. The demo servers
+allow ``matrix_product`` and ``union``, which reveal inputs and are off by
+default. The demo prints every joint result beside the answer computed in
+plain text from all the data at once, which only a demo can do.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from fdrtd_client import Federation
 from fdrtd_server.local import LocalFederation
 
-__all__ = ["run_demo", "synthetic_data"]
+__all__ = ["run_demo", "synthetic_arrays", "synthetic_data"]
 
 Table = dict[str, Any]
+Floats = npt.NDArray[np.float64]
+
+HOSPITALS = ("alpha", "beta", "gamma")
+AGE_BANDS = ("under 45", "45 to 64", "65 and over")
+SMOKER = ("no", "yes")
+PRESSURE_BINS = (60.0, 120.0, 140.0, 160.0, 250.0)
+QUANTILES = (0.1, 0.25, 0.75, 0.9)
+KTH = 10
+MIN_COHORT = 3
+"""The servers' minimum cohort (their default, set explicitly for the demo)."""
+SETTINGS = {
+    "FDRTD_MIN_COHORT": str(MIN_COHORT),
+    "FDRTD_ALLOW_MATRIX_PRODUCT": "true",
+    "FDRTD_ALLOW_SET_UNION": "true",
+}
+TIMEOUT = 120.0
+
+
+def _band(age: float) -> str:
+    return AGE_BANDS[0] if age < 45 else AGE_BANDS[1] if age < 65 else AGE_BANDS[2]
 
 
 def synthetic_data(rows: int, seed: int = 7) -> dict[str, Table]:
-    """Each hospital's private patients: id, age, blood pressure, smoker."""
+    """Each hospital's private patients: id, age, age band, blood pressure, smoker.
+
+    A fifth of ``rows`` patients are treated at all three hospitals; each
+    hospital records the same age and smoker status for them (its own blood
+    pressure). Every hospital's rows come in its own order.
+    """
     rng = np.random.default_rng(seed)
-    shared_ids = rng.choice(10**9, size=max(3, rows // 10), replace=False)
+    shared = max(3, rows // 5)
+    sizes = [max(shared, size) for size in (rows, rows + rows // 3, rows // 2 + 7)]
+    ids = rng.choice(10**9, size=shared + sum(sizes) - 3 * shared, replace=False) + 10**9
+    shared_age = rng.uniform(20, 85, shared).round()
+    shared_smoker = rng.random(shared) < 0.25
     hospitals: dict[str, Table] = {}
-    for name, size, base in (
-        ("alpha", rows, 118.0),
-        ("beta", rows + rows // 3, 112.0),
-        ("gamma", rows // 2 + 7, 124.0),
-    ):
-        age = rng.uniform(20, 85, size).round()
-        smoker = rng.random(size) < 0.25
+    start = shared
+    for name, size, base in zip(HOSPITALS, sizes, (118.0, 112.0, 124.0), strict=True):
+        own = size - shared
+        age = np.concatenate([shared_age, rng.uniform(20, 85, own).round()])
+        smoker = np.concatenate([shared_smoker, rng.random(own) < 0.25])
         pressure = (base + 0.45 * age + 9.0 * smoker + rng.normal(0, 11, size)).round(1)
-        own_ids = rng.choice(10**9, size=size - shared_ids.size, replace=False) + 10**9
+        keys = np.concatenate([ids[:shared], ids[start : start + own]])
+        start += own
+        order = rng.permutation(size)
         hospitals[name] = {
-            "id": [f"p{i}" for i in np.concatenate([shared_ids, own_ids])],
-            "age": age,
-            "pressure": pressure,
-            "smoker": ["yes" if s else "no" for s in smoker],
+            "id": [f"p{i}" for i in keys[order]],
+            "age": age[order],
+            "age_band": [_band(a) for a in age[order]],
+            "pressure": pressure[order],
+            "smoker": [SMOKER[int(s)] for s in smoker[order]],
+            "smoker01": smoker[order].astype(float),
         }
     return hospitals
 
 
-def _close(joint: Any, plain: Any) -> bool:
-    return bool(
-        np.allclose(
-            np.asarray(joint, dtype=float), np.asarray(plain, dtype=float), rtol=1e-6, atol=1e-6
+def synthetic_arrays(seed: int = 7) -> dict[str, dict[str, Floats]]:
+    """Arrays beside the patient tables, by kind and hospital.
+
+    ``admissions``: each hospital's admissions per quarter (rows) and ward
+    (columns), to be summed elementwise; ``matrices``: alpha's A (3 x 5) and
+    beta's B (5 x 2), whose product only the three together compute.
+    """
+    rng = np.random.default_rng([seed, 1])
+    admissions = {
+        name: rng.poisson(lam, size=(4, 3)).astype(float)
+        for name, lam in zip(HOSPITALS, (120, 160, 60), strict=True)
+    }
+    matrices = {
+        "alpha": rng.normal(0, 2, (3, 5)).round(2),
+        "beta": rng.normal(1, 1, (5, 2)).round(2),
+    }
+    return {"admissions": admissions, "matrices": matrices}
+
+
+def _suppressed(cells: Sequence[int], minimum: int = MIN_COHORT) -> list[float]:
+    """A table's cells as released: small cells (and one complement) as NaN."""
+    hidden = [0 < c < minimum for c in cells]
+    if sum(hidden) == 1:
+        others = [(c, k) for k, c in enumerate(cells) if c > 0 and not hidden[k]]
+        if others:
+            hidden[min(others)[1]] = True
+    return [np.nan if h else float(c) for c, h in zip(cells, hidden, strict=True)]
+
+
+def _cells(counts: Sequence[Any]) -> list[float]:
+    """A released table's cells, flattened, with suppressed cells (null) as NaN."""
+    flat = [c for row in counts for c in row] if counts and isinstance(counts[0], list) else counts
+    return [np.nan if c is None else float(c) for c in flat]
+
+
+def _logistic(design: Floats, y: Floats, tolerance: float = 1e-8) -> Floats:
+    """Newton's method (IRLS) from zero, as the servers iterate."""
+    beta = np.zeros(design.shape[1])
+    for _ in range(25):
+        prob = 1 / (1 + np.exp(-(design @ beta)))
+        hessian = (design * (prob * (1 - prob))[:, None]).T @ design
+        step = np.linalg.solve(hessian, design.T @ (y - prob))
+        beta = beta + step
+        if np.max(np.abs(step)) < tolerance:
+            break
+    return beta
+
+
+def _close(joint: Any, plain: Any, rtol: float = 1e-6, atol: float = 1e-6) -> bool:
+    left, right = np.asarray(joint), np.asarray(plain)
+    if left.shape != right.shape:
+        return False
+    if left.dtype.kind in "biuf" and right.dtype.kind in "biuf":
+        return bool(
+            np.allclose(left.astype(float), right.astype(float), rtol, atol, equal_nan=True)
         )
-    )
+    return bool(np.all(left == right))
 
 
-def _line(label: str, joint: Any, plain: Any) -> tuple[str, bool]:
-    ok = _close(joint, plain)
+def _line(
+    label: str, joint: Any, plain: Any, ms: float | None = None, rtol: float = 1e-6
+) -> tuple[str, bool]:
+    ok = _close(joint, plain, rtol=rtol)
     verdict = "ok" if ok else "DIFFERENT"
-    return f"  {label:<48}{_fmt(joint):>30}{_fmt(plain):>30}   {verdict}", ok
+    took = "" if ms is None else f"{ms:.0f}"
+    return f"  {label:<50}{took:>6}{_fmt(joint):>30}{_fmt(plain):>30}   {verdict}", ok
 
 
-def _fmt(value: Any) -> str:
-    array = np.asarray(value, dtype=float)
+def _fmt(value: Any, width: int = 29) -> str:
+    array = np.asarray(value)
+    numeric = array.dtype.kind in "biuf"
     if array.ndim == 0:
-        return f"{float(array):.6g}"
-    return "[" + ", ".join(f"{v:.6g}" for v in array.ravel()) + "]"
+        return f"{float(array):.6g}" if numeric else str(array)
+    items = [f"{v:.5g}" if numeric else str(v) for v in array.ravel().tolist()]
+    text = "[" + ", ".join(items) + "]"
+    if len(text) <= width:
+        return text
+    rest = f"... ({len(items)})]"
+    shown: list[str] = []
+    for item in items:
+        if len("[" + ", ".join([*shown, item, rest])) > width:
+            break
+        shown.append(item)
+    return "[" + ", ".join([*shown, rest])
 
 
 def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
     """Run the demo; returns 0 when every joint result equals the plaintext answer."""
     data = synthetic_data(rows)
+    arrays = synthetic_arrays()
     every = {
-        key: np.concatenate([np.asarray(t[key]) for t in data.values()])
-        for key in ("age", "pressure", "smoker")
+        key: np.concatenate([np.asarray(t[key]) for t in data.values()]) for key in data["alpha"]
     }
     bp, age = every["pressure"].astype(float), every["age"].astype(float)
-    smoker = every["smoker"]
+    smoker01 = every["smoker01"].astype(float)
+    by_id = {name: dict(zip(t["id"], range(len(t["id"])), strict=True)) for name, t in data.items()}
+    at_all = sorted(by_id["alpha"].keys() & by_id["beta"].keys() & by_id["gamma"].keys())
     failures = 0
     with tempfile.TemporaryDirectory(prefix="fdrtd-demo-") as scratch:
         root = keep or Path(scratch)
         print("starting three servers (alpha, beta, gamma) on 127.0.0.1 ...")
         started = time.perf_counter()
-        with LocalFederation(root) as local:
+        with LocalFederation(root, names=HOSPITALS, env=SETTINGS) as local:
             for server in local.servers.values():
                 print(f"  {server.name:<6} {server.url}   home {server.home}")
-            print(f"ready in {time.perf_counter() - started:.1f} s\n")
-            federation: Federation = local.federation(timeout=120)
+            print(f"ready in {time.perf_counter() - started:.1f} s")
+            print(
+                "  the demo servers allow matrix_product and psi union, which reveal inputs"
+                " and are off by default\n"
+            )
+            federation: Federation = local.federation(timeout=TIMEOUT)
             handles = federation.upload(data)
             for name, handle in handles.items():
                 count = len(data[name]["id"])
                 print(f"  {name} uploaded {count} private patient records -> {handle[:12]}...")
+            admissions = federation.upload(arrays["admissions"])
+            matrices = federation.upload(arrays["matrices"])
+            a, b = arrays["matrices"]["alpha"], arrays["matrices"]["beta"]
+            print(
+                "  each uploaded its admissions per quarter and ward (4x3);"
+                f" alpha a matrix A {a.shape[0]}x{a.shape[1]}, beta B {b.shape[0]}x{b.shape[1]}"
+            )
             mine = {name: {"data": handle} for name, handle in handles.items()}
-            print(f"\n  {'joint result (computed by SMPC)':<48}{'joint':>30}{'plaintext':>30}")
+            heading = "joint result (computed by SMPC)"
+            print(f"\n  {heading:<50}{'ms':>6}{'joint':>30}{'plaintext':>30}")
 
-            def show(
-                label: str,
+            def run(
                 function: str,
                 common: dict[str, Any],
-                pick: Callable[[Any], Any],
-                plain: Any,
-            ) -> None:
-                nonlocal failures
+                inputs: dict[str, dict[str, Any]] | None = None,
+                microservice: str = "smpc",
+            ) -> tuple[Any, float]:
                 began = time.perf_counter()
                 result = federation.compute(
-                    "smpc" if function != "intersection_size" else "psi", function, mine, **common
-                ).result(timeout=120, progress=False)
-                elapsed = (time.perf_counter() - began) * 1000
-                line, ok = _line(f"{label} ({elapsed:.0f} ms)", pick(result), plain)
+                    microservice, function, mine if inputs is None else inputs, **common
+                ).result(timeout=TIMEOUT, progress=False)
+                return result, (time.perf_counter() - began) * 1000
+
+            def show(
+                label: str, joint: Any, plain: Any, ms: float | None = None, rtol: float = 1e-6
+            ) -> None:
+                nonlocal failures
+                line, ok = _line(label, joint, plain, ms, rtol)
                 failures += not ok
                 print(line)
 
-            stats = federation.compute("smpc", "univariate", mine, column="pressure").result(
-                timeout=120, progress=False
+            # -- counts, sums, extremes ------------------------------------------------------
+            result, ms = run("count", {})
+            show("count: patient records", result["count"], bp.size, ms)
+            result, ms = run("secure_sum", {"column": "age"})
+            show("secure_sum: age", result["sum"], age.sum(), ms)
+            inputs: dict[str, dict[str, Any]]
+            inputs = {name: {"data": handle} for name, handle in admissions.items()}
+            result, ms = run("secure_sum", {"elementwise": True}, inputs)
+            plain_admissions = np.sum(list(arrays["admissions"].values()), axis=0)
+            show("secure_sum: admissions 4x3, elementwise", result["sum"], plain_admissions, ms)
+            result, ms = run("minimum_maximum", {"column": "age"})
+            show(
+                "minimum_maximum: age",
+                [result["minimum"], result["maximum"]],
+                [age.min(), age.max()],
+                ms,
             )
+
+            # -- univariate and bivariate statistics -----------------------------------------
+            stats, ms = run("univariate", {"column": "pressure"})
             mean, sd = bp.mean(), bp.std(ddof=1)
             plain_stats = {
                 "samples": bp.size,
@@ -127,62 +276,152 @@ def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
                 "maximum": bp.max(),
                 "skewness": ((bp - mean) ** 3).mean() / bp.std() ** 3,
                 "kurtosis": ((bp - mean) ** 4).mean() / bp.var() ** 2,
+                "harmonic_mean": bp.size / np.sum(1 / bp),
+                "geometric_mean": np.exp(np.log(bp).mean()),
+                "coefficient_of_variation": sd / mean,
+                "root_mean_square": np.sqrt(np.mean(bp**2)),
             }
+            took: float | None = ms
             for key, plain in plain_stats.items():
-                line, ok = _line(f"blood pressure: {key}", stats[key], plain)
-                failures += not ok
-                print(line)
+                show(f"univariate: pressure {key}", stats[key], plain, took)
+                took = None
+            pair, ms = run("bivariate", {"x": "age", "y": "pressure"})
+            slope = np.cov(age, bp)[0, 1] / age.var(ddof=1)
             show(
-                "secure sum of ages", "secure_sum", {"column": "age"}, lambda r: r["sum"], age.sum()
+                "bivariate: age, pressure covariance", pair["covariance"], np.cov(age, bp)[0, 1], ms
             )
             show(
-                "correlation age ~ pressure",
-                "bivariate",
-                {"x": "age", "y": "pressure"},
-                lambda r: r["correlation_coefficient"],
+                "bivariate: age, pressure correlation",
+                pair["correlation_coefficient"],
                 np.corrcoef(age, bp)[0, 1],
             )
-            design = np.column_stack([np.ones_like(age), age, (smoker == "yes").astype(float)])
-            smoker_data = {
-                n: {**t, "smoker01": [1.0 if s == "yes" else 0.0 for s in t["smoker"]]}
-                for n, t in data.items()
+            show(
+                "bivariate: pressure ~ age slope, intercept",
+                [pair["regression_slope"], pair["regression_intercept"]],
+                [slope, bp.mean() - slope * age.mean()],
+            )
+
+            # -- tables ----------------------------------------------------------------------
+            result, ms = run("frequency_table", {"column": "smoker", "categories": list(SMOKER)})
+            tally = Counter(every["smoker"].tolist())
+            show(
+                "frequency_table: smoker (no, yes, other)",
+                _cells([*result["counts"], result["other"]]),
+                _suppressed([tally.pop(s, 0) for s in SMOKER] + [sum(tally.values())]),
+                ms,
+            )
+            result, ms = run("histogram", {"column": "pressure", "bins": list(PRESSURE_BINS)})
+            cells = np.histogram(bp, bins=PRESSURE_BINS)[0].tolist()
+            outside = int(np.sum((bp < PRESSURE_BINS[0]) | (bp > PRESSURE_BINS[-1])))
+            show(
+                "histogram: pressure, 4 bins and other",
+                _cells([*result["counts"], result["other"]]),
+                _suppressed([*cells, outside]),
+                ms,
+            )
+            bands = {"x_categories": list(SMOKER), "y_categories": list(AGE_BANDS)}
+            result, ms = run("contingency_table", {"x": "smoker", "y": "age_band", **bands})
+            pairs = Counter(zip(every["smoker"].tolist(), every["age_band"].tolist(), strict=True))
+            show(
+                "contingency_table: smoker x age band",
+                _cells(result["counts"]),
+                _suppressed([pairs[(s, g)] for s in SMOKER for g in AGE_BANDS]),
+                ms,
+            )
+            inputs = {
+                "alpha": {"data": handles["alpha"], "id": "id", "column": "smoker"},
+                "beta": {"data": handles["beta"], "id": "id", "column": "age_band"},
+                "gamma": {},
             }
-            handles2 = federation.upload(smoker_data)
-            mine2 = {name: {"data": handle} for name, handle in handles2.items()}
-            began = time.perf_counter()
-            ols = federation.compute(
-                "smpc", "linear_regression", mine2, x=["age", "smoker01"], y="pressure"
-            ).result(timeout=120, progress=False)
-            beta = np.linalg.lstsq(design, bp, rcond=None)[0]
-            joint_beta = [ols["coefficients"][k] for k in ols["coefficients"]]
-            elapsed = (time.perf_counter() - began) * 1000
-            line, ok = _line(f"pressure ~ age + smoker ({elapsed:.0f} ms)", joint_beta, beta)
-            failures += not ok
-            print(line)
-            show(
-                "smokers (frequency table)",
-                "frequency_table",
-                {"column": "smoker", "categories": ["no", "yes"]},
-                lambda r: r["counts"],
-                [np.sum(smoker == "no"), np.sum(smoker == "yes")],
+            result, ms = run(
+                "contingency_table_vertical", {"holders": ["alpha", "beta"], **bands}, inputs
+            )
+            both = sorted(by_id["alpha"].keys() & by_id["beta"].keys())
+            pairs = Counter(
+                (
+                    data["alpha"]["smoker"][by_id["alpha"][i]],
+                    data["beta"]["age_band"][by_id["beta"][i]],
+                )
+                for i in both
             )
             show(
-                "median blood pressure",
-                "median",
-                {"column": "pressure"},
-                lambda r: r["median"],
-                np.median(bp),
+                "contingency_table_vertical: smoker x age band",
+                _cells(result["counts"]),
+                _suppressed([pairs[(s, g)] for s in SMOKER for g in AGE_BANDS]),
+                ms,
             )
-            common_ids = (
-                set(data["alpha"]["id"]) & set(data["beta"]["id"]) & set(data["gamma"]["id"])
-            )
+
+            # -- regressions and the matrix product ------------------------------------------
+            ones = np.ones_like(age)
+            result, ms = run("linear_regression", {"x": ["age", "smoker01"], "y": "pressure"})
+            beta = np.linalg.lstsq(np.column_stack([ones, age, smoker01]), bp, rcond=None)[0]
+            coefficients = result["coefficients"]
             show(
-                "patients at all three hospitals (PSI)",
-                "intersection_size",
-                {"column": "id"},
-                lambda r: r["size"],
-                len(common_ids),
+                "linear_regression: pressure ~ age + smoker",
+                [coefficients[k] for k in ("intercept", "age", "smoker01")],
+                beta,
+                ms,
             )
+            inputs = {
+                "alpha": {"data": handles["alpha"], "id": "id", "x": ["smoker01"]},
+                "beta": {"data": handles["beta"], "id": "id", "x": ["age"]},
+                "gamma": {"data": handles["gamma"], "id": "id", "y": "pressure"},
+            }
+            result, ms = run("linear_regression_vertical", {"target_holder": "gamma"}, inputs)
+
+            def column(name: str, key: str) -> Floats:
+                values = np.asarray(data[name][key], dtype=float)
+                return values[[by_id[name][i] for i in at_all]]
+
+            design = np.column_stack(
+                [np.ones(len(at_all)), column("alpha", "smoker01"), column("beta", "age")]
+            )
+            beta = np.linalg.lstsq(design, column("gamma", "pressure"), rcond=None)[0]
+            coefficients = result["coefficients"]
+            show(
+                "linear_regression_vertical: pressure ~ smoker, age",
+                [coefficients[k] for k in ("intercept", "smoker01", "age")],
+                beta,
+                ms,
+            )
+            result, ms = run("logistic_regression", {"x": ["age", "pressure"], "y": "smoker01"})
+            beta = _logistic(np.column_stack([ones, age, bp]), smoker01)
+            coefficients = result["coefficients"]
+            show(
+                "logistic_regression: smoker ~ age + pressure",
+                [coefficients[k] for k in ("intercept", "age", "pressure")],
+                beta,
+                ms,
+                rtol=1e-8,
+            )
+            inputs = {name: {"data": handle} for name, handle in matrices.items()}
+            result, ms = run(
+                "matrix_product", {"left": "alpha", "right": "beta"}, {**inputs, "gamma": {}}
+            )
+            show("matrix_product: alpha's A @ beta's B", result["product"], a @ b, ms)
+
+            # -- private set intersection and union ------------------------------------------
+            ids = {name: {"data": handle, "column": "id"} for name, handle in handles.items()}
+            result, ms = run("intersection", {}, ids, "psi")
+            show("psi intersection: patients at all three", result["intersection"], at_all, ms)
+            result, ms = run("intersection_size", {}, ids, "psi")
+            show("psi intersection_size: patients at all three", result["size"], len(at_all), ms)
+            result, ms = run("union", {}, ids, "psi")
+            union = sorted(by_id["alpha"].keys() | by_id["beta"].keys() | by_id["gamma"].keys())
+            show("psi union: patients at any hospital", result["union"], union, ms)
+
+            # -- order statistics ------------------------------------------------------------
+            result, ms = run("median", {"column": "pressure"})
+            show("median: pressure", result["median"], np.median(bp), ms)
+            result, ms = run("quantiles", {"column": "pressure", "probabilities": list(QUANTILES)})
+            show(
+                "quantiles: pressure at 10, 25, 75, 90 %",
+                result["quantiles"],
+                np.quantile(bp, QUANTILES),
+                ms,
+            )
+            result, ms = run("kth_smallest", {"column": "pressure", "k": KTH})
+            show(f"kth_smallest: pressure, k = {KTH}", result["value"], np.sort(bp)[KTH - 1], ms)
             print("\nno server saw another's records; the analyst saw only the joint results.")
         print("servers stopped.")
     if failures:
