@@ -53,9 +53,10 @@ import numpy.typing as npt
 from fdrtd_server.errors import ComputationFailed
 from fdrtd_server.peers import PeerSession, both
 from protocols._namespace import Namespace
+from protocols.psi import curve
 from protocols.smpc import ring
 
-__all__ = ["CHUNK", "SmpcSession", "Stage"]
+__all__ = ["CHUNK", "SmpcSession", "Stage", "points_from"]
 
 CHUNK = 128 * 1024
 """Elements per peer message (1 MiB of uint64), below the bus payload limit."""
@@ -295,3 +296,15 @@ class SmpcSession:
         values = ring.float_from_order_key(found)
         half = lo.size
         return (-values[:half]).reshape(lo.shape), values[half:].reshape(hi.shape)
+
+
+def points_from(blob: bytes, sender: str, count: int | None = None) -> list[bytes]:
+    """Split a received blob into 32-byte curve points (``count`` of them, if given).
+
+    Raises:
+        ComputationFailed: Naming ``sender``, if the blob does not split so.
+    """
+    size = curve.POINT_BYTES
+    if len(blob) % size or (count is not None and len(blob) != count * size):
+        raise ComputationFailed(f"party '{sender}' sent a malformed list of points")
+    return [blob[k : k + size] for k in range(0, len(blob), size)]

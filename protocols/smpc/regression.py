@@ -16,19 +16,18 @@ counts of each are in ``docs/protocols.md``.
     log-likelihoods securely. Revealed: those totals at every iterate.
 
 ``linear_regression_vertical`` (every party holds some columns of shared records)
-    The parties join their records on an ``id`` column by HMAC-SHA256 under
-    a key that the first data party sends to the others through the
-    encrypted peer channel: each data party sends its sorted tag list to the
-    other data parties, and the rows whose tag every data party holds, in
-    tag order, form the joint design. A data party learns the size of each
-    other party's id set, which of its own ids are in the intersection, and
-    -- since every data party knows the key -- whether any id it can guess is
-    in another party's list; use ids with enough entropy, or the PSI
-    protocols for a stronger join. The intercept column (when asked for)
-    and ``y`` belong to the target holder's block. Diagonal blocks of the
-    Gram matrix are local; each cross block ``Z_i' Z_j`` is a secure matrix
-    product (:mod:`protocols.smpc.matmul`: a Beaver matrix triple from a
-    third party with three or more parties, Paillier with two). The whole
+    The data parties join their records on an ``id`` column by
+    Diffie-Hellman PSI around their ring (:func:`_join`, on the curve of
+    :mod:`protocols.psi.curve`); the rows whose tag every data party holds,
+    in tag order, form the joint design. The first data party learns the
+    size of each other data party's id set and which of its own ids each of
+    them holds; every other data party learns which of its own ids are in
+    the intersection; nobody can test an id it does not hold. The intercept
+    column (when asked for) and ``y`` belong to the target holder's block.
+    Diagonal blocks of the Gram matrix are local; each cross block
+    ``Z_i' Z_j`` is a secure matrix product (:mod:`protocols.smpc.matmul`: a
+    Beaver matrix triple from a third party with three or more parties,
+    Paillier with two). The whole
     Gram matrix (``X'X``, ``X'y``, ``y'y``, ``n``) is then revealed to all
     parties, as in the reference system, and the model is solved from it.
     A party without ``data`` takes part as a helper (dealer) only.
@@ -46,10 +45,9 @@ intercept and uncentred (``1 - RSS / y'y``) without one, as statsmodels does.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import hmac
 import math
-import secrets
 from typing import Any
 
 import numpy as np
@@ -58,16 +56,16 @@ import numpy.typing as npt
 from fdrtd_server.errors import BadRequest, ComputationFailed
 from fdrtd_server.microservice import Dataset, JobContext
 from fdrtd_server.peers import PeerSession
+from protocols.psi import curve
 from protocols.smpc import ring
 from protocols.smpc._registry import service
-from protocols.smpc.engine import SmpcSession
+from protocols.smpc.engine import SmpcSession, points_from
 from protocols.smpc.product import (
     integer_input,
     product_options,
     recv_blob,
     reveal_product,
     secure_product,
-    seed_from,
     send_blob,
 )
 from protocols.smpc.service import agree, check_joint_cohort, declare, numeric, session_for
@@ -83,7 +81,6 @@ CONDITION_LIMIT = 1e12
 INTERCEPT = "intercept"
 MAX_PRODUCT_TERMS = 1 << 27
 """Most multiply-adds of one ``matrix_product`` (about a minute of 256-bit arithmetic)."""
-_TAG_BYTES = 32
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -384,10 +381,27 @@ def _id_keys(column: npt.NDArray[Any]) -> list[bytes | None]:
     raise BadRequest("the 'id' column must hold numbers or text")
 
 
+async def _blinded(
+    peers: PeerSession, sender: str, tag: str, count: int | None = None
+) -> list[bytes]:
+    _, blob = await recv_blob(peers, sender, tag)
+    return points_from(blob, sender, count)
+
+
 async def _join(
     peers: PeerSession, holders: list[str], keys: list[bytes] | None
 ) -> tuple[int, npt.NDArray[np.intp] | None]:
-    """Intersect the data parties' ids by HMAC-SHA256 tags.
+    """Intersect the data parties' ids by Diffie-Hellman PSI around the ring of holders.
+
+    Each holder hashes its ids onto the curve and blinds them with a secret
+    scalar of its own (:mod:`protocols.psi.curve`), sorted so that the list
+    hides the order of its rows. The lists travel the ring of holders at the
+    same time, each holder blinding what it receives and passing it on, until
+    every list comes back to its owner blinded by every holder's scalar. The
+    fully blinded tags are equal exactly where the ids are; nobody can
+    compute the tag of an id without every holder's scalar, so no holder can
+    test a guessed id. The other holders send their tags to the first, which
+    sends back the common ones, sorted: the common order of the joint design.
 
     Returns:
         The number of common records and, at a data party, the indices of its
@@ -401,29 +415,44 @@ async def _join(
         if not isinstance(count, int) or count < 0:
             raise ComputationFailed(f"party '{first}' sent a malformed record count")
         return count, None
+    if len(set(keys)) != len(keys):
+        raise BadRequest("the 'id' column must not repeat an id")
+    ring_size, place = len(holders), holders.index(me)
+    successor, predecessor = holders[(place + 1) % ring_size], holders[place - 1]
+    domain = b"fdrtd/smpc/vertical/" + hashlib.sha256(peers.id.encode()).hexdigest().encode()
+    scalar = curve.random_scalar()
+    items = [curve.encode_item(key) for key in keys]
+    mine = await asyncio.to_thread(curve.hash_and_blind, items, scalar, domain)
+    order = sorted(range(len(mine)), key=mine.__getitem__)  # hides the order of my rows
+    await send_blob(peers, [successor], "join.ring.1", b"".join(mine[k] for k in order))
+    for step in range(1, ring_size):
+        # the list of holder (place - step), blinded by the holders in between
+        points = await _blinded(peers, predecessor, f"join.ring.{step}")
+        try:
+            points = await asyncio.to_thread(curve.reblind, points, scalar)
+        except ValueError:
+            raise ComputationFailed(f"party '{predecessor}' sent invalid curve points") from None
+        await send_blob(peers, [successor], f"join.ring.{step + 1}", b"".join(points))
+    # my own list, back from the ring, blinded by every holder's scalar
+    tags = await _blinded(peers, predecessor, f"join.ring.{ring_size}", len(order))
+    row_of = {tag: order[k] for k, tag in enumerate(tags)}
+    if len(row_of) != len(tags):
+        raise ComputationFailed(f"party '{predecessor}' sent a malformed list of points")
     others = [p for p in holders if p != me]
     if me == first:
-        key = secrets.token_bytes(32)
-        await peers.broadcast("join.key", {"seed": key}, to=others)
+        common = set(row_of)
+        for party in others:
+            common &= set(await _blinded(peers, party, "join.tags"))
+        ordered = sorted(common)
+        await send_blob(peers, others, "join.common", b"".join(ordered))
+        if helpers:
+            await peers.broadcast("join.count", {"n": len(ordered)}, to=helpers)
     else:
-        key = seed_from(await peers.recv(first, "join.key"), first)
-    tags = [
-        hmac.new(key, b"fdrtd.vertical.id\x00" + item, hashlib.sha256).digest() for item in keys
-    ]
-    mine = {tag: row for row, tag in enumerate(tags)}
-    if len(mine) != len(tags):
-        raise BadRequest("the 'id' column must not repeat an id")
-    await send_blob(peers, others, "join.tags", b"".join(sorted(mine)))
-    common = set(mine)
-    for party in others:
-        _, blob = await recv_blob(peers, party, "join.tags")
-        if len(blob) % _TAG_BYTES:
-            raise ComputationFailed(f"party '{party}' sent a malformed id list")
-        common &= {blob[i : i + _TAG_BYTES] for i in range(0, len(blob), _TAG_BYTES)}
-    order = sorted(common)
-    if me == first and helpers:
-        await peers.broadcast("join.count", {"n": len(order)}, to=helpers)
-    return len(order), np.array([mine[tag] for tag in order], dtype=np.intp)
+        await send_blob(peers, [first], "join.tags", b"".join(sorted(row_of)))
+        ordered = await _blinded(peers, first, "join.common")
+        if ordered != sorted(set(ordered)) or not set(ordered) <= row_of.keys():
+            raise ComputationFailed(f"party '{first}' sent a malformed list of common ids")
+    return len(ordered), np.array([row_of[tag] for tag in ordered], dtype=np.intp)
 
 
 def _layout(

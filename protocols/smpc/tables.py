@@ -87,7 +87,7 @@ from fdrtd_server.peers import PeerSession
 from protocols.psi import curve
 from protocols.smpc import ring
 from protocols.smpc._registry import service
-from protocols.smpc.engine import SmpcSession
+from protocols.smpc.engine import SmpcSession, points_from
 from protocols.smpc.service import agree, numeric, session_for
 
 __all__ = [
@@ -536,13 +536,6 @@ class _Vertical:
         return f"{self.peers.id}|tables.vertical|{what}".encode()
 
 
-def _points(blob: bytes, sender: str, count: int | None = None) -> list[bytes]:
-    size = curve.POINT_BYTES
-    if len(blob) % size or (count is not None and len(blob) != count * size):
-        raise ComputationFailed(f"party '{sender}' sent a malformed list of points")
-    return [blob[k : k + size] for k in range(0, len(blob), size)]
-
-
 async def _join(v: _Vertical, holding: _Holding) -> npt.NDArray[np.intp]:
     """DH-PSI with the other holder; my rows of the common records, in a common order."""
     peers = v.peers
@@ -553,13 +546,13 @@ async def _join(v: _Vertical, holding: _Holding) -> npt.NDArray[np.intp]:
     mine = await asyncio.to_thread(curve.hash_and_blind, items, scalar, domain)
     order = sorted(range(len(mine)), key=mine.__getitem__)  # hides the order of my rows
     await _send_blob(peers, other, "vt.psi.blinded", b"".join(mine[k] for k in order))
-    theirs = _points(await _recv_blob(peers, other, "vt.psi.blinded"), other)
+    theirs = points_from(await _recv_blob(peers, other, "vt.psi.blinded"), other)
     try:
         theirs_double = await asyncio.to_thread(curve.reblind, theirs, scalar)
     except ValueError:
         raise ComputationFailed(f"party '{other}' sent invalid curve points") from None
     await _send_blob(peers, other, "vt.psi.reblinded", b"".join(theirs_double))
-    mine_double = _points(await _recv_blob(peers, other, "vt.psi.reblinded"), other, len(order))
+    mine_double = points_from(await _recv_blob(peers, other, "vt.psi.reblinded"), other, len(order))
     row_of = {point: order[k] for k, point in enumerate(mine_double)}
     common = sorted(row_of.keys() & set(theirs_double))
     return np.array([row_of[p] for p in common], dtype=np.intp)

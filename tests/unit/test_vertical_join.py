@@ -1,0 +1,168 @@
+"""The id join of ``linear_regression_vertical``: DH-PSI around the ring of data parties.
+
+The parties run in one event loop and talk through an in-memory stand-in
+for :class:`~fdrtd_server.peers.PeerSession` that records every message a
+party receives, so that a test can take a party's place afterwards and try
+what it could do with its view: above all, test a guessed id of another
+party (which the earlier HMAC join, with a key every data party held,
+allowed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fdrtd_server.errors import BadRequest, ComputationFailed
+from protocols.psi import curve
+from protocols.smpc.regression import _join
+
+SESSION = "0123456789abcdef0123456789abcdef"
+DOMAIN = b"fdrtd/smpc/vertical/" + hashlib.sha256(SESSION.encode()).hexdigest().encode()
+
+
+class Wire:
+    """Mailboxes by (receiver, sender, tag)."""
+
+    def __init__(self) -> None:
+        self.boxes: defaultdict[tuple[str, str, str], asyncio.Queue[Any]] = defaultdict(
+            asyncio.Queue
+        )
+
+
+class Peers:
+    """What ``_join`` uses of a PeerSession, in memory; it keeps what it receives."""
+
+    def __init__(self, wire: Wire, me: str, parties: list[str]) -> None:
+        self.wire, self.me, self.parties, self.id = wire, me, parties, SESSION
+        self.others = [p for p in parties if p != me]
+        self.received: list[tuple[str, str, Any]] = []
+
+    async def broadcast(self, tag: str, value: Any, to: list[str] | None = None) -> None:
+        for party in self.others if to is None else to:
+            self.wire.boxes[(party, self.me, tag)].put_nowait(value)
+
+    async def recv(self, sender: str, tag: str) -> Any:
+        value = await asyncio.wait_for(self.wire.boxes[(self.me, sender, tag)].get(), 10)
+        self.received.append((sender, tag, value))
+        return value
+
+
+def _keys(ids: list[str]) -> list[bytes]:
+    return [i.encode() for i in ids]
+
+
+def _run(
+    ids: dict[str, list[str] | None], holders: list[str]
+) -> tuple[dict[str, tuple[int, Any]], dict[str, Peers], dict[str, bytes]]:
+    """Run the join for every party; (results, the parties' views, their scalars)."""
+    parties = list(ids)
+    wire = Wire()
+    peers = {name: Peers(wire, name, parties) for name in parties}
+    scalars: dict[str, bytes] = {}
+    draw = curve.random_scalar
+
+    def recorded() -> bytes:
+        task = asyncio.current_task()
+        assert task is not None
+        scalar = scalars[task.get_name()] = draw()
+        return scalar
+
+    async def main() -> list[tuple[int, Any]]:
+        tasks = [
+            asyncio.create_task(
+                _join(peers[name], holders, None if keys is None else _keys(keys)),  # type: ignore[arg-type]
+                name=name,
+            )
+            for name, keys in ids.items()
+        ]
+        return list(await asyncio.gather(*tasks))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(curve, "random_scalar", recorded)
+        results = asyncio.run(main())
+    return dict(zip(parties, results, strict=True)), peers, scalars
+
+
+IDS = {
+    "alpha": [f"p{i}" for i in range(0, 60)],
+    "beta": [f"p{i}" for i in range(20, 90)][::-1],
+    "gamma": [f"p{i}" for i in range(10, 50)] + ["p95", "p97"],
+}
+
+
+def test_every_data_party_gets_its_rows_of_the_common_ids_in_one_order() -> None:
+    results, _, _ = _run({**IDS, "helper": None}, ["alpha", "beta", "gamma"])
+    common = set(IDS["alpha"]) & set(IDS["beta"]) & set(IDS["gamma"])
+    assert {n for n, _ in results.values()} == {len(common)}
+    assert results["helper"][1] is None  # a helper learns the count only
+    joined = {
+        name: [IDS[name][row] for row in rows]
+        for name, (_, rows) in results.items()
+        if rows is not None
+    }
+    assert set(joined["alpha"]) == common
+    assert joined["alpha"] == joined["beta"] == joined["gamma"]  # the same records, same order
+
+
+def test_two_data_parties_and_no_common_id() -> None:
+    results, _, _ = _run({"a": ["x", "y", "z"], "b": ["y", "z", "w"]}, ["a", "b"])
+    for name, ids in (("a", ["x", "y", "z"]), ("b", ["y", "z", "w"])):
+        n, rows = results[name]
+        assert n == 2 and sorted(ids[r] for r in rows) == ["y", "z"]
+    results, _, _ = _run({"a": ["x"], "b": ["w"]}, ["a", "b"])
+    assert results["a"][0] == results["b"][0] == 0
+
+
+@pytest.mark.parametrize("party", ["alpha", "beta", "gamma"])
+def test_no_party_can_test_a_guessed_id_of_another(party: str) -> None:
+    """Everything a party can compute from a guess alone is absent from its view.
+
+    From a guess g a party can compute H(g) and its own blinding of it; the
+    tag of g needs every data party's scalar. (With the earlier HMAC join a
+    party held the key, computed HMAC(key, g), and found it in the others'
+    tag lists.)
+    """
+    _, peers, scalars = _run(dict(IDS), ["alpha", "beta", "gamma"])
+    seen: set[bytes] = set()
+    for _, _, value in peers[party].received:
+        data = value.get("data", b"") if isinstance(value, dict) else b""
+        seen.update(data[k : k + 32] for k in range(0, len(data), 32))
+    assert seen, "the party received points"
+    guesses = sorted(set().union(*IDS.values()) - set(IDS[party]))
+    hashed = [curve.hash_to_point(curve.encode_item(g.encode()), DOMAIN) for g in guesses]
+    computable = set(hashed) | set(curve.blind(hashed, scalars[party]))
+    assert computable.isdisjoint(seen)
+    # the guesses' full tags are there (for the ids in others' lists): the
+    # party just cannot compute them
+    full = hashed
+    for name in ("alpha", "beta", "gamma"):
+        full = curve.blind(full, scalars[name])
+    if party == "alpha":  # the first holder receives every other holder's tags
+        assert set(full) & seen
+
+
+def test_a_repeated_id_is_refused_and_a_bad_point_names_its_sender() -> None:
+    with pytest.raises(BadRequest, match="must not repeat"):
+        asyncio.run(_join(Peers(Wire(), "a", ["a", "b"]), ["a", "b"], [b"x", b"x"]))  # type: ignore[arg-type]
+
+    async def forged() -> None:
+        wire = Wire()
+        a = Peers(wire, "a", ["a", "b"])
+        wire.boxes[("a", "b", "join.ring.1.0")].put_nowait({"data": b"\xff" * 32, "pieces": 1})
+        await _join(a, ["a", "b"], [b"x"])  # type: ignore[arg-type]
+
+    with pytest.raises(ComputationFailed, match="party 'b' sent invalid curve points"):
+        asyncio.run(forged())
+
+
+def test_rows_are_indices_into_the_callers_list() -> None:
+    results, _, _ = _run({"a": ["k", "j", "i"], "b": ["i", "k"]}, ["a", "b"])
+    _, rows = results["a"]
+    assert isinstance(rows, np.ndarray) and rows.dtype == np.intp
+    assert sorted(rows.tolist()) == [0, 2]
