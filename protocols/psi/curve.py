@@ -604,7 +604,7 @@ def _hash_to_points(items: list[bytes], prefix: bytes, offset: int) -> list[byte
     ``offset`` is the position of ``items[0]`` in the caller's list, so that an
     error names the global index.
     """
-    sha512, from_uniform = hashlib.sha512, _sodium.crypto_core_ed25519_from_uniform
+    sha512, from_uniform = hashlib.sha512, _from_uniform_for_thread()
     edwards = [from_uniform(sha512(prefix + item).digest()[:POINT_BYTES]) for item in items]
     return _edwards_to_u(edwards, offset)
 
@@ -684,7 +684,40 @@ def _x25519_function() -> Callable[[bytes, bytes], bytes | None]:
     return direct
 
 
+def _from_uniform_function() -> Callable[[bytes], bytes]:
+    """``crypto_core_ed25519_from_uniform`` through PyNaCl's cffi handle with a reused buffer.
+
+    2 of the 26 microseconds a call costs through ``nacl.bindings`` are its
+    argument checks and buffer; the input here is always 32 bytes of SHA-512.
+    """
+    try:
+        from nacl._sodium import ffi, lib
+    except ImportError:  # pragma: no cover - only if PyNaCl reorganises its internals
+        portable: Callable[[bytes], bytes] = _sodium.crypto_core_ed25519_from_uniform
+        return portable
+
+    buffer = ffi.new("unsigned char[32]")
+    view = ffi.buffer(buffer)
+    core = lib.crypto_core_ed25519_from_uniform
+
+    def direct(uniform: bytes) -> bytes:
+        core(buffer, uniform)  # always 0: every 32-byte string maps to a point
+        result: bytes = view[:]
+        return result
+
+    return direct
+
+
 _x25519_local = threading.local()
+_from_uniform_local = threading.local()
+
+
+def _from_uniform_for_thread() -> Callable[[bytes], bytes]:
+    """This thread's ``from_uniform`` function (each has its own output buffer)."""
+    function: Callable[[bytes], bytes] | None = getattr(_from_uniform_local, "function", None)
+    if function is None:
+        function = _from_uniform_local.function = _from_uniform_function()
+    return function
 
 
 def _x25519_for_thread() -> Callable[[bytes, bytes], bytes | None]:

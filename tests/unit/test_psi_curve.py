@@ -270,7 +270,7 @@ def test_hash_and_blind_names_the_item_that_hashed_to_the_identity(
     def from_uniform(r: bytes) -> bytes:
         return _edwards(1) if r == bad else real(r)
 
-    monkeypatch.setattr(curve._sodium, "crypto_core_ed25519_from_uniform", from_uniform)
+    monkeypatch.setattr(curve, "_from_uniform_for_thread", lambda: from_uniform)
     with pytest.raises(ValueError, match="item at index 3 hashed to the identity"):
         hash_and_blind([b"a", b"b", b"c", b"bad", b"d"], random_scalar(), DOMAIN, workers=1)
     with pytest.raises(ValueError, match="item at index 0 hashed to the identity"):
@@ -278,6 +278,13 @@ def test_hash_and_blind_names_the_item_that_hashed_to_the_identity(
     assert hash_to_point(b"a", DOMAIN) == sodium.crypto_sign_ed25519_pk_to_curve25519(
         _libsodium_h(b"a")
     )
+
+
+def test_the_direct_from_uniform_is_libsodiums() -> None:
+    function = curve._from_uniform_function()
+    for item in _items(200):
+        uniform = hashlib.sha512(item).digest()[:32]
+        assert function(uniform) == sodium.crypto_core_ed25519_from_uniform(uniform)
 
 
 def test_different_items_give_different_points() -> None:
