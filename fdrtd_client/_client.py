@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlencode
 
 import numpy as np
 import requests
@@ -93,6 +94,14 @@ class Client:
         if not 0 <= start_wait <= MAX_START_WAIT:
             raise FdrtdClientError(f"'start_wait' must be between 0 and {MAX_START_WAIT:g} seconds")
         self.url = url.rstrip("/")
+        checked = requests.PreparedRequest()
+        try:
+            checked.prepare_url(self.url, None)  # requests' checks and IDNA, once
+        except requests.RequestException as error:
+            raise FdrtdClientError(f"{url!r} is not a server URL: {error}") from None
+        self._base = str(checked.url).rstrip("/")
+        if not self._base.startswith(("http://", "https://")):
+            raise FdrtdClientError(f"{url!r} is not a server URL: it must start with http(s)://")
         self.timeout = timeout
         self.start_wait = start_wait
         self._session = requests.Session()
@@ -153,16 +162,15 @@ class Client:
             data = wire.packb(body)
             sent["content-type"] = wire.MSGPACK
         # What Session.request does, less its merging of per-call settings with
-        # the session's (this client never passes any): about a sixth less CPU.
+        # the session's (this client never passes any) and less parsing our own
+        # URL again (checked once, in __init__): about a fifth less CPU a call.
         prepared = requests.PreparedRequest()
-        prepared.prepare(
-            method=method,
-            url=self.url + path,
-            headers=sent,
-            data=data,
-            params=params,
-            cookies=self._session.cookies,
-        )
+        prepared.prepare_method(method)
+        prepared.url = self._base + path + ("?" + urlencode(params) if params else "")
+        prepared.prepare_headers(sent)
+        if self._session.cookies:  # set by a proxy or load balancer in front, if any
+            prepared.prepare_cookies(self._session.cookies)
+        prepared.prepare_body(data, None)
         try:
             response = self._session.send(prepared, timeout=timeout or self.timeout)
         except requests.ConnectionError as error:

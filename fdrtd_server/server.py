@@ -109,6 +109,10 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> None:
             log_level="warning",
             lifespan="on",
             access_log=False,
+            # no "server" and "date" headers: nobody reads them, and every
+            # peer message's answer is parsed by the sending gateway
+            server_header=False,
+            date_header=False,
         )
         _Server(config).run()
     finally:

@@ -23,7 +23,15 @@ import numpy as np
 import pytest
 import requests
 
-from fdrtd_client import Client, ComputationFailed, FdrtdClientError, Federation, Forbidden, wire
+from fdrtd_client import (
+    Client,
+    ComputationFailed,
+    FdrtdClientError,
+    Federation,
+    Forbidden,
+    NotFound,
+    wire,
+)
 from fdrtd_server.config import TokenStore
 from fdrtd_server.local import LocalFederation, LocalServer
 
@@ -327,6 +335,19 @@ def test_start_wait_is_checked(server: LocalServer) -> None:
     for bad in (-1.0, 61.0):
         with pytest.raises(FdrtdClientError, match="'start_wait'"):
             Client(server.url, server.token, start_wait=bad)
+
+
+@pytest.mark.parametrize("bad", ["localhost:8000", "http://", "ftp://example.org", ""])
+def test_a_url_that_is_not_a_server_is_refused_at_once(bad: str) -> None:
+    with pytest.raises(FdrtdClientError, match="is not a server URL"):
+        Client(bad, "token")
+
+
+def test_the_servers_url_may_end_in_a_slash_or_a_path(server: LocalServer) -> None:
+    with Client(server.url + "/", server.token) as client:
+        assert client.identity()["name"] == server.name
+    with Client(server.url + "/no/such/prefix", server.token) as client, pytest.raises(NotFound):
+        client.identity()
 
 
 # -- the federation ------------------------------------------------------------------
