@@ -166,7 +166,9 @@ class Client:
         # URL again (checked once, in __init__): about a fifth less CPU a call.
         prepared = requests.PreparedRequest()
         prepared.prepare_method(method)
-        prepared.url = self._base + path + ("?" + urlencode(params) if params else "")
+        # quoted as requests would (a handle given by the caller may hold anything)
+        target = requests.utils.requote_uri(path)
+        prepared.url = self._base + target + ("?" + urlencode(params) if params else "")
         prepared.prepare_headers(sent)
         if self._session.cookies:  # set by a proxy or load balancer in front, if any
             prepared.prepare_cookies(self._session.cookies)

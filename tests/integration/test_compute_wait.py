@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from fdrtd_client import (
+    BadRequest,
     Client,
     ComputationFailed,
     FdrtdClientError,
@@ -341,6 +342,16 @@ def test_start_wait_is_checked(server: LocalServer) -> None:
 def test_a_url_that_is_not_a_server_is_refused_at_once(bad: str) -> None:
     with pytest.raises(FdrtdClientError, match="is not a server URL"):
         Client(bad, "token")
+
+
+@pytest.mark.parametrize("handle", ["abc def", "../../v1/data", "x?y=1#z", "%2e%2e", "ü", "d-0"])
+def test_a_handle_holding_anything_gets_a_clear_refusal(server: LocalServer, handle: str) -> None:
+    """The client quotes what it puts in a path; the server answers 400 or 404."""
+    with Client(server.url, server.token) as client:
+        with pytest.raises((BadRequest, NotFound)):
+            client.describe(handle)
+        with pytest.raises((BadRequest, NotFound)):
+            client.job(handle).status()
 
 
 def test_the_servers_url_may_end_in_a_slash_or_a_path(server: LocalServer) -> None:
