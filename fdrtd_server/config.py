@@ -73,6 +73,7 @@ class Settings:
     allow_map_reduce: bool = True
     allow_set_union: bool = False
     allow_matrix_product: bool = False
+    allow_vertical_regression: bool = False
     session_timeout: float = 30.0
     microservices: tuple[str, ...] = field(default_factory=tuple)
 
@@ -114,11 +115,18 @@ _FIELD_TYPES: dict[str, type] = {
     "allow_map_reduce": bool,
     "allow_set_union": bool,
     "allow_matrix_product": bool,
+    "allow_vertical_regression": bool,
     "session_timeout": float,
 }
 
 
-_POLICY_KEYS = ("min_cohort", "allow_map_reduce", "allow_set_union", "allow_matrix_product")
+_POLICY_KEYS = (
+    "min_cohort",
+    "allow_map_reduce",
+    "allow_set_union",
+    "allow_matrix_product",
+    "allow_vertical_regression",
+)
 """The settings of the ``[policy]`` table (besides its ``microservices`` list)."""
 
 
@@ -271,7 +279,9 @@ def init_home(home: Path, name: str, *, port: int = 8000, host: str = "127.0.0.1
         "# a set union discloses every item of every party (not who holds it)\n"
         "allow_set_union = false\n"
         "# a matrix product can disclose a whole input (B = I reveals A)\n"
-        "allow_matrix_product = false\n",
+        "allow_matrix_product = false\n"
+        "# vertical OLS opens X'X: a crafted column can read another party's values\n"
+        "allow_vertical_regression = false\n",
         "utf-8",
     )
     Identity.generate(name).save(home / "identity")

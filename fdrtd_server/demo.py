@@ -22,9 +22,10 @@ catalogue of protocols between the three servers:
 
 The servers compute each result by secure multiparty computation through
 their peer gateways, so no server sees another's records. The demo servers
-allow ``matrix_product`` and ``union``, which reveal inputs and are off by
-default. The demo prints every joint result beside the answer computed in
-plain text from all the data at once, which only a demo can do.
+allow ``matrix_product``, ``linear_regression_vertical`` and ``union``, which
+can reveal inputs and are off by default. The demo prints every joint result
+beside the answer computed in plain text from all the data at once, which
+only a demo can do.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ MIN_COHORT = 3
 SETTINGS = {
     "FDRTD_MIN_COHORT": str(MIN_COHORT),
     "FDRTD_ALLOW_MATRIX_PRODUCT": "true",
+    "FDRTD_ALLOW_VERTICAL_REGRESSION": "true",
     "FDRTD_ALLOW_SET_UNION": "true",
 }
 TIMEOUT = 120.0
@@ -208,8 +210,8 @@ def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
                 print(f"  {server.name:<6} {server.url}   home {server.home}")
             print(f"ready in {time.perf_counter() - started:.1f} s")
             print(
-                "  the demo servers allow matrix_product and psi union, which reveal inputs"
-                " and are off by default\n"
+                "  the demo servers allow matrix_product, linear_regression_vertical and"
+                " psi union, which can reveal inputs and are off by default\n"
             )
             federation: Federation = local.federation(timeout=TIMEOUT)
             handles = federation.upload(data)

@@ -96,6 +96,7 @@ class Environment:
     allow_map_reduce: bool = True
     allow_set_union: bool = False
     allow_matrix_product: bool = False
+    allow_vertical_regression: bool = False
 
 
 @dataclass

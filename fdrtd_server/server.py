@@ -63,6 +63,7 @@ def environment(settings: Settings) -> Environment:
         allow_map_reduce=settings.allow_map_reduce,
         allow_set_union=settings.allow_set_union,
         allow_matrix_product=settings.allow_matrix_product,
+        allow_vertical_regression=settings.allow_vertical_regression,
     )
 
 

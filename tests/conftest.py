@@ -79,7 +79,11 @@ def trio(
     tmp_path_factory: pytest.TempPathFactory, example_plugin: None
 ) -> Iterator[LocalFederation]:
     """Three parties (alpha, beta, gamma), shared by the whole session."""
-    policy = {"FDRTD_ALLOW_SET_UNION": "true", "FDRTD_ALLOW_MATRIX_PRODUCT": "true"}
+    policy = {
+        "FDRTD_ALLOW_SET_UNION": "true",
+        "FDRTD_ALLOW_MATRIX_PRODUCT": "true",
+        "FDRTD_ALLOW_VERTICAL_REGRESSION": "true",
+    }
     with LocalFederation(tmp_path_factory.mktemp("trio"), env=policy) as federation:
         yield federation
 

@@ -27,15 +27,18 @@ counts of each are in ``docs/protocols.md``.
     Diagonal blocks of the Gram matrix are local; each cross block
     ``Z_i' Z_j`` is a secure matrix product (:mod:`protocols.smpc.matmul`: a
     Beaver matrix triple from a third party with three or more parties,
-    Paillier with two). The whole
-    Gram matrix (``X'X``, ``X'y``, ``y'y``, ``n``) is then revealed to all
-    parties, as in the reference system, and the model is solved from it.
-    A party without ``data`` takes part as a helper (dealer) only.
+    Paillier with two). The whole Gram matrix (``X'X``, ``X'y``, ``y'y``,
+    ``n``) is then revealed to all parties, as in the reference system, and
+    the model is solved from it. A party without ``data`` takes part as a
+    helper (dealer) only. An opened cross block lets a crafted column (the
+    indicator of one record) read another party's values, so a data party
+    takes part only where its policy sets ``allow_vertical_regression``.
 
 ``matrix_product``
     ``A @ B`` for ``A`` at party ``left`` and ``B`` at party ``right``, by the
-    same secure product; the result is revealed to every party. Mind that
-    the product itself can disclose an input (``B = I`` reveals ``A``).
+    same secure product; the result is revealed to every party. The product
+    itself can disclose an input (``B = I`` reveals ``A``), so it runs only
+    where the holders' policies set ``allow_matrix_product``.
 
 Standard errors (both OLS functions) come from the aggregates alone:
 ``RSS = y'y - 2 b'X'y + b'X'X b``, ``sigma^2 = RSS / (n - p)``,
@@ -53,7 +56,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fdrtd_server.errors import BadRequest, ComputationFailed
+from fdrtd_server.errors import BadRequest, ComputationFailed, Forbidden
 from fdrtd_server.microservice import Dataset, JobContext
 from fdrtd_server.peers import PeerSession
 from protocols.psi import curve
@@ -524,6 +527,12 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
             raise BadRequest("'y' must name the target column")
         keys: list[bytes] | None = None
         block = np.zeros((0, 0))
+        if inputs.get("data") is not None and not ctx.env.allow_vertical_regression:
+            raise Forbidden(
+                "this server's policy does not allow vertical regressions (the Gram "
+                "matrix they open lets a crafted column read another party's values); "
+                "the owner can set allow_vertical_regression = true"
+            )
         if inputs.get("data") is not None:
             dataset = await ctx.load_dataset(inputs.get("data"))
             values = _columns(dataset, own_names + ([target_name] if target_name else []), "x")

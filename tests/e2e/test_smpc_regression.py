@@ -23,8 +23,12 @@ from fdrtd_server.local import LocalFederation
 from protocols.smpc import matmul
 
 F = matmul.DEFAULT_FRAC_BITS
-PRODUCTS = {"FDRTD_ALLOW_MATRIX_PRODUCT": "true"}
-"""The policy that lets ``matrix_product`` run (off by default: B = I reveals A)."""
+PRODUCTS = {"FDRTD_ALLOW_MATRIX_PRODUCT": "true", "FDRTD_ALLOW_VERTICAL_REGRESSION": "true"}
+"""The policy that lets ``matrix_product`` and ``linear_regression_vertical`` run.
+
+Both are off by default: ``B = I`` reveals ``A``, and a crafted column reads
+another party's values from the Gram matrix a vertical regression opens.
+"""
 
 
 @pytest.fixture(scope="module")

@@ -824,14 +824,63 @@ def test_matrix_product_with_an_identity_partner_returns_no_data(world: World) -
     identity = upload_matrix(world.south, np.eye(VALUES.size))
     common = {"left": "south", "right": "north"}
     inputs = {"north": {"data": matrix, **common}, "south": {"data": identity, **common}}
+    assert_refused_by_policy(world, "matrix_product", inputs, "allow_matrix_product")
+
+
+def test_vertical_regression_with_indicator_columns_returns_no_data(world: World) -> None:
+    """``smpc.linear_regression_vertical`` opens X'X: an indicator column reads a value.
+
+    South's analyst joins north's records on their id and gives, for each of
+    north's single records, a column that is 1 on that record only, and
+    ``y = 1``: the opened cross block ``value' i_k`` is that record's value,
+    and the fit's own coefficients give it too (``v_k = (1 - b_k) / b_value``).
+    A server that gives data takes part only where its policy allows
+    vertical regressions (``allow_vertical_regression``, off by default, as
+    on north and south here); both refuse, and say why.
+    """
+    ids = [f"r{i}" for i in range(VALUES.size)]
+    north = upload_table(world.north, {"id": ids, "value": VALUES})
+    columns: dict[str, Any] = {"id": ids, "y": np.ones(VALUES.size)}
+    for k, row in enumerate(np.flatnonzero(np.isin(VALUES, DISTINCT)).tolist()):
+        columns[f"i{k}"] = np.where(np.arange(VALUES.size) == row, 1.0, 0.0)
+    south = upload_table(world.south, columns)
+    common = {"target_holder": "south", "intercept": False}
+    indicators = [name for name in columns if name.startswith("i")]
+    inputs = {
+        "north": {"data": north, "id": "id", "x": ["value"], **common},
+        "south": {"data": south, "id": "id", "x": indicators, "y": "y", **common},
+    }
+    assert_refused_by_policy(
+        world, "linear_regression_vertical", inputs, "allow_vertical_regression"
+    )
+
+
+def assert_refused_by_policy(
+    world: World, function: str, inputs: dict[str, dict[str, Any]], setting: str
+) -> None:
+    """Both servers refuse ``smpc.<function>`` with 403 naming ``setting``; no data comes back."""
     found: list[str] = []
     with requests.Session() as session:
-        views = run_federated(world, session, "smpc", "matrix_product", inputs, found)
+        views = run_federated(world, session, "smpc", function, inputs, found)
     check(found)
     for name, view in views.items():
         assert view["status"] == "failed", (name, view)
         assert view["error"]["status"] == 403, (name, view)
-        assert "allow_matrix_product = true" in view["error"]["detail"], (name, view)
+        assert f"{setting} = true" in view["error"]["detail"], (name, view)
+
+
+def upload_table(party: Party, columns: dict[str, Any]) -> str:
+    """Upload named columns as one msgpack table of ``party``; its handle."""
+    response = requests.post(
+        party.url + "/v1/data",
+        params={"format": "msgpack"},
+        data=wire.packb(columns),
+        headers={**party.auth(party.server.token), "content-type": MSGPACK},
+        timeout=60,
+    )
+    assert response.status_code == 201, response.text[:300]
+    handle: str = response.json()["handle"]
+    return handle
 
 
 def upload_matrix(party: Party, matrix: np.ndarray[Any, Any]) -> str:

@@ -304,6 +304,7 @@ def test_the_revealing_protocols_are_off_unless_the_policy_allows_them(home: Pat
     _write_config(home, '[server]\nname = "unit"\n')
     default = load_settings(home, environ={})
     assert (default.allow_set_union, default.allow_matrix_product) == (False, False)
+    assert default.allow_vertical_regression is False
     _write_config(
         home,
         '[server]\nname = "unit"\n[policy]\nallow_matrix_product = true\nallow_set_union = true\n',
@@ -312,6 +313,8 @@ def test_the_revealing_protocols_are_off_unless_the_policy_allows_them(home: Pat
     assert (allowed.allow_set_union, allowed.allow_matrix_product) == (True, True)
     closed = load_settings(home, environ={"FDRTD_ALLOW_MATRIX_PRODUCT": "false"})
     assert closed.allow_matrix_product is False
+    opened = load_settings(home, environ={"FDRTD_ALLOW_VERTICAL_REGRESSION": "1"})
+    assert opened.allow_vertical_regression is True
 
 
 def test_settings_read_the_process_environment(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
