@@ -249,6 +249,12 @@ def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
                 failures += not ok
                 print(line)
 
+            def show_fit(
+                label: str, result: Any, names: str, plain: Any, ms: float, rtol: float = 1e-6
+            ) -> None:
+                coefficients = result["coefficients"]
+                show(label, [coefficients[k] for k in names.split()], plain, ms, rtol)
+
             # -- counts, sums, extremes ------------------------------------------------------
             result, ms = run("count", {})
             show("count: patient records", result["count"], bp.size, ms)
@@ -357,10 +363,10 @@ def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
             ones = np.ones_like(age)
             result, ms = run("linear_regression", {"x": ["age", "smoker01"], "y": "pressure"})
             beta = np.linalg.lstsq(np.column_stack([ones, age, smoker01]), bp, rcond=None)[0]
-            coefficients = result["coefficients"]
-            show(
+            show_fit(
                 "linear_regression: pressure ~ age + smoker",
-                [coefficients[k] for k in ("intercept", "age", "smoker01")],
+                result,
+                "intercept age smoker01",
                 beta,
                 ms,
             )
@@ -379,19 +385,19 @@ def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
                 [np.ones(len(at_all)), column("alpha", "smoker01"), column("beta", "age")]
             )
             beta = np.linalg.lstsq(design, column("gamma", "pressure"), rcond=None)[0]
-            coefficients = result["coefficients"]
-            show(
+            show_fit(
                 "linear_regression_vertical: pressure ~ smoker, age",
-                [coefficients[k] for k in ("intercept", "smoker01", "age")],
+                result,
+                "intercept smoker01 age",
                 beta,
                 ms,
             )
             result, ms = run("logistic_regression", {"x": ["age", "pressure"], "y": "smoker01"})
             beta = _logistic(np.column_stack([ones, age, bp]), smoker01)
-            coefficients = result["coefficients"]
-            show(
+            show_fit(
                 "logistic_regression: smoker ~ age + pressure",
-                [coefficients[k] for k in ("intercept", "age", "pressure")],
+                result,
+                "intercept age pressure",
                 beta,
                 ms,
                 rtol=1e-8,

@@ -67,7 +67,7 @@ from fdrtd_server.bus import (
     now_iso,
     parse_handle,
 )
-from fdrtd_server.errors import BadRequest, CohortTooSmall, FdrtdError, NotFound
+from fdrtd_server.errors import BadRequest, CohortTooSmall, FdrtdError, Forbidden, NotFound
 from fdrtd_server.peers import PeerInbox
 
 __all__ = [
@@ -97,6 +97,23 @@ class Environment:
     allow_set_union: bool = False
     allow_matrix_product: bool = False
     allow_vertical_regression: bool = False
+
+    def require(self, setting: str, what: str, why: str) -> None:
+        """Refuse (403) a function that can disclose inputs unless the policy allows it.
+
+        Args:
+            setting: The policy switch, e.g. ``"allow_set_union"``.
+            what: The functions it allows, for the message ("set unions").
+            why: What they can disclose, for the message.
+
+        Raises:
+            Forbidden: If this server's policy leaves ``setting`` off.
+        """
+        if not getattr(self, setting):
+            raise Forbidden(
+                f"this server's policy does not allow {what} ({why}); "
+                f"the owner can set {setting} = true"
+            )
 
 
 @dataclass

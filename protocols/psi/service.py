@@ -520,11 +520,9 @@ async def union(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """
     async with _session(ctx) as peers:
         # Inside the session: if our input is refused, the others hear it at once.
-        if not ctx.env.allow_set_union:
-            raise Forbidden(
-                "this server's policy does not allow set unions (a union discloses every "
-                "item of every party); the owner can set allow_set_union = true"
-            )
+        ctx.env.require(
+            "allow_set_union", "set unions", "a union discloses every item of every party"
+        )
         items, encoded = await _load_items(ctx, inputs)
         if any(len(e) > MAX_ITEM_BYTES for e in encoded):
             raise BadRequest(f"union items must be at most {MAX_ITEM_BYTES} bytes long (UTF-8)")

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from phe import paillier
 
-from fdrtd_server.errors import BadRequest, ComputationFailed, Forbidden
+from fdrtd_server.errors import BadRequest, ComputationFailed
 from fdrtd_server.microservice import JobContext
 from fdrtd_server.peers import PeerSession
 from protocols.smpc import matmul, ring
@@ -332,11 +332,11 @@ async def matrix_product(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, A
             raise BadRequest("'left' and 'right' must name two different parties")
         if left not in peers.parties or right not in peers.parties:
             raise BadRequest("'left' and 'right' must be parties of the session")
-        if peers.me in (left, right) and not ctx.env.allow_matrix_product:
-            raise Forbidden(
-                "this server's policy does not allow matrix products (a product can "
-                "disclose a whole input: B = I reveals A); the owner can set "
-                "allow_matrix_product = true"
+        if peers.me in (left, right):
+            ctx.env.require(
+                "allow_matrix_product",
+                "matrix products",
+                "a product can disclose a whole input: B = I reveals A",
             )
         matrix: F64 | None = None
         if peers.me in (left, right):

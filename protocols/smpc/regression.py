@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fdrtd_server.errors import BadRequest, ComputationFailed, Forbidden
+from fdrtd_server.errors import BadRequest, ComputationFailed
 from fdrtd_server.microservice import Dataset, JobContext
 from fdrtd_server.peers import PeerSession
 from protocols.psi import curve
@@ -527,13 +527,12 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
             raise BadRequest("'y' must name the target column")
         keys: list[bytes] | None = None
         block = np.zeros((0, 0))
-        if inputs.get("data") is not None and not ctx.env.allow_vertical_regression:
-            raise Forbidden(
-                "this server's policy does not allow vertical regressions (the Gram "
-                "matrix they open lets a crafted column read another party's values); "
-                "the owner can set allow_vertical_regression = true"
-            )
         if inputs.get("data") is not None:
+            ctx.env.require(
+                "allow_vertical_regression",
+                "vertical regressions",
+                "the Gram matrix they open lets a crafted column read another party's values",
+            )
             dataset = await ctx.load_dataset(inputs.get("data"))
             values = _columns(dataset, own_names + ([target_name] if target_name else []), "x")
             ids = _id_keys(dataset.column(inputs.get("id")))
