@@ -25,6 +25,12 @@ Secure sum (one broadcast round per sum)
     without the dropout recovery). Labels bind the masks to the session, the
     operation's tag and the pair, so no mask is ever used twice.
 
+Count and sum (one round where the minimum cohort allows, else two)
+    The joint count goes out masked with every party's masked sum, except
+    from parties whose own records do not yet meet their minimum cohort;
+    those send theirs only once the opened count has passed the check
+    (:meth:`SmpcSession.count_and_sum`, which says what that reveals).
+
 Secure OR
     To learn only whether *any* party holds a 1, party i contributes
     ``r_i * b_i`` with ``r_i`` uniform in Z_2^64 to a secure sum: the sum is
@@ -44,7 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -151,10 +157,98 @@ class SmpcSession:
         tag = self._next(Stage.SUM)
         values = np.asarray(x, dtype=np.uint64)  # keeps 0-d shapes; masked() copies
         y = self.masked(tag, values).reshape(-1)
-        total = y.copy()
-        pieces = max(1, -(-y.size // CHUNK))
         deferred, self._deferred = self._deferred, None
+        received = await self._pieces(tag, y, self.peers.others, deferred=deferred)
+        if deferred is not None:
+            for party, parts in received.items():
+                first = parts[0] if isinstance(parts[0], dict) else {}
+                self._store_public({party: first.get("public")})
+                parts[0] = first.get("v")
+        received[self.peers.me] = _split(y)
+        return _add(received, y.size).reshape(values.shape)
 
+    async def count_and_sum(
+        self,
+        rows: int,
+        x: npt.ArrayLike,
+        *,
+        ready: bool,
+        vet: Callable[[int], None],
+    ) -> tuple[int, U64]:
+        """The joint record count and a secure sum of ``x``, in one round where policy allows.
+
+        Every party sends its masked record count. A party that is ``ready``
+        (its own records already meet its policy's minimum cohort, so the
+        joint count will too) sends its masked ``x`` in the same message, if
+        it fits in one. Then every party opens the count and calls
+        ``vet(count)``, which raises to refuse (the cohort check; the public
+        metadata of a deferred setup is in :attr:`public` by then). Only if
+        it passes do the parties that held back send their masked ``x``, in a
+        second round. When every party is ready, a sum costs one round.
+
+        What a party that held back can learn from the ready parties' masked
+        values before it refuses is the sum of their inputs (it knows its own
+        masks with each). That is an aggregate over at least as many records
+        as each ready party's own policy demands, and no more than it would
+        learn from a result it could reach by adding records of its own: a
+        party's minimum cohort protects that party's records.
+
+        Args:
+            rows: This party's number of records.
+            x: This party's uint64 ring elements (any shape, the same on every
+                party; ``vet`` should refuse when the declared shapes differ).
+            ready: Whether this party may send its masked ``x`` before the
+                joint count is known.
+            vet: Called with the joint count on every party; raises to refuse.
+
+        Returns:
+            The joint count and the sum of every party's ``x``.
+        """
+        count_tag, sum_tag = self._next(Stage.SUM), self._next(Stage.SUM)
+        values = np.asarray(x, dtype=np.uint64)
+        y = self.masked(sum_tag, values).reshape(-1)
+        early = ready and y.size <= CHUNK
+        counted = self.masked(count_tag, ring.encode_int(np.array([rows]), parties=self.parties))
+        deferred, self._deferred = self._deferred, None
+        first = {"count": counted, "sum": y if early else None, "public": deferred}
+        received = await self.peers.exchange(count_tag, first)
+        counts: dict[str, list[Any]] = {}
+        sums: dict[str, list[Any]] = {}
+        for party, message in received.items():
+            message = message if isinstance(message, dict) else {}
+            if deferred is not None and party != self.peers.me:
+                self._store_public({party: message.get("public")})
+            counts[party] = [message.get("count")]
+            if message.get("sum") is not None:
+                sums[party] = [message["sum"]]
+        total_rows = int(ring.decode_int(_add(counts, 1))[0])
+        vet(total_rows)
+        late = [party for party in self.peers.parties if party not in sums]
+        if late:
+            sources = [party for party in late if party != self.peers.me]
+            sent = self.peers.me in late
+            sums.update(await self._pieces(sum_tag, y, sources, send=sent))
+            if sent:
+                sums[self.peers.me] = _split(y)
+        return total_rows, _add(sums, y.size).reshape(values.shape)
+
+    async def _pieces(
+        self,
+        tag: str,
+        y: U64,
+        sources: Sequence[str],
+        *,
+        send: bool = True,
+        deferred: dict[str, Any] | None = None,
+    ) -> dict[str, list[Any]]:
+        """Broadcast ``y`` (if ``send``) in pieces of :data:`CHUNK`; receive the sources' pieces.
+
+        Every party's vector has ``y``'s size, so the sources send as many
+        pieces. The first piece carries ``deferred`` public metadata, if
+        given, as ``{"v": piece, "public": deferred}``. Returns each source's
+        pieces as received (unchecked; :func:`_add` checks them).
+        """
+        pieces = max(1, -(-y.size // CHUNK))
         window = asyncio.Semaphore(SEND_WINDOW)
 
         async def send_piece(k: int) -> None:
@@ -166,30 +260,18 @@ class SmpcSession:
                 )
 
         async def send_all() -> None:
-            # pieces go out a few at a time, so that sealing, HTTP and storage overlap
-            await asyncio.gather(*(send_piece(k) for k in range(pieces)))
+            if send:
+                # pieces go out a few at a time, so that sealing, HTTP and storage overlap
+                await asyncio.gather(*(send_piece(k) for k in range(pieces)))
 
         async def receive_all() -> dict[str, list[Any]]:
             return {
                 party: [await self.peers.recv(party, f"{tag}.{k}") for k in range(pieces)]
-                for party in self.peers.others
+                for party in sources
             }
 
         _, received = await both(send_all(), receive_all())
-        sizes = [min(CHUNK, y.size - k * CHUNK) for k in range(pieces)]
-        for party, parts in received.items():
-            if deferred is not None:
-                first = parts[0] if isinstance(parts[0], dict) else {}
-                self._store_public({party: first.get("public")})
-                parts[0] = first.get("v")
-            if not all(
-                isinstance(part, np.ndarray) and part.dtype == np.uint64 and part.size == size
-                for part, size in zip(parts, sizes, strict=True)
-            ):
-                raise ComputationFailed(f"party '{party}' sent a malformed masked vector")
-            for k, part in enumerate(parts):
-                total[k * CHUNK : k * CHUNK + part.size] += part.reshape(-1)
-        return total.reshape(values.shape)
+        return received
 
     async def sum_fixed(
         self, x: npt.ArrayLike, frac_bits: int = ring.DEFAULT_FRAC_BITS
@@ -296,6 +378,31 @@ class SmpcSession:
         values = ring.float_from_order_key(found)
         half = lo.size
         return (-values[:half]).reshape(lo.shape), values[half:].reshape(hi.shape)
+
+
+def _split(y: U64) -> list[Any]:
+    """``y`` in the pieces :meth:`SmpcSession._pieces` sends."""
+    return [y[k : k + CHUNK] for k in range(0, max(y.size, 1), CHUNK)]
+
+
+def _add(received: dict[str, list[Any]], size: int) -> U64:
+    """Add every party's pieces of a masked vector of ``size`` uint64 (mod 2^64).
+
+    Raises:
+        ComputationFailed: Naming the party, if its pieces are not ``size``
+            uint64 values in pieces of :data:`CHUNK`.
+    """
+    sizes = [min(CHUNK, size - k) for k in range(0, max(size, 1), CHUNK)]
+    total = np.zeros(size, dtype=np.uint64)
+    for party, parts in received.items():
+        if len(parts) != len(sizes) or not all(
+            isinstance(part, np.ndarray) and part.dtype == np.uint64 and part.size == expected
+            for part, expected in zip(parts, sizes, strict=True)
+        ):
+            raise ComputationFailed(f"party '{party}' sent a malformed masked vector")
+        for k, part in enumerate(parts):
+            total[k * CHUNK : k * CHUNK + part.size] += part.reshape(-1)
+    return total
 
 
 def points_from(blob: bytes, sender: str, count: int | None = None) -> list[bytes]:

@@ -151,14 +151,26 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
             ctx, shape=list(np.shape(local)), elementwise=elementwise, frac_bits=frac_bits
         )
         await smpc.setup(public, defer=True)
-        total_rows = await joint_count(ctx, smpc, rows)
-        if elementwise:
-            # each element of an elementwise sum describes one record per party
-            check_joint_cohort(ctx, smpc, smpc.parties)
-        agree(smpc, "elementwise")
-        agree(smpc, "frac_bits")
-        agree(smpc, "shape")
-        total = await smpc.sum_fixed(local, frac_bits)
+        encoded = ring.encode_fixed(
+            np.asarray(local, dtype=np.float64), frac_bits=frac_bits, parties=smpc.parties
+        )
+        # each element of an elementwise sum describes one record per party
+        described = min(rows, smpc.parties) if elementwise else rows
+
+        def vet(total: int) -> None:
+            check_joint_cohort(ctx, smpc, total)
+            if elementwise:
+                check_joint_cohort(ctx, smpc, smpc.parties)
+            agree(smpc, "elementwise")
+            agree(smpc, "frac_bits")
+            agree(smpc, "shape")
+
+        # the count and the sum share one round when this party's own records
+        # meet its minimum cohort (the joint count then does too)
+        total_rows, summed = await smpc.count_and_sum(
+            rows, encoded, ready=described >= ctx.env.min_cohort, vet=vet
+        )
+        total = ring.decode_fixed(summed, frac_bits=frac_bits)
     value: Any = float(total) if total.ndim == 0 else total
     return {"sum": value, "count": total_rows}
 

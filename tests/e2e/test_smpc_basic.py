@@ -532,6 +532,15 @@ def test_exactly_the_minimum_cohort_is_allowed(fed: Federation) -> None:
     assert run(fed, "secure_sum", data) == {"sum": 7.0, "count": 3}
 
 
+def test_secure_sum_with_parties_below_their_own_cohort(fed: Federation) -> None:
+    # the first party meets the minimum cohort alone and sends its sum with its
+    # count; the others hold theirs back until the joint count has passed
+    data: dict[str, Any] = {name: [] for name in fed.parties}
+    data[fed.parties[0]] = [1.0, 2.0, 3.0]
+    data[fed.parties[-1]] = [10.0]
+    assert run(fed, "secure_sum", data) == {"sum": 16.0, "count": 4}
+
+
 # -- sessions naming a server outside the federation -------------------------------------
 
 

@@ -226,6 +226,19 @@ def test_histogram_five_parties_uses_the_strictest_minimum(quint: LocalFederatio
     }
 
 
+def test_secure_sum_refused_by_the_strictest_policy(quint: LocalFederation) -> None:
+    # a1 meets its own minimum (3) and sends its masked sum with its count; a5's
+    # policy asks for 5 and the joint count is 4, so every party refuses
+    federation = quint.federation()
+    data: dict[str, Any] = {p: {"v": np.array([])} for p in federation.parties}
+    data["a1"] = {"v": [1.0, 2.0, 3.0]}
+    data["a5"] = {"v": [4.0]}
+    handles = federation.upload(data)
+    job = federation.compute("smpc", "secure_sum", {p: {"data": h} for p, h in handles.items()})
+    details = fails_everywhere(job, Forbidden)
+    assert all("minimum cohort of 5" in d for d in details), details
+
+
 def test_frequency_table_refused_below_minimum_cohort(trio: LocalFederation) -> None:
     federation = trio.federation()
     handles = federation.upload({p: {"colour": c} for p, c in COLOURS.items()})
