@@ -274,13 +274,33 @@ def _hide(counts: I64, hidden: npt.NDArray[np.bool_]) -> list[Any]:
     return cells
 
 
-async def _secure_total(smpc: SmpcSession, local: int) -> int:
-    encoded = ring.encode_int(np.array([local], dtype=np.int64), parties=smpc.parties)
-    return int(ring.decode_int(await smpc.sum_ring(encoded))[0])
+async def _count_and_table(
+    ctx: JobContext, smpc: SmpcSession, records: int, local: I64, keys: tuple[str, ...]
+) -> tuple[int, I64, int]:
+    """The joint number of records and the joint table; with the strictest minimum cohort.
 
+    One round where every party's own records meet its minimum cohort, else
+    two (``SmpcSession.count_and_sum``). Before any table is opened, every
+    party refuses together if the parties disagree on ``keys`` of their
+    (deferred) setup or the joint count is below the strictest minimum.
+    """
 
-async def _secure_counts(smpc: SmpcSession, local: I64) -> I64:
-    return ring.decode_int(await smpc.sum_ring(ring.encode_int(local, parties=smpc.parties)))
+    def vet(total: int) -> None:
+        for key in keys:
+            agree(smpc, key)
+        minimum = _threshold(smpc)
+        if total < minimum:
+            error = CohortTooSmall(minimum)
+            error.collective = True  # every party sees the same total: no abort needed
+            raise error
+
+    total, summed = await smpc.count_and_sum(
+        records,
+        ring.encode_int(local, parties=smpc.parties),
+        ready=records >= ctx.env.min_cohort,
+        vet=vet,
+    )
+    return total, ring.decode_int(summed), _threshold(smpc)
 
 
 # --- frequency tables and histograms -------------------------------------------------------
@@ -313,23 +333,15 @@ async def _one_way(ctx: JobContext, inputs: dict[str, Any], function: str) -> di
                 "categories": categories,
                 "bins": edges,
                 "min_cohort": ctx.env.min_cohort,
-            }
+            },
+            defer=True,
         )
-        for key in ("function", "categories", "bins"):
-            agree(smpc, key)
-        minimum = _threshold(smpc)
         present = index != _MISSING
-        total = await _secure_total(smpc, int(present.sum()))
-        if total >= minimum:
-            await ctx.progress(0.5)
-            local = np.bincount(
-                np.where(index == _OTHER, cells, index)[present], minlength=cells + 1
-            )
-            counts = await _secure_counts(smpc, local.astype(np.int64))
-    # Raised after the session ends normally: every party refuses on its own, so
-    # none of them is told "another party ended the computation" instead.
-    if total < minimum:
-        raise CohortTooSmall(minimum)
+        local = np.bincount(np.where(index == _OTHER, cells, index)[present], minlength=cells + 1)
+        agreed = ("function", "categories", "bins")
+        total, counts, minimum = await _count_and_table(
+            ctx, smpc, int(present.sum()), local.astype(np.int64), agreed
+        )
     hidden = suppress(counts, minimum)
     shown = _hide(counts, hidden)
     result: dict[str, Any] = {
@@ -407,20 +419,15 @@ async def contingency_table(ctx: JobContext, inputs: dict[str, Any]) -> dict[str
                 "x_categories": x_labels,
                 "y_categories": y_labels,
                 "min_cohort": ctx.env.min_cohort,
-            }
+            },
+            defer=True,
         )
-        for key in ("function", "x_categories", "y_categories"):
-            agree(smpc, key)
-        minimum = _threshold(smpc)
         inside = (xi >= 0) & (yi >= 0)
-        total = await _secure_total(smpc, int(inside.sum()))
-        if total >= minimum:
-            await ctx.progress(0.5)
-            local = np.zeros((len(x_labels), len(y_labels)), dtype=np.int64)
-            np.add.at(local, (xi[inside], yi[inside]), 1)
-            counts = await _secure_counts(smpc, local)
-    if total < minimum:
-        raise CohortTooSmall(minimum)
+        local = np.zeros((len(x_labels), len(y_labels)), dtype=np.int64)
+        np.add.at(local, (xi[inside], yi[inside]), 1)
+        total, counts, minimum = await _count_and_table(
+            ctx, smpc, int(inside.sum()), local, ("function", "x_categories", "y_categories")
+        )
     return _two_way_result(x_labels, y_labels, counts, total, minimum)
 
 

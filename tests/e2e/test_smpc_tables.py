@@ -239,6 +239,29 @@ def test_secure_sum_refused_by_the_strictest_policy(quint: LocalFederation) -> N
     assert all("minimum cohort of 5" in d for d in details), details
 
 
+def test_frequency_table_with_a_party_below_its_own_minimum(trio: LocalFederation) -> None:
+    # gamma's two values do not meet its minimum of 3: it sends its counts only
+    # after the joint count (11) has passed; alpha and beta send theirs at once
+    federation = trio.federation()
+    colours = {**COLOURS, "gamma": ["red", "yellow"]}
+    handles = federation.upload({p: {"colour": c} for p, c in colours.items()})
+    job = federation.compute(
+        "smpc",
+        "frequency_table",
+        {p: {"data": h} for p, h in handles.items()},
+        column="colour",
+        categories=["red", "blue", "green", "white"],
+    )
+    # green 2 and other (purple, yellow) 2 are small
+    assert same_everywhere(job) == {
+        "categories": ["red", "blue", "green", "white"],
+        "counts": [5, 3, None, 0],
+        "other": None,
+        "total": 12,
+        "suppressed": [2, 4],
+    }
+
+
 def test_frequency_table_refused_below_minimum_cohort(trio: LocalFederation) -> None:
     federation = trio.federation()
     handles = federation.upload({p: {"colour": c} for p, c in COLOURS.items()})
