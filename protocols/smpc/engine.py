@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -207,30 +207,78 @@ class SmpcSession:
         count_tag, sum_tag = self._next(Stage.SUM), self._next(Stage.SUM)
         values = np.asarray(x, dtype=np.uint64)
         y = self.masked(sum_tag, values).reshape(-1)
-        early = ready and y.size <= CHUNK
+
+        async def late(sources: list[str], send: bool) -> dict[str, list[Any]]:
+            received = await self._pieces(sum_tag, y, sources, send=send)
+            return {**received, self.peers.me: _split(y)} if send else received
+
+        early = _split(y) if ready and y.size <= CHUNK else None
+        total_rows, sums = await self._gate(count_tag, rows, early, vet, late)
+        return total_rows, _add(sums, y.size).reshape(values.shape)
+
+    async def count_and_sum_big(
+        self,
+        rows: int,
+        values: Sequence[float],
+        *,
+        ready: bool,
+        vet: Callable[[int], None],
+    ) -> tuple[int, list[float]]:
+        """:meth:`count_and_sum` for a few floats summed exactly, as :meth:`sum_big` does.
+
+        Returns:
+            The joint count and the sums of every party's ``values``.
+        """
+        count_tag, sum_tag = self._next(Stage.SUM), self._next(Stage.BIGSUM)
+        wire_form = self._masked_big(sum_tag, values)
+
+        async def late(sources: list[str], send: bool) -> dict[str, list[Any]]:
+            if send:
+                await self.peers.broadcast(sum_tag, wire_form)
+            received = await self.peers.gather(sum_tag, sources)
+            return {**received, self.peers.me: wire_form} if send else received
+
+        total_rows, sums = await self._gate(
+            count_tag, rows, wire_form if ready else None, vet, late
+        )
+        return total_rows, _add_big(sums, len(wire_form))
+
+    async def _gate(
+        self,
+        count_tag: str,
+        rows: int,
+        early: Any,
+        vet: Callable[[int], None],
+        late: Callable[[list[str], bool], Awaitable[dict[str, Any]]],
+    ) -> tuple[int, dict[str, Any]]:
+        """The round behind :meth:`count_and_sum`: count, ``early`` sums, ``vet``, the rest.
+
+        Sends this party's masked count with ``early`` (its masked sum, or
+        None to hold it back) and any deferred public metadata; opens the
+        count and calls ``vet``; then ``late(sources, send)`` sends this
+        party's sum if it held it back and receives those of the other
+        parties that did. Returns the count and every party's masked sum.
+        """
         counted = self.masked(count_tag, ring.encode_int(np.array([rows]), parties=self.parties))
         deferred, self._deferred = self._deferred, None
-        first = {"count": counted, "sum": y if early else None, "public": deferred}
+        first = {"count": counted, "sum": early, "public": deferred}
         received = await self.peers.exchange(count_tag, first)
         counts: dict[str, list[Any]] = {}
-        sums: dict[str, list[Any]] = {}
+        sums: dict[str, Any] = {}
         for party, message in received.items():
             message = message if isinstance(message, dict) else {}
             if deferred is not None and party != self.peers.me:
                 self._store_public({party: message.get("public")})
             counts[party] = [message.get("count")]
             if message.get("sum") is not None:
-                sums[party] = [message["sum"]]
+                sums[party] = message["sum"]
         total_rows = int(ring.decode_int(_add(counts, 1))[0])
         vet(total_rows)
-        late = [party for party in self.peers.parties if party not in sums]
-        if late:
-            sources = [party for party in late if party != self.peers.me]
-            sent = self.peers.me in late
-            sums.update(await self._pieces(sum_tag, y, sources, send=sent))
-            if sent:
-                sums[self.peers.me] = _split(y)
-        return total_rows, _add(sums, y.size).reshape(values.shape)
+        held_back = [party for party in self.peers.parties if party not in sums]
+        if held_back:
+            sources = [party for party in held_back if party != self.peers.me]
+            sums.update(await late(sources, self.peers.me in held_back))
+        return total_rows, sums
 
     async def _pieces(
         self,
@@ -285,30 +333,7 @@ class SmpcSession:
     async def sum_big(self, values: Sequence[float]) -> list[float]:
         """Secure sum of a few floats in the 256-bit ring, exact to float precision."""
         tag = self._next(Stage.BIGSUM)
-        encoded = ring.encode_big(values, parties=self.parties)
-        modulus = 1 << ring.BIG_RING_BITS
-        me = self.peers.me
-        masked = list(encoded)
-        for party, seed in self._give.items():
-            masked = [
-                (a - b) % modulus
-                for a, b in zip(
-                    masked,
-                    ring.prg_big(seed, self._label(tag, me, party), len(masked)),
-                    strict=True,
-                )
-            ]
-        for party, seed in self._take.items():
-            masked = [
-                (a + b) % modulus
-                for a, b in zip(
-                    masked,
-                    ring.prg_big(seed, self._label(tag, party, me), len(masked)),
-                    strict=True,
-                )
-            ]
-        # 256-bit integers travel as 32-byte big-endian strings
-        wire_form = [v.to_bytes(32, "big") for v in masked]
+        wire_form = self._masked_big(tag, values)
         deferred, self._deferred = self._deferred, None
         if deferred is None:
             received = await self.peers.exchange(tag, wire_form)
@@ -320,18 +345,22 @@ class SmpcSession:
                 if party != self.peers.me:
                     self._store_public({party: message.get("public")})
                 received[party] = message.get("v")
-        total = [0] * len(masked)
-        for party, items in received.items():
-            if (
-                not isinstance(items, list)
-                or len(items) != len(masked)
-                or not all(isinstance(b, bytes) and len(b) == 32 for b in items)
-            ):
-                raise ComputationFailed(f"party '{party}' sent a malformed masked vector")
-            total = [
-                (t + int.from_bytes(b, "big")) % modulus for t, b in zip(total, items, strict=True)
-            ]
-        return ring.decode_big(total)
+        return _add_big(received, len(wire_form))
+
+    def _masked_big(self, tag: str, values: Sequence[float]) -> list[bytes]:
+        """``values`` in the 256-bit ring under this party's masks, as 32-byte strings."""
+        modulus = 1 << ring.BIG_RING_BITS
+        me = self.peers.me
+        masked = list(ring.encode_big(values, parties=self.parties))
+        count = len(masked)
+        for party, seed in self._give.items():
+            mask = ring.prg_big(seed, self._label(tag, me, party), count)
+            masked = [(a - b) % modulus for a, b in zip(masked, mask, strict=True)]
+        for party, seed in self._take.items():
+            mask = ring.prg_big(seed, self._label(tag, party, me), count)
+            masked = [(a + b) % modulus for a, b in zip(masked, mask, strict=True)]
+        # 256-bit integers travel as 32-byte big-endian strings
+        return [v.to_bytes(32, "big") for v in masked]
 
     async def any_true(self, bits: npt.ArrayLike) -> npt.NDArray[np.bool_]:
         """Secure OR of boolean vectors: only whether any party holds True is revealed."""
@@ -395,14 +424,40 @@ def _add(received: dict[str, list[Any]], size: int) -> U64:
     sizes = [min(CHUNK, size - k) for k in range(0, max(size, 1), CHUNK)]
     total = np.zeros(size, dtype=np.uint64)
     for party, parts in received.items():
-        if len(parts) != len(sizes) or not all(
-            isinstance(part, np.ndarray) and part.dtype == np.uint64 and part.size == expected
-            for part, expected in zip(parts, sizes, strict=True)
+        if (
+            not isinstance(parts, list)
+            or len(parts) != len(sizes)
+            or not all(
+                isinstance(part, np.ndarray) and part.dtype == np.uint64 and part.size == expected
+                for part, expected in zip(parts, sizes, strict=True)
+            )
         ):
             raise ComputationFailed(f"party '{party}' sent a malformed masked vector")
         for k, part in enumerate(parts):
             total[k * CHUNK : k * CHUNK + part.size] += part.reshape(-1)
     return total
+
+
+def _add_big(received: dict[str, Any], count: int) -> list[float]:
+    """Add every party's masked 256-bit values (``count`` 32-byte strings each); decode.
+
+    Raises:
+        ComputationFailed: Naming the party, if it did not send ``count``
+            32-byte strings.
+    """
+    modulus = 1 << ring.BIG_RING_BITS
+    total = [0] * count
+    for party, items in received.items():
+        if (
+            not isinstance(items, list)
+            or len(items) != count
+            or not all(isinstance(b, bytes) and len(b) == 32 for b in items)
+        ):
+            raise ComputationFailed(f"party '{party}' sent a malformed masked vector")
+        total = [
+            (t + int.from_bytes(b, "big")) % modulus for t, b in zip(total, items, strict=True)
+        ]
+    return ring.decode_big(total)
 
 
 def points_from(blob: bytes, sender: str, count: int | None = None) -> list[bytes]:

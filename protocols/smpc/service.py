@@ -37,6 +37,7 @@ __all__ = [
     "numeric",
     "service",
     "session_for",
+    "vet_declared",
 ]
 
 
@@ -100,6 +101,16 @@ def check_joint_cohort(ctx: JobContext, smpc: SmpcSession, total: float) -> None
         error = CohortTooSmall(strictest)
         error.collective = True  # every party sees the same total: no abort needed
         raise error
+
+
+def vet_declared(ctx: JobContext, smpc: SmpcSession, total: int, *keys: str) -> None:
+    """Refuse, on every party alike, unless all declared the same ``keys`` and the cohort holds.
+
+    The ``vet`` of :meth:`SmpcSession.count_and_sum` for most functions.
+    """
+    for key in keys:
+        agree(smpc, key)
+    check_joint_cohort(ctx, smpc, total)
 
 
 async def joint_count(ctx: JobContext, smpc: SmpcSession, rows: int) -> int:
@@ -219,10 +230,14 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         values = finite_rows(column)
         smpc = SmpcSession(peers)
         await smpc.setup(declare(ctx, function="univariate"), defer=True)
-        # stage 1: count and sum give the mean, the public shift for stage 2
-        n, total = await smpc.sum_big([float(values.size), float(values.sum())])
-        agree(smpc, "function")
-        check_joint_cohort(ctx, smpc, n)
+        # stage 1: the count, checked before any sum is opened, and the sum
+        # give the mean, the public shift for stage 2
+        n, (total,) = await smpc.count_and_sum_big(
+            values.size,
+            [float(values.sum())],
+            ready=values.size >= ctx.env.min_cohort,
+            vet=lambda joint: vet_declared(ctx, smpc, joint, "function"),
+        )
         await ctx.progress(0.2)
         shift = total / n
         positive = stats_math.all_positive(values) if values.size else True
@@ -256,9 +271,12 @@ async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         x, y = x[keep], y[keep]
         smpc = SmpcSession(peers)
         await smpc.setup(declare(ctx, function="bivariate"), defer=True)
-        n, sx, sy = await smpc.sum_big([float(x.size), float(x.sum()), float(y.sum())])
-        agree(smpc, "function")
-        check_joint_cohort(ctx, smpc, n)
+        n, (sx, sy) = await smpc.count_and_sum_big(
+            x.size,
+            [float(x.sum()), float(y.sum())],
+            ready=x.size >= ctx.env.min_cohort,
+            vet=lambda joint: vet_declared(ctx, smpc, joint, "function"),
+        )
         shift_x, shift_y = sx / n, sy / n
         sums = await smpc.sum_big(
             list(stats_math.local_cross_sums(x, y, shift_x=shift_x, shift_y=shift_y))

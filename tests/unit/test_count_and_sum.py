@@ -44,6 +44,9 @@ class Peers:
         self.received.append((sender, tag, value))
         return value
 
+    async def gather(self, tag: str, senders: list[str]) -> dict[str, Any]:
+        return {sender: await self.recv(sender, tag) for sender in senders}
+
     async def exchange(self, tag: str, value: Any) -> dict[str, Any]:
         await self.broadcast(tag, value)
         received = {party: await self.recv(party, tag) for party in self.others}
@@ -71,9 +74,11 @@ def cohort(minimum: int) -> Vet:
 
 
 def run(
-    inputs: dict[str, tuple[int, Any, bool]], vet: Vet | None = None
+    inputs: dict[str, tuple[int, Any, bool]], vet: Vet | None = None, *, big: bool = False
 ) -> tuple[dict[str, Any], dict[str, Peers]]:
-    """Run ``count_and_sum`` for every party: ``inputs[party] = (rows, x, ready)``.
+    """Run ``count_and_sum`` (``count_and_sum_big`` if ``big``) for every party.
+
+    ``inputs[party] = (rows, x, ready)``.
 
     Returns each party's outcome (``(count, sum)`` or the exception) and views.
     """
@@ -86,6 +91,8 @@ def run(
         smpc = SmpcSession(peers[name])  # type: ignore[arg-type]
         await smpc.setup({"party": name}, defer=True)
         rows, x, ready = inputs[name]
+        if big:
+            return await smpc.count_and_sum_big(rows, x, ready=ready, vet=vet(name))
         return await smpc.count_and_sum(rows, x, ready=ready, vet=vet(name))
 
     async def main() -> list[Any]:
@@ -173,7 +180,7 @@ def test_what_a_held_back_party_can_unmask() -> None:
         - ring.prg_uint64(seed(party, "c"), f"{SESSION}|sum.2|{party}|c".encode(), 1)
         for party in ("a", "b")
     }
-    unmasked = {party: first[party]["sum"] - masks[party] for party in ("a", "b")}
+    unmasked = {party: first[party]["sum"][0] - masks[party] for party in ("a", "b")}
     together = ring.decode_fixed(unmasked["a"] + unmasked["b"])
     assert float(together[0]) == 13.0
     assert float(ring.decode_fixed(unmasked["a"])[0]) != 6.0
@@ -213,3 +220,30 @@ def test_a_malformed_first_message_names_its_sender(bad: Any) -> None:
 
     with pytest.raises(ComputationFailed, match=r"party 'b' sent (a )?malformed"):
         asyncio.run(main())
+
+
+def test_big_ring_sums_exactly_in_one_round_when_all_are_ready() -> None:
+    inputs = {
+        "a": (4, [1e15, 0.1], True),
+        "b": (3, [1.0, 0.2], True),
+        "c": (5, [-1e15, 0.3], True),
+    }
+    outcomes, views = run(inputs, cohort(3), big=True)
+    for count, sums in outcomes.values():
+        assert count == 12
+        assert sums[0] == 1.0  # exact: no float rounding of 1e15 + 1 - 1e15
+        assert sums[1] == pytest.approx(0.6, abs=1e-15)
+    for view in views.values():
+        assert tags(view) == ["sum.1"]
+
+
+def test_big_ring_holds_back_until_the_count_has_passed() -> None:
+    inputs = {"a": (3, [6.0], True), "b": (1, [2.5], False), "c": (0, [0.0], False)}
+    outcomes, views = run(inputs, cohort(3), big=True)
+    for count, sums in outcomes.values():
+        assert (count, sums) == (4, [8.5])
+    assert tags(views["a"]) == ["bigsum.2", "sum.1"]
+    refused, views = run(inputs, cohort(10), big=True)
+    assert all(isinstance(outcome, CohortTooSmall) for outcome in refused.values())
+    for view in views.values():
+        assert tags(view) == ["sum.1"]  # b's and c's sums never left them
