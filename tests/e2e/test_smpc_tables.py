@@ -155,16 +155,20 @@ COLOURS = {
 }
 
 
-def test_frequency_table_three_parties(trio: LocalFederation) -> None:
-    federation = trio.federation()
-    handles = federation.upload({p: {"colour": c} for p, c in COLOURS.items()})
-    job = federation.compute(
+def colour_table(federation: Federation, colours: dict[str, list[str]]) -> Any:
+    """Upload each party's colours; start a frequency table of four of them."""
+    handles = federation.upload({p: {"colour": c} for p, c in colours.items()})
+    return federation.compute(
         "smpc",
         "frequency_table",
         {p: {"data": h} for p, h in handles.items()},
         column="colour",
         categories=["red", "blue", "green", "white"],
     )
+
+
+def test_frequency_table_three_parties(trio: LocalFederation) -> None:
+    job = colour_table(trio.federation(), COLOURS)
     # green 2 and other (purple, yellow) 2 are small: two cells, so no complement needed
     assert same_everywhere(job) == {
         "categories": ["red", "blue", "green", "white"],
@@ -242,16 +246,7 @@ def test_secure_sum_refused_by_the_strictest_policy(quint: LocalFederation) -> N
 def test_frequency_table_with_a_party_below_its_own_minimum(trio: LocalFederation) -> None:
     # gamma's two values do not meet its minimum of 3: it sends its counts only
     # after the joint count (11) has passed; alpha and beta send theirs at once
-    federation = trio.federation()
-    colours = {**COLOURS, "gamma": ["red", "yellow"]}
-    handles = federation.upload({p: {"colour": c} for p, c in colours.items()})
-    job = federation.compute(
-        "smpc",
-        "frequency_table",
-        {p: {"data": h} for p, h in handles.items()},
-        column="colour",
-        categories=["red", "blue", "green", "white"],
-    )
+    job = colour_table(trio.federation(), {**COLOURS, "gamma": ["red", "yellow"]})
     # green 2 and other (purple, yellow) 2 are small
     assert same_everywhere(job) == {
         "categories": ["red", "blue", "green", "white"],
