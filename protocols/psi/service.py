@@ -100,6 +100,7 @@ __all__ = [
     "Stage",
     "column_items",
     "parse_points",
+    "secret_shuffle",
     "service",
     "sort_key",
 ]
@@ -203,8 +204,22 @@ def _prepare_items(column: np.ndarray[Any, Any]) -> tuple[list[Item], list[bytes
     items = column_items(column)
     if len(items) > MAX_ITEMS:
         raise BadRequest(f"a set may hold at most {MAX_ITEMS} distinct items")
-    secrets.SystemRandom().shuffle(items)  # positions must say nothing about items
+    items = secret_shuffle(items)  # positions must say nothing about items
     return items, [curve.encode_item(item) for item in items]
+
+
+def secret_shuffle(items: list[T]) -> list[T]:
+    """``items`` in a uniformly random order that nobody can predict.
+
+    The items are sorted by fresh 128-bit keys from the operating system's
+    CSPRNG, drawn in one call (``SystemRandom().shuffle`` makes one call per
+    item: 0.2 s for 100,000 items). Two keys tie with probability below
+    ``len(items)**2 / 2**129``; tied items keep their order, a bias far
+    below any that could be observed.
+    """
+    keys = np.frombuffer(secrets.token_bytes(16 * len(items)), dtype=np.uint64).reshape(-1, 2)
+    order = np.lexsort((keys[:, 1], keys[:, 0])) if len(items) else np.zeros(0, np.intp)
+    return [items[k] for k in order.tolist()]
 
 
 def _session(ctx: JobContext) -> PeerSession:
@@ -595,9 +610,7 @@ async def union(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _peel_and_shuffle(onions: list[bytes], private_key: bytes) -> list[bytes]:
-    inner = curve.peel_onions(onions, private_key)
-    secrets.SystemRandom().shuffle(inner)
-    return inner
+    return secret_shuffle(curve.peel_onions(onions, private_key))
 
 
 async def _broadcast_union(peers: PeerSession, values: list[Item]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -26,6 +27,7 @@ from protocols.psi.curve import (
     unpad_item,
     validate_points,
 )
+from protocols.psi.service import secret_shuffle
 
 DOMAIN = b"fdrtd-psi-test/session-1"
 
@@ -514,3 +516,17 @@ def test_two_party_psi_disjoint_and_identical_sets() -> None:
     set_b: list[object] = [f"b{i}" for i in range(100)]
     assert _two_party_psi(set_a, set_b) == set()
     assert _two_party_psi(set_a, list(set_a)) == set(set_a)
+
+
+# --- the service's secret shuffle --------------------------------------------------------
+
+
+def test_secret_shuffle_is_a_uniform_permutation() -> None:
+    items = list(range(1000))
+    shuffled = secret_shuffle(items)
+    assert sorted(shuffled) == items and shuffled != items and items == list(range(1000))
+    assert secret_shuffle([]) == [] and secret_shuffle(["x"]) == ["x"]
+    # each of the 6 orders of 3 items about 1000 times in 6000 (sd 29; 7 sd allowed)
+    orders = Counter(tuple(secret_shuffle(["a", "b", "c"])) for _ in range(6000))
+    assert len(orders) == 6
+    assert all(800 < count < 1200 for count in orders.values()), orders
