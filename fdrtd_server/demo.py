@@ -25,15 +25,18 @@ their peer gateways, so no server sees another's records. The demo servers
 allow ``matrix_product``, ``linear_regression_vertical`` and ``union``, which
 can reveal inputs and are off by default. The demo prints every joint result
 beside the answer computed in plain text from all the data at once, which
-only a demo can do.
+only a demo can do. A computation that fails (a server refuses it, a party
+times out...) shows one ``FAILED`` line with the client's error message and
+counts as a failure; the demo goes on with the next one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fdrtd_client import Federation
+from fdrtd_client.errors import FdrtdClientError
 from fdrtd_server.local import LocalFederation
 
 __all__ = ["run_demo", "synthetic_arrays", "synthetic_data"]
@@ -171,6 +175,10 @@ def _line(
     return f"  {label:<50}{took:>6}{_fmt(joint):>30}{_fmt(plain):>30}   {verdict}", ok
 
 
+class _Failed(Exception):
+    """A joint computation failed; the message is the client error's own."""
+
+
 def _fmt(value: Any, width: int = 29) -> str:
     array = np.asarray(value)
     numeric = array.dtype.kind in "biuf"
@@ -189,8 +197,20 @@ def _fmt(value: Any, width: int = 29) -> str:
     return "[" + ", ".join([*shown, rest])
 
 
-def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
-    """Run the demo; returns 0 when every joint result equals the plaintext answer."""
+def run_demo(
+    rows: int = 5000, keep: Path | None = None, settings: Mapping[str, str] | None = None
+) -> int:
+    """Run the demo; returns 0 when every joint result equals the plaintext answer.
+
+    Args:
+        rows: Patient records of the first hospital (the others hold more or fewer).
+        keep: Keep the server homes in this directory (else a temporary one).
+        settings: Server settings (``FDRTD_*`` environment variables) that
+            override the demo's ``SETTINGS``, e.g. ``{"FDRTD_ALLOW_SET_UNION": "false"}``.
+
+    Returns:
+        0 if every computation succeeded and equals the plaintext answer, else 1.
+    """
     data = synthetic_data(rows)
     arrays = synthetic_arrays()
     every = {
@@ -205,14 +225,22 @@ def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
         root = keep or Path(scratch)
         print("starting three servers (alpha, beta, gamma) on 127.0.0.1 ...")
         started = time.perf_counter()
-        with LocalFederation(root, names=HOSPITALS, env=SETTINGS) as local:
+        env = {**SETTINGS, **(settings or {})}
+        with LocalFederation(root, names=HOSPITALS, env=env) as local:
             for server in local.servers.values():
                 print(f"  {server.name:<6} {server.url}   home {server.home}")
             print(f"ready in {time.perf_counter() - started:.1f} s")
-            print(
-                "  the demo servers allow matrix_product, linear_regression_vertical and"
-                " psi union, which can reveal inputs and are off by default\n"
-            )
+            switches = {
+                "matrix_product": "FDRTD_ALLOW_MATRIX_PRODUCT",
+                "linear_regression_vertical": "FDRTD_ALLOW_VERTICAL_REGRESSION",
+                "psi union": "FDRTD_ALLOW_SET_UNION",
+            }
+            allowed = [f for f, key in switches.items() if env[key].lower() in ("true", "1", "yes")]
+            if allowed:
+                print(
+                    f"  the demo servers allow {', '.join(allowed)}, which can reveal inputs"
+                    " and are off by default\n"
+                )
             federation: Federation = local.federation(timeout=TIMEOUT)
             handles = federation.upload(data)
             for name, handle in handles.items():
@@ -236,10 +264,23 @@ def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
                 microservice: str = "smpc",
             ) -> tuple[Any, float]:
                 began = time.perf_counter()
-                result = federation.compute(
-                    microservice, function, mine if inputs is None else inputs, **common
-                ).result(timeout=TIMEOUT, progress=False)
+                try:
+                    result = federation.compute(
+                        microservice, function, mine if inputs is None else inputs, **common
+                    ).result(timeout=TIMEOUT, progress=False)
+                except FdrtdClientError as error:
+                    raise _Failed(str(error)) from error
                 return result, (time.perf_counter() - began) * 1000
+
+            @contextlib.contextmanager
+            def step(label: str) -> Iterator[str]:
+                """One computation and its line(s) under ``label``; one FAILED line if it fails."""
+                nonlocal failures
+                try:
+                    yield label
+                except _Failed as error:
+                    failures += 1
+                    print(f"  {label:<50} FAILED: {error}")
 
             def show(
                 label: str, joint: Any, plain: Any, ms: float | None = None, rtol: float = 1e-6
@@ -256,183 +297,183 @@ def run_demo(rows: int = 5000, keep: Path | None = None) -> int:
                 show(label, [coefficients[k] for k in names.split()], plain, ms, rtol)
 
             # -- counts, sums, extremes ------------------------------------------------------
-            result, ms = run("count", {})
-            show("count: patient records", result["count"], bp.size, ms)
-            result, ms = run("secure_sum", {"column": "age"})
-            show("secure_sum: age", result["sum"], age.sum(), ms)
+            with step("count: patient records") as label:
+                result, ms = run("count", {})
+                show(label, result["count"], bp.size, ms)
+            with step("secure_sum: age") as label:
+                result, ms = run("secure_sum", {"column": "age"})
+                show(label, result["sum"], age.sum(), ms)
             inputs: dict[str, dict[str, Any]]
             inputs = {name: {"data": handle} for name, handle in admissions.items()}
-            result, ms = run("secure_sum", {"elementwise": True}, inputs)
-            plain_admissions = np.sum(list(arrays["admissions"].values()), axis=0)
-            show("secure_sum: admissions 4x3, elementwise", result["sum"], plain_admissions, ms)
-            result, ms = run("minimum_maximum", {"column": "age"})
-            show(
-                "minimum_maximum: age",
-                [result["minimum"], result["maximum"]],
-                [age.min(), age.max()],
-                ms,
-            )
+            with step("secure_sum: admissions 4x3, elementwise") as label:
+                result, ms = run("secure_sum", {"elementwise": True}, inputs)
+                plain_admissions = np.sum(list(arrays["admissions"].values()), axis=0)
+                show(label, result["sum"], plain_admissions, ms)
+            with step("minimum_maximum: age") as label:
+                result, ms = run("minimum_maximum", {"column": "age"})
+                show(label, [result["minimum"], result["maximum"]], [age.min(), age.max()], ms)
 
             # -- univariate and bivariate statistics -----------------------------------------
-            stats, ms = run("univariate", {"column": "pressure"})
-            mean, sd = bp.mean(), bp.std(ddof=1)
-            plain_stats = {
-                "samples": bp.size,
-                "mean": mean,
-                "standard_deviation": sd,
-                "minimum": bp.min(),
-                "maximum": bp.max(),
-                "skewness": ((bp - mean) ** 3).mean() / bp.std() ** 3,
-                "kurtosis": ((bp - mean) ** 4).mean() / bp.var() ** 2,
-                "harmonic_mean": bp.size / np.sum(1 / bp),
-                "geometric_mean": np.exp(np.log(bp).mean()),
-                "coefficient_of_variation": sd / mean,
-                "root_mean_square": np.sqrt(np.mean(bp**2)),
-            }
-            took: float | None = ms
-            for key, plain in plain_stats.items():
-                show(f"univariate: pressure {key}", stats[key], plain, took)
-                took = None
-            pair, ms = run("bivariate", {"x": "age", "y": "pressure"})
-            slope = np.cov(age, bp)[0, 1] / age.var(ddof=1)
-            show(
-                "bivariate: age, pressure covariance", pair["covariance"], np.cov(age, bp)[0, 1], ms
-            )
-            show(
-                "bivariate: age, pressure correlation",
-                pair["correlation_coefficient"],
-                np.corrcoef(age, bp)[0, 1],
-            )
-            show(
-                "bivariate: pressure ~ age slope, intercept",
-                [pair["regression_slope"], pair["regression_intercept"]],
-                [slope, bp.mean() - slope * age.mean()],
-            )
+            with step("univariate: pressure"):
+                stats, ms = run("univariate", {"column": "pressure"})
+                mean, sd = bp.mean(), bp.std(ddof=1)
+                plain_stats = {
+                    "samples": bp.size,
+                    "mean": mean,
+                    "standard_deviation": sd,
+                    "minimum": bp.min(),
+                    "maximum": bp.max(),
+                    "skewness": ((bp - mean) ** 3).mean() / bp.std() ** 3,
+                    "kurtosis": ((bp - mean) ** 4).mean() / bp.var() ** 2,
+                    "harmonic_mean": bp.size / np.sum(1 / bp),
+                    "geometric_mean": np.exp(np.log(bp).mean()),
+                    "coefficient_of_variation": sd / mean,
+                    "root_mean_square": np.sqrt(np.mean(bp**2)),
+                }
+                took: float | None = ms
+                for key, plain in plain_stats.items():
+                    show(f"univariate: pressure {key}", stats[key], plain, took)
+                    took = None
+            with step("bivariate: age, pressure"):
+                pair, ms = run("bivariate", {"x": "age", "y": "pressure"})
+                slope = np.cov(age, bp)[0, 1] / age.var(ddof=1)
+                show(
+                    "bivariate: age, pressure covariance",
+                    pair["covariance"],
+                    np.cov(age, bp)[0, 1],
+                    ms,
+                )
+                show(
+                    "bivariate: age, pressure correlation",
+                    pair["correlation_coefficient"],
+                    np.corrcoef(age, bp)[0, 1],
+                )
+                show(
+                    "bivariate: pressure ~ age slope, intercept",
+                    [pair["regression_slope"], pair["regression_intercept"]],
+                    [slope, bp.mean() - slope * age.mean()],
+                )
 
             # -- tables ----------------------------------------------------------------------
-            result, ms = run("frequency_table", {"column": "smoker", "categories": list(SMOKER)})
-            tally = Counter(every["smoker"].tolist())
-            show(
-                "frequency_table: smoker (no, yes, other)",
-                _cells([*result["counts"], result["other"]]),
-                _suppressed([tally.pop(s, 0) for s in SMOKER] + [sum(tally.values())]),
-                ms,
-            )
-            result, ms = run("histogram", {"column": "pressure", "bins": list(PRESSURE_BINS)})
-            cells = np.histogram(bp, bins=PRESSURE_BINS)[0].tolist()
-            outside = int(np.sum((bp < PRESSURE_BINS[0]) | (bp > PRESSURE_BINS[-1])))
-            show(
-                "histogram: pressure, 4 bins and other",
-                _cells([*result["counts"], result["other"]]),
-                _suppressed([*cells, outside]),
-                ms,
-            )
+            with step("frequency_table: smoker (no, yes, other)") as label:
+                result, ms = run(
+                    "frequency_table", {"column": "smoker", "categories": list(SMOKER)}
+                )
+                tally = Counter(every["smoker"].tolist())
+                show(
+                    label,
+                    _cells([*result["counts"], result["other"]]),
+                    _suppressed([tally.pop(s, 0) for s in SMOKER] + [sum(tally.values())]),
+                    ms,
+                )
+            with step("histogram: pressure, 4 bins and other") as label:
+                result, ms = run("histogram", {"column": "pressure", "bins": list(PRESSURE_BINS)})
+                cells = np.histogram(bp, bins=PRESSURE_BINS)[0].tolist()
+                outside = int(np.sum((bp < PRESSURE_BINS[0]) | (bp > PRESSURE_BINS[-1])))
+                show(
+                    label,
+                    _cells([*result["counts"], result["other"]]),
+                    _suppressed([*cells, outside]),
+                    ms,
+                )
             bands = {"x_categories": list(SMOKER), "y_categories": list(AGE_BANDS)}
-            result, ms = run("contingency_table", {"x": "smoker", "y": "age_band", **bands})
-            pairs = Counter(zip(every["smoker"].tolist(), every["age_band"].tolist(), strict=True))
-            show(
-                "contingency_table: smoker x age band",
-                _cells(result["counts"]),
-                _suppressed([pairs[(s, g)] for s in SMOKER for g in AGE_BANDS]),
-                ms,
-            )
+            with step("contingency_table: smoker x age band") as label:
+                result, ms = run("contingency_table", {"x": "smoker", "y": "age_band", **bands})
+                pairs = Counter(
+                    zip(every["smoker"].tolist(), every["age_band"].tolist(), strict=True)
+                )
+                show(
+                    label,
+                    _cells(result["counts"]),
+                    _suppressed([pairs[(s, g)] for s in SMOKER for g in AGE_BANDS]),
+                    ms,
+                )
             inputs = {
                 "alpha": {"data": handles["alpha"], "id": "id", "column": "smoker"},
                 "beta": {"data": handles["beta"], "id": "id", "column": "age_band"},
                 "gamma": {},
             }
-            result, ms = run(
-                "contingency_table_vertical", {"holders": ["alpha", "beta"], **bands}, inputs
-            )
-            both = sorted(by_id["alpha"].keys() & by_id["beta"].keys())
-            pairs = Counter(
-                (
-                    data["alpha"]["smoker"][by_id["alpha"][i]],
-                    data["beta"]["age_band"][by_id["beta"][i]],
+            with step("contingency_table_vertical: smoker x age band") as label:
+                result, ms = run(
+                    "contingency_table_vertical", {"holders": ["alpha", "beta"], **bands}, inputs
                 )
-                for i in both
-            )
-            show(
-                "contingency_table_vertical: smoker x age band",
-                _cells(result["counts"]),
-                _suppressed([pairs[(s, g)] for s in SMOKER for g in AGE_BANDS]),
-                ms,
-            )
+                both = sorted(by_id["alpha"].keys() & by_id["beta"].keys())
+                pairs = Counter(
+                    (
+                        data["alpha"]["smoker"][by_id["alpha"][i]],
+                        data["beta"]["age_band"][by_id["beta"][i]],
+                    )
+                    for i in both
+                )
+                show(
+                    label,
+                    _cells(result["counts"]),
+                    _suppressed([pairs[(s, g)] for s in SMOKER for g in AGE_BANDS]),
+                    ms,
+                )
 
             # -- regressions and the matrix product ------------------------------------------
             ones = np.ones_like(age)
-            result, ms = run("linear_regression", {"x": ["age", "smoker01"], "y": "pressure"})
-            beta = np.linalg.lstsq(np.column_stack([ones, age, smoker01]), bp, rcond=None)[0]
-            show_fit(
-                "linear_regression: pressure ~ age + smoker",
-                result,
-                "intercept age smoker01",
-                beta,
-                ms,
-            )
+            with step("linear_regression: pressure ~ age + smoker") as label:
+                result, ms = run("linear_regression", {"x": ["age", "smoker01"], "y": "pressure"})
+                beta = np.linalg.lstsq(np.column_stack([ones, age, smoker01]), bp, rcond=None)[0]
+                show_fit(label, result, "intercept age smoker01", beta, ms)
             inputs = {
                 "alpha": {"data": handles["alpha"], "id": "id", "x": ["smoker01"]},
                 "beta": {"data": handles["beta"], "id": "id", "x": ["age"]},
                 "gamma": {"data": handles["gamma"], "id": "id", "y": "pressure"},
             }
-            result, ms = run("linear_regression_vertical", {"target_holder": "gamma"}, inputs)
 
             def column(name: str, key: str) -> Floats:
                 values = np.asarray(data[name][key], dtype=float)
                 return values[[by_id[name][i] for i in at_all]]
 
-            design = np.column_stack(
-                [np.ones(len(at_all)), column("alpha", "smoker01"), column("beta", "age")]
-            )
-            beta = np.linalg.lstsq(design, column("gamma", "pressure"), rcond=None)[0]
-            show_fit(
-                "linear_regression_vertical: pressure ~ smoker, age",
-                result,
-                "intercept smoker01 age",
-                beta,
-                ms,
-            )
-            result, ms = run("logistic_regression", {"x": ["age", "pressure"], "y": "smoker01"})
-            beta = _logistic(np.column_stack([ones, age, bp]), smoker01)
-            show_fit(
-                "logistic_regression: smoker ~ age + pressure",
-                result,
-                "intercept age pressure",
-                beta,
-                ms,
-                rtol=1e-8,
-            )
+            with step("linear_regression_vertical: pressure ~ smoker, age") as label:
+                result, ms = run("linear_regression_vertical", {"target_holder": "gamma"}, inputs)
+                design = np.column_stack(
+                    [np.ones(len(at_all)), column("alpha", "smoker01"), column("beta", "age")]
+                )
+                beta = np.linalg.lstsq(design, column("gamma", "pressure"), rcond=None)[0]
+                show_fit(label, result, "intercept smoker01 age", beta, ms)
+            with step("logistic_regression: smoker ~ age + pressure") as label:
+                result, ms = run("logistic_regression", {"x": ["age", "pressure"], "y": "smoker01"})
+                beta = _logistic(np.column_stack([ones, age, bp]), smoker01)
+                show_fit(label, result, "intercept age pressure", beta, ms, rtol=1e-8)
             inputs = {name: {"data": handle} for name, handle in matrices.items()}
-            result, ms = run(
-                "matrix_product", {"left": "alpha", "right": "beta"}, {**inputs, "gamma": {}}
-            )
-            show("matrix_product: alpha's A @ beta's B", result["product"], a @ b, ms)
+            with step("matrix_product: alpha's A @ beta's B") as label:
+                result, ms = run(
+                    "matrix_product", {"left": "alpha", "right": "beta"}, {**inputs, "gamma": {}}
+                )
+                show(label, result["product"], a @ b, ms)
 
             # -- private set intersection and union ------------------------------------------
             ids = {name: {"data": handle, "column": "id"} for name, handle in handles.items()}
-            result, ms = run("intersection", {}, ids, "psi")
-            show("psi intersection: patients at all three", result["intersection"], at_all, ms)
-            result, ms = run("intersection_size", {}, ids, "psi")
-            show("psi intersection_size: patients at all three", result["size"], len(at_all), ms)
-            result, ms = run("union", {}, ids, "psi")
-            union = sorted(by_id["alpha"].keys() | by_id["beta"].keys() | by_id["gamma"].keys())
-            show("psi union: patients at any hospital", result["union"], union, ms)
+            with step("psi intersection: patients at all three") as label:
+                result, ms = run("intersection", {}, ids, "psi")
+                show(label, result["intersection"], at_all, ms)
+            with step("psi intersection_size: patients at all three") as label:
+                result, ms = run("intersection_size", {}, ids, "psi")
+                show(label, result["size"], len(at_all), ms)
+            with step("psi union: patients at any hospital") as label:
+                result, ms = run("union", {}, ids, "psi")
+                union = sorted(by_id["alpha"].keys() | by_id["beta"].keys() | by_id["gamma"].keys())
+                show(label, result["union"], union, ms)
 
             # -- order statistics ------------------------------------------------------------
-            result, ms = run("median", {"column": "pressure"})
-            show("median: pressure", result["median"], np.median(bp), ms)
-            result, ms = run("quantiles", {"column": "pressure", "probabilities": list(QUANTILES)})
-            show(
-                "quantiles: pressure at 10, 25, 75, 90 %",
-                result["quantiles"],
-                np.quantile(bp, QUANTILES),
-                ms,
-            )
-            result, ms = run("kth_smallest", {"column": "pressure", "k": KTH})
-            show(f"kth_smallest: pressure, k = {KTH}", result["value"], np.sort(bp)[KTH - 1], ms)
+            with step("median: pressure") as label:
+                result, ms = run("median", {"column": "pressure"})
+                show(label, result["median"], np.median(bp), ms)
+            with step("quantiles: pressure at 10, 25, 75, 90 %") as label:
+                result, ms = run(
+                    "quantiles", {"column": "pressure", "probabilities": list(QUANTILES)}
+                )
+                show(label, result["quantiles"], np.quantile(bp, QUANTILES), ms)
+            with step(f"kth_smallest: pressure, k = {KTH}") as label:
+                result, ms = run("kth_smallest", {"column": "pressure", "k": KTH})
+                show(label, result["value"], np.sort(bp)[KTH - 1], ms)
             print("\nno server saw another's records; the analyst saw only the joint results.")
         print("servers stopped.")
     if failures:
-        print(f"{failures} result(s) differ from the plaintext answer")
+        print(f"{failures} result(s) failed or differ from the plaintext answer")
         return 1
     return 0

@@ -3,6 +3,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+from fdrtd_server.demo import run_demo
+
 CATALOGUE = (
     "count:",
     "secure_sum: age",
@@ -47,3 +51,27 @@ def test_demo_prints_joint_results_equal_to_plaintext() -> None:
     assert "servers stopped." in run.stdout
     for label in CATALOGUE:
         assert any(line.startswith(label) for line in lines), label
+
+
+def test_demo_reports_a_refused_computation_and_goes_on(capsys: pytest.CaptureFixture[str]) -> None:
+    """A computation the servers refuse shows one FAILED line; the others still run."""
+    code = run_demo(rows=100, settings={"FDRTD_ALLOW_SET_UNION": "false"})
+    out, err = capsys.readouterr()
+    assert code == 1, out + err
+    lines = out.splitlines()
+    failed = [line for line in lines if "FAILED" in line]
+    assert len(failed) == 1, out
+    assert failed[0].lstrip().startswith("psi union: patients at any hospital"), out
+    assert "FAILED: 403 from http://127.0.0.1:" in failed[0], out
+    assert "does not allow set unions" in failed[0], out
+    assert "allow_set_union = true" in failed[0], out
+    oks = [line.strip() for line in lines if line.rstrip().endswith(" ok")]
+    assert len(oks) == 31, out  # every line but the union's
+    for label in ("median:", "quantiles:", "kth_smallest:"):  # after the union
+        assert any(line.startswith(label) for line in oks), label
+    assert "DIFFERENT" not in out
+    # the introduction names only the switches that are on
+    assert "allow matrix_product, linear_regression_vertical, which can reveal" in out
+    assert "servers stopped." in out
+    assert "1 result(s) failed or differ from the plaintext answer" in out
+    assert "Traceback" not in out + err
