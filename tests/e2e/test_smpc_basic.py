@@ -480,6 +480,21 @@ def test_bivariate_against_numpy(fed: Federation) -> None:
         assert result[key] == pytest.approx(expected[key], rel=1e-9), key
 
 
+def test_statistics_with_parties_below_their_own_cohort(fed: Federation) -> None:
+    # only the first party meets the minimum cohort alone: it sends its sums with
+    # its count; the others send theirs once the joint count has passed
+    values: dict[str, Any] = {name: np.array([]) for name in fed.parties}
+    values[fed.parties[0]] = rng(21).gamma(3.0, 2.0, size=6)
+    values[fed.parties[-1]] = np.array([4.5])
+    assert_univariate(run(fed, "univariate", values), pooled(values))
+    pairs = {name: {"x": v, "y": 3.0 * v + 1.0} for name, v in values.items()}
+    result = run(fed, "bivariate", pairs, x="x", y="y")
+    x = pooled(values)
+    assert result["samples"] == x.size
+    assert result["covariance"] == pytest.approx(3.0 * np.var(x, ddof=1), rel=1e-9)
+    assert result["regression_slope"] == pytest.approx(3.0, rel=1e-9)
+
+
 # -- count -----------------------------------------------------------------------------
 
 
