@@ -320,8 +320,9 @@ def write_results(sections: dict[str, list[Row]], path: Path, args: argparse.Nam
 def scratch_federation(**options: Any) -> Iterator[LocalFederation]:
     """A federation in a scratch directory of its own, deleted, stores and all, on exit.
 
-    With the upload's 1 GiB still on disk, the scalar sum measured 10-15 %
-    slower on the reference machine, so no section runs beside another's data.
+    So that no section is timed beside another's data (the upload leaves 1 GiB
+    in its server's store). Whether that data slowed the scalar sum could not
+    be told apart from the machine's own variation (7-11 ms between runs).
     """
     with (
         tempfile.TemporaryDirectory(prefix="fdrtd-bench-") as scratch,
