@@ -187,11 +187,13 @@ class SmpcSession:
         second round. When every party is ready, a sum costs one round.
 
         What a party that held back can learn from the ready parties' masked
-        values before it refuses is the sum of their inputs (it knows its own
-        masks with each). That is an aggregate over at least as many records
-        as each ready party's own policy demands, and no more than it would
-        learn from a result it could reach by adding records of its own: a
-        party's minimum cohort protects that party's records.
+        values before it refuses is the sum of their inputs, if it is the only
+        one that held back (it knows its own masks with each; masks shared
+        with another party that held back hide everything). That is an
+        aggregate over at least as many records as each ready party's own
+        policy demands, and no more than it would learn from a result it
+        could reach by adding records of its own: a party's minimum cohort
+        protects that party's records.
 
         Args:
             rows: This party's number of records.
