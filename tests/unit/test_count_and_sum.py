@@ -247,3 +247,25 @@ def test_big_ring_holds_back_until_the_count_has_passed() -> None:
     assert all(isinstance(outcome, CohortTooSmall) for outcome in refused.values())
     for view in views.values():
         assert tags(view) == ["sum.1"]  # b's and c's sums never left them
+
+
+def test_sum_fixed_for_plugins_adds_floats_in_one_round() -> None:
+    """``sum_fixed``, the plain fixed-point sum a plugin may use after its own count."""
+    parties = ["a", "b", "c"]
+    boxes: defaultdict[Any, asyncio.Queue[Any]] = defaultdict(asyncio.Queue)
+    peers = {name: Peers(boxes, name, parties) for name in parties}
+    x = {"a": [1.25, -3.0], "b": [2.0, 0.5], "c": [-0.25, 10.0]}
+
+    async def one(name: str) -> Any:
+        smpc = SmpcSession(peers[name])  # type: ignore[arg-type]
+        await smpc.setup({}, defer=True)
+        return await smpc.sum_fixed(x[name])
+
+    async def main() -> list[Any]:
+        done: list[Any] = await asyncio.gather(*(one(name) for name in parties))
+        return done
+
+    for total in asyncio.run(main()):
+        np.testing.assert_array_equal(total, [3.0, 7.5])
+    for view in peers.values():
+        assert tags(view) == ["sum.1.0"]
