@@ -245,7 +245,7 @@ def test_secure_sum_refused_by_the_strictest_policy(quint: LocalFederation) -> N
 
 def test_frequency_table_with_a_party_below_its_own_minimum(trio: LocalFederation) -> None:
     # gamma's two values do not meet its minimum of 3: it sends its counts only
-    # after the joint count (11) has passed; alpha and beta send theirs at once
+    # after the joint count (12) has passed; alpha and beta send theirs at once
     job = colour_table(trio.federation(), {**COLOURS, "gamma": ["red", "yellow"]})
     # green 2 and other (purple, yellow) 2 are small
     assert same_everywhere(job) == {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -73,27 +73,21 @@ def cohort(minimum: int) -> Vet:
     return for_party
 
 
-def run(
-    inputs: dict[str, tuple[int, Any, bool]], vet: Vet | None = None, *, big: bool = False
-) -> tuple[dict[str, Any], dict[str, Peers]]:
-    """Run ``count_and_sum`` (``count_and_sum_big`` if ``big``) for every party.
+Step = Callable[[SmpcSession, str], Awaitable[Any]]
 
-    ``inputs[party] = (rows, x, ready)``.
 
-    Returns each party's outcome (``(count, sum)`` or the exception) and views.
+def run_parties(parties: list[str], step: Step) -> tuple[dict[str, Any], dict[str, Peers]]:
+    """Run ``step`` for every party on the real engine (after a deferred setup).
+
+    Returns each party's outcome (its value or the exception) and its view.
     """
-    parties = list(inputs)
     boxes: defaultdict[Any, asyncio.Queue[Any]] = defaultdict(asyncio.Queue)
     peers = {name: Peers(boxes, name, parties) for name in parties}
-    vet = vet or cohort(0)
 
-    async def one(name: str) -> tuple[int, Any]:
+    async def one(name: str) -> Any:
         smpc = SmpcSession(peers[name])  # type: ignore[arg-type]
         await smpc.setup({"party": name}, defer=True)
-        rows, x, ready = inputs[name]
-        if big:
-            return await smpc.count_and_sum_big(rows, x, ready=ready, vet=vet(name))
-        return await smpc.count_and_sum(rows, x, ready=ready, vet=vet(name))
+        return await step(smpc, name)
 
     async def main() -> list[Any]:
         done: list[Any] = await asyncio.gather(
@@ -103,6 +97,26 @@ def run(
 
     outcomes = asyncio.run(main())
     return dict(zip(parties, outcomes, strict=True)), peers
+
+
+def run(
+    inputs: dict[str, tuple[int, Any, bool]], vet: Vet | None = None, *, big: bool = False
+) -> tuple[dict[str, Any], dict[str, Peers]]:
+    """Run ``count_and_sum`` (``count_and_sum_big`` if ``big``) for every party.
+
+    ``inputs[party] = (rows, x, ready)``.
+
+    Returns each party's outcome (``(count, sum)`` or the exception) and views.
+    """
+    checks = vet or cohort(0)
+
+    async def step(smpc: SmpcSession, name: str) -> tuple[int, Any]:
+        rows, x, ready = inputs[name]
+        if big:
+            return await smpc.count_and_sum_big(rows, x, ready=ready, vet=checks(name))
+        return await smpc.count_and_sum(rows, x, ready=ready, vet=checks(name))
+
+    return run_parties(list(inputs), step)
 
 
 def encoded(values: Any, parties: int = 3) -> Any:
@@ -251,21 +265,13 @@ def test_big_ring_holds_back_until_the_count_has_passed() -> None:
 
 def test_sum_fixed_for_plugins_adds_floats_in_one_round() -> None:
     """``sum_fixed``, the plain fixed-point sum a plugin may use after its own count."""
-    parties = ["a", "b", "c"]
-    boxes: defaultdict[Any, asyncio.Queue[Any]] = defaultdict(asyncio.Queue)
-    peers = {name: Peers(boxes, name, parties) for name in parties}
     x = {"a": [1.25, -3.0], "b": [2.0, 0.5], "c": [-0.25, 10.0]}
 
-    async def one(name: str) -> Any:
-        smpc = SmpcSession(peers[name])  # type: ignore[arg-type]
-        await smpc.setup({}, defer=True)
+    async def step(smpc: SmpcSession, name: str) -> Any:
         return await smpc.sum_fixed(x[name])
 
-    async def main() -> list[Any]:
-        done: list[Any] = await asyncio.gather(*(one(name) for name in parties))
-        return done
-
-    for total in asyncio.run(main()):
+    outcomes, views = run_parties(list(x), step)
+    for total in outcomes.values():
         np.testing.assert_array_equal(total, [3.0, 7.5])
-    for view in peers.values():
+    for view in views.values():
         assert tags(view) == ["sum.1.0"]
