@@ -162,6 +162,7 @@ __all__ = [
     "POINT_BYTES",
     "SCALAR_BYTES",
     "blind",
+    "blind_each",
     "decode_item",
     "default_workers",
     "encode_item",
@@ -371,6 +372,38 @@ def blind(points: Sequence[bytes], scalar: bytes) -> list[bytes]:
     """
     _check_scalar(scalar)
     return _blind_chunk(list(points), 0, scalar)
+
+
+def blind_each(points: Sequence[bytes], scalars: Sequence[bytes]) -> list[bytes]:
+    """Multiply each point by a scalar of its own with X25519, in the calling process.
+
+    For protocols that need a fresh scalar per point (an equality test per
+    point, as the secure OR of :mod:`protocols.smpc.engine` runs), so that
+    equal points do not give equal results.
+
+    Args:
+        points: u-coordinates of points on Curve25519, e.g. from a peer.
+        scalars: One scalar from :func:`random_scalar` per point.
+
+    Returns:
+        ``X25519(scalars[i], points[i])`` for each ``i``.
+
+    Raises:
+        ValueError: If the lengths differ, a scalar is not 32 clamped bytes,
+            or a point is not valid (see :func:`validate_points`; the message
+            gives the index, never the bytes).
+    """
+    if len(points) != len(scalars):
+        raise ValueError(f"{len(points)} points but {len(scalars)} scalars")
+    x25519 = _x25519_for_thread()
+    out: list[bytes] = []
+    for index, (point, scalar) in enumerate(zip(points, scalars, strict=True)):
+        _check_scalar(scalar)
+        blinded = x25519(scalar, point) if _is_valid_u(point) else None
+        if blinded is None:  # a zero result cannot happen after the check
+            raise ValueError(_invalid_point_message(index))
+        out.append(blinded)
+    return out
 
 
 def hash_and_blind(

@@ -1,9 +1,12 @@
 """The SMPC engine: secure sums, secure OR and secure maximum over a peer session.
 
 All protocols in :mod:`protocols.smpc` are built from three primitives, run
-between the servers of one computation session (semi-honest servers; any
-coalition of up to n-1 servers learns nothing beyond the output, since every
-revealed value is masked with randomness of at least one server outside it).
+between the servers of one computation session (semi-honest servers). For
+the secure sum, any coalition of up to n-1 servers learns nothing beyond the
+output, since every revealed value is masked with randomness of at least
+one server outside it. The secure OR, and the secure maximum built on it,
+give that guarantee to every coalition that does not hold both of its two
+roles (the first and the last of the session's parties).
 
 Setup (stage ``SEEDS``, one message round for the public metadata)
     Every pair of parties (i, j) shares a 32-byte seed ``s_ij`` from key
@@ -31,16 +34,22 @@ Count and sum (one round where the minimum cohort allows, else two)
     those send theirs only once the opened count has passed the check
     (:meth:`SmpcSession.count_and_sum`, which says what that reveals).
 
-Secure OR
-    To learn only whether *any* party holds a 1, party i contributes
-    ``r_i * b_i`` with ``r_i`` uniform in Z_2^64 to a secure sum: the sum is
-    0 if all bits are 0, and uniformly random otherwise (wrong with
-    probability 2^-64). Nobody learns which or how many parties hold a 1.
+Secure OR (three hops)
+    To learn only whether *any* party holds a 1: every party sends its bit,
+    masked as for a secure sum, to the evaluator E (the last party), and the
+    comparer C (the first party) adds a secret uniform offset, so that E
+    learns only a uniformly random residue; a Diffie-Hellman private
+    equality test between E's residue and C's offset then tells C whether
+    the bits sum to zero, and C sends the OR to every party
+    (:meth:`SmpcSession.any_true`). Nobody learns which or how many parties
+    hold a 1 unless C and E collude. (A cheaper OR, in which each party adds
+    ``r_i * b_i`` to a secure sum, is *not* secure: a party that holds a 1
+    subtracts its own term and learns whether anyone else does.)
 
-Secure maximum (8 rounds of secure OR)
-    The maximum of the parties' values is found by 256-ary search over the
+Secure maximum (16 rounds of secure OR)
+    The maximum of the parties' values is found by 16-ary search over the
     order-preserving 64-bit keys of float64 (:func:`protocols.smpc.ring.float_order_key`):
-    each round tests 255 thresholds t with "is any party's maximum >= t?".
+    each round tests 15 thresholds t with "is any party's maximum >= t?".
     Every bit revealed is a function of the maximum itself, so the parties
     and the client learn the maximum and nothing else (the reference system
     broadcast each party's own minimum and maximum in the clear).
@@ -49,6 +58,7 @@ Secure maximum (8 rounds of secure OR)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -68,6 +78,10 @@ CHUNK = 128 * 1024
 """Elements per peer message (1 MiB of uint64), below the bus payload limit."""
 SEND_WINDOW = 4
 """Pieces of one vector in flight at once, per receiving party."""
+SEARCH_BITS = 4
+"""Bits of a key that each round of the secure maximum settles (15 thresholds a key)."""
+SEARCH_ROUNDS = 64 // SEARCH_BITS
+"""Rounds of secure OR in one secure maximum."""
 U64 = npt.NDArray[np.uint64]
 
 
@@ -91,6 +105,7 @@ class SmpcSession:
         self._counter = 0
         self.public: dict[str, Any] = {}
         self._deferred: dict[str, Any] | None = None
+        self._or_points: list[bytes] | None = None
 
     async def setup(
         self, public: dict[str, Any] | None = None, *, defer: bool = False
@@ -114,7 +129,9 @@ class SmpcSession:
                 raise ComputationFailed(f"no pairwise seed could be derived with party '{party}'")
             # one shared seed per pair; the labels tell the two directions apart
             self._give[party] = self._take[party] = seed
-        mine = public or {}
+        # the parties' order gives roles (the OR's comparer and evaluator, order
+        # statistics' shifter and evaluator), so every party must use the same
+        mine = {**(public or {}), "parties": list(self.peers.parties)}
         self.public = {self.peers.me: mine}
         if defer:
             self._deferred = mine
@@ -125,9 +142,20 @@ class SmpcSession:
 
     def _store_public(self, received: dict[str, Any]) -> None:
         for party, value in received.items():
-            if not isinstance(value, dict):
+            if not isinstance(value, dict) or not isinstance(value.get("parties"), list):
                 raise ComputationFailed(f"party '{party}' sent malformed public metadata")
+            if value["parties"] != self.peers.parties:
+                raise ComputationFailed(
+                    f"party '{party}' lists the session's parties in another order; "
+                    "every party must be given the same 'session.parties' list"
+                )
             self.public[party] = value
+
+    async def _send_deferred(self) -> None:
+        """Exchange public metadata that a deferred setup still holds, in a round of its own."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            self._store_public(await self.peers.exchange(Stage.SEEDS, deferred))
 
     def _label(self, tag: str, giver: str, taker: str) -> bytes:
         return f"{self.peers.id}|{tag}|{giver}|{taker}".encode()
@@ -365,17 +393,142 @@ class SmpcSession:
         return [v.to_bytes(32, "big") for v in masked]
 
     async def any_true(self, bits: npt.ArrayLike) -> npt.NDArray[np.bool_]:
-        """Secure OR of boolean vectors: only whether any party holds True is revealed."""
-        flags = np.asarray(bits, dtype=bool).reshape(-1)
-        randomisers = np.frombuffer(secrets.token_bytes(8 * flags.size), dtype=np.uint64)
-        contribution = np.where(flags, randomisers, np.uint64(0)).astype(np.uint64)
-        total = await self.sum_ring(contribution)
-        return np.asarray(total != 0).reshape(np.shape(bits))
+        """Secure OR of boolean arrays: only whether any party holds True is revealed.
+
+        Elementwise over arrays of one shape on every party. Two parties have
+        a role: the *comparer* ``C`` (the first of the session's parties) and
+        the *evaluator* ``E`` (the last). For each element, with ``S`` the
+        number of parties holding True and ``M`` the smallest power of two
+        above the number of parties (so ``S = 0`` exactly when
+        ``S = 0 mod M``):
+
+        1. Every party sends its bit under the pairwise masks of the secure
+           sum to ``E`` only; ``C`` adds a fresh uniform ``rho`` to its own.
+           ``E`` adds them up and learns ``z = S + rho mod 2^64``, uniformly
+           random since ``rho`` is ``C``'s secret. With its masked bit, ``C``
+           sends ``T[rho mod M]^beta`` under a fresh scalar ``beta``, where
+           ``T[v]`` is a public point of the curve per residue ``v``.
+        2. ``E`` sends back ``T[z mod M]^alpha`` and ``(T[rho mod M]^beta)^alpha``
+           under a fresh scalar ``alpha``: a Diffie-Hellman private equality
+           test (after Meadows 1986 and Huberman, Franklin and Hogg 1999).
+        3. ``C`` raises the first to ``beta``; equal points mean ``z = rho
+           mod M``, that is ``S = 0``. ``C`` sends the OR to every party.
+
+        ``E`` sees uniform residues and random points, ``C`` random points
+        and the equality bit (the output), every other party only the
+        output. Scalars are fresh per element, so equal residues never give
+        equal points. Any coalition without both ``C`` and ``E`` learns
+        nothing beyond the OR; ``C`` and ``E`` together would learn ``S``,
+        the number of parties holding True. With two parties, ``C`` and
+        ``E`` are all the parties, and neither learns more than the OR and
+        its own bit imply.
+
+        Cost: ``2n - 1`` messages in three hops (``n - 1`` to ``E``, one to
+        ``C``, ``n - 1`` from ``C``); two X25519 multiplications per element
+        on each of ``C`` and ``E``.
+
+        Raises:
+            ComputationFailed: Naming the party, if a message is malformed.
+        """
+        flags = np.asarray(bits, dtype=bool)
+        count = flags.size
+        await self._send_deferred()
+        tag = self._next(Stage.OR)
+        me, parties = self.peers.me, self.peers.parties
+        comparer, evaluator = parties[0], parties[-1]
+        mine = flags.reshape(-1).astype(np.uint64)
+        offer = b""
+        if me == comparer:
+            rho = np.frombuffer(secrets.token_bytes(8 * count), dtype=np.uint64)
+            mine = mine + rho  # wraps modulo 2^64, as intended
+            residues = (rho & np.uint64(self._or_modulus() - 1)).tolist()
+            betas = [curve.random_scalar() for _ in range(count)]
+            table = self._or_table()
+            offer = b"".join(curve.blind_each([table[v] for v in residues], betas))
+        masked = self.masked(f"{tag}.count", mine)
+        if me == evaluator:
+            found = await self._or_evaluate(tag, masked)
+        else:
+            await self.peers.send(evaluator, f"{tag}.count", {"v": masked, "offer": offer})
+            if me == comparer:
+                found = await self._or_compare(tag, betas)
+            else:
+                received = await self.peers.recv(comparer, f"{tag}.bits")
+                if (
+                    not isinstance(received, np.ndarray)
+                    or received.dtype != np.uint8
+                    or received.shape != (count,)
+                ):
+                    raise ComputationFailed(f"party '{comparer}' sent a malformed result of an OR")
+                found = received != 0
+        return np.asarray(found, dtype=bool).reshape(flags.shape)
+
+    def _or_modulus(self) -> int:
+        """``M``: the smallest power of two above the number of parties."""
+        return 1 << self.parties.bit_length()
+
+    def _or_table(self) -> list[bytes]:
+        """The public points ``T[v]``, one per residue modulo ``M``, for this session."""
+        if self._or_points is None:
+            domain = b"fdrtd.smpc.or|" + hashlib.sha256(self.peers.id.encode()).digest()
+            self._or_points = [
+                curve.hash_to_point(v.to_bytes(2, "big"), domain) for v in range(self._or_modulus())
+            ]
+        return self._or_points
+
+    async def _or_evaluate(self, tag: str, masked: U64) -> npt.NDArray[np.bool_]:
+        """``E``: open ``z``, answer the comparer's offer, and receive the OR."""
+        comparer = self.peers.parties[0]
+        count = masked.size
+        total = masked.copy()
+        offer: list[bytes] = []
+        for party, message in (await self.peers.gather(f"{tag}.count")).items():
+            theirs = message.get("v") if isinstance(message, dict) else None
+            if (
+                not isinstance(theirs, np.ndarray)
+                or theirs.dtype != np.uint64
+                or theirs.shape != total.shape
+            ):
+                raise ComputationFailed(f"party '{party}' sent a malformed share of an OR")
+            total += theirs
+            if party == comparer:
+                blob = message.get("offer")
+                offer = points_from(blob if isinstance(blob, bytes) else b"?", party, count)
+        residues = (total & np.uint64(self._or_modulus() - 1)).tolist()
+        alphas = [curve.random_scalar() for _ in range(count)]
+        table = self._or_table()
+        query = curve.blind_each([table[v] for v in residues], alphas)
+        try:
+            answer = curve.blind_each(offer, alphas)
+        except ValueError:
+            raise ComputationFailed(f"party '{comparer}' sent invalid curve points") from None
+        await self.peers.send(comparer, f"{tag}.query", b"".join(query + answer))
+        received = await self.peers.recv(comparer, f"{tag}.bits")
+        if not isinstance(received, np.ndarray) or received.shape != (count,):
+            raise ComputationFailed(f"party '{comparer}' sent a malformed result of an OR")
+        return np.asarray(received != 0)
+
+    async def _or_compare(self, tag: str, betas: list[bytes]) -> npt.NDArray[np.bool_]:
+        """``C``: test the evaluator's points for equality and send the OR to every party."""
+        evaluator = self.peers.parties[-1]
+        count = len(betas)
+        blob = await self.peers.recv(evaluator, f"{tag}.query")
+        points = points_from(blob if isinstance(blob, bytes) else b"?", evaluator, 2 * count)
+        try:
+            tested = curve.blind_each(points[:count], betas)
+        except ValueError:
+            raise ComputationFailed(f"party '{evaluator}' sent invalid curve points") from None
+        found = np.array([a != b for a, b in zip(tested, points[count:], strict=True)], dtype=bool)
+        await self.peers.broadcast(f"{tag}.bits", found.astype(np.uint8))
+        return found
 
     async def maximum_keys(
         self, keys: npt.ArrayLike, present: npt.ArrayLike
     ) -> npt.NDArray[np.uint64]:
-        """The maximum over parties of uint64 keys, elementwise, by 256-ary search.
+        """The maximum over parties of uint64 keys, elementwise, by 16-ary search.
+
+        Each of :data:`SEARCH_ROUNDS` rounds settles :data:`SEARCH_BITS` bits
+        of every key with one :meth:`any_true` over 15 thresholds per key.
 
         Args:
             keys: This party's candidate per element (its local maximum's key).
@@ -384,11 +537,11 @@ class SmpcSession:
         mine = np.asarray(keys, dtype=np.uint64).reshape(-1)
         has = np.asarray(present, dtype=bool).reshape(-1)
         low = np.zeros(mine.size, dtype=np.uint64)
-        steps_k = np.arange(1, 256, dtype=np.uint64)
-        for round_number in range(8):
-            width = np.uint64(1 << (56 - 8 * round_number))
-            # lo + 255 * width < 2^64 always holds, so nothing wraps here
-            table = low[:, None] + steps_k[None, :] * width  # (elements, 255) thresholds
+        steps = np.arange(1, 1 << SEARCH_BITS, dtype=np.uint64)
+        for round_number in range(SEARCH_ROUNDS):
+            width = np.uint64(1 << (64 - SEARCH_BITS * (round_number + 1)))
+            # low is a multiple of 2^SEARCH_BITS * width, so low + 15 * width never wraps
+            table = low[:, None] + steps[None, :] * width  # (elements, 15) thresholds
             bits = (mine[:, None] >= table) & has[:, None]
             above = await self.any_true(bits)
             # thresholds increase along a row, so "some maximum >= t" is a prefix

@@ -219,7 +219,7 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
 
     Revealed to all parties and the client: the statistics themselves (the
     count, the power sums behind them, minimum and maximum); nothing of any
-    party's own data.
+    party's own data. Rows with NaN or infinite values are left out.
     """
     async with session_for(ctx) as peers:
         # inside the session: if this party's input is refused, the others hear it at once
@@ -240,18 +240,15 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         )
         await ctx.progress(0.2)
         shift = total / n
-        positive = stats_math.all_positive(values) if values.size else True
-        # stage 2: centred power sums, and whether every value of every party is positive
+        # stage 2: centred power sums
         sums = await smpc.sum_big(list(stats_math.local_power_sums(values, shift=shift)))
-        everyone_positive = not bool((await smpc.any_true(np.array([not positive])))[0])
-        await ctx.progress(0.5)
+        await ctx.progress(0.3)
         present = values.size > 0
         lo, hi = await smpc.minimum_maximum(
             values.min() if present else 0.0, values.max() if present else 0.0, present
         )
-    return stats_math.univariate(
-        sums, float(lo), float(hi), all_positive=everyone_positive, shift=shift
-    )
+    # every value of every party is positive exactly when the joint minimum is
+    return stats_math.univariate(sums, float(lo), float(hi), all_positive=bool(lo > 0), shift=shift)
 
 
 @service.job("bivariate")
