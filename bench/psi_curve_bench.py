@@ -102,7 +102,9 @@ def protocol(n: int, parties: int) -> None:
     sets = {name: shared + [f"{name}-{i:09d}" for i in range(n - len(shared))] for name in names}
     with (
         tempfile.TemporaryDirectory() as root,
-        LocalFederation(Path(root) / "fed", names=names) as federation,
+        LocalFederation(
+            Path(root) / "fed", names=names, env={"FDRTD_ALLOW_SET_INTERSECTION": "true"}
+        ) as federation,
     ):
         clients = federation.federation(timeout=120)
         handles = clients.upload({name: {"v": values} for name, values in sets.items()})

@@ -72,6 +72,7 @@ class Settings:
     min_cohort: int = 3
     allow_map_reduce: bool = True
     allow_set_union: bool = False
+    allow_set_intersection: bool = False
     allow_matrix_product: bool = False
     allow_vertical_regression: bool = False
     session_timeout: float = 30.0
@@ -114,6 +115,7 @@ _FIELD_TYPES: dict[str, type] = {
     "min_cohort": int,
     "allow_map_reduce": bool,
     "allow_set_union": bool,
+    "allow_set_intersection": bool,
     "allow_matrix_product": bool,
     "allow_vertical_regression": bool,
     "session_timeout": float,
@@ -124,6 +126,7 @@ _POLICY_KEYS = (
     "min_cohort",
     "allow_map_reduce",
     "allow_set_union",
+    "allow_set_intersection",
     "allow_matrix_product",
     "allow_vertical_regression",
 )
@@ -278,6 +281,8 @@ def init_home(home: Path, name: str, *, port: int = 8000, host: str = "127.0.0.1
         "allow_map_reduce = true\n"
         "# a set union discloses every item of every party (not who holds it)\n"
         "allow_set_union = false\n"
+        "# a set intersection discloses the items that every party holds\n"
+        "allow_set_intersection = false\n"
         "# a matrix product can disclose a whole input (B = I reveals A)\n"
         "allow_matrix_product = false\n"
         "# vertical OLS opens X'X: a crafted column can read another party's values\n"

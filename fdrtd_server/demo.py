@@ -65,6 +65,7 @@ SETTINGS = {
     "FDRTD_ALLOW_MATRIX_PRODUCT": "true",
     "FDRTD_ALLOW_VERTICAL_REGRESSION": "true",
     "FDRTD_ALLOW_SET_UNION": "true",
+    "FDRTD_ALLOW_SET_INTERSECTION": "true",
 }
 TIMEOUT = 120.0
 
@@ -233,6 +234,7 @@ def run_demo(
             switches = {
                 "matrix_product": "FDRTD_ALLOW_MATRIX_PRODUCT",
                 "linear_regression_vertical": "FDRTD_ALLOW_VERTICAL_REGRESSION",
+                "psi intersection": "FDRTD_ALLOW_SET_INTERSECTION",
                 "psi union": "FDRTD_ALLOW_SET_UNION",
             }
             allowed = [f for f, key in switches.items() if env[key].lower() in ("true", "1", "yes")]

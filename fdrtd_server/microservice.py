@@ -95,6 +95,7 @@ class Environment:
     session_timeout: float = 30.0
     allow_map_reduce: bool = True
     allow_set_union: bool = False
+    allow_set_intersection: bool = False
     allow_matrix_product: bool = False
     allow_vertical_regression: bool = False
 

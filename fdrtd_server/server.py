@@ -62,6 +62,7 @@ def environment(settings: Settings) -> Environment:
         session_timeout=settings.session_timeout,
         allow_map_reduce=settings.allow_map_reduce,
         allow_set_union=settings.allow_set_union,
+        allow_set_intersection=settings.allow_set_intersection,
         allow_matrix_product=settings.allow_matrix_product,
         allow_vertical_regression=settings.allow_vertical_regression,
     )

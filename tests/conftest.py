@@ -81,6 +81,7 @@ def trio(
     """Three parties (alpha, beta, gamma), shared by the whole session."""
     policy = {
         "FDRTD_ALLOW_SET_UNION": "true",
+        "FDRTD_ALLOW_SET_INTERSECTION": "true",
         "FDRTD_ALLOW_MATRIX_PRODUCT": "true",
         "FDRTD_ALLOW_VERTICAL_REGRESSION": "true",
     }

@@ -17,52 +17,82 @@ Functions
         The sorted distinct items of all parties, without revealing which
         party holds which item.
 
+Policy
+    ``intersection`` runs only where the server's policy sets
+    ``allow_set_intersection`` and ``union`` only where it sets
+    ``allow_set_union`` (both off by default): their results are the parties'
+    items. If any party's policy says no, that party refuses and every other
+    party ends with "party '...' ended the computation" and the same 403.
+    ``intersection`` and ``intersection_size`` obey the minimum cohort twice:
+    each server refuses any party's set smaller than its own policy's
+    ``min_cohort`` (``SETUP``), and every party refuses, alike and without a
+    result, an intersection of fewer items than the strictest ``min_cohort``
+    among the parties, an empty one included (after ``JOINT``). The empty
+    one too, because otherwise "refused" against "0" would answer whether an
+    item padded with junk is in the others' sets. What the rule cannot stop:
+    two runs that differ in one item (a padded set of known members with and
+    without a target) still tell whether the target is held.
+
 Intersection (stages, a la Meadows 1986 and Huberman, Franklin, Hogg 1999)
-    ``SETUP``: the parties exchange the function, the protocol version and
-    their set sizes; each server refuses if any set is smaller than its
-    policy's minimum cohort (a tiny set would turn the intersection into a
-    membership test on the other parties' data). ``RING``: party ``i`` draws
-    a fresh scalar ``a_i``, shuffles its items (secretly, so that positions
+    ``SETUP``: the parties exchange the function, the protocol version, their
+    set sizes and their policies' minimum cohorts; each server refuses if any
+    set is smaller than its policy's minimum cohort (a tiny set would turn
+    the intersection into a membership test on the other parties' data).
+    ``RING``: party ``i`` draws a fresh scalar ``a_i``, shuffles its items
+    (secretly, so that positions
     mean nothing), sends ``X25519(a_i, H(x))`` for each to party ``i+1``;
     the list travels around the ring, each party applying its own scalar and
     keeping the order, in messages of 8192 points (256 KiB). All n
     lists travel at once, chunk by chunk, so every server is busy all the time.
     The party that applies the last scalar to party ``o``'s list, ``o-1``,
     holds the *fully blinded* ``F_o`` in ``o``'s (shuffled) order. ``FINAL``:
-    it sends ``F_o`` sorted to every party; all compute ``I = F_0 & ... &
-    F_{n-1}``. ``HITS`` (``intersection`` only): ``o-1`` tells ``o`` which
-    positions of its list are in ``I``, and ``o`` maps them to its items.
+    it sends ``F_o`` sorted to party 0, the intersector, which computes
+    ``I = F_0 & ... & F_{n-1}``. ``JOINT``: party 0 sends ``I`` sorted to
+    every party (each checks it lies in the ``F`` it holds), and all refuse
+    if ``|I|`` is below the strictest minimum cohort. ``HITS``
+    (``intersection`` only): ``o-1`` tells ``o`` which positions of its list
+    are in ``I``, and ``o`` maps them to its items.
 
     This differs from the textbook flow, where the owner gets ``F_o`` back in
     order and maps the intersection itself: an owner that holds its own
     ordered ``F_o`` *and* the others' ``F_j`` can tell, for every one of its
     items, exactly which other parties hold it. Here only ``o-1`` holds
     ``F_o`` in order, and it does not know ``o``'s shuffle. Same messages,
-    same cost, less leakage.
+    same cost, less leakage. Likewise only party 0 sees every ``F_j``
+    (protocol version 1 sent them to everyone): the others learn ``I`` and
+    nothing of the sub-intersections.
 
 Union (a decryption mix-net, Chaum 1981)
-    ``SETUP`` also carries each party's fresh X25519 key and a padded item
-    length class (a power of two); every party pads its items to the largest
-    class and wraps each in one sealed box per party, party 0's layer
-    outermost. ``COLLECT``: everyone sends its onions to party 0. ``MIX``:
-    party ``k`` peels its layer, shuffles with ``secrets.SystemRandom`` and
-    passes the batch to ``k+1``; the last party removes the last layer,
-    unpads, deduplicates and broadcasts the union (``UNION``); every party
-    checks that its own items are in it.
+    ``SETUP`` also carries each party's fresh X25519 key and the common input
+    ``max_item_bytes``, which all parties must give alike (default 256). Every
+    party pads every item to the same ``max_item_bytes + 2`` bytes, whatever
+    its own items are, so that no onion size (and no setup message) says
+    anything about the party's items; an item longer than ``max_item_bytes``
+    travels as an empty "too long" marker. Each padded item is wrapped in one
+    sealed box per party, party 0's layer outermost. ``COLLECT``: everyone
+    sends its onions to party 0. ``MIX``: party ``k`` peels its layer,
+    shuffles with ``secrets.SystemRandom`` and passes the batch to ``k+1``;
+    the last party removes the last layer, unpads, deduplicates and
+    broadcasts the union (``UNION``), or, if it found a marker, that the
+    union is refused: every party then fails alike with the same 400, and
+    nobody learns whose item was too long. Every party checks that its own
+    items are in the union.
 
 What is revealed (threat model, message counts, cost: ``docs/protocols.md``)
-    To the client: the result. To every party: the result and every party's
-    set size; with ``intersection`` and ``intersection_size`` and n > 2 also
-    the sizes of all sub-intersections (``|S_1 & S_2|``, ``|S_1 & S_3|``,
-    ...), since every party sees all ``F_j`` as sets, but not which items
-    they contain. ``union``: the last party learns how many parties hold each
+    To the client: the result, or that it was refused. To every party: the
+    result and every party's set size, and ``|I|`` even when the result is
+    refused. With ``intersection`` and ``intersection_size`` and n > 2,
+    party 0 (the intersector) also learns the sizes of all sub-intersections
+    (``|S_1 & S_2|``, ``|S_1 & S_3|``, ...), which the minimum cohort does
+    not bound, since it sees all ``F_j`` as sets, but not which items they
+    contain. ``union``: the last party learns how many parties hold each
     item (for n = 2 that is the intersection); party 0 learns how many items
     each party sent (the set sizes, public anyway).
 
 Timeouts
     Every wait is for one message, within the session timeout. In the ring a
     wait covers about one chunk of the sender's work (8192 items, under a
-    second of CPU); the wait for ``FINAL`` covers the rest of the slowest
+    second of CPU); the wait for ``JOINT`` covers the rest of the slowest
     party's ring, so with very unequal set sizes (millions against
     thousands) the session timeout must be raised.
 """
@@ -90,25 +120,32 @@ from fdrtd_server.microservice import JobContext, Microservice, distribution_ver
 from fdrtd_server.peers import PeerSession
 from protocols._namespace import Namespace
 from protocols.psi import curve
+from protocols.smpc.service import declare
 
 __all__ = [
     "CHUNK_POINTS",
+    "DEFAULT_MAX_ITEM_BYTES",
     "MAX_ITEMS",
     "MAX_ITEM_BYTES",
     "PROTOCOL_VERSION",
+    "IntersectionTooSmall",
     "Item",
     "Stage",
+    "check_result_cohort",
     "column_items",
+    "item_bytes",
+    "pad_union_items",
     "parse_points",
     "secret_shuffle",
     "service",
     "sort_key",
+    "union_max_item_bytes",
 ]
 
 Item = str | int | float | bytes
 T = TypeVar("T")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Sent in the setup round; parties running different versions refuse to start."""
 
 CHUNK_POINTS = 8192
@@ -123,10 +160,17 @@ MAX_ITEMS = 2_000_000
 """Largest set a party may announce; bounds the memory a peer can make us use."""
 
 MAX_ITEM_BYTES = 1024
-"""Largest encoded item in ``union`` (items travel, encrypted, in the mix-net)."""
+"""Largest ``max_item_bytes`` a ``union`` may use (items travel, encrypted, in the mix-net)."""
+
+DEFAULT_MAX_ITEM_BYTES = 256
+"""``max_item_bytes`` of a ``union`` when the input does not give it.
+
+Every party's onions are ``max_item_bytes + 2 + 48 n`` bytes, so a smaller
+value (e.g. 32 for identifiers) makes a large union cheaper.
+"""
 
 _CHUNK_BYTES = 1024 * 1024
-_MIN_PAD = 16
+_TOO_LONG = b""  # the "too long" marker: no item encodes to the empty string
 _INT_RANGE = (-(2**63), 2**64)  # integers msgpack carries; integral floats inside become int
 
 service = Microservice(
@@ -143,6 +187,7 @@ class Stage(Namespace):
     SETUP = "setup"
     RING = "ring"
     FINAL = "final"
+    JOINT = "joint"
     HITS = "hits"
     COLLECT = "onion"
     MIX = "mix"
@@ -312,10 +357,16 @@ def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
 async def _setup(
     ctx: JobContext, peers: PeerSession, function: str, size: int, extra: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """Stage SETUP: agree on function and version, learn the sizes, apply the cohort rule."""
+    """Stage SETUP: agree on function and version, learn sizes and minimum cohorts.
+
+    Every party declares its policy's ``min_cohort`` (as the ``smpc`` functions
+    do), so that all of them apply the same, strictest, minimum to the result
+    (:func:`check_result_cohort`). Each server also refuses any party's set
+    that is smaller than its own policy's minimum.
+    """
     if size < ctx.env.min_cohort:
         raise CohortTooSmall(ctx.env.min_cohort)
-    mine = {"function": function, "version": PROTOCOL_VERSION, "size": size, **extra}
+    mine = declare(ctx, function=function, version=PROTOCOL_VERSION, size=size, **extra)
     received = await peers.exchange(Stage.SETUP, mine)
     for party, message in received.items():
         if not isinstance(message, dict):
@@ -328,6 +379,9 @@ async def _setup(
         count = message.get("size")
         if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_ITEMS:
             raise ComputationFailed(f"party '{party}' announced an invalid set size")
+        minimum = message.get("min_cohort")
+        if not isinstance(minimum, int) or isinstance(minimum, bool) or minimum < 1:
+            raise ComputationFailed(f"party '{party}' declared an invalid minimum cohort")
     for party in peers.others:
         if received[party]["size"] < ctx.env.min_cohort:
             raise Forbidden(
@@ -336,6 +390,49 @@ async def _setup(
                 "would reveal whether single items are in this server's data"
             )
     return received
+
+
+class IntersectionTooSmall(CohortTooSmall):
+    """An intersection holds fewer items than the strictest party's minimum cohort (403)."""
+
+    def __init__(self, minimum: int, holder: str) -> None:
+        Forbidden.__init__(
+            self,
+            f"the intersection holds fewer items than the minimum cohort of {minimum} "
+            f"(set by party '{holder}', the strictest policy among the parties), so no "
+            "party returns it: a result that small would tell whether single items are in "
+            "the parties' data",
+        )
+        self.minimum = minimum
+
+
+def check_result_cohort(received: dict[str, dict[str, Any]], size: int) -> None:
+    """Refuse an intersection smaller than the strictest party's minimum cohort.
+
+    Every party has the same declarations (from :func:`_setup`) and the same
+    ``size``, so every party refuses by itself, at the same point, and no
+    party returns anything. An empty intersection is refused too: if it were
+    returned, a set of junk items plus one target would answer "is the target
+    held?" by a refusal against a 0.
+
+    Args:
+        received: Every party's setup message, ours included (each holds the
+            ``min_cohort`` its policy sets, checked by :func:`_setup`).
+        size: The number of items in the intersection.
+
+    Raises:
+        CohortTooSmall: If ``size`` is below the largest declared minimum.
+    """
+    # The first party (in session order) with the largest minimum is named, the
+    # same on every party.
+    declared = {party: int(message["min_cohort"]) for party, message in received.items()}
+    strictest = max(declared.values())
+    if size >= strictest:
+        return
+    holder = next(party for party, m in declared.items() if m == strictest)
+    error = IntersectionTooSmall(strictest, holder)
+    error.collective = True  # every party sees the same size and policies: no abort needed
+    raise error
 
 
 # --- intersection -------------------------------------------------------------------------
@@ -381,15 +478,27 @@ async def _ring(
 
 
 async def _final(peers: PeerSession, held: list[bytes], sizes: list[int]) -> set[bytes]:
-    """Stage FINAL: publish the held ``F`` sorted, collect the others, intersect."""
+    """Stage FINAL: the held ``F`` go sorted to party 0, which intersects; JOINT: ``I`` to all.
+
+    Only party 0 sees every ``F_j``, and so the sizes of the sub-intersections
+    (``|S_1 & S_2|``, ...); the others get ``I`` alone, and check that it lies
+    in the ``F`` they hold.
+    """
     n, me = len(peers.parties), peers.index
     mine = sorted(held)
-    sets: list[set[bytes]] = [set(mine)]
-
-    async def publish() -> None:
+    intersector = peers.parties[0]
+    if me != 0:
         for k, start in enumerate(range(0, len(mine), CHUNK_POINTS)):
             blob = b"".join(mine[start : start + CHUNK_POINTS])
-            await peers.broadcast(f"{Stage.FINAL}.{(me + 1) % n}.{k}", {"points": blob})
+            await peers.send(intersector, f"{Stage.FINAL}.{(me + 1) % n}.{k}", {"points": blob})
+        joint = await _receive_joint(peers, intersector, len(mine))
+        if not joint <= set(mine):
+            raise ComputationFailed(
+                f"party '{intersector}' sent an intersection that is not in every party's set"
+            )
+        return joint
+
+    sets: list[set[bytes]] = [set(mine)]
 
     async def collect(owner: int) -> None:
         sender = peers.parties[(owner - 1) % n]
@@ -403,10 +512,39 @@ async def _final(peers: PeerSession, held: list[bytes], sizes: list[int]) -> set
             raise ComputationFailed(f"party '{sender}' sent a blinded set that is not sorted")
         sets.append(set(points))
 
-    owners = [owner for owner in range(n) if owner != (me + 1) % n]
-    await _all(publish(), *(collect(owner) for owner in owners))
+    await _all(*(collect(owner) for owner in range(n) if owner != 1))
     sets.sort(key=len)
-    return sets[0].intersection(*sets[1:])
+    joint = sets[0].intersection(*sets[1:])
+    ordered = sorted(joint)
+    chunks = range(0, max(1, len(ordered)), CHUNK_POINTS)
+    for k, start in enumerate(chunks):
+        blob = b"".join(ordered[start : start + CHUNK_POINTS])
+        await peers.broadcast(f"{Stage.JOINT}.{k}", {"points": blob, "more": k < len(chunks) - 1})
+    return joint
+
+
+async def _receive_joint(peers: PeerSession, sender: str, most: int) -> set[bytes]:
+    """Stage JOINT on the receiving side: ``I``, sorted, at most ``most`` points."""
+    points: list[bytes] = []
+    k, more = 0, True
+    while more:
+        message = await peers.recv(sender, f"{Stage.JOINT}.{k}")
+        blob = message.get("points") if isinstance(message, dict) else None
+        flag = message.get("more") if isinstance(message, dict) else None
+        if (
+            not isinstance(blob, bytes)
+            or not isinstance(flag, bool)
+            or len(blob) % curve.POINT_BYTES
+            or len(blob) > CHUNK_POINTS * curve.POINT_BYTES
+        ):
+            raise ComputationFailed(f"party '{sender}' sent a malformed intersection message")
+        points.extend(parse_points(message, len(blob) // curve.POINT_BYTES, sender))
+        if len(points) > most:
+            raise ComputationFailed(f"party '{sender}' sent more points than the intersection has")
+        more, k = flag, k + 1
+    if any(a >= b for a, b in itertools.pairwise(points)):
+        raise ComputationFailed(f"party '{sender}' sent an intersection that is not sorted")
+    return set(points)
 
 
 async def _hits(
@@ -437,6 +575,12 @@ async def _run_intersection(
     function = "intersection" if reveal_items else "intersection_size"
     async with _session(ctx) as peers:
         # Inside the session: if our input is refused, the others hear it at once.
+        if reveal_items:
+            ctx.env.require(
+                "allow_set_intersection",
+                "set intersections",
+                "an intersection discloses the items that every party holds",
+            )
         items, encoded = await _load_items(ctx, inputs)
         received = await _setup(ctx, peers, function, len(items), {})
         sizes = [received[party]["size"] for party in peers.parties]
@@ -445,6 +589,8 @@ async def _run_intersection(
         held = await _ring(peers, scalar, encoded, sizes)
         await ctx.progress(0.8)
         joint = await _final(peers, held, sizes)
+        # Before HITS: a refused intersection must not reach its owners' items.
+        check_result_cohort(received, len(joint))
         if not reveal_items:
             return {"size": len(joint)}
         await ctx.progress(0.95)
@@ -456,8 +602,10 @@ async def _run_intersection(
 async def intersection(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The items that every party holds, sorted (numbers first, then text).
 
+    Runs only where the server's policy sets ``allow_set_intersection``.
     Inputs: ``data``; ``column`` (optional if the dataset has one column).
     Returns ``{"intersection": [...], "size": k}``; every party returns the same.
+    Every party refuses if ``k`` is below the strictest minimum cohort.
     """
     return await _run_intersection(ctx, inputs, reveal_items=True)
 
@@ -466,7 +614,8 @@ async def intersection(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any
 async def intersection_size(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """How many items every party holds; no party learns which.
 
-    Inputs: ``data``; ``column``. Returns ``{"size": k}``.
+    Inputs: ``data``; ``column``. Returns ``{"size": k}``. Every party refuses
+    if ``k`` is below the strictest minimum cohort.
     """
     return await _run_intersection(ctx, inputs, reveal_items=False)
 
@@ -474,9 +623,58 @@ async def intersection_size(ctx: JobContext, inputs: dict[str, Any]) -> dict[str
 # --- union --------------------------------------------------------------------------------
 
 
-def _pad_class(encoded: Sequence[bytes]) -> int:
-    longest = max((len(e) for e in encoded), default=0)
-    return max(_MIN_PAD, 1 << longest.bit_length())  # a power of two > longest
+def item_bytes(encoded: bytes) -> int:
+    """The size of an item that ``max_item_bytes`` bounds, from its encoding.
+
+    Text counts its UTF-8 bytes, integers their decimal digits (and sign),
+    floats 8: the encoding of :func:`curve.encode_item` without its type tag.
+    """
+    return len(encoded) - 1
+
+
+def union_max_item_bytes(inputs: dict[str, Any]) -> int:
+    """The ``max_item_bytes`` input of a ``union``, checked; the default if not given.
+
+    Raises:
+        BadRequest: If it is not an integer from 1 to :data:`MAX_ITEM_BYTES`.
+    """
+    value = inputs.get("max_item_bytes", DEFAULT_MAX_ITEM_BYTES)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_ITEM_BYTES:
+        raise BadRequest(f"'max_item_bytes' must be an integer from 1 to {MAX_ITEM_BYTES}")
+    return value
+
+
+def pad_union_items(encoded: Sequence[bytes], max_item_bytes: int) -> list[bytes]:
+    """Pad every encoded item to ``max_item_bytes + 2`` bytes: one length for every party.
+
+    The length depends on the common input only, never on this party's items,
+    so nobody can link an item's length to the party that sent it. An item
+    longer than ``max_item_bytes`` is replaced by the "too long" marker (the
+    empty string, which no item encodes to); the last mix-net party finds the
+    marker, without knowing whose it was, and every party then refuses.
+
+    Args:
+        encoded: Items encoded by :func:`curve.encode_item`.
+        max_item_bytes: The common bound (see :func:`item_bytes`).
+
+    Returns:
+        The padded items (or markers), in the input order.
+    """
+    length = max_item_bytes + 2  # the type tag and the padding mark
+    return [
+        curve.pad_item(_TOO_LONG if item_bytes(e) > max_item_bytes else e, length) for e in encoded
+    ]
+
+
+def _too_long(max_item_bytes: int) -> BadRequest:
+    error = BadRequest(
+        f"an item of some party is longer than 'max_item_bytes' ({max_item_bytes}; text "
+        "counts its UTF-8 bytes, integers their digits, floats 8), so every party refuses "
+        "the union; which party holds it stays hidden. Give every party the same larger "
+        f"'max_item_bytes' (at most {MAX_ITEM_BYTES})"
+    )
+    error.collective = True  # every party hears it from the last party: no abort needed
+    return error
 
 
 def _blob_chunks(blob_items: list[bytes], size: int) -> list[list[bytes]]:
@@ -529,43 +727,51 @@ def _decode_union_item(encoded: bytes) -> Item:
 async def union(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The distinct items of all parties, sorted, hiding who holds which.
 
-    Inputs: ``data``; ``column``. Returns ``{"union": [...], "size": k}``; every
-    party returns the same. The last party of the session learns how many
-    parties hold each item (see the module docstring).
+    Runs only where the server's policy sets ``allow_set_union``. Inputs:
+    ``data``; ``column``; ``max_item_bytes`` (default 256, at most 1024; every
+    party must give the same): the longest item allowed (see
+    :func:`item_bytes`); every item travels padded to this length, and if any
+    party's item is longer, every party refuses without saying whose it is.
+    Returns ``{"union": [...], "size": k}``; every party returns the same. The
+    last party of the session learns how many parties hold each item (see the
+    module docstring).
     """
     async with _session(ctx) as peers:
         # Inside the session: if our input is refused, the others hear it at once.
         ctx.env.require(
             "allow_set_union", "set unions", "a union discloses every item of every party"
         )
+        max_item_bytes = union_max_item_bytes(inputs)
         items, encoded = await _load_items(ctx, inputs)
-        if any(len(e) > MAX_ITEM_BYTES for e in encoded):
-            raise BadRequest(f"union items must be at most {MAX_ITEM_BYTES} bytes long (UTF-8)")
         private_key = curve.random_scalar()  # an ephemeral X25519 key for this session only
         public_key = sodium.crypto_scalarmult_base(private_key)
         n, me = len(peers.parties), peers.index
-        extra = {"key": public_key, "pad": _pad_class(encoded)}
+        extra = {"key": public_key, "max_item_bytes": max_item_bytes}
         received = await _setup(ctx, peers, "union", len(items), extra)
-        keys, pads = [], []
+        keys = []
         for party in peers.parties:
-            key, pad = received[party].get("key"), received[party].get("pad")
+            key, bound = received[party].get("key"), received[party].get("max_item_bytes")
             if (
                 not isinstance(key, bytes)
                 or not _valid_key(key)
-                or not isinstance(pad, int)
-                or pad < _MIN_PAD
-                or pad > 2 * MAX_ITEM_BYTES
-                or pad & (pad - 1)
+                or not isinstance(bound, int)
+                or isinstance(bound, bool)
             ):
                 raise ComputationFailed(f"party '{party}' sent a malformed union setup message")
             keys.append(key)
-            pads.append(pad)
+        if any(received[party]["max_item_bytes"] != max_item_bytes for party in peers.parties):
+            error = ComputationFailed(
+                "the parties disagree on 'max_item_bytes'; every party must give the same "
+                f"(default {DEFAULT_MAX_ITEM_BYTES})"
+            )
+            error.collective = True  # every party sees the same declarations: no abort needed
+            raise error
         sizes = [received[party]["size"] for party in peers.parties]
-        total, length = sum(sizes), max(pads)
+        total, length = sum(sizes), max_item_bytes + 2
         await ctx.progress(0.05)
 
-        # COLLECT: everyone's onions go to party 0.
-        padded = [curve.pad_item(e, length) for e in encoded]
+        # COLLECT: everyone's onions go to party 0; all of them have one size.
+        padded = pad_union_items(encoded, max_item_bytes)
         onions = await asyncio.to_thread(curve.seal_onions, padded, keys)
         onion_size = length + n * curve.ONION_LAYER_BYTES
         collector = peers.parties[0]
@@ -595,10 +801,13 @@ async def union(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         await ctx.progress(0.6)
         if me < n - 1:
             await _send_onions(peers, peers.parties[me + 1], f"{Stage.MIX}.{me + 1}", inner)
-            found = await _receive_union(peers, last, total)
+            found = await _receive_union(peers, last, total, max_item_bytes)
         else:
             try:
                 distinct = {curve.unpad_item(p) for p in inner}
+                if _TOO_LONG in distinct:
+                    await peers.broadcast(f"{Stage.UNION}.0", {"too_long": True})
+                    raise _too_long(max_item_bytes)
                 values = sorted((_decode_union_item(e) for e in distinct), key=sort_key)
             except ValueError as error:
                 raise ComputationFailed(f"an item in the mix-net is malformed: {error}") from None
@@ -627,11 +836,15 @@ async def _broadcast_union(peers: PeerSession, values: list[Item]) -> None:
         await peers.broadcast(f"{Stage.UNION}.{k}", {"items": chunk, "more": k < len(chunks) - 1})
 
 
-async def _receive_union(peers: PeerSession, sender: str, total: int) -> list[Item]:
+async def _receive_union(
+    peers: PeerSession, sender: str, total: int, max_item_bytes: int
+) -> list[Item]:
     values: list[Item] = []
     k, more = 0, True
     while more:
         message = await peers.recv(sender, f"{Stage.UNION}.{k}")
+        if k == 0 and isinstance(message, dict) and message.get("too_long") is True:
+            raise _too_long(max_item_bytes)
         chunk = message.get("items") if isinstance(message, dict) else None
         flag = message.get("more") if isinstance(message, dict) else None
         if not isinstance(chunk, list) or not isinstance(flag, bool):

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fdrtd_client import Job, errors
+from fdrtd_client import FederatedJob, Federation, Job, errors
 from fdrtd_server.errors import BadRequest, ComputationFailed
 from fdrtd_server.local import LocalFederation
 from protocols.psi import curve, service
@@ -20,17 +20,25 @@ pytestmark = pytest.mark.slow
 
 
 UNION = {"FDRTD_ALLOW_SET_UNION": "true"}
+POLICY = {**UNION, "FDRTD_ALLOW_SET_INTERSECTION": "true"}
+"""Both input-revealing psi functions allowed (the shared ``trio`` allows them too)."""
 
 
 @pytest.fixture(scope="module")
 def duo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    """Two servers; p1's policy has a minimum cohort of 2, p2's the default 3."""
-    federation = LocalFederation(tmp_path_factory.mktemp("psi-duo"), names=("p1", "p2"))
+    """p1 (minimum cohort 2) and p2 (the default 3) allow intersections; p3 does not.
+
+    The two-party tests run between p1 and p2; p3 joins only to refuse.
+    """
+    federation = LocalFederation(tmp_path_factory.mktemp("psi-duo"), names=("p1", "p2", "p3"))
     try:
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(3) as pool:
             started = [
-                pool.submit(federation.servers["p1"].start, env={"FDRTD_MIN_COHORT": "2", **UNION}),
-                pool.submit(federation.servers["p2"].start, env=UNION),
+                pool.submit(
+                    federation.servers["p1"].start, env={"FDRTD_MIN_COHORT": "2", **POLICY}
+                ),
+                pool.submit(federation.servers["p2"].start, env=POLICY),
+                pool.submit(federation.servers["p3"].start, env=UNION),
             ]
             for future in started:
                 future.result()
@@ -42,8 +50,31 @@ def duo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
 @pytest.fixture(scope="module")
 def quintet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     names = ("a1", "a2", "a3", "a4", "a5")
-    with LocalFederation(tmp_path_factory.mktemp("psi-five"), names=names, env=UNION) as federation:
+    with LocalFederation(
+        tmp_path_factory.mktemp("psi-five"), names=names, env=POLICY
+    ) as federation:
         yield federation
+
+
+def clients_of(federation: LocalFederation, names: Sequence[str]) -> Federation:
+    """A client federation of some of the servers (a session needs not all of them)."""
+    return Federation({name: federation.servers[name].client(30) for name in names})
+
+
+def start(
+    federation: LocalFederation,
+    function: str,
+    sets: Mapping[str, Any],
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> FederatedJob:
+    """Upload each party's set as column 'v' and start ``function`` among those parties."""
+    clients = clients_of(federation, list(sets))
+    handles = clients.upload({name: {"v": values} for name, values in sets.items()})
+    inputs = {
+        name: {"data": handles[name], "column": "v", **(options or {}).get(name, {})}
+        for name in sets
+    }
+    return clients.compute("psi", function, inputs)
 
 
 def run(
@@ -53,10 +84,17 @@ def run(
     timeout: float = 90.0,
 ) -> list[Any]:
     """Upload each party's set as column 'v' and run ``function``; every party's result."""
-    clients = federation.federation(timeout=30)
-    handles = clients.upload({name: {"v": values} for name, values in sets.items()})
-    inputs = {name: {"data": handles[name], "column": "v"} for name in sets}
-    return clients.compute("psi", function, inputs).results(timeout)
+    return start(federation, function, sets).results(timeout)
+
+
+def refusals(job: FederatedJob) -> list[errors.ServerError]:
+    """Every party's error; fails if any party returned a result."""
+    found = []
+    for each in job.jobs:
+        with pytest.raises(errors.ServerError) as error:
+            each.result(60)
+        found.append(error.value)
+    return found
 
 
 def expect_everywhere(results: Sequence[Any], expected: Any) -> None:
@@ -89,9 +127,10 @@ def test_two_parties_text(duo: LocalFederation) -> None:
 def test_text_one_is_not_number_one(duo: LocalFederation) -> None:
     text = ["1", "2", "3", "x"]
     numbers = np.array([1, 2, 3, 4], dtype=np.int64)
-    expect_everywhere(
-        run(duo, "intersection", {"p1": text, "p2": numbers}), {"intersection": [], "size": 0}
-    )
+    # No common item: an empty intersection is below the minimum cohort, refused as such.
+    for refused in refusals(start(duo, "intersection", {"p1": text, "p2": numbers})):
+        assert refused.status == 403
+        assert "fewer items than the minimum cohort of 3" in str(refused)
     union = run(duo, "union", {"p1": text, "p2": numbers})
     expect_everywhere(union, {"union": [1, 2, 3, 4, "1", "2", "3", "x"], "size": 8})
 
@@ -111,7 +150,7 @@ def test_numbers_compare_by_value(duo: LocalFederation) -> None:
 
 
 def start_pair(duo: LocalFederation, p1: list[str], p2: list[str]) -> tuple[Job, Job]:
-    clients = duo.federation(timeout=30)
+    clients = clients_of(duo, ("p1", "p2"))
     handles = clients.upload({"p1": {"v": p1}, "p2": {"v": p2}})
     inputs = {name: {"data": handles[name], "column": "v"} for name in handles}
     first, second = clients.compute("psi", "intersection", inputs).jobs
@@ -153,7 +192,7 @@ def test_parties_must_run_the_same_function(duo: LocalFederation) -> None:
 
 
 def test_refused_input_ends_the_session_for_everyone_at_once(duo: LocalFederation) -> None:
-    clients = duo.federation(timeout=30)
+    clients = clients_of(duo, ("p1", "p2"))
     handles = clients.upload({"p1": {"v": ["a", "b", "c"]}, "p2": {"v": ["a", "b", "c"]}})
     inputs: dict[str, dict[str, Any]] = {
         "p1": {"data": handles["p1"], "column": "nope"},
@@ -173,6 +212,60 @@ def test_single_server_without_session_is_a_bad_request(duo: LocalFederation) ->
     handle = client.upload({"v": ["a", "b", "c"]})
     with pytest.raises(errors.BadRequest, match="session"):
         client.compute("psi", "intersection", data=handle).result(30)
+
+
+def test_intersection_needs_every_partys_policy(duo: LocalFederation) -> None:
+    # p1 and p2 allow intersections, p3 does not: p3 refuses, and both others end with it.
+    sets = {name: ["a", "b", "c", "d"] for name in ("p1", "p2", "p3")}
+    on_p1, on_p2, on_p3 = start(duo, "intersection", sets).jobs
+    with pytest.raises(errors.Forbidden, match="allow_set_intersection = true"):
+        on_p3.result(60)
+    for job in (on_p1, on_p2):
+        with pytest.raises(errors.ServerError, match="party 'p3' ended the computation") as error:
+            job.result(60)
+        assert error.value.status == 403
+    # The size alone is governed by the minimum cohort only: p3 takes part.
+    pair = {"p1": sets["p1"], "p3": sets["p3"]}
+    expect_everywhere(run(duo, "intersection_size", pair), {"size": 4})
+
+
+def test_small_intersection_is_refused_on_every_party(duo: LocalFederation) -> None:
+    def refused_alike(function: str, p1: list[str], p2: list[str]) -> str:
+        found = refusals(start(duo, function, {"p1": p1, "p2": p2}))
+        assert all(isinstance(error, errors.Forbidden) for error in found)
+        assert len({error.detail for error in found}) == 1  # the same refusal on every party
+        return found[0].detail
+
+    # One common item under p2's minimum cohort of 3: no items, no size, for anyone.
+    message = refused_alike("intersection", ["a", "b", "c"], ["a", "x", "y"])
+    assert "fewer items than the minimum cohort of 3" in message
+    assert "party 'p2'" in message
+    # Two common items satisfy p1's own minimum (2), not the strictest one (p2's 3).
+    assert "cohort of 3" in refused_alike("intersection_size", ["a", "b", "c"], ["a", "b", "y"])
+    # Padding attack: junk plus one target is refused alike whether p2 holds the target or not.
+    junk_and_target = ["junk-1", "junk-2", "target"]
+    held = refused_alike("intersection_size", junk_and_target, ["target", "x", "y"])
+    not_held = refused_alike("intersection_size", junk_and_target, ["other", "x", "y"])
+    assert held == not_held
+
+
+def test_union_pads_every_item_to_the_common_length(duo: LocalFederation) -> None:
+    short = ["a", "b", "c"]
+    long = ["x" * 100, "y" * 100, "z"]
+    union = python_sorted(set(short) | set(long))
+    expect_everywhere(run(duo, "union", {"p1": short, "p2": long}), {"union": union, "size": 6})
+    # An item longer than max_item_bytes: every party refuses alike, naming nobody.
+    bound = {"p1": {"max_item_bytes": 64}, "p2": {"max_item_bytes": 64}}
+    found = refusals(start(duo, "union", {"p1": short, "p2": long}, bound))
+    assert all(isinstance(error, errors.BadRequest) for error in found)
+    assert len({error.detail for error in found}) == 1
+    assert "longer than 'max_item_bytes' (64" in found[0].detail
+    assert "p1" not in found[0].detail and "p2" not in found[0].detail
+    # The parties must agree on the bound.
+    mismatch = {"p1": {"max_item_bytes": 128}}
+    for error in refusals(start(duo, "union", {"p1": short, "p2": long}, mismatch)):
+        assert isinstance(error, errors.ComputationFailed)
+        assert "disagree on 'max_item_bytes'" in str(error)
 
 
 # --- three parties (the shared trio) -------------------------------------------------------
@@ -207,11 +300,13 @@ def test_three_parties_numbers(trio: LocalFederation) -> None:
     )
 
 
-def test_three_parties_empty_intersection(trio: LocalFederation) -> None:
+def test_three_parties_empty_intersection_is_refused(trio: LocalFederation) -> None:
     sets = {name: [f"{name}-{i}" for i in range(5)] + ["shared-by-two"] for name in trio.servers}
     sets["gamma"] = ["g1", "g2", "g3"]
-    expect_everywhere(run(trio, "intersection", sets), {"intersection": [], "size": 0})
-    expect_everywhere(run(trio, "intersection_size", sets), {"size": 0})
+    for function in ("intersection", "intersection_size"):
+        for refused in refusals(start(trio, function, sets)):
+            assert isinstance(refused, errors.Forbidden)
+            assert "fewer items than the minimum cohort of 3" in str(refused)
 
 
 def test_three_parties_all_sets_equal(trio: LocalFederation) -> None:

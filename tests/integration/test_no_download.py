@@ -630,7 +630,7 @@ def test_no_function_returns_the_data(world: World) -> None:
     done = views[("map", "aggregate", "raw", 0)]
     assert done["status"] == "done", done
     assert done["value"]["count"] == VALUES.size
-    assert done["value"]["minimum"] == -50000.0 and done["value"]["maximum"] == 50000.0
+    assert done["value"]["sum"] == pytest.approx(float(VALUES.sum()))
     assert views[("example", "rows", "csv", 0)]["value"] == {"rows": VALUES.size}
     server_errors = [
         (key, view["error"])
@@ -758,9 +758,14 @@ def test_no_federated_computation_returns_the_data(world: World) -> None:
         extremes = views[("smpc", "minimum_maximum", "csv"), name]
         assert extremes["status"] == "done", extremes
         assert extremes["value"]["maximum"] == pytest.approx(50000.0, abs=1e-3)
-        common = views[("psi", "intersection", "csv"), name]
+        common = views[("psi", "intersection_size", "csv"), name]
         assert common["status"] == "done", common
         assert common["value"]["size"] == len(LAYOUT) - 4
+        # the items themselves need allow_set_intersection, off on north and south
+        refused = views[("psi", "intersection", "csv"), name]
+        assert refused["status"] == "failed", refused
+        assert refused["error"]["status"] == 403, refused
+        assert "allow_set_intersection" in refused["error"]["detail"], refused
     server_errors = [
         (key, view["error"])
         for key, view in views.items()

@@ -305,12 +305,17 @@ def test_the_revealing_protocols_are_off_unless_the_policy_allows_them(home: Pat
     default = load_settings(home, environ={})
     assert (default.allow_set_union, default.allow_matrix_product) == (False, False)
     assert default.allow_vertical_regression is False
+    assert default.allow_set_intersection is False
     _write_config(
         home,
-        '[server]\nname = "unit"\n[policy]\nallow_matrix_product = true\nallow_set_union = true\n',
+        '[server]\nname = "unit"\n[policy]\nallow_matrix_product = true\nallow_set_union = true\n'
+        "allow_set_intersection = true\n",
     )
     allowed = load_settings(home, environ={})
     assert (allowed.allow_set_union, allowed.allow_matrix_product) == (True, True)
+    assert allowed.allow_set_intersection is True
+    shut = load_settings(home, environ={"FDRTD_ALLOW_SET_INTERSECTION": "no"})
+    assert shut.allow_set_intersection is False
     closed = load_settings(home, environ={"FDRTD_ALLOW_MATRIX_PRODUCT": "false"})
     assert closed.allow_matrix_product is False
     opened = load_settings(home, environ={"FDRTD_ALLOW_VERTICAL_REGRESSION": "1"})
@@ -330,6 +335,10 @@ def test_init_home_writes_loadable_settings(home: Path) -> None:
     assert settings.url == "http://127.0.0.1:1111"
     assert (home / "identity").is_dir()
     assert (home / "jetstream").is_dir()
+    # every input-revealing switch is written, and off
+    text = (home / CONFIG_FILE).read_text("utf-8")
+    for switch in ("set_union", "set_intersection", "matrix_product", "vertical_regression"):
+        assert f"allow_{switch} = false\n" in text
 
 
 @pytest.mark.parametrize(
@@ -340,6 +349,7 @@ def test_init_home_writes_loadable_settings(home: Path) -> None:
         ({"FDRTD_MIN_COHORT": "0"}, "min_cohort"),
         ({"FDRTD_MIN_COHORT": "2.5"}, "min_cohort"),
         ({"FDRTD_ALLOW_MAP_REDUCE": "maybe"}, "allow_map_reduce"),
+        ({"FDRTD_ALLOW_SET_INTERSECTION": "sometimes"}, "allow_set_intersection"),
         ({"FDRTD_SESSION_TIMEOUT": "-5"}, "session_timeout"),
         ({"FDRTD_SESSION_TIMEOUT": "soon"}, "session_timeout"),
         ({"FDRTD_MAX_BODY_BYTES": "17"}, "max_body_bytes"),
@@ -364,6 +374,10 @@ def test_bad_environment_values_name_the_key(home: Path, environ: dict[str, str]
         ("[server]\nname = 5\n", "name"),
         ('[server]\nname = "unit"\n[policy]\nmin_cohort = "many"\n', "min_cohort"),
         ('[server]\nname = "unit"\n[policy]\nallow_map_reduce = 2\n', "allow_map_reduce"),
+        (
+            '[server]\nname = "unit"\n[policy]\nallow_set_intersection = "on"\n',
+            "allow_set_intersection",
+        ),
     ],
 )
 def test_bad_file_values_name_the_key(home: Path, text: str, key: str) -> None:
