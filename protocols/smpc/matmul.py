@@ -7,13 +7,30 @@ and R hold additive shares ``S_L + S_R = A @ B (mod M)`` of the product.
 Nothing here does I/O; the message flow lives in the protocol module.
 
 Fixed point
-    A real ``x`` is encoded as the signed integer ``round(x * 2^f)`` with
-    ``f = DEFAULT_FRAC_BITS = 40`` fractional bits (resolution ``2^-40 ~=
-    9.1e-13``); the product of two encodings carries ``2f`` fractional bits
-    and is decoded by dividing by ``2^(2f)``. The error of one entry of the
-    decoded product is at most ``sum_t (|a_t| + |b_t|) * 2^-(f+1) + k *
-    2^-(2f+2)`` from rounding the inputs, plus one float64 rounding
-    (relative ``2^-53``) of the result.
+    A real ``x`` is encoded as the signed integer ``round(x * 2^f)``. For
+    ``matrix_product`` ``f`` is the same for every entry, ``frac_bits``
+    (default ``DEFAULT_FRAC_BITS = 40``, resolution ``2^-40 ~= 9.1e-13``); the
+    product of two encodings carries ``2f`` fractional bits and is decoded by
+    dividing by ``2^(2f)``. The error of one entry of the decoded product is
+    at most ``sum_t (|a_t| + |b_t|) * 2^-(f+1) + k * 2^-(2f+2)`` from rounding
+    the inputs, plus one float64 rounding (relative ``2^-53``) of the result.
+    A fixed resolution is absolute: a row of ``A`` (or column of ``B``) whose
+    largest ``|x|`` is below ``2^(MIN_SIGNIFICANT_BITS - f)`` would keep fewer
+    than ``MIN_SIGNIFICANT_BITS`` significant bits, so :func:`coarse_lines`
+    finds such lines and the protocol refuses them instead of returning a
+    silently imprecise product.
+
+Scaled fixed point (the Gram matrix of vertical regression)
+    Each row ``i`` of ``A`` and column ``j`` of ``B`` gets its own exponent
+    (``r_i``, ``c_j``): the entry ``(i, j)`` of the product carries ``r_i +
+    c_j`` fractional bits and is decoded by dividing by ``2^(r_i + c_j)``
+    (:func:`encode_scaled`, :func:`decode_scaled`). :func:`norm_exponents`
+    picks the exponent of a column from its sum of squares so that its
+    Euclidean norm is encoded with ``PRECISION_BITS = 80`` bits, whatever
+    its scale (``1e-11`` or ``1e20``); the rounding error of an entry is then
+    at most ``sqrt(k) * ||a|| * ||b|| * 2^-80``, below float64's own rounding
+    of a dot product. The exponents are public: vertical regression derives
+    them from the diagonal of the Gram matrix, which it opens anyway.
 
 Range
     Shares live in ``Z_2^256`` (dealer path) or in the Paillier plaintext
@@ -70,13 +87,18 @@ from protocols.smpc import ring
 __all__ = [
     "DEFAULT_FRAC_BITS",
     "MAX_FRAC_BITS",
+    "MIN_SIGNIFICANT_BITS",
     "MODULUS",
+    "PRECISION_BITS",
     "RING_BITS",
     "PaillierKey",
     "ProductOverflow",
+    "coarse_lines",
     "dealer_share",
     "decode_product",
+    "decode_scaled",
     "encode_operand",
+    "encode_scaled",
     "encrypted_matmul",
     "ints_from_bytes",
     "ints_to_bytes",
@@ -85,9 +107,11 @@ __all__ = [
     "mask_ciphertexts",
     "masked",
     "max_operand",
+    "norm_exponents",
     "operand_bound_bits",
     "right_mask",
     "right_share",
+    "valid_ciphertexts",
     "width_for",
 ]
 
@@ -102,6 +126,15 @@ DEFAULT_FRAC_BITS = 40
 
 MAX_FRAC_BITS = 64
 """Largest accepted ``frac_bits``."""
+
+MIN_SIGNIFICANT_BITS = 20
+"""Fewest significant bits (about 6 decimal digits) a nonzero row or column may keep."""
+
+PRECISION_BITS = 80
+"""Bits given to a column's Euclidean norm by :func:`norm_exponents`."""
+
+MAX_EXPONENT = 1 << 12
+"""Largest ``|exponent|`` of a scaled encoding (float64 spans ``2^-1074`` to ``2^1024``)."""
 
 ObjArray = npt.NDArray[np.object_]
 F64Array = npt.NDArray[np.float64]
@@ -163,18 +196,95 @@ def encode_operand(x: npt.ArrayLike, *, frac_bits: int, inner: int) -> ObjArray:
     """
     if not 0 <= frac_bits <= MAX_FRAC_BITS:
         raise ValueError(f"`frac_bits` must be from 0 to {MAX_FRAC_BITS}")
+    return encode_scaled(x, frac_bits, inner=inner)
+
+
+def encode_scaled(x: npt.ArrayLike, exponents: npt.ArrayLike, *, inner: int) -> ObjArray:
+    """Encode ``x`` as ``round(x * 2^e)`` with an exponent per entry (broadcast).
+
+    Args:
+        x: Finite floats of any shape.
+        exponents: Integers broadcastable to ``x`` (a column for one exponent
+            per row, a row for one per column), each at most
+            :data:`MAX_EXPONENT` in magnitude.
+        inner: The product's inner dimension, for the range check.
+
+    Returns:
+        An object array of ``int`` ``round(x * 2^e)`` (half to even), same shape.
+
+    Raises:
+        ValueError: On NaN or infinity, or an exponent out of range.
+        ProductOverflow: If any ``|x * 2^e| >= 2^h`` (:func:`operand_bound_bits`).
+    """
     values = np.asarray(x, dtype=np.float64)
+    powers = np.broadcast_to(np.asarray(exponents, dtype=np.int64), values.shape)
+    if powers.size and int(np.max(np.abs(powers))) > MAX_EXPONENT:
+        raise ValueError(f"a scaling exponent must be at most {MAX_EXPONENT} in magnitude")
     if not np.all(np.isfinite(values)):
         raise ValueError("cannot encode NaN or infinity; remove or impute missing values first")
     with np.errstate(over="ignore"):  # inf fails the range check below
-        scaled = np.rint(np.ldexp(values, frac_bits))
+        scaled = np.rint(np.ldexp(values, powers))
     bits = operand_bound_bits(inner)
-    if values.size and float(np.max(np.abs(scaled))) >= math.ldexp(1.0, bits):
-        raise ProductOverflow(bound=max_operand(inner, frac_bits), frac_bits=frac_bits, inner=inner)
+    over = np.abs(scaled) >= math.ldexp(1.0, bits)
+    if np.any(over):
+        # the bound of the first offending entry, never its value
+        power = int(powers[np.unravel_index(int(np.argmax(over)), over.shape)])
+        raise ProductOverflow(bound=max_operand(inner, power), frac_bits=power, inner=inner)
     # every scaled value is an integral float, so int() is exact
     out = np.empty(values.shape, dtype=object)
     out.reshape(-1)[:] = [int(v) for v in scaled.reshape(-1).tolist()]
     return out
+
+
+def coarse_lines(x: npt.ArrayLike, frac_bits: int, axis: int) -> list[int]:
+    """Rows (``axis=1``) or columns (``axis=0``) that ``frac_bits`` would encode too coarsely.
+
+    A line is too coarse when it is not all zero but its largest ``|x|`` is
+    below ``2^(MIN_SIGNIFICANT_BITS - frac_bits)``: its encodings would keep
+    fewer than :data:`MIN_SIGNIFICANT_BITS` significant bits, and the product
+    entries it takes part in would be wrong in the leading digits.
+
+    Returns:
+        The indices of such lines, in order (empty if every line is fine).
+    """
+    values = np.abs(np.asarray(x, dtype=np.float64))
+    if values.ndim != 2 or values.size == 0:
+        return []
+    largest = values.max(axis=axis)
+    floor = math.ldexp(1.0, MIN_SIGNIFICANT_BITS - frac_bits)
+    return [int(i) for i in np.flatnonzero((largest > 0) & (largest < floor))]
+
+
+def norm_exponents(squares: npt.ArrayLike, inner: int) -> list[int]:
+    """Per-column exponents that encode each column's norm with :data:`PRECISION_BITS` bits.
+
+    Args:
+        squares: Each column's sum of squares ``||x_j||^2`` (public, e.g. the
+            diagonal of a Gram matrix), finite and not negative.
+        inner: The product's inner dimension (the length of the columns).
+
+    Returns:
+        ``e_j = b - ceil(E_j / 2)`` with ``b = min(PRECISION_BITS, h - 1)``
+        (``h`` from :func:`operand_bound_bits`) and ``||x_j||^2 < 2^E_j``
+        (``math.frexp``), so ``||x_j|| * 2^e_j < 2^b``: every entry then stays
+        below ``2^(h-1)``, half the range, even if the float sum of squares was
+        rounded down. A zero column gets exponent 0. Integer arithmetic on
+        the float's exponent only, so every party gets the same answer.
+
+    Raises:
+        ValueError: If a sum of squares is negative, NaN or infinite.
+    """
+    target = min(PRECISION_BITS, operand_bound_bits(inner) - 1)
+    exponents = []
+    for value in np.asarray(squares, dtype=np.float64).reshape(-1).tolist():
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("a column's sum of squares must be finite and not negative")
+        if value == 0:
+            exponents.append(0)
+            continue
+        _, power = math.frexp(value)  # value < 2^power
+        exponents.append(target - (power + 1) // 2)  # (power + 1) // 2 == ceil(power / 2)
+    return exponents
 
 
 def decode_product(total: ObjArray, modulus: int, frac_bits: int) -> F64Array:
@@ -188,13 +298,42 @@ def decode_product(total: ObjArray, modulus: int, frac_bits: int) -> F64Array:
     Returns:
         ``v / 2^(2f)`` with ``v`` read as a signed residue, correctly rounded.
     """
+    rows, cols = np.shape(total) if np.ndim(total) == 2 else (1, int(np.size(total)))
+    decoded = decode_scaled(
+        np.asarray(total, dtype=object).reshape(rows, cols),
+        modulus,
+        [frac_bits] * rows,
+        [frac_bits] * cols,
+    )
+    return decoded.reshape(np.shape(total))
+
+
+def decode_scaled(
+    total: ObjArray, modulus: int, row_exponents: Sequence[int], col_exponents: Sequence[int]
+) -> F64Array:
+    """Decode a revealed ``m x n`` product of :func:`encode_scaled` operands to floats.
+
+    Args:
+        total: ``m x n`` ring elements (reduced modulo ``modulus`` here).
+        modulus: The share ring's modulus.
+        row_exponents: The exponent of each row of ``A`` (``m``).
+        col_exponents: The exponent of each column of ``B`` (``n``).
+
+    Returns:
+        ``v_ij / 2^(r_i + c_j)`` with ``v_ij`` read as a signed residue.
+    """
     half = modulus >> 1
-    flat = []
-    for value in np.asarray(total, dtype=object).reshape(-1).tolist():
-        residue = int(value) % modulus
-        signed = residue - modulus if residue >= half else residue
-        flat.append(math.ldexp(float(signed), -2 * frac_bits))
-    return np.array(flat, dtype=np.float64).reshape(np.shape(total))
+    rows, cols = np.shape(total)
+    out = np.empty((rows, cols), dtype=np.float64)
+    grid = np.asarray(total, dtype=object).tolist()
+    for i in range(rows):
+        for j in range(cols):
+            residue = int(grid[i][j]) % modulus
+            signed = residue - modulus if residue >= half else residue
+            # float() of an int below 2^255 is correctly rounded; ldexp is exact
+            # unless the result is subnormal
+            out[i, j] = math.ldexp(float(signed), -(row_exponents[i] + col_exponents[j]))
+    return out
 
 
 def width_for(modulus: int) -> int:
@@ -308,6 +447,23 @@ class PaillierKey:
         return result.reshape(np.shape(ciphertexts))
 
 
+def valid_ciphertexts(n: int, ciphertexts: npt.ArrayLike) -> bool:
+    """Whether every entry is a Paillier ciphertext under modulus ``n``.
+
+    A ciphertext is a unit of ``Z_(N^2)``: ``0 < c < N^2`` and ``gcd(c, N) =
+    1``. Anything else is no encryption of any plaintext; it would make the
+    modular inverse in :func:`encrypted_matmul` fail, or decrypt to garbage.
+    """
+    nsquare = gmpy2.mpz(n) * gmpy2.mpz(n)
+    modulus = gmpy2.mpz(n)
+    for value in np.asarray(ciphertexts, dtype=object).reshape(-1).tolist():
+        if not isinstance(value, int) or not 0 < value < nsquare:
+            return False
+        if gmpy2.gcd(value, modulus) != 1:
+            return False
+    return True
+
+
 def encrypted_matmul(n: int, ciphertexts: ObjArray, plain: ObjArray) -> ObjArray:
     """Homomorphically compute ``Enc(P) @ Q`` for ciphertexts ``Enc(P)`` and integers ``Q``.
 
@@ -318,6 +474,10 @@ def encrypted_matmul(n: int, ciphertexts: ObjArray, plain: ObjArray) -> ObjArray
 
     Returns:
         ``a x b`` ciphertexts of ``P @ Q (mod N)`` (not yet re-randomised).
+
+    Raises:
+        ValueError: If a ciphertext is not a unit modulo ``N^2`` (check them
+            first with :func:`valid_ciphertexts` to name the sender).
     """
     nsquare = gmpy2.mpz(n * n)
     rows, inner = ciphertexts.shape
@@ -335,7 +495,11 @@ def encrypted_matmul(n: int, ciphertexts: ObjArray, plain: ObjArray) -> ObjArray
                 elif e < 0:
                     negative = negative * gmpy2.powmod(row[t], -e, nsquare) % nsquare
             if inner and negative != 1:
-                positive = positive * gmpy2.invert(negative, nsquare) % nsquare
+                try:
+                    positive = positive * gmpy2.invert(negative, nsquare) % nsquare
+                except ZeroDivisionError:
+                    # only if a ciphertext shares a factor with N: see valid_ciphertexts
+                    raise ValueError("a ciphertext is not invertible modulo N^2") from None
             out[i, j] = int(positive)
     return out
 

@@ -29,12 +29,14 @@ from protocols.smpc.engine import SmpcSession
 from protocols.smpc.service import agree, declare, numeric, session_for
 
 __all__ = [
+    "Scaling",
     "product_options",
     "recv_blob",
     "reveal_product",
     "secure_product",
     "seed_from",
     "send_blob",
+    "uniform_scaling",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -119,13 +121,36 @@ def seed_from(message: Any, sender: str) -> bytes:
 # -- secure matrix product ------------------------------------------------------------------
 
 
-def _encode(operand: F64 | None, frac_bits: int, inner: int) -> matmul.ObjArray:
+Scaling = tuple[list[int], list[int]]
+"""Public exponents of a product ``A @ B``: one per row of ``A``, one per column of ``B``.
+
+Entry ``(i, j)`` of the product is carried with ``rows[i] + cols[j]``
+fractional bits (see :func:`protocols.smpc.matmul.encode_scaled`).
+"""
+
+
+def uniform_scaling(frac_bits: int, dims: tuple[int, int, int]) -> Scaling:
+    """The same ``frac_bits`` for every entry of both operands of an ``m x k x n`` product."""
+    return [frac_bits] * dims[0], [frac_bits] * dims[2]
+
+
+def _encode(operand: F64 | None, scaling: Scaling, inner: int, left: bool) -> matmul.ObjArray:
+    """``A`` (``left``) scaled by row, or ``B`` scaled by column, as ring integers."""
     if operand is None:
         raise ComputationFailed("a party of a matrix product has no matrix")
+    rows, cols = scaling
+    exponents = np.array(rows)[:, None] if left else np.array(cols)[None, :]
     try:
-        return matmul.encode_operand(operand, frac_bits=frac_bits, inner=inner)
+        return matmul.encode_scaled(operand, exponents, inner=inner)
     except ring.FixedPointOverflow as error:
         raise ComputationFailed(str(error)) from None
+
+
+def _check_ciphertexts(modulus: int, values: matmul.ObjArray, sender: str) -> None:
+    if not matmul.valid_ciphertexts(modulus, values):
+        raise ComputationFailed(
+            f"party '{sender}' sent a malformed ciphertext (not a unit modulo N^2)"
+        )
 
 
 Share = tuple[matmul.ObjArray, int]
@@ -138,19 +163,21 @@ async def secure_product(
     right: str,
     operand: F64 | None,
     dims: tuple[int, int, int],
-    frac_bits: int,
+    scaling: Scaling,
     paillier_bits: int,
 ) -> Share | None:
     """One party's side of the secure product ``A @ B`` (``A`` at ``left``, ``B`` at ``right``).
 
     Every party of the session calls it with the same public ``name``,
-    ``dims = (m, k, n)`` and options; ``operand`` is ``A`` at ``left``, ``B`` at
-    ``right`` and None elsewhere. With three or more parties the first other
-    party deals a Beaver matrix triple; with two, Paillier is used.
+    ``dims = (m, k, n)``, ``scaling`` and options; ``operand`` is ``A`` at
+    ``left``, ``B`` at ``right`` and None elsewhere. With three or more
+    parties the first other party deals a Beaver matrix triple; with two,
+    Paillier is used.
 
     Returns:
         ``(share, modulus)`` at ``left`` and ``right`` (the shares add up to
-        the product with ``2 * frac_bits`` fractional bits), None elsewhere.
+        the product, entry ``(i, j)`` with ``rows[i] + cols[j]`` fractional
+        bits), None elsewhere.
 
     Raises:
         ComputationFailed: If an operand is out of the fixed-point range or a
@@ -171,7 +198,7 @@ async def secure_product(
             await send_blob(peers, [right], f"{tag}.w", matmul.ints_to_bytes(w_right, 32))
             return None
         if me == left:
-            a = _encode(operand, frac_bits, k)
+            a = _encode(operand, scaling, k, left=True)
             seed = seed_from(await peers.recv(dealer, f"{tag}.seed"), dealer)
             u, w_left = await asyncio.to_thread(matmul.left_masks, seed, label, m, k, n)
             e = matmul.masked(a, u)
@@ -180,7 +207,7 @@ async def secure_product(
             f = _unpack(blob, 32, (k, n), right)
             return await asyncio.to_thread(matmul.left_share, a, f, w_left), matmul.MODULUS
         if me == right:
-            b = _encode(operand, frac_bits, k)
+            b = _encode(operand, scaling, k, left=False)
             seed = seed_from(await peers.recv(dealer, f"{tag}.seed"), dealer)
             v = await asyncio.to_thread(matmul.right_mask, seed, label, k, n)
             f = matmul.masked(b, v)
@@ -191,7 +218,7 @@ async def secure_product(
             e = _unpack(blob, 32, (m, k), left)
             return await asyncio.to_thread(matmul.right_share, e, v, w_right), matmul.MODULUS
         return None
-    return await _paillier_product(peers, tag, left, right, operand, dims, frac_bits, paillier_bits)
+    return await _paillier_product(peers, tag, left, right, operand, dims, scaling, paillier_bits)
 
 
 async def _paillier_product(
@@ -201,7 +228,7 @@ async def _paillier_product(
     right: str,
     operand: F64 | None,
     dims: tuple[int, int, int],
-    frac_bits: int,
+    scaling: Scaling,
     paillier_bits: int,
 ) -> Share | None:
     m, k, n = dims
@@ -211,7 +238,7 @@ async def _paillier_product(
     # encrypt the smaller operand: A (m x k) at left, or B' (n x k) at right
     left_encrypts = m * k <= k * n
     encryptor, evaluator = (left, right) if left_encrypts else (right, left)
-    own = _encode(operand, frac_bits, k)
+    own = _encode(operand, scaling, k, left=me == left)
     if me == encryptor:
         key = await asyncio.to_thread(matmul.PaillierKey, paillier_bits)
         plain = own if left_encrypts else own.T
@@ -226,8 +253,7 @@ async def _paillier_product(
         )
         _, blob = await recv_blob(peers, evaluator, f"{tag}.r")
         masked = _unpack(blob, width, (m, n), evaluator)
-        if any(int(c) >= key.nsquare for c in masked.reshape(-1)):
-            raise ComputationFailed(f"party '{evaluator}' sent a malformed ciphertext")
+        _check_ciphertexts(key.n, masked, evaluator)
         return await asyncio.to_thread(key.decrypt, masked), key.n
     header, blob = await recv_blob(peers, encryptor, f"{tag}.c")
     modulus = _int_from(header, "n", encryptor)
@@ -235,6 +261,7 @@ async def _paillier_product(
         raise ComputationFailed(f"party '{encryptor}' sent a Paillier key of the wrong size")
     width = matmul.width_for(modulus * modulus)
     cipher = _unpack(blob, width, (m if left_encrypts else n, k), encryptor)
+    _check_ciphertexts(modulus, cipher, encryptor)
     plain = own if left_encrypts else own.T
     product = await asyncio.to_thread(matmul.encrypted_matmul, modulus, cipher, plain)
     if not left_encrypts:
@@ -251,7 +278,7 @@ async def reveal_product(
     holders: tuple[str, str],
     share: Share | None,
     shape: tuple[int, int],
-    frac_bits: int,
+    scaling: Scaling,
 ) -> F64:
     """Open a shared product to every party.
 
@@ -283,7 +310,7 @@ async def reveal_product(
         raise ComputationFailed("the two holders of a product used different moduli")
     theirs = _unpack(blob, width, shape, other)
     total = np.asarray((values + theirs) % modulus, dtype=object)
-    product = matmul.decode_product(total, modulus, frac_bits)
+    product = matmul.decode_scaled(total, modulus, *scaling)
     rest = [party for party in peers.others if party not in holders]
     if rest:
         await peers.broadcast(f"{tag}.result", product, to=rest)
@@ -299,6 +326,27 @@ def _shape(smpc: SmpcSession, party: str) -> tuple[int, int]:
     ):
         raise ComputationFailed(f"party '{party}' sent a malformed matrix shape")
     return shape[0], shape[1]
+
+
+def _check_precision(matrix: F64, frac_bits: int, side: str, party: str) -> None:
+    """Refuse a row of ``A`` (or column of ``B``) that ``frac_bits`` would encode too coarsely.
+
+    The fixed-point resolution ``2^-frac_bits`` is absolute; a line of small
+    values would come out of the product with few correct digits, silently.
+    Checked locally; failing reveals only that some line is that small.
+    """
+    axis, what = (1, "row") if side == "left" else (0, "column")
+    coarse = matmul.coarse_lines(matrix, frac_bits, axis)
+    if coarse:
+        floor = math.ldexp(1.0, matmul.MIN_SIGNIFICANT_BITS - frac_bits)
+        raise BadRequest(
+            f"{what} {coarse[0] + 1} of the '{side}' matrix (party '{party}') is too small "
+            f"for frac_bits={frac_bits}: its largest |value| is below {floor:.3g}, so it "
+            f"would keep fewer than {matmul.MIN_SIGNIFICANT_BITS} significant bits and the "
+            "product would be "
+            f"imprecise; raise 'frac_bits' (at most {matmul.MAX_FRAC_BITS}) or scale the "
+            "matrix up"
+        )
 
 
 def product_options(inputs: dict[str, Any]) -> tuple[int, int]:
@@ -346,6 +394,7 @@ async def matrix_product(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, A
                 raise BadRequest("the matrix must be a non-empty 2-D column")
             if not np.all(np.isfinite(matrix)):
                 raise BadRequest("the matrix must not hold NaN or infinity")
+            _check_precision(matrix, frac_bits, "left" if peers.me == left else "right", peers.me)
         smpc = SmpcSession(peers)
         await smpc.setup(
             declare(
@@ -371,12 +420,11 @@ async def matrix_product(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, A
                 f"{MAX_PRODUCT_TERMS}; split the matrices into blocks"
             )
         dims = (m, k, n)
+        scaling = uniform_scaling(frac_bits, dims)
         await ctx.progress(0.1)
-        share = await secure_product(
-            peers, "ab", left, right, matrix, dims, frac_bits, paillier_bits
-        )
+        share = await secure_product(peers, "ab", left, right, matrix, dims, scaling, paillier_bits)
         await ctx.progress(0.8)
         product = await reveal_product(
-            peers, "ab", (left, right), share, (dims[0], dims[2]), frac_bits
+            peers, "ab", (left, right), share, (dims[0], dims[2]), scaling
         )
     return {"product": product, "shape": [m, n]}

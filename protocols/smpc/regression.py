@@ -13,26 +13,36 @@ counts of each are in ``docs/protocols.md``.
 ``logistic_regression`` (horizontal)
     Newton-Raphson at a public current ``beta``: each iteration adds the
     parties' local gradients ``X'(y - p)``, Hessians ``X'WX`` and
-    log-likelihoods securely. Revealed: those totals at every iterate.
+    log-likelihoods securely; the first party alone decides the next
+    ``beta`` (or stop, or fail on separation) and tells the others
+    (:class:`_Newton`). Revealed: those totals at every iterate.
 
 ``linear_regression_vertical`` (every party holds some columns of shared records)
-    The data parties join their records on an ``id`` column by
-    Diffie-Hellman PSI around their ring (:func:`_join`, on the curve of
+    At least two parties give data; each declares the size of its id set,
+    and all refuse if one is below the strictest minimum cohort. The data
+    parties join their records on an ``id`` column by Diffie-Hellman PSI
+    around their ring (:func:`_join`, on the curve of
     :mod:`protocols.psi.curve`); the rows whose tag every data party holds,
-    in tag order, form the joint design. The first data party learns the
-    size of each other data party's id set and which of its own ids each of
-    them holds; every other data party learns which of its own ids are in
-    the intersection; nobody can test an id it does not hold. The intercept
+    in tag order, form the joint design. The first data party learns which
+    of its own ids each other data party holds (and, with three or more,
+    the sizes of the overlaps among the others); it tells the others the
+    size of the intersection, or refuses, before any common tag is sent;
+    every other data party then learns which of its own ids are in the
+    intersection; nobody can test an id it does not hold. The intercept
     column (when asked for) and ``y`` belong to the target holder's block.
-    Diagonal blocks of the Gram matrix are local; each cross block
-    ``Z_i' Z_j`` is a secure matrix product (:mod:`protocols.smpc.matmul`: a
-    Beaver matrix triple from a third party with three or more parties,
-    Paillier with two). The whole Gram matrix (``X'X``, ``X'y``, ``y'y``,
-    ``n``) is then revealed to all parties, as in the reference system, and
-    the model is solved from it. A party without ``data`` takes part as a
-    helper (dealer) only. An opened cross block lets a crafted column (the
-    indicator of one record) read another party's values, so a data party
-    takes part only where its policy sets ``allow_vertical_regression``.
+    Before any Gram block is sent, every party checks that each party's
+    block leaves at least the minimum cohort of records spare
+    (:func:`_check_widths`). Diagonal blocks of the Gram matrix are local;
+    each cross block ``Z_i' Z_j`` is a secure matrix product
+    (:mod:`protocols.smpc.matmul`: a Beaver matrix triple from a third
+    party with three or more parties, Paillier with two), each column
+    scaled by a power of two from its public sum of squares. The whole Gram
+    matrix (``X'X``, ``X'y``, ``y'y``, ``n``) is then revealed to all
+    parties, as in the reference system, and the model is solved from it.
+    A party without ``data`` takes part as a helper (dealer) only. An
+    opened cross block lets a crafted column (the indicator of one record)
+    read another party's values, so a data party takes part only where its
+    policy sets ``allow_vertical_regression``.
 
 ``matrix_product``
     ``A @ B`` for ``A`` at party ``left`` and ``B`` at party ``right``, by the
@@ -50,22 +60,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import math
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from fdrtd_server.errors import BadRequest, ComputationFailed
+from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed, FdrtdError, Forbidden
 from fdrtd_server.microservice import Dataset, JobContext
 from fdrtd_server.peers import PeerSession
 from protocols.psi import curve
-from protocols.smpc import ring
+from protocols.smpc import matmul, ring
 from protocols.smpc._registry import service
 from protocols.smpc.engine import SmpcSession, points_from
 from protocols.smpc.product import (
     integer_input,
-    product_options,
     recv_blob,
     reveal_product,
     secure_product,
@@ -82,6 +92,8 @@ MAX_PIECES = 1 << 16
 CONDITION_LIMIT = 1e12
 """Largest condition number of the scaled ``X'X`` before it counts as singular."""
 INTERCEPT = "intercept"
+EXACT_FLOAT_IDS = float(1 << 53)
+"""Largest magnitude up to which every whole number has a float64 (ids as floats)."""
 MAX_PRODUCT_TERMS = 1 << 27
 """Most multiply-adds of one ``matrix_product`` (about a minute of 256-bit arithmetic)."""
 
@@ -119,9 +131,25 @@ def _columns(dataset: Dataset, names: list[str], what: str) -> F64:
     return np.column_stack(columns) if columns else np.zeros((dataset.rows, 0))
 
 
-def _horizontal_data(dataset: Dataset, inputs: dict[str, Any]) -> tuple[F64, F64, list[str]]:
-    """Design matrix (intercept first) and target over the rows with finite values."""
-    features = _names(inputs.get("x"), "x")
+def _feature_names(value: Any) -> list[str]:
+    """The ``x`` input; the name of the intercept's coefficient is reserved."""
+    features = _names(value, "x")
+    if INTERCEPT in features:
+        raise BadRequest(
+            f"a feature column may not be named '{INTERCEPT}': that is the name of the "
+            "intercept's coefficient; rename the column"
+        )
+    return features
+
+
+def _horizontal_data(dataset: Dataset, inputs: dict[str, Any]) -> tuple[F64, F64, list[str], bool]:
+    """Design matrix (intercept first), target, names and the intercept flag.
+
+    Only the rows with finite values are kept. Whether the first column is
+    the intercept comes from the ``intercept`` flag, never from a name.
+    """
+    features = _feature_names(inputs.get("x"))
+    intercept = _flag(inputs, "intercept", True)
     target = inputs.get("y")
     if not isinstance(target, str):
         raise BadRequest("'y' must name the target column")
@@ -130,12 +158,12 @@ def _horizontal_data(dataset: Dataset, inputs: dict[str, Any]) -> tuple[F64, F64
     keep = np.isfinite(x).all(axis=1) & np.isfinite(y)
     x, y = x[keep], y[keep]
     names = list(features)
-    if _flag(inputs, "intercept", True):
+    if intercept:
         x = np.column_stack([np.ones(x.shape[0]), x])
         names = [INTERCEPT, *names]
     if not names:
         raise BadRequest("give feature columns in 'x' or set 'intercept'")
-    return x, y, names
+    return x, y, names, intercept
 
 
 def _first_party_names(smpc: SmpcSession, count: int) -> list[str]:
@@ -256,8 +284,7 @@ async def linear_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[str
     """
     async with session_for(ctx) as peers:
         dataset = await ctx.load_dataset(inputs.get("data"))
-        x, y, names = _horizontal_data(dataset, inputs)
-        intercept = names[0] == INTERCEPT
+        x, y, names, intercept = _horizontal_data(dataset, inputs)
         p = len(names)
         smpc = SmpcSession(peers)
         public = declare(
@@ -285,6 +312,157 @@ def _logistic_local(x: F64, y: F64, beta: F64) -> list[float]:
     return [*map(float, x.T @ (y - prob)), *_triu((x * weights[:, None]).T @ x), loglik]
 
 
+SEPARATION_LOGLIK = -0.5 * math.log(2.0)
+"""A log-likelihood above this proves complete separation (see :class:`_Newton`)."""
+MAX_HALVINGS = 10
+"""Most times one Newton step is halved because it lowered the log-likelihood."""
+SATURATION = 1e-6
+"""Curvature along a Newton step, relative to that at ``beta = 0``, below which it is flat."""
+SATURATED_STEPS = 3
+"""Consecutive flat Newton steps that count as diverging coefficients."""
+
+
+def _collective(error: FdrtdError) -> FdrtdError:
+    """Mark an error that every party raises by itself from the same public values."""
+    error.collective = True
+    return error
+
+
+class _Newton:
+    """The first party's Newton-Raphson controller for ``logistic_regression``.
+
+    Every party evaluates its local sums at the same public ``beta`` and the
+    totals are opened to all; only the first party then decides what comes
+    next and tells the others (``beta`` to evaluate next, stop, or fail). A
+    decision taken by each party from its own ``np.linalg.solve`` could
+    differ in the last bits between BLAS builds, so that one party stops
+    while another goes on and waits for it in vain.
+
+    Checks, in order, at each evaluation:
+
+    * at the start, ``X'X / 4`` (the Hessian at ``beta = 0``) must be of full rank;
+    * complete separation: for data that no hyperplane separates, every
+      ``beta`` misclassifies (or puts on the boundary) some record, whose
+      term in the log-likelihood is then at most ``-log 2``; so a total
+      log-likelihood above ``-log 2`` (we use ``-log(2) / 2``, safe against
+      rounding) proves that ``beta`` separates the records perfectly, and the
+      maximum-likelihood coefficients are infinite;
+    * step halving: a step that lowered the log-likelihood is halved (up to
+      :data:`MAX_HALVINGS` times), as R's ``glm.fit`` does;
+    * a Hessian that became singular or ill-conditioned (condition number
+      above :data:`CONDITION_LIMIT` after scaling), or :data:`SATURATED_STEPS`
+      Newton steps in a row along which the curvature ``s' H s`` fell below
+      :data:`SATURATION` times its value at ``beta = 0``, mean that the
+      weights ``p (1 - p)`` of the records the step moves went to zero while
+      the coefficients grow: quasi-complete separation (the log-likelihood
+      levels off below zero while a coefficient runs off to infinity).
+    """
+
+    def __init__(self, p: int, max_iterations: int, tolerance: float) -> None:
+        self.beta = np.zeros(p)
+        self.max_iterations, self.tolerance = max_iterations, tolerance
+        self.accepted: tuple[F64, float] | None = None
+        self.step = np.zeros(p)
+        self.halvings = 0
+        self.iterations = 0
+        self.converged = False
+        self.start = np.zeros((p, p))
+        self.saturated = 0
+
+    def decide(self, gradient: F64, hessian: F64, loglik: float) -> dict[str, Any]:
+        """The next move after the sums at :attr:`beta` were opened."""
+        if not (
+            math.isfinite(loglik) and np.all(np.isfinite(gradient)) and np.all(np.isfinite(hessian))
+        ):
+            return _fail("the aggregates overflowed to infinity; scale the data down")
+        if self.accepted is None:
+            try:
+                _check_full_rank(hessian)
+            except ComputationFailed as error:
+                return _fail(error.message)
+            self.start = hessian
+        if loglik > SEPARATION_LOGLIK:
+            return _fail(
+                "the records are perfectly separated: a combination of the features splits "
+                "y = 0 from y = 1 exactly, so the maximum-likelihood coefficients are infinite; "
+                "drop or merge the separating features, or collect more records"
+            )
+        if self.accepted is not None:
+            previous_beta, previous_loglik = self.accepted
+            if loglik < previous_loglik - 1e-9 * (1.0 + abs(previous_loglik)):
+                # the step overshot: go back half of it
+                if self.halvings == MAX_HALVINGS:
+                    return _fail(_DIVERGED)
+                self.halvings += 1
+                self.step = self.step / 2.0
+                self.beta = previous_beta + self.step
+                self.converged = False
+                return {"action": "step", "beta": self.beta}
+        self.accepted, self.halvings = (self.beta, loglik), 0
+        if self.converged or self.iterations == self.max_iterations:
+            return {"action": "stop", "iterations": self.iterations, "converged": self.converged}
+        scale = np.sqrt(np.abs(np.diag(hessian)))
+        try:
+            if np.any(scale <= 0):
+                raise np.linalg.LinAlgError
+            condition = float(np.linalg.cond(hessian / np.outer(scale, scale)))
+            step = np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:
+            return _fail(_DIVERGED)
+        if not (math.isfinite(condition) and condition <= CONDITION_LIMIT) or not np.all(
+            np.isfinite(step)
+        ):
+            return _fail(_DIVERGED)
+        self.step = np.asarray(step, dtype=np.float64)
+        # the curvature along the step, relative to the start (all weights 1/4):
+        # near zero when every record that the step moves is already fitted as
+        # 0 or 1, i.e. the likelihood is flat along a direction the coefficients run off to
+        curvature = float(self.step @ hessian @ self.step)
+        start = float(self.step @ self.start @ self.step)
+        saturated = start > 0 and curvature < SATURATION * start
+        self.saturated = self.saturated + 1 if saturated else 0
+        if self.saturated >= SATURATED_STEPS:
+            return _fail(_DIVERGED)
+        self.beta = self.beta + self.step
+        self.iterations += 1
+        self.converged = float(np.max(np.abs(step))) < self.tolerance
+        return {"action": "step", "beta": self.beta}
+
+
+_DIVERGED = (
+    "the coefficients diverge: the fitted probabilities of some records go to 0 or 1 "
+    "(quasi-complete separation: a combination of the features splits y = 0 from y = 1 "
+    "except for ties); drop or merge the separating features, or collect more records"
+)
+
+
+def _fail(reason: str) -> dict[str, Any]:
+    return {"action": "fail", "reason": reason}
+
+
+def _decision_from(message: Any, sender: str, p: int) -> dict[str, Any]:
+    """The first party's Newton decision, checked."""
+    action = message.get("action") if isinstance(message, dict) else None
+    if action == "step":
+        beta = message.get("beta")
+        if (
+            isinstance(beta, np.ndarray)
+            and beta.dtype == np.float64
+            and beta.shape == (p,)
+            and np.all(np.isfinite(beta))
+        ):
+            return {"action": "step", "beta": beta}
+    elif action == "stop":
+        iterations, converged = message.get("iterations"), message.get("converged")
+        if isinstance(iterations, int) and iterations >= 0 and isinstance(converged, bool):
+            return {"action": "stop", "iterations": iterations, "converged": converged}
+    elif action == "fail":
+        reason = message.get("reason")
+        if isinstance(reason, str):
+            return {"action": "fail", "reason": reason[:300]}
+    raise ComputationFailed(f"party '{sender}' sent a malformed Newton step")
+
+
 @service.job("logistic_regression")
 async def logistic_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Logistic regression by Newton-Raphson over all parties' records (horizontal).
@@ -292,6 +470,11 @@ async def logistic_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[s
     Inputs: ``data``; ``x``, ``y`` (0/1); ``intercept`` (default true),
     ``max_iterations`` (default 25), ``tolerance`` (default 1e-8; stop when no
     coefficient moves by more); all but the column names must agree.
+
+    Each iteration opens the summed gradient, Hessian and log-likelihood at
+    the current ``beta``; the first party picks the next ``beta`` (or stops,
+    or fails) and sends it to the others (:class:`_Newton`). Perfectly or
+    quasi-perfectly separated records fail with a message saying so.
 
     Returns ``coefficients``, ``standard_errors`` and ``z_values`` (from the
     Hessian at the final coefficients), ``log_likelihood``, ``iterations``
@@ -303,7 +486,7 @@ async def logistic_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[s
         raise BadRequest("'tolerance' must be a number between 0 and 1")
     async with session_for(ctx) as peers:
         dataset = await ctx.load_dataset(inputs.get("data"))
-        x, y, names = _horizontal_data(dataset, inputs)
+        x, y, names, intercept = _horizontal_data(dataset, inputs)
         if not np.all((y == 0) | (y == 1)):
             raise BadRequest("the target column of a logistic regression must hold 0 or 1")
         p = len(names)
@@ -311,7 +494,7 @@ async def logistic_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[s
         public = declare(
             ctx,
             function="logistic_regression",
-            intercept=names[0] == INTERCEPT,
+            intercept=intercept,
             features=p,
             names=names,
             max_iterations=max_iterations,
@@ -323,25 +506,24 @@ async def logistic_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[s
             agree(smpc, key)
         check_joint_cohort(ctx, smpc, n)
         names = _first_party_names(smpc, p)
+        first = peers.parties[0]
+        newton = _Newton(p, max_iterations, float(tolerance)) if peers.me == first else None
         beta = np.zeros(p)
-        iterations, converged = 0, False
-        while True:
+        for evaluation in itertools.count():
             sums = await _sum_big(smpc, _logistic_local(x, y, beta))
             gradient, hessian = np.array(sums[:p]), _from_triu(sums[p:-1], p)
-            if iterations == 0:
-                _check_full_rank(hessian)
-            if converged or iterations == max_iterations:
+            if newton is not None:
+                decision = newton.decide(gradient, hessian, sums[-1])
+                await peers.broadcast(f"newton.{evaluation}", decision)
+            else:
+                message = await peers.recv(first, f"newton.{evaluation}")
+                decision = _decision_from(message, first, p)
+            if decision["action"] == "fail":
+                raise _collective(ComputationFailed(decision["reason"]))
+            if decision["action"] == "stop":
                 break
-            try:
-                step = np.linalg.solve(hessian, gradient)
-            except np.linalg.LinAlgError:
-                break
-            if not np.all(np.isfinite(step)):
-                break
-            beta = beta + step
-            iterations += 1
-            converged = float(np.max(np.abs(step))) < tolerance
-            await ctx.progress(iterations / (max_iterations + 1))
+            beta = decision["beta"]
+            await ctx.progress(min(evaluation + 1, max_iterations) / (max_iterations + 1))
     try:
         errors = np.sqrt(np.maximum(np.diag(np.linalg.inv(hessian)), 0.0))
     except np.linalg.LinAlgError:
@@ -353,8 +535,8 @@ async def logistic_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[s
         "standard_errors": dict(zip(names, map(float, errors), strict=True)),
         "z_values": dict(zip(names, map(float, z_values), strict=True)),
         "log_likelihood": sums[-1],
-        "iterations": iterations,
-        "converged": converged,
+        "iterations": decision["iterations"],
+        "converged": decision["converged"],
         "samples": n,
     }
 
@@ -373,8 +555,15 @@ def _id_keys(column: npt.NDArray[Any]) -> list[bytes | None]:
         for value in column.tolist():
             if not math.isfinite(value):
                 keys.append(None)
+            elif not value.is_integer() or abs(value) > EXACT_FLOAT_IDS:
+                # 2^53 + 1 has no float64: two ids could silently become one
+                raise BadRequest(
+                    "the 'id' column holds numbers that are not whole or are above 2^53 "
+                    "in magnitude, which floating point cannot store exactly; upload the "
+                    "ids as integers or as text"
+                )
             else:
-                keys.append(str(int(value) if value.is_integer() else repr(value)).encode())
+                keys.append(str(int(value)).encode())
         return keys
     if column.dtype.kind in "US":
         for value in column.tolist():
@@ -392,7 +581,7 @@ async def _blinded(
 
 
 async def _join(
-    peers: PeerSession, holders: list[str], keys: list[bytes] | None
+    peers: PeerSession, holders: list[str], keys: list[bytes] | None, *, min_cohort: int = 0
 ) -> tuple[int, npt.NDArray[np.intp] | None]:
     """Intersect the data parties' ids by Diffie-Hellman PSI around the ring of holders.
 
@@ -404,20 +593,24 @@ async def _join(
     fully blinded tags are equal exactly where the ids are; nobody can
     compute the tag of an id without every holder's scalar, so no holder can
     test a guessed id. The other holders send their tags to the first, which
-    sends back the common ones, sorted: the common order of the joint design.
+    intersects them with its own and tells every other party the size of the
+    intersection, or only that it is below ``min_cohort`` (the strictest
+    minimum cohort; then every party refuses). Only then, and only if the
+    cohort holds, does it send the common tags, sorted, to the other holders:
+    the common order of the joint design. So a holder learns which of its
+    ids are shared only when at least ``min_cohort`` are.
 
     Returns:
         The number of common records and, at a data party, the indices of its
         own rows for them in the common (tag) order.
+
+    Raises:
+        CohortTooSmall: On every party alike, if fewer than ``min_cohort`` ids
+            are common.
     """
     me, first = peers.me, holders[0]
-    helpers = [p for p in peers.parties if p not in holders]
     if keys is None:
-        message = await peers.recv(first, "join.count")
-        count = message.get("n") if isinstance(message, dict) else None
-        if not isinstance(count, int) or count < 0:
-            raise ComputationFailed(f"party '{first}' sent a malformed record count")
-        return count, None
+        return _common_count(await peers.recv(first, "join.count"), first, min_cohort), None
     if len(set(keys)) != len(keys):
         raise BadRequest("the 'id' column must not repeat an id")
     ring_size, place = len(holders), holders.index(me)
@@ -446,16 +639,34 @@ async def _join(
         common = set(row_of)
         for party in others:
             common &= set(await _blinded(peers, party, "join.tags"))
+        # the count (or a refusal) goes out before any common tag does
+        if len(common) < min_cohort:
+            await peers.broadcast("join.count", {"refused": True}, to=peers.others)
+            raise _collective(CohortTooSmall(min_cohort))
+        await peers.broadcast("join.count", {"n": len(common)}, to=peers.others)
         ordered = sorted(common)
         await send_blob(peers, others, "join.common", b"".join(ordered))
-        if helpers:
-            await peers.broadcast("join.count", {"n": len(ordered)}, to=helpers)
     else:
         await send_blob(peers, [first], "join.tags", b"".join(sorted(row_of)))
-        ordered = await _blinded(peers, first, "join.common")
+        count = _common_count(await peers.recv(first, "join.count"), first, min_cohort)
+        ordered = await _blinded(peers, first, "join.common", count)
         if ordered != sorted(set(ordered)) or not set(ordered) <= row_of.keys():
             raise ComputationFailed(f"party '{first}' sent a malformed list of common ids")
     return len(ordered), np.array([row_of[tag] for tag in ordered], dtype=np.intp)
+
+
+def _common_count(message: Any, sender: str, min_cohort: int) -> int:
+    """The first holder's count of common ids; its refusal becomes everyone's."""
+    if isinstance(message, dict) and message.get("refused") is True:
+        raise _collective(CohortTooSmall(min_cohort))
+    count = message.get("n") if isinstance(message, dict) else None
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ComputationFailed(f"party '{sender}' sent a malformed record count")
+    if count < min_cohort:
+        raise ComputationFailed(
+            f"party '{sender}' sent a record count below the minimum cohort instead of refusing"
+        )
+    return count
 
 
 def _layout(
@@ -475,11 +686,14 @@ def _layout(
 
 
 def _vertical_public(smpc: SmpcSession) -> tuple[str, dict[str, list[str]], list[str]]:
-    """Check the declared roles; return the target holder, names by party, data parties."""
+    """Check the declared roles; return the target holder, names by party, data parties.
+
+    Every party checks the same declarations, so all refuse alike (``collective``).
+    """
     target = agree(smpc, "target_holder")
     parties = smpc.peers.parties
     if target not in parties:
-        raise ComputationFailed("'target_holder' must name a party of the session")
+        raise _collective(ComputationFailed("'target_holder' must name a party of the session"))
     names: dict[str, list[str]] = {}
     for party in parties:
         public = smpc.public[party]
@@ -488,22 +702,105 @@ def _vertical_public(smpc: SmpcSession) -> tuple[str, dict[str, list[str]], list
             raise ComputationFailed(f"party '{party}' sent malformed column names")
         names[party] = declared
         if bool(public.get("has_y")) != (party == target):
-            raise ComputationFailed(
-                "the target holder, and only it, must give the target column 'y'"
+            raise _collective(
+                ComputationFailed("the target holder, and only it, must give the target column 'y'")
             )
         if declared and not public.get("has_data"):
             raise ComputationFailed(f"party '{party}' names columns but gives no 'data'")
+        if INTERCEPT in declared:
+            raise _collective(
+                ComputationFailed(
+                    f"party '{party}' names a feature column '{INTERCEPT}', the name of the "
+                    "intercept's coefficient; rename the column"
+                )
+            )
     holders = [p for p in parties if smpc.public[p].get("has_data")]
     if target not in holders:
-        raise ComputationFailed("the target holder must give 'data'")
+        raise _collective(ComputationFailed("the target holder must give 'data'"))
+    if len(holders) < 2:
+        raise _collective(
+            ComputationFailed(
+                "a vertical regression needs at least two parties with 'data' (each holding "
+                "some columns of the same records); with all columns at one party, run "
+                "'linear_regression' there"
+            )
+        )
     everything = [n for party in parties for n in names[party]]
-    if agree(smpc, "intercept"):
-        everything.append(INTERCEPT)
     if len(set(everything)) != len(everything):
-        raise ComputationFailed(
-            "feature names must be unique across parties (and not 'intercept'); rename them"
+        raise _collective(
+            ComputationFailed("feature names must be unique across parties; rename them")
         )
     return target, names, holders
+
+
+def _strictest(ctx: JobContext, smpc: SmpcSession) -> int:
+    """The largest minimum cohort any party declared (this server's included)."""
+    declared = [p.get("min_cohort") for p in smpc.public.values()]
+    valid = [m for m in declared if isinstance(m, int) and not isinstance(m, bool)]
+    return max([ctx.env.min_cohort, *valid])
+
+
+def _check_id_sets(smpc: SmpcSession, holders: list[str], minimum: int) -> None:
+    """Refuse, before the join, if any data party brings fewer ids than ``minimum``.
+
+    A holder with one id would learn from the join whether the others hold
+    it: a membership test. (The same rule as ``protocols.psi``.)
+    """
+    for party in holders:
+        size = smpc.public[party].get("ids")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ComputationFailed(f"party '{party}' declared a malformed number of ids")
+        if size < minimum:
+            raise _collective(
+                Forbidden(
+                    f"party '{party}' brings fewer ids than the minimum cohort of {minimum} "
+                    "that the servers' policies require; a set that small would reveal "
+                    "whether single ids are in the other parties' data"
+                )
+            )
+
+
+def _check_widths(n: int, blocks: dict[str, list[int]], coefficients: int, minimum: int) -> None:
+    """Refuse, before any cross product is opened, blocks too wide for the records.
+
+    A party whose columns ``Z_a`` (with the intercept and ``y`` where it holds
+    them) span ``n`` or more dimensions solves another party's ``Z_b`` from
+    the opened ``Z_a' Z_b``; with ``p_a`` columns, ``n - p_a`` dimensions of
+    ``Z_b`` stay hidden from it. We require that to be at least the minimum
+    cohort for every party, and more records than coefficients overall.
+    """
+    if n <= coefficients:
+        raise _collective(
+            ComputationFailed("linear regression needs more records than coefficients")
+        )
+    for party, columns in blocks.items():
+        if n - len(columns) < minimum:
+            raise _collective(
+                Forbidden(
+                    f"party '{party}' has too many columns for the common records: the records "
+                    f"must outnumber every party's columns (counting the intercept and 'y' at "
+                    f"the target holder) by at least the minimum cohort of {minimum}, or that "
+                    "party could solve the other parties' columns from the opened cross "
+                    "products; add records or drop columns"
+                )
+            )
+
+
+def _gram_block(value: Any, party: str, size: int) -> F64:
+    """A party's diagonal Gram block as received, checked."""
+    if (
+        not isinstance(value, np.ndarray)
+        or value.dtype.kind not in "iuf"
+        or value.shape != (size, size)
+    ):
+        raise ComputationFailed(f"party '{party}' sent a malformed Gram block")
+    block = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(block)):
+        raise ComputationFailed(
+            f"the sums of squares of party '{party}' overflowed to infinity; it must scale "
+            "its columns down"
+        )
+    return block
 
 
 @service.job("linear_regression_vertical")
@@ -511,17 +808,31 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
     """Ordinary least squares over records whose columns are spread over the parties.
 
     Inputs at each party: ``data``, ``id`` (the column that identifies a
-    record), ``x`` (this party's feature columns, may be empty), ``y`` (the
-    target column at ``target_holder``, else absent). Common:
-    ``target_holder``, ``intercept`` (default true), ``frac_bits`` (default
-    40), ``paillier_bits`` (default 2048, two parties only). A party with no
-    ``data`` only helps (deals Beaver triples). Records with a missing id or
-    value at any data party are left out. Output as ``linear_regression``.
+    record: integers, whole numbers up to 2^53, or text), ``x`` (this party's
+    feature columns, may be empty), ``y`` (the target column at
+    ``target_holder``, else absent). Common: ``target_holder``, ``intercept``
+    (default true), ``paillier_bits`` (default 2048, two parties only). A
+    party with no ``data`` only helps (deals Beaver triples); at least two
+    parties must give data. Records with a missing id or value at any data
+    party are left out. Output as ``linear_regression``.
+
+    Refused on every party (403) if a data party brings fewer ids than the
+    strictest minimum cohort, if fewer records than that are common, or if
+    some party's columns leave fewer than that many records spare (see
+    :func:`_check_widths`), each before anything it would expose is sent.
+    The cross products are exact to float64 precision whatever the scale of
+    the columns: each column is scaled by a power of two chosen from its sum
+    of squares (public in the Gram matrix), see :func:`matmul.norm_exponents`.
     """
-    frac_bits, paillier_bits = product_options(inputs)
+    if "frac_bits" in inputs:
+        raise BadRequest(
+            "'frac_bits' does not apply to linear_regression_vertical: every column is "
+            "scaled to full precision by itself; leave the input out"
+        )
+    paillier_bits = integer_input(inputs, "paillier_bits", 2048, 1024, 4096)
     intercept = _flag(inputs, "intercept", True)
     async with session_for(ctx) as peers:
-        own_names = _names(inputs.get("x"), "x")
+        own_names = _feature_names(inputs.get("x"))
         target_name = inputs.get("y")
         if target_name is not None and not isinstance(target_name, str):
             raise BadRequest("'y' must name the target column")
@@ -548,51 +859,53 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
                 function="linear_regression_vertical",
                 target_holder=inputs.get("target_holder"),
                 intercept=intercept,
-                frac_bits=frac_bits,
                 paillier_bits=paillier_bits,
                 names=own_names,
                 has_y=target_name is not None,
                 has_data=keys is not None,
+                ids=None if keys is None else len(keys),
             )
         )
-        for key in ("function", "frac_bits", "paillier_bits"):
+        for key in ("function", "paillier_bits"):
             agree(smpc, key)
         target, names, holders = _vertical_public(smpc)
-        n, rows = await _join(peers, holders, keys)
+        minimum = _strictest(ctx, smpc)
+        _check_id_sets(smpc, holders, minimum)
+        n, rows = await _join(peers, holders, keys, min_cohort=minimum)
         check_joint_cohort(ctx, smpc, n)
-        if n == 0:
-            raise ComputationFailed("the parties have no record id in common")
-        await ctx.progress(0.2)
         coefficients, blocks = _layout(peers.parties, names, target, intercept)
+        p = len(coefficients)
+        owners = [party for party in peers.parties if blocks[party]]
+        _check_widths(n, {party: blocks[party] for party in owners}, p, minimum)
+        await ctx.progress(0.2)
         me = peers.me
         if rows is not None:
             block = block[rows]
             if me == target and intercept:
                 block = np.column_stack([np.ones(n), block])
-        gram = np.zeros((len(coefficients) + 1,) * 2)
-        owners = [p for p in peers.parties if blocks[p]]
+        gram = np.zeros((p + 1,) * 2)
         # diagonal blocks are local and revealed as they are
         if me in owners:
             own_gram = block.T @ block
             await peers.broadcast("gram", own_gram, to=[p for p in peers.others])
-            gram[np.ix_(blocks[me], blocks[me])] = own_gram
+            gram[np.ix_(blocks[me], blocks[me])] = _gram_block(own_gram, me, len(blocks[me]))
         for party in owners:
             if party != me:
-                received = np.asarray(await peers.recv(party, "gram"), dtype=np.float64)
-                if received.shape != (len(blocks[party]),) * 2:
-                    raise ComputationFailed(f"party '{party}' sent a malformed Gram block")
+                received = _gram_block(await peers.recv(party, "gram"), party, len(blocks[party]))
                 gram[np.ix_(blocks[party], blocks[party])] = received
+        # each column's scale, from its (public) sum of squares: the same on every party
+        exponents = np.array(matmul.norm_exponents(np.diag(gram), n))
         pairs = [(a, b) for i, a in enumerate(owners) for b in owners[i + 1 :]]
         for number, (a, b) in enumerate(pairs):
             operand = block.T if me == a else block if me == b else None
             dims = (len(blocks[a]), n, len(blocks[b]))
+            scaling = (exponents[blocks[a]].tolist(), exponents[blocks[b]].tolist())
             name = f"x{number}"
-            share = await secure_product(peers, name, a, b, operand, dims, frac_bits, paillier_bits)
-            cross = await reveal_product(peers, name, (a, b), share, (dims[0], dims[2]), frac_bits)
+            share = await secure_product(peers, name, a, b, operand, dims, scaling, paillier_bits)
+            cross = await reveal_product(peers, name, (a, b), share, (dims[0], dims[2]), scaling)
             gram[np.ix_(blocks[a], blocks[b])] = cross
             gram[np.ix_(blocks[b], blocks[a])] = cross.T
             await ctx.progress(0.2 + 0.7 * (number + 1) / len(pairs))
-    p = len(coefficients)
     return ols_from_gram(
         gram[:p, :p], gram[:p, p], float(gram[p, p]), n, coefficients, intercept=intercept
     )

@@ -244,7 +244,9 @@ def test_logistic_regression_matches_newton(any_federation: LocalFederation) -> 
     assert result["log_likelihood"] == pytest.approx(expected["loglik"], rel=1e-10)
 
 
-def test_logistic_regression_reports_non_convergence(trio: LocalFederation) -> None:
+def test_logistic_regression_refuses_separation_and_reports_non_convergence(
+    trio: LocalFederation,
+) -> None:
     federation = trio.federation()
     # perfectly separated: the likelihood has no maximum
     data: dict[str, Any] = {}
@@ -252,19 +254,20 @@ def test_logistic_regression_reports_non_convergence(trio: LocalFederation) -> N
     data["beta"] = {"x": [-1.0, -4.0, 7.0, 3.0], "y": [0.0, 0.0, 1.0, 1.0]}
     data["gamma"] = {"x": [-2.5, 0.0, 4.0, 2.0], "y": [0.0, 0.0, 1.0, 1.0]}
     handles = federation.upload(data)
+    inputs = {name: {"data": h} for name, h in handles.items()}
+    job = federation.compute("smpc", "logistic_regression", inputs, x=["x"], y="y")
+    every_party_fails(job, "the records are perfectly separated")
+    data["alpha"]["y"] = [0.0, 1.0, 0.0, 1.0]  # no longer separated
+    handles = federation.upload(data)
+    inputs = {name: {"data": h} for name, h in handles.items()}
     job = federation.compute(
-        "smpc",
-        "logistic_regression",
-        {name: {"data": h} for name, h in handles.items()},
-        x=["x"],
-        y="y",
-        max_iterations=6,
+        "smpc", "logistic_regression", inputs, x=["x"], y="y", max_iterations=1
     )
-    result = job.result(60)
-    assert result["converged"] is False
-    assert result["iterations"] == 6
-    bad = {name: {"data": h} for name, h in handles.items()}
-    job = federation.compute("smpc", "logistic_regression", bad, x=["y"], y="x")
+    results = job.results(timeout=60)
+    assert all(result == results[0] for result in results)
+    assert results[0]["converged"] is False
+    assert results[0]["iterations"] == 1
+    job = federation.compute("smpc", "logistic_regression", inputs, x=["y"], y="x")
     every_party_fails(job, "must hold 0 or 1")
 
 
@@ -391,6 +394,18 @@ def test_vertical_rejects_duplicate_ids(pair: LocalFederation) -> None:
     every_party_fails(job, "must not repeat an id")
 
 
+def test_vertical_needs_two_data_holders(trio: LocalFederation) -> None:
+    federation = trio.federation()
+    handles = federation.upload({"gamma": {"id": [1, 2, 3, 4, 5], "y": [1.0, 0.0, 2.0, 1.0, 3.0]}})
+    job = federation.compute(
+        "smpc",
+        "linear_regression_vertical",
+        {"alpha": {}, "beta": {}, "gamma": {"data": handles["gamma"], "id": "id", "y": "y"}},
+        target_holder="gamma",
+    )
+    every_party_fails(job, "at least two parties with 'data'")
+
+
 # -- secure matrix product ----------------------------------------------------------------------
 
 
@@ -458,11 +473,12 @@ def test_matrix_product(
 
 def test_matrix_product_precision_bound_is_tight(trio: LocalFederation) -> None:
     rng = np.random.default_rng(12)
-    a, b = rng.normal(0, 3, (3, 40)), rng.normal(0, 3, (40, 3))
-    product = run_product(trio, "alpha", "gamma", a, b, frac_bits=8)[0]["product"]
+    # every row and column keeps at least 20 significant bits (else it is refused)
+    a, b = rng.normal(0, 300, (3, 40)), rng.normal(0, 300, (40, 3))
+    product = run_product(trio, "alpha", "gamma", a, b, frac_bits=12)[0]["product"]
     error = np.abs(product - a @ b)
-    assert np.all(error <= error_bound(a, b, 8))
-    assert np.max(error) > 1e-4  # 8 fractional bits are visibly coarse
+    assert np.all(error <= error_bound(a, b, 12))
+    assert np.max(error) > 1e-4  # 12 fractional bits are visibly coarse
 
 
 def test_matrix_product_default_paillier_key(pair: LocalFederation) -> None:
