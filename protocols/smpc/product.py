@@ -354,7 +354,7 @@ def product_options(inputs: dict[str, Any]) -> tuple[int, int]:
     frac_bits = integer_input(
         inputs, "frac_bits", matmul.DEFAULT_FRAC_BITS, 0, matmul.MAX_FRAC_BITS
     )
-    paillier_bits = integer_input(inputs, "paillier_bits", 2048, 1024, 4096)
+    paillier_bits = integer_input(inputs, "paillier_bits", 2048, 2048, 4096)
     return frac_bits, paillier_bits
 
 

@@ -829,7 +829,7 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
             "'frac_bits' does not apply to linear_regression_vertical: every column is "
             "scaled to full precision by itself; leave the input out"
         )
-    paillier_bits = integer_input(inputs, "paillier_bits", 2048, 1024, 4096)
+    paillier_bits = integer_input(inputs, "paillier_bits", 2048, 2048, 4096)
     intercept = _flag(inputs, "intercept", True)
     async with session_for(ctx) as peers:
         own_names = _feature_names(inputs.get("x"))

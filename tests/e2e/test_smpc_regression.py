@@ -309,7 +309,7 @@ def test_vertical_two_parties_paillier(pair: LocalFederation) -> None:
             "p2": {"data": handles["p2"], "id": "id", "x": ["c"], "y": "y"},
         },
         target_holder="p2",
-        paillier_bits=1024,
+        paillier_bits=2048,
     )
     results = job.results(timeout=90)
     assert results[0] == results[1]
@@ -389,7 +389,7 @@ def test_vertical_rejects_duplicate_ids(pair: LocalFederation) -> None:
             "p2": {"data": handles["p2"], "id": "id", "y": "y"},
         },
         target_holder="p2",
-        paillier_bits=1024,
+        paillier_bits=2048,
     )
     every_party_fails(job, "must not repeat an id")
 
@@ -450,8 +450,8 @@ def run_product(
     [
         ("trio", "beta", "alpha", {}),
         ("five", "a4", "a2", {}),
-        ("pair", "p1", "p2", {"paillier_bits": 1024}),
-        ("pair", "p2", "p1", {"paillier_bits": 1024}),
+        ("pair", "p1", "p2", {"paillier_bits": 2048}),
+        ("pair", "p2", "p1", {"paillier_bits": 2048}),
     ],
 )
 def test_matrix_product(
@@ -497,7 +497,7 @@ def test_matrix_product_overflow_is_refused(
     federation: LocalFederation = request.getfixturevalue(fixture)
     a = np.array([[1.0, 2.0], [3.0, 1e30]])
     b = np.eye(2)
-    job = start_product(federation, left, right, a, b, paillier_bits=1024)
+    job = start_product(federation, left, right, a, b, paillier_bits=2048)
     every_party_fails(job, "out of range for the secure matrix product")
 
 

@@ -301,7 +301,7 @@ def _paillier_product(tamper: Tamper) -> dict[str, Any]:
     b = np.array([[1.0, 0.5], [2.0, -1.0], [0.25, 4.0]])
     inputs = {"p": {"data": {"m": a}, "column": "m"}, "q": {"data": {"m": b}, "column": "m"}}
     outcomes, _ = run_job(
-        product.matrix_product, inputs, tamper=tamper, left="p", right="q", paillier_bits=1024
+        product.matrix_product, inputs, tamper=tamper, left="p", right="q", paillier_bits=2048
     )
     return outcomes
 
