@@ -21,10 +21,22 @@ __all__ = ["FederatedJob", "Federation", "combine_aggregates"]
 def combine_aggregates(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Reduce the map microservice's local aggregates into federated statistics.
 
-    Returns count, sum, mean, variance (sample, n-1), standard deviation,
-    minimum, maximum and, if histograms were asked for, the summed histogram
-    (a cell suppressed on any server stays suppressed, -1).
+    Returns count, sum, mean, variance (sample, n-1), standard deviation and,
+    if histograms were asked for, the summed histogram ``{"edges", "counts",
+    "other", "suppressed"}``: a cell suppressed on any server stays
+    suppressed (``None``; ``suppressed`` lists its index, ``len(counts)``
+    standing for ``other``). There is no minimum or maximum: a server's own
+    extremes are single records' values, so map-reduce does not release them;
+    the SMPC ``minimum_maximum`` computes the joint ones.
     """
+
+    def cell(histogram: Mapping[str, Any], k: int) -> int | None:
+        """Cell ``k`` of one server's histogram (``len(counts)`` is ``other``); None if hidden."""
+        counts = histogram["counts"]
+        value = counts[k] if k < len(counts) else histogram.get("other", 0)
+        # a negative count is how earlier servers marked a suppressed cell
+        return None if value is None or int(value) < 0 else int(value)
+
     count = sum(int(p["count"]) for p in parts)
     total = np.sum([np.asarray(p["sum"], dtype=np.float64) for p in parts], axis=0)
     squares = np.sum([np.asarray(p["sum_squares"], dtype=np.float64) for p in parts], axis=0)
@@ -36,13 +48,18 @@ def combine_aggregates(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "mean": mean,
         "variance": variance,
         "standard_deviation": np.sqrt(np.maximum(variance, 0.0)),
-        "minimum": np.min([np.asarray(p["minimum"]) for p in parts], axis=0),
-        "maximum": np.max([np.asarray(p["maximum"]) for p in parts], axis=0),
     }
-    if all("histogram" in p for p in parts):
-        counts = np.array([np.asarray(p["histogram"]["counts"]) for p in parts])
-        merged = np.where((counts < 0).any(axis=0), -1, counts.sum(axis=0))
-        result["histogram"] = {"edges": parts[0]["histogram"]["edges"], "counts": merged}
+    if parts and all("histogram" in p for p in parts):
+        cells: list[int | None] = []
+        for k in range(len(parts[0]["histogram"]["counts"]) + 1):
+            column = [cell(p["histogram"], k) for p in parts]
+            cells.append(None if None in column else sum(c for c in column if c is not None))
+        result["histogram"] = {
+            "edges": parts[0]["histogram"]["edges"],
+            "counts": cells[:-1],
+            "other": cells[-1],
+            "suppressed": [k for k, c in enumerate(cells) if c is None],
+        }
     for key, value in list(result.items()):
         if isinstance(value, np.ndarray) and value.ndim == 0:
             result[key] = value.item()

@@ -128,12 +128,11 @@ def synthetic_arrays(seed: int = 7) -> dict[str, dict[str, Floats]]:
 
 
 def _suppressed(cells: Sequence[int], minimum: int = MIN_COHORT) -> list[float]:
-    """A table's cells as released: small cells (and one complement) as NaN."""
-    hidden = [0 < c < minimum for c in cells]
-    if sum(hidden) == 1:
-        others = [(c, k) for k, c in enumerate(cells) if c > 0 and not hidden[k]]
-        if others:
-            hidden[min(others)[1]] = True
+    """A table's cells as released, with the servers' complementary suppression as NaN."""
+    # imported here: the demo otherwise needs nothing of the protocols
+    from protocols.smpc.tables import suppress
+
+    hidden = suppress(cells, minimum).tolist()
     return [np.nan if h else float(c) for c, h in zip(cells, hidden, strict=True)]
 
 

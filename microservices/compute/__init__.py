@@ -1,12 +1,23 @@
 """The map microservice: local aggregates over one dataset, for map-reduce.
 
 Map-reduce (as in FedMed and Exareme) is the cheap path for data that a
-server's policy allows to release as aggregates: each server computes
-count, sum, sum of squares, minimum, maximum and a histogram over its own
-data, and the client combines them (``fdrtd_client.Federation.map_reduce``).
-Each server's aggregates are disclosed to the client, which is why the
-server owner must allow it (``allow_map_reduce``) and why the minimum
-cohort and small-cell suppression apply here just as to secure protocols.
+server's policy allows to release as aggregates: each server computes the
+count, sum, sum of squares and, if asked, a histogram over its own data, and
+the client combines them (``fdrtd_client.Federation.map_reduce``). Each
+server's aggregates are disclosed to the client, which is why the server
+owner must allow it (``allow_map_reduce``) and why the same disclosure
+checks apply here as to the SMPC protocols:
+
+* no aggregate over fewer records than the minimum cohort;
+* no minimum or maximum: each is a single record's value (the flaw of the
+  reference system); the SMPC ``minimum_maximum`` gives the joint ones;
+* histogram cells are suppressed as in SMPC tables
+  (:func:`protocols.smpc.tables.suppress`, complementary, hidden cells
+  ``None``), counting the values outside the bin edges in an ``other`` cell
+  so that the released count gives no hidden cell away;
+* rows holding NaN or infinity are left out, as the SMPC protocols do
+  (:func:`protocols.smpc.service.finite_rows`).
+
 When the aggregates of one server must stay secret, use the SMPC protocols.
 """
 
@@ -18,11 +29,13 @@ import numpy as np
 
 from fdrtd_server.errors import BadRequest, Forbidden
 from fdrtd_server.microservice import JobContext, Microservice, distribution_version
+from protocols.smpc.service import finite_rows
+from protocols.smpc.tables import suppress
 
 service = Microservice(
     "map",
     distribution_version("fdrtd", "0.1.0"),
-    "Local aggregates (count, sum, sum of squares, min, max, histogram) for map-reduce.",
+    "Local aggregates (count, sum, sum of squares, histogram) for map-reduce.",
 )
 
 MAX_BINS = 10_000
@@ -48,29 +61,43 @@ def _edges(bins: Any) -> np.ndarray[Any, Any] | None:
     return edges
 
 
+def _histogram(data: np.ndarray[Any, Any], edges: np.ndarray[Any, Any], minimum: int) -> Any:
+    """Counts per bin (``[e_i, e_{i+1})``, the last closed) and outside; small cells hidden."""
+    inside = (data >= edges[0]) & (data <= edges[-1])
+    cells = np.append(np.histogram(data[inside], bins=edges)[0], int((~inside).sum()))
+    hidden = suppress(cells, minimum)
+    shown: list[int | None] = [None if h else int(c) for c, h in zip(cells, hidden, strict=True)]
+    return {
+        "edges": edges,
+        "counts": shown[:-1],
+        "other": shown[-1],
+        "suppressed": [int(k) for k in np.flatnonzero(hidden)],
+    }
+
+
 def aggregate_values(
     values: np.ndarray[Any, Any], edges: np.ndarray[Any, Any] | None, min_cohort: int
 ) -> dict[str, Any]:
-    """Count, sum, sum of squares, min, max (and histogram) over the rows of ``values``.
+    """Count, sum, sum of squares (and a histogram) over the finite rows of ``values``.
 
-    Rows holding NaN are left out. Histogram cells with fewer than
-    ``min_cohort`` records are suppressed (reported as -1).
+    Rows holding NaN or infinity (in any element) are left out, as in SMPC.
+    The histogram has one cell per bin plus ``other`` (values outside the
+    edges), so its cells add up to ``count``; cells are suppressed as in SMPC
+    tables (``None``, listed in ``suppressed``, ``len(counts)`` standing for
+    ``other``). Zero cells are shown as 0.
+
+    Raises:
+        BadRequest: If the column is not numeric, or a histogram is asked of
+            a column of vectors.
     """
     if values.dtype.kind not in "biuf":
         raise BadRequest("the column must be numeric for aggregates")
-    data = values.astype(np.float64, copy=False)
-    if data.ndim > 1:
-        data = data.reshape(data.shape[0], -1)
-        data = data[~np.isnan(data).any(axis=1)]
-    else:
-        data = data[~np.isnan(data)]
+    data = finite_rows(values.astype(np.float64, copy=False))
     count = int(data.shape[0])
     result: dict[str, Any] = {
         "count": count,
         "sum": data.sum(axis=0),
         "sum_squares": np.square(data).sum(axis=0),
-        "minimum": data.min(axis=0) if count else np.nan,
-        "maximum": data.max(axis=0) if count else np.nan,
     }
     if data.ndim == 1:
         result = {
@@ -80,9 +107,7 @@ def aggregate_values(
     if edges is not None:
         if data.ndim != 1:
             raise BadRequest("histograms need a column of single numbers")
-        counts, _ = np.histogram(data, bins=edges)
-        counts = np.where(counts < min_cohort, -1, counts)
-        result["histogram"] = {"edges": edges, "counts": counts.astype(np.int64)}
+        result["histogram"] = _histogram(data, edges, min_cohort)
     return result
 
 
@@ -92,6 +117,14 @@ async def aggregate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
 
     Inputs: ``data`` (data handle), ``column`` (optional), ``bins`` (optional
     histogram edges).
+
+    Returns:
+        ``{"count", "sum", "sum_squares"}`` and, with ``bins``, ``"histogram"``:
+        ``{"edges", "counts", "other", "suppressed"}`` (see :func:`aggregate_values`).
+
+    Raises:
+        Forbidden: If this server's policy does not allow map-reduce.
+        CohortTooSmall: If fewer finite rows than the minimum cohort remain.
     """
     if not ctx.env.allow_map_reduce:
         raise Forbidden(

@@ -16,17 +16,36 @@ side of a protocol run between the servers of a computation session.
 
 ``contingency_table_vertical`` (vertical partitioning)
     Two parties (the *holders*) hold one column each of the same records,
-    joined on an id column. The join is a Diffie-Hellman private set
-    intersection over Curve25519 (X25519) (:mod:`protocols.psi.curve`): each holder
-    learns which of its own ids are shared, and the size of the other's id
-    set, but nothing about the other's ids outside the intersection, since a
-    singly blinded point cannot be tested against guesses without the other's
-    secret scalar (a keyed hash with a key both holders know could). Both
-    holders sort the intersection by its doubly blinded points, which gives
-    the same order of records on both sides without revealing any id.
+    joined on an id column (ids compared exactly: integers as integers). Each
+    step runs only once the one before has passed the strictest minimum
+    cohort ``m``, and both holders decide on the same numbers, so every
+    party refuses together (the x-holder tells the parties without data):
+
+    1. *Sizes.* The holders exchange the sizes of their id sets; both must
+       be at least ``m``. Nothing else has been sent yet.
+    2. *In-category joint count.* The table counts only the joined records
+       whose values are among the analyst's categories, which can be far
+       fewer than the joined ids. Its total ``c`` is found first, by a
+       private set intersection *cardinality* over Curve25519 (X25519)
+       (:mod:`protocols.psi.curve`; De Cristofaro, Gasti and Tsudik, 2012):
+       each holder blinds the ids whose value is in its categories, padded
+       with random dummy items to its whole id set; each blinds the other's
+       points once more and returns them sorted, an order the other cannot
+       link to what it sent. Each holder counts the matches and learns ``c``
+       and nothing else (not which ids, not how many of the other's ids are
+       in its categories). ``c`` must be at least ``m``.
+    3. *Join.* A Diffie-Hellman private set intersection with fresh scalars:
+       each holder learns which of its own ids the other holds (so the
+       number ``n >= c`` of joined ids), but nothing about the other's ids
+       outside the intersection, since a singly blinded point cannot be
+       tested against guesses without the other's secret scalar. Both
+       holders sort the intersection by its doubly blinded points, which
+       gives the same order of records on both sides without revealing any id.
+       The x-holder sends ``n`` and ``c`` to the other parties.
 
     The table is then ``T = I_x^T I_y`` for the one-hot indicator matrices of
-    the aligned records, computed by a secure two-party matrix product:
+    the aligned records, computed by a secure two-party matrix product, and
+    checked to add up to ``c``:
 
     * With three or more parties, the first non-holder of the session is a
       *dealer* of a Beaver-style matrix triple in ``Z_2^64``: it draws
@@ -56,14 +75,18 @@ side of a protocol run between the servers of a computation session.
 
 Disclosure control (invariant 3)
     A table over fewer records than the minimum cohort is refused on every
-    party. The minimum is the *largest* ``min_cohort`` among the parties'
-    policies, exchanged in the setup round, so every party returns the same
-    answer and every owner's policy holds. Cells with ``0 < count <
-    minimum`` are suppressed (``None``). Because the total is released, a
-    single suppressed cell could be recovered by subtraction, so if exactly
-    one cell is small the smallest other non-zero cell is suppressed as well
-    (complementary suppression). The servers themselves see the table
-    before suppression; suppression protects against the analyst.
+    party, and no table (nor, for the vertical table, the join) is opened
+    before its record count has passed. The minimum is the *largest*
+    ``min_cohort`` among the parties' policies, exchanged in the setup round,
+    so every party returns the same answer and every owner's policy holds.
+    Cells with ``0 < count < minimum`` are suppressed (``None``), and because
+    the total is released, further cells are suppressed until at least two
+    are hidden and the hidden cells add up to enough that none of them is
+    known to be below the minimum (complementary suppression,
+    :func:`suppress`). The servers themselves see the table before
+    suppression; suppression protects against the analyst. Each table is
+    suppressed on its own: tables asked for with overlapping categories or
+    bins can be differenced (``docs/protocols.md``).
 
 Threat model, what each party learns, and round counts: ``docs/protocols.md``.
 """
@@ -74,6 +97,7 @@ import asyncio
 import hashlib
 import itertools
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,9 +132,15 @@ MAX_CELLS = 1_000_000
 """Most cells of a contingency table."""
 PIECE_BYTES = 1 << 20
 """Largest piece of a long peer message (the bus allows a few MiB)."""
-PAILLIER_BITS = (1024, 2048, 3072, 4096)
-"""Allowed Paillier modulus sizes; 2048 is the default, 1024 is for tests only."""
+PAILLIER_BITS = (2048, 3072, 4096)
+"""Paillier modulus sizes a client may ask for; 2048 is the default.
 
+Anything smaller is refused: a 1024-bit modulus can be factored with
+public effort. Unit tests that need speed build the protocol's internal
+state with a smaller key themselves; no input reaches that path.
+"""
+
+_INT_RANGE = (-(2**63), 2**64)  # integers msgpack carries; integral float ids inside become int
 _OTHER = -1  # category index of a value outside the categories or bins
 _MISSING = -2  # category index of a missing value (NaN)
 
@@ -129,9 +159,10 @@ def _labels(value: Any, name: str) -> list[Label]:
             raise BadRequest(f"every label in '{name}' must be a string or a number")
         if isinstance(label, float) and not math.isfinite(label):
             raise BadRequest(f"the labels in '{name}' must be finite numbers")
-    if len({_text(label) for label in value}) != len(value) or len(
-        {float(label) for label in value if not isinstance(label, str)}
-    ) != sum(not isinstance(label, str) for label in value):
+    # Python compares numbers exactly (2**60 + 1 != 2.0**60, while 2 == 2.0), so
+    # the set of numbers is the set of distinct values without rounding
+    numbers = [label for label in value if not isinstance(label, str)]
+    if len({_text(label) for label in value}) != len(value) or len(set(numbers)) != len(numbers):
         raise BadRequest(f"the labels in '{name}' must be distinct")
     return list(value)
 
@@ -173,6 +204,8 @@ def _vector(dataset: Dataset, name: Any) -> npt.NDArray[Any]:
 
 def _lookup(values: npt.NDArray[Any], keys: npt.NDArray[Any]) -> I64:
     """Position of each value in ``keys``, or ``_OTHER`` (vectorised by binary search)."""
+    if keys.size == 0:
+        return np.full(values.shape, _OTHER, dtype=np.int64)
     order = np.argsort(keys, kind="stable")
     ordered = keys[order]
     position = np.minimum(np.searchsorted(ordered, values), ordered.size - 1)
@@ -180,12 +213,45 @@ def _lookup(values: npt.NDArray[Any], keys: npt.NDArray[Any]) -> I64:
     return np.where(hit, order[position], _OTHER).astype(np.int64)
 
 
+def _exact_keys(labels: list[Label], dtype: np.dtype[Any]) -> tuple[npt.NDArray[Any], I64]:
+    """The labels a column of ``dtype`` can hold exactly, as that dtype, and their positions.
+
+    Comparing in float64 would make 2**60 and 2**60 + 1 one value (float64 has
+    53 bits of mantissa), so an integer column is compared as integers and a
+    label that the column's dtype cannot hold exactly (1.5 in an integer
+    column, 2**60 + 1 in a float column, -1 in an unsigned one) matches
+    nothing.
+    """
+    keys: list[int | float] = []
+    where: list[int] = []
+    for position, label in enumerate(labels):
+        if isinstance(label, str):
+            continue
+        if dtype.kind == "f":
+            try:
+                exact: int | float = float(label)
+            except OverflowError:  # an integer beyond the float range
+                continue
+        else:
+            if isinstance(label, float) and not label.is_integer():
+                continue
+            exact = int(label)
+            info = np.iinfo(dtype)
+            if not int(info.min) <= exact <= int(info.max):
+                continue
+        if exact == label:  # exact comparison of int and float in Python
+            keys.append(exact)
+            where.append(position)
+    return np.array(keys, dtype=dtype), np.array(where, dtype=np.int64)
+
+
 def category_index(column: npt.NDArray[Any], labels: list[Label]) -> I64:
     """Map each record to the index of its category.
 
-    A numeric column matches numeric labels by value; a text column matches
-    each label's text (numbers as ``repr``, so ``1`` matches ``"1"`` and
-    ``1.5`` matches ``"1.5"``).
+    A numeric column matches numeric labels by exact value (an integer column
+    as integers, so 2**60 + 1 is not 2**60); a text column matches each
+    label's text (numbers as ``repr``, so ``1`` matches ``"1"`` and ``1.5``
+    matches ``"1.5"``).
 
     Returns:
         The index into ``labels``, ``-1`` for a value that is none of them and
@@ -194,13 +260,19 @@ def category_index(column: npt.NDArray[Any], labels: list[Label]) -> I64:
     Raises:
         BadRequest: If a numeric column is given text labels.
     """
-    if column.dtype.kind in "biuf":
+    kind = column.dtype.kind
+    if kind in "biuf":
         if any(isinstance(label, str) for label in labels):
             raise BadRequest("a numeric column needs numeric category labels")
-        values = numeric(column)
-        index = _lookup(values, np.array([float(label) for label in labels]))
-        index[np.isnan(values)] = _MISSING
-        return index
+        values = column.astype(np.int64) if kind == "b" else column
+        if kind == "f":
+            values = values.astype(np.float64, copy=False)
+        keys, where = _exact_keys(labels, values.dtype)
+        found = _lookup(values, keys)
+        index = np.where(found >= 0, where[np.maximum(found, 0)] if where.size else 0, found)
+        if kind == "f":
+            index[np.isnan(values)] = _MISSING
+        return index.astype(np.int64)
     texts = column.astype(str)
     return _lookup(texts, np.array([_text(label) for label in labels], dtype=str))
 
@@ -235,12 +307,20 @@ def _bin_labels(edges: list[float]) -> list[Label]:
 
 
 def suppress(counts: npt.ArrayLike, minimum: int) -> npt.NDArray[np.bool_]:
-    """Which cells of a table to hide: small cells, plus one complement if needed.
+    """Which cells of a table to hide, so that the released total pins none of them down.
 
-    A cell with ``0 < count < minimum`` is suppressed. If that leaves exactly
-    one suppressed cell, it could be recovered from the released total, so
-    the smallest other non-zero cell (the first one on ties, in row-major
-    order) is suppressed as well.
+    Every cell with ``0 < count < minimum`` is hidden. The total is released
+    and zero cells are shown, so a reader knows the sum ``S`` of the ``h``
+    hidden cells and that each is at least 1, hence at most ``S - (h - 1)``.
+    While that bound is below ``minimum`` (which covers one hidden cell, and
+    hidden cells that sum to less than ``minimum``: ``[1, 1, 100]`` with a
+    minimum of 5 hides all three; ``[1, 1, 1, 1, 1, 50]`` hides the 50 too,
+    as five hidden cells summing to 5 would all be 1), the smallest visible
+    non-zero cell is hidden as well (the first one on ties, in row-major
+    order). So at least two cells end up hidden, with a sum of at least
+    ``minimum``, and none of them is known to be below ``minimum``. If no
+    non-zero cell is left to hide, every cell is hidden, zeros included (a
+    hidden cell may then be 0), and only the total remains.
 
     Args:
         counts: The table (any shape) of non-negative counts.
@@ -250,13 +330,22 @@ def suppress(counts: npt.ArrayLike, minimum: int) -> npt.NDArray[np.bool_]:
         A boolean mask of the shape of ``counts``.
     """
     cells = np.asarray(counts, dtype=np.int64)
-    hidden = (cells > 0) & (cells < minimum)
-    if int(hidden.sum()) == 1:
-        candidates = ((cells > 0) & ~hidden).reshape(-1)
-        if candidates.any():
-            flat = np.where(candidates, cells.reshape(-1), np.iinfo(np.int64).max)
-            hidden.reshape(-1)[int(np.argmin(flat))] = True
-    return hidden
+    flat = cells.reshape(-1)
+    hidden = (flat > 0) & (flat < minimum)
+
+    def safe() -> bool:
+        count = int(hidden.sum())
+        return count == 0 or (count >= 2 and int(flat[hidden].sum()) - (count - 1) >= minimum)
+
+    # visible non-zero cells, smallest first (a stable sort keeps row-major order on ties)
+    candidates = [int(k) for k in np.argsort(flat, kind="stable") if flat[k] > 0 and not hidden[k]]
+    for k in candidates:
+        if safe():
+            break
+        hidden[k] = True
+    if not safe():
+        hidden[:] = True
+    return hidden.reshape(cells.shape)
 
 
 def _threshold(smpc: SmpcSession) -> int:
@@ -500,14 +589,22 @@ class _Holding:
 
 
 def _canonical_ids(column: npt.NDArray[Any]) -> tuple[list[str], npt.NDArray[np.bool_]]:
-    """Ids as text (integral numbers without ``.0``, so 7.0 matches "7"); missing ones masked."""
-    if column.dtype.kind in "biuf":
-        values = numeric(column, "id column")
-        present = ~np.isnan(values)
+    """Ids as exact text, and which rows have one (NaN and "" are missing).
+
+    Integers stay exact (2**60 + 1 is not 2**60); an integral float within the
+    64-bit range is written as an integer, so 7.0 matches 7 and "7" (as
+    :func:`protocols.psi.service.column_items` does); other floats as ``repr``.
+    """
+    kind = column.dtype.kind
+    if kind in "biu":
+        values = column.astype(np.int64) if kind == "b" else column
+        return [str(v) for v in values.tolist()], np.ones(column.shape[0], dtype=np.bool_)
+    if kind == "f":
+        floats = column.astype(np.float64, copy=False)
+        present = ~np.isnan(floats)
         ids = [
-            str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
-            for v in values.tolist()
-            if not math.isnan(v)
+            str(int(v)) if v.is_integer() and _INT_RANGE[0] <= v < _INT_RANGE[1] else repr(v)
+            for v in floats[present].tolist()
         ]
         return ids, present
     texts = column.astype(str)
@@ -515,13 +612,24 @@ def _canonical_ids(column: npt.NDArray[Any]) -> tuple[list[str], npt.NDArray[np.
     return [str(t) for t in texts[present]], present
 
 
+def _holding(ids: npt.NDArray[Any], column: npt.NDArray[Any], labels: list[Label]) -> _Holding:
+    """A holder's canonical ids and the category index of each (rows without an id dropped).
+
+    Raises:
+        BadRequest: If an id repeats, or the column does not match the labels.
+    """
+    canonical, present = _canonical_ids(ids)
+    index = category_index(column, labels)[present]
+    if len(set(canonical)) != len(canonical):
+        raise BadRequest("the id column has duplicate values; a vertical join needs unique ids")
+    return _Holding(canonical, index)
+
+
 async def _load_holding(ctx: JobContext, inputs: dict[str, Any], labels: list[Label]) -> _Holding:
     dataset = await ctx.load_dataset(inputs.get("data"))
-    ids, present = _canonical_ids(_vector(dataset, _name(inputs, "id")))
-    index = category_index(_vector(dataset, _name(inputs, "column")), labels)[present]
-    if len(set(ids)) != len(ids):
-        raise BadRequest("the id column has duplicate values; a vertical join needs unique ids")
-    return _Holding(ids, index)
+    return _holding(
+        _vector(dataset, _name(inputs, "id")), _vector(dataset, _name(inputs, "column")), labels
+    )
 
 
 @dataclass
@@ -539,27 +647,90 @@ class _Vertical:
     def others(self) -> list[str]:
         return [p for p in self.peers.parties if p not in self.holders]
 
+    @property
+    def other_holder(self) -> str:
+        return self.holders[1] if self.peers.me == self.holders[0] else self.holders[0]
+
     def label(self, what: str) -> bytes:
         return f"{self.peers.id}|tables.vertical|{what}".encode()
 
+    def domain(self, what: str) -> bytes:
+        """The hash-to-curve domain of one of the two joins, bound to the session."""
+        session = hashlib.sha256(self.peers.id.encode()).hexdigest()
+        return f"fdrtd/smpc/tables/{what}/{session}".encode()
 
-async def _join(v: _Vertical, holding: _Holding) -> npt.NDArray[np.intp]:
-    """DH-PSI with the other holder; my rows of the common records, in a common order."""
-    peers = v.peers
-    other = v.holders[1] if peers.me == v.holders[0] else v.holders[0]
-    domain = b"fdrtd/smpc/tables/" + hashlib.sha256(peers.id.encode()).hexdigest().encode()
-    scalar = curve.random_scalar()
-    items = [curve.encode_item(i) for i in holding.ids]
-    mine = await asyncio.to_thread(curve.hash_and_blind, items, scalar, domain)
-    order = sorted(range(len(mine)), key=mine.__getitem__)  # hides the order of my rows
-    await _send_blob(peers, other, "vt.psi.blinded", b"".join(mine[k] for k in order))
-    theirs = points_from(await _recv_blob(peers, other, "vt.psi.blinded"), other)
+
+def _refused(minimum: int) -> CohortTooSmall:
+    error = CohortTooSmall(minimum)
+    error.collective = True  # every party decides on the same numbers: no abort needed
+    return error
+
+
+async def _reblind_theirs(
+    v: _Vertical, tag: str, mine: list[bytes], scalar: bytes, theirs_count: int
+) -> list[bytes]:
+    """Send my blinded points (sorted); return the other's, blinded by my scalar too.
+
+    The other holder's points come back in the order received.
+    """
+    peers, other = v.peers, v.other_holder
+    await _send_blob(peers, other, f"{tag}.blinded", b"".join(sorted(mine)))
+    theirs = points_from(await _recv_blob(peers, other, f"{tag}.blinded"), other, theirs_count)
     try:
-        theirs_double = await asyncio.to_thread(curve.reblind, theirs, scalar)
+        return await asyncio.to_thread(curve.reblind, theirs, scalar)
     except ValueError:
         raise ComputationFailed(f"party '{other}' sent invalid curve points") from None
-    await _send_blob(peers, other, "vt.psi.reblinded", b"".join(theirs_double))
-    mine_double = points_from(await _recv_blob(peers, other, "vt.psi.reblinded"), other, len(order))
+
+
+async def _joint_count(v: _Vertical, holding: _Holding, theirs_count: int) -> int:
+    """How many ids both holders have with a value among their categories; nothing else.
+
+    A private set intersection *cardinality* (De Cristofaro, Gasti and Tsudik,
+    CANS 2012) of each holder's in-category ids, padded with random dummy
+    items to its whole id set, so that the padded sets reveal only the sizes
+    already exchanged. Each holder returns the other's points blinded by both
+    scalars in sorted order, which is a random order to the other: it can
+    count the matches but not tell which of its ids they are. Fresh scalars
+    (and a domain of its own) keep these points unlinkable to the join's.
+    """
+    peers, other = v.peers, v.other_holder
+    inside = [
+        curve.encode_item(i)
+        for i, k in zip(holding.ids, holding.index.tolist(), strict=True)
+        if k >= 0
+    ]
+    # random bytes items: ids are encoded as text, so a dummy never matches one
+    dummies = [
+        curve.encode_item(secrets.token_bytes(32)) for _ in range(len(holding.ids) - len(inside))
+    ]
+    scalar = curve.random_scalar()
+    items = inside + dummies
+    mine = await asyncio.to_thread(curve.hash_and_blind, items, scalar, v.domain("count"))
+    theirs_double = await _reblind_theirs(v, "vt.count", mine, scalar, theirs_count)
+    # sorted: an order the other cannot link to the points it sent
+    await _send_blob(peers, other, "vt.count.reblinded", b"".join(sorted(theirs_double)))
+    blob = await _recv_blob(peers, other, "vt.count.reblinded")
+    mine_double = points_from(blob, other, len(mine))
+    return len(set(mine_double) & set(theirs_double))
+
+
+async def _join(v: _Vertical, holding: _Holding, theirs_count: int) -> npt.NDArray[np.intp]:
+    """DH-PSI with the other holder; my rows of the common records, in a common order.
+
+    Run only once the in-category joint count has passed: the other holder's
+    reply (my points blinded by both scalars, in my order) shows which of my
+    ids it holds.
+    """
+    peers, other = v.peers, v.other_holder
+    scalar = curve.random_scalar()
+    items = [curve.encode_item(i) for i in holding.ids]
+    blinded = await asyncio.to_thread(curve.hash_and_blind, items, scalar, v.domain("join"))
+    order = sorted(range(len(blinded)), key=blinded.__getitem__)  # as sent: sorted
+    theirs_double = await _reblind_theirs(v, "vt.join", blinded, scalar, theirs_count)
+    # in the order received: this shows the other which of its ids I hold
+    await _send_blob(peers, other, "vt.join.reblinded", b"".join(theirs_double))
+    blob = await _recv_blob(peers, other, "vt.join.reblinded")
+    mine_double = points_from(blob, other, len(order))
     row_of = {point: order[k] for k, point in enumerate(mine_double)}
     common = sorted(row_of.keys() & set(theirs_double))
     return np.array([row_of[p] for p in common], dtype=np.intp)
@@ -572,19 +743,52 @@ def _one_hot(index: I64, width: int) -> U64:
     return matrix
 
 
-async def _holder(v: _Vertical, holding: _Holding) -> tuple[int, U64 | None]:
+async def _tell_others(v: _Vertical, go: dict[str, Any]) -> None:
+    """The x-holder's verdict to the parties that hold no column: refuse, or go on."""
+    if v.peers.me == v.holders[0]:
+        for party in v.others:
+            await v.peers.send(party, "vt.go", go)
+
+
+def _size(value: Any, sender: str) -> int:
+    size = value.get("ids") if isinstance(value, dict) else None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ComputationFailed(f"party '{sender}' sent a malformed id-set size")
+    return size
+
+
+async def _holder(v: _Vertical, holding: _Holding) -> tuple[int, int, U64]:
+    """A holder's side: sizes, in-category joint count, join, then the product.
+
+    Each step runs only if the one before passed the strictest minimum cohort,
+    and both holders decide on the same numbers, so they refuse together; the
+    x-holder tells the other parties.
+    """
     peers = v.peers
     is_x = peers.me == v.holders[0]
-    other = v.holders[1] if is_x else v.holders[0]
-    rows = await _join(v, holding)
+    other = v.other_holder
+    # 1. the id-set sizes (the point lists below would show them anyway)
+    await peers.send(other, "vt.ids", {"ids": len(holding.ids)})
+    theirs_count = _size(await peers.recv(other, "vt.ids"), other)
+    if min(len(holding.ids), theirs_count) < v.minimum:
+        await _tell_others(v, {"ok": False})
+        raise _refused(v.minimum)
+    # 2. the number of records the table would count, before anything else
+    joint = await _joint_count(v, holding, theirs_count)
+    if joint < v.minimum:
+        await _tell_others(v, {"ok": False})
+        raise _refused(v.minimum)
+    await v.ctx.progress(0.2)
+    # 3. the join itself: which of my rows are common, in a common order
+    rows = await _join(v, holding, theirs_count)
     n = int(rows.size)
+    if not joint <= n <= min(len(holding.ids), theirs_count):
+        raise ComputationFailed(
+            f"the joins with party '{other}' disagree; run the computation again"
+        )
+    await _tell_others(v, {"ok": True, "n": n, "count": joint})
     await v.ctx.progress(0.3)
     kx, ky = v.shape
-    if is_x:
-        for party in v.others:
-            await peers.send(party, "vt.size", {"n": n})
-    if n < v.minimum:
-        return n, None
     indicator = _one_hot(holding.index[rows], kx if is_x else ky)
     if v.others:
         dealer = v.others[0]
@@ -612,7 +816,42 @@ async def _holder(v: _Vertical, holding: _Holding) -> tuple[int, U64 | None]:
     if is_x:
         for party in (*v.others, *([] if v.others else [other])):
             await _send_matrix(peers, party, "vt.table", table)
-    return n, table
+    return n, joint, table
+
+
+async def _bystander(v: _Vertical) -> tuple[int, int, U64]:
+    """A party without a column: the x-holder's verdict; the first deals; all get the table."""
+    x_holder = v.holders[0]
+    go = await v.peers.recv(x_holder, "vt.go")
+    if not isinstance(go, dict) or not isinstance(go.get("ok"), bool):
+        raise ComputationFailed(f"party '{x_holder}' sent a malformed verdict")
+    if not go["ok"]:
+        raise _refused(v.minimum)
+    n, joint = go.get("n"), go.get("count")
+    if (
+        not isinstance(n, int)
+        or not isinstance(joint, int)
+        or isinstance(n, bool)
+        or isinstance(joint, bool)
+        or not v.minimum <= joint <= n
+    ):
+        raise ComputationFailed(f"party '{x_holder}' sent a malformed verdict")
+    if v.peers.me == v.others[0]:
+        return n, joint, await _dealer(v, n)
+    return n, joint, await _recv_matrix(v.peers, x_holder, "vt.table", v.shape)
+
+
+async def _vertical(v: _Vertical, holding: _Holding | None) -> tuple[int, int, U64]:
+    """This party's part of a vertical table: ``(joined ids, table total, table)``.
+
+    Raises:
+        CohortTooSmall: On every party alike, if a holder's id set or the
+            in-category joint count is below the strictest minimum cohort;
+            then nothing of the join or the table has been revealed.
+    """
+    if holding is not None:
+        return await _holder(v, holding)
+    return await _bystander(v)
 
 
 async def _dealer(v: _Vertical, n: int) -> U64:
@@ -757,7 +996,10 @@ async def contingency_table_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
             raise BadRequest(f"a contingency table may have at most {MAX_CELLS} cells")
         bits = inputs.get("paillier_bits", 2048)
         if bits not in PAILLIER_BITS or isinstance(bits, bool):
-            raise BadRequest(f"'paillier_bits' must be one of {', '.join(map(str, PAILLIER_BITS))}")
+            raise BadRequest(
+                f"'paillier_bits' must be one of {', '.join(map(str, PAILLIER_BITS))}"
+                " (smaller Paillier keys are not secure)"
+            )
         holding = None
         if peers.me in holders:
             labels = x_labels if peers.me == holders[0] else y_labels
@@ -769,25 +1011,8 @@ async def contingency_table_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
         for key in public:
             agree(smpc, key)
         v = _Vertical(ctx, peers, holders, (len(x_labels), len(y_labels)), _threshold(smpc), bits)
-        table: U64 | None = None
-        if holding is not None:
-            n, table = await _holder(v, holding)
-        else:
-            size = await peers.recv(holders[0], "vt.size")
-            if not isinstance(size, dict) or not isinstance(size.get("n"), int) or size["n"] < 0:
-                raise ComputationFailed(f"party '{holders[0]}' sent a malformed size")
-            n = int(size["n"])
-            if n >= v.minimum:
-                if peers.me == v.others[0]:
-                    table = await _dealer(v, n)
-                else:
-                    table = await _recv_matrix(peers, holders[0], "vt.table", v.shape)
-    if table is None:
-        raise CohortTooSmall(v.minimum)
+        n, joint, table = await _vertical(v, holding)
     counts = ring.decode_int(table)
-    if counts.min() < 0 or int(counts.sum()) > n:
+    if counts.min() < 0 or int(counts.sum()) != joint or joint > n:
         raise ComputationFailed("the joint table is inconsistent; run the computation again")
-    total = int(counts.sum())
-    if total < v.minimum:
-        raise CohortTooSmall(v.minimum)
-    return _two_way_result(x_labels, y_labels, counts, total, v.minimum)
+    return _two_way_result(x_labels, y_labels, counts, joint, v.minimum)

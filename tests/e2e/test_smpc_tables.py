@@ -54,12 +54,23 @@ def quint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]
 
 
 def hidden_cells(counts: Sequence[int], minimum: int) -> list[bool]:
-    """Small cells, plus the smallest other non-zero cell if only one is small."""
+    """Small cells, then the smallest other non-zero cells until the hidden ones are safe.
+
+    Safe: none hidden, or at least two whose sum S is such that each could
+    hold ``minimum`` (S - (hidden - 1) >= minimum); failing that, all cells.
+    """
     hidden = [0 < c < minimum for c in counts]
-    if sum(hidden) == 1:
+
+    def safe() -> bool:
+        h = sum(hidden)
+        total = sum(c for c, x in zip(counts, hidden, strict=True) if x)
+        return h == 0 or (h >= 2 and total - (h - 1) >= minimum)
+
+    while not safe():
         others = [(c, k) for k, c in enumerate(counts) if c > 0 and not hidden[k]]
-        if others:
-            hidden[min(others)[1]] = True
+        if not others:
+            return [True] * len(counts)
+        hidden[min(others)[1]] = True
     return hidden
 
 
@@ -128,13 +139,18 @@ def test_uint64_matrix_product_wraps_modulo_2_64() -> None:
     assert product.tolist() == expected
 
 
-def test_suppress_small_cells_and_one_complement() -> None:
+def test_suppress_small_cells_and_complements() -> None:
     # one small cell alone would be recoverable from the total: the next smallest goes too
     assert suppress([5, 2, 0, 7], 3).tolist() == [True, True, False, False]
-    assert suppress([[1, 4], [2, 9]], 3).tolist() == [[True, False], [True, False]]
+    # 1 + 2 = 3 would show both to be below 3: the 4 goes too
+    assert suppress([[1, 4], [2, 9]], 3).tolist() == [[True, True], [True, False]]
     assert suppress([0, 3, 4], 3).tolist() == [False, False, False]
     assert suppress([4, 2, 4], 3).tolist() == [True, True, False]  # first on ties
-    assert suppress([2], 3).tolist() == [True]
+    assert suppress([1, 1, 100], 5).tolist() == [True, True, True]
+    rng = random.Random(3)
+    for _ in range(200):
+        cells = [rng.choice([0, 1, 2, 3, 5, 8]) for _ in range(rng.randint(1, 6))]
+        assert suppress(cells, 4).tolist() == hidden_cells(cells, 4)
 
 
 def test_category_and_bin_index() -> None:
@@ -398,22 +414,21 @@ def test_vertical_three_parties_with_a_dealer(trio: LocalFederation) -> None:
 
 
 def test_vertical_two_parties_with_paillier(duo: LocalFederation) -> None:
-    # 300 x-categories of 5 bits do not fit in one 1024-bit plaintext: 2 ciphertexts a record
-    x_cats = [f"c{k}" for k in range(300)]
+    # 450 x-categories of 5 bits do not fit in one 2048-bit plaintext: 2 ciphertexts a record
+    x_cats = [f"c{k}" for k in range(450)]
     y_cats = ["k", "l", "m"]
     x, y, pairs = vertical_data(2, x_cats, y_cats, numeric_x_ids=True)
-    job = run_vertical(
-        duo.federation(),
-        ["p1", "p2"],
-        x,
-        y,
-        x_categories=x_cats,
-        y_categories=y_cats,
-        paillier_bits=1024,
-    )
+    federation = duo.federation()
+    job = run_vertical(federation, ["p1", "p2"], x, y, x_categories=x_cats, y_categories=y_cats)
     expected = two_way(pairs, x_cats, y_cats, 3)
     assert expected["total"] >= 15
     assert same_everywhere(job) == expected
+    # a 1024-bit key is not offered to clients
+    weak = run_vertical(
+        federation, ["p1", "p2"], x, y, x_categories=["c0"], y_categories=["k"], paillier_bits=1024
+    )
+    with pytest.raises(BadRequest, match="'paillier_bits' must be one of 2048, 3072, 4096"):
+        weak.jobs[0].result(timeout=TIMEOUT, progress=False)
 
 
 def test_vertical_five_parties(quint: LocalFederation) -> None:
@@ -432,6 +447,18 @@ def test_vertical_refused_for_a_small_intersection(trio: LocalFederation) -> Non
     y = {"id": ["c", "d", "e", "f"], "w": ["k", "k", "k", "k"]}
     job = run_vertical(
         trio.federation(), ["alpha", "beta"], x, y, x_categories=["u", "v"], y_categories=["k"]
+    )
+    details = fails_everywhere(job, Forbidden)
+    assert all("minimum cohort of 3" in d for d in details)
+
+
+def test_vertical_refused_for_few_records_in_the_categories(trio: LocalFederation) -> None:
+    # 20 joined ids, but the x-category matches 2 of them: their y values stay hidden
+    ids = [str(i) for i in range(20)]
+    x = {"id": ids, "v": ["rare", "rare"] + ["common"] * 18}
+    y = {"id": ids[::-1], "w": ["k", "l"] * 10}
+    job = run_vertical(
+        trio.federation(), ["alpha", "beta"], x, y, x_categories=["rare"], y_categories=["k", "l"]
     )
     details = fails_everywhere(job, Forbidden)
     assert all("minimum cohort of 3" in d for d in details)

@@ -11,7 +11,7 @@ def test_upload_and_map_aggregate(server: LocalServer) -> None:
     result = client.compute("map", "aggregate", data=handle).result(timeout=30)
     assert result["count"] == 10
     assert result["sum"] == 45.0
-    assert result["minimum"] == 0.0 and result["maximum"] == 9.0
+    assert "minimum" not in result and "maximum" not in result  # single records' values
 
 
 def test_example_plugin_is_called(server: LocalServer) -> None:
