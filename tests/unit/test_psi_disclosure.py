@@ -1,154 +1,61 @@
 """What the ``psi`` protocols let out: every party's real side, on an in-memory network.
 
 Each test runs the real job functions of :mod:`protocols.psi.service` for all
-parties in one event loop. Their peer sessions are replaced by
-:class:`FakePeers`, which delivers messages in memory and records every one,
-so a test can check not only the results but what each party *sent*: that
-onions have one length whatever the items, that setup messages carry nothing
-about the items, that a refused intersection sends no positions.
+parties in one event loop, through ``memory_peers.run_job``. Their wire
+records every message, so a test can check not only the results but what each
+party *sent*: that onions have one length whatever the items, that setup
+messages carry nothing about the items, that a refused intersection sends no
+positions.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pytest
+from memory_peers import Wire, run_job
 
 from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed, FdrtdError
-from fdrtd_server.microservice import Dataset, Environment
 from protocols.psi import curve, service
 
-WAIT = 5.0  # seconds; every message here arrives within milliseconds
 
-
-@dataclasses.dataclass(frozen=True)
-class Env(Environment):
-    """The server environment with every psi switch on (the tests turn them off)."""
-
-    allow_set_union: bool = True
-    allow_set_intersection: bool = True
-
-
-@dataclasses.dataclass
-class Sent:
-    sender: str
-    to: str
-    tag: str
-    value: Any
-
-
-class Network:
-    """Delivers the parties' messages in memory and keeps a log of them."""
-
-    def __init__(self) -> None:
-        self.log: list[Sent] = []
-        self.boxes: dict[tuple[str, str, str], asyncio.Future[Any]] = {}
-        self.aborted: dict[str, str] = {}
-
-    def box(self, sender: str, to: str, tag: str) -> asyncio.Future[Any]:
-        key = (sender, to, tag)
-        if key not in self.boxes:
-            self.boxes[key] = asyncio.get_running_loop().create_future()
-        return self.boxes[key]
-
-
-class FakePeers:
-    """The part of :class:`fdrtd_server.peers.PeerSession` the psi service uses."""
-
-    def __init__(self, net: Network, session: Mapping[str, Any], me: str) -> None:
-        self.net, self.id, self.me = net, str(session["id"]), me
-        self.parties = [str(p) for p in session["parties"]]
-        self.index = self.parties.index(me)
-        self.others = [p for p in self.parties if p != me]
-
-    async def __aenter__(self) -> FakePeers:
-        return self
-
-    async def __aexit__(self, kind: object, error: BaseException | None, tb: object) -> None:
-        # As the real session: an error only this party sees ends the others too.
-        if error is not None and not getattr(error, "collective", False):
-            self.net.aborted[self.me] = getattr(error, "message", "internal error")
-
-    async def send(self, to: str, tag: str, value: Any) -> None:
-        self.net.log.append(Sent(self.me, to, tag, value))
-        self.net.box(self.me, to, tag).set_result(value)
-
-    async def broadcast(self, tag: str, value: Any) -> None:
-        for party in self.others:
-            await self.send(party, tag, value)
-
-    async def recv(self, sender: str, tag: str) -> Any:
-        box = self.net.box(sender, self.me, tag)
-        for _ in range(int(WAIT / 0.01)):
-            if box.done():
-                return box.result()
-            if sender in self.net.aborted:
-                raise ComputationFailed(f"party '{sender}' ended the computation")
-            await asyncio.sleep(0.01)
-        raise TimeoutError(f"{self.me} waited in vain for {tag} from {sender}")
-
-    async def exchange(self, tag: str, value: Any) -> dict[str, Any]:
-        await self.broadcast(tag, value)
-        received = {p: await self.recv(p, tag) for p in self.others}
-        received[self.me] = value
-        return {party: received[party] for party in self.parties}
-
-
-class FakeContext:
-    """The part of :class:`fdrtd_server.microservice.JobContext` the psi service uses."""
-
-    def __init__(self, env: Environment, session: dict[str, Any], column: Any) -> None:
-        self.env, self.session = env, session
-        self.dataset = Dataset({"v": np.asarray(column)})
-
-    async def load_dataset(self, handle: Any) -> Dataset:
-        return self.dataset
-
-    async def progress(self, fraction: float) -> None:
-        return None
+@pytest.fixture(autouse=True)
+def in_memory_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job functions open the in-memory session of their context."""
+    monkeypatch.setattr(service, "_session", lambda ctx: ctx.peers)
 
 
 def run_parties(
-    monkeypatch: pytest.MonkeyPatch,
     function: str,
     sets: Mapping[str, Sequence[Any]],
-    envs: Mapping[str, Environment] | None = None,
+    envs: Mapping[str, Mapping[str, Any]] | None = None,
     inputs: Mapping[str, Mapping[str, Any]] | None = None,
-) -> tuple[dict[str, Any], Network]:
-    """Run ``psi.<function>`` for every party; each party's result or error, and the log."""
-    net = Network()
-    session = {"id": "psi-disclosure", "parties": list(sets)}
-    monkeypatch.setattr(
-        service, "_session", lambda ctx: FakePeers(net, ctx.session, ctx.env.server)
-    )
+) -> tuple[dict[str, Any], Wire]:
+    """Run ``psi.<function>`` for every party; each party's result or error, and the wire.
+
+    An error that is not an :class:`FdrtdError` is a bug, and raised here.
+    """
     job = {
         "intersection": service.intersection,
         "intersection_size": service.intersection_size,
         "union": service.union,
     }[function]
-
-    async def one(name: str) -> Any:
-        env = (envs or {}).get(name) or Env(server=name)
-        ctx = FakeContext(env, session, sets[name])
-        try:
-            return await job(ctx, {"data": "h", "column": "v", **(inputs or {}).get(name, {})})  # type: ignore[arg-type]
-        except FdrtdError as error:
-            return error
-
-    async def everyone() -> list[Any]:
-        return await asyncio.gather(*(one(name) for name in sets))
-
-    return dict(zip(sets, asyncio.run(everyone()), strict=True)), net
+    own = {
+        name: {"data": {"v": items}, "column": "v", **(inputs or {}).get(name, {})}
+        for name, items in sets.items()
+    }
+    results, views = run_job(job, own, envs=envs)
+    for outcome in results.values():
+        if isinstance(outcome, BaseException) and not isinstance(outcome, FdrtdError):
+            raise outcome
+    return results, views[next(iter(sets))].wire
 
 
-def onion_lengths(net: Network) -> dict[str, set[int]]:
+def onion_lengths(net: Wire) -> dict[str, set[int]]:
     """Per sender, the lengths of the onions it sent to the collector."""
     lengths: dict[str, set[int]] = {}
-    for sent in net.log:
+    for sent in net.sent:
         if sent.tag.startswith(service.Stage.COLLECT + "."):
             blob = sent.value["onions"]
             lengths.setdefault(sent.sender, set()).add(len(blob))
@@ -158,7 +65,7 @@ def onion_lengths(net: Network) -> dict[str, set[int]]:
 # --- union: padding that says nothing about who sent what --------------------------------
 
 
-def test_onions_have_one_length_whatever_the_items(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onions_have_one_length_whatever_the_items() -> None:
     # b1 holds items of 1 byte, b2 of 100 bytes, b3 a mix: the old padding class
     # (a power of two above each party's longest item) told b2's items apart.
     sets = {
@@ -167,7 +74,7 @@ def test_onions_have_one_length_whatever_the_items(monkeypatch: pytest.MonkeyPat
         "b2": ["x" * 100, "y" * 100, "z" * 100],
         "b3": ["m", "n" * 100, "o" * 50],
     }
-    results, net = run_parties(monkeypatch, "union", sets)
+    results, net = run_parties("union", sets)
     expected = sorted(set().union(*map(set, sets.values())))
     assert all(r == {"union": expected, "size": 12} for r in results.values()), results
     n = len(sets)
@@ -175,13 +82,13 @@ def test_onions_have_one_length_whatever_the_items(monkeypatch: pytest.MonkeyPat
     # Every sender's batch (3 onions each) has the same length, fixed by the common input.
     assert onion_lengths(net) == {name: {3 * onion} for name in ("b1", "b2", "b3")}
     # Every mix step passes onions of the length its layer count gives, for everyone's items.
-    for sent in net.log:
+    for sent in net.sent:
         if sent.tag.startswith(service.Stage.MIX + "."):
             layers = n - int(sent.tag.split(".")[1])
             per = service.DEFAULT_MAX_ITEM_BYTES + 2 + layers * curve.ONION_LAYER_BYTES
             assert len(sent.value["onions"]) == 12 * per
     # The setup messages differ only by the fresh key: nothing about item lengths.
-    setups = [s.value for s in net.log if s.tag == service.Stage.SETUP]
+    setups = [s.value for s in net.sent if s.tag == service.Stage.SETUP]
     assert {frozenset(v) for v in setups} == {
         frozenset({"function", "version", "size", "min_cohort", "key", "max_item_bytes"})
     }
@@ -200,12 +107,10 @@ def test_padded_items_have_the_common_length() -> None:
     ]
 
 
-def test_a_too_long_item_is_refused_by_everyone_without_naming_its_holder(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_too_long_item_is_refused_by_everyone_without_naming_its_holder() -> None:
     sets = {"c0": ["a", "b", "c"], "c1": ["d", "e", "x" * 65], "c2": ["f", "g", "h"]}
     inputs = {name: {"max_item_bytes": 64} for name in sets}
-    results, net = run_parties(monkeypatch, "union", sets, inputs=inputs)
+    results, net = run_parties("union", sets, inputs=inputs)
     errors = list(results.values())
     assert all(isinstance(e, BadRequest) and e.collective for e in errors), errors
     assert len({e.message for e in errors}) == 1
@@ -215,7 +120,7 @@ def test_a_too_long_item_is_refused_by_everyone_without_naming_its_holder(
     assert len({length for lengths in onion_lengths(net).values() for length in lengths}) == 1
     assert net.aborted == {}
     # No item was broadcast.
-    union_messages = [s.value for s in net.log if s.tag.startswith(service.Stage.UNION)]
+    union_messages = [s.value for s in net.sent if s.tag.startswith(service.Stage.UNION)]
     assert union_messages == [{"too_long": True}] * 2
 
 
@@ -226,77 +131,75 @@ def test_max_item_bytes_must_be_a_sensible_integer(bad: Any) -> None:
     assert service.union_max_item_bytes({}) == 256
 
 
-def test_parties_must_agree_on_max_item_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parties_must_agree_on_max_item_bytes() -> None:
     sets = {"d0": ["a", "b", "c"], "d1": ["a", "b", "c"]}
-    results, net = run_parties(monkeypatch, "union", sets, inputs={"d0": {"max_item_bytes": 32}})
+    results, net = run_parties("union", sets, inputs={"d0": {"max_item_bytes": 32}})
     for error in results.values():
         assert isinstance(error, ComputationFailed) and error.collective
         assert "disagree on 'max_item_bytes'" in error.message
-    assert [s.tag for s in net.log] == [service.Stage.SETUP] * 2  # no onion left anyone
+    assert [s.tag for s in net.sent] == [service.Stage.SETUP] * 2  # no onion left anyone
 
 
 # --- intersection: the minimum cohort on the result ---------------------------------------
 
 
 @pytest.mark.parametrize("function", ["intersection", "intersection_size"])
-def test_a_small_intersection_is_refused_by_every_party_before_any_hit(
-    monkeypatch: pytest.MonkeyPatch, function: str
-) -> None:
+def test_a_small_intersection_is_refused_by_every_party_before_any_hit(function: str) -> None:
     # One common item; e0 allows 1, e1 3, e2 2: e1's minimum applies, on all three.
     sets = {"e0": ["t", "a", "b"], "e1": ["t", "c", "d"], "e2": ["t", "e", "f"]}
-    envs = {name: Env(server=name, min_cohort=k) for name, k in (("e0", 1), ("e1", 3), ("e2", 2))}
-    results, net = run_parties(monkeypatch, function, sets, envs)
+    envs = {name: {"min_cohort": k} for name, k in (("e0", 1), ("e1", 3), ("e2", 2))}
+    results, net = run_parties(function, sets, envs)
     for error in results.values():
         assert isinstance(error, service.IntersectionTooSmall) and error.collective
         assert isinstance(error, CohortTooSmall) and error.status == 403
         assert error.minimum == 3
         assert "party 'e1'" in error.message
     assert len({e.message for e in results.values()}) == 1
-    assert not any(s.tag == service.Stage.HITS for s in net.log)
+    assert not any(s.tag == service.Stage.HITS for s in net.sent)
     assert net.aborted == {}
 
 
-def test_padding_with_junk_is_no_membership_test(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_padding_with_junk_is_no_membership_test() -> None:
     # Junk plus one target: "refused" when the target is held would tell it apart
     # from "0" when not; both are refused alike.
     probe = ["junk-1", "junk-2", "target"]
     outcomes = []
     for other in (["target", "x", "y"], ["other", "x", "y"]):
-        results, _ = run_parties(monkeypatch, "intersection_size", {"f0": probe, "f1": other})
+        results, _ = run_parties("intersection_size", {"f0": probe, "f1": other})
         outcomes.append({name: (type(r), str(r)) for name, r in results.items()})
     assert outcomes[0] == outcomes[1]
     assert all(kind is service.IntersectionTooSmall for kind, _ in outcomes[0].values())
 
 
-def test_an_intersection_at_the_minimum_is_returned(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_intersection_at_the_minimum_is_returned() -> None:
     sets = {"g0": ["a", "b", "c", "x"], "g1": ["c", "b", "a", "y"]}
-    results, net = run_parties(monkeypatch, "intersection", sets)
+    results, net = run_parties("intersection", sets)
     assert all(r == {"intersection": ["a", "b", "c"], "size": 3} for r in results.values())
-    assert sum(s.tag == service.Stage.HITS for s in net.log) == 2
+    assert sum(s.tag == service.Stage.HITS for s in net.sent) == 2
 
 
-def test_intersection_is_refused_where_the_policy_says_no(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_intersection_is_refused_where_the_policy_says_no() -> None:
     sets = {"h0": ["a", "b", "c"], "h1": ["a", "b", "c"]}
-    envs = {"h1": Env(server="h1", allow_set_intersection=False)}
-    results, net = run_parties(monkeypatch, "intersection", sets, envs)
+    envs = {"h1": {"allow_set_intersection": False}}
+    results, net = run_parties("intersection", sets, envs)
     refusal = results["h1"]
     assert isinstance(refusal, FdrtdError) and refusal.status == 403
     assert "allow_set_intersection = true" in refusal.message
     assert "party 'h1' ended the computation" in str(results["h0"])
-    assert all(s.sender != "h1" for s in net.log)  # h1 sent nothing at all
+    assert all(s.sender != "h1" for s in net.sent)  # h1 sent nothing at all
     # The size needs no switch.
-    results, _ = run_parties(monkeypatch, "intersection_size", sets, envs)
+    results, _ = run_parties("intersection_size", sets, envs)
     assert results == {"h0": {"size": 3}, "h1": {"size": 3}}
 
 
-def test_only_the_intersector_sees_every_blinded_set(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_the_intersector_sees_every_blinded_set() -> None:
     # With n > 2, whoever holds every F_j learns the sub-intersection sizes: here
     # that k1 and k2 share one item ("w") besides I. Only party 0 may get them.
     sets = {"k0": ["a", "b", "c", "u"], "k1": ["a", "b", "c", "w"], "k2": ["a", "b", "c", "w"]}
-    results, net = run_parties(monkeypatch, "intersection_size", sets)
+    results, net = run_parties("intersection_size", sets)
     assert all(r == {"size": 3} for r in results.values())
-    final = [s for s in net.log if s.tag.startswith(service.Stage.FINAL + ".")]
+    final = [s for s in net.sent if s.tag.startswith(service.Stage.FINAL + ".")]
     assert {(s.sender, s.to) for s in final} == {("k1", "k0"), ("k2", "k0")}
-    joint = [s for s in net.log if s.tag.startswith(service.Stage.JOINT + ".")]
+    joint = [s for s in net.sent if s.tag.startswith(service.Stage.JOINT + ".")]
     assert {(s.sender, s.to) for s in joint} == {("k0", "k1"), ("k0", "k2")}
     assert all(len(s.value["points"]) == 3 * curve.POINT_BYTES for s in joint)

@@ -1,25 +1,24 @@
 """Regression and secure product, attacked: what each party sees, and when it is refused.
 
 Every party runs the real job function (``linear_regression_vertical``,
-``logistic_regression``, ``matrix_product``...) in one event loop. The peer
-session is an in-memory stand-in that keeps every message a party receives
-(so a test can check what was opened to whom, not only which error came
-out), can tamper with a message on the wire, and relays a failing party's
-abort to the others as the real :class:`~fdrtd_server.peers.PeerSession`
-does.
+``logistic_regression``, ``matrix_product``...) in one event loop, through
+``memory_peers.run_job``: its in-memory peers keep every message a party
+receives (so a test can check what was opened to whom, not only which error
+came out), can tamper with a message on the wire, and relay a failing
+party's abort to the others as the real
+:class:`~fdrtd_server.peers.PeerSession` does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from memory_peers import Context, Peers, Tamper, run_job
 
 import protocols.smpc.service  # noqa: F401  (first: it imports the function modules)
 from fdrtd_server.errors import (
@@ -28,126 +27,15 @@ from fdrtd_server.errors import (
     ComputationFailed,
     FdrtdError,
     Forbidden,
-    PartyTimeout,
 )
-from fdrtd_server.microservice import Dataset, Environment
 from protocols.smpc import matmul, product, regression
 
-SESSION = "fedcba9876543210fedcba9876543210"
-Tamper = Callable[[str, str, str, Any], Any]
-"""``(sender, receiver, tag, value) -> value`` applied to every message on the wire."""
 
-
-class Wire:
-    def __init__(self, tamper: Tamper | None = None) -> None:
-        self.boxes: defaultdict[tuple[str, str, str], asyncio.Queue[Any]] = defaultdict(
-            asyncio.Queue
-        )
-        self.aborted: dict[str, str] = {}
-        self.tamper = tamper
-
-
-class Peers:
-    """What the protocols use of a PeerSession, in memory; it keeps what it receives."""
-
-    def __init__(self, wire: Wire, me: str, parties: list[str]) -> None:
-        self.wire, self.me, self.parties, self.id = wire, me, parties, SESSION
-        self.others = [p for p in parties if p != me]
-        self.received: list[tuple[str, str, Any]] = []
-
-    async def __aenter__(self) -> Peers:
-        return self
-
-    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
-        if isinstance(error, Exception) and not getattr(error, "collective", False):
-            self.wire.aborted[self.me] = getattr(error, "message", repr(error))
-
-    async def pair_seeds(self) -> dict[str, bytes]:
-        return {
-            party: hashlib.sha256("|".join(sorted((self.me, party))).encode()).digest()
-            for party in self.others
-        }
-
-    async def broadcast(self, tag: str, value: Any, to: list[str] | None = None) -> None:
-        for party in self.others if to is None else to:
-            sent = (
-                value if self.wire.tamper is None else self.wire.tamper(self.me, party, tag, value)
-            )
-            self.wire.boxes[(party, self.me, tag)].put_nowait(sent)
-
-    async def send(self, to: str, tag: str, value: Any, **_: Any) -> None:
-        await self.broadcast(tag, value, [to])
-
-    async def recv(self, sender: str, tag: str) -> Any:
-        box = self.wire.boxes[(self.me, sender, tag)]
-        for _ in range(500):
-            if not box.empty():
-                value = box.get_nowait()
-                self.received.append((sender, tag, value))
-                return value
-            for party, reason in self.wire.aborted.items():
-                if party != self.me:
-                    raise ComputationFailed(f"party '{party}' ended the computation: {reason}")
-            await asyncio.sleep(0.02)
-        raise PartyTimeout(f"party '{sender}' did not send its '{tag}' message")
-
-    async def gather(self, tag: str, senders: list[str] | None = None) -> dict[str, Any]:
-        return {sender: await self.recv(sender, tag) for sender in senders or self.others}
-
-    async def exchange(self, tag: str, value: Any) -> dict[str, Any]:
-        await self.broadcast(tag, value)
-        received = {party: await self.recv(party, tag) for party in self.others}
-        return {party: value if party == self.me else received[party] for party in self.parties}
-
-
-class Context:
-    """What the job functions use of a JobContext; ``data`` inputs are dicts of columns."""
-
-    def __init__(self, name: str, parties: list[str], min_cohort: int) -> None:
-        self.env = Environment(
-            server=name,
-            min_cohort=min_cohort,
-            allow_vertical_regression=True,
-            allow_matrix_product=True,
-        )
-        self.session = {"id": SESSION, "parties": parties}
-
-    async def load_dataset(self, handle: Any, field_name: str = "data") -> Dataset:
-        return Dataset({key: np.asarray(column) for key, column in handle.items()})
-
-    async def progress(self, fraction: float) -> None:
-        pass
-
-
-def run_job(
-    function: Callable[..., Any],
-    inputs: dict[str, dict[str, Any]],
-    *,
-    min_cohort: int | dict[str, int] = 3,
-    tamper: Tamper | None = None,
-    **common: Any,
-) -> tuple[dict[str, Any], dict[str, Peers]]:
-    """Run ``function`` at every party; each party's outcome (result or exception) and view."""
-    parties = list(inputs)
-    wire = Wire(tamper)
-    peers = {name: Peers(wire, name, parties) for name in parties}
-    cohorts = min_cohort if isinstance(min_cohort, dict) else dict.fromkeys(parties, min_cohort)
-
-    async def main() -> list[Any]:
-        tasks = [
-            asyncio.create_task(
-                function(Context(name, parties, cohorts[name]), {**common, **inputs[name]}),
-                name=name,
-            )
-            for name in parties
-        ]
-        return list(await asyncio.gather(*tasks, return_exceptions=True))
-
-    with pytest.MonkeyPatch.context() as patch:
-        for module in (regression, product):
-            patch.setattr(module, "session_for", lambda ctx: peers[ctx.env.server])
-        outcomes = asyncio.run(main())
-    return dict(zip(parties, outcomes, strict=True)), peers
+@pytest.fixture(autouse=True)
+def in_memory_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job functions open the in-memory session of their context."""
+    for module in (regression, product):
+        monkeypatch.setattr(module, "session_for", lambda ctx: ctx.peers)
 
 
 def tags_seen(peers: dict[str, Peers]) -> set[str]:
@@ -568,7 +456,7 @@ def test_frac_bits_is_refused_for_vertical_regression() -> None:
     with pytest.raises(BadRequest, match="'frac_bits' does not apply"):
         asyncio.run(
             regression.linear_regression_vertical(
-                Context("a", ["a", "b"], 3),  # type: ignore[arg-type]
+                Context("a", ["a", "b"], min_cohort=3),  # type: ignore[arg-type]
                 {"frac_bits": 40},
             )
         )

@@ -1,22 +1,22 @@
 """``contingency_table_vertical``: sizes, in-category count and join checked before anything opens.
 
 The parties run the real protocol (``protocols.smpc.tables._vertical``) in one
-event loop and talk through an in-memory stand-in for
-:class:`~fdrtd_server.peers.PeerSession` that keeps every message a party
-receives, so that a test can see what each party was shown before a refusal.
+event loop and talk through the in-memory peers of ``memory_peers``, which
+keep every message a party receives, so that a test can see what each party
+was shown before a refusal.
 The two-party (Paillier) runs use a 1024-bit key, built here directly: the
 service itself refuses anything below 2048 bits.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import pytest
+from memory_peers import Context, Peers, Wire, run_tasks
 
 from fdrtd_server.errors import BadRequest, CohortTooSmall
 from protocols.psi import curve
@@ -32,34 +32,11 @@ from protocols.smpc.tables import (
     category_index,
 )
 
-SESSION = "fedcba9876543210fedcba9876543210"
 TEST_BITS = 1024
 """Paillier key size for these in-process runs only (fast key generation)."""
 
 OPENING = ("vt.join", "vt.triple", "vt.masked", "vt.share", "vt.table", "vt.he")
 """Tags of messages that carry anything of the join or of the table."""
-
-
-class Peers:
-    """What the vertical protocol uses of a PeerSession, in memory; keeps what it receives."""
-
-    def __init__(self, boxes: defaultdict[Any, asyncio.Queue[Any]], me: str, parties: list[str]):
-        self.boxes, self.me, self.parties, self.id = boxes, me, parties, SESSION
-        self.others = [p for p in parties if p != me]
-        self.received: list[tuple[str, str, Any]] = []
-
-    async def send(self, to: str, tag: str, value: Any) -> None:
-        self.boxes[(to, self.me, tag)].put_nowait(value)
-
-    async def recv(self, sender: str, tag: str) -> Any:
-        value = await asyncio.wait_for(self.boxes[(self.me, sender, tag)].get(), 10)
-        self.received.append((sender, tag, value))
-        return value
-
-
-class Ctx:
-    async def progress(self, fraction: float) -> None:
-        pass
 
 
 def run(
@@ -70,20 +47,15 @@ def run(
 ) -> tuple[dict[str, Any], dict[str, Peers]]:
     """Every party's outcome (``(n, total, table)`` or the exception) and its view."""
     parties = list(holdings)
-    boxes: defaultdict[Any, asyncio.Queue[Any]] = defaultdict(asyncio.Queue)
-    peers = {name: Peers(boxes, name, parties) for name in parties}
+    wire = Wire()
+    contexts = {name: Context(name, parties, wire) for name in parties}
 
     async def one(name: str) -> Any:
-        v = _Vertical(Ctx(), peers[name], holders, shape, minimum, TEST_BITS)  # type: ignore[arg-type]
+        ctx = contexts[name]
+        v = _Vertical(ctx, ctx.peers, holders, shape, minimum, TEST_BITS)  # type: ignore[arg-type]
         return await _vertical(v, holdings[name])
 
-    async def main() -> list[Any]:
-        done: list[Any] = await asyncio.gather(
-            *(one(name) for name in parties), return_exceptions=True
-        )
-        return done
-
-    return dict(zip(parties, asyncio.run(main()), strict=True)), peers
+    return run_tasks(parties, one), {name: ctx.peers for name, ctx in contexts.items()}
 
 
 def tags(view: Peers) -> set[str]:

@@ -1,56 +1,27 @@
 """The id join of ``linear_regression_vertical``: DH-PSI around the ring of data parties.
 
-The parties run in one event loop and talk through an in-memory stand-in
-for :class:`~fdrtd_server.peers.PeerSession` that records every message a
-party receives, so that a test can take a party's place afterwards and try
-what it could do with its view: above all, test a guessed id of another
-party (which the earlier HMAC join, with a key every data party held,
-allowed).
+The parties run in one event loop and talk through the in-memory peers of
+``memory_peers``, which record every message a party receives, so that a
+test can take a party's place afterwards and try what it could do with its
+view: above all, test a guessed id of another party (which the earlier HMAC
+join, with a key every data party held, allowed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
 import pytest
+from memory_peers import SESSION, Peers, Wire, run_tasks
 
 from fdrtd_server.errors import BadRequest, ComputationFailed
 from protocols.psi import curve
 from protocols.smpc.regression import _join
 
-SESSION = "0123456789abcdef0123456789abcdef"
 DOMAIN = b"fdrtd/smpc/vertical/" + hashlib.sha256(SESSION.encode()).hexdigest().encode()
-
-
-class Wire:
-    """Mailboxes by (receiver, sender, tag)."""
-
-    def __init__(self) -> None:
-        self.boxes: defaultdict[tuple[str, str, str], asyncio.Queue[Any]] = defaultdict(
-            asyncio.Queue
-        )
-
-
-class Peers:
-    """What ``_join`` uses of a PeerSession, in memory; it keeps what it receives."""
-
-    def __init__(self, wire: Wire, me: str, parties: list[str]) -> None:
-        self.wire, self.me, self.parties, self.id = wire, me, parties, SESSION
-        self.others = [p for p in parties if p != me]
-        self.received: list[tuple[str, str, Any]] = []
-
-    async def broadcast(self, tag: str, value: Any, to: list[str] | None = None) -> None:
-        for party in self.others if to is None else to:
-            self.wire.boxes[(party, self.me, tag)].put_nowait(value)
-
-    async def recv(self, sender: str, tag: str) -> Any:
-        value = await asyncio.wait_for(self.wire.boxes[(self.me, sender, tag)].get(), 10)
-        self.received.append((sender, tag, value))
-        return value
 
 
 def _keys(ids: list[str]) -> list[bytes]:
@@ -73,20 +44,17 @@ def _run(
         scalar = scalars[task.get_name()] = draw()
         return scalar
 
-    async def main() -> list[tuple[int, Any]]:
-        tasks = [
-            asyncio.create_task(
-                _join(peers[name], holders, None if keys is None else _keys(keys)),  # type: ignore[arg-type]
-                name=name,
-            )
-            for name, keys in ids.items()
-        ]
-        return list(await asyncio.gather(*tasks))
+    async def one(name: str) -> tuple[int, Any]:
+        keys = ids[name]
+        return await _join(peers[name], holders, None if keys is None else _keys(keys))  # type: ignore[arg-type]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(curve, "random_scalar", recorded)
-        results = asyncio.run(main())
-    return dict(zip(parties, results, strict=True)), peers, scalars
+        results = run_tasks(parties, one)
+    for outcome in results.values():
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return results, peers, scalars
 
 
 IDS = {
