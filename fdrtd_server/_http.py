@@ -20,6 +20,11 @@ from urllib.parse import urlsplit
 __all__ = ["HttpError", "PeerHttpClient"]
 
 MAX_RESPONSE = 1024 * 1024
+"""Largest answer body read from a peer (ours are a few dozen bytes)."""
+MAX_HEADERS = 64
+"""Most header lines (and chunked trailer lines) read from an answer."""
+MAX_HEAD = 16 * 1024
+"""Most bytes of status line and headers together; also the longest line read."""
 IDLE_REUSE = 3.0
 """A connection idle longer than this is closed, not reused: servers close idle
 keep-alive connections after a few seconds (uvicorn: 5 s), and a request written
@@ -99,7 +104,7 @@ class PeerHttpClient:
                 if kept is None:
                     try:
                         reader, writer = await asyncio.open_connection(
-                            pool.host, pool.port, ssl=pool.ssl
+                            pool.host, pool.port, ssl=pool.ssl, limit=MAX_HEAD
                         )
                     except OSError as error:
                         raise HttpError(f"cannot connect: {type(error).__name__}") from None
@@ -109,13 +114,17 @@ class PeerHttpClient:
                     status, answer, keep = await self._exchange(
                         pool, reader, writer, path, body, content_type
                     )
-                except (OSError, asyncio.IncompleteReadError, HttpError) as error:
+                except (OSError, asyncio.IncompleteReadError, HttpError, ValueError) as error:
                     writer.close()
                     if kept is None:
-                        raise HttpError(
-                            f"peer closed the connection: {type(error).__name__}"
-                        ) from None
+                        if isinstance(error, HttpError):
+                            raise
+                        raise HttpError(f"the connection failed: {type(error).__name__}") from None
                     continue
+                except BaseException:
+                    # a timeout or a cancellation: the exchange is half done, never reuse it
+                    writer.close()
+                    raise
                 if keep and len(pool.idle) < self.max_idle:
                     pool.idle.append((reader, writer, time.monotonic()))
                 else:
@@ -142,35 +151,43 @@ class PeerHttpClient:
         # one gathered write: the body (up to tens of MiB) is not copied into the head
         writer.writelines([head.encode("latin-1"), body])
         await writer.drain()
-        status_line = await reader.readline()
+        status_line = await _line(reader)
         parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not _digits(parts[1], 3):
             raise HttpError("the answer is not HTTP/1.1")
         status = int(parts[1])
         headers: dict[str, str] = {}
-        while True:
-            line = await reader.readline()
-            if line in (b"\r\n", b"\n", b""):
+        size = len(status_line)
+        for _ in range(MAX_HEADERS + 1):
+            line = await _line(reader)
+            size += len(line)
+            if line in (b"\r\n", b"\n"):
                 break
-            name, _, value = line.decode("latin-1").partition(":")
+            if size > MAX_HEAD:
+                raise HttpError(f"the answer's headers are longer than {MAX_HEAD} bytes")
+            name, colon, value = line.decode("latin-1").partition(":")
+            if not colon:
+                raise HttpError("the answer has a malformed header line")
             headers[name.strip().lower()] = value.strip()
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            answer = bytearray()
-            while True:
-                size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    await reader.readline()
-                    break
-                answer += await reader.readexactly(size)
-                await reader.readexactly(2)
-                if len(answer) > MAX_RESPONSE:
-                    raise HttpError("the answer is too large")
         else:
-            length = int(headers.get("content-length", "0") or 0)
+            raise HttpError(f"the answer has more than {MAX_HEADERS} header lines")
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            answer = await _chunked(reader)
+            keep = True
+        elif "content-length" in headers:
+            declared = headers["content-length"]
+            if not _digits(declared.encode("latin-1"), 19):
+                raise HttpError("the answer's Content-Length is not a number of bytes")
+            length = int(declared)
             if length > MAX_RESPONSE:
-                raise HttpError("the answer is too large")
+                raise HttpError(f"the answer is larger than {MAX_RESPONSE} bytes")
             answer = bytearray(await reader.readexactly(length))
-        keep = headers.get("connection", "").lower() != "close"
+            keep = True
+        else:
+            # no length: the body (if any) ends when the peer closes; never reuse this one
+            answer = bytearray()
+            keep = False
+        keep = keep and headers.get("connection", "").lower() != "close"
         return status, bytes(answer), keep
 
     async def close(self) -> None:
@@ -181,3 +198,51 @@ class PeerHttpClient:
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
             pool.idle.clear()
+
+
+def _digits(text: bytes, most: int) -> bool:
+    """Whether ``text`` is 1 to ``most`` ASCII digits (no sign, no space, no underscore)."""
+    return 0 < len(text) <= most and all(0x30 <= byte <= 0x39 for byte in text)
+
+
+async def _line(reader: asyncio.StreamReader) -> bytes:
+    """One line of the answer's head, at most :data:`MAX_HEAD` bytes, ending in a newline.
+
+    Raises:
+        HttpError: If the line is longer, or the peer closes before its end.
+    """
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise HttpError(f"the answer has a line longer than {MAX_HEAD} bytes") from None
+    except asyncio.IncompleteReadError:
+        raise HttpError("the peer closed the connection in the middle of its answer") from None
+    return line
+
+
+async def _chunked(reader: asyncio.StreamReader) -> bytearray:
+    """A ``Transfer-Encoding: chunked`` body, at most :data:`MAX_RESPONSE` bytes.
+
+    Raises:
+        HttpError: If a chunk size is not hexadecimal, the body is too large,
+            a chunk does not end in CRLF, or there are too many trailer lines.
+    """
+    answer = bytearray()
+    while True:
+        size_field = (await _line(reader)).split(b";")[0].strip()
+        if not 0 < len(size_field) <= 8 or any(
+            byte not in b"0123456789abcdefABCDEF" for byte in size_field
+        ):
+            raise HttpError("the answer has a malformed chunk size")
+        size = int(size_field, 16)
+        if size == 0:
+            break
+        if len(answer) + size > MAX_RESPONSE:
+            raise HttpError(f"the answer is larger than {MAX_RESPONSE} bytes")
+        answer += await reader.readexactly(size)
+        if await reader.readexactly(2) != b"\r\n":
+            raise HttpError("the answer has a chunk that does not end in CRLF")
+    for _ in range(MAX_HEADERS):
+        if await _line(reader) in (b"\r\n", b"\n"):
+            return answer
+    raise HttpError(f"the answer has more than {MAX_HEADERS} trailer lines")

@@ -14,12 +14,22 @@ messages are masked values of one live session, so they are never stored.
 One HTTP port per server, so a reverse proxy with TLS in front of it is all a
 deployment needs.
 
+What one peer can make ``POST /v1/peer`` spend is bounded: at most
+:data:`MAX_PEER_READS` messages and :data:`PEER_READ_BYTES` bytes are read at
+once (more are answered 503, and a sending gateway tries again after a short
+pause, :data:`SEND_RETRIES`); the claimed sender and receiver are checked as
+soon as the envelope's header has arrived, so a non-member's body is neither
+read whole nor hashed; and rejections are audited one by one only up to a
+rate, beyond which they are counted and summed up (:class:`_RejectionAudit`).
+
 Replays are refused at three levels:
 
 1. The gateway remembers the triple sender/session/sequence number of every
    message it accepted (:class:`ReplayGuard`) for as long as the envelope's
    timestamp is fresh, and answers a repeat with 409; later the envelope is
-   refused as stale anyway (403).
+   refused as stale anyway (403). It never forgets a fresh one to make room:
+   a member with :data:`REPLAY_KEYS_PER_SENDER` fresh messages is answered
+   503 (retry shortly) until its oldest expire.
 2. A session drops any (sender, sequence number) it has already taken, so a
    replay cannot feed a protocol twice even if the gateway forgot it (its
    memory does not survive a restart).
@@ -35,13 +45,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import logging
 import os
 import time
-from collections import OrderedDict
+import uuid
 from typing import Any
 
+import msgpack
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nats.aio.msg import Msg
@@ -53,19 +65,23 @@ from starlette.types import Receive, Scope, Send
 
 from fdrtd_client import wire
 from fdrtd_server._http import HttpError, PeerHttpClient
-from fdrtd_server.app import State, internal_error, problem, read_limited
+from fdrtd_server.app import State, internal_error, problem
+from fdrtd_server.audit import AuditLog
 from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_SEEDS_SUBJECT
 from fdrtd_server.envelope import (
-    SESSION_PATTERN as SESSION_RULE,
-)
-from fdrtd_server.envelope import (
+    MAX_HEADER_BYTES,
+    NotAMember,
     OpenedMessage,
     PeerMessageRejected,
+    WrongRecipient,
     open_envelope,
     replay_key,
     seal,
 )
-from fdrtd_server.errors import Conflict, FdrtdError, ServiceUnavailable
+from fdrtd_server.envelope import (
+    SESSION_PATTERN as SESSION_RULE,
+)
+from fdrtd_server.errors import Conflict, FdrtdError, PayloadTooLarge, ServiceUnavailable
 from fdrtd_server.identity import Identity, PeerEntry, load_federation
 from fdrtd_server.peers import Incoming, PeerInbox
 
@@ -87,33 +103,121 @@ SEND_TIMEOUT = 10.0
 MAX_PEER_MESSAGE = 64 * 1024 * 1024
 MAX_AGE = 300.0
 """Seconds an envelope's timestamp may be off this server's clock (transit and skew)."""
-REPLAY_KEYS = 250_000
-"""At most this many accepted messages are remembered (about 55 MB at most; 830 messages
-a second for the 5 minutes an envelope stays fresh); beyond, the oldest are forgotten,
-and a session still drops a message it has already taken."""
+REPLAY_KEYS_PER_SENDER = 150_000
+"""At most this many accepted messages of one member are remembered at once (about
+500 messages a second, sustained, for the 5 minutes an envelope stays fresh; some 30 MB).
+A key is never forgotten while its envelope is fresh: a member over its quota is
+answered 503 (retry shortly) until its oldest keys expire."""
+MAX_PEER_READS = 64
+"""At most this many peer messages are read at once; more are answered 503 (retry)."""
+PEER_READ_BYTES = 256 * 1024 * 1024
+"""At most this many bytes of peer messages are read into memory at once."""
+SEND_RETRIES = (0.2, 0.5, 1.0)
+"""Seconds to wait before sending again a message a peer answered with 503 (busy)."""
+DETAIL_CHARS = 200
+"""A peer's refusal is passed on to our side truncated to this many characters."""
+AUDIT_BURST = 50
+AUDIT_RATE = 10.0
+"""Rejected peer messages are audited one by one up to AUDIT_BURST at once and
+AUDIT_RATE a second; beyond, they are counted and summed up in one record a second."""
 
 
 class ReplayGuard:
-    """The messages accepted while their timestamps are fresh, to refuse a second copy."""
+    """The messages accepted while their timestamps are fresh, to refuse a second copy.
 
-    def __init__(self, max_age: float = MAX_AGE, limit: int = REPLAY_KEYS) -> None:
+    Keys are kept per sender. A key is forgotten only once its envelope is
+    stale (refused at :func:`~fdrtd_server.envelope.open_envelope` anyway), so
+    a fresh replay is always caught here; when a member has :attr:`limit` fresh
+    keys, its further messages are refused as busy (503) rather than
+    forgetting a fresh key. Only verified members reach the guard, so the
+    memory is at most the number of members times :attr:`limit` keys.
+    """
+
+    def __init__(self, max_age: float = MAX_AGE, limit: int = REPLAY_KEYS_PER_SENDER) -> None:
         self.max_age = max_age
         self.limit = limit
-        self._until: OrderedDict[str, float] = OrderedDict()
+        self._until: dict[str, dict[str, float]] = {}
+        self._expiry: dict[str, list[tuple[float, str]]] = {}
+
+    def __len__(self) -> int:
+        """The number of keys remembered, over all senders."""
+        return sum(len(keys) for keys in self._until.values())
 
     def first_time(self, message: OpenedMessage, now: float | None = None) -> bool:
-        """Record ``message``; False if it was recorded before (a replay)."""
+        """Record ``message``; False if it was recorded before (a replay).
+
+        Raises:
+            ServiceUnavailable: If the sender has :attr:`limit` fresh messages
+                recorded already; it may send again once older ones expire.
+        """
         clock = time.time() if now is None else now
-        while self._until and (
-            len(self._until) >= self.limit or next(iter(self._until.values())) < clock
-        ):
-            self._until.popitem(last=False)
+        sender = message.sender
+        keys = self._until.setdefault(sender, {})
+        expiry = self._expiry.setdefault(sender, [])
+        while expiry and expiry[0][0] < clock:
+            _, old = heapq.heappop(expiry)
+            del keys[old]
         key = replay_key(message)
-        if key in self._until:
+        if key in keys:
             return False
+        if len(keys) >= self.limit:
+            raise ServiceUnavailable(
+                f"this server has accepted {self.limit} messages from '{sender}' within "
+                f"{self.max_age:g} s, as many as it can check for replays; retry shortly"
+            )
         # after this the envelope is stale (refused anyway); the margin covers rounding
-        self._until[key] = max(clock, message.ts) + self.max_age + 1.0
+        until = max(clock, message.ts) + self.max_age + 1.0
+        keys[key] = until
+        heapq.heappush(expiry, (until, key))
         return True
+
+
+class _RejectionAudit:
+    """Audits rejected peer messages, summing up a flood instead of writing each one.
+
+    Each rejection is one audit record while they come at most
+    :data:`AUDIT_BURST` at once and :data:`AUDIT_RATE` a second (a token
+    bucket). Beyond, they are counted by reason, and one record a second says
+    how many were not recorded one by one; nothing goes unaccounted.
+    """
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self.tokens = float(AUDIT_BURST)
+        self.refilled = time.monotonic()
+        self.suppressed: dict[str, int] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def rejected(self, principal: str, target: str, reason: str) -> None:
+        """Audit one rejection (``reason`` is a short code such as ``replay``)."""
+        now = time.monotonic()
+        self.tokens = min(float(AUDIT_BURST), self.tokens + (now - self.refilled) * AUDIT_RATE)
+        self.refilled = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            self.flush()
+            self.audit.write(principal, "peer-message", target, f"rejected {reason}")
+            return
+        self.suppressed[reason] = self.suppressed.get(reason, 0) + 1
+        if self._timer is None:
+            with contextlib.suppress(RuntimeError):  # no running loop: the next call flushes
+                self._timer = asyncio.get_running_loop().call_later(1.0, self.flush)
+
+    def flush(self) -> None:
+        """Write the summary of the rejections not recorded one by one, if any."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.suppressed:
+            return
+        counts, self.suppressed = self.suppressed, {}
+        self.audit.write(
+            "peer",
+            "peer-message",
+            "",
+            f"rejected {sum(counts.values())} more peer messages, too many to record one by one",
+            reasons=counts,
+        )
 
 
 class Gateway:
@@ -130,6 +234,11 @@ class Gateway:
         self.reload_members()
         self.http = PeerHttpClient(timeout=SEND_TIMEOUT)
         self.replays = ReplayGuard()
+        self.rejections = _RejectionAudit(state.audit)
+        self.reading = 0
+        """Peer messages being read now."""
+        self.reading_bytes = 0
+        """Bytes of peer messages read into memory (or announced) now."""
         self._shared: dict[bytes, bytes] = {}
         self.sending: set[asyncio.Task[None]] = set()
         self.local: PeerInbox | None = None
@@ -154,20 +263,32 @@ class Gateway:
             self._federation_mtime = mtime
 
     async def _post(self, peer: PeerEntry, body: bytes) -> tuple[int, str]:
-        try:
-            status, answer, retried = await self.http.post(peer.url, "/v1/peer", body, wire.MSGPACK)
-        except (HttpError, TimeoutError) as error:
-            return 503, f"cannot reach party '{peer.name}': {type(error).__name__}"
+        """Deliver one sealed message; (status, detail for a person) of the outcome.
+
+        A peer that answers 503 (busy, or its gateway starting) has not taken
+        the message, so it is sent again after :data:`SEND_RETRIES` pauses.
+        """
+        for pause in (*SEND_RETRIES, None):
+            try:
+                status, answer, retried = await self.http.post(
+                    peer.url, PEER_PATH, body, wire.MSGPACK
+                )
+            except HttpError as error:
+                return 503, f"cannot reach party '{peer.name}': {error}"
+            except TimeoutError:
+                return 503, (
+                    f"cannot reach party '{peer.name}': no answer within {self.http.timeout:g} s"
+                )
+            if status == 503 and pause is not None:
+                await asyncio.sleep(pause)
+                continue
+            break
         if retried and status == 409:
             # the first attempt reached the peer before its connection failed:
             # this very envelope was delivered, and its second copy refused
             return 202, ""
         if status >= 300:
-            try:
-                detail = str(json.loads(answer).get("detail", ""))
-            except (ValueError, AttributeError):
-                detail = ""
-            return status, f"party '{peer.name}' refused the message: {detail}"
+            return status, f"party '{peer.name}' refused the message: {_peer_detail(answer)}"
         return status, ""
 
     async def outgoing(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -245,7 +366,11 @@ class Gateway:
         task.add_done_callback(self.sending.discard)
 
     async def handle_outgoing(self, msg: Msg) -> None:
-        """``fdrtd.peer.out``: :meth:`outgoing` for microservices in other processes."""
+        """``fdrtd.peer.out``: :meth:`outgoing` for microservices in other processes.
+
+        Every request is answered, an unexpected failure included (500 with an
+        incident id in the log), so that no worker waits out its timeout.
+        """
         try:
             request = wire.unpackb(msg.data)
             if not isinstance(request, dict):
@@ -256,6 +381,10 @@ class Gateway:
                 "status": 400,
                 "detail": f"malformed outgoing peer message: {type(error).__name__}",
             }
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("sending a peer message failed (incident %s)", incident)
+            answer = {"status": 500, "detail": f"internal error (incident {incident})"}
         if msg.reply:
             await self.state.bus.nc.publish(msg.reply, wire.packb(answer))
 
@@ -309,7 +438,140 @@ async def stop(state: State) -> None:
         task.cancel()
     if gateway.sending:
         await asyncio.wait(gateway.sending, timeout=5.0)
+    gateway.rejections.flush()
     await gateway.http.close()
+
+
+def _peer_detail(answer: bytes) -> str:
+    """The ``detail`` of a peer's problem document, as a short printable string.
+
+    A peer's answer is not authenticated: only a bounded, printable excerpt of
+    it may reach our client's error message.
+    """
+    try:
+        detail = str(json.loads(answer).get("detail", ""))
+    except (ValueError, AttributeError, RecursionError):
+        return "(no readable reason given)"
+    detail = "".join(char if char.isprintable() else "?" for char in detail[: DETAIL_CHARS + 1])
+    if len(detail) > DETAIL_CHARS:
+        detail = detail[: DETAIL_CHARS - 3] + "..."
+    return detail or "(no reason given)"
+
+
+_MORE = "more"
+
+
+def _claimed(prefix: bytes) -> tuple[str, str] | str | None:
+    """The ``from`` and ``to`` an envelope claims, read from its first bytes.
+
+    :func:`~fdrtd_server.envelope.seal` writes the header first, so about a
+    kilobyte tells who claims to send a message and to whom, before the rest
+    is read. Returns :data:`_MORE` while the prefix is too short to tell, and
+    None when the layout is another (the full check then decides).
+    """
+    # fixmap of 3, the key "h", then bin 8 or bin 16 holding the header
+    if len(prefix) < 5:
+        return _MORE
+    if prefix[:3] != b"\x83\xa1h":
+        return None
+    if prefix[3] == 0xC4:
+        start, size = 5, prefix[4]
+    elif prefix[3] == 0xC5:
+        if len(prefix) < 6:
+            return _MORE
+        start, size = 6, int.from_bytes(prefix[4:6], "big")
+    else:
+        return None
+    if size > MAX_HEADER_BYTES:
+        return None
+    if len(prefix) < start + size:
+        return _MORE
+    try:
+        header = msgpack.unpackb(
+            prefix[start : start + size],
+            raw=False,
+            max_str_len=128,
+            max_bin_len=64,
+            max_array_len=0,
+            max_map_len=16,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None
+    if not isinstance(header, dict):
+        return None
+    sender, receiver = header.get("from"), header.get("to")
+    if not isinstance(sender, str) or not isinstance(receiver, str):
+        return None
+    return sender, receiver
+
+
+def _check_claim(gateway: Gateway, claim: tuple[str, str]) -> None:
+    """Refuse a message from a non-member or for another server before reading it all.
+
+    Raises:
+        NotAMember, WrongRecipient: As :func:`~fdrtd_server.envelope.open_envelope` would.
+    """
+    sender, receiver = claim
+    entry = gateway.members.get(sender)
+    if entry is None or entry.name != sender:
+        raise NotAMember(
+            f"peer message rejected: sender {sender!r} is not a member of the federation",
+            sender=sender,
+        )
+    if receiver != gateway.identity.name:
+        raise WrongRecipient(
+            f"peer message rejected: addressed to {receiver!r}, "
+            f"but this server is {gateway.identity.name!r}",
+            sender=sender,
+        )
+
+
+def _busy(detail: str) -> Response:
+    response = problem(503, "Service unavailable", detail)
+    response.headers["retry-after"] = "1"
+    return response
+
+
+async def _read(request: Request, gateway: Gateway, limit: int) -> bytes | Response:
+    """Read a peer message within ``limit`` and the gateway's read budget.
+
+    The claimed sender and receiver are checked as soon as the header has
+    arrived (see :func:`_claimed`). Returns the body, or a 503 answer when
+    the budget of bytes being read at once is spent.
+
+    Raises:
+        PayloadTooLarge: If the body is larger than ``limit``.
+        PeerMessageRejected: If the header names a non-member or another server.
+    """
+    too_large = f"peer message is larger than the limit of {limit} bytes"
+    declared = request.headers.get("content-length", "")
+    reserved = int(declared) if declared.isdigit() else 0
+    if reserved > limit:
+        raise PayloadTooLarge(too_large)
+    busy = "this server is receiving too many peer messages at once; retry shortly"
+    if gateway.reading_bytes + reserved > PEER_READ_BYTES:
+        return _busy(busy)
+    gateway.reading_bytes += reserved
+    try:
+        body = bytearray()
+        claim: tuple[str, str] | str | None = _MORE
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLarge(too_large)
+            if len(body) > reserved:
+                if gateway.reading_bytes + len(body) - reserved > PEER_READ_BYTES:
+                    return _busy(busy)
+                gateway.reading_bytes += len(body) - reserved
+                reserved = len(body)
+            if claim == _MORE:
+                claim = _claimed(bytes(body[: MAX_HEADER_BYTES + 6]))
+                if isinstance(claim, tuple):
+                    _check_claim(gateway, claim)
+        return bytes(body)
+    finally:
+        gateway.reading_bytes -= reserved
 
 
 async def receive(request: Request) -> Response:
@@ -318,17 +580,28 @@ async def receive(request: Request) -> Response:
     gateway: Gateway | None = state.extra.get("gateway")
     if gateway is None:
         raise ServiceUnavailable("the peer gateway is not running yet; retry shortly")
-    settings = state.settings
-    limit = max(settings.max_body_bytes, MAX_PEER_MESSAGE)
-    body = await read_limited(request, limit, "peer message")
-    gateway.reload_members()
+    if gateway.reading >= MAX_PEER_READS:
+        return _busy("this server is receiving too many peer messages at once; retry shortly")
+    gateway.reading += 1
     try:
-        message = open_envelope(gateway.identity, gateway.members, bytes(body), max_age=MAX_AGE)
+        gateway.reload_members()
+        limit = max(state.settings.max_body_bytes, MAX_PEER_MESSAGE)
+        body = await _read(request, gateway, limit)
+        if isinstance(body, Response):
+            return body
+        message = open_envelope(gateway.identity, gateway.members, body, max_age=MAX_AGE)
     except PeerMessageRejected as error:
-        state.audit.write("peer", "peer-message", "", f"rejected {error.reason}")
+        gateway.rejections.rejected("peer", "", error.reason)
         return problem(403, "Peer message rejected", str(error))
-    if not gateway.replays.first_time(message):
-        state.audit.write(message.sender, "peer-message", message.session, "rejected replay")
+    finally:
+        gateway.reading -= 1
+    try:
+        first = gateway.replays.first_time(message)
+    except ServiceUnavailable as error:
+        gateway.rejections.rejected(message.sender, message.session, "busy")
+        return _busy(error.message)
+    if not first:
+        gateway.rejections.rejected(message.sender, message.session, "replay")
         raise Conflict("this peer message was already received (replay)")
     await gateway.hand_on(message)
     return Response(_ACCEPTED, status_code=202, media_type="application/json")

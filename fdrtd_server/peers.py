@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Awaitable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import nats.errors
@@ -42,6 +43,8 @@ from fdrtd_server.errors import (
 )
 
 __all__ = ["ABORT_TAG", "GatewayLink", "Incoming", "PeerInbox", "PeerSession", "both"]
+
+log = logging.getLogger("fdrtd.peers")
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -83,8 +86,17 @@ ABORT_WAIT = 3.0
 """Seconds a failing party spends telling the others."""
 INBOX_HOLD = 120.0
 """Seconds a message for a session not (yet) open in this process is kept."""
-INBOX_BYTES = 256 * 1024 * 1024
-"""At most this many bytes of such messages are kept; the oldest go first."""
+HOLD_MESSAGES_PER_SENDER = 1024
+"""At most this many such messages are kept from any one sender."""
+HOLD_BYTES_PER_SENDER = 128 * 1024 * 1024
+"""At most this many bytes of such messages are kept from any one sender (each message
+counts :data:`HOLD_OVERHEAD` bytes more than its payload); room for two of the largest
+messages the gateway accepts."""
+HOLD_SESSIONS_PER_SENDER = 64
+"""Such messages are kept for at most this many distinct sessions of any one sender."""
+HOLD_OVERHEAD = 512
+"""Bytes each held message is counted for beyond its payload (its bookkeeping), so that
+empty messages cannot be held without bound."""
 
 
 class GatewayLink(Protocol):
@@ -133,24 +145,60 @@ class Incoming:
         return {"fdrtd-from": self.sender, "fdrtd-tag": self.tag, "fdrtd-seq": str(self.seq)}
 
 
+@dataclass(slots=True, eq=False)
+class _Held:
+    """One message held for a session that is not open yet."""
+
+    at: float
+    message: Incoming
+    size: int
+    live: bool = True
+
+
+@dataclass(slots=True)
+class _Quota:
+    """What one sender has in the holding area: messages, bytes, and per session."""
+
+    messages: int = 0
+    size: int = 0
+    sessions: dict[str, int] = field(default_factory=dict)
+
+
 class PeerInbox:
     """Routes verified peer messages to the open sessions of this process.
 
     The gateway of the same process calls :meth:`route` itself for a session
     open here; every other message arrives on core NATS (``fdrtd.peer.in.>``,
     one plain subscription per process, made when the microservices start).
+
     Messages for sessions that are not open here yet (a fast party's first
     message can arrive before this party's own request) are held for
-    :data:`INBOX_HOLD` seconds, or until the memory bound pushes them out.
+    :data:`INBOX_HOLD` seconds. Each sender has its own quota in the holding
+    area (:data:`HOLD_MESSAGES_PER_SENDER`, :data:`HOLD_BYTES_PER_SENDER`,
+    :data:`HOLD_SESSIONS_PER_SENDER`): a message over its sender's quota is
+    dropped, and nothing held from another sender is ever pushed out, so a
+    member that floods messages for made-up sessions loses only its own.
+    Held messages are indexed by session, so opening a session touches only
+    its own messages.
+
+    A session id is routed to one session at a time: :meth:`open` refuses an
+    id that is already open, and :meth:`close` removes only the session that
+    opened it.
     """
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.sessions: dict[str, PeerSession] = {}
-        self.held: OrderedDict[int, tuple[float, Incoming]] = OrderedDict()
-        self.held_bytes = 0
+        self.held: dict[str, deque[_Held]] = {}
+        """Messages waiting for their session, by session id, oldest first."""
+        self.dropped = 0
+        """Messages dropped because their sender's holding quota was full."""
         self.gateway: GatewayLink | None = None
         """The gateway of this process, if the microservices share its process."""
+        self._arrivals: deque[_Held] = deque()
+        self._quotas: dict[str, _Quota] = {}
+        self._live = 0
+        self._warned: dict[str, float] = {}
         self._subscription: Any = None
         self._started = asyncio.Lock()
 
@@ -179,6 +227,13 @@ class PeerInbox:
         """Whether a session with this id runs in this process now."""
         return session_id in self.sessions
 
+    def held_from(self, sender: str) -> tuple[int, int, int]:
+        """(messages, bytes counted, sessions) held from ``sender`` now."""
+        quota = self._quotas.get(sender)
+        if quota is None:
+            return 0, 0, 0
+        return quota.messages, quota.size, len(quota.sessions)
+
     async def route(self, message: Incoming) -> None:
         """Deliver to the open session, or hold the message for a while."""
         session = self.sessions.get(message.session)
@@ -186,25 +241,105 @@ class PeerInbox:
             await session.deliver(message)
             return
         now = time.monotonic()
-        self.held[id(message)] = (now, message)
-        self.held_bytes += len(message.payload)
-        while self.held and (
-            self.held_bytes > INBOX_BYTES or next(iter(self.held.values()))[0] < now - INBOX_HOLD
+        self._expire(now)
+        size = len(message.payload) + HOLD_OVERHEAD
+        quota = self._quotas.get(message.sender)
+        if quota is None:
+            quota = self._quotas[message.sender] = _Quota()
+        if (
+            quota.messages >= HOLD_MESSAGES_PER_SENDER
+            or quota.size + size > HOLD_BYTES_PER_SENDER
+            or (
+                message.session not in quota.sessions
+                and len(quota.sessions) >= HOLD_SESSIONS_PER_SENDER
+            )
         ):
-            _, (_, old) = self.held.popitem(last=False)
-            self.held_bytes -= len(old.payload)
+            self._drop(message, now)
+            if not quota.messages:
+                del self._quotas[message.sender]
+            return
+        entry = _Held(now, message, size)
+        quota.messages += 1
+        quota.size += size
+        quota.sessions[message.session] = quota.sessions.get(message.session, 0) + 1
+        self.held.setdefault(message.session, deque()).append(entry)
+        self._arrivals.append(entry)
+        self._live += 1
+
+    def _drop(self, message: Incoming, now: float) -> None:
+        """Drop a message over its sender's quota; say so in the log, once a minute a sender."""
+        self.dropped += 1
+        if len(self._warned) > 1024:
+            self._warned.clear()  # senders are members, but never let this table grow
+        if self._warned.get(message.sender, -INBOX_HOLD) < now - 60.0:
+            self._warned[message.sender] = now
+            log.warning(
+                "dropped a peer message from '%s' for session '%s', which is not open on "
+                "this server: the sender already has %d messages (%d bytes, %d sessions) "
+                "waiting for sessions not open here",
+                message.sender,
+                message.session,
+                *self.held_from(message.sender),
+            )
+
+    def _release(self, entry: _Held) -> None:
+        """Give an entry's share of its sender's quota back."""
+        entry.live = False
+        self._live -= 1
+        sender, session_id = entry.message.sender, entry.message.session
+        quota = self._quotas[sender]
+        quota.messages -= 1
+        quota.size -= entry.size
+        left = quota.sessions[session_id] - 1
+        if left:
+            quota.sessions[session_id] = left
+        else:
+            del quota.sessions[session_id]
+        if not quota.messages:
+            del self._quotas[sender]
+
+    def _expire(self, now: float) -> None:
+        """Drop held messages older than :data:`INBOX_HOLD`, oldest first."""
+        limit = now - INBOX_HOLD
+        arrivals = self._arrivals
+        while arrivals and (not arrivals[0].live or arrivals[0].at < limit):
+            entry = arrivals.popleft()
+            if not entry.live:
+                continue  # taken by its session already
+            # a session's messages arrived in the same order, so this one is its first
+            waiting = self.held[entry.message.session]
+            waiting.popleft()
+            if not waiting:
+                del self.held[entry.message.session]
+            self._release(entry)
+        if len(arrivals) > 2 * self._live + 1024:
+            # entries taken by sessions linger here until they reach the front: compact
+            self._arrivals = deque(entry for entry in arrivals if entry.live)
 
     async def open(self, session: PeerSession) -> None:
-        """Route the session's messages to it, those held so far first."""
+        """Route the session's messages to it, those held so far first.
+
+        Raises:
+            Conflict: If another session with the same id is open in this process.
+        """
+        current = self.sessions.get(session.id)
+        if current is not None and current is not session:
+            raise Conflict(
+                f"session '{session.id}' is already running on this server; "
+                "start every computation with a new session id"
+            )
         self.sessions[session.id] = session
-        for key, (_, message) in list(self.held.items()):
-            if message.session == session.id:
-                del self.held[key]
-                self.held_bytes -= len(message.payload)
-                await session.deliver(message)
+        self._expire(time.monotonic())
+        waiting = self.held.pop(session.id, None)
+        if waiting is None:
+            return
+        for entry in waiting:
+            self._release(entry)
+        for entry in waiting:
+            await session.deliver(entry.message)
 
     def close(self, session: PeerSession) -> None:
-        """Stop routing to the session."""
+        """Stop routing to the session (only if it is the one that opened its id)."""
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
 
@@ -238,30 +373,54 @@ class PeerSession:
         self._arrived = asyncio.Condition()
         self._router: PeerInbox | None = None
         self._registered: asyncio.Future[None] | None = None
+        self._closed = False
         self._aborted: tuple[str, str, int] | None = None
 
     async def _register(self) -> None:
+        """Record the session id as used, then open the session for its messages.
+
+        Only the session that made the record is routed its id's messages: one
+        that finds the id taken never touches the routing of the session that
+        took it. Messages arriving in between are held by the inbox and handed
+        over when the session opens.
+        """
         try:
-            await self.bus.sessions.create(self.id, wire.packb({"parties": self.parties}))
-        except KeyWrongLastSequenceError:
-            raise Conflict(
-                f"session '{self.id}' was already used on this server; "
-                "start every computation with a new session id"
-            ) from None
+            try:
+                await self.bus.sessions.create(self.id, wire.packb({"parties": self.parties}))
+            except KeyWrongLastSequenceError:
+                raise Conflict(
+                    f"session '{self.id}' was already used on this server; "
+                    "start every computation with a new session id"
+                ) from None
+            if self._router is not None and not self._closed:
+                await self._router.open(self)
+        finally:
+            # wake a receiver, so that a refusal ends its wait at once
+            async with self._arrived:
+                self._arrived.notify_all()
 
     async def __aenter__(self) -> PeerSession:
         # A session id is used once per server: masks are derived from it, so a
         # reused id would reuse masks. The id is recorded while the protocol
         # loads its data and derives its seeds; nothing is sent before the record
         # is made (see send), so a reused id can never put a masked value on the wire.
-        self._registered = asyncio.ensure_future(self._register())
         self._router = await PeerInbox.of(self.bus)
-        await self._router.open(self)
+        self._registered = asyncio.ensure_future(self._register())
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
+        try:
+            await self._exit(exc)
+        finally:
+            # also when the exit itself is cancelled: a registration still under
+            # way then never opens the session (see _register)
+            self._closed = True
+            if self._router is not None:
+                self._router.close(self)
+
+    async def _exit(self, exc: BaseException | None) -> None:
         refused = None
         if self._registered is not None:
             await asyncio.wait([self._registered])
@@ -270,8 +429,6 @@ class PeerSession:
         if refused is not None:
             # a reused session id: nothing was sent, and whatever happened since
             # is explained by the refusal, which is what every party reports
-            if self._router is not None:
-                self._router.close(self)
             raise refused from None
         # an error every party reaches by itself from the same public data
         # (a disagreement, a cohort too small) needs no abort message
@@ -294,8 +451,6 @@ class PeerSession:
             await asyncio.wait(sends, timeout=ABORT_WAIT)
             for sending in sends:
                 sending.add_done_callback(_consume)
-        if self._router is not None:
-            self._router.close(self)
 
     async def deliver(self, message: Incoming) -> None:
         """Take one message of this session from the inbox router.
@@ -430,6 +585,11 @@ class PeerSession:
                 # a message that arrived before an abort is still delivered
                 if (sender, tag) in self._inbox:
                     return self._inbox.pop((sender, tag))
+                if self._registered is not None and self._registered.done():
+                    refused = None if self._registered.cancelled() else self._registered.exception()
+                    if refused is not None:
+                        # this server refused the session id: nothing can arrive
+                        raise refused
                 if self._aborted is not None:
                     # the other party's own error, with its status (403, 422, 504...)
                     party, reason, status = self._aborted

@@ -322,6 +322,59 @@ def test_oversized_streamed_body_is_refused(alpha: LocalServer) -> None:
     assert_healthy(alpha)
 
 
+def test_non_member_is_refused_after_its_header_not_its_whole_body(alpha: LocalServer) -> None:
+    """The claimed sender is checked once the header is in: 30 MiB are never read or hashed."""
+    mallory = Identity.generate("mallory")
+    body = seal(
+        mallory,
+        identity(alpha).public_entry(alpha.url),
+        session=session_id(),
+        seq=1,
+        tag="x",
+        payload=b"\x00" * (30 * 1024 * 1024),
+    )
+    connection = http.client.HTTPConnection("127.0.0.1", alpha.port, timeout=10)
+    try:
+        connection.putrequest("POST", "/v1/peer")
+        connection.putheader("content-type", MSGPACK)
+        connection.putheader("content-length", str(len(body)))
+        connection.endheaders()
+        connection.send(body[:4096])  # the header and a little more; the rest never comes
+        start = time.monotonic()
+        response = connection.getresponse()
+        problem = json.loads(response.read())
+        assert time.monotonic() - start < 5
+    finally:
+        connection.close()
+    assert response.status == 403
+    assert "'mallory' is not a member" in problem["detail"]
+    assert rejections(alpha)[-1] == "rejected not_a_member"
+    assert_healthy(alpha)
+
+
+def test_a_job_reusing_a_running_session_id_cannot_take_over_that_session(
+    trio: LocalFederation,
+) -> None:
+    """The review's attack: another job with a running session's id is refused (409), and the
+    running session still gets its messages and completes instead of timing out."""
+    session = {"id": session_id(), "parties": ["alpha", "beta"]}
+    alpha = trio.servers["alpha"].client(timeout=10)
+    beta = trio.servers["beta"].client(timeout=10)
+    victim = alpha.compute("smpc", "secure_sum", session=session, data=alpha.upload(np.arange(4.0)))
+    time.sleep(0.5)  # the victim's session is recorded and waits for beta
+    intruder = alpha.compute(
+        "smpc", "secure_sum", session=session, data=alpha.upload(np.arange(4.0) + 100)
+    )
+    start = time.monotonic()
+    refused = failure(intruder, 20)
+    assert refused.status == 409 and "already used" in refused.detail
+    assert time.monotonic() - start < 10
+    partner = beta.compute("smpc", "secure_sum", session=session, data=beta.upload(np.arange(4.0)))
+    expected = {"sum": 12.0, "count": 8}
+    assert victim.result(30, progress=False) == expected
+    assert partner.result(30, progress=False) == expected
+
+
 def test_message_moved_to_another_session_is_refused(
     alpha: LocalServer, alpha_entry: PeerEntry, beta_identity: Identity
 ) -> None:

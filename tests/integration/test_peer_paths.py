@@ -33,6 +33,7 @@ import requests
 
 from fdrtd_server._embedded_nats import EmbeddedNats
 from fdrtd_server.envelope import OpenedMessage, seal
+from fdrtd_server.errors import ServiceUnavailable
 from fdrtd_server.gateway import ReplayGuard
 from fdrtd_server.identity import Identity, add_member, load_federation
 from fdrtd_server.local import LocalFederation, LocalServer
@@ -219,8 +220,8 @@ def test_a_party_that_never_answers_holds_up_no_other_computation(
 # -- the gateway's replay record and the session's own -------------------------------------
 
 
-def _opened(seq: int, ts: float, session: str = "s-1") -> OpenedMessage:
-    return OpenedMessage("beta", session, seq, "t", b"", ts)
+def _opened(seq: int, ts: float, session: str = "s-1", sender: str = "beta") -> OpenedMessage:
+    return OpenedMessage(sender, session, seq, "t", b"", ts)
 
 
 def test_replay_guard_refuses_a_second_copy_while_fresh() -> None:
@@ -237,15 +238,57 @@ def test_replay_guard_forgets_only_what_is_stale_anyway() -> None:
     assert guard.first_time(_opened(1, 1000.0), now=1000.0)
     assert not guard.first_time(_opened(1, 1000.0), now=1010.5)
     assert guard.first_time(_opened(9, 1012.0), now=1012.0)  # prunes the first record
-    assert len(guard._until) == 1
+    assert len(guard) == 1
 
 
-def test_replay_guard_is_bounded() -> None:
+def test_replay_guard_never_forgets_a_fresh_message_when_full() -> None:
+    """At its limit the guard refuses new messages (retry), never a fresh key's memory."""
     guard = ReplayGuard(max_age=10.0, limit=3)
-    for seq in range(5):
+    for seq in range(3):
         assert guard.first_time(_opened(seq, 1000.0), now=1000.0)
-    assert len(guard._until) == 3
-    assert not guard.first_time(_opened(4, 1000.0), now=1000.0)
+    with pytest.raises(ServiceUnavailable, match=r"'beta'.*retry shortly"):
+        guard.first_time(_opened(3, 1000.0), now=1001.0)
+    # the first message, replayed while fresh, is still recognised: the one that
+    # an evicting guard would have forgotten first
+    for seq in range(3):
+        assert not guard.first_time(_opened(seq, 1000.0), now=1002.0)
+    assert len(guard) == 3
+
+
+def test_replay_guard_quota_is_per_sender() -> None:
+    """A member at its limit holds up no other member."""
+    guard = ReplayGuard(max_age=10.0, limit=2)
+    for seq in range(2):
+        assert guard.first_time(_opened(seq, 1000.0, sender="mallory"), now=1000.0)
+    with pytest.raises(ServiceUnavailable, match="'mallory'"):
+        guard.first_time(_opened(2, 1000.0, sender="mallory"), now=1000.0)
+    assert guard.first_time(_opened(0, 1000.0), now=1000.0)
+    assert guard.first_time(_opened(1, 1000.0), now=1000.0)
+
+
+def test_replay_guard_takes_new_messages_once_old_ones_are_stale() -> None:
+    guard = ReplayGuard(max_age=10.0, limit=2)
+    assert guard.first_time(_opened(0, 1000.0), now=1000.0)
+    assert guard.first_time(_opened(1, 1005.0), now=1005.0)
+    with pytest.raises(ServiceUnavailable):
+        guard.first_time(_opened(2, 1010.0), now=1010.0)
+    # seq 0 is stale after 1011: it is refused at opening anyway, and its key may go
+    assert guard.first_time(_opened(2, 1011.5), now=1011.5)
+    assert not guard.first_time(_opened(1, 1005.0), now=1011.5)  # seq 1 is still fresh
+    with pytest.raises(ServiceUnavailable):
+        guard.first_time(_opened(3, 1011.5), now=1011.5)
+
+
+def test_replay_guard_with_many_keys_stays_fast() -> None:
+    """Expiry is a heap per sender: 20k messages of two senders in well under a second."""
+    guard = ReplayGuard(max_age=10.0, limit=5_000)
+    start = time.monotonic()
+    for step in range(10_000):
+        now = 1000.0 + step * 0.01  # 100 messages a second, keys live about 11 s
+        for sender in ("beta", "gamma"):
+            assert guard.first_time(_opened(step, now, sender=sender), now=now)
+    assert time.monotonic() - start < 2.0
+    assert len(guard) <= 2 * 1_200
 
 
 def _incoming(seq: int, tag: str, value: object, sender: str = "beta") -> Incoming:

@@ -117,14 +117,18 @@ def test_a_refused_envelope_is_answered_on_the_fast_path(tmp_path: Path) -> None
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             raise AssertionError("the peer route must not go through the app")
 
+    app = _app(tmp_path, {})
+
     class FakeGateway:  # only what receive() touches before refusing
         identity = None
         members: dict[str, Any] = {}
+        reading = reading_bytes = 0
+        rejections = gateway._RejectionAudit(app.state.fdrtd.audit)
 
         def reload_members(self) -> None:
             pass
 
-    app = _app(tmp_path, {"gateway": FakeGateway()})
+    app.state.fdrtd.extra["gateway"] = FakeGateway()
     unrouted = Unrouted()
     unrouted.state.fdrtd = app.state.fdrtd
     status, _headers, body = _call(gateway.PeerFastPath(unrouted), "POST", "/v1/peer", b"garbage")

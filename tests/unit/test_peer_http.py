@@ -2,15 +2,24 @@
 
 A tiny asyncio HTTP server on 127.0.0.1 answers as a test needs: normally,
 or by closing a kept-alive connection after reading a request (as a
-restarting peer does), so that the client retries on a new connection.
+restarting peer does), so that the client retries on a new connection; a raw
+one answers with broken HTTP (negative lengths, bad chunks, endless headers),
+and the client must fail clearly, at once, and close the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import time
 import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+import pytest
+
+from fdrtd_client import wire
+from fdrtd_server import gateway as gateway_module
 from fdrtd_server._http import PeerHttpClient
 from fdrtd_server.gateway import Gateway
 from fdrtd_server.identity import Identity
@@ -105,3 +114,263 @@ def test_a_409_on_the_retry_means_the_first_copy_was_delivered() -> None:
     # a 409 on a connection that did not fail is a real refusal
     assert fresh[0] == 409
     assert "replay" in fresh[1] and "'beta'" in fresh[1]
+
+
+# -- a peer that answers with something broken -------------------------------------------------
+
+
+async def _raw_peer(
+    answer: Callable[[asyncio.StreamWriter], Awaitable[None]],
+) -> tuple[asyncio.Server, int, list[asyncio.Future[float]]]:
+    """A peer that reads one request, runs ``answer``, then waits for the client to hang up.
+
+    Each connection adds a future with the seconds from the request to the
+    client's closing of the connection (it fails if the client never closes).
+    """
+    closed: list[asyncio.Future[float]] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        closed.append(done)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            start = time.monotonic()
+            with contextlib.suppress(ConnectionError):
+                await answer(writer)
+            # the client must close its end: EOF (or a reset) within the test's bound
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(3.0):
+                    while await reader.read(65536):
+                        pass
+            done.set_result(time.monotonic() - start)
+        except Exception as error:
+            done.set_exception(error)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], closed
+
+
+def _static(data: bytes) -> Callable[[asyncio.StreamWriter], Awaitable[None]]:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    return answer
+
+
+async def _endless_headers(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 202 Accepted\r\n")
+    for number in range(100_000):  # bounded, but far more than any client may read
+        writer.write(b"X-Filler-%d: yes\r\n" % number)
+        await writer.drain()
+
+
+async def _endless_chunks(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"\x00" * 65536
+    for _ in range(1000):  # 64 MiB at most
+        writer.write(b"10000\r\n" + chunk + b"\r\n")
+        await writer.drain()
+
+
+async def _endless_line(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 202 Accepted\r\nX-Long: ")
+    for _ in range(1000):
+        writer.write(b"a" * 65536)
+        await writer.drain()
+
+
+async def _half_answer(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 202 Acc")
+    writer.write_eof()  # the peer stops sending in the middle of its status line
+
+
+async def _silence(writer: asyncio.StreamWriter) -> None:
+    """Answer nothing at all (the raw peer then only waits for the client to hang up)."""
+
+
+BROKEN_ANSWERS: dict[str, tuple[Callable[[asyncio.StreamWriter], Awaitable[None]], str]] = {
+    "negative length": (
+        _static(b"HTTP/1.1 202 Accepted\r\nContent-Length: -1\r\n\r\n"),
+        "Content-Length is not a number",
+    ),
+    "non-numeric length": (
+        _static(b"HTTP/1.1 202 Accepted\r\nContent-Length: lots\r\n\r\n"),
+        "Content-Length is not a number",
+    ),
+    "signed length": (
+        _static(b"HTTP/1.1 202 Accepted\r\nContent-Length: +2\r\n\r\nok"),
+        "Content-Length is not a number",
+    ),
+    "huge length": (
+        _static(b"HTTP/1.1 202 Accepted\r\nContent-Length: 99999999999\r\n\r\n"),
+        "larger than",
+    ),
+    "bad chunk size": (
+        _static(b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n"),
+        "malformed chunk size",
+    ),
+    "negative chunk size": (
+        _static(b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nab\r\n"),
+        "malformed chunk size",
+    ),
+    "huge chunk": (
+        _static(b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\nfffffff\r\n"),
+        "larger than",
+    ),
+    "chunk without CRLF": (
+        _static(b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXX"),
+        "does not end in CRLF",
+    ),
+    "endless chunks": (_endless_chunks, "larger than"),
+    "endless headers": (_endless_headers, "header lines"),
+    "endless header line": (_endless_line, "line longer than"),
+    "not HTTP": (_static(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"), "not HTTP/1.1"),
+    "bad status": (_static(b"HTTP/1.1 -20 X\r\nContent-Length: 0\r\n\r\n"), "not HTTP/1.1"),
+    "hang-up mid-answer": (_half_answer, "closed the connection"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_ANSWERS))
+def test_a_broken_answer_is_a_clear_error_and_the_connection_is_closed(case: str) -> None:
+    answer, words = BROKEN_ANSWERS[case]
+
+    async def run() -> tuple[tuple[int, str], float, float, int]:
+        server, port, closed = await _raw_peer(answer)
+        client = PeerHttpClient(timeout=3)
+        peer = Identity.generate("beta").public_entry(f"http://127.0.0.1:{port}")
+        gateway = types.SimpleNamespace(http=client)
+        start = time.monotonic()
+        try:
+            outcome = await Gateway._post(gateway, peer, b"one")  # type: ignore[arg-type]
+            took = time.monotonic() - start
+            hung_up = await asyncio.wait_for(closed[0], 5.0)
+        finally:
+            await client.close()
+            server.close()
+        return outcome, took, hung_up, sum(len(pool.idle) for pool in client._pools.values())
+
+    (status, detail), took, hung_up, kept = asyncio.run(run())
+    assert status == 503
+    assert detail.startswith("cannot reach party 'beta': ")
+    assert words in detail, detail
+    assert took < 2.0  # no waiting for the timeout
+    assert hung_up < 2.0  # our side closed the socket
+    assert kept == 0  # and never keeps it for reuse
+
+
+def test_a_peer_that_never_answers_times_out_and_the_socket_is_closed() -> None:
+    async def run() -> tuple[tuple[int, str], float, float]:
+        server, port, closed = await _raw_peer(_silence)
+        client = PeerHttpClient(timeout=0.5)
+        peer = Identity.generate("beta").public_entry(f"http://127.0.0.1:{port}")
+        gateway = types.SimpleNamespace(http=client)
+        start = time.monotonic()
+        try:
+            outcome = await Gateway._post(gateway, peer, b"one")  # type: ignore[arg-type]
+            took = time.monotonic() - start
+            hung_up = await asyncio.wait_for(closed[0], 5.0)
+        finally:
+            await client.close()
+            server.close()
+        return outcome, took, hung_up
+
+    (status, detail), took, hung_up = asyncio.run(run())
+    assert status == 503 and "no answer within 0.5 s" in detail
+    assert took < 2.0 and hung_up < 1.0
+
+
+def test_a_peers_refusal_reaches_our_client_short_and_printable() -> None:
+    detail = "\x1b[31mred\x00" + "x" * 900_000
+    body = json.dumps({"detail": detail}).encode()
+
+    async def run() -> tuple[int, str]:
+        server, port, _ = await _raw_peer(_static(_response(403, body)))
+        client = PeerHttpClient(timeout=3)
+        peer = Identity.generate("beta").public_entry(f"http://127.0.0.1:{port}")
+        try:
+            return await Gateway._post(types.SimpleNamespace(http=client), peer, b"x")  # type: ignore[arg-type]
+        finally:
+            await client.close()
+            server.close()
+
+    status, text = asyncio.run(run())
+    assert status == 403
+    assert text.startswith("party 'beta' refused the message: ?[31mred?xxx")
+    assert len(text) < 300 and text.isprintable() and text.endswith("...")
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [(b"<html>busy</html>", "(no readable reason given)"), (b"{}", "(no reason given)")],
+)
+def test_a_refusal_without_a_readable_reason_says_so(body: bytes, expected: str) -> None:
+    async def run() -> tuple[int, str]:
+        server, port, _ = await _raw_peer(_static(_response(400, body)))
+        client = PeerHttpClient(timeout=3)
+        peer = Identity.generate("beta").public_entry(f"http://127.0.0.1:{port}")
+        try:
+            return await Gateway._post(types.SimpleNamespace(http=client), peer, b"x")  # type: ignore[arg-type]
+        finally:
+            await client.close()
+            server.close()
+
+    assert asyncio.run(run()) == (400, f"party 'beta' refused the message: {expected}")
+
+
+def test_a_busy_peer_is_sent_the_message_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """503 means the peer did not take the message: it is sent again, a few times at most."""
+    monkeypatch.setattr(gateway_module, "SEND_RETRIES", (0.01, 0.01, 0.01))
+    busy = _response(503, b'{"detail":"busy; retry shortly"}')
+
+    def twice_busy(connection: int, request: int) -> bytes | None:
+        return busy if request <= 2 else _response(202, b'{"accepted":true}')
+
+    def always_busy(connection: int, request: int) -> bytes | None:
+        return busy
+
+    async def run(answer: Answer) -> tuple[tuple[int, str], list[bytes]]:
+        server, port, received = await _serve(answer)
+        client = PeerHttpClient(timeout=3)
+        peer = Identity.generate("beta").public_entry(f"http://127.0.0.1:{port}")
+        try:
+            outcome = await Gateway._post(types.SimpleNamespace(http=client), peer, b"m")  # type: ignore[arg-type]
+        finally:
+            await client.close()
+            server.close()
+        return outcome, received
+
+    assert asyncio.run(run(twice_busy)) == ((202, ""), [b"m", b"m", b"m"])
+    (status, detail), received = asyncio.run(run(always_busy))
+    assert status == 503 and "busy; retry shortly" in detail
+    assert len(received) == 4  # the first try and three more, then it gives up
+
+
+def test_every_outgoing_request_from_a_worker_is_answered() -> None:
+    """An unexpected failure is answered 500 with an incident id, never left unanswered."""
+    published: list[tuple[str, dict[str, object]]] = []
+
+    async def publish(subject: str, data: bytes) -> None:
+        published.append((subject, wire.unpackb(data)))
+
+    async def broken(request: dict[str, object]) -> dict[str, object]:
+        raise RuntimeError("a bug")
+
+    fake = types.SimpleNamespace(
+        outgoing=broken,
+        state=types.SimpleNamespace(
+            bus=types.SimpleNamespace(nc=types.SimpleNamespace(publish=publish))
+        ),
+    )
+    msg = types.SimpleNamespace(data=wire.packb({"to": "beta"}), reply="_INBOX.1")
+    asyncio.run(Gateway.handle_outgoing(fake, msg))  # type: ignore[arg-type]
+    assert len(published) == 1
+    subject, answer = published[0]
+    assert subject == "_INBOX.1" and answer["status"] == 500
+    assert "internal error (incident " in str(answer["detail"]) and "a bug" not in str(
+        answer["detail"]
+    )
