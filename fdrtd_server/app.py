@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from fdrtd_client import wire
 from fdrtd_server import openapi
-from fdrtd_server.audit import AuditLog
+from fdrtd_server.audit import JOBS_SUBJECT, AuditLog
 from fdrtd_server.bus import (
     SERVICE_PREFIX,
     Bus,
@@ -55,6 +55,7 @@ from fdrtd_server.errors import (
     UnsupportedMediaType,
     error_for_status,
 )
+from fdrtd_server.identity import Identity
 
 __all__ = ["Principal", "bus_request", "create_app"]
 
@@ -64,6 +65,12 @@ BUS_TIMEOUT = 30.0
 MAX_WAIT = 60.0
 SSE_LIMIT = 600.0
 """An event stream ends after this many seconds; reconnect to follow longer jobs."""
+_HANDLE_TEXT = re.compile(r"[dr]-[0-9a-f]{40}")
+"""What a handle looks like: a path segment that is not one is not written to the log."""
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22,64}")
+"""A session id: at least 22 characters (128 bits if drawn at random, e.g.
+``secrets.token_urlsafe(16)``; ``secrets.token_hex(16)`` gives 32), so that no
+client can guess, pre-claim or collide with another's id."""
 
 
 @dataclass(frozen=True)
@@ -115,11 +122,45 @@ def authenticate(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        _audit_refused_login(request, "no bearer token")
         raise Unauthorized("send your token as 'Authorization: Bearer <token>'")
     found = _state(request).tokens.authenticate(token.strip())
     if found is None:
+        _audit_refused_login(request, "unknown token")
         raise Unauthorized("the token is not valid on this server")
     return Principal(*found)
+
+
+def _audit_refused_login(request: Request, reason: str) -> None:
+    """Record a refused authentication: route and client address, never the token."""
+    client = request.client.host if request.client else ""
+    _state(request).audit.write(
+        "anonymous",
+        "authenticate",
+        request.url.path[:200],
+        "refused",
+        reason=reason,
+        method=request.method,
+        client=client,
+    )
+
+
+def _audit_result(
+    state: State, principal: str, handle: str, view: dict[str, Any], via: str
+) -> None:
+    """Record that a job's end (its value, or its error) was handed to ``principal``.
+
+    Only the status goes in the record, never the value. A view of a job still
+    running hands out nothing but progress and is not recorded.
+    """
+    status = view["status"]
+    if status == "done":
+        state.audit.write(principal, "result", handle, "done", via=via, value="value" in view)
+    elif status == "failed":
+        error = view.get("error") or {}
+        state.audit.write(
+            principal, "result", handle, "failed", via=via, error_status=error.get("status")
+        )
 
 
 async def read_limited(request: Request, limit: int, what: str) -> bytes:
@@ -265,20 +306,42 @@ async def upload(request: Request) -> Response:
 
 async def list_data(request: Request) -> Response:
     """The caller's datasets with their schemas."""
-    return respond(request, await call_service(request, "data", "list", {}))
+    principal = authenticate(request)
+    answer = await call_service(request, "data", "list", {}, principal=principal)
+    _state(request).audit.write(principal.name, "list", "data")
+    return respond(request, answer)
 
 
 async def describe_data(request: Request) -> Response:
     """A dataset's schema: columns, dtypes, row count. Never its content."""
+    principal = authenticate(request)
+    state = _state(request)
     handle = request.path_params["handle"]
-    return respond(request, await call_service(request, "data", "describe", {"handle": handle}))
+    # a handle that is not one is named as such: the path is the client's text
+    target = handle if _HANDLE_TEXT.fullmatch(handle) else "(not a handle)"
+    try:
+        answer = await call_service(
+            request, "data", "describe", {"handle": handle}, principal=principal
+        )
+    except FdrtdError as error:
+        state.audit.write(principal.name, "describe", target, f"refused {error.status}")
+        raise
+    state.audit.write(principal.name, "describe", target)
+    return respond(request, answer)
 
 
 async def release_data(request: Request) -> Response:
     """Delete a dataset the caller owns."""
     principal = authenticate(request)
     handle = request.path_params["handle"]
-    answer = await call_service(request, "data", "release", {"handle": handle}, principal=principal)
+    try:
+        answer = await call_service(
+            request, "data", "release", {"handle": handle}, principal=principal
+        )
+    except FdrtdError as error:
+        target = handle if _HANDLE_TEXT.fullmatch(handle) else "(not a handle)"
+        _state(request).audit.write(principal.name, "release", target, f"refused {error.status}")
+        raise
     _state(request).audit.write(principal.name, "release", handle)
     return respond(request, answer)
 
@@ -289,8 +352,12 @@ def _check_session(session: Any) -> dict[str, Any] | None:
     if not isinstance(session, dict):
         raise BadRequest("'session' must be a map with 'id' and 'parties'")
     sid, parties = session.get("id"), session.get("parties")
-    if not isinstance(sid, str) or not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", sid):
-        raise BadRequest("'session.id' must be 8 to 64 letters, digits, '-' or '_'")
+    if not isinstance(sid, str) or not SESSION_ID.fullmatch(sid):
+        raise BadRequest(
+            "'session.id' must be 22 to 64 letters, digits, '-' or '_', drawn at random "
+            "(at least 128 bits, e.g. Python's secrets.token_urlsafe(16)) so that nobody "
+            "can guess it"
+        )
     if (
         not isinstance(parties, list)
         or not 2 <= len(parties) <= 64
@@ -386,18 +453,27 @@ async def compute(request: Request) -> Response:
     if isinstance(final, dict):
         record = JobRecord.from_dict(final)
         if record.finished:
-            return respond(request, await _view(state, handle, record, with_value))
+            view = await _view(state, handle, record, with_value)
+            _audit_result(state, principal.name, handle, view, "compute")
+            return respond(request, view)
     return respond(request, {"result": handle, "status": answer.get("status", "queued")}, 202)
 
 
-async def _owned_job(request: Request) -> tuple[State, str, Principal]:
+async def _owned_job(request: Request, action: str) -> tuple[State, str, Principal]:
+    """The result handle in the path, if the caller owns it; a refusal is audited."""
     principal = authenticate(request)
     state = _state(request)
-    handle = parse_handle(request.path_params["handle"], "result")
-    current = await state.bus.get_job(handle)
-    if current is None:
-        raise NotFound("no result with this handle")
-    check_owner(current[0].owner, principal.name, "result")
+    text = request.path_params["handle"]
+    try:
+        handle = parse_handle(text, "result")
+        current = await state.bus.get_job(handle)
+        if current is None:
+            raise NotFound("no result with this handle")
+        check_owner(current[0].owner, principal.name, "result")
+    except FdrtdError as error:
+        target = text if _HANDLE_TEXT.fullmatch(text) else "(not a handle)"
+        state.audit.write(principal.name, action, target, f"refused {error.status}")
+        raise
     return state, handle, principal
 
 
@@ -431,19 +507,23 @@ async def _job_view(
 
 async def get_result(request: Request) -> Response:
     """A computation's status and, once done, its value; ``?wait=s`` long-polls."""
-    state, handle, _ = await _owned_job(request)
+    state, handle, principal = await _owned_job(request, "result")
     wait, with_value = _wait_and_value(request)
     view = await _job_view(state, handle, wait, with_value)
+    _audit_result(state, principal.name, handle, view, "poll")
     return respond(request, view)
 
 
 async def result_events(request: Request) -> Response:
     """Server-sent events: the status while running, then the final state."""
-    state, handle, _ = await _owned_job(request)
+    state, handle, principal = await _owned_job(request, "result")
 
     async def events() -> AsyncIterator[bytes]:
         async for record in state.bus.watch_job(handle, SSE_LIMIT):
-            payload = json.dumps(wire.to_jsonable(await _view(state, handle, record)))
+            view = await _view(state, handle, record)
+            payload = json.dumps(wire.to_jsonable(view))
+            if record.finished:
+                _audit_result(state, principal.name, handle, view, "events")
             yield f"event: status\ndata: {payload}\n\n".encode()
             if record.finished:
                 return
@@ -454,7 +534,7 @@ async def result_events(request: Request) -> Response:
 
 async def release_result(request: Request) -> Response:
     """Delete a result the caller owns."""
-    state, handle, principal = await _owned_job(request)
+    state, handle, principal = await _owned_job(request, "release")
     await state.bus.delete_job(handle)
     state.audit.write(principal.name, "release", handle)
     return respond(request, {"result": handle, "released": True})
@@ -462,7 +542,8 @@ async def release_result(request: Request) -> Response:
 
 async def list_microservices(request: Request) -> Response:
     """The microservices running on this server's bus, from ``$SRV.INFO``."""
-    authenticate(request)
+    principal = authenticate(request)
+    _state(request).audit.write(principal.name, "list", "microservices")
     bus = _state(request).bus
     inbox = bus.nc.new_inbox()
     found: dict[str, dict[str, Any]] = {}
@@ -545,6 +626,47 @@ async def internal_error(request: Request, error: Exception) -> Response:
 ExtraRoutes = list[Route]
 
 
+def open_audit_log(settings: Settings) -> AuditLog:
+    """The audit log of ``settings.home``, its checkpoints signed by the server's identity."""
+    try:
+        signer: Identity | None = Identity.load(settings.home / "identity", settings.name)
+    except FileNotFoundError:
+        signer = None
+        log.warning(
+            "no identity in %s: the audit log is a bare hash chain without signed checkpoints",
+            settings.home / "identity",
+        )
+    return AuditLog(settings.home / "audit.log", signer)
+
+
+def _job_ended(state: State) -> Callable[[Any], Awaitable[None]]:
+    """A callback that records the end of a job, as a microservice reported it."""
+
+    async def record(msg: Any) -> None:
+        try:
+            event = wire.unpackb(msg.data)
+            handle = parse_handle(event.get("result"), "result")
+            status = event.get("status")
+            if status not in ("done", "failed"):
+                raise ValueError("unknown status")
+            extra: dict[str, Any] = {
+                "microservice": str(event.get("microservice", ""))[:64],
+                "function": str(event.get("function", ""))[:64],
+            }
+            if status == "failed":
+                extra["error_status"] = int(event.get("error_status", 0))
+                extra["error_class"] = str(event.get("error_class", ""))[:64]
+            state.audit.write(
+                str(event.get("principal", ""))[:64], "job-end", handle, status, **extra
+            )
+        except Exception as error:  # a malformed report must not stop the subscription
+            log.warning(
+                "ignored a malformed job report on %s: %s", JOBS_SUBJECT, type(error).__name__
+            )
+
+    return record
+
+
 def create_app(
     settings: Settings,
     nats_url: str,
@@ -553,7 +675,16 @@ def create_app(
     on_stop: Callable[[State], Awaitable[None]] | None = None,
     extra_routes: ExtraRoutes | None = None,
 ) -> Starlette:
-    """Build the controller app; its lifespan connects to NATS at ``nats_url``."""
+    """Build the controller app; its lifespan connects to NATS at ``nats_url``.
+
+    The audit log is opened here, before anything serves: a log that does not
+    match its signed checkpoint stops the server from starting.
+
+    Raises:
+        AuditError: If the audit log fails verification against its checkpoint.
+        PermissionError: If the identity key file is readable by others.
+    """
+    audit = open_audit_log(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -562,18 +693,23 @@ def create_app(
             settings=settings,
             bus=bus,
             tokens=TokenStore(settings.home),
-            audit=AuditLog(settings.home / "audit.log"),
+            audit=audit,
             extra={},
         )
         app.state.fdrtd = state
+        # how each job ended, reported by the microservices wherever they run
+        await bus.nc.subscribe(JOBS_SUBJECT, queue="fdrtd-audit", cb=_job_ended(state))
         try:
             if on_start is not None:
                 await on_start(state)
             yield
         finally:
-            if on_stop is not None:
-                await on_stop(state)
-            await bus.close()
+            try:
+                if on_stop is not None:
+                    await on_stop(state)
+                await bus.close()  # drains: job ends reported while stopping are recorded
+            finally:
+                audit.close()  # the final checkpoint
 
     routes = [
         Route("/healthz", healthz),

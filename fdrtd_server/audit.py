@@ -1,44 +1,598 @@
 """An append-only, tamper-evident audit log (invariant 7).
 
-Each line is a JSON record holding the SHA-256 of the line before it, so that
-editing, removing or reordering any line breaks the chain, which
-:func:`verify` detects. Records name who did what to which handle and how it
-ended; they never hold data values.
+Each line of ``DIR/audit.log`` is a JSON record holding the SHA-256 of the
+record before it (``prev``) and its own (``hash``), so that editing,
+removing or reordering any line *inside* the log breaks the chain. A chain
+alone has no key and no end, though: whoever can write the file can cut
+records off its end, or rewrite it from the first line with fresh hashes,
+and the chain still holds. So the log is **anchored** by a checkpoint,
+``DIR/audit.checkpoint``: the number of records and the hash of the last
+one, signed with the server's Ed25519 identity key. The server writes one
+about a second after records were appended (:data:`CHECKPOINT_DELAY`), when
+it stops, and ``fdrtd-server audit checkpoint DIR`` writes one on demand.
+Before signing, the log is flushed to disk (``fsync``), so that a crash, even
+a power cut, never leaves a checkpoint that covers records the disk lost.
+
+:func:`verify_anchored` (``fdrtd-server audit verify DIR``) then detects:
+
+* any edit, removal, insertion or reordering of a record (the chain);
+* removal of records the checkpoint covers, at the end too (truncation);
+* a log rewritten from the start (the signed hash no longer matches);
+* a forged or edited checkpoint, or a missing one (the signature, the key).
+
+It does not detect, and the documentation says so:
+
+* removal of the records written after the newest checkpoint (at most about
+  a second's worth while the server runs; more if the server was killed);
+* a log and checkpoint both put back to an *older* consistent state, unless
+  the verifier holds a newer checkpoint kept elsewhere (``--checkpoint``);
+* anything done by someone holding the server's private identity key, who can
+  sign a checkpoint for any log.
+
+Records name who did what to which handle and how it ended; they never hold
+data values, tokens or result values.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import tempfile
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fdrtd_server.bus import now_iso
 
-__all__ = ["AuditLog", "verify"]
+__all__ = [
+    "CHECKPOINT_DELAY",
+    "JOBS_SUBJECT",
+    "AuditError",
+    "AuditLog",
+    "Checkpoint",
+    "Verified",
+    "checkpoint_now",
+    "checkpoint_path",
+    "read_checkpoint",
+    "sign_checkpoint",
+    "verify",
+    "verify_anchored",
+    "write_checkpoint",
+]
+
+log = logging.getLogger("fdrtd.audit")
 
 _GENESIS = "0" * 64
+CHECKPOINT_FORMAT = "fdrtd-audit-checkpoint/1"
+CHECKPOINT_DELAY = 1.0
+"""Seconds from the first record after a checkpoint to the next checkpoint."""
+JOBS_SUBJECT = "fdrtd.audit.jobs"
+"""Core NATS subject on which microservices report how each job ended, for the controller's log."""
+UNANCHORED = "audit-unanchored"
+"""The action of the record a server writes when it finds records that no checkpoint covers."""
+
+
+class AuditError(ValueError):
+    """The audit log or its checkpoint fails verification; the message says how."""
+
+
+class Signer(Protocol):
+    """What signs checkpoints: :class:`fdrtd_server.identity.Identity` is one."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def sign_public(self) -> bytes: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+def checkpoint_path(log_path: Path) -> Path:
+    """Where the checkpoint of ``log_path`` lives (``audit.log`` -> ``audit.checkpoint``)."""
+    return log_path.with_suffix(".checkpoint")
+
+
+def _canonical(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
+# -- reading the chain ---------------------------------------------------------
+
+
+@dataclass
+class _Scan:
+    """What one pass over the log found."""
+
+    count: int = 0
+    head: str = _GENESIS
+    hashes: dict[int, str] = field(default_factory=dict)
+    """The hash after record n, for the counts asked for."""
+    unanchored: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    """(line number, record) of every record written by a server that found no checkpoint."""
+    complete_bytes: int = 0
+    """Length of the file up to the end of its last complete line."""
+    partial: int = 0
+    """Bytes after the last newline: a record whose writing was cut off."""
+
+
+def _scan(path: Path, wanted: frozenset[int] = frozenset()) -> _Scan:
+    """Check the chain of every complete line.
+
+    A last line without its newline is not a record yet (it was being
+    written, or the writer crashed); it is counted in ``partial``.
+
+    Raises:
+        AuditError: Naming the first line that was changed, removed or reordered.
+    """
+    scan = _Scan()
+    if 0 in wanted:
+        scan.hashes[0] = _GENESIS
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.endswith(b"\n"):
+                scan.partial = len(line)
+                break
+            scan.complete_bytes += len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                claimed = record.pop("hash")
+            except (ValueError, KeyError, AttributeError, TypeError):
+                raise AuditError(
+                    f"audit log {path} is broken at line {number}: not a record"
+                ) from None
+            body = _canonical(record)
+            if (
+                record.get("prev") != scan.head
+                or hashlib.sha256(body.encode()).hexdigest() != claimed
+            ):
+                raise AuditError(
+                    f"audit log {path} is broken at line {number}: this record or the one "
+                    "before it was changed, removed or reordered"
+                )
+            scan.head = claimed
+            scan.count += 1
+            if scan.count in wanted:
+                scan.hashes[scan.count] = claimed
+            if record.get("action") == UNANCHORED:
+                scan.unanchored.append((number, record))
+    return scan
+
+
+def verify(path: Path) -> int:
+    """Check the hash chain alone and return the number of records.
+
+    This proves that no record *inside* the log was changed, removed or
+    reordered; it cannot see records cut off the end or a log rewritten from
+    the start. :func:`verify_anchored` checks those against the checkpoint.
+
+    Raises:
+        AuditError: (a ``ValueError``) naming the first line that was changed,
+            removed or reordered.
+    """
+    return _scan(path).count
+
+
+# -- checkpoints ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A signed statement: "this log held ``count`` records, the last hashing to ``head``"."""
+
+    server: str
+    key: bytes
+    count: int
+    head: str
+    time: str
+    signature: bytes
+
+    def _signed_bytes(self) -> bytes:
+        return _checkpoint_message(self.server, self.key, self.count, self.head, self.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form written to the checkpoint file."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "server": self.server,
+            "key": base64.b64encode(self.key).decode(),
+            "count": self.count,
+            "head": self.head,
+            "time": self.time,
+            "signature": base64.b64encode(self.signature).decode(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> Checkpoint:
+        """Parse the JSON form; ``source`` names the file in messages.
+
+        Raises:
+            AuditError: If it is not a well-formed checkpoint.
+        """
+        try:
+            if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError
+            count, head = data["count"], data["head"]
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ValueError
+            if not isinstance(head, str) or len(head) != 64:
+                raise ValueError
+            key = base64.b64decode(data["key"], validate=True)
+            signature = base64.b64decode(data["signature"], validate=True)
+            return cls(str(data["server"]), key, count, head, str(data["time"]), signature)
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise AuditError(
+                f"{source} is not a well-formed audit checkpoint ({CHECKPOINT_FORMAT})"
+            ) from None
+
+    def check_signature(self, source: str) -> None:
+        """Raise :class:`AuditError` unless the checkpoint's own key signed it."""
+        try:
+            Ed25519PublicKey.from_public_bytes(self.key).verify(
+                self.signature, self._signed_bytes()
+            )
+        except (InvalidSignature, ValueError):
+            raise AuditError(
+                f"{source}: the signature does not match: the checkpoint was forged or edited"
+            ) from None
+
+
+def _checkpoint_message(server: str, key: bytes, count: int, head: str, time: str) -> bytes:
+    body = {
+        "format": CHECKPOINT_FORMAT,
+        "server": server,
+        "key": base64.b64encode(key).decode(),
+        "count": count,
+        "head": head,
+        "time": time,
+    }
+    return (CHECKPOINT_FORMAT + "\n" + _canonical(body)).encode()
+
+
+def sign_checkpoint(signer: Signer, count: int, head: str) -> Checkpoint:
+    """Sign "the log holds ``count`` records, the last hashing to ``head``"."""
+    time = now_iso()
+    key = signer.sign_public
+    signature = signer.sign(_checkpoint_message(signer.name, key, count, head, time))
+    return Checkpoint(signer.name, key, count, head, time, signature)
+
+
+def read_checkpoint(path: Path) -> Checkpoint | None:
+    """The checkpoint in ``path``, or None if there is no such file.
+
+    Raises:
+        AuditError: If the file is not a well-formed checkpoint.
+    """
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    return Checkpoint.from_dict(data, str(path))
+
+
+def write_checkpoint(path: Path, checkpoint: Checkpoint) -> bool:
+    """Replace the checkpoint in ``path`` atomically, unless it already covers more records.
+
+    The file is written to a temporary file, flushed and renamed, so that a
+    crash leaves the old checkpoint or the new one, never half of one.
+    Returns whether the file was replaced.
+    """
+    current = None
+    with contextlib.suppress(AuditError):
+        current = read_checkpoint(path)
+    if current is not None and current.key == checkpoint.key and current.count > checkpoint.count:
+        return False  # a newer one was written meanwhile (e.g. by the running server)
+    text = json.dumps(checkpoint.to_dict(), indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=".audit-checkpoint-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return True
+
+
+@contextlib.contextmanager
+def _checkpoint_lock(log_path: Path) -> Any:
+    """Serialise checkpoint writers across processes (server and CLI): a lock on the log.
+
+    Appends never take it, so records are written while a checkpoint is made.
+    """
+    fd = os.open(log_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# -- verifying against a checkpoint ----------------------------------------------
+
+
+@dataclass
+class Verified:
+    """What :func:`verify_anchored` established."""
+
+    records: int
+    checkpoint: Checkpoint | None
+    """The newest checkpoint that was checked (None for an empty log without one)."""
+    after_checkpoint: int
+    """Records written after that checkpoint: intact chain, but not yet anchored."""
+    partial_bytes: int = 0
+    """An incomplete last line (a crash while writing), not counted as a record."""
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """A report for a person, first line ``audit log intact: N records``."""
+        out = [f"audit log intact: {self.records} records"]
+        if self.checkpoint is not None:
+            fingerprint = self.checkpoint.key.hex()[:16]
+            out.append(
+                f"anchored: the first {self.checkpoint.count} records match the checkpoint "
+                f"signed by '{self.checkpoint.server}' (key {fingerprint}) at "
+                f"{self.checkpoint.time}"
+            )
+        if self.after_checkpoint:
+            out.append(
+                f"not anchored: the last {self.after_checkpoint} records were written after "
+                "that checkpoint; their removal could not be detected (the server writes a "
+                "checkpoint about a second after each record, and when it stops)"
+            )
+        if self.partial_bytes:
+            out.append(
+                f"note: the log ends in an incomplete line of {self.partial_bytes} bytes "
+                "(a crash while a record was written); it is not counted"
+            )
+        out.extend(f"note: {note}" for note in self.notes)
+        return out
+
+
+def verify_anchored(
+    path: Path,
+    checkpoint: Path | None = None,
+    *,
+    public_key: bytes | None = None,
+    server: str | None = None,
+    extra: tuple[Path, ...] = (),
+) -> Verified:
+    """Check the chain, and the log against its checkpoint and any older ones kept elsewhere.
+
+    Args:
+        path: The audit log.
+        checkpoint: Its checkpoint file (default: :func:`checkpoint_path`).
+        public_key: The server's raw Ed25519 public key; every checkpoint must be
+            signed by it. Without it, a checkpoint's own key is trusted, which
+            only proves that the log matches *a* signed checkpoint.
+        server: The server's name, checked against the checkpoint's if given.
+        extra: Further checkpoints (e.g. copies kept on another machine);
+            each must match the log too, which detects a log and checkpoint
+            put back to an older state together.
+
+    Raises:
+        AuditError: Saying what is wrong: a broken chain (with its line), a
+            missing, forged or foreign checkpoint, records cut off the end, or a
+            log rewritten from the start.
+    """
+    return _verify(path, checkpoint, public_key, server, extra)[0]
+
+
+def _verify(
+    path: Path,
+    checkpoint: Path | None,
+    public_key: bytes | None,
+    server: str | None,
+    extra: tuple[Path, ...],
+) -> tuple[Verified, _Scan]:
+    own = checkpoint if checkpoint is not None else checkpoint_path(path)
+    sources = [own, *extra]
+    found: list[tuple[Path, Checkpoint]] = []
+    for source in sources:
+        loaded = read_checkpoint(source)
+        if loaded is None:
+            if source == own:
+                continue
+            raise AuditError(f"checkpoint {source} does not exist")
+        found.append((source, loaded))
+    for source, point in found:
+        point.check_signature(str(source))
+        if public_key is not None and point.key != public_key:
+            raise AuditError(
+                f"{source} is signed by key {point.key.hex()[:16]}, not by this server's "
+                f"key {public_key.hex()[:16]}: it is not this server's checkpoint"
+            )
+        if server is not None and point.server != server:
+            raise AuditError(f"{source} is the checkpoint of '{point.server}', not of '{server}'")
+    if not path.exists():
+        if found:
+            source, point = max(found, key=lambda item: item[1].count)
+            raise AuditError(
+                f"audit log {path} is missing, but {source} records {point.count} records "
+                f"as of {point.time}: the log was removed"
+            )
+        raise AuditError(f"{path} does not exist: nothing was audited on this server yet")
+    scan = _scan(path, frozenset(point.count for _, point in found))
+    for source, point in found:
+        if scan.count < point.count:
+            raise AuditError(
+                f"audit log {path} was truncated: the checkpoint {source} of {point.time} "
+                f"covers {point.count} records, but the log holds only {scan.count}; records "
+                f"{scan.count + 1} to {point.count} were removed"
+            )
+        if scan.hashes[point.count] != point.head:
+            raise AuditError(
+                f"audit log {path} was rewritten: record {point.count} does not hash to the "
+                f"value the checkpoint {source} of {point.time} signed; the records up to "
+                f"{point.count} are not the ones that were written"
+            )
+    own_point = next((point for source, point in found if source == own), None)
+    if own_point is None and scan.count:
+        raise AuditError(
+            f"audit log {path} holds {scan.count} records but has no checkpoint ({own}): "
+            "records cut off its end or a rewritten log cannot be ruled out; was the "
+            "checkpoint deleted?"
+        )
+    newest = max((point for _, point in found), key=lambda p: p.count, default=None)
+    verified = Verified(
+        records=scan.count,
+        checkpoint=newest,
+        after_checkpoint=scan.count - (newest.count if newest else 0),
+        partial_bytes=scan.partial,
+    )
+    for number, record in scan.unanchored:
+        verified.notes.append(
+            f"line {number}: at {record.get('time')} the server found {record.get('records')} "
+            "records that no checkpoint covered (the checkpoint was missing); it anchored "
+            "them as they were, so changes to them before then cannot be ruled out"
+        )
+    return verified, scan
+
+
+def checkpoint_now(path: Path, signer: Signer) -> tuple[Verified, Checkpoint]:
+    """Verify the log, then sign and write a checkpoint of its records as they are now.
+
+    For ``fdrtd-server audit checkpoint``, while the server runs or not: the
+    log is checked against the current checkpoint first, so that a tampered
+    log is never signed.
+
+    Raises:
+        AuditError: If the log fails verification (see :func:`verify_anchored`).
+    """
+    verified, scan = _verify(path, None, signer.sign_public, signer.name, ())
+    point = sign_checkpoint(signer, scan.count, scan.head)
+    with _checkpoint_lock(path) as fd:
+        os.fsync(fd)
+        write_checkpoint(checkpoint_path(path), point)
+    return verified, point
+
+
+# -- writing -------------------------------------------------------------------
 
 
 class AuditLog:
-    """Appends hash-chained records to ``path`` (created with mode 0600)."""
+    """Appends hash-chained records to ``path`` (mode 0600) and anchors them.
 
-    def __init__(self, path: Path | None) -> None:
+    Args:
+        path: The log file; None audits nothing (a worker without a home).
+        signer: The server's identity. With one, the log found at start is
+            checked against its checkpoint (a log that fails is refused, so
+            that the server never signs over a tampered log), and a signed
+            checkpoint is written :data:`CHECKPOINT_DELAY` seconds after
+            records were appended, by a background thread, and by
+            :meth:`close`. Without one, the log is a bare hash chain.
+        delay: Seconds from a record to the checkpoint that covers it.
+
+    Raises:
+        AuditError: If ``signer`` is given and the log does not match its checkpoint.
+    """
+
+    def __init__(
+        self, path: Path | None, signer: Signer | None = None, delay: float = CHECKPOINT_DELAY
+    ) -> None:
         self.path = path
+        self._signer = signer
+        self._delay = delay
         self._lock = threading.Lock()
         self._last = _GENESIS
-        if path is not None and path.exists():
-            with path.open("rb") as handle:
-                for line in handle:
-                    if line.strip():
-                        self._last = json.loads(line)["hash"]
+        self._count = 0
+        self._anchored = -1
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        if path is None:
+            return
+        if signer is None:
+            if path.exists():
+                scan = _scan(path)
+                self._last, self._count = scan.head, scan.count
+                self._drop_partial(scan)
+            return
+        self._open_anchored(path, signer)
+        self._thread = threading.Thread(
+            target=self._checkpoints, name="fdrtd-audit-checkpoints", daemon=True
+        )
+        self._thread.start()
+
+    def _open_anchored(self, path: Path, signer: Signer) -> None:
+        own = checkpoint_path(path)
+        if not path.exists():
+            stale = read_checkpoint(own)
+            if stale is not None and stale.count:
+                raise AuditError(
+                    f"audit log {path} is missing, but its checkpoint records {stale.count} "
+                    f"records as of {stale.time}: the log was removed. Keep {own.name} as "
+                    "evidence, move it away, and start again to begin a new log"
+                )
+            # a new log starts anchored (0 records), so that a crash before the first
+            # checkpoint leaves records "not anchored" rather than a log without one
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+            self.checkpoint()
+            return
+        if read_checkpoint(own) is None:
+            # a log from before checkpoints existed, or one whose checkpoint was
+            # deleted: anchor it as found, and say so in the log itself
+            scan = _scan(path)
+            self._last, self._count = scan.head, scan.count
+            self._drop_partial(scan)
+            if scan.count:
+                log.warning("audit log %s has %d records and no checkpoint", path, scan.count)
+                self.write("server", UNANCHORED, path.name, "anchored as found", records=scan.count)
+            self.checkpoint()
+            return
+        try:
+            verified, scan = _verify(path, None, signer.sign_public, signer.name, ())
+        except AuditError as error:
+            raise AuditError(
+                f"{error}. The server does not append to (and sign) a log that fails "
+                f"verification: keep {path.name} and {own.name} as evidence, move both "
+                "away, and start again to begin a new log"
+            ) from None
+        self._last, self._count = scan.head, scan.count
+        self._anchored = verified.checkpoint.count if verified.checkpoint else 0
+        self._drop_partial(scan)
+        if self._count != self._anchored:
+            self.checkpoint()
+
+    def _drop_partial(self, scan: _Scan) -> None:
+        """Cut an incomplete last line (a crash while writing) so the next record starts clean."""
+        if scan.partial and self.path is not None:
+            os.truncate(self.path, scan.complete_bytes)
+            log.warning(
+                "audit log %s ended in an incomplete record of %d bytes (a crash while "
+                "writing); it was removed",
+                self.path,
+                scan.partial,
+            )
+            self.write("server", "audit-repair", str(self.path.name), "dropped", bytes=scan.partial)
 
     def write(
         self, principal: str, action: str, target: str = "", outcome: str = "ok", **extra: Any
     ) -> None:
-        """Append one record."""
+        """Append one record; never pass data values, tokens or results in ``extra``."""
         if self.path is None:
             return
         with self._lock:
@@ -51,37 +605,60 @@ class AuditLog:
                 **extra,
                 "prev": self._last,
             }
-            body = json.dumps(record, sort_keys=True, separators=(",", ":"))
-            record["hash"] = hashlib.sha256(body.encode()).hexdigest()
-            line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
+            body = _canonical(record)
+            digest = hashlib.sha256(body.encode()).hexdigest()
+            # the record with its hash: verify() takes "hash" out and re-encodes the rest
+            line = f'{body[:-1]},"hash":"{digest}"}}\n'
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, line.encode())
             finally:
                 os.close(fd)
-            self._last = record["hash"]
+            self._last = digest
+            self._count += 1
+        if self._thread is not None:
+            self._wake.set()
 
+    @property
+    def records(self) -> int:
+        """Records in the log (those found at start and those written since)."""
+        return self._count
 
-def verify(path: Path) -> int:
-    """Check the whole chain and return the number of records.
+    def checkpoint(self) -> Checkpoint | None:
+        """Flush the log to disk and sign a checkpoint of it now; None without a signer."""
+        if self.path is None or self._signer is None:
+            return None
+        with self._lock:
+            count, head = self._count, self._last
+        if count == self._anchored or not self.path.exists():
+            return None
+        point = sign_checkpoint(self._signer, count, head)
+        with _checkpoint_lock(self.path) as fd:
+            os.fsync(fd)  # the records the checkpoint covers reach the disk first
+            write_checkpoint(checkpoint_path(self.path), point)
+        self._anchored = count
+        return point
 
-    Raises:
-        ValueError: Naming the first line that was changed, removed or reordered.
-    """
-    previous = _GENESIS
-    count = 0
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            claimed = record.pop("hash", None)
-            body = json.dumps(record, sort_keys=True, separators=(",", ":"))
-            if (
-                record.get("prev") != previous
-                or hashlib.sha256(body.encode()).hexdigest() != claimed
-            ):
-                raise ValueError(f"audit log {path} is broken at line {number}")
-            previous = claimed
-            count += 1
-    return count
+    def _checkpoints(self) -> None:
+        while True:
+            self._wake.wait()
+            if self._closing.is_set():
+                return
+            # let the records of the next second gather under one checkpoint
+            self._closing.wait(self._delay)
+            self._wake.clear()
+            if self._closing.is_set():
+                return
+            try:
+                self.checkpoint()
+            except Exception:
+                log.exception("writing the audit checkpoint failed; retrying with the next record")
+
+    def close(self) -> None:
+        """Stop the background thread and write the final checkpoint."""
+        if self._thread is not None:
+            self._closing.set()
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+        self.checkpoint()

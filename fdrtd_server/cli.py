@@ -9,12 +9,16 @@
     fdrtd-server token add DIR NAME [--role analyst|admin]
     fdrtd-server federation show DIR [--url URL]        print this server's public entry
     fdrtd-server federation add DIR FILE                add a peer's entry (FILE or -)
-    fdrtd-server audit verify DIR                       check the audit log's hash chain
+    fdrtd-server audit verify DIR [--key B64] [--checkpoint FILE]...
+                                                        check the audit log and its checkpoint
+    fdrtd-server audit checkpoint DIR                   sign a checkpoint of the audit log now
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import logging
 import sys
 import tomllib
@@ -76,8 +80,28 @@ def _parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_commands.add_parser("verify", help="check the hash chain")
+    verify = audit_commands.add_parser(
+        "verify", help="check the hash chain and the signed checkpoint that anchors it"
+    )
     verify.add_argument("home", type=Path)
+    verify.add_argument(
+        "--key",
+        help="the server's Ed25519 public key (base64, the sign_key its peers hold); "
+        "default: the key in DIR/identity",
+    )
+    verify.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        default=[],
+        help="a checkpoint kept elsewhere (from 'audit checkpoint'); the log must match it too",
+    )
+    point = audit_commands.add_parser(
+        "checkpoint",
+        help="verify, then sign a checkpoint of the audit log now and print it "
+        "(keep a copy elsewhere)",
+    )
+    point.add_argument("home", type=Path)
     return parser
 
 
@@ -105,6 +129,54 @@ def main(argv: list[str] | None = None) -> int:
 def home_path(text: str) -> Path:
     """A server home directory from the command line."""
     return Path(text).expanduser().resolve()
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """``audit verify`` and ``audit checkpoint``."""
+    import json
+
+    from fdrtd_server import audit
+
+    home = home_path(str(args.home))
+    settings = config.load_settings(home)
+    log = home / "audit.log"
+    identity: Identity | None = None
+    try:
+        identity = Identity.load(home / "identity", settings.name)
+    except FileNotFoundError:
+        if args.audit_command == "checkpoint" or not args.key:
+            raise FileNotFoundError(
+                f"{home / 'identity'} holds no identity key: give the server's public key "
+                "with --key to verify its checkpoints"
+            ) from None
+    if args.audit_command == "checkpoint":
+        assert identity is not None
+        if not log.is_file():
+            raise FileNotFoundError(f"{log} does not exist: nothing was audited on this server yet")
+        verified, point = audit.checkpoint_now(log, identity)
+        print("\n".join(verified.lines()), file=sys.stderr)
+        print(json.dumps(point.to_dict(), indent=2))
+        return 0
+    key = identity.sign_public if identity is not None else None
+    if args.key:
+        try:
+            key = base64.b64decode(args.key, validate=True)
+        except binascii.Error:
+            raise ValueError(
+                "--key must be base64 (the sign_key of the federation entry)"
+            ) from None
+        if len(key) != 32:
+            raise ValueError("--key must be a 32-byte Ed25519 public key in base64")
+        if identity is not None and identity.sign_public != key:
+            raise ValueError(
+                f"--key {key.hex()[:16]} is not the key of the identity in {home / 'identity'} "
+                f"({identity.sign_public.hex()[:16]}): the identity was replaced"
+            )
+    verified = audit.verify_anchored(
+        log, public_key=key, server=settings.name, extra=tuple(args.checkpoint)
+    )
+    print("\n".join(verified.lines()))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -162,12 +234,5 @@ def _run(args: argparse.Namespace) -> int:
             print(f"added '{entry.name}' ({entry.url})")
         return 0
     if args.command == "audit":
-        from fdrtd_server.audit import verify
-
-        log = home_path(str(args.home)) / "audit.log"
-        if not log.is_file():
-            raise FileNotFoundError(f"{log} does not exist: nothing was audited on this server yet")
-        count = verify(log)
-        print(f"audit log intact: {count} records")
-        return 0
+        return _audit(args)
     raise AssertionError(args.command)  # argparse makes this unreachable

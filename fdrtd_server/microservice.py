@@ -58,6 +58,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 
 from fdrtd_client import wire
+from fdrtd_server.audit import JOBS_SUBJECT
 from fdrtd_server.bus import (
     QUEUE_GROUP,
     SERVICE_PREFIX,
@@ -331,6 +332,15 @@ def _start_wait(message: Mapping[str, Any]) -> float:
     return float(wait)
 
 
+def _error_class(error: BaseException) -> str:
+    """The class of the error a job ended with (the inner fdrtd error of a group)."""
+    if isinstance(error, BaseExceptionGroup):
+        inner = [e for e in error.exceptions if isinstance(e, FdrtdError)]
+        if inner:
+            error = inner[0]
+    return type(error).__name__
+
+
 def _sanitise(error: BaseException) -> tuple[str, str]:
     """Turn any error into (status code, message) that is safe to send."""
     if isinstance(error, BaseExceptionGroup):
@@ -452,15 +462,20 @@ class _Runner:
     ) -> None:
         """Compute, then write the final record unless the start request's answer did."""
         assert ctx.record is not None
+        error_class = ""
         try:
             result = await function(ctx, inputs)
         except asyncio.CancelledError:
             ctx.record.status, ctx.record.error_status = "failed", 503
             ctx.record.error = STOPPED
-            await asyncio.shield(self.bus.put_job(ctx.handle, ctx.record))
+            try:
+                await asyncio.shield(self.bus.put_job(ctx.handle, ctx.record))
+            finally:
+                await self._report_end(ctx, "CancelledError")
             raise
         except BaseException as error:
             code, message = _sanitise(error)
+            error_class = _error_class(error)
             ctx.record.status, ctx.record.error_status, ctx.record.error = (
                 "failed",
                 int(code),
@@ -473,8 +488,32 @@ class _Runner:
             written = await asyncio.shield(recorded)
         except asyncio.CancelledError:
             written = False  # stopping: record the end now, whoever else may
-        if not written:
-            await asyncio.shield(self.bus.put_job(ctx.handle, ctx.record))
+        try:
+            if not written:
+                await asyncio.shield(self.bus.put_job(ctx.handle, ctx.record))
+        finally:
+            await self._report_end(ctx, error_class)
+
+    async def _report_end(self, ctx: JobContext, error_class: str) -> None:
+        """Tell the controller's audit log how the job ended: status and error class, no data.
+
+        A core NATS message (a publish, no round trip): a controller that is not
+        connected at that moment does not record it; the job's record keeps its end.
+        """
+        assert ctx.record is not None
+        event: dict[str, Any] = {
+            "result": ctx.handle,
+            "principal": ctx.principal,
+            "microservice": self.spec.name,
+            "function": ctx.record.function,
+            "status": ctx.record.status,
+        }
+        if ctx.record.status == "failed":
+            event.update(error_status=ctx.record.error_status, error_class=error_class)
+        try:
+            await asyncio.shield(self.bus.nc.publish(JOBS_SUBJECT, wire.packb(event)))
+        except Exception as error:
+            log.warning("could not report the end of a job for the audit log: %s", error)
 
     async def stop(self) -> None:
         for task in list(self.tasks):

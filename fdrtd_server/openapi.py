@@ -155,7 +155,7 @@ def document(settings: Settings) -> dict[str, Any]:
                         "session": {
                             "type": "object",
                             "properties": {
-                                "id": {"type": "string"},
+                                "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{22,64}$"},
                                 "parties": {"type": "array", "items": {"type": "string"}},
                             },
                         },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -183,7 +184,7 @@ def test_parties_must_run_the_same_function(duo: LocalFederation) -> None:
     p1 = duo.servers["p1"].client()
     p2 = duo.servers["p2"].client()
     h1, h2 = p1.upload({"v": ["a", "b", "c"]}), p2.upload({"v": ["a", "b", "c"]})
-    session = {"id": "psi-mismatch-1", "parties": ["p1", "p2"]}
+    session = {"id": "psi-mismatch-" + secrets.token_hex(16), "parties": ["p1", "p2"]}
     j1 = p1.compute("psi", "intersection", session=session, data=h1)
     j2 = p2.compute("psi", "union", session=session, data=h2)
     for job in (j1, j2):

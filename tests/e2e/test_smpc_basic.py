@@ -585,7 +585,7 @@ def test_session_without_this_server_is_refused(trio: LocalFederation) -> None:
     job = client.compute(
         "smpc",
         "count",
-        session={"id": secrets.token_hex(8), "parties": ["beta", "gamma"]},
+        session={"id": secrets.token_hex(16), "parties": ["beta", "gamma"]},
         data=handle,
     )
     with pytest.raises(ServerError) as caught:

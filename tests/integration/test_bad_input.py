@@ -360,7 +360,7 @@ def test_bad_parties_are_400(
         "microservice": "smpc",
         "function": "count",
         "inputs": {"data": precious[0]},
-        "session": {"id": "bad-parties-" + secrets.token_hex(4), "parties": parties},
+        "session": {"id": "bad-parties-" + secrets.token_hex(16), "parties": parties},
     }
     assert_problem(post_compute(server, body), 400, "'session.parties'")
 
@@ -440,7 +440,8 @@ def test_deeply_nested_bodies_are_400(server: LocalServer, content_type: str) ->
         b'{"microservice":"map","function":"aggregate","inputs":{"x":100000000000000000000000}}',
         b'{"microservice":"map","function":"aggregate","inputs":{"x":-100000000000000000000000}}',
         b'{"microservice":"smpc","function":"count","inputs":{},'
-        b'"session":{"id":"abcdefgh-big","parties":["alpha","beta"],"x":100000000000000000000000}}',
+        b'"session":{"id":"abcdefgh-big-0123456789abcdef","parties":["alpha","beta"],'
+        b'"x":100000000000000000000000}}',
         b'{"microservice":"map","function":"aggregate","inputs":{"x":'
         + b"[" * 520
         + b"]" * 520
