@@ -71,7 +71,10 @@ def test_demo_reports_a_refused_computation_and_goes_on(capsys: pytest.CaptureFi
         assert any(line.startswith(label) for line in oks), label
     assert "DIFFERENT" not in out
     # the introduction names only the switches that are on
-    assert "allow matrix_product, linear_regression_vertical, which can reveal" in out
+    assert (
+        "allow matrix_product, linear_regression_vertical, psi intersection, which can reveal"
+        in out
+    )
     assert "servers stopped." in out
     assert "1 result(s) failed or differ from the plaintext answer" in out
     assert "Traceback" not in out + err
