@@ -10,6 +10,7 @@ positions.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -203,3 +204,61 @@ def test_only_the_intersector_sees_every_blinded_set() -> None:
     joint = [s for s in net.sent if s.tag.startswith(service.Stage.JOINT + ".")]
     assert {(s.sender, s.to) for s in joint} == {("k0", "k1"), ("k0", "k2")}
     assert all(len(s.value["points"]) == 3 * curve.POINT_BYTES for s in joint)
+
+
+@pytest.mark.parametrize("parties", [2, 3, 4, 5])
+def test_the_intersection_matches_python_sets(parties: int) -> None:
+    rng = random.Random(parties)
+    common = [f"c{k}" for k in range(4)]
+    # overlaps of every kind: all, some pairs, only one party
+    sets = {
+        f"q{j}": common
+        + rng.sample([f"x{k}" for k in range(30)], 12)
+        + [f"own{j}-{k}" for k in range(3)]
+        for j in range(parties)
+    }
+    expected = sorted(set.intersection(*map(set, sets.values())))
+    results, _ = run_parties("intersection", sets)
+    assert all(r == {"intersection": expected, "size": len(expected)} for r in results.values())
+    sizes, _ = run_parties("intersection_size", sets)
+    assert all(r == {"size": len(expected)} for r in sizes.values())
+
+
+def test_with_three_parties_the_intersector_blinds_only_the_candidates() -> None:
+    # q1 and q2 share 4 items, of which 3 are also q0's: party 0 relays no list and
+    # applies its scalar to the 4 candidates only, never to the rest of q1's or q2's items
+    sets = {
+        "q0": ["a", "b", "c", "u", "v"],
+        "q1": ["a", "b", "c", "w", "y1", "z1"],
+        "q2": ["a", "b", "c", "w", "y2", "z2", "t2"],
+    }
+    results, net = run_parties("intersection", sets)
+    assert all(r == {"intersection": ["a", "b", "c"], "size": 3} for r in results.values())
+    ring = [s for s in net.sent if s.tag.startswith(service.Stage.RING + ".")]
+    assert not [s for s in ring if s.to == "q0"]  # q0 never blinds another's list whole
+    assert {(s.sender, s.to) for s in ring} == {("q0", "q1"), ("q1", "q2"), ("q2", "q1")}
+    # the lists of q1 and q2 carry only their scalars when they reach q0
+    final = {s.tag.split(".")[1]: s for s in net.sent if s.tag.startswith(service.Stage.FINAL)}
+    assert {
+        tag: (s.sender, len(s.value["points"]) // curve.POINT_BYTES) for tag, s in final.items()
+    } == {
+        "0": ("q2", 5),
+        "1": ("q2", 6),
+        "2": ("q1", 7),
+    }
+    # each holder gets the intersection in the points of the lists it holds
+    joint = {(s.to, s.tag.split(".")[1]) for s in net.sent if s.tag.startswith(service.Stage.JOINT)}
+    assert joint == {("q2", "0"), ("q2", "1"), ("q1", "2")}
+
+
+def test_routes_leave_party_zero_out_of_the_others_lists_only_from_three_parties() -> None:
+    assert service.route(2, 0) == [0, 1] and service.route(2, 1) == [1, 0]
+    assert service.route(3, 0) == [0, 1, 2]
+    assert service.route(3, 1) == [1, 2] and service.route(3, 2) == [2, 1]
+    assert service.route(5, 3) == [3, 4, 1, 2]
+    for n in range(2, 8):
+        for owner in range(n):
+            path = service.route(n, owner)
+            assert path[0] == owner and len(set(path)) == len(path)
+            # nobody holds its own list, so no owner sees its blinded items in order
+            assert path[-1] != owner
