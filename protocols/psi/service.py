@@ -65,8 +65,9 @@ Intersection (stages, a la Meadows 1986 and Huberman, Franklin, Hogg 1999)
     item. Only the items that parties 1 to n-1 have in common can be in
     ``I``, so party 0 blinds those alone: a three-party intersection of
     100,000 items each costs about 710,000 X25519 operations instead of
-    900,000. Party 0 learns nothing it did not learn before: the sizes of
-    the sub-intersections among the lists it sees, and ``I``.
+    900,000. Party 0 learns nothing it could not learn before: the sizes of
+    the sub-intersections (those with its own set by taking its scalar off
+    its own list, which it receives sorted), and ``I``.
 
     This differs from the textbook flow, where the owner gets its list back
     in order and maps the intersection itself: an owner that held its own
@@ -97,9 +98,9 @@ What is revealed (threat model, message counts, cost: ``docs/protocols.md``)
     result and every party's set size, and ``|I|`` even when the result is
     refused. With ``intersection`` and ``intersection_size`` and n > 2,
     party 0 (the intersector) also learns the sizes of the sub-intersections
-    among the other parties' sets (``|S_1 & S_2|``, ...), which the minimum
-    cohort does not bound, since it sees their lists as sets, but not which
-    items they contain. ``union``: the last party learns how many parties hold each
+    (``|S_1 & S_2|``, ... from the lists it sees as sets; ``|S_0 & S_1|``, ...
+    by taking its scalar off its own list), which the minimum cohort does not
+    bound, but not which items they contain. ``union``: the last party learns how many parties hold each
     item (for n = 2 that is the intersection); party 0 learns how many items
     each party sent (the set sizes, public anyway).
 
