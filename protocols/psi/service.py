@@ -100,9 +100,10 @@ What is revealed (threat model, message counts, cost: ``docs/protocols.md``)
     party 0 (the intersector) also learns the sizes of the sub-intersections
     (``|S_1 & S_2|``, ... from the lists it sees as sets; ``|S_0 & S_1|``, ...
     by taking its scalar off its own list), which the minimum cohort does not
-    bound, but not which items they contain. ``union``: the last party learns how many parties hold each
-    item (for n = 2 that is the intersection); party 0 learns how many items
-    each party sent (the set sizes, public anyway).
+    bound, but not which items they contain. ``union``: the last party
+    learns how many parties hold each item (for n = 2 that is the
+    intersection); party 0 learns how many items each party sent (the set
+    sizes, public anyway).
 
 Timeouts
     Every wait is for one message, within the session timeout. In the ring a

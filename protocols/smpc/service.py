@@ -231,24 +231,38 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         smpc = SmpcSession(peers)
         await smpc.setup(declare(ctx, function="univariate"), defer=True)
         # stage 1: the count, checked before any sum is opened, and the sum
-        # give the mean, the public shift for stage 2
+        # give the mean, the public shift for stage 3
         n, (total,) = await smpc.count_and_sum_big(
             values.size,
             [float(values.sum())],
             ready=values.size >= ctx.env.min_cohort,
             vet=lambda joint: vet_declared(ctx, smpc, joint, "function"),
+            exact=True,
         )
-        await ctx.progress(0.2)
+        await ctx.progress(0.1)
         shift = total / n
-        # stage 2: centred power sums
-        sums = await smpc.sum_big(list(stats_math.local_power_sums(values, shift=shift)))
-        await ctx.progress(0.3)
+        # stage 2: the extremes; whether every value of every party is
+        # positive follows from the minimum, which is public from here on
         present = values.size > 0
         lo, hi = await smpc.minimum_maximum(
             values.min() if present else 0.0, values.max() if present else 0.0, present
         )
-    # every value of every party is positive exactly when the joint minimum is
-    return stats_math.univariate(sums, float(lo), float(hi), all_positive=bool(lo > 0), shift=shift)
+        await ctx.progress(0.8)
+        # stage 3: centred power sums, and the sums behind the harmonic and
+        # geometric means only if the joint minimum is positive (public), so
+        # that no party's own sums of 1/x and log x are opened when they are not
+        positive = float(lo) > 0
+        scale = float(lo) if positive else None
+        local = stats_math.local_power_sums(values, shift=shift, positive_minimum=scale)
+        sums = await smpc.sum_big(list(local), exact=True)
+    return stats_math.univariate(
+        sums,
+        float(lo),
+        float(hi),
+        all_positive=positive,
+        shift=shift,
+        reciprocal_scale=scale or 1.0,
+    )
 
 
 @service.job("bivariate")
@@ -273,10 +287,11 @@ async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
             [float(x.sum()), float(y.sum())],
             ready=x.size >= ctx.env.min_cohort,
             vet=lambda joint: vet_declared(ctx, smpc, joint, "function"),
+            exact=True,
         )
         shift_x, shift_y = sx / n, sy / n
         sums = await smpc.sum_big(
-            list(stats_math.local_cross_sums(x, y, shift_x=shift_x, shift_y=shift_y))
+            list(stats_math.local_cross_sums(x, y, shift_x=shift_x, shift_y=shift_y)), exact=True
         )
     return stats_math.bivariate(sums, shift_x=shift_x, shift_y=shift_y)
 

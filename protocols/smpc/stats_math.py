@@ -137,17 +137,26 @@ def all_positive(x: npt.ArrayLike) -> bool:
     return bool(values.size > 0 and np.all(values > 0))
 
 
-def local_power_sums(x: npt.ArrayLike, *, shift: float = 0.0) -> F64Array:
+def local_power_sums(
+    x: npt.ArrayLike, *, shift: float = 0.0, positive_minimum: float | None = None
+) -> F64Array:
     """Compute one party's aggregates for :func:`univariate`.
 
     Args:
         x: The party's values (any shape; flattened).
         shift: Public shift ``c``; the power sums are of ``x - c``.
+        positive_minimum: The *joint* minimum ``l`` of all parties' values,
+            if it is positive (public); else None.
 
     Returns:
         A float64 vector in :data:`POWER_SUM_KEYS` order:
-        ``[n, sum(d), ..., sum(d^6), sum(1/x), sum(log x)]`` with ``d = x - c``.
-        The last two entries are ``0.0`` unless :func:`all_positive` holds.
+        ``[n, sum(d), ..., sum(d^6), sum(l/x), sum(log x)]`` with ``d = x - c``.
+        The last two entries are ``0.0`` unless ``positive_minimum`` is
+        given: whether they are summed must depend on public data only, else
+        a party with all-positive values would reveal its own sums whenever
+        another party's values are not (the result then hides them, but the
+        opened sums would not). ``l/x`` lies in ``(0, 1]``, so the sum stays
+        finite even for subnormal values.
 
     Raises:
         ValueError: If ``x`` contains NaN or infinity, ``shift`` is not
@@ -169,8 +178,10 @@ def local_power_sums(x: npt.ArrayLike, *, shift: float = 0.0) -> F64Array:
             "the values are too large for power sums up to the 6th power; "
             "scale the data down or pass a `shift` near their center"
         )
-    if all_positive(values):
-        sums[_MAX_POWER + 1] = np.sum(1.0 / values)
+    if positive_minimum is not None:
+        if not positive_minimum > 0 or (values.size and values.min() < positive_minimum):
+            raise ValueError("`positive_minimum` must be positive and at most every value")
+        sums[_MAX_POWER + 1] = np.sum(positive_minimum / values)
         sums[_MAX_POWER + 2] = np.sum(np.log(values))
     return sums
 
@@ -221,6 +232,7 @@ def univariate(
     *,
     all_positive: bool,
     shift: float = 0.0,
+    reciprocal_scale: float = 1.0,
 ) -> dict[str, float]:
     """Compute the 22 univariate statistics of SIMON from summed aggregates.
 
@@ -228,8 +240,9 @@ def univariate(
     ``mu = c + a_1``, population central moments ``m_k`` (module docstring).
 
     * ``samples = n``; ``sum = n*c + sum(x-c)``; ``mean = mu``.
-    * ``harmonic_mean = n / sum(1/x)``; ``geometric_mean = exp(sum(log x) / n)``;
-      both NaN unless ``all_positive``.
+    * ``harmonic_mean = n / sum(1/x) = n * l / sum(l/x)`` with ``l`` the
+      ``reciprocal_scale``; ``geometric_mean = exp(sum(log x) / n)``; both
+      NaN unless ``all_positive``.
     * ``variance_mle = m_2``; ``variance = m_2 * n / (n-1)`` (sample variance);
       ``variance_of_sample_mean = variance / n``.
     * ``standard_deviation = sqrt(variance)``; ``standard_deviation_mle =
@@ -257,6 +270,8 @@ def univariate(
         maximum: Global maximum.
         all_positive: Whether every party reported :func:`all_positive`.
         shift: The shift all parties used for their power sums.
+        reciprocal_scale: The ``positive_minimum`` all parties passed to
+            :func:`local_power_sums` (1.0 if the sums are of ``1/x``).
 
     Returns:
         A dict with exactly the keys of :data:`UNIVARIATE_KEYS`, in that order.
@@ -283,7 +298,7 @@ def univariate(
     standard_deviation_mle = _sqrt(variance_mle)
     kurtosis = _ratio(central[4], _power(variance_mle, 2))
     if all_positive and count > 0:
-        harmonic_mean = _ratio(count, values[_MAX_POWER + 1])
+        harmonic_mean = _ratio(count * reciprocal_scale, values[_MAX_POWER + 1])
         geometric_mean = math.exp(values[_MAX_POWER + 2] / count)
     else:
         harmonic_mean = geometric_mean = nan

@@ -104,15 +104,24 @@ def direct_univariate(x: np.ndarray) -> dict[str, float]:
 
 
 def pooled_univariate(parts: list[np.ndarray], *, shift: float = 0.0) -> dict[str, float]:
-    """What a protocol computes: per-party sums, added, then the formulas."""
-    total = np.sum([sm.local_power_sums(part, shift=shift) for part in parts], axis=0)
+    """What a protocol computes: per-party sums, added, then the formulas.
+
+    As the protocol does, the sums behind the harmonic and geometric means
+    depend on the joint minimum only (public), never on a party's own data.
+    """
     everything = np.concatenate(parts)
+    low = float(np.min(everything))
+    scale = low if low > 0 else None
+    total = np.sum(
+        [sm.local_power_sums(part, shift=shift, positive_minimum=scale) for part in parts], axis=0
+    )
     return sm.univariate(
         total,
-        float(np.min(everything)),
+        low,
         float(np.max(everything)),
-        all_positive=all(sm.all_positive(part) for part in parts),
+        all_positive=scale is not None,
         shift=shift,
+        reciprocal_scale=scale or 1.0,
     )
 
 
@@ -150,7 +159,7 @@ def test_key_tuples() -> None:
 
 def test_local_power_sums_values() -> None:
     x = np.array([1.0, 2.0, 4.0])
-    sums = sm.local_power_sums(x)
+    sums = sm.local_power_sums(x, positive_minimum=1.0)
     assert sums.dtype == np.float64
     assert sums.shape == (9,)
     expected = [3.0, 7.0, 21.0, 73.0, 273.0, 1057.0, 4161.0, 1.75, math.log(8.0)]
@@ -159,20 +168,35 @@ def test_local_power_sums_values() -> None:
 
 def test_local_power_sums_shift() -> None:
     x = np.array([[1.0, 2.0], [4.0, 5.0]])
-    sums = sm.local_power_sums(x, shift=3.0)
+    sums = sm.local_power_sums(x, shift=3.0, positive_minimum=0.5)
     deltas = np.array([-2.0, -1.0, 1.0, 2.0])
     expected = [4.0] + [float(np.sum(deltas**k)) for k in range(1, 7)]
-    expected += [1.0 + 0.5 + 0.25 + 0.2, math.log(40.0)]  # 1/x and log x ignore the shift
+    # l/x with the joint minimum l = 0.5, and log x; neither uses the shift
+    expected += [0.5 * (1.0 + 0.5 + 0.25 + 0.2), math.log(40.0)]
     np.testing.assert_allclose(sums, expected, rtol=1e-15)
 
 
-def test_local_power_sums_non_positive() -> None:
-    sums = sm.local_power_sums(np.array([-1.0, 2.0, 3.0]))
-    assert sums[7] == 0.0
-    assert sums[8] == 0.0
-    assert sums[1] == 4.0
-    zero = sm.local_power_sums(np.array([0.0, 1.0]))
-    assert zero[7] == 0.0 and zero[8] == 0.0
+def test_reciprocal_and_log_sums_depend_on_the_public_minimum_only() -> None:
+    # a party with all-positive values sends zeros there unless the *joint*
+    # minimum is positive: else its own sums of 1/x and log x would be opened
+    # (and readable by the others) while the result shows NaN
+    own = np.array([4.0, 5.0, 8.0])
+    hidden = sm.local_power_sums(own)
+    assert hidden[7] == 0.0 and hidden[8] == 0.0
+    assert hidden[1] == 17.0
+    shown = sm.local_power_sums(own, positive_minimum=2.0)
+    assert shown[7] == pytest.approx(2.0 * (1 / 4 + 1 / 5 + 1 / 8))
+    with pytest.raises(ValueError, match="positive_minimum"):
+        sm.local_power_sums(own, positive_minimum=5.0)  # above a value: not a minimum
+    with pytest.raises(ValueError, match="positive_minimum"):
+        sm.local_power_sums(np.array([0.0, 1.0]), positive_minimum=0.0)
+
+
+def test_subnormal_values_keep_a_finite_harmonic_mean() -> None:
+    values = np.array([5e-324, 1.0, 2.0])
+    result = pooled_univariate([values[:1], values[1:]])
+    assert result["harmonic_mean"] == pytest.approx(3 / (2e323 + 1.5), rel=1e-12)
+    assert result["geometric_mean"] == pytest.approx(math.exp(np.log(values).mean()))
 
 
 def test_local_power_sums_empty() -> None:
@@ -283,7 +307,11 @@ def test_univariate_through_the_big_ring(rng: np.random.Generator) -> None:
     # The full pipeline: local sums -> exact 256-bit fixed point -> shares -> statistics.
     parts = [rng.normal(50.0, 10.0, size=size) for size in (100, 250, 40)]
     parties = len(parts)
-    encoded = [ring.encode_big(sm.local_power_sums(p, shift=50.0), parties=parties) for p in parts]
+    low = float(min(p.min() for p in parts))
+    encoded = [
+        ring.encode_big(sm.local_power_sums(p, shift=50.0, positive_minimum=low), parties=parties)
+        for p in parts
+    ]
     shares = [ring.split_big(values, parties) for values in encoded]
     partial = [ring.combine_big([s[j] for s in shares]) for j in range(parties)]
     total = ring.decode_big(ring.combine_big(partial))
@@ -292,10 +320,50 @@ def test_univariate_through_the_big_ring(rng: np.random.Generator) -> None:
         total,
         float(np.min(everything)),
         float(np.max(everything)),
-        all_positive=bool(np.all(everything > 0)),
+        all_positive=True,
         shift=50.0,
+        reciprocal_scale=low,
     )
     assert_stats_close(result, direct_univariate(everything), rtol=1e-9)
+
+
+# a spread of 1e-10 around 1.0 leaves the data itself about 6 significant digits
+@pytest.mark.parametrize(("spread", "rel"), [(1e-6, 1e-6), (1e-10, 1e-3), (1e9, 1e-6)])
+def test_the_exact_ring_keeps_every_statistic_whatever_the_scale(
+    rng: np.random.Generator, spread: float, rel: float
+) -> None:
+    # the 256-bit ring rounds to 2^-64 and overflows at 2^191: kurtosis of data
+    # with a standard deviation of 1e-6 came out 0.0, and 1e9 was refused
+    parts = [rng.normal(1.0 if spread < 1 else 1e12, spread, size=size) for size in (150, 150)]
+    everything = np.concatenate(parts)
+    shift = float(everything.mean())
+    low = float(everything.min())
+    bits, frac = ring.EXACT_RING_BITS, ring.EXACT_FRAC_BITS
+    encoded = [
+        ring.encode_big(
+            sm.local_power_sums(p, shift=shift, positive_minimum=low),
+            parties=2,
+            frac_bits=frac,
+            ring_bits=bits,
+        )
+        for p in parts
+    ]
+    modulus = 1 << bits
+    total = ring.decode_big(
+        [(a + b) % modulus for a, b in zip(*encoded, strict=True)], frac_bits=frac, ring_bits=bits
+    )
+    result = sm.univariate(
+        total,
+        low,
+        float(everything.max()),
+        all_positive=True,
+        shift=shift,
+        reciprocal_scale=low,
+    )
+    expected = direct_univariate(everything)
+    for key in ("variance", "skewness", "kurtosis", "hyper_skewness", "hyper_flatness"):
+        assert result[key] == pytest.approx(expected[key], rel=rel), key
+    assert result["kurtosis"] > 2
 
 
 # --- bivariate --------------------------------------------------------------------------
