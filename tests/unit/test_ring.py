@@ -469,3 +469,26 @@ def test_order_key_shape_and_nan() -> None:
     assert ring.float_order_key(1.5).shape == ()
     with pytest.raises(ValueError, match="NaN"):
         ring.float_order_key(np.array([1.0, math.nan]))
+
+
+def test_the_bound_max_encodable_returns_is_itself_encodable() -> None:
+    # it used to round the bound to the nearest float, often just above it
+    for parties in range(1, 65):
+        for frac_bits in (0, 20, 40):
+            bound = ring.max_encodable(parties=parties, frac_bits=frac_bits)
+            ring.encode_fixed(np.array([bound, -bound]), frac_bits=frac_bits, parties=parties)
+        wide = ring.max_encodable(parties=parties, frac_bits=64, ring_bits=ring.BIG_RING_BITS)
+        ring.encode_big([wide, -wide], parties=parties)
+
+
+def test_the_exact_ring_holds_every_finite_float() -> None:
+    extremes = [5e-324, -5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, -1e-300, 0.1]
+    bits, frac = ring.EXACT_RING_BITS, ring.EXACT_FRAC_BITS
+    encoded = ring.encode_big(extremes, parties=64, frac_bits=frac, ring_bits=bits)
+    assert ring.decode_big(encoded, frac_bits=frac, ring_bits=bits) == extremes
+    # a sum beyond the float range decodes to an infinity, not an error
+    doubled = [(2 * e) % (1 << bits) for e in encoded]
+    assert ring.decode_big(doubled, frac_bits=frac, ring_bits=bits)[3] == math.inf
+    masks = ring.prg_big(b"s" * 32, b"label", 2, ring_bits=bits)
+    assert all(0 <= m < 1 << bits for m in masks)
+    assert ring.prg_big(b"s" * 32, b"label", 1) != [m % (1 << 256) for m in masks[:1]]
