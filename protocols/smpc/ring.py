@@ -549,7 +549,7 @@ def decode_big(
         try:
             decoded.append(float(Fraction(integer, 1 << frac_bits)))
         except OverflowError:
-            decoded.append(math.copysign(math.inf, integer))
+            decoded.append(math.inf if integer > 0 else -math.inf)
     return decoded
 
 
