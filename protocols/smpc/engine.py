@@ -78,6 +78,8 @@ CHUNK = 128 * 1024
 """Elements per peer message (1 MiB of uint64), below the bus payload limit."""
 SEND_WINDOW = 4
 """Pieces of one vector in flight at once, per receiving party."""
+BIG_PIECE = 2048
+"""Wide-ring elements per peer message (557 KiB in the exact ring), below the bus limit."""
 SEARCH_BITS = 4
 """Bits of a key that each round of the secure maximum settles (15 thresholds a key)."""
 SEARCH_ROUNDS = 64 // SEARCH_BITS
@@ -371,22 +373,32 @@ class SmpcSession:
         bits holds every finite float64 without rounding, so the sum is the
         exact sum of the inputs, rounded once to a float, whatever their scale
         (1e-300 or 1e300); its masked values are 272 bytes an element instead
-        of 32, so it suits a few statistics rather than long vectors.
+        of 32. Either way they travel in pieces of :data:`BIG_PIECE` elements.
         """
         tag = self._next(Stage.BIGSUM)
         wide = _Wide(exact)
         wire_form = self._masked_big(tag, values, wide)
         deferred, self._deferred = self._deferred, None
-        if deferred is None:
-            received = await self.peers.exchange(tag, wire_form)
-        else:
-            wrapped = await self.peers.exchange(tag, {"v": wire_form, "public": deferred})
-            received = {}
-            for party, message in wrapped.items():
-                message = message if isinstance(message, dict) else {}
-                if party != self.peers.me:
+        # pieces below the bus payload limit: the first under the plain tag
+        size = max(1, len(wire_form))
+        tags = [tag if k == 0 else f"{tag}.{k // BIG_PIECE}" for k in range(0, size, BIG_PIECE)]
+        for k, piece_tag in enumerate(tags):
+            piece = wire_form[k * BIG_PIECE : (k + 1) * BIG_PIECE]
+            first = k == 0 and deferred is not None
+            await self.peers.broadcast(
+                piece_tag, {"v": piece, "public": deferred} if first else piece
+            )
+        received: dict[str, Any] = {self.peers.me: wire_form}
+        for party in self.peers.others:
+            parts: list[Any] = []
+            for k, piece_tag in enumerate(tags):
+                message = await self.peers.recv(party, piece_tag)
+                if k == 0 and deferred is not None:
+                    message = message if isinstance(message, dict) else {}
                     self._store_public({party: message.get("public")})
-                received[party] = message.get("v")
+                    message = message.get("v")
+                parts.extend(message if isinstance(message, list) else [None])
+            received[party] = parts
         return _add_big(received, len(wire_form), wide)
 
     def _masked_big(self, tag: str, values: Sequence[float], wide: _Wide) -> list[bytes]:

@@ -6,9 +6,9 @@ counts of each are in ``docs/protocols.md``.
 ``linear_regression`` (horizontal: every party holds whole records)
     The parties add their record counts (and check the joint cohort), then
     their local ``X'X``, ``X'y`` and ``y'y`` with one secure sum in the
-    256-bit ring (:meth:`~protocols.smpc.engine.SmpcSession.sum_big`, exact
-    to float precision), and solve the normal equations. Revealed: these
-    totals.
+    exact ring (:meth:`~protocols.smpc.engine.SmpcSession.sum_big` with
+    ``exact``: no rounding at any scale), and solve the normal equations.
+    Revealed: these totals.
 
 ``logistic_regression`` (horizontal)
     Newton-Raphson at a public current ``beta``: each iteration adds the
@@ -260,9 +260,9 @@ def ols_from_gram(
 
 
 async def _sum_big(smpc: SmpcSession, values: list[float]) -> list[float]:
-    """Secure sum of local aggregates; a range error becomes a readable failure."""
+    """Secure sum of local aggregates, exact at any scale; an infinity is a readable failure."""
     try:
-        return await smpc.sum_big(values)
+        return await smpc.sum_big(values, exact=True)
     except ring.FixedPointOverflow as error:
         raise ComputationFailed(f"the local aggregates are too large: {error}") from None
     except ValueError:

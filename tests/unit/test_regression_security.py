@@ -460,3 +460,29 @@ def test_frac_bits_is_refused_for_vertical_regression() -> None:
                 {"frac_bits": 40},
             )
         )
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e12])
+def test_horizontal_regression_is_exact_at_any_scale(scale: float) -> None:
+    # the 256-bit ring rounded X'X to 2^-64 (entries of 1e-24 became 0) and
+    # refused squares above 2^191; the exact ring keeps both
+    rng = np.random.default_rng(8)
+    parts = {}
+    for name, size in (("p", 30), ("q", 25), ("r", 40)):
+        x = rng.normal(0, scale, (size, 2))
+        y = x @ np.array([2.0, -3.0]) + rng.normal(0, scale * 0.01, size)
+        parts[name] = (x, y)
+    inputs = {
+        name: {"data": {"a": x[:, 0].tolist(), "b": x[:, 1].tolist(), "y": y.tolist()}}
+        for name, (x, y) in parts.items()
+    }
+    outcomes, _ = run_job(regression.linear_regression, inputs, x=["a", "b"], y="y")
+    x = np.vstack([x for x, _ in parts.values()])
+    y = np.concatenate([y for _, y in parts.values()])
+    design = np.column_stack([np.ones(len(y)), x])
+    expected = np.linalg.lstsq(design, y, rcond=None)[0]
+    for outcome in outcomes.values():
+        assert not isinstance(outcome, BaseException), outcome
+        found = [outcome["coefficients"][name] for name in ("intercept", "a", "b")]
+        np.testing.assert_allclose(found[1:], expected[1:], rtol=1e-8)
+        assert found[0] == pytest.approx(expected[0], abs=1e-8 * scale)
