@@ -24,6 +24,7 @@ from fdrtd_client.errors import Conflict as Conflict
 from fdrtd_client.errors import ConnectError as ConnectError
 from fdrtd_client.errors import FdrtdClientError as FdrtdClientError
 from fdrtd_client.errors import Forbidden as Forbidden
+from fdrtd_client.errors import InsecureTransportWarning as InsecureTransportWarning
 from fdrtd_client.errors import NotFound as NotFound
 from fdrtd_client.errors import PartyTimeout as PartyTimeout
 from fdrtd_client.errors import PayloadTooLarge as PayloadTooLarge
@@ -45,6 +46,7 @@ __all__ = [
     "Federation",
     "Forbidden",
     "Handle",
+    "InsecureTransportWarning",
     "Job",
     "NotFound",
     "PartyTimeout",

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import numpy as np
 import requests
@@ -18,6 +20,7 @@ from fdrtd_client import wire
 from fdrtd_client.errors import (
     ConnectError,
     FdrtdClientError,
+    InsecureTransportWarning,
     RequestTimeout,
     ResultTimeout,
     error_from_problem,
@@ -62,6 +65,51 @@ def _file_chunks(handle: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
+_WARNED: set[str] = set()
+"""The insecure server addresses warned about in this process (each is warned about once)."""
+_WARNED_LOCK = threading.Lock()
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (traffic to it never crosses a network)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _warn_if_insecure(base: str) -> None:
+    """Warn once per server if ``base`` is plain HTTP to another machine."""
+    parts = urlsplit(base)
+    if parts.scheme != "http" or _is_loopback(parts.hostname or ""):
+        return
+    with _WARNED_LOCK:
+        if parts.netloc in _WARNED:
+            return
+        _WARNED.add(parts.netloc)
+    warnings.warn(
+        f"{base} is plain http:// to another machine: your token and every answer travel "
+        "unencrypted and can be read or changed on the way. Use https://, or pass "
+        "allow_insecure=True if this network is trusted (e.g. a private container network).",
+        InsecureTransportWarning,
+        stacklevel=3,
+    )
+
+
+def _problem_detail(response: requests.Response) -> str:
+    """The ``detail`` of an error answer, or its reason if the body is no problem document."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("detail"), str) and body["detail"]:
+        return str(body["detail"])
+    return response.reason or f"HTTP error {response.status_code}"
+
+
 class Client:
     """A connection to one fdrtd server.
 
@@ -77,6 +125,15 @@ class Client:
             and :meth:`Job.result` needs no further request; a computation that
             takes longer is answered when this time is up, and then polled. ``0``
             returns at once, as soon as the computation has started.
+        allow_insecure: Say that plain ``http://`` to another machine is meant
+            (a trusted private network). Without it such a URL gives an
+            :class:`InsecureTransportWarning`, once per server and process, since
+            the token would travel unencrypted. ``http://`` to this machine
+            (``localhost``, ``127.0.0.1``, ``::1``) never warns.
+
+    Warns:
+        InsecureTransportWarning: For ``http://`` to another machine, unless
+            ``allow_insecure`` is set.
 
     Raises:
         FdrtdClientError: If ``start_wait`` is out of range.
@@ -90,6 +147,7 @@ class Client:
         timeout: float = 30.0,
         verify: bool | str = True,
         start_wait: float = 0.25,
+        allow_insecure: bool = False,
     ) -> None:
         if not 0 <= start_wait <= MAX_START_WAIT:
             raise FdrtdClientError(f"'start_wait' must be between 0 and {MAX_START_WAIT:g} seconds")
@@ -102,6 +160,8 @@ class Client:
         self._base = str(checked.url).rstrip("/")
         if not self._base.startswith(("http://", "https://")):
             raise FdrtdClientError(f"{url!r} is not a server URL: it must start with http(s)://")
+        if not allow_insecure:
+            _warn_if_insecure(self._base)
         self.timeout = timeout
         self.start_wait = start_wait
         self._session = requests.Session()
@@ -182,11 +242,7 @@ class Client:
                 f"{self.url} did not answer within {timeout or self.timeout:g} s"
             ) from error
         if response.status_code >= 400:
-            try:
-                detail = str(response.json().get("detail", response.reason))
-            except ValueError:
-                detail = response.reason or "error"
-            raise error_from_problem(response.status_code, detail, self.url)
+            raise error_from_problem(response.status_code, _problem_detail(response), self.url)
         if response.headers.get("content-type", "").startswith(wire.MSGPACK):
             return wire.unpackb(response.content)
         return wire.from_jsonable(response.json())
@@ -441,10 +497,13 @@ class Job:
     def _outcome(self, view: dict[str, Any], value: bool) -> Any:
         """The value of a final view (None if ``value`` is False), or its error raised."""
         if view["status"] == "failed":
-            error = view.get("error", {})
-            raise error_from_problem(
-                int(error.get("status", 500)), str(error.get("detail", "")), self.client.url
-            )
+            error = view.get("error")
+            error = error if isinstance(error, dict) else {}
+            status = error.get("status")
+            status = status if isinstance(status, int) and 400 <= status <= 599 else 500
+            detail = error.get("detail")
+            detail = detail if isinstance(detail, str) and detail else "the computation failed"
+            raise error_from_problem(status, detail, self.client.url)
         return view.get("value") if value else None
 
     def release(self) -> None:
@@ -472,9 +531,17 @@ def connect(
     timeout: float = 30.0,
     verify: bool | str = True,
     start_wait: float = 0.25,
+    allow_insecure: bool = False,
 ) -> Client:
     """Connect to an fdrtd server (no request is sent until you use it).
 
     The arguments are those of :class:`Client`.
     """
-    return Client(url, token, timeout=timeout, verify=verify, start_wait=start_wait)
+    return Client(
+        url,
+        token,
+        timeout=timeout,
+        verify=verify,
+        start_wait=start_wait,
+        allow_insecure=allow_insecure,
+    )

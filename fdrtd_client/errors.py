@@ -17,6 +17,9 @@ The tree::
     │   ├── ServiceUnavailable (503)
     │   └── PartyTimeout (504)
     └── ResultTimeout               a result was not ready within your timeout
+
+And one warning: :class:`InsecureTransportWarning` (a ``UserWarning``), for a
+plain ``http://`` URL to another machine.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "ConnectError",
     "FdrtdClientError",
     "Forbidden",
+    "InsecureTransportWarning",
     "NotFound",
     "PartyTimeout",
     "PayloadTooLarge",
@@ -43,6 +47,15 @@ __all__ = [
 
 class FdrtdClientError(Exception):
     """Base class of every error this client raises."""
+
+
+class InsecureTransportWarning(UserWarning):
+    """A server URL is plain ``http://`` to another machine: the token travels in clear.
+
+    Filter it like any warning, e.g.
+    ``warnings.simplefilter("error", InsecureTransportWarning)`` to refuse such
+    URLs, or pass ``allow_insecure=True`` to the client for a trusted network.
+    """
 
 
 class TransportError(FdrtdClientError):

@@ -5,10 +5,15 @@ Every message is msgpack. Numeric arrays never travel as lists of numbers
 ~0.16 ms): a numpy array becomes the msgpack extension type
 :data:`NDARRAY_EXT` whose body is ``[dtype, shape, raw bytes]``.
 
-Only plain numeric dtypes are accepted on decoding (booleans, signed and
-unsigned integers, floats), in little-endian order; object arrays are
-refused, so that a hostile peer or client can never make us unpickle
-anything.
+Only plain numeric dtypes are accepted on decoding: booleans, signed and
+unsigned integers of 1, 2, 4 or 8 bytes, and floats of 2, 4 or 8 bytes
+(:data:`DTYPE_RULE`, or one of :data:`DTYPE_NAMES`). A dtype text is matched
+against that rule *before* numpy sees it, since numpy evaluates some dtype
+texts (``"(2,3"`` raises ``SyntaxError``); object arrays are refused, so that
+a hostile peer or client can never make us unpickle anything. The only
+msgpack extension accepted is :data:`NDARRAY_EXT`: msgpack decodes its own
+Timestamp extension (type -1) by itself, so a message holding one is refused
+after decoding.
 
 JSON is supported for clients that cannot speak msgpack (``curl``): an array
 is then ``{"__ndarray__": {"dtype": "<f8", "shape": [3], "base64": "..."}}``.
@@ -19,15 +24,19 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from typing import Any
 
 import msgpack
 import numpy as np
 
 __all__ = [
+    "DTYPE_NAMES",
+    "DTYPE_RULE",
     "MSGPACK",
     "NDARRAY_EXT",
     "WireError",
+    "check_dtype",
     "from_jsonable",
     "packb",
     "to_jsonable",
@@ -38,19 +47,39 @@ MSGPACK = "application/msgpack"
 NDARRAY_EXT = 1
 _ALLOWED_KINDS = frozenset("biuf")
 _MAX_DIMS = 8
+DTYPE_RULE = re.compile(r"[<>|=]?(b1|[iu][1248]|f[248])")
+"""The dtype codes accepted (``numpy.dtype.str`` form): a byte order, then the kind and size."""
+DTYPE_NAMES = frozenset(
+    ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+) | frozenset(("float16", "float32", "float64"))
+"""The numpy dtype names accepted besides :data:`DTYPE_RULE`."""
+_DTYPE_HELP = (
+    "array dtype must be a boolean, integer or float type written as a numpy code such as "
+    "'<f8', '<i4' or '|b1', or a name such as 'float64', 'int32' or 'bool'"
+)
+_TIMESTAMP_MARKS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+"""How msgpack writes a Timestamp (fixext 4, fixext 8, ext 8 of 12 bytes, all of type -1)."""
 
 
 class WireError(ValueError):
     """A message could not be decoded; the message says why, never what it held."""
 
 
-def _check_dtype(text: str) -> np.dtype[Any]:
-    try:
-        dtype = np.dtype(text)
-    except TypeError as error:
-        raise WireError("array dtype is not a numpy dtype name such as '<f8'") from error
-    if dtype.kind not in _ALLOWED_KINDS or dtype.hasobject:
-        raise WireError("array dtype must be boolean, integer or float")
+def check_dtype(text: Any) -> np.dtype[Any]:
+    """The numpy dtype for ``text``, if it is one of the plain numeric types accepted.
+
+    Only texts that match :data:`DTYPE_RULE` or are in :data:`DTYPE_NAMES`
+    ever reach numpy, which evaluates some others (``"(2,3"``) or accepts
+    platform-dependent types (``"g"``, float128).
+
+    Raises:
+        WireError: If ``text`` is not one of them (the text is not repeated).
+    """
+    if not isinstance(text, str) or not (DTYPE_RULE.fullmatch(text) or text in DTYPE_NAMES):
+        raise WireError(_DTYPE_HELP)
+    dtype = np.dtype(text)
+    if dtype.kind not in _ALLOWED_KINDS or dtype.hasobject:  # never true, by the rule
+        raise WireError(_DTYPE_HELP)
     return dtype
 
 
@@ -74,7 +103,7 @@ def _array_from_parts(dtype_text: Any, shape: Any, raw: Any) -> np.ndarray[Any, 
         raise WireError(f"array shape must be a list of at most {_MAX_DIMS} sizes")
     if not all(isinstance(size, int) and 0 <= size < 2**62 for size in shape):
         raise WireError("array shape must hold non-negative integers below 2^62")
-    dtype = _check_dtype(dtype_text)
+    dtype = check_dtype(dtype_text)
     if math.prod(shape) * dtype.itemsize != len(raw):  # exact Python integers: no overflow
         raise WireError("array byte length does not match its dtype and shape")
     array = np.frombuffer(raw, dtype=dtype).reshape(shape)
@@ -143,27 +172,76 @@ def packb(obj: Any) -> bytes:
     return data
 
 
-def unpackb(data: bytes, *, max_size: int | None = None) -> Any:
+def _holds_timestamp(obj: Any) -> bool:
+    """Whether a decoded message holds a msgpack Timestamp anywhere (in a key or a value)."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, msgpack.Timestamp):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def unpackb(
+    data: bytes,
+    *,
+    max_size: int | None = None,
+    max_array_len: int = -1,
+    max_map_len: int = -1,
+    max_str_len: int = -1,
+    max_bin_len: int = -1,
+    max_ext_len: int = -1,
+) -> Any:
     """Decode msgpack bytes produced by :func:`packb`.
 
     Args:
         data: The message.
         max_size: Refuse messages larger than this many bytes.
+        max_array_len: Refuse a list longer than this (-1: as long as the message allows).
+        max_map_len: Refuse a map with more entries than this.
+        max_str_len: Refuse a string of more bytes than this.
+        max_bin_len: Refuse binary data of more bytes than this.
+        max_ext_len: Refuse an extension (an array) of more bytes than this.
 
     Returns:
         The decoded object, with arrays as read-only numpy arrays.
 
     Raises:
-        WireError: If the bytes are not a valid message.
+        WireError: If the bytes are not a valid message, break a limit, or hold
+            an extension other than an array (a msgpack Timestamp included).
     """
     if max_size is not None and len(data) > max_size:
         raise WireError(f"message is larger than the limit of {max_size} bytes")
     try:
-        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=True)
+        decoded = msgpack.unpackb(
+            data,
+            ext_hook=_ext_hook,
+            raw=False,
+            strict_map_key=True,
+            max_array_len=max_array_len,
+            max_map_len=max_map_len,
+            max_str_len=max_str_len,
+            max_bin_len=max_bin_len,
+            max_ext_len=max_ext_len,
+        )
     except WireError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as error:
+        if "exceeds max_" in str(error):
+            raise WireError(
+                "message holds a list, map, string or array longer than this server accepts"
+            ) from error
         raise WireError("body is not valid msgpack") from error
+    # msgpack decodes its Timestamp extension (-1) without asking _ext_hook; the
+    # byte search is fast, and only a message that may hold one is walked
+    if any(mark in data for mark in _TIMESTAMP_MARKS) and _holds_timestamp(decoded):
+        raise WireError("unknown msgpack extension type (a msgpack Timestamp is not accepted)")
+    return decoded
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -271,12 +271,91 @@ async def openapi_document(request: Request) -> Response:
     return JSONResponse(openapi.document(_state(request).settings))
 
 
+UPLOAD_FORMATS = ("raw", "csv", "msgpack", "json")
+REGISTER_BUDGET = BUS_TIMEOUT - 5.0
+"""Seconds the data microservice may take to register an upload. It records nothing
+after that, so that when the controller stops waiting (at :data:`BUS_TIMEOUT`, 5 s
+later) and deletes the upload, no dataset of it can appear afterwards."""
+_RAW_HINT = (
+    "send large numeric data as a raw array instead (format=raw; Client.upload(numpy_array) "
+    "does), which is stored without being parsed"
+)
+
+
+def _upload_limit(state: State, fmt: str, used: int) -> tuple[int, str]:
+    """The most bytes this upload may have, and the refusal to give if it has more."""
+    settings = state.settings
+    limits = [
+        (
+            settings.max_upload_bytes,
+            f"upload is larger than this server's limit of {settings.max_upload_bytes} bytes",
+        )
+    ]
+    if fmt != "raw":
+        limits.append(
+            (
+                settings.max_parse_bytes,
+                f"{fmt} uploads are limited to {settings.max_parse_bytes} bytes on this server "
+                f"(its max_parse_bytes setting), because they are parsed in memory; {_RAW_HINT}",
+            )
+        )
+    quota = settings.max_client_bytes
+    limits.append(
+        (
+            max(0, quota - used),
+            f"this upload would take your datasets on this server over your quota of {quota} "
+            f"bytes (they take {used} bytes now): release datasets you no longer need "
+            "(DELETE /v1/data/{handle}), or ask the server's owner to raise max_client_bytes",
+        )
+    )
+    return min(limits, key=lambda limit: limit[0])
+
+
+async def _register(
+    state: State, principal: Principal, handle: str, inputs: dict[str, Any]
+) -> dict[str, Any]:
+    """Have the data microservice register an upload; audit and clean up by the outcome.
+
+    Runs to its end even if the HTTP request is given up, so that the audit
+    record always says what became of the upload.
+    """
+    size = inputs["size"]
+    message = {"principal": principal.name, "role": principal.role, "inputs": inputs}
+    subject = f"{SERVICE_PREFIX}.data.register"
+    try:
+        described: dict[str, Any] = await bus_request(state.bus, subject, message, BUS_TIMEOUT)
+    except ServiceUnavailable as error:
+        # the microservice gave up, or we stopped waiting after its budget was over:
+        # either way it records nothing now, and what it stored is deleted here
+        await state.bus.delete_set(handle)
+        await state.bus.delete_object(handle)
+        state.audit.write(principal.name, "upload", handle, f"refused {error.status}", bytes=size)
+        raise
+    except FdrtdError as error:
+        await state.bus.delete_object(handle)  # the microservice deleted it too
+        state.audit.write(principal.name, "upload", handle, f"refused {error.status}", bytes=size)
+        raise
+    except BaseException:
+        # stopping: the outcome is not known here (the microservice cleans up its failures)
+        state.audit.write(principal.name, "upload", handle, "interrupted", bytes=size)
+        raise
+    state.audit.write(principal.name, "upload", handle, bytes=size)
+    return described
+
+
 async def upload(request: Request) -> Response:
-    """Stream a dataset into the object store and register it; answer its handle."""
+    """Stream a dataset into the object store and register it; answer its handle.
+
+    Every limit is checked before anything is stored when the body's length is
+    declared, and while it streams otherwise: the upload size, the parse limit
+    for csv, json and msgpack, and what is left of the client's quota.
+    """
     principal = authenticate(request)
     state = _state(request)
     params = request.query_params
     fmt = params.get("format", "raw")
+    if fmt not in UPLOAD_FORMATS:
+        raise BadRequest(f"'format' must be one of {', '.join(UPLOAD_FORMATS)}")
     inputs: dict[str, Any] = {"format": fmt}
     if "dtype" in params:
         inputs["dtype"] = params["dtype"]
@@ -287,20 +366,28 @@ async def upload(request: Request) -> Response:
             raise BadRequest("'shape' must be comma-separated non-negative integers") from None
         if not all(0 <= n < 2**62 for n in inputs["shape"]):
             raise BadRequest("'shape' must hold non-negative integers below 2^62")
-    limit = state.settings.max_upload_bytes
+    usage = await call_service(request, "data", "usage", {}, principal=principal)
+    limit, refusal = _upload_limit(state, fmt, int(usage["bytes"]))
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"upload is larger than this server's limit of {limit} bytes")
+        raise PayloadTooLarge(refusal)
     handle = new_handle("data")
-    size = await state.bus.put_stream(handle, request.stream(), limit)
-    inputs.update(handle=handle, size=size)
     try:
-        described = await call_service(request, "data", "register", inputs, principal=principal)
-    except BaseException:
-        await state.bus.delete_object(handle)
-        state.audit.write(principal.name, "upload", handle, "refused")
-        raise
-    state.audit.write(principal.name, "upload", handle, bytes=size)
+        size = await state.bus.put_stream(handle, request.stream(), limit)
+    except PayloadTooLarge:
+        raise PayloadTooLarge(refusal) from None
+    inputs.update(
+        handle=handle,
+        size=size,
+        max_parse_bytes=state.settings.max_parse_bytes,
+        max_client_bytes=state.settings.max_client_bytes,
+        budget=REGISTER_BUDGET,
+    )
+    registering = asyncio.ensure_future(_register(state, principal, handle, inputs))
+    # if the request is given up, the outcome is still audited by _register: retrieve it here
+    registering.add_done_callback(lambda task: task.cancelled() or task.exception())
+    # shielded: a request given up half-way must not leave the upload half-registered
+    described = await asyncio.shield(registering)
     return respond(request, described, 201)
 
 

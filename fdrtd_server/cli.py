@@ -4,9 +4,11 @@
 
     fdrtd-server init DIR [--name NAME] [--port PORT]   create a server home
     fdrtd-server serve DIR [--nats-url URL] [--port PORT] [--no-local-microservices]
-    fdrtd-server worker --nats-url URL [--home DIR]     microservices only
+    fdrtd-server worker --nats-url URL --home DIR       microservices only, with DIR's policy
     fdrtd-server demo                                   three parties, one joint result
-    fdrtd-server token add DIR NAME [--role analyst|admin]
+    fdrtd-server token add DIR NAME [--role analyst|admin] [--rotate]
+                                                        create a token (or replace NAME's)
+    fdrtd-server token revoke DIR NAME                  make NAME's token invalid
     fdrtd-server federation show DIR [--url URL]        print this server's public entry
     fdrtd-server federation add DIR FILE                add a peer's entry (FILE or -)
     fdrtd-server audit verify DIR [--key B64] [--checkpoint FILE]...
@@ -55,8 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run microservices only, against an existing NATS")
     worker.add_argument("--nats-url", required=True)
-    worker.add_argument("--home", type=Path, help="server home to read policy from")
-    worker.add_argument("--name", default="worker", help="server name, if no --home")
+    worker.add_argument(
+        "--home",
+        type=Path,
+        help="the server home whose settings and policy the microservices follow (required: "
+        "a worker without it would run every microservice with default settings)",
+    )
 
     demo = commands.add_parser("demo", help="three servers on this machine compute a joint result")
     demo.add_argument("--rows", type=int, default=5000, help="records per party")
@@ -67,7 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     token_add = token_commands.add_parser("add", help="create a token (printed once)")
     token_add.add_argument("home", type=Path)
     token_add.add_argument("name")
-    token_add.add_argument("--role", default="analyst", choices=config.ROLES)
+    token_add.add_argument(
+        "--role", choices=config.ROLES, help="default: analyst (a rotated token keeps its role)"
+    )
+    token_add.add_argument(
+        "--rotate",
+        action="store_true",
+        help="give an existing (or revoked) NAME a new token; the old one stops working and "
+        "NAME keeps its datasets and results",
+    )
+    token_revoke = token_commands.add_parser(
+        "revoke", help="make a token invalid now (its name stays reserved)"
+    )
+    token_revoke.add_argument("home", type=Path)
+    token_revoke.add_argument("name")
 
     federation = commands.add_parser("federation", help="manage the federation file")
     fed_commands = federation.add_subparsers(dest="federation_command", required=True)
@@ -114,6 +133,15 @@ def _entry_toml(entry: PeerEntry) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "worker" and args.home is None:
+        # checked here rather than with required=True, to say why
+        print(
+            "fdrtd-server worker: error: --home DIR is required: the server home whose "
+            "settings and policy (enabled microservices, minimum cohort, allowed functions) "
+            "the worker's microservices follow",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -199,12 +227,8 @@ def _run(args: argparse.Namespace) -> int:
         serve(settings, local_microservices=not args.no_local_microservices)
         return 0
     if args.command == "worker":
-        if args.home:
-            settings = config.load_settings(home_path(str(args.home)))
-            run_worker(args.nats_url, environment(settings), settings.microservices)
-        else:
-            settings = config.Settings(home=Path.cwd(), name=args.name)
-            run_worker(args.nats_url, environment(settings))
+        settings = config.load_settings(home_path(str(args.home)))
+        run_worker(args.nats_url, environment(settings), settings.microservices)
         return 0
     if args.command == "demo":
         from fdrtd_server.demo import run_demo
@@ -213,7 +237,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "token":
         home = home_path(str(args.home))
         config.load_settings(home)  # refuse directories that are not server homes
-        print(config.TokenStore(home).add(args.name, args.role))
+        store = config.TokenStore(home)
+        if args.token_command == "revoke":
+            store.revoke(args.name)
+            print(f"revoked the token of '{args.name}'; the name stays reserved", file=sys.stderr)
+            return 0
+        print(store.add(args.name, args.role, rotate=args.rotate))
         return 0
     if args.command == "federation":
         home = home_path(str(args.home))

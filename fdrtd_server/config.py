@@ -26,6 +26,7 @@ import secrets
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ CONFIG_FILE = "fdrtd.toml"
 TOKENS_FILE = "tokens.json"
 NAME_RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ROLES = ("admin", "analyst")
+DEFAULT_MAX_PARSE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_CLIENT_BYTES = 32 * 1024 * 1024 * 1024
 
 
 class Secret:
@@ -69,6 +72,10 @@ class Settings:
     nats_url: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     max_upload_bytes: int = 8 * 1024 * 1024 * 1024
+    max_parse_bytes: int = DEFAULT_MAX_PARSE_BYTES
+    """Largest csv, json or msgpack upload: those are parsed in memory (raw arrays are not)."""
+    max_client_bytes: int = DEFAULT_MAX_CLIENT_BYTES
+    """How many bytes of datasets each client (token name) may keep on this server."""
     min_cohort: int = 3
     allow_map_reduce: bool = True
     allow_set_union: bool = False
@@ -86,7 +93,7 @@ class Settings:
             )
         if not 0 <= self.port <= 65535:
             raise ValueError("setting 'port' must be between 0 and 65535")
-        for key in ("max_body_bytes", "max_upload_bytes"):
+        for key in ("max_body_bytes", "max_upload_bytes", "max_parse_bytes", "max_client_bytes"):
             if getattr(self, key) < 1024:
                 raise ValueError(f"setting '{key}' must be at least 1024")
         if self.min_cohort < 1:
@@ -112,6 +119,8 @@ _FIELD_TYPES: dict[str, type] = {
     "nats_url": str,
     "max_body_bytes": int,
     "max_upload_bytes": int,
+    "max_parse_bytes": int,
+    "max_client_bytes": int,
     "min_cohort": int,
     "allow_map_reduce": bool,
     "allow_set_union": bool,
@@ -208,6 +217,13 @@ class TokenStore:
 
     The file is re-read when it changes, so ``fdrtd-server token add`` takes
     effect on a running server.
+
+    A token's name is who owns datasets and results, so a name is never given
+    to someone else by accident: :meth:`add` refuses a name that exists, and
+    a revoked name stays in the file (without a hash, so that no token
+    matches it) to keep it from being reused. Only :meth:`add` with
+    ``rotate=True`` gives an existing or revoked name a new secret, on
+    purpose, for the same holder.
     """
 
     def __init__(self, home: Path) -> None:
@@ -225,24 +241,65 @@ class TokenStore:
             self._entries = json.loads(self.path.read_text("utf-8"))
             self._mtime = mtime
 
-    def add(self, name: str, role: str = "analyst") -> str:
-        """Create a token for ``name`` and return it; only its hash is stored.
-
-        Raises:
-            ValueError: If the name or role breaks the rules.
-        """
-        if not NAME_RULE.fullmatch(name):
-            raise ValueError("token name must be lowercase letters, digits, '-' or '_'")
-        if role not in ROLES:
-            raise ValueError(f"token role must be one of {', '.join(ROLES)}")
-        self._reload()
-        token = secrets.token_urlsafe(32)
-        self._entries[name] = {"hash": _hash_token(token), "role": role}
+    def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._entries, indent=2), "utf-8")
         os.chmod(tmp, 0o600)
         tmp.replace(self.path)
+
+    def add(self, name: str, role: str | None = None, *, rotate: bool = False) -> str:
+        """Create a token for ``name`` and return it; only its hash is stored.
+
+        Args:
+            name: Who the token is for; datasets and results belong to this name.
+            role: ``"analyst"`` (the default for a new name) or ``"admin"``; a
+                rotated token keeps its role unless one is given.
+            rotate: Replace the secret of an existing (or revoked) name: the old
+                token stops working at once, and the name keeps what it owns.
+
+        Raises:
+            ValueError: If the name or role breaks the rules, if ``name`` exists
+                (or was revoked) and ``rotate`` is not set, or if ``rotate`` is
+                set and ``name`` does not exist.
+        """
+        if not NAME_RULE.fullmatch(name):
+            raise ValueError("token name must be lowercase letters, digits, '-' or '_'")
+        if role is not None and role not in ROLES:
+            raise ValueError(f"token role must be one of {', '.join(ROLES)}")
+        self._reload()
+        existing = self._entries.get(name)
+        if existing is not None and not rotate:
+            state = "was revoked" if "hash" not in existing else "exists"
+            raise ValueError(
+                f"a token named '{name}' {state}, and the datasets and results of that name "
+                f"belong to it: choose another name for someone new, or use --rotate to give "
+                f"'{name}' a new token (the old one stops working)"
+            )
+        if existing is None and rotate:
+            raise ValueError(f"there is no token named '{name}' to rotate; add it without --rotate")
+        role = role or (existing or {}).get("role", "analyst")
+        token = secrets.token_urlsafe(32)
+        self._entries[name] = {"hash": _hash_token(token), "role": role}
+        self._save()
         return token
+
+    def revoke(self, name: str) -> None:
+        """Make ``name``'s token invalid at once; the name stays reserved.
+
+        Its datasets and results are kept (the name still owns them) but no
+        token reaches them until ``add(name, rotate=True)``.
+
+        Raises:
+            ValueError: If there is no token named ``name``, or it is already revoked.
+        """
+        self._reload()
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ValueError(f"there is no token named '{name}'")
+        if "hash" not in entry:
+            raise ValueError(f"the token named '{name}' is already revoked")
+        self._entries[name] = {"role": entry.get("role", "analyst"), "revoked": _now_iso()}
+        self._save()
 
     def authenticate(self, token: str) -> tuple[str, str] | None:
         """Return ``(name, role)`` for a valid token, else None (constant-time compare)."""
@@ -250,9 +307,14 @@ class TokenStore:
         digest = _hash_token(token)
         found: tuple[str, str] | None = None
         for name, entry in self._entries.items():
-            if hmac.compare_digest(entry["hash"], digest):
+            # a revoked entry has no hash: compare with a value no digest equals
+            if hmac.compare_digest(entry.get("hash", "-" * 64), digest):
                 found = (name, entry["role"])
         return found
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def init_home(home: Path, name: str, *, port: int = 8000, host: str = "127.0.0.1") -> str:
@@ -276,6 +338,10 @@ def init_home(home: Path, name: str, *, port: int = 8000, host: str = "127.0.0.1
         f"port = {settings.port}\n"
         '# public_url = "https://fdrtd.example.org"\n'
         '# nats_url = "nats://127.0.0.1:4222"   # default: an embedded nats-server\n'
+        "# csv, json and msgpack uploads are parsed in memory; raw arrays are not\n"
+        f"# max_parse_bytes = {settings.max_parse_bytes}\n"
+        "# bytes of datasets each client (token name) may keep here\n"
+        f"# max_client_bytes = {settings.max_client_bytes}\n"
         "\n[policy]\n"
         f"min_cohort = {settings.min_cohort}\n"
         "allow_map_reduce = true\n"

@@ -18,22 +18,52 @@ Formats:
 ``msgpack`` / ``json``
     A map of column name to list or array, or a single list or array (which
     becomes the column ``value``).
+
+The three text formats are parsed in memory, which costs many times their
+size, so they are limited to ``max_parse_bytes`` and parsed with structural,
+memory and time limits, off the event loop (see :mod:`._parse`).
+
+Two more limits hold for every upload:
+
+* **Quota.** The datasets of one client (token name) may take at most
+  ``max_client_bytes`` on this server, counted as stored (a CSV's parsed
+  form may be larger than the CSV). The controller checks before it stores
+  anything; ``register`` checks again, under a lock, just before it records
+  the dataset.
+* **Budget.** ``register`` is given a number of seconds by the controller
+  (``budget``, less than the controller's own wait): it records nothing
+  after that time, and undoes a record that went in late. So when the
+  controller gives up on a registration, deletes the upload and audits it
+  as refused, no dataset of it remains.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import asyncio
 import math
+import time
+import weakref
+from collections.abc import AsyncIterator
 from typing import Any
-
-import numpy as np
 
 from fdrtd_client import wire
 from fdrtd_server.bus import SETS_BUCKET, now_iso, parse_handle
-from fdrtd_server.errors import BadRequest, Conflict, PayloadTooLarge
+from fdrtd_server.config import DEFAULT_MAX_CLIENT_BYTES, DEFAULT_MAX_PARSE_BYTES
+from fdrtd_server.errors import BadRequest, Conflict, PayloadTooLarge, ServiceUnavailable
 from fdrtd_server.microservice import CallContext, Microservice, distribution_version
+
+from ._parse import (
+    FORMATS,
+    INLINE_LIMIT,
+    Limits,
+    Parsed,
+    ParseProcess,
+    check_parse_size,
+    iterate,
+    parse,
+)
+
+__all__ = ["FORMATS", "service"]
 
 service = Microservice(
     "data",
@@ -41,20 +71,38 @@ service = Microservice(
     "Registers uploaded datasets and releases them; never returns their content.",
 )
 
-FORMATS = ("raw", "csv", "msgpack", "json")
-PARSE_LIMIT = 512 * 1024 * 1024
-MAX_COLUMNS = 1000
-_NUMERIC = frozenset("biuf")
+DEFAULT_BUDGET = 25.0
+"""Seconds ``register`` may take if the controller names none (its bus timeout is 30 s)."""
+STORE_RESERVE = 2.0
+"""Seconds of the budget kept for storing the parsed form and recording the dataset
+(at most a fifth of what is left of the budget when the parse starts)."""
+_QUOTA_LOCKS: weakref.WeakValueDictionary[tuple[int, str], asyncio.Lock] = (
+    weakref.WeakValueDictionary()
+)
 
 
-def _numeric_dtype(text: Any) -> np.dtype[Any]:
+def _setting(inputs: dict[str, Any], key: str, default: int) -> int:
+    value = inputs.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
+        raise BadRequest(f"'{key}' must be a number of bytes, at least 1024")
+    return value
+
+
+def _budget(inputs: dict[str, Any]) -> float:
+    value = inputs.get("budget", DEFAULT_BUDGET)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value <= 600:
+        raise BadRequest("'budget' must be a number of seconds between 1 and 600")
+    return float(value)
+
+
+def _numeric_dtype(text: Any) -> Any:
     try:
-        dtype = np.dtype(str(text))
-    except TypeError:
-        raise BadRequest("'dtype' must be a numpy dtype name such as 'float64' or '<i8'") from None
-    if dtype.kind not in _NUMERIC:
-        raise BadRequest("'dtype' must be a boolean, integer or float type")
-    return dtype
+        return wire.check_dtype(str(text))
+    except wire.WireError:
+        raise BadRequest(
+            "'dtype' must be a boolean, integer or float type written as a numpy code such "
+            "as '<f8', '<i4' or '|b1', or a name such as 'float64', 'int32' or 'bool'"
+        ) from None
 
 
 def _raw_description(inputs: dict[str, Any], size: int) -> dict[str, Any]:
@@ -81,129 +129,164 @@ def _raw_description(inputs: dict[str, Any], size: int) -> dict[str, Any]:
     }
 
 
-def _column_from_cells(cells: list[str]) -> np.ndarray[Any, Any] | list[str]:
-    try:
-        return np.array([float(c) if c.strip() else math.nan for c in cells], dtype=np.float64)
-    except ValueError:
-        return cells
+async def _owned(ctx: CallContext) -> list[tuple[str, dict[str, Any]]]:
+    """The caller's datasets: handle and stored description."""
+    # the stream's subject list is exact; KeyValue.keys() can miss keys under load
+    info = await ctx.bus.js.stream_info(f"KV_{SETS_BUCKET}", subjects_filter=f"$KV.{SETS_BUCKET}.>")
+    keys = [subject.rsplit(".", 1)[-1] for subject in (info.state.subjects or {})]
+    found = []
+    for key in keys:
+        description = await ctx.bus.get_set(key)
+        if description is not None and description["owner"] == ctx.principal:
+            found.append((key, description))
+    return found
 
 
-def parse_csv(raw: bytes) -> dict[str, Any]:
-    """Parse CSV bytes into columns.
+def _stored(description: dict[str, Any]) -> int:
+    """Bytes a dataset takes in the object store (its upload size, for older records)."""
+    return int(description.get("stored", description.get("bytes", 0)))
+
+
+async def _usage(ctx: CallContext, leave_out: str = "") -> int:
+    return sum(_stored(d) for handle, d in await _owned(ctx) if handle != leave_out)
+
+
+def quota_message(used: int, quota: int) -> str:
+    """The refusal of an upload that would take a client over its quota."""
+    return (
+        f"this upload would take your datasets on this server over your quota of {quota} "
+        f"bytes (they take {used} bytes now): release datasets you no longer need "
+        "(DELETE /v1/data/{handle}), or ask the server's owner to raise max_client_bytes"
+    )
+
+
+def _quota_lock(principal: str) -> asyncio.Lock:
+    """One lock per client and event loop: its quota check and record go one at a time."""
+    key = (id(asyncio.get_running_loop()), principal)
+    lock = _QUOTA_LOCKS.get(key)
+    if lock is None:
+        lock = _QUOTA_LOCKS[key] = asyncio.Lock()
+    return lock
+
+
+def _late() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "registering the upload took longer than the server waits for it; nothing was kept, "
+        "try again"
+    )
+
+
+async def _read_upload(ctx: CallContext, handle: str) -> bytes:
+    """The uploaded bytes, read around the dataset cache (nothing of a parse input is kept)."""
+    result = await ctx.bus.data.get(handle)
+    return bytes(result.data or b"")
+
+
+async def _within(pieces: AsyncIterator[bytes], room: int) -> AsyncIterator[bytes]:
+    """``pieces``, refused as soon as they add up to more than ``room`` bytes."""
+    total = 0
+    async for piece in pieces:
+        total += len(piece)
+        if total > room:
+            raise PayloadTooLarge(
+                "the parsed form of this upload is larger than what is left of your quota "
+                f"on this server ({room} bytes): release datasets you no longer need "
+                "(DELETE /v1/data/{handle}), or ask the server's owner to raise "
+                "max_client_bytes"
+            )
+        yield piece
+
+
+async def _parse_and_store(
+    ctx: CallContext, handle: str, fmt: str, limits: Limits, deadline: float, room: int
+) -> tuple[dict[str, Any], int]:
+    """Parse the upload under ``handle`` and store its parsed form in its place.
+
+    Returns:
+        The description and the number of bytes stored.
 
     Raises:
-        BadRequest: If the CSV is empty, ragged or has duplicate header names.
+        BadRequest, PayloadTooLarge: If the upload is invalid or too large (also
+            when its parsed form is larger than ``room``, what is left of the quota).
     """
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise BadRequest("CSV upload is not UTF-8 text") from None
-    try:
-        rows = list(csv.reader(io.StringIO(text)))
-    except csv.Error as error:
-        raise BadRequest(f"CSV upload cannot be parsed: {error}") from None
-    rows = [row for row in rows if row]
-    if len(rows) < 2:
-        raise BadRequest("CSV upload needs a header row and at least one record")
-    header = [name.strip() for name in rows[0]]
-    if len(set(header)) != len(header) or not all(header) or len(header) > MAX_COLUMNS:
-        raise BadRequest("CSV header names must be unique, non-empty, at most 1000")
-    for number, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise BadRequest(f"CSV record on line {number} has a different number of fields")
-    return {name: _column_from_cells([row[i] for row in rows[1:]]) for i, name in enumerate(header)}
-
-
-def _normalise(document: Any) -> dict[str, Any]:
-    if isinstance(document, list | np.ndarray):
-        document = {"value": document}
-    if not isinstance(document, dict) or not document or len(document) > MAX_COLUMNS:
-        raise BadRequest("upload must be a list, an array, or a map of 1 to 1000 named columns")
-    columns: dict[str, Any] = {}
-    for name, values in document.items():
-        if not isinstance(name, str) or not name:
-            raise BadRequest("column names must be non-empty strings")
-        if isinstance(values, np.ndarray) and values.ndim == 0:
-            raise BadRequest(f"column '{name[:40]}' must be a list or an array of records")
-        texts = isinstance(values, list) and all(isinstance(v, str) for v in values)
-        if isinstance(values, np.ndarray) or texts:
-            columns[name] = values
-        elif isinstance(values, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in values
-        ):
-            # whole numbers stay exact (ids above 2^53 would be rounded as floats)
-            try:
-                columns[name] = np.array(values, dtype=np.int64)
-            except OverflowError:
-                columns[name] = np.array(values, dtype=np.float64)
-        elif isinstance(values, list):
-            try:
-                columns[name] = np.array(values, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise BadRequest(
-                    f"column '{str(name)[:40]}' must hold only numbers or only strings"
-                ) from None
-        else:
-            raise BadRequest(f"column '{str(name)[:40]}' must be a list or an array")
-    lengths = {len(values) for values in columns.values()}
-    if len(lengths) != 1:
-        raise BadRequest("all columns must have the same number of records")
-    return columns
-
-
-def _table_description(columns: dict[str, Any]) -> dict[str, Any]:
-    described: dict[str, Any] = {}
-    for name, values in columns.items():
-        if isinstance(values, np.ndarray):
-            described[name] = {"dtype": values.dtype.str, "shape": list(values.shape)}
-        else:
-            described[name] = {"dtype": "text", "shape": [len(values)]}
-    return {"format": "table", "columns": described, "rows": len(next(iter(columns.values())))}
+    raw = await _read_upload(ctx, handle)
+    parse_deadline = deadline - min(STORE_RESERVE, (deadline - time.monotonic()) / 5)
+    if len(raw) <= INLINE_LIMIT:
+        try:
+            parsed: Parsed = await asyncio.wait_for(
+                asyncio.to_thread(parse, fmt, raw, limits),
+                max(0.0, parse_deadline - time.monotonic()),
+            )
+        except TimeoutError:
+            raise PayloadTooLarge(
+                f"parsing the {fmt} upload did not finish in the time allowed; send large "
+                "numeric data as a raw array instead (format=raw)"
+            ) from None
+        del raw
+        await ctx.bus.delete_object(handle)
+        stored = await ctx.bus.put_stream(handle, _within(iterate(parsed.pieces), room), room)
+        return parsed.description, stored
+    async with ParseProcess(fmt, limits, parse_deadline) as child:
+        description = await child.start(raw)
+        del raw
+        await ctx.bus.delete_object(handle)
+        stored = await ctx.bus.put_stream(handle, _within(child.pieces(), room), room)
+        return description, stored
 
 
 @service.call("register")
 async def register(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Check an uploaded object against its format and record the dataset."""
+    """Check an uploaded object against its format and record the dataset.
+
+    Inputs (from the controller): ``handle``, ``size``, ``format`` (with
+    ``dtype`` and ``shape`` for raw arrays), and the limits ``max_parse_bytes``,
+    ``max_client_bytes`` and ``budget`` (seconds). Nothing is recorded after
+    the budget; on any error the upload is deleted.
+    """
+    deadline = time.monotonic() + _budget(inputs)
     handle = parse_handle(inputs.get("handle"), "data")
     size = inputs.get("size")
     fmt = inputs.get("format")
     if await ctx.bus.get_set(handle) is not None:
         # never touch a dataset that is already registered (not even to clean up)
         raise Conflict("this dataset is already registered")
+    recorded = False
     try:
-        if not isinstance(size, int) or size < 0:
+        max_parse = _setting(inputs, "max_parse_bytes", DEFAULT_MAX_PARSE_BYTES)
+        quota = _setting(inputs, "max_client_bytes", DEFAULT_MAX_CLIENT_BYTES)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise BadRequest("'size' must be the number of bytes uploaded")
         if fmt not in FORMATS:
             raise BadRequest(f"'format' must be one of {', '.join(FORMATS)}")
+        check_parse_size(fmt, size, max_parse)
+        used = await _usage(ctx, handle)
+        if used + size > quota:
+            raise PayloadTooLarge(quota_message(used, quota))
         if fmt == "raw":
-            description = _raw_description(inputs, size)
+            description, stored = _raw_description(inputs, size), size
         else:
-            if size > PARSE_LIMIT:
-                raise PayloadTooLarge(
-                    f"{fmt} uploads are limited to {PARSE_LIMIT} bytes; upload large "
-                    "arrays in the 'raw' format"
-                )
-            raw = await ctx.bus.read_object(handle)
-            if fmt == "csv":
-                columns = parse_csv(raw)
-            elif fmt == "json":
-                try:
-                    columns = _normalise(wire.from_jsonable(json.loads(raw)))
-                except (ValueError, RecursionError):
-                    raise BadRequest("JSON upload is not valid JSON") from None
-            else:
-                try:
-                    columns = _normalise(wire.unpackb(raw))
-                except wire.WireError as error:
-                    raise BadRequest(f"msgpack upload cannot be read: {error}") from None
-            description = _table_description(columns)
-            await ctx.bus.delete_object(handle)
-            await ctx.bus.data.put(handle, wire.packb(columns))
+            limits = Limits.for_parse_bytes(max_parse)
+            description, stored = await _parse_and_store(
+                ctx, handle, fmt, limits, deadline, quota - used
+            )
+        description.update(owner=ctx.principal, bytes=size, stored=stored, created=now_iso())
+        async with _quota_lock(ctx.principal):
+            # uploads of the same client may have been recorded meanwhile
+            used = await _usage(ctx, handle)
+            if used + stored > quota:
+                raise PayloadTooLarge(quota_message(used, quota))
+            if time.monotonic() > deadline:
+                raise _late()
+            recorded = True
+            await ctx.bus.put_set(handle, description)
+        if time.monotonic() > deadline:
+            # the controller may have stopped waiting and deleted the upload: undo
+            raise _late()
     except BaseException:
-        await ctx.bus.delete_object(handle)
+        if recorded:
+            await asyncio.shield(ctx.bus.delete_set(handle))
+        await asyncio.shield(ctx.bus.delete_object(handle))
         raise
-    description.update(owner=ctx.principal, bytes=size, created=now_iso())
-    await ctx.bus.put_set(handle, description)
     return {"handle": handle, **_public(description)}
 
 
@@ -232,12 +315,11 @@ async def release(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
 @service.call("list")
 async def list_sets(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The caller's datasets, by handle, with their schemas."""
-    # the stream's subject list is exact; KeyValue.keys() can miss keys under load
-    info = await ctx.bus.js.stream_info(f"KV_{SETS_BUCKET}", subjects_filter=f"$KV.{SETS_BUCKET}.>")
-    keys = [subject.rsplit(".", 1)[-1] for subject in (info.state.subjects or {})]
-    found = []
-    for key in keys:
-        description = await ctx.bus.get_set(key)
-        if description is not None and description["owner"] == ctx.principal:
-            found.append({"handle": key, **_public(description)})
-    return {"datasets": found}
+    return {"datasets": [{"handle": h, **_public(d)} for h, d in await _owned(ctx)]}
+
+
+@service.call("usage")
+async def usage(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """How many bytes the caller's datasets take in the object store, and how many there are."""
+    owned = await _owned(ctx)
+    return {"bytes": sum(_stored(d) for _, d in owned), "datasets": len(owned)}

@@ -734,6 +734,7 @@ def test_microservices_are_listed_with_their_functions(server: LocalServer, clie
         "describe": "call",
         "release": "call",
         "list": "call",
+        "usage": "call",
     }
     assert found["map"]["functions"] == {"aggregate": "job"}
     assert found["example"]["functions"] == {"rows": "job", "scaled_sum": "job", "version": "call"}

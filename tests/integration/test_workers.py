@@ -179,11 +179,10 @@ def start_controller(procs: Processes, home: Home, nats_url: str) -> subprocess.
 
 
 def start_worker(
-    procs: Processes, label: str, nats_url: str, home: Home | None = None
+    procs: Processes, label: str, nats_url: str, home: Home
 ) -> subprocess.Popen[bytes]:
-    args = ["worker", "--nats-url", nats_url]
-    args += ["--home", str(home.path)] if home else ["--name", label]
-    return procs.start(label, *args)
+    # a worker always follows a server home's settings and policy (--home is required)
+    return procs.start(label, "worker", "--nats-url", nats_url, "--home", str(home.path))
 
 
 async def _gather(url: str, subject: str, wait: float, expect: int | None) -> list[dict[str, Any]]:
@@ -433,10 +432,10 @@ def test_a_worker_that_stops_answers_a_held_start_at_once(
 
 
 def test_srv_discovery_names_versions_and_subjects(
-    nats_url: str, procs: Processes, example_plugin: None
+    nats_url: str, procs: Processes, example_plugin: None, home: Home
 ) -> None:
     url = nats_url
-    start_worker(procs, "disco", url)
+    start_worker(procs, "disco", url, home)
     wait_for_instances(url, 1, procs)
     specs = discover()
     assert set(BUILT_IN) <= set(specs)

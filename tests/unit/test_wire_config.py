@@ -279,6 +279,45 @@ def _write_config(home: Path, text: str) -> None:
     (home / CONFIG_FILE).write_text(text, "utf-8")
 
 
+def test_upload_limits_settings(home: Path) -> None:
+    default = load_settings(home, environ={})
+    assert default.max_parse_bytes == 64 * 1024 * 1024
+    assert default.max_client_bytes == 32 * 1024 * 1024 * 1024
+    # the commented-out lines of a new home name both settings with their defaults
+    text = (home / CONFIG_FILE).read_text("utf-8")
+    assert f"# max_parse_bytes = {default.max_parse_bytes}" in text
+    assert f"# max_client_bytes = {default.max_client_bytes}" in text
+    environ = {"FDRTD_MAX_PARSE_BYTES": "2048", "FDRTD_MAX_CLIENT_BYTES": "10240"}
+    settings = load_settings(home, environ=environ)
+    assert (settings.max_parse_bytes, settings.max_client_bytes) == (2048, 10240)
+    _write_config(home, '[server]\nname = "unit"\nmax_client_bytes = 4096\n')
+    assert load_settings(home, environ={}).max_client_bytes == 4096
+    for key in ("FDRTD_MAX_PARSE_BYTES", "FDRTD_MAX_CLIENT_BYTES"):
+        with pytest.raises(ValueError, match="at least 1024"):
+            load_settings(home, environ={key: "10"})
+        with pytest.raises(ValueError, match="not a valid int"):
+            load_settings(home, environ={key: "64MiB"})
+
+
+def test_token_store_refuses_reuse_and_rotates_on_purpose(home: Path) -> None:
+    store = TokenStore(home)
+    first = store.add("ann")
+    with pytest.raises(ValueError, match="'ann' exists"):
+        store.add("ann")
+    with pytest.raises(ValueError, match="'admin' exists"):
+        TokenStore(home).add("admin", "admin")
+    assert store.authenticate(first) == ("ann", "analyst")
+    second = store.add("ann", rotate=True)
+    assert store.authenticate(first) is None
+    assert TokenStore(home).authenticate(second) == ("ann", "analyst")
+    store.revoke("ann")
+    assert store.authenticate(second) is None
+    with pytest.raises(ValueError, match="was revoked"):
+        store.add("ann")
+    with pytest.raises(ValueError, match="no token named 'bob' to rotate"):
+        store.add("bob", rotate=True)
+
+
 def test_settings_precedence_file_env_overrides(home: Path) -> None:
     _write_config(
         home,
