@@ -25,6 +25,7 @@ from fdrtd_client.errors import ConnectError as ConnectError
 from fdrtd_client.errors import FdrtdClientError as FdrtdClientError
 from fdrtd_client.errors import Forbidden as Forbidden
 from fdrtd_client.errors import InsecureTransportWarning as InsecureTransportWarning
+from fdrtd_client.errors import InsufficientStorage as InsufficientStorage
 from fdrtd_client.errors import NotFound as NotFound
 from fdrtd_client.errors import PartyTimeout as PartyTimeout
 from fdrtd_client.errors import PayloadTooLarge as PayloadTooLarge
@@ -47,6 +48,7 @@ __all__ = [
     "Forbidden",
     "Handle",
     "InsecureTransportWarning",
+    "InsufficientStorage",
     "Job",
     "NotFound",
     "PartyTimeout",

@@ -15,7 +15,8 @@ The tree::
     │   ├── PayloadTooLarge (413)
     │   ├── ComputationFailed (422)
     │   ├── ServiceUnavailable (503)
-    │   └── PartyTimeout (504)
+    │   ├── PartyTimeout (504)
+    │   └── InsufficientStorage (507) the server's store is full
     └── ResultTimeout               a result was not ready within your timeout
 
 And one warning: :class:`InsecureTransportWarning` (a ``UserWarning``), for a
@@ -32,6 +33,7 @@ __all__ = [
     "FdrtdClientError",
     "Forbidden",
     "InsecureTransportWarning",
+    "InsufficientStorage",
     "NotFound",
     "PartyTimeout",
     "PayloadTooLarge",
@@ -142,6 +144,12 @@ class PartyTimeout(ServerError, TimeoutError):
     status = 504
 
 
+class InsufficientStorage(ServerError):
+    """The server's storage is full: release datasets and results, or ask its owner."""
+
+    status = 507
+
+
 _BY_STATUS: dict[int, type[ServerError]] = {
     cls.status: cls
     for cls in (
@@ -154,6 +162,7 @@ _BY_STATUS: dict[int, type[ServerError]] = {
         ComputationFailed,
         ServiceUnavailable,
         PartyTimeout,
+        InsufficientStorage,
     )
 }
 

@@ -7,6 +7,16 @@ for "Server is ready" in its log, and make sure the child can never outlive
 us: on Linux the child asks the kernel for SIGTERM when its parent dies
 (``PR_SET_PDEATHSIG``), and :meth:`EmbeddedNats.stop` terminates it on a
 clean exit.
+
+Nobody but this server may use its NATS: the bus carries every uploaded
+dataset and every request under any principal, and any local user can find
+a port on 127.0.0.1. So every start draws a fresh user name and password
+(256 random bits) and writes them only to files of mode 0600 in the
+JetStream directory (itself made mode 0700): the server configuration,
+which ``nats-server`` reads (its command line names only the file), and
+:data:`CLIENT_URL_FILE`, the URL with credentials for workers of this server
+(``fdrtd-server worker --nats-url file:HOME/jetstream/nats-client.url``).
+The credentials never appear in a command line, a log line or a ``repr``.
 """
 
 from __future__ import annotations
@@ -14,21 +24,41 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fdrtd_server.errors import ServiceUnavailable
 
-__all__ = ["EmbeddedNats", "find_nats_server", "free_port"]
+__all__ = [
+    "CLIENT_URL_FILE",
+    "CONFIG_FILE",
+    "EmbeddedNats",
+    "find_nats_server",
+    "free_port",
+    "read_url_file",
+    "redact_url",
+    "resolve_nats_url",
+    "write_private",
+]
 
 _PR_SET_PDEATHSIG = 1
+CONFIG_FILE = "nats-server.conf"
+"""The server configuration (with the password), in the JetStream directory."""
+CLIENT_URL_FILE = "nats-client.url"
+"""The URL with this start's credentials, in the JetStream directory (mode 0600)."""
+URL_FILE_PREFIX = "file:"
+"""A NATS URL setting ``file:PATH`` means: read the URL from the file PATH."""
+_USER = "fdrtd"
 
 
 def free_port() -> int:
@@ -67,10 +97,78 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that it is mode 0600 from its first byte on.
+
+    The file is created anew next to ``path`` (``O_EXCL``, so an existing file
+    with a wider mode, or a link planted there, is never written through) and
+    then renamed over ``path``.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its user and password, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def read_url_file(path: Path) -> str:
+    """Read a NATS URL (with credentials) from ``path``, which only its owner may read.
+
+    Raises:
+        FileNotFoundError: If there is no such file (for the embedded NATS: the
+            server is not running).
+        PermissionError: If group or others may access the file; fix it with
+            ``chmod 600``.
+        ValueError: If the file holds no ``nats://`` or ``tls://`` URL.
+    """
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise PermissionError(
+            f"NATS URL file {path} has mode {mode:#o} and is accessible by group or "
+            f"others; a file with credentials must be mode 0600: run `chmod 600 {path}`"
+        )
+    url = path.read_text("utf-8").strip()
+    if urlsplit(url).scheme not in ("nats", "tls", "ws", "wss"):
+        raise ValueError(f"NATS URL file {path} must hold one nats:// or tls:// URL")
+    return url
+
+
+def resolve_nats_url(url: str) -> str:
+    """The URL to connect to for a ``nats_url`` setting or ``--nats-url`` option.
+
+    ``file:PATH`` reads the URL from ``PATH`` (see :func:`read_url_file`), so
+    that credentials need not appear on a command line, where every local
+    user can read them (``ps``, ``/proc/<pid>/cmdline``). Anything else is a
+    URL and is returned as it is.
+    """
+    if url.startswith(URL_FILE_PREFIX):
+        return read_url_file(Path(url[len(URL_FILE_PREFIX) :]).expanduser())
+    return url
+
+
 class EmbeddedNats:
     """A ``nats-server`` child process with JetStream in ``store_dir``.
 
-    Use it as a context manager or call :meth:`start` and :meth:`stop`.
+    Each :meth:`start` draws new credentials; clients connect with :attr:`url`,
+    which carries them. Use it as a context manager or call :meth:`start`
+    and :meth:`stop`.
     """
 
     def __init__(self, store_dir: Path, *, port: int = 0, ready_timeout: float = 15.0) -> None:
@@ -80,30 +178,67 @@ class EmbeddedNats:
         self._process: subprocess.Popen[bytes] | None = None
         self._pump: threading.Thread | None = None
         self._log: list[str] = []
+        self._password = ""
+
+    def __repr__(self) -> str:
+        return f"EmbeddedNats({self.address!r}, store_dir={str(self.store_dir)!r})"
+
+    @property
+    def address(self) -> str:
+        """The URL without credentials: safe to log and to show."""
+        return f"nats://127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
-        """The URL clients connect to."""
-        return f"nats://127.0.0.1:{self.port}"
+        """The URL clients connect to, with this start's credentials.
+
+        It is a secret: never log it and never pass it on a command line; a
+        worker process reads it from :attr:`client_url_file` instead.
+        """
+        if not self._password:
+            return self.address
+        return f"nats://{_USER}:{self._password}@127.0.0.1:{self.port}"
+
+    @property
+    def config_file(self) -> Path:
+        """The server configuration written by :meth:`start` (mode 0600)."""
+        return self.store_dir / CONFIG_FILE
+
+    @property
+    def client_url_file(self) -> Path:
+        """The file holding :attr:`url` while the server runs (mode 0600)."""
+        return self.store_dir / CLIENT_URL_FILE
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the running ``nats-server``, or None."""
+        return self._process.pid if self._process is not None else None
+
+    def _write_config(self) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        # the store holds every uploaded dataset: only this user may enter it
+        os.chmod(self.store_dir, 0o700)
+        store = str(self.store_dir).replace("\\", "/").replace('"', "")
+        self._password = secrets.token_urlsafe(32)  # 256 bits, URL- and config-safe
+        write_private(
+            self.config_file,
+            "# written by fdrtd-server on every start, with new credentials\n"
+            f'listen: "127.0.0.1:{self.port}"\n'
+            "max_payload: 32MB\n"
+            f'authorization {{ user: "{_USER}", password: "{self._password}", timeout: 5 }}\n'
+            f'jetstream {{ store_dir: "{store}" }}\n',
+        )
+        write_private(self.client_url_file, self.url + "\n")
 
     def start(self) -> EmbeddedNats:
-        """Start the server and wait until it accepts clients.
+        """Start the server with new credentials and wait until it accepts clients.
 
         Raises:
             ServiceUnavailable: If it does not become ready in time; the message
                 carries the server's own fatal log lines.
         """
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        conf = self.store_dir / "nats-server.conf"
-        store = str(self.store_dir).replace("\\", "/").replace('"', "")
-        conf.write_text(
-            "# written by fdrtd-server on every start\n"
-            f'listen: "127.0.0.1:{self.port}"\n'
-            "max_payload: 32MB\n"
-            f'jetstream {{ store_dir: "{store}" }}\n',
-            "utf-8",
-        )
-        command = [find_nats_server(), "--config", str(conf)]
+        self._write_config()
+        command = [find_nats_server(), "--config", str(self.config_file)]
         process = subprocess.Popen(
             command,
             stdout=subprocess.DEVNULL,
@@ -151,6 +286,10 @@ class EmbeddedNats:
             self._pump.join(5)
         if process.stderr is not None:
             process.stderr.close()
+        # the credentials die with the server: a stale URL file would only
+        # make a worker fail later with a less clear error
+        with contextlib.suppress(FileNotFoundError):
+            self.client_url_file.unlink()
 
     def __enter__(self) -> EmbeddedNats:
         return self.start()

@@ -39,6 +39,7 @@ from fdrtd_server.bus import (
     SERVICE_PREFIX,
     Bus,
     JobRecord,
+    StoreLimits,
     check_owner,
     new_handle,
     parse_handle,
@@ -375,7 +376,11 @@ async def upload(request: Request) -> Response:
     try:
         size = await state.bus.put_stream(handle, request.stream(), limit)
     except PayloadTooLarge:
+        state.audit.write(principal.name, "upload", handle, "refused 413")
         raise PayloadTooLarge(refusal) from None
+    except FdrtdError as error:  # a full store (507), the bus gone (503)
+        state.audit.write(principal.name, "upload", handle, f"refused {error.status}")
+        raise
     inputs.update(
         handle=handle,
         size=size,
@@ -775,7 +780,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        bus = await Bus.connect(nats_url, name=f"fdrtd-controller-{settings.name}")
+        bus = await Bus.connect(
+            nats_url,
+            name=f"fdrtd-controller-{settings.name}",
+            limits=StoreLimits.from_settings(settings),
+        )
         state = State(
             settings=settings,
             bus=bus,

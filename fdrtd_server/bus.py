@@ -14,6 +14,13 @@ bucket            kind           holds
 ``fdrtd_results`` object store   results too large for a key-value entry
 ================  =============  ===========================================
 
+Every bucket is bounded (``max_bytes``, with JetStream's "discard new"
+policy): a full bucket refuses new writes, which the client sees as
+``507 Insufficient Storage`` (:class:`InsufficientStorage`), and never drops
+what it holds nor fills the disk that the other buckets (and the other
+servers on the machine) need. :class:`StoreLimits` says how the bytes are
+shared out.
+
 Peer messages are deliberately *not* kept: they are masked values of one live
 session, which exists only in the memory of the process running it, so the
 gateway hands them to that process directly or over core NATS
@@ -28,7 +35,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
+import logging
 import re
 import secrets
 import time
@@ -44,12 +53,18 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from fdrtd_client import wire
-from fdrtd_server.errors import BadRequest, NotFound
+from fdrtd_server.errors import (
+    BadRequest,
+    FdrtdError,
+    InsufficientStorage,
+    NotFound,
+    ServiceUnavailable,
+)
 
 __all__ = [
     "DATA_BUCKET",
@@ -59,7 +74,9 @@ __all__ = [
     "PEER_SEEDS_SUBJECT",
     "SERVICE_PREFIX",
     "Bus",
+    "InsufficientStorage",
     "JobRecord",
+    "StoreLimits",
     "new_handle",
     "parse_handle",
 ]
@@ -91,6 +108,94 @@ SET_CACHE_SIZE = 10_000
 CHUNK_SIZE = 1024 * 1024
 HANDLE_KINDS = {"data": "d", "result": "r"}
 _HANDLE_RULE = re.compile(r"^([dr])-([0-9a-f]{40})$")
+GiB = 1024**3
+MIN_STORE_BYTES = 1 * GiB
+"""The smallest store :meth:`StoreLimits.from_settings` derives."""
+ACK_TIMEOUT = 30.0
+"""Seconds an upload waits for JetStream to acknowledge a chunk before it gives up."""
+ACK_WINDOW = 64
+"""Upload chunks (of :data:`CHUNK_SIZE`) sent ahead of their acknowledgements."""
+_STORE_FULL = frozenset({10077, 10047})
+"""JetStream ``err_code`` of "maximum bytes exceeded" (the bucket is full) and of
+"insufficient storage resources available" (the server's disk budget is)."""
+_SMALLEST_BUCKET = 1024 * 1024
+"""Never create a bucket smaller than this, however little JetStream can reserve."""
+
+log = logging.getLogger("fdrtd.bus")
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """How many bytes each JetStream bucket may hold.
+
+    The data object store gets most of the total; results, job records,
+    dataset descriptions and session ids share the rest. Every number is a
+    JetStream ``max_bytes``, which the server *reserves* when it creates the
+    bucket: if it cannot (an embedded nats-server allows 75 % of the disk
+    space free at its start), :meth:`Bus.connect` halves the bucket until it
+    fits and logs what it got.
+
+    Attributes:
+        data: ``fdrtd_data``, the uploaded datasets.
+        results: ``fdrtd_results``, results too large for a key-value entry.
+        jobs: ``fdrtd_jobs``, job records with results up to 16 MiB inline.
+        records: ``fdrtd_sets`` and ``fdrtd_sessions``, each.
+        explicit: True when the server's owner set the total: an existing
+            bucket is then re-bounded to it. Derived limits only bound a
+            bucket that has no bound (one made by an earlier version).
+    """
+
+    data: int
+    results: int
+    jobs: int
+    records: int
+    explicit: bool = False
+
+    @classmethod
+    def of_total(cls, total: int, *, explicit: bool = False) -> StoreLimits:
+        """Share ``total`` bytes out among the buckets.
+
+        5/8 for datasets, 1/8 each for results and jobs, 1/32 each for
+        descriptions and session ids: 15/16 in all, the rest is headroom.
+
+        Raises:
+            ValueError: If ``total`` is below 32 MiB.
+        """
+        if total < 32 * _SMALLEST_BUCKET:
+            raise ValueError(
+                f"a JetStream store of {total} bytes is too small; give 32 MiB or more"
+            )
+        return cls(total * 5 // 8, total // 8, total // 8, total // 32, explicit)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> StoreLimits:
+        """The limits for a server's settings.
+
+        ``max_store_bytes`` (the whole JetStream store of this server), when
+        the settings have it and it is positive; otherwise a bound derived
+        from the upload limit: room for eight of the largest uploads
+        (64 GiB with the default ``max_upload_bytes``), at least
+        :data:`MIN_STORE_BYTES`.
+        """
+        total = getattr(settings, "max_store_bytes", None)
+        if isinstance(total, int) and total > 0:
+            return cls.of_total(total, explicit=True)
+        upload = int(getattr(settings, "max_upload_bytes", 8 * GiB))
+        return cls.of_total(max(8 * upload, MIN_STORE_BYTES))
+
+
+DEFAULT_LIMITS = StoreLimits.of_total(64 * GiB)
+"""The limits of a :class:`Bus` opened without any (those of the default settings)."""
+
+
+def _store_error(error: APIError, what: str) -> FdrtdError:
+    """The error a client sees when JetStream refuses to store ``what``."""
+    if error.err_code in _STORE_FULL:
+        return InsufficientStorage(
+            f"this server's storage for {what} is full; release datasets and results "
+            "that are no longer needed, or ask the server's owner to raise max_store_bytes"
+        )
+    return ServiceUnavailable(f"the bus refused to store {what} (JetStream error {error.err_code})")
 
 
 def new_handle(kind: str) -> str:
@@ -163,43 +268,160 @@ class Bus:
         self._set_cache: OrderedDict[str, dict[str, Any]] | None = None
 
     @classmethod
-    async def connect(cls, url: str, *, name: str = "fdrtd") -> Bus:
-        """Connect to NATS at ``url`` and open (or create) every bucket."""
-        nc = await nats.connect(
-            url, name=name, max_reconnect_attempts=5, reconnect_time_wait=0.5, connect_timeout=5
-        )
+    async def connect(
+        cls, url: str, *, name: str = "fdrtd", limits: StoreLimits | None = None
+    ) -> Bus:
+        """Connect to NATS at ``url`` and open (or create) every bucket.
+
+        Args:
+            url: The NATS URL, with credentials if the server needs them (the
+                embedded one always does). It is never logged.
+            name: The connection's name, as NATS monitoring shows it.
+            limits: How large each bucket may grow; :data:`DEFAULT_LIMITS` if
+                not given.
+
+        Raises:
+            ServiceUnavailable: If NATS refuses the connection (wrong or missing
+                credentials) or cannot be reached; the message names no secret.
+        """
+        from fdrtd_server._embedded_nats import redact_url
+
+        refusals: list[str] = []
+
+        async def refused(error: Exception) -> None:
+            # nats-py's default callback logs whole tracebacks, once per retry;
+            # the class name and the server's verdict are enough, and name no secret
+            denied = "Authorization" in str(error)
+            if denied:
+                refusals.append("authorization refused")
+            log.warning(
+                "NATS connection error: %s%s",
+                type(error).__name__,
+                " (authorization refused)" if denied else "",
+            )
+
+        # (nats-py annotates reconnect_time_wait as int, but takes seconds as float)
+        options: dict[str, Any] = {"reconnect_time_wait": 0.5}
+        nc = NatsClient()
+        try:
+            await nc.connect(
+                url,
+                name=name,
+                max_reconnect_attempts=5,
+                connect_timeout=5,
+                error_cb=refused,
+                **options,
+            )
+        except (nats.errors.Error, OSError) as error:
+            await nc.close()  # a refused connection leaves its socket open otherwise
+            if "Authorization" in str(error):
+                refusals.append("authorization refused")
+            reason = refusals[-1] if refusals else "no answer"
+            raise ServiceUnavailable(
+                f"cannot connect to NATS at {redact_url(url)} ({reason}); check the NATS URL "
+                "and its credentials"
+            ) from None
         bus = cls(nc, nc.jetstream(timeout=10))
-        await bus._open()
+        try:
+            await bus._open(limits or DEFAULT_LIMITS)
+        except BaseException:
+            await nc.close()
+            raise
         return bus
 
-    async def _kv(self, bucket: str, ttl: float | None = None) -> KeyValue:
-        try:
-            return await self.js.key_value(bucket)
-        except BucketNotFoundError:
-            config = js_api.KeyValueConfig(
-                bucket=bucket,
-                history=1,
-                ttl=ttl,
-                direct=True,
-                storage=js_api.StorageType.FILE,
-            )
-            return await self.js.create_key_value(config)
+    async def _bounded(
+        self, bucket: str, stream: str, max_bytes: int, explicit: bool, create: Any
+    ) -> None:
+        """Bound an existing bucket's stream, or create it with the largest bound that fits.
 
-    async def _obs(self, bucket: str) -> ObjectStore:
+        ``create(max_bytes)`` creates the bucket. JetStream reserves a stream's
+        ``max_bytes`` when it is created and refuses what it cannot reserve
+        (``err_code`` 10047), so the bound is halved until it fits.
+        """
         try:
-            return await self.js.object_store(bucket)
-        except (BucketNotFoundError, NotFoundError):
-            return await self.js.create_object_store(
+            info = await self.js.stream_info(stream)
+        except NotFoundError:
+            info = None
+        if info is None:
+            wanted = max_bytes
+            while True:
+                try:
+                    await create(max_bytes)
+                    break
+                except APIError as error:
+                    if error.err_code == 10058:  # another process created it just now
+                        return
+                    if error.err_code != 10047 or max_bytes // 2 < _SMALLEST_BUCKET:
+                        raise
+                    max_bytes //= 2
+            if max_bytes != wanted:
+                log.warning(
+                    "JetStream could not reserve %d bytes for '%s'; it is bounded to %d bytes",
+                    wanted,
+                    bucket,
+                    max_bytes,
+                )
+            return
+        config = info.config
+        current = config.max_bytes if config.max_bytes is not None else -1
+        if current == max_bytes or (current > 0 and not explicit):
+            return
+        used = info.state.bytes
+        if config.discard != js_api.DiscardPolicy.NEW or used > max_bytes:
+            log.warning(
+                "bucket '%s' keeps its bound of %d bytes: it holds %d bytes (or drops old "
+                "entries when full), and a bound of %d bytes could lose data",
                 bucket,
-                config=js_api.ObjectStoreConfig(bucket=bucket, storage=js_api.StorageType.FILE),
+                current,
+                used,
+                max_bytes,
+            )
+            return
+        try:
+            await self.js.update_stream(dataclasses.replace(config, max_bytes=max_bytes))
+        except APIError as error:
+            log.warning(
+                "bucket '%s' keeps its bound of %d bytes: JetStream refused %d bytes (%s)",
+                bucket,
+                current,
+                max_bytes,
+                error.description,
             )
 
-    async def _open(self) -> None:
-        self.data = await self._obs(DATA_BUCKET)
-        self.results = await self._obs(RESULTS_BUCKET)
-        self.sets = await self._kv(SETS_BUCKET)
-        self.jobs = await self._kv(JOBS_BUCKET)
-        self.sessions = await self._kv(SESSIONS_BUCKET)
+    async def _kv(self, bucket: str, max_bytes: int, explicit: bool) -> KeyValue:
+        async def create(size: int) -> None:
+            await self.js.create_key_value(
+                js_api.KeyValueConfig(
+                    bucket=bucket,
+                    history=1,
+                    direct=True,
+                    max_bytes=size,
+                    storage=js_api.StorageType.FILE,
+                )
+            )
+
+        await self._bounded(bucket, f"KV_{bucket}", max_bytes, explicit, create)
+        return await self.js.key_value(bucket)
+
+    async def _obs(self, bucket: str, max_bytes: int, explicit: bool) -> ObjectStore:
+        async def create(size: int) -> None:
+            await self.js.create_object_store(
+                bucket,
+                config=js_api.ObjectStoreConfig(
+                    bucket=bucket, max_bytes=size, storage=js_api.StorageType.FILE
+                ),
+            )
+
+        await self._bounded(bucket, f"OBJ_{bucket}", max_bytes, explicit, create)
+        return await self.js.object_store(bucket)
+
+    async def _open(self, limits: StoreLimits) -> None:
+        explicit = limits.explicit
+        self.data = await self._obs(DATA_BUCKET, limits.data, explicit)
+        self.results = await self._obs(RESULTS_BUCKET, limits.results, explicit)
+        self.sets = await self._kv(SETS_BUCKET, limits.records, explicit)
+        self.jobs = await self._kv(JOBS_BUCKET, limits.jobs, explicit)
+        self.sessions = await self._kv(SESSIONS_BUCKET, limits.records, explicit)
         # a stream on fdrtd.peer.in.> would capture (and write to disk) every
         # peer message published on the bus: remove one left by an old version
         with contextlib.suppress(NotFoundError):
@@ -218,13 +440,19 @@ class Bus:
         Compatible with the NATS object store format (``$O.<bucket>.C.<nuid>``
         chunks, then a meta message), but fed from an async iterator and with
         pipelined acknowledgements, so that an HTTP body goes to disk at bus
-        speed while at most a few chunks sit in memory.
+        speed while at most a few chunks sit in memory. The acknowledgements
+        are read here rather than through nats-py's ``publish_async``, whose
+        futures never complete when JetStream answers with an error (a full
+        bucket): that would hang the upload instead of refusing it.
 
         Returns:
             The number of bytes stored.
 
         Raises:
             PayloadTooLarge: If more than ``limit`` bytes arrive (nothing is kept).
+            InsufficientStorage: If the data bucket is full (nothing is kept).
+            ServiceUnavailable: If JetStream does not acknowledge a chunk within
+                :data:`ACK_TIMEOUT` or refuses it otherwise (nothing is kept).
         """
         from fdrtd_server.errors import PayloadTooLarge
 
@@ -234,16 +462,58 @@ class Bus:
         digest = sha256()
         total = sent = 0
         buffer = bytearray()
-        pending: list[asyncio.Future[Any]] = []
+        loop = asyncio.get_running_loop()
+        pending: dict[str, asyncio.Future[None]] = {}
+        failure: list[FdrtdError] = []
+        inbox = self.nc.new_inbox()
+
+        async def acknowledged(msg: Msg) -> None:
+            future = pending.get(msg.subject)
+            if future is None or future.done():
+                return
+            if msg.headers and msg.headers.get("Status") == "503":
+                error: FdrtdError | None = ServiceUnavailable("JetStream is not available")
+            else:
+                try:
+                    answer = json.loads(msg.data)
+                except ValueError:
+                    answer = {"error": {"code": 500, "err_code": 0}}
+                problem = answer.get("error") if isinstance(answer, dict) else None
+                error = None
+                if problem:
+                    fields = {k: problem.get(k) for k in ("code", "err_code", "description")}
+                    error = _store_error(APIError(**fields), "uploaded data")
+            if error is None:
+                future.set_result(None)
+            else:
+                failure.append(error)
+                future.set_exception(error)
+
+        async def settle(count: int) -> None:
+            """Wait for the acknowledgements of the ``count`` oldest chunks in flight."""
+            replies = list(pending)[:count]
+            try:
+                async with asyncio.timeout(ACK_TIMEOUT):
+                    await asyncio.gather(*(pending[reply] for reply in replies))
+            except TimeoutError:
+                raise ServiceUnavailable(
+                    f"JetStream did not store an upload chunk within {ACK_TIMEOUT:g} s"
+                ) from None
+            for reply in replies:
+                del pending[reply]
 
         async def flush(payload: bytes) -> None:
             nonlocal sent
-            pending.append(await self.js.publish_async(chunk_subject, payload))
+            if failure:
+                raise failure[0]
+            reply = f"{inbox}.{sent}"
+            pending[reply] = loop.create_future()
+            await self.nc.publish(chunk_subject, payload, reply=reply)
             sent += 1
-            if len(pending) >= 64:
-                await asyncio.gather(*pending[:32])
-                del pending[:32]
+            if len(pending) >= ACK_WINDOW:
+                await settle(ACK_WINDOW // 2)
 
+        subscription = await self.nc.subscribe(f"{inbox}.*", cb=acknowledged)
         try:
             async for piece in chunks:
                 total += len(piece)
@@ -258,27 +528,52 @@ class Bus:
                     del buffer[:CHUNK_SIZE]
             if buffer:
                 await flush(bytes(buffer))
-            await asyncio.gather(*pending)
+            await settle(len(pending))
+            info = {
+                "name": name,
+                "bucket": bucket,
+                "nuid": nuid,
+                "size": total,
+                "chunks": sent,
+                "mtime": now_iso(),
+                "digest": "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode(),
+                "options": {"max_chunk_size": CHUNK_SIZE},
+            }
+            meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+            try:
+                await self.js.publish(
+                    meta_subject, json.dumps(info).encode(), headers={"Nats-Rollup": "sub"}
+                )
+            except APIError as error:
+                raise _store_error(error, "uploaded data") from None
         except BaseException:
-            for future in pending:
-                future.cancel()
-            await self.js.purge_stream(f"OBJ_{bucket}", subject=chunk_subject)
+            # chunks in flight are stored after a purge sent now: let them land first
+            waiting = [future for future in pending.values() if not future.done()]
+            if waiting:
+                await asyncio.wait(waiting, timeout=ACK_TIMEOUT / 6)
+            for future in pending.values():
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # retrieved: no "never retrieved" warning
+            with contextlib.suppress(Exception):
+                await self.js.purge_stream(f"OBJ_{bucket}", subject=chunk_subject)
             raise
-        info = {
-            "name": name,
-            "bucket": bucket,
-            "nuid": nuid,
-            "size": total,
-            "chunks": sent,
-            "mtime": now_iso(),
-            "digest": "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode(),
-            "options": {"max_chunk_size": CHUNK_SIZE},
-        }
-        meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
-        await self.js.publish(
-            meta_subject, json.dumps(info).encode(), headers={"Nats-Rollup": "sub"}
-        )
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
         return total
+
+    async def put_object(self, name: str, data: bytes) -> None:
+        """Store a whole dataset object under ``name`` (replacing one of that name).
+
+        Raises:
+            InsufficientStorage: If the data bucket is full.
+        """
+        try:
+            await self.data.put(name, data)
+        except APIError as error:
+            raise _store_error(error, "uploaded data") from None
 
     async def read_object(self, name: str) -> bytes:
         """Read a whole dataset object (small ones are cached while the set cache is on)."""
@@ -367,13 +662,16 @@ class Bus:
     async def put_job(self, handle: str, record: JobRecord) -> None:
         """Store a job record (large results go to the results object store)."""
         record.updated = now_iso()
-        if record.status == "done" and not record.result_in_store:
-            packed = wire.packb(record.result)
-            # an external NATS may allow smaller messages than our embedded one
-            if len(packed) > min(INLINE_RESULT_LIMIT, self.nc.max_payload // 2):
-                await self.results.put(handle, packed)
-                record.result, record.result_in_store = None, True
-        await self.jobs.put(handle, wire.packb(record.to_dict()))
+        try:
+            if record.status == "done" and not record.result_in_store:
+                packed = wire.packb(record.result)
+                # an external NATS may allow smaller messages than our embedded one
+                if len(packed) > min(INLINE_RESULT_LIMIT, self.nc.max_payload // 2):
+                    await self.results.put(handle, packed)
+                    record.result, record.result_in_store = None, True
+            await self.jobs.put(handle, wire.packb(record.to_dict()))
+        except APIError as error:
+            raise _store_error(error, "results") from None
 
     async def job_result(self, handle: str, record: JobRecord) -> Any:
         """The result of a finished job, wherever it is kept."""

@@ -4,7 +4,7 @@
 
     fdrtd-server init DIR [--name NAME] [--port PORT]   create a server home
     fdrtd-server serve DIR [--nats-url URL] [--port PORT] [--no-local-microservices]
-    fdrtd-server worker --nats-url URL --home DIR       microservices only, with DIR's policy
+    fdrtd-server worker [--nats-url URL|file:PATH] --home DIR   microservices only, DIR's policy
     fdrtd-server demo                                   three parties, one joint result
     fdrtd-server token add DIR NAME [--role analyst|admin] [--rotate]
                                                         create a token (or replace NAME's)
@@ -56,7 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     worker = commands.add_parser("worker", help="run microservices only, against an existing NATS")
-    worker.add_argument("--nats-url", required=True)
+    worker.add_argument(
+        "--nats-url",
+        help="the NATS URL, or file:PATH to read it (with credentials) from a mode-0600 file; "
+        "default: the home's nats_url setting, else the embedded NATS of the server running "
+        "in --home (file:HOME/jetstream/nats-client.url). A password on the command line is "
+        "visible to every local user (ps): use file:PATH",
+    )
     worker.add_argument(
         "--home",
         type=Path,
@@ -227,8 +233,17 @@ def _run(args: argparse.Namespace) -> int:
         serve(settings, local_microservices=not args.no_local_microservices)
         return 0
     if args.command == "worker":
-        settings = config.load_settings(home_path(str(args.home)))
-        run_worker(args.nats_url, environment(settings), settings.microservices)
+        from fdrtd_server.bus import StoreLimits
+
+        home = home_path(str(args.home))
+        settings = config.load_settings(home)
+        url = args.nats_url or settings.nats_url or f"file:{home / 'jetstream' / 'nats-client.url'}"
+        run_worker(
+            url,
+            environment(settings),
+            settings.microservices,
+            limits=StoreLimits.from_settings(settings),
+        )
         return 0
     if args.command == "demo":
         from fdrtd_server.demo import run_demo

@@ -76,6 +76,8 @@ class Settings:
     """Largest csv, json or msgpack upload: those are parsed in memory (raw arrays are not)."""
     max_client_bytes: int = DEFAULT_MAX_CLIENT_BYTES
     """How many bytes of datasets each client (token name) may keep on this server."""
+    max_store_bytes: int = 0
+    """Bytes all JetStream buckets may hold (0: 8 x max_upload_bytes, at least 1 GiB)."""
     min_cohort: int = 3
     allow_map_reduce: bool = True
     allow_set_union: bool = False
@@ -96,6 +98,11 @@ class Settings:
         for key in ("max_body_bytes", "max_upload_bytes", "max_parse_bytes", "max_client_bytes"):
             if getattr(self, key) < 1024:
                 raise ValueError(f"setting '{key}' must be at least 1024")
+        if self.max_store_bytes and self.max_store_bytes < 32 * 1024 * 1024:
+            raise ValueError(
+                "setting 'max_store_bytes' must be 0 (derived from max_upload_bytes) "
+                "or at least 33554432 (32 MiB)"
+            )
         if self.min_cohort < 1:
             raise ValueError("setting 'min_cohort' must be at least 1")
         if not 0 < self.session_timeout <= 3600:
@@ -121,6 +128,7 @@ _FIELD_TYPES: dict[str, type] = {
     "max_upload_bytes": int,
     "max_parse_bytes": int,
     "max_client_bytes": int,
+    "max_store_bytes": int,
     "min_cohort": int,
     "allow_map_reduce": bool,
     "allow_set_union": bool,
@@ -342,6 +350,8 @@ def init_home(home: Path, name: str, *, port: int = 8000, host: str = "127.0.0.1
         f"# max_parse_bytes = {settings.max_parse_bytes}\n"
         "# bytes of datasets each client (token name) may keep here\n"
         f"# max_client_bytes = {settings.max_client_bytes}\n"
+        "# all datasets and results; 0: 8 x max_upload_bytes, at least 1 GiB\n"
+        "# max_store_bytes = 0\n"
         "\n[policy]\n"
         f"min_cohort = {settings.min_cohort}\n"
         "allow_map_reduce = true\n"

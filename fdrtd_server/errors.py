@@ -15,7 +15,8 @@ The tree::
     ├── PeerRejected (403)            a peer message failed verification
     ├── ComputationFailed (422)       a protocol ended without a result
     ├── PartyTimeout (504)            a party did not answer in time
-    └── ServiceUnavailable (503)      the bus or a microservice is down
+    ├── ServiceUnavailable (503)      the bus or a microservice is down
+    └── InsufficientStorage (507)     a JetStream bucket of this server is full
 
 Messages name the parameter, the rule and the fix; they never echo a value a
 client sent, because values may be private data. Errors cross the bus as
@@ -35,6 +36,7 @@ __all__ = [
     "FdrtdError",
     "Forbidden",
     "InsufficientData",
+    "InsufficientStorage",
     "NotFound",
     "PartyTimeout",
     "PayloadTooLarge",
@@ -152,6 +154,13 @@ class ServiceUnavailable(FdrtdError):
     title = "Service unavailable"
 
 
+class InsufficientStorage(FdrtdError):
+    """A bucket of this server is full, so nothing more can be stored (507)."""
+
+    status = 507
+    title = "Insufficient storage"
+
+
 _BY_STATUS: dict[int, type[FdrtdError]] = {
     cls.status: cls
     for cls in (
@@ -165,6 +174,7 @@ _BY_STATUS: dict[int, type[FdrtdError]] = {
         ComputationFailed,
         PartyTimeout,
         ServiceUnavailable,
+        InsufficientStorage,
     )
 }
 

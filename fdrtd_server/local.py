@@ -5,6 +5,11 @@ makes every server a member of every other's federation, gives each an
 analyst token, starts each as its own ``fdrtd-server serve`` process (with
 its own embedded ``nats-server``, its own ports and its own JetStream
 directory) on 127.0.0.1, and stops them all on exit.
+
+Each embedded ``nats-server`` requires the credentials its server drew at
+start; they are in :attr:`LocalServer.nats_url_file` (mode 0600) while it
+runs, for a worker started with ``--nats-url file:PATH``, and never on a
+command line.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import requests
 
 from fdrtd_client import Client, Federation
-from fdrtd_server._embedded_nats import free_port
+from fdrtd_server._embedded_nats import CLIENT_URL_FILE, free_port
 from fdrtd_server.config import TokenStore, init_home
 from fdrtd_server.identity import Identity, add_member
 
@@ -40,6 +45,16 @@ class LocalServer:
     def url(self) -> str:
         """Base URL of the server."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def nats_url_file(self) -> Path:
+        """The file with the URL and credentials of this server's embedded NATS.
+
+        It exists while the server runs (it is written anew, with new
+        credentials, on every start); pass ``--nats-url file:<this path>``
+        to a worker.
+        """
+        return self.home / "jetstream" / CLIENT_URL_FILE
 
     def client(self, timeout: float = 30.0) -> Client:
         """A client with this server's analyst token."""

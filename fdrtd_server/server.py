@@ -6,6 +6,12 @@ starts the in-process microservices on their *own* NATS connection (so they
 talk to the controller only through subjects, exactly as a worker would) and
 the peer gateway. Stopping reverses that order and never leaves the NATS child
 behind.
+
+The NATS URL is a secret when it carries credentials (the embedded server's
+always does: see :mod:`fdrtd_server._embedded_nats`). It stays in this
+process's memory and is never logged; a ``nats_url`` setting or
+``--nats-url`` of the form ``file:PATH`` is read from that file, so that a
+worker's credentials need not be on its command line.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from fdrtd_server.app import State, create_app
-from fdrtd_server.bus import Bus
+from fdrtd_server.bus import Bus, StoreLimits
 from fdrtd_server.config import Settings
 from fdrtd_server.microservice import (
     Environment,
@@ -68,22 +74,38 @@ def environment(settings: Settings) -> Environment:
     )
 
 
+async def _prepare_store(nats_url: str, name: str, limits: StoreLimits) -> None:
+    """Connect once to create (or bound) every bucket with this server's limits.
+
+    Done before anything serves, so that the buckets get the limits of the
+    settings whichever connection comes first, and so that a wrong URL or
+    wrong credentials stop the server with a clear message.
+    """
+    bus = await Bus.connect(nats_url, name=f"fdrtd-setup-{name}", limits=limits)
+    await bus.close()
+
+
 def serve(settings: Settings, *, local_microservices: bool = True) -> None:
     """Run the server until SIGINT/SIGTERM."""
     from fdrtd_server import gateway
-    from fdrtd_server._embedded_nats import EmbeddedNats
+    from fdrtd_server._embedded_nats import EmbeddedNats, resolve_nats_url
 
     embedded = None
-    nats_url = settings.nats_url
-    if nats_url is None:
+    if settings.nats_url is None:
         embedded = EmbeddedNats(settings.home / "jetstream").start()
         nats_url = embedded.url
+    else:
+        nats_url = resolve_nats_url(settings.nats_url)
+    limits = StoreLimits.from_settings(settings)
     try:
+        asyncio.run(_prepare_store(nats_url, settings.name, limits))
         services: dict[str, RunningMicroservices] = {}
 
         async def on_start(state: State) -> None:
             if local_microservices:
-                bus = await Bus.connect(nats_url, name=f"fdrtd-microservices-{settings.name}")
+                bus = await Bus.connect(
+                    nats_url, name=f"fdrtd-microservices-{settings.name}", limits=limits
+                )
                 specs = discover(settings.microservices)
                 services["running"] = await start_microservices(bus, environment(settings), specs)
                 state.extra["microservice_bus"] = bus
@@ -122,8 +144,10 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> None:
             embedded.stop()
 
 
-async def _worker(nats_url: str, env: Environment, allowed: tuple[str, ...]) -> None:
-    bus = await Bus.connect(nats_url, name=f"fdrtd-worker-{env.server}")
+async def _worker(
+    nats_url: str, env: Environment, allowed: tuple[str, ...], limits: StoreLimits | None
+) -> None:
+    bus = await Bus.connect(nats_url, name=f"fdrtd-worker-{env.server}", limits=limits)
     running = await start_microservices(bus, env, discover(allowed))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -135,6 +159,23 @@ async def _worker(nats_url: str, env: Environment, allowed: tuple[str, ...]) -> 
     await bus.close()
 
 
-def run_worker(nats_url: str, env: Environment, allowed: tuple[str, ...] = ()) -> None:
-    """Run microservices only, against an existing NATS, until SIGINT/SIGTERM."""
-    asyncio.run(_worker(nats_url, env, allowed))
+def run_worker(
+    nats_url: str,
+    env: Environment,
+    allowed: tuple[str, ...] = (),
+    *,
+    limits: StoreLimits | None = None,
+) -> None:
+    """Run microservices only, against an existing NATS, until SIGINT/SIGTERM.
+
+    Args:
+        nats_url: The NATS URL, or ``file:PATH`` to read it (with its
+            credentials) from a file of mode 0600, such as the embedded
+            server's ``HOME/jetstream/nats-client.url``.
+        env: What the microservices need to know of the server's settings.
+        allowed: The microservices to run (all installed ones if empty).
+        limits: The bucket limits, should this worker create the buckets.
+    """
+    from fdrtd_server._embedded_nats import resolve_nats_url
+
+    asyncio.run(_worker(resolve_nats_url(nats_url), env, allowed, limits))
