@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import secrets
 import signal
 import socket
@@ -138,11 +137,8 @@ async def _peer_streams(url: str) -> list[str]:
 
 
 def _embedded_nats_url(server: LocalServer) -> str:
-    """The URL of a server's embedded nats-server, from the configuration it was given."""
-    conf = (server.home / "jetstream" / "nats-server.conf").read_text("utf-8")
-    match = re.search(r'listen: "([0-9.]+:[0-9]+)"', conf)
-    assert match is not None, conf
-    return f"nats://{match.group(1)}"
+    """The URL (with this start's credentials) of a server's embedded nats-server."""
+    return server.nats_url_file.read_text("utf-8").strip()
 
 
 def test_no_stream_keeps_peer_messages(mixed: LocalFederation) -> None:
