@@ -278,6 +278,16 @@ def parse_csv(raw: bytes, limits: Limits) -> Parsed:
 # -- json and msgpack ----------------------------------------------------------
 
 
+def _float_column(values: list[Any], shown: str, kind: str) -> np.ndarray[Any, Any]:
+    """A column of numbers as float64; one beyond the float range is a clear 400."""
+    try:
+        return np.array(values, dtype=np.float64)
+    except OverflowError:
+        raise BadRequest(
+            f"column '{shown}' holds a {kind} too large for a 64-bit float (above about 1.8e308)"
+        ) from None
+
+
 def _normalise(document: Any, limits: Limits) -> dict[str, Any]:
     """Columns from a decoded document: a map of name to list or array, or one list or array."""
     if isinstance(document, list | np.ndarray):
@@ -312,21 +322,10 @@ def _normalise(document: Any, limits: Limits) -> dict[str, Any]:
             try:
                 columns[name] = np.array(values, dtype=np.int64)
             except OverflowError:
-                try:
-                    columns[name] = np.array(values, dtype=np.float64)
-                except OverflowError:
-                    raise BadRequest(
-                        f"column '{shown}' holds a whole number too large for a 64-bit float "
-                        "(above about 1.8e308)"
-                    ) from None
+                columns[name] = _float_column(values, shown, "whole number")
         else:
             try:
-                columns[name] = np.array(values, dtype=np.float64)
-            except OverflowError:
-                raise BadRequest(
-                    f"column '{shown}' holds a number too large for a 64-bit float "
-                    "(above about 1.8e308)"
-                ) from None
+                columns[name] = _float_column(values, shown, "number")
             except (TypeError, ValueError):
                 raise BadRequest(
                     f"column '{shown}' must hold only numbers or only strings"

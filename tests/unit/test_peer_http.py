@@ -235,26 +235,34 @@ BROKEN_ANSWERS: dict[str, tuple[Callable[[asyncio.StreamWriter], Awaitable[None]
 }
 
 
+async def _post_to(
+    answer: Callable[[asyncio.StreamWriter], Awaitable[None]], timeout: float
+) -> tuple[tuple[int, str], float, float, int]:
+    """Post one message to a raw peer that answers with ``answer``.
+
+    Returns the gateway's outcome, how long it took, how long until the
+    connection was closed, and how many connections the client kept for reuse.
+    """
+    server, port, closed = await _raw_peer(answer)
+    client = PeerHttpClient(timeout=timeout)
+    peer = Identity.generate("beta").public_entry(f"http://127.0.0.1:{port}")
+    gateway = types.SimpleNamespace(http=client)
+    start = time.monotonic()
+    try:
+        outcome = await Gateway._post(gateway, peer, b"one")  # type: ignore[arg-type]
+        took = time.monotonic() - start
+        hung_up = await asyncio.wait_for(closed[0], 5.0)
+    finally:
+        await client.close()
+        server.close()
+    return outcome, took, hung_up, sum(len(pool.idle) for pool in client._pools.values())
+
+
 @pytest.mark.parametrize("case", list(BROKEN_ANSWERS))
 def test_a_broken_answer_is_a_clear_error_and_the_connection_is_closed(case: str) -> None:
     answer, words = BROKEN_ANSWERS[case]
 
-    async def run() -> tuple[tuple[int, str], float, float, int]:
-        server, port, closed = await _raw_peer(answer)
-        client = PeerHttpClient(timeout=3)
-        peer = Identity.generate("beta").public_entry(f"http://127.0.0.1:{port}")
-        gateway = types.SimpleNamespace(http=client)
-        start = time.monotonic()
-        try:
-            outcome = await Gateway._post(gateway, peer, b"one")  # type: ignore[arg-type]
-            took = time.monotonic() - start
-            hung_up = await asyncio.wait_for(closed[0], 5.0)
-        finally:
-            await client.close()
-            server.close()
-        return outcome, took, hung_up, sum(len(pool.idle) for pool in client._pools.values())
-
-    (status, detail), took, hung_up, kept = asyncio.run(run())
+    (status, detail), took, hung_up, kept = asyncio.run(_post_to(answer, timeout=3))
     assert status == 503
     assert detail.startswith("cannot reach party 'beta': ")
     assert words in detail, detail
@@ -264,22 +272,7 @@ def test_a_broken_answer_is_a_clear_error_and_the_connection_is_closed(case: str
 
 
 def test_a_peer_that_never_answers_times_out_and_the_socket_is_closed() -> None:
-    async def run() -> tuple[tuple[int, str], float, float]:
-        server, port, closed = await _raw_peer(_silence)
-        client = PeerHttpClient(timeout=0.5)
-        peer = Identity.generate("beta").public_entry(f"http://127.0.0.1:{port}")
-        gateway = types.SimpleNamespace(http=client)
-        start = time.monotonic()
-        try:
-            outcome = await Gateway._post(gateway, peer, b"one")  # type: ignore[arg-type]
-            took = time.monotonic() - start
-            hung_up = await asyncio.wait_for(closed[0], 5.0)
-        finally:
-            await client.close()
-            server.close()
-        return outcome, took, hung_up
-
-    (status, detail), took, hung_up = asyncio.run(run())
+    (status, detail), took, hung_up, _ = asyncio.run(_post_to(_silence, timeout=0.5))
     assert status == 503 and "no answer within 0.5 s" in detail
     assert took < 2.0 and hung_up < 1.0
 
