@@ -508,9 +508,14 @@ async def _ring(
         path = route(n, owner)
         applied = path.index(me)  # scalars on the list when it reaches us
         before = peers.parties[path[applied - 1]]
+        seen: set[bytes] = set()
         for k, count in enumerate(_chunk_counts(sizes[owner])):
             message = await peers.recv(before, f"{Stage.RING}.{owner}.{applied}.{k}")
             points = parse_points(message, count, before)
+            # a set's items blind to distinct points: a repeat would shrink the result
+            seen.update(points)
+            if len(seen) != k * CHUNK_POINTS + len(points):
+                raise ComputationFailed(f"party '{before}' sent the same blinded item twice")
             await forward(
                 owner, applied + 1, k, await _crypto(before, curve.reblind, points, scalar)
             )
@@ -609,6 +614,8 @@ async def _receive_joint(peers: PeerSession, sender: str, tag: str, most: int) -
     points: list[bytes] = []
     k, more = 0, True
     while more:
+        if k > most // CHUNK_POINTS:  # more chunks than an intersection of `most` needs
+            raise ComputationFailed(f"party '{sender}' sent more points than the intersection has")
         message = await peers.recv(sender, f"{tag}.{k}")
         blob = message.get("points") if isinstance(message, dict) else None
         flag = message.get("more") if isinstance(message, dict) else None
@@ -618,6 +625,8 @@ async def _receive_joint(peers: PeerSession, sender: str, tag: str, most: int) -
             or len(blob) % curve.POINT_BYTES
             or len(blob) > CHUNK_POINTS * curve.POINT_BYTES
         ):
+            raise ComputationFailed(f"party '{sender}' sent a malformed intersection message")
+        if flag and len(blob) != CHUNK_POINTS * curve.POINT_BYTES:
             raise ComputationFailed(f"party '{sender}' sent a malformed intersection message")
         points.extend(parse_points(message, len(blob) // curve.POINT_BYTES, sender))
         if len(points) > most:

@@ -543,19 +543,25 @@ async def _send_blob(peers: PeerSession, to: str, tag: str, blob: bytes) -> None
         await peers.send(to, f"{tag}.{k}", {"of": pieces, "data": part})
 
 
-async def _recv_blob(peers: PeerSession, sender: str, tag: str) -> bytes:
+async def _recv_blob(peers: PeerSession, sender: str, tag: str, size: int) -> bytes:
+    """Receive the ``size`` bytes that :func:`_send_blob` sends, piece by piece.
+
+    The pieces and their lengths follow from ``size``, which the receiver
+    knows; a sender announcing others (more pieces, longer ones) is refused
+    at once instead of being read without end.
+    """
+    pieces = max(1, -(-size // PIECE_BYTES))
     parts: list[bytes] = []
-    pieces = 1
-    while len(parts) < pieces:
-        message = await peers.recv(sender, f"{tag}.{len(parts)}")
+    for k in range(pieces):
+        message = await peers.recv(sender, f"{tag}.{k}")
+        expected = min(PIECE_BYTES, size - k * PIECE_BYTES)
         if (
             not isinstance(message, dict)
-            or not isinstance(message.get("of"), int)
+            or message.get("of") != pieces
             or not isinstance(message.get("data"), bytes)
-            or message["of"] < 1
+            or len(message["data"]) != expected
         ):
             raise ComputationFailed(f"party '{sender}' sent a malformed '{tag}' message")
-        pieces = message["of"]
         parts.append(message["data"])
     return b"".join(parts)
 
@@ -565,9 +571,7 @@ async def _send_matrix(peers: PeerSession, to: str, tag: str, matrix: U64) -> No
 
 
 async def _recv_matrix(peers: PeerSession, sender: str, tag: str, shape: tuple[int, int]) -> U64:
-    blob = await _recv_blob(peers, sender, tag)
-    if len(blob) != 8 * shape[0] * shape[1]:
-        raise ComputationFailed(f"party '{sender}' sent a matrix of the wrong size")
+    blob = await _recv_blob(peers, sender, tag, 8 * shape[0] * shape[1])
     return np.frombuffer(blob, dtype="<u8").astype(np.uint64).reshape(shape)
 
 
@@ -675,7 +679,11 @@ async def _reblind_theirs(
     """
     peers, other = v.peers, v.other_holder
     await _send_blob(peers, other, f"{tag}.blinded", b"".join(sorted(mine)))
-    theirs = points_from(await _recv_blob(peers, other, f"{tag}.blinded"), other, theirs_count)
+    blob = await _recv_blob(peers, other, f"{tag}.blinded", theirs_count * curve.POINT_BYTES)
+    theirs = points_from(blob, other, theirs_count)
+    # strictly increasing: sorted (positions say nothing) and distinct
+    if any(a >= b for a, b in itertools.pairwise(theirs)):
+        raise ComputationFailed(f"party '{other}' sent blinded ids not sorted and distinct")
     try:
         return await asyncio.to_thread(curve.reblind, theirs, scalar)
     except ValueError:
@@ -709,8 +717,10 @@ async def _joint_count(v: _Vertical, holding: _Holding, theirs_count: int) -> in
     theirs_double = await _reblind_theirs(v, "vt.count", mine, scalar, theirs_count)
     # sorted: an order the other cannot link to the points it sent
     await _send_blob(peers, other, "vt.count.reblinded", b"".join(sorted(theirs_double)))
-    blob = await _recv_blob(peers, other, "vt.count.reblinded")
+    blob = await _recv_blob(peers, other, "vt.count.reblinded", len(mine) * curve.POINT_BYTES)
     mine_double = points_from(blob, other, len(mine))
+    if any(a >= b for a, b in itertools.pairwise(mine_double)):
+        raise ComputationFailed(f"party '{other}' sent points that are not sorted and distinct")
     return len(set(mine_double) & set(theirs_double))
 
 
@@ -729,8 +739,10 @@ async def _join(v: _Vertical, holding: _Holding, theirs_count: int) -> npt.NDArr
     theirs_double = await _reblind_theirs(v, "vt.join", blinded, scalar, theirs_count)
     # in the order received: this shows the other which of its ids I hold
     await _send_blob(peers, other, "vt.join.reblinded", b"".join(theirs_double))
-    blob = await _recv_blob(peers, other, "vt.join.reblinded")
+    blob = await _recv_blob(peers, other, "vt.join.reblinded", len(order) * curve.POINT_BYTES)
     mine_double = points_from(blob, other, len(order))
+    if len(set(mine_double)) != len(mine_double):
+        raise ComputationFailed(f"party '{other}' sent the same point twice")
     row_of = {point: order[k] for k, point in enumerate(mine_double)}
     common = sorted(row_of.keys() & set(theirs_double))
     return np.array([row_of[p] for p in common], dtype=np.intp)
@@ -915,9 +927,10 @@ async def _paillier_x(v: _Vertical, indicator: U64) -> U64:
     await peers.send(other, "vt.he.key", {"n": modulus.to_bytes((modulus.bit_length() + 7) // 8)})
     await _send_blob(peers, other, "vt.he.rows", _pack(ciphertexts, int(public_key.nsquare)))
     await v.ctx.progress(0.6)
-    sums = _unpack(
-        await _recv_blob(peers, other, "vt.he.sums"), int(public_key.nsquare), ky * groups, other
-    )
+    nsquare = int(public_key.nsquare)
+    width = (nsquare.bit_length() + 7) // 8
+    blob = await _recv_blob(peers, other, "vt.he.sums", width * ky * groups)
+    sums = _unpack(blob, nsquare, ky * groups, other)
     plaintexts = await asyncio.to_thread(lambda: [int(private_key.raw_decrypt(c)) for c in sums])
     bits = _slot_bits(n)
     slots = (modulus.bit_length() - 1) // bits
@@ -946,7 +959,9 @@ async def _paillier_y(v: _Vertical, index: I64) -> U64:
     slots = (modulus.bit_length() - 1) // _slot_bits(n)
     groups = -(-kx // slots)
     nsquare = int(public_key.nsquare)
-    rows = _unpack(await _recv_blob(peers, owner, "vt.he.rows"), nsquare, n * groups, owner)
+    width = (nsquare.bit_length() + 7) // 8
+    blob = await _recv_blob(peers, owner, "vt.he.rows", width * n * groups)
+    rows = _unpack(blob, nsquare, n * groups, owner)
 
     def add_up() -> list[int]:
         sums = [1] * (ky * groups)  # 1 is the (not yet randomised) encryption of 0

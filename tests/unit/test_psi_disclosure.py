@@ -262,3 +262,37 @@ def test_routes_leave_party_zero_out_of_the_others_lists_only_from_three_parties
             assert path[0] == owner and len(set(path)) == len(path)
             # nobody holds its own list, so no owner sees its blinded items in order
             assert path[-1] != owner
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_a_repeated_blinded_item_is_refused_naming_its_sender(parties: int) -> None:
+    # a repeat used to shrink the result (n = 2) or blame an honest holder (n = 3)
+    sets = {f"d{j}": ["a", "b", "c", "d", "e"] for j in range(parties)}
+    cheat = "d1"
+
+    def tamper(sender: str, to: str, tag: str, value: Any) -> Any:
+        if sender == cheat and tag.startswith(service.Stage.RING + "."):
+            blob = value["points"]
+            return {"points": blob[:32] + blob[:32] + blob[64:]}
+        return value
+
+    own = {name: {"data": {"v": items}, "column": "v"} for name, items in sets.items()}
+    results, _ = run_job(service.intersection, own, tamper=tamper)
+    assert not [r for r in results.values() if not isinstance(r, BaseException)], results
+    assert any(
+        f"party '{cheat}' sent the same blinded item twice" in str(r) for r in results.values()
+    )
+
+
+def test_an_intersection_sent_in_endless_empty_chunks_is_refused() -> None:
+    sets = {"e0": ["a", "b", "c"], "e1": ["a", "b", "c"]}
+
+    def tamper(sender: str, to: str, tag: str, value: Any) -> Any:
+        if tag.startswith(service.Stage.JOINT + "."):
+            return {"points": b"", "more": True}
+        return value
+
+    own = {name: {"data": {"v": items}, "column": "v"} for name, items in sets.items()}
+    results, _ = run_job(service.intersection_size, own, tamper=tamper)
+    assert isinstance(results["e1"], ComputationFailed)
+    assert "party 'e0' sent a malformed intersection message" in str(results["e1"])

@@ -10,15 +10,16 @@ service itself refuses anything below 2048 bits.
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
 import pytest
 from memory_peers import Context, Peers, Wire, run_tasks
 
-from fdrtd_server.errors import BadRequest, CohortTooSmall
+from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed
 from protocols.psi import curve
 from protocols.smpc import ring
 from protocols.smpc.tables import (
@@ -27,6 +28,7 @@ from protocols.smpc.tables import (
     _Holding,
     _holding,
     _labels,
+    _recv_blob,
     _Vertical,
     _vertical,
     category_index,
@@ -175,3 +177,21 @@ def test_canonical_ids_and_category_index_are_exact() -> None:
 
 def test_keys_below_2048_bits_are_not_offered() -> None:
     assert min(PAILLIER_BITS) == 2048
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [{"of": 1, "data": b"x" * 11}],  # longer than announced by the receiver's own count
+        [{"of": 9, "data": b"x" * 10}],  # a sender announcing more pieces than the size needs
+        [{"of": 1, "data": "text"}],
+        ["garbage"],
+    ],
+)
+def test_a_long_message_of_another_size_is_refused_at_once(pieces: list[Any]) -> None:
+    boxes: defaultdict[Any, asyncio.Queue[Any]] = defaultdict(asyncio.Queue)
+    for k, piece in enumerate(pieces):
+        boxes[("a", "b", f"t.{k}")].put_nowait(piece)
+    peers = Peers(boxes, "a", ["a", "b"])
+    with pytest.raises(ComputationFailed, match="party 'b' sent a malformed 't' message"):
+        asyncio.run(_recv_blob(peers, "b", "t", 10))  # type: ignore[arg-type]
