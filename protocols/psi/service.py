@@ -535,14 +535,21 @@ async def _send_sorted(peers: PeerSession, to: str, tag: str, points: list[bytes
 
 
 async def _final(
-    peers: PeerSession, held: dict[int, list[bytes]], sizes: list[int], scalar: bytes
+    peers: PeerSession,
+    held: dict[int, list[bytes]],
+    sizes: list[int],
+    scalar: bytes,
+    *,
+    reveal: bool,
 ) -> tuple[int, dict[int, set[bytes]]]:
     """Stage FINAL: the held lists go sorted to party 0, which intersects; JOINT: ``I`` back.
 
     Returns ``|I|`` and, for each list this party holds, the intersection as
-    points of that list. Only party 0 sees the lists (as sets), and so the
-    sizes of the sub-intersections among the lists it sees; every other party
-    gets the intersection alone, and checks that it lies in what it holds.
+    points of that list (only if ``reveal``: ``intersection_size`` sends the
+    size alone, so that no holder can mark the points of ``I`` in the list it
+    holds). Only party 0 sees the lists (as sets), and so the sizes of the
+    sub-intersections among the lists it sees; every other party gets the
+    intersection alone, and checks that it lies in what it holds.
     """
     n, me = len(peers.parties), peers.index
     intersector = peers.parties[0]
@@ -552,6 +559,12 @@ async def _final(
             for k, start in enumerate(range(0, len(blob), CHUNK_POINTS * curve.POINT_BYTES)):
                 chunk = blob[start : start + CHUNK_POINTS * curve.POINT_BYTES]
                 await peers.send(intersector, f"{Stage.FINAL}.{owner}.{k}", {"points": chunk})
+        if not reveal:
+            message = await peers.recv(intersector, Stage.JOINT)
+            size = message.get("size") if isinstance(message, dict) else None
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= min(sizes):
+                raise ComputationFailed(f"party '{intersector}' sent a malformed intersection size")
+            return size, {}
         joint: dict[int, set[bytes]] = {}
         for owner, points in sorted(held.items()):
             received = await _receive_joint(
@@ -598,6 +611,9 @@ async def _final(
         common = lists[ordered_full[0]].intersection(*(lists[o] for o in ordered_full[1:]))
     for owner in full:
         by_owner[owner] = common
+    if not reveal:
+        await peers.broadcast(Stage.JOINT, {"size": len(common)})
+        return len(common), {}
     sends = [
         _send_sorted(
             peers, peers.parties[_holder(n, owner)], f"{Stage.JOINT}.{owner}", list(points)
@@ -684,7 +700,7 @@ async def _run_intersection(
         scalar = curve.random_scalar()
         held = await _ring(peers, scalar, encoded, sizes)
         await ctx.progress(0.8)
-        size, joint = await _final(peers, held, sizes, scalar)
+        size, joint = await _final(peers, held, sizes, scalar, reveal=reveal_items)
         # Before HITS: a refused intersection must not reach its owners' items.
         check_result_cohort(received, size)
         if not reveal_items:

@@ -197,13 +197,24 @@ def test_only_the_intersector_sees_every_blinded_set() -> None:
     # With n > 2, whoever holds every F_j learns the sub-intersection sizes: here
     # that k1 and k2 share one item ("w") besides I. Only party 0 may get them.
     sets = {"k0": ["a", "b", "c", "u"], "k1": ["a", "b", "c", "w"], "k2": ["a", "b", "c", "w"]}
-    results, net = run_parties("intersection_size", sets)
-    assert all(r == {"size": 3} for r in results.values())
+    results, net = run_parties("intersection", sets)
+    assert all(r == {"intersection": ["a", "b", "c"], "size": 3} for r in results.values())
     final = [s for s in net.sent if s.tag.startswith(service.Stage.FINAL + ".")]
     assert {(s.sender, s.to) for s in final} == {("k1", "k0"), ("k2", "k0")}
     joint = [s for s in net.sent if s.tag.startswith(service.Stage.JOINT + ".")]
     assert {(s.sender, s.to) for s in joint} == {("k0", "k1"), ("k0", "k2")}
     assert all(len(s.value["points"]) == 3 * curve.POINT_BYTES for s in joint)
+
+
+def test_the_intersection_size_goes_back_as_a_number_not_as_points() -> None:
+    # holders get |I| alone: no holder can mark the points of I in the list it
+    # holds, which an owner colluding with the holder of its list would map to items
+    sets = {"k0": ["a", "b", "c", "u"], "k1": ["a", "b", "c", "w"], "k2": ["a", "b", "c", "w"]}
+    results, net = run_parties("intersection_size", sets)
+    assert all(r == {"size": 3} for r in results.values())
+    joint = [s for s in net.sent if s.tag.startswith(service.Stage.JOINT)]
+    assert {(s.sender, s.to) for s in joint} == {("k0", "k1"), ("k0", "k2")}
+    assert all(s.value == {"size": 3} for s in joint)
 
 
 @pytest.mark.parametrize("parties", [2, 3, 4, 5])
@@ -293,6 +304,19 @@ def test_an_intersection_sent_in_endless_empty_chunks_is_refused() -> None:
         return value
 
     own = {name: {"data": {"v": items}, "column": "v"} for name, items in sets.items()}
-    results, _ = run_job(service.intersection_size, own, tamper=tamper)
+    results, _ = run_job(service.intersection, own, tamper=tamper)
     assert isinstance(results["e1"], ComputationFailed)
     assert "party 'e0' sent a malformed intersection message" in str(results["e1"])
+
+
+@pytest.mark.parametrize("bad", [{"size": -1}, {"size": 99}, {"size": True}, "3"])
+def test_a_malformed_intersection_size_names_the_intersector(bad: Any) -> None:
+    sets = {"m0": ["a", "b", "c"], "m1": ["a", "b", "c"]}
+
+    def tamper(sender: str, to: str, tag: str, value: Any) -> Any:
+        return bad if tag == service.Stage.JOINT else value
+
+    own = {name: {"data": {"v": items}, "column": "v"} for name, items in sets.items()}
+    results, _ = run_job(service.intersection_size, own, tamper=tamper)
+    assert isinstance(results["m1"], ComputationFailed)
+    assert "party 'm0' sent a malformed intersection size" in str(results["m1"])
