@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from fdrtd_server._files import write_atomic
 from fdrtd_server.errors import ServiceUnavailable
 
 __all__ = [
@@ -98,22 +99,8 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that it is mode 0600 from its first byte on.
-
-    The file is created anew next to ``path`` (``O_EXCL``, so an existing file
-    with a wider mode, or a link planted there, is never written through) and
-    then renamed over ``path``.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    """Write ``text`` to ``path`` so that it is mode 0600 from its first byte on."""
+    write_atomic(path, text, mode=0o600)
 
 
 def redact_url(url: str) -> str:

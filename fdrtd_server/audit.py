@@ -43,7 +43,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fdrtd_server._files import write_atomic
 from fdrtd_server.bus import now_iso
 
 __all__ = [
@@ -299,21 +299,7 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> bool:
     if current is not None and current.key == checkpoint.key and current.count > checkpoint.count:
         return False  # a newer one was written meanwhile (e.g. by the running server)
     text = json.dumps(checkpoint.to_dict(), indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".audit-checkpoint-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_atomic(path, text, mode=0o600, sync_dir=True)
     return True
 
 
@@ -618,11 +604,6 @@ class AuditLog:
             self._count += 1
         if self._thread is not None:
             self._wake.set()
-
-    @property
-    def records(self) -> int:
-        """Records in the log (those found at start and those written since)."""
-        return self._count
 
     def checkpoint(self) -> Checkpoint | None:
         """Flush the log to disk and sign a checkpoint of it now; None without a signer."""

@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import sha256
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -65,6 +65,9 @@ from fdrtd_server.errors import (
     NotFound,
     ServiceUnavailable,
 )
+
+if TYPE_CHECKING:
+    from fdrtd_server.config import Settings
 
 __all__ = [
     "DATA_BUCKET",
@@ -168,20 +171,17 @@ class StoreLimits:
         return cls(total * 5 // 8, total // 8, total // 8, total // 32, explicit)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> StoreLimits:
+    def from_settings(cls, settings: Settings) -> StoreLimits:
         """The limits for a server's settings.
 
         ``max_store_bytes`` (the whole JetStream store of this server), when
-        the settings have it and it is positive; otherwise a bound derived
-        from the upload limit: room for eight of the largest uploads
-        (64 GiB with the default ``max_upload_bytes``), at least
-        :data:`MIN_STORE_BYTES`.
+        it is positive; otherwise a bound derived from the upload limit: room
+        for eight of the largest uploads (64 GiB with the default
+        ``max_upload_bytes``), at least :data:`MIN_STORE_BYTES`.
         """
-        total = getattr(settings, "max_store_bytes", None)
-        if isinstance(total, int) and total > 0:
-            return cls.of_total(total, explicit=True)
-        upload = int(getattr(settings, "max_upload_bytes", 8 * GiB))
-        return cls.of_total(max(8 * upload, MIN_STORE_BYTES))
+        if settings.max_store_bytes > 0:
+            return cls.of_total(settings.max_store_bytes, explicit=True)
+        return cls.of_total(max(8 * settings.max_upload_bytes, MIN_STORE_BYTES))
 
 
 DEFAULT_LIMITS = StoreLimits.of_total(64 * GiB)

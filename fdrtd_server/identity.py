@@ -46,10 +46,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import re
 import stat
-import tempfile
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -66,6 +64,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
     X25519PrivateKey,
     X25519PublicKey,
 )
+
+from fdrtd_server._files import write_atomic
 
 __all__ = [
     "IDENTITY_FILENAME",
@@ -368,18 +368,7 @@ class Identity:
             f'# fdrtd identity "{self._name}": Ed25519 signing key, X25519 key agreement key\n'
         ).encode()
         path = directory / IDENTITY_FILENAME
-        # mkstemp creates the file with mode 0600 already.
-        fd, tmp_name = tempfile.mkstemp(prefix=".identity-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(header + b"".join(pem_blocks))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp_name, 0o600)
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        write_atomic(path, header + b"".join(pem_blocks), mode=0o600)
         return path
 
     @classmethod
@@ -539,23 +528,6 @@ def _toml_string(value: str) -> str:
     return '"' + "".join(escaped) + '"'
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # The federation file holds public keys only; let everyone read it.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def save_federation(path: Path, entries: Mapping[str, PeerEntry] | Iterable[PeerEntry]) -> None:
     """Write the federation file, replacing it atomically.
 
@@ -580,7 +552,10 @@ def save_federation(path: Path, entries: Mapping[str, PeerEntry] | Iterable[Peer
         lines.append("")
         lines.append("[[member]]")
         lines.extend(f"{key} = {_toml_string(value)}" for key, value in entry.to_dict().items())
-    _write_atomic(Path(path), "\n".join(lines) + "\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the federation file holds public keys only; let everyone read it
+    write_atomic(path, "\n".join(lines) + "\n", mode=0o644)
 
 
 def add_member(path: Path, entry: PeerEntry) -> None:

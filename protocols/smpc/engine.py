@@ -255,16 +255,14 @@ class SmpcSession:
         *,
         ready: bool,
         vet: Callable[[int], None],
-        exact: bool = False,
     ) -> tuple[int, list[float]]:
-        """:meth:`count_and_sum` for a few floats, summed in a wide ring as :meth:`sum_big` does.
+        """:meth:`count_and_sum` for a few floats, summed exactly as :meth:`sum_big` does.
 
         Returns:
             The joint count and the sums of every party's ``values``.
         """
         count_tag, sum_tag = self._next(Stage.SUM), self._next(Stage.BIGSUM)
-        wide = _Wide(exact)
-        wire_form = self._masked_big(sum_tag, values, wide)
+        wire_form = self._masked_big(sum_tag, values)
 
         async def late(sources: list[str], send: bool) -> dict[str, list[Any]]:
             if send:
@@ -275,7 +273,7 @@ class SmpcSession:
         total_rows, sums = await self._gate(
             count_tag, rows, wire_form if ready else None, vet, late
         )
-        return total_rows, _add_big(sums, len(wire_form), wide)
+        return total_rows, _add_big(sums, len(wire_form))
 
     async def _gate(
         self,
@@ -364,20 +362,17 @@ class SmpcSession:
         )
         return ring.decode_fixed(await self.sum_ring(encoded), frac_bits=frac_bits)
 
-    async def sum_big(self, values: Sequence[float], *, exact: bool = False) -> list[float]:
-        """Secure sum of a few floats in a wide ring.
+    async def sum_big(self, values: Sequence[float]) -> list[float]:
+        """Secure sum of floats in the exact ring.
 
-        By default the 256-bit ring with 64 fractional bits: every input is
-        rounded to a multiple of ``2^-64`` and must stay below ``2^191`` over
-        the parties. With ``exact``, the ring of :data:`ring.EXACT_RING_BITS`
-        bits holds every finite float64 without rounding, so the sum is the
-        exact sum of the inputs, rounded once to a float, whatever their scale
-        (1e-300 or 1e300); its masked values are 272 bytes an element instead
-        of 32. Either way they travel in pieces of :data:`BIG_PIECE` elements.
+        The ring of :data:`ring.EXACT_RING_BITS` bits holds every finite
+        float64 without rounding, so the sum is the exact sum of the inputs,
+        rounded once to a float, whatever their scale (1e-300 or 1e300). Its
+        masked values are 272 bytes an element and travel in pieces of
+        :data:`BIG_PIECE` elements.
         """
         tag = self._next(Stage.BIGSUM)
-        wide = _Wide(exact)
-        wire_form = self._masked_big(tag, values, wide)
+        wire_form = self._masked_big(tag, values)
         deferred, self._deferred = self._deferred, None
         # pieces below the bus payload limit: the first under the plain tag
         size = max(1, len(wire_form))
@@ -399,25 +394,26 @@ class SmpcSession:
                     message = message.get("v")
                 parts.extend(message if isinstance(message, list) else [None])
             received[party] = parts
-        return _add_big(received, len(wire_form), wide)
+        return _add_big(received, len(wire_form))
 
-    def _masked_big(self, tag: str, values: Sequence[float], wide: _Wide) -> list[bytes]:
-        """``values`` in a wide ring under this party's masks, as big-endian byte strings."""
-        modulus = 1 << wide.bits
+    def _masked_big(self, tag: str, values: Sequence[float]) -> list[bytes]:
+        """``values`` in the exact ring under this party's masks, as big-endian byte strings."""
+        bits = ring.EXACT_RING_BITS
+        modulus = 1 << bits
         me = self.peers.me
         masked = list(
             ring.encode_big(
-                values, parties=self.parties, frac_bits=wide.frac_bits, ring_bits=wide.bits
+                values, parties=self.parties, frac_bits=ring.EXACT_FRAC_BITS, ring_bits=bits
             )
         )
         count = len(masked)
         for party, seed in self._give.items():
-            mask = ring.prg_big(seed, self._label(tag, me, party), count, ring_bits=wide.bits)
+            mask = ring.prg_big(seed, self._label(tag, me, party), count, ring_bits=bits)
             masked = [(a - b) % modulus for a, b in zip(masked, mask, strict=True)]
         for party, seed in self._take.items():
-            mask = ring.prg_big(seed, self._label(tag, party, me), count, ring_bits=wide.bits)
+            mask = ring.prg_big(seed, self._label(tag, party, me), count, ring_bits=bits)
             masked = [(a + b) % modulus for a, b in zip(masked, mask, strict=True)]
-        return [v.to_bytes(wide.bits // 8, "big") for v in masked]
+        return [v.to_bytes(bits // 8, "big") for v in masked]
 
     async def any_true(self, bits: npt.ArrayLike) -> npt.NDArray[np.bool_]:
         """Secure OR of boolean arrays: only whether any party holds True is revealed.
@@ -620,23 +616,16 @@ def _add(received: dict[str, list[Any]], size: int) -> U64:
     return total
 
 
-class _Wide:
-    """A wide ring: the 256-bit one, or the exact one (every float64 without rounding)."""
-
-    def __init__(self, exact: bool) -> None:
-        self.bits = ring.EXACT_RING_BITS if exact else ring.BIG_RING_BITS
-        self.frac_bits = ring.EXACT_FRAC_BITS if exact else ring.BIG_FRAC_BITS
-
-
-def _add_big(received: dict[str, Any], count: int, wide: _Wide) -> list[float]:
-    """Add every party's masked wide-ring values (``count`` byte strings each); decode.
+def _add_big(received: dict[str, Any], count: int) -> list[float]:
+    """Add every party's masked exact-ring values (``count`` byte strings each); decode.
 
     Raises:
         ComputationFailed: Naming the party, if it did not send ``count``
             strings of the ring's width.
     """
-    modulus = 1 << wide.bits
-    width = wide.bits // 8
+    bits = ring.EXACT_RING_BITS
+    modulus = 1 << bits
+    width = bits // 8
     total = [0] * count
     for party, items in received.items():
         if (
@@ -648,7 +637,7 @@ def _add_big(received: dict[str, Any], count: int, wide: _Wide) -> list[float]:
         total = [
             (t + int.from_bytes(b, "big")) % modulus for t, b in zip(total, items, strict=True)
         ]
-    return ring.decode_big(total, frac_bits=wide.frac_bits, ring_bits=wide.bits)
+    return ring.decode_big(total, frac_bits=ring.EXACT_FRAC_BITS, ring_bits=bits)
 
 
 def points_from(blob: bytes, sender: str, count: int | None = None) -> list[bytes]:

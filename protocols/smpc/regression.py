@@ -71,7 +71,7 @@ from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed, F
 from fdrtd_server.microservice import Dataset, JobContext
 from fdrtd_server.peers import PeerSession
 from protocols.psi import curve
-from protocols.smpc import matmul, ring
+from protocols.smpc import matmul
 from protocols.smpc._registry import service
 from protocols.smpc.engine import SmpcSession, points_from
 from protocols.smpc.product import (
@@ -262,10 +262,8 @@ def ols_from_gram(
 async def _sum_big(smpc: SmpcSession, values: list[float]) -> list[float]:
     """Secure sum of local aggregates, exact at any scale; an infinity is a readable failure."""
     try:
-        return await smpc.sum_big(values, exact=True)
-    except ring.FixedPointOverflow as error:
-        raise ComputationFailed(f"the local aggregates are too large: {error}") from None
-    except ValueError:
+        return await smpc.sum_big(values)
+    except ValueError:  # NaN or an infinity: no finite float is out of the exact ring's range
         raise ComputationFailed(
             "the local aggregates overflowed to infinity; scale the data down"
         ) from None

@@ -237,7 +237,6 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
             [float(values.sum())],
             ready=values.size >= ctx.env.min_cohort,
             vet=lambda joint: vet_declared(ctx, smpc, joint, "function"),
-            exact=True,
         )
         await ctx.progress(0.1)
         shift = total / n
@@ -254,7 +253,7 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         positive = float(lo) > 0
         scale = float(lo) if positive else None
         local = stats_math.local_power_sums(values, shift=shift, positive_minimum=scale)
-        sums = await smpc.sum_big(list(local), exact=True)
+        sums = await smpc.sum_big(list(local))
     return stats_math.univariate(
         sums,
         float(lo),
@@ -287,11 +286,10 @@ async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
             [float(x.sum()), float(y.sum())],
             ready=x.size >= ctx.env.min_cohort,
             vet=lambda joint: vet_declared(ctx, smpc, joint, "function"),
-            exact=True,
         )
         shift_x, shift_y = sx / n, sy / n
         sums = await smpc.sum_big(
-            list(stats_math.local_cross_sums(x, y, shift_x=shift_x, shift_y=shift_y)), exact=True
+            list(stats_math.local_cross_sums(x, y, shift_x=shift_x, shift_y=shift_y))
         )
     return stats_math.bivariate(sums, shift_x=shift_x, shift_y=shift_y)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -20,6 +19,7 @@ from fdrtd_server._embedded_nats import (
     write_private,
 )
 from fdrtd_server.bus import MIN_STORE_BYTES, GiB, StoreLimits
+from fdrtd_server.config import Settings
 
 SECRET = "s3cr3t-Pa55_word"
 
@@ -77,11 +77,14 @@ def test_store_limits_share_the_total_and_leave_headroom() -> None:
         StoreLimits.of_total(1024)
 
 
-def test_store_limits_from_settings() -> None:
-    explicit = StoreLimits.from_settings(SimpleNamespace(max_store_bytes=4 * GiB))
+def test_store_limits_from_settings(tmp_path: Path) -> None:
+    def settings(**fields: int) -> Settings:
+        return Settings(home=tmp_path, name="s", **fields)
+
+    explicit = StoreLimits.from_settings(settings(max_store_bytes=4 * GiB))
     assert explicit.explicit and explicit == StoreLimits.of_total(4 * GiB, explicit=True)
     # without max_store_bytes: eight of the largest uploads, never below the minimum
-    derived = StoreLimits.from_settings(SimpleNamespace(max_upload_bytes=2 * GiB))
+    derived = StoreLimits.from_settings(settings(max_upload_bytes=2 * GiB))
     assert derived == StoreLimits.of_total(16 * GiB)
-    tiny = StoreLimits.from_settings(SimpleNamespace(max_upload_bytes=1024, max_store_bytes=0))
+    tiny = StoreLimits.from_settings(settings(max_upload_bytes=1024, max_store_bytes=0))
     assert tiny == StoreLimits.of_total(MIN_STORE_BYTES)
