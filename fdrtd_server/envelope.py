@@ -104,6 +104,7 @@ __all__ = [
     "PeerMessageRejected",
     "StaleMessage",
     "WrongRecipient",
+    "check_addressing",
     "open_envelope",
     "replay_key",
     "seal",
@@ -398,6 +399,34 @@ def _check_header(header: dict[str, Any]) -> None:
         raise MalformedEnvelope(f"peer message rejected: `nonce` must be {_NONCE_BYTES} bytes")
 
 
+def check_addressing(
+    members: Mapping[str, PeerEntry], me: str, sender: str, receiver: str
+) -> PeerEntry:
+    """The sender's federation entry, if a message from ``sender`` to ``receiver`` may reach us.
+
+    The first checks of :func:`open_envelope`; the gateway also runs them on
+    an envelope's header alone, before it reads the rest.
+
+    Raises:
+        NotAMember: ``sender`` is not in ``members``.
+        WrongRecipient: ``receiver`` is not ``me``.
+    """
+    entry = members.get(sender)
+    # A mapping whose key disagrees with the entry's own name is a bug in the
+    # caller; trusting either name alone could attribute a message wrongly.
+    if entry is None or entry.name != sender:
+        raise NotAMember(
+            f"peer message rejected: sender {sender!r} is not a member of the federation",
+            sender=sender,
+        )
+    if receiver != me:
+        raise WrongRecipient(
+            f"peer message rejected: addressed to {receiver!r}, but this server is {me!r}",
+            sender=sender,
+        )
+    return entry
+
+
 def open_envelope(
     receiver: Identity,
     members: Mapping[str, PeerEntry],
@@ -432,20 +461,7 @@ def open_envelope(
     """
     header_bytes, ciphertext, signature, header = _parse(data)
     sender_name: str = header["from"]
-    entry = members.get(sender_name)
-    # A mapping whose key disagrees with the entry's own name is a bug in the
-    # caller; trusting either name alone could attribute a message wrongly.
-    if entry is None or entry.name != sender_name:
-        raise NotAMember(
-            f"peer message rejected: sender {sender_name!r} is not a member of the federation",
-            sender=sender_name,
-        )
-    if header["to"] != receiver.name:
-        raise WrongRecipient(
-            f"peer message rejected: addressed to {header['to']!r}, "
-            f"but this server is {receiver.name!r}",
-            sender=sender_name,
-        )
+    entry = check_addressing(members, receiver.name, sender_name, header["to"])
     if not _verified(entry.sign_public, signature, _signed_bytes(header_bytes, ciphertext)):
         raise BadSignature(
             f"peer message rejected: the signature does not verify with the key of "

@@ -70,10 +70,9 @@ from fdrtd_server.audit import AuditLog
 from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_SEEDS_SUBJECT
 from fdrtd_server.envelope import (
     MAX_HEADER_BYTES,
-    NotAMember,
     OpenedMessage,
     PeerMessageRejected,
-    WrongRecipient,
+    check_addressing,
     open_envelope,
     replay_key,
     seal,
@@ -513,18 +512,7 @@ def _check_claim(gateway: Gateway, claim: tuple[str, str]) -> None:
         NotAMember, WrongRecipient: As :func:`~fdrtd_server.envelope.open_envelope` would.
     """
     sender, receiver = claim
-    entry = gateway.members.get(sender)
-    if entry is None or entry.name != sender:
-        raise NotAMember(
-            f"peer message rejected: sender {sender!r} is not a member of the federation",
-            sender=sender,
-        )
-    if receiver != gateway.identity.name:
-        raise WrongRecipient(
-            f"peer message rejected: addressed to {receiver!r}, "
-            f"but this server is {gateway.identity.name!r}",
-            sender=sender,
-        )
+    check_addressing(gateway.members, gateway.identity.name, sender, receiver)
 
 
 def _busy(detail: str) -> Response:
