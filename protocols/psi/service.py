@@ -555,10 +555,7 @@ async def _final(
     intersector = peers.parties[0]
     if me != 0:
         for owner, points in held.items():
-            blob = b"".join(sorted(points))
-            for k, start in enumerate(range(0, len(blob), CHUNK_POINTS * curve.POINT_BYTES)):
-                chunk = blob[start : start + CHUNK_POINTS * curve.POINT_BYTES]
-                await peers.send(intersector, f"{Stage.FINAL}.{owner}.{k}", {"points": chunk})
+            await _send_sorted(peers, intersector, f"{Stage.FINAL}.{owner}", points)
         if not reveal:
             message = await peers.recv(intersector, Stage.JOINT)
             size = message.get("size") if isinstance(message, dict) else None
