@@ -572,14 +572,24 @@ class PeerSession:
             # report the first party's failure itself (it names the party)
             raise group_error.exceptions[0] from None
 
-    async def recv(self, sender: str, tag: str) -> Any:
+    async def recv(self, sender: str, tag: str, *, patience: float = 1.0) -> Any:
         """Wait for the message ``tag`` from ``sender``.
+
+        Args:
+            sender: The party that sends it.
+            tag: The message's tag.
+            patience: How many session timeouts to wait. A party whose message
+                depends on another party's (a relay) should be waited for
+                longer than that other party, so that when one party drops out
+                the relay's own timeout, which names the right party, ends the
+                computation first.
 
         Raises:
             PartyTimeout: Naming ``sender`` if nothing arrives within the timeout.
             ComputationFailed: If any party aborted the session.
         """
-        deadline = time.monotonic() + self.timeout
+        wait = self.timeout * patience
+        deadline = time.monotonic() + wait
         async with self._arrived:
             while True:
                 # a message that arrived before an abort is still delivered
@@ -600,7 +610,7 @@ class PeerSession:
                 if remaining <= 0:
                     raise PartyTimeout(
                         f"party '{sender}' did not send its '{tag}' message within "
-                        f"{self.timeout:g} s; it may not have joined session '{self.id}' "
+                        f"{wait:g} s; it may not have joined session '{self.id}' "
                         "or dropped out"
                     )
                 with contextlib.suppress(TimeoutError):

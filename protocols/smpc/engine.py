@@ -476,7 +476,10 @@ class SmpcSession:
             if me == comparer:
                 found = await self._or_compare(tag, betas)
             else:
-                received = await self.peers.recv(comparer, f"{tag}.bits")
+                # the bits come at the end of a chain: everyone -> evaluator ->
+                # comparer -> us. Each link waits one session timeout longer than
+                # the one before, so that the party next to a dropout names it
+                received = await self.peers.recv(comparer, f"{tag}.bits", patience=3.0)
                 if (
                     not isinstance(received, np.ndarray)
                     or received.dtype != np.uint8
@@ -535,7 +538,7 @@ class SmpcSession:
         """``C``: test the evaluator's points for equality and send the OR to every party."""
         evaluator = self.peers.parties[-1]
         count = len(betas)
-        blob = await self.peers.recv(evaluator, f"{tag}.query")
+        blob = await self.peers.recv(evaluator, f"{tag}.query", patience=2.0)
         points = points_from(blob if isinstance(blob, bytes) else b"?", evaluator, 2 * count)
         try:
             tested = curve.blind_each(points[:count], betas)

@@ -294,7 +294,11 @@ class OrderSearch:
             return bits
         if me == self.shifter:
             await self._shift(round_number, rho)
-        received = await self.peers.recv(self.evaluator, f"{Stage.BITS}.{round_number}")
+        # the end of a chain (everyone -> E, E <-> P_0, E -> everyone): wait longer
+        # than its links, so that the party next to a dropout names it first
+        received = await self.peers.recv(
+            self.evaluator, f"{Stage.BITS}.{round_number}", patience=3.0
+        )
         if not isinstance(received, np.ndarray) or received.shape != (counts.size,):
             raise ComputationFailed(f"party '{self.evaluator}' sent malformed comparison bits")
         return np.asarray(received != 0)
@@ -319,7 +323,7 @@ class OrderSearch:
         )
         await self.peers.send(self.evaluator, f"{Stage.BLOCKS}.{round_number}", b"".join(blocks))
         query = _cut(
-            await self.peers.recv(self.evaluator, f"{Stage.QUERY}.{round_number}"),
+            await self.peers.recv(self.evaluator, f"{Stage.QUERY}.{round_number}", patience=2.0),
             len(starts) * self.bits,
             "query",
             self.evaluator,

@@ -560,7 +560,7 @@ def test_party_stopped_before_the_computation(
 def test_party_killed_mid_computation(
     running: LocalFederation, dropout_env: dict[str, str]
 ) -> None:
-    # a long protocol: eight rounds of secure OR over 2 x 255 thresholds per element
+    # a long protocol: sixteen rounds of secure OR over 2 x 15 thresholds per element
     data = np.random.default_rng(5).normal(size=(50, 1500))
     victim = running.servers["d3"]
     jobs = start_on(running, DROPOUT_NAMES, "minimum_maximum", data=data)

@@ -21,6 +21,7 @@ from fdrtd_server._embedded_nats import EmbeddedNats
 from fdrtd_server.bus import (
     CHUNK_SIZE,
     DATA_BUCKET,
+    MIN_STORE_BYTES,
     Bus,
     InsufficientStorage,
     JobRecord,
@@ -208,7 +209,7 @@ def test_an_upload_into_a_full_store_answers_507_over_http(tmp_path: Path) -> No
     from fdrtd_server.local import LocalFederation
 
     upload_limit = 128 * MiB  # -> a 1 GiB store (the minimum), 640 MiB for datasets
-    data_bytes = StoreLimits.from_settings(type("S", (), {"max_upload_bytes": upload_limit})()).data
+    data_bytes = StoreLimits.of_total(max(8 * upload_limit, MIN_STORE_BYTES)).data
     env = {"FDRTD_MAX_UPLOAD_BYTES": str(upload_limit)}
     with LocalFederation(tmp_path, names=("full",), env=env) as federation:
         server = federation.servers["full"]

@@ -144,10 +144,10 @@ class Peers:
         for party in self.others if to is None else to:
             await self.send(party, tag, value)
 
-    async def recv(self, sender: str, tag: str) -> Any:
+    async def recv(self, sender: str, tag: str, *, patience: float = 1.0) -> Any:
         box = self.wire.boxes[(self.me, sender, tag)]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wire.wait
+        deadline = loop.time() + self.wire.wait * patience
         async with self.wire.changed:
             while True:
                 # a message that arrived before an abort is still delivered
