@@ -130,6 +130,9 @@ MAX_CATEGORIES = 10_000
 """Most categories (or bins) per dimension."""
 MAX_CELLS = 1_000_000
 """Most cells of a contingency table."""
+
+MAX_IDS = 10_000_000
+"""Most points a holder may send the dealer in the count stage (bounds its memory)."""
 PIECE_BYTES = 1 << 20
 """Largest piece of a long peer message (the bus allows a few MiB)."""
 PAILLIER_BITS = (2048, 3072, 4096)
@@ -696,10 +699,14 @@ async def _joint_count(v: _Vertical, holding: _Holding, theirs_count: int) -> in
     A private set intersection *cardinality* (De Cristofaro, Gasti and Tsudik,
     CANS 2012) of each holder's in-category ids, padded with random dummy
     items to its whole id set, so that the padded sets reveal only the sizes
-    already exchanged. Each holder returns the other's points blinded by both
-    scalars in sorted order, which is a random order to the other: it can
-    count the matches but not tell which of its ids they are. Fresh scalars
-    (and a domain of its own) keep these points unlinkable to the join's.
+    already exchanged. With a third party, both holders send it the other's
+    points blinded by both scalars, sorted, and it counts the matches
+    (:func:`_count_for_holders`): the holders hear the count only if it
+    passes, and -1 otherwise. With two parties each holder returns the other's
+    points blinded by both scalars in sorted order, which is a random order
+    to the other: it can count the matches but not tell which of its ids they
+    are. Fresh scalars (and a domain of its own) keep these points unlinkable
+    to the join's.
     """
     peers, other = v.peers, v.other_holder
     inside = [
@@ -715,6 +722,18 @@ async def _joint_count(v: _Vertical, holding: _Holding, theirs_count: int) -> in
     items = inside + dummies
     mine = await asyncio.to_thread(curve.hash_and_blind, items, scalar, v.domain("count"))
     theirs_double = await _reblind_theirs(v, "vt.count", mine, scalar, theirs_count)
+    if v.others:
+        # a third party counts, so that a holder learns c only if it passes
+        dealer = v.others[0]
+        await peers.send(dealer, "vt.count.size", {"points": len(theirs_double)})
+        await _send_blob(peers, dealer, "vt.count.list", b"".join(sorted(theirs_double)))
+        verdict = await peers.recv(dealer, "vt.count.verdict")
+        passed = verdict.get("count") if isinstance(verdict, dict) else None
+        if verdict == {"ok": False}:
+            return -1  # below the minimum; the dealer does not say by how much
+        if not isinstance(passed, int) or isinstance(passed, bool) or passed < v.minimum:
+            raise ComputationFailed(f"party '{dealer}' sent a malformed count")
+        return passed
     # sorted: an order the other cannot link to the points it sent
     await _send_blob(peers, other, "vt.count.reblinded", b"".join(sorted(theirs_double)))
     blob = await _recv_blob(peers, other, "vt.count.reblinded", len(mine) * curve.POINT_BYTES)
@@ -755,10 +774,13 @@ def _one_hot(index: I64, width: int) -> U64:
     return matrix
 
 
-async def _tell_others(v: _Vertical, go: dict[str, Any]) -> None:
-    """The x-holder's verdict to the parties that hold no column: refuse, or go on."""
+async def _tell_others(v: _Vertical, go: dict[str, Any], *, dealer: bool = True) -> None:
+    """The x-holder's verdict to the parties that hold no column: refuse, or go on.
+
+    ``dealer=False`` leaves out the dealer, which heard the verdict already.
+    """
     if v.peers.me == v.holders[0]:
-        for party in v.others:
+        for party in v.others if dealer else v.others[1:]:
             await v.peers.send(party, "vt.go", go)
 
 
@@ -782,8 +804,12 @@ async def _holder(v: _Vertical, holding: _Holding) -> tuple[int, int, U64]:
     # 1. the id-set sizes (the point lists below would show them anyway)
     await peers.send(other, "vt.ids", {"ids": len(holding.ids)})
     theirs_count = _size(await peers.recv(other, "vt.ids"), other)
-    if min(len(holding.ids), theirs_count) < v.minimum:
-        await _tell_others(v, {"ok": False})
+    sizes_pass = min(len(holding.ids), theirs_count) >= v.minimum
+    if is_x and v.others:
+        # the dealer counts in step 2, if the sizes pass
+        await peers.send(v.others[0], "vt.sizes", {"ok": sizes_pass})
+    if not sizes_pass:
+        await _tell_others(v, {"ok": False}, dealer=False)
         raise _refused(v.minimum)
     # 2. the number of records the table would count, before anything else
     joint = await _joint_count(v, holding, theirs_count)
@@ -831,9 +857,43 @@ async def _holder(v: _Vertical, holding: _Holding) -> tuple[int, int, U64]:
     return n, joint, table
 
 
+async def _count_for_holders(v: _Vertical) -> None:
+    """The dealer's first task: count the matches of the holders' doubly blinded lists.
+
+    Each holder sends the other's padded in-category ids blinded by both
+    scalars, sorted. The dealer learns the number of matches c, and tells the
+    holders c only if it reaches the strictest minimum cohort (else only
+    that it does not), so that a holder of a refused run learns nothing of c.
+    """
+    lists: list[set[bytes]] = []
+    for holder in v.holders:
+        size = await v.peers.recv(holder, "vt.count.size")
+        count = size.get("points") if isinstance(size, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_IDS:
+            raise ComputationFailed(f"party '{holder}' sent a malformed list size")
+        blob = await _recv_blob(v.peers, holder, "vt.count.list", count * curve.POINT_BYTES)
+        points = points_from(blob, holder, count)
+        if any(a >= b for a, b in itertools.pairwise(points)):
+            raise ComputationFailed(
+                f"party '{holder}' sent points that are not sorted and distinct"
+            )
+        lists.append(set(points))
+    matches = len(lists[0] & lists[1])
+    verdict = {"count": matches} if matches >= v.minimum else {"ok": False}
+    for holder in v.holders:
+        await v.peers.send(holder, "vt.count.verdict", verdict)
+
+
 async def _bystander(v: _Vertical) -> tuple[int, int, U64]:
     """A party without a column: the x-holder's verdict; the first deals; all get the table."""
     x_holder = v.holders[0]
+    if v.peers.me == v.others[0]:
+        sizes = await v.peers.recv(x_holder, "vt.sizes")
+        if not isinstance(sizes, dict) or not isinstance(sizes.get("ok"), bool):
+            raise ComputationFailed(f"party '{x_holder}' sent a malformed verdict")
+        if not sizes["ok"]:
+            raise _refused(v.minimum)
+        await _count_for_holders(v)
     go = await v.peers.recv(x_holder, "vt.go")
     if not isinstance(go, dict) or not isinstance(go.get("ok"), bool):
         raise ComputationFailed(f"party '{x_holder}' sent a malformed verdict")

@@ -109,10 +109,19 @@ def test_few_in_category_records_are_refused_before_the_join(bystanders: list[st
         assert isinstance(outcome, CohortTooSmall), (name, outcome)
         assert "minimum cohort of 5" in str(outcome)
         assert not any(tag.startswith(OPENING) for tag in tags(views[name])), tags(views[name])
-    for name in bystanders:
+    if not bystanders:
+        # two parties: the holders count the matches themselves, so they learn c
+        assert tags(views["x"]) == {"vt.ids", "vt.count.blinded", "vt.count.reblinded"}
+        return
+    # with a third party, it counts: the holders learn only that c is too small
+    dealer, *rest = bystanders
+    for holder in ("x", "y"):
+        assert tags(views[holder]) == {"vt.ids", "vt.count.blinded", "vt.count.verdict"}
+        verdicts = [v for _, t, v in views[holder].received if t == "vt.count.verdict"]
+        assert verdicts == [{"ok": False}]  # not the count, 2
+    assert tags(views[dealer]) == {"vt.sizes", "vt.count.size", "vt.count.list", "vt.go"}
+    for name in rest:
         assert [value for _, _, value in views[name].received] == [{"ok": False}]
-    # the holders saw the sizes and the count stage's points only
-    assert tags(views["x"]) == {"vt.ids", "vt.count.blinded", "vt.count.reblinded"}
 
 
 def test_a_small_id_set_is_refused_before_any_point_is_sent() -> None:
@@ -121,7 +130,7 @@ def test_a_small_id_set_is_refused_before_any_point_is_sent() -> None:
     outcomes, views = run({"x": x, "y": y, "dealer": None}, ["x", "y"], (1, 1), minimum=5)
     assert all(isinstance(o, CohortTooSmall) for o in outcomes.values()), outcomes
     assert tags(views["x"]) == tags(views["y"]) == {"vt.ids"}
-    assert tags(views["dealer"]) == {"vt.go"}
+    assert tags(views["dealer"]) == {"vt.sizes"}  # the x-holder's refusal, nothing else
 
 
 def test_the_count_stage_pads_and_shuffles() -> None:
@@ -195,3 +204,18 @@ def test_a_long_message_of_another_size_is_refused_at_once(pieces: list[Any]) ->
     peers = Peers(boxes, "a", ["a", "b"])
     with pytest.raises(ComputationFailed, match="party 'b' sent a malformed 't' message"):
         asyncio.run(_recv_blob(peers, "b", "t", 10))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_with_a_dealer_a_holder_cannot_tell_whether_a_targeted_id_is_held(held: bool) -> None:
+    # the analyst's x-categories match one id of the x-holder (7): without a
+    # third party, c (1 or 0) would tell the x-holder whether the y-holder has it
+    ids = np.arange(100)
+    x_values = np.array(["target" if i == 7 else "other" for i in ids])
+    x = _holding(ids, x_values, ["target"])
+    y_ids = ids if held else np.append(ids[ids != 7], 1000)  # same size either way
+    y = _holding(y_ids, np.array(["k"] * y_ids.size), ["k"])
+    outcomes, views = run({"x": x, "y": y, "dealer": None}, ["x", "y"], (1, 1), minimum=5)
+    assert all(isinstance(o, CohortTooSmall) for o in outcomes.values()), outcomes
+    seen = [(t, v) for _, t, v in views["x"].received if t == "vt.count.verdict"]
+    assert seen == [("vt.count.verdict", {"ok": False})]
