@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import Iterator
@@ -61,17 +62,13 @@ class _Server(uvicorn.Server):
 
 
 def environment(settings: Settings) -> Environment:
-    """What microservices need to know of the server's settings and policy."""
-    return Environment(
-        server=settings.name,
-        min_cohort=settings.min_cohort,
-        session_timeout=settings.session_timeout,
-        allow_map_reduce=settings.allow_map_reduce,
-        allow_set_union=settings.allow_set_union,
-        allow_set_intersection=settings.allow_set_intersection,
-        allow_matrix_product=settings.allow_matrix_product,
-        allow_vertical_regression=settings.allow_vertical_regression,
-    )
+    """What microservices need to know of the server's settings and policy.
+
+    Every field of :class:`Environment` but ``server`` (the server's name) is
+    the setting of the same name, so a new policy switch needs no copying here.
+    """
+    shared = {f.name for f in dataclasses.fields(Environment)} - {"server"}
+    return Environment(server=settings.name, **{k: getattr(settings, k) for k in shared})
 
 
 async def _prepare_store(nats_url: str, name: str, limits: StoreLimits) -> None:

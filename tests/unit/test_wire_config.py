@@ -6,6 +6,7 @@ No server, no NATS: these test pure functions and files in ``tmp_path``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -23,6 +24,7 @@ from fdrtd_server import errors
 from fdrtd_server.audit import AuditLog, verify
 from fdrtd_server.bus import new_handle, parse_handle
 from fdrtd_server.config import (
+    _POLICY_KEYS,
     CONFIG_FILE,
     Secret,
     Settings,
@@ -30,6 +32,8 @@ from fdrtd_server.config import (
     init_home,
     load_settings,
 )
+from fdrtd_server.microservice import Environment
+from fdrtd_server.server import environment
 
 # -- wire: msgpack with typed arrays ---------------------------------------------
 
@@ -721,3 +725,17 @@ def test_error_tree() -> None:
         if isinstance(value, type) and issubclass(value, errors.FdrtdError)
     }
     assert set(errors.__all__) == classes | {"error_for_status"}
+
+
+def test_microservices_see_every_policy_setting(tmp_path: Path) -> None:
+    # Environment is built from the settings of the same names: a new policy
+    # switch must be a field of both, and reaches the microservices as set
+    settings = Settings(
+        home=tmp_path, name="s", min_cohort=7, allow_set_intersection=True, session_timeout=9.0
+    )
+    env = environment(settings)
+    assert env.server == "s" and env.min_cohort == 7 and env.session_timeout == 9.0
+    assert env.allow_set_intersection and not env.allow_set_union
+    fields = {f.name for f in dataclasses.fields(Environment)} - {"server"}
+    policy = {key for key in _POLICY_KEYS if key != "microservices"}
+    assert policy <= fields
