@@ -277,21 +277,23 @@ def test_a_peer_that_never_answers_times_out_and_the_socket_is_closed() -> None:
     assert took < 2.0 and hung_up < 1.0
 
 
+async def _refusal(answer: bytes) -> tuple[int, str]:
+    """What the gateway makes of a peer that answers ``answer`` (the connection may stay open)."""
+    server, port, _ = await _raw_peer(_static(answer))
+    client = PeerHttpClient(timeout=3)
+    peer = Identity.generate("beta").public_entry(f"http://127.0.0.1:{port}")
+    try:
+        return await Gateway._post(types.SimpleNamespace(http=client), peer, b"x")  # type: ignore[arg-type]
+    finally:
+        await client.close()
+        server.close()
+
+
 def test_a_peers_refusal_reaches_our_client_short_and_printable() -> None:
     detail = "\x1b[31mred\x00" + "x" * 900_000
     body = json.dumps({"detail": detail}).encode()
 
-    async def run() -> tuple[int, str]:
-        server, port, _ = await _raw_peer(_static(_response(403, body)))
-        client = PeerHttpClient(timeout=3)
-        peer = Identity.generate("beta").public_entry(f"http://127.0.0.1:{port}")
-        try:
-            return await Gateway._post(types.SimpleNamespace(http=client), peer, b"x")  # type: ignore[arg-type]
-        finally:
-            await client.close()
-            server.close()
-
-    status, text = asyncio.run(run())
+    status, text = asyncio.run(_refusal(_response(403, body)))
     assert status == 403
     assert text.startswith("party 'beta' refused the message: ?[31mred?xxx")
     assert len(text) < 300 and text.isprintable() and text.endswith("...")
@@ -302,17 +304,10 @@ def test_a_peers_refusal_reaches_our_client_short_and_printable() -> None:
     [(b"<html>busy</html>", "(no readable reason given)"), (b"{}", "(no reason given)")],
 )
 def test_a_refusal_without_a_readable_reason_says_so(body: bytes, expected: str) -> None:
-    async def run() -> tuple[int, str]:
-        server, port, _ = await _raw_peer(_static(_response(400, body)))
-        client = PeerHttpClient(timeout=3)
-        peer = Identity.generate("beta").public_entry(f"http://127.0.0.1:{port}")
-        try:
-            return await Gateway._post(types.SimpleNamespace(http=client), peer, b"x")  # type: ignore[arg-type]
-        finally:
-            await client.close()
-            server.close()
-
-    assert asyncio.run(run()) == (400, f"party 'beta' refused the message: {expected}")
+    assert asyncio.run(_refusal(_response(400, body))) == (
+        400,
+        f"party 'beta' refused the message: {expected}",
+    )
 
 
 def test_a_busy_peer_is_sent_the_message_again(monkeypatch: pytest.MonkeyPatch) -> None:
