@@ -34,7 +34,13 @@ Replays are refused at three levels:
    replay cannot feed a protocol twice even if the gateway forgot it (its
    memory does not survive a restart).
 3. Session ids are single use on every server (recorded in JetStream), so a
-   message of a finished session never reaches a protocol again.
+   message of a finished session never reaches a protocol again. A session
+   that has ended is marked so in its record, and the gateway answers its
+   messages 410 (gone) instead of holding them for a session that will never
+   open again: after a restart, when the replay memory of level 1 is empty,
+   recorded messages of past sessions cannot fill a member's holding quota
+   (see :class:`~fdrtd_server.peers.PeerInbox`), which in any case gives
+   way to the member's newer messages.
 
 When the gateway runs in the same process as the protocol microservices, they
 call it directly (:class:`fdrtd_server.peers.GatewayLink`) instead of through
@@ -57,6 +63,7 @@ import msgpack
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -399,10 +406,34 @@ class Gateway:
         if msg.reply:
             await self.state.bus.nc.publish(msg.reply, wire.packb(answer))
 
+    async def has_ended(self, session_id: str) -> bool:
+        """Whether this server has run ``session_id`` to its end (it will never open again).
+
+        Looked up only for a session not open in this process: in the bucket of
+        session records, which outlives a restart.
+        """
+        if self.local is not None:
+            if self.local.is_open(session_id):
+                return False
+            if self.local.has_ended(session_id):
+                return True
+        try:
+            entry = await self.state.bus.sessions.get(session_id)
+        except KeyNotFoundError:
+            return False
+        except Exception as error:  # the bus is down: the message is held, as before
+            log.warning("could not read the record of a peer session: %s", error)
+            return False
+        try:
+            record = wire.unpackb(entry.value or b"")
+        except wire.WireError:
+            return False
+        return isinstance(record, dict) and record.get("ended") is True
+
     async def hand_on(self, message: OpenedMessage) -> None:
         """Give a verified message to its session: here if it runs here, else over NATS."""
         incoming = Incoming(
-            message.session, message.sender, message.tag, message.seq, message.payload
+            message.session, message.sender, message.tag, message.seq, message.payload, message.ts
         )
         if self.local is not None and self.local.is_open(message.session):
             await self.local.route(incoming)
@@ -591,6 +622,14 @@ async def receive(request: Request) -> Response:
     if not first:
         gateway.rejections.rejected(message.sender, message.session, "replay")
         raise Conflict("this peer message was already received (replay)")
+    if await gateway.has_ended(message.session):
+        gateway.rejections.rejected(message.sender, message.session, "ended")
+        return problem(
+            410,
+            "Gone",
+            f"session '{message.session}' has ended on this server; "
+            "its messages are no longer accepted",
+        )
     await gateway.hand_on(message)
     return Response(_ACCEPTED, status_code=202, media_type="application/json")
 

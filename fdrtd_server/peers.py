@@ -12,16 +12,33 @@ losing it.
 
 Every wait has a deadline: :meth:`PeerSession.recv` raises
 :class:`~fdrtd_server.errors.PartyTimeout` naming the party that did not
-send in time. When a party fails, it tells the others (``abort``) so that
-they stop at once with a message that names it, instead of waiting out
-their own timeouts.
+send in time. A party that is busy (blinding a million items, say) is told
+apart from a dead one by its heartbeat: every open session sends a small
+``alive`` message to each other party every :data:`HEARTBEAT` seconds, and
+a wait runs out only after a whole timeout without any sign of life from
+the party waited for (or after :data:`BUSY_LIMIT` in all). When a party
+fails, it tells the others (``abort``) so that they stop at once with a
+message that names it, instead of waiting out their own timeouts.
+
+A computation ends the same way on every party: a party that has its result
+says so to every other (``end``) and keeps the result only once every other
+party has said the same (see :meth:`PeerSession._confirm`).
+
+When several processes run protocols for one server (``fdrtd-server worker``),
+every one of them hears every peer message of the server, and only the one
+that runs the session may keep it. Each learns from the record a session
+leaves in the ``fdrtd_sessions`` bucket (see :meth:`PeerInbox._from_store`)
+that a session runs elsewhere, or has ended, and then drops its messages
+instead of holding them for a session it will never open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Iterable, Sequence
@@ -33,21 +50,42 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError
 
 from fdrtd_client import wire
-from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_SEEDS_SUBJECT, Bus
+from fdrtd_server.bus import (
+    PEER_IN_PREFIX,
+    PEER_OUT_SUBJECT,
+    PEER_SEEDS_SUBJECT,
+    SESSIONS_BUCKET,
+    Bus,
+)
 from fdrtd_server.errors import (
     BadRequest,
     ComputationFailed,
     Conflict,
+    FdrtdError,
     PartyTimeout,
     error_for_status,
 )
 
-__all__ = ["ABORT_TAG", "GatewayLink", "Incoming", "PeerInbox", "PeerSession", "both"]
+__all__ = [
+    "ABORT_TAG",
+    "ALIVE_TAG",
+    "END_TAG",
+    "GatewayLink",
+    "Incoming",
+    "PeerInbox",
+    "PeerSession",
+    "both",
+    "session_record",
+]
 
 log = logging.getLogger("fdrtd.peers")
 
 A = TypeVar("A")
 B = TypeVar("B")
+
+
+_background: set[asyncio.Future[Any]] = set()
+"""Tasks nobody waits for, kept referenced until they finish."""
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
@@ -82,8 +120,24 @@ async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
 
 
 ABORT_TAG = "abort"
+ALIVE_TAG = "alive"
+"""A session's heartbeat: the sending party is still working on the session."""
+END_TAG = "end"
+"""The last message of a session: the sending party has its result."""
+RESERVED_TAGS = frozenset({ABORT_TAG, ALIVE_TAG, END_TAG})
+"""Tags the session uses itself; a protocol cannot send them."""
 ABORT_WAIT = 3.0
 """Seconds a failing party spends telling the others."""
+HEARTBEAT = 5.0
+"""Longest pause, in seconds, between two heartbeats of an open session (a third of
+the session timeout when that is shorter)."""
+BUSY_LIMIT = 3600.0
+"""Seconds a wait lasts at most, heartbeats or not: a party that keeps signalling life
+but never sends what is waited for is given up after this long."""
+GONE_KEEP = 600.0
+"""Seconds an inbox remembers that a session runs in another process or has ended."""
+GONE_LIMIT = 100_000
+"""At most this many such sessions are remembered (the oldest are forgotten first)."""
 INBOX_HOLD = 120.0
 """Seconds a message for a session not (yet) open in this process is kept."""
 HOLD_MESSAGES_PER_SENDER = 1024
@@ -117,6 +171,19 @@ class GatewayLink(Protocol):
         ...
 
 
+def session_record(parties: Sequence[str], worker: str, *, ended: bool = False) -> bytes:
+    """The value a session leaves under its id in the ``fdrtd_sessions`` bucket.
+
+    ``worker`` is the id of the :class:`PeerInbox` (one per process) that runs
+    the session; ``ended`` is set once the session is over, so that messages
+    for it are refused from then on, also after a restart.
+    """
+    record: dict[str, Any] = {"parties": list(parties), "worker": worker}
+    if ended:
+        record["ended"] = True
+    return wire.packb(record)
+
+
 @dataclass(frozen=True, slots=True)
 class Incoming:
     """One verified peer message, as the gateway hands it on."""
@@ -126,23 +193,35 @@ class Incoming:
     tag: str
     seq: int
     payload: bytes
+    ts: float = 0.0
+    """When the sender sealed it (its envelope's timestamp, Unix time); 0 if unknown."""
 
     @classmethod
     def from_msg(cls, msg: Msg) -> Incoming:
         """Rebuild from a ``fdrtd.peer.in.<session>`` message (headers set by the gateway)."""
         headers = msg.headers or {}
         seq = headers.get("fdrtd-seq", "")
+        try:
+            ts = float(headers.get("fdrtd-ts", "0"))
+        except ValueError:
+            ts = 0.0
         return cls(
             session=msg.subject[len(PEER_IN_PREFIX) + 1 :],
             sender=headers.get("fdrtd-from", ""),
             tag=headers.get("fdrtd-tag", ""),
             seq=int(seq) if seq.isdigit() else -1,
             payload=msg.data,
+            ts=ts,
         )
 
     def headers(self) -> dict[str, str]:
         """The NATS headers that carry everything but the payload and session."""
-        return {"fdrtd-from": self.sender, "fdrtd-tag": self.tag, "fdrtd-seq": str(self.seq)}
+        return {
+            "fdrtd-from": self.sender,
+            "fdrtd-tag": self.tag,
+            "fdrtd-seq": str(self.seq),
+            "fdrtd-ts": repr(self.ts),
+        }
 
 
 @dataclass(slots=True, eq=False)
@@ -153,6 +232,7 @@ class _Held:
     message: Incoming
     size: int
     live: bool = True
+    order: int = 0
 
 
 @dataclass(slots=True)
@@ -162,6 +242,8 @@ class _Quota:
     messages: int = 0
     size: int = 0
     sessions: dict[str, int] = field(default_factory=dict)
+    oldest: list[tuple[float, int, _Held]] = field(default_factory=list)
+    """A heap of the sender's held messages by seal time (then arrival), lazily pruned."""
 
 
 class PeerInbox:
@@ -173,13 +255,19 @@ class PeerInbox:
 
     Messages for sessions that are not open here yet (a fast party's first
     message can arrive before this party's own request) are held for
-    :data:`INBOX_HOLD` seconds. Each sender has its own quota in the holding
-    area (:data:`HOLD_MESSAGES_PER_SENDER`, :data:`HOLD_BYTES_PER_SENDER`,
-    :data:`HOLD_SESSIONS_PER_SENDER`): a message over its sender's quota is
-    dropped, and nothing held from another sender is ever pushed out, so a
-    member that floods messages for made-up sessions loses only its own.
-    Held messages are indexed by session, so opening a session touches only
-    its own messages.
+    :data:`INBOX_HOLD` seconds after their sender sealed them. Each sender
+    has its own quota in the holding area (:data:`HOLD_MESSAGES_PER_SENDER`,
+    :data:`HOLD_BYTES_PER_SENDER`, :data:`HOLD_SESSIONS_PER_SENDER`). When a
+    sender's quota is full, its message sealed longest ago gives way to a
+    newer one: a replay of recorded messages, however many, can never push
+    out what the sender sends now, and nothing held from another sender is
+    ever pushed out, so a member that floods messages for made-up sessions
+    loses only its own. Held messages are indexed by session, so opening a
+    session touches only its own messages.
+
+    Messages for a session that runs in another process of this server, or
+    that has ended, are dropped at once: every process watches the session
+    records of the ``fdrtd_sessions`` bucket (:meth:`_from_store`).
 
     A session id is routed to one session at a time: :meth:`open` refuses an
     id that is already open, and :meth:`close` removes only the session that
@@ -188,18 +276,25 @@ class PeerInbox:
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
+        self.id = secrets.token_hex(8)
+        """This process's name in session records (random on every start)."""
         self.sessions: dict[str, PeerSession] = {}
         self.held: dict[str, deque[_Held]] = {}
         """Messages waiting for their session, by session id, oldest first."""
         self.dropped = 0
-        """Messages dropped because their sender's holding quota was full."""
+        """Messages dropped because their sender's holding quota was full, or too old."""
+        self.discarded = 0
+        """Messages dropped because their session runs elsewhere or has ended."""
         self.gateway: GatewayLink | None = None
         """The gateway of this process, if the microservices share its process."""
         self._arrivals: deque[_Held] = deque()
         self._quotas: dict[str, _Quota] = {}
         self._live = 0
+        self._order = 0
+        self._gone: dict[str, tuple[float, bool]] = {}
+        """Sessions running elsewhere or ended: (when learnt, whether ended), oldest first."""
         self._warned: dict[str, float] = {}
-        self._subscription: Any = None
+        self._subscriptions: list[Any] = []
         self._started = asyncio.Lock()
 
     @classmethod
@@ -213,15 +308,58 @@ class PeerInbox:
         return inbox
 
     async def start(self) -> None:
-        """Subscribe once."""
+        """Subscribe once: to peer messages, and to the session records."""
         async with self._started:
-            if self._subscription is None:
-                self._subscription = await self.bus.nc.subscribe(
-                    f"{PEER_IN_PREFIX}.>", cb=self._from_bus
-                )
+            if not self._subscriptions:
+                self._subscriptions = [
+                    await self.bus.nc.subscribe(f"{PEER_IN_PREFIX}.>", cb=self._from_bus),
+                    await self.bus.nc.subscribe(f"$KV.{SESSIONS_BUCKET}.>", cb=self._from_store),
+                ]
 
     async def _from_bus(self, msg: Msg) -> None:
         await self.route(Incoming.from_msg(msg))
+
+    async def _from_store(self, msg: Msg) -> None:
+        """A session record was written: forget sessions that run elsewhere or have ended."""
+        if msg.headers and msg.headers.get("KV-Operation"):
+            return  # a deletion or a purge, not a record
+        session_id = msg.subject[len(SESSIONS_BUCKET) + 5 :]
+        try:
+            record = wire.unpackb(msg.data)
+        except wire.WireError:
+            return
+        if not isinstance(record, dict):
+            return
+        ended = record.get("ended") is True
+        worker = record.get("worker")
+        if ended or (isinstance(worker, str) and worker != self.id):
+            self.forget(session_id, ended=ended)
+
+    def forget(self, session_id: str, *, ended: bool) -> None:
+        """Drop what is held for a session that runs in another process or has ended.
+
+        Its later messages are dropped on arrival, for :data:`GONE_KEEP` seconds.
+        A session open in this process is never forgotten.
+        """
+        if session_id in self.sessions:
+            return
+        now = time.monotonic()
+        self._gone.pop(session_id, None)
+        self._gone[session_id] = (now, ended)
+        while self._gone:
+            first = next(iter(self._gone))
+            if len(self._gone) <= GONE_LIMIT and self._gone[first][0] >= now - GONE_KEEP:
+                break
+            del self._gone[first]
+        waiting = self.held.pop(session_id, None)
+        for entry in waiting or ():
+            self._release(entry)
+            self.discarded += 1
+
+    def has_ended(self, session_id: str) -> bool:
+        """Whether this inbox has seen the record of ``session_id`` ending."""
+        gone = self._gone.get(session_id)
+        return gone is not None and gone[1]
 
     def is_open(self, session_id: str) -> bool:
         """Whether a session with this id runs in this process now."""
@@ -240,31 +378,87 @@ class PeerInbox:
         if session is not None:
             await session.deliver(message)
             return
+        if message.session in self._gone:
+            self.discarded += 1
+            return
         now = time.monotonic()
         self._expire(now)
+        if message.ts and message.ts < time.time() - INBOX_HOLD:
+            # sealed so long ago that it would have expired here already: a replay
+            self._drop(message, now)
+            return
         size = len(message.payload) + HOLD_OVERHEAD
         quota = self._quotas.get(message.sender)
         if quota is None:
             quota = self._quotas[message.sender] = _Quota()
-        if (
-            quota.messages >= HOLD_MESSAGES_PER_SENDER
-            or quota.size + size > HOLD_BYTES_PER_SENDER
-            or (
-                message.session not in quota.sessions
-                and len(quota.sessions) >= HOLD_SESSIONS_PER_SENDER
-            )
-        ):
+        if not self._make_room(quota, message, size):
             self._drop(message, now)
             if not quota.messages:
                 del self._quotas[message.sender]
             return
-        entry = _Held(now, message, size)
+        # pushing out the sender's last message took its quota off the books: put it back
+        self._quotas[message.sender] = quota
+        self._order += 1
+        entry = _Held(now, message, size, order=self._order)
         quota.messages += 1
         quota.size += size
         quota.sessions[message.session] = quota.sessions.get(message.session, 0) + 1
+        heapq.heappush(quota.oldest, (message.ts, entry.order, entry))
         self.held.setdefault(message.session, deque()).append(entry)
         self._arrivals.append(entry)
         self._live += 1
+
+    @staticmethod
+    def _fits(quota: _Quota, message: Incoming, size: int) -> bool:
+        return (
+            quota.messages < HOLD_MESSAGES_PER_SENDER
+            and quota.size + size <= HOLD_BYTES_PER_SENDER
+            and (
+                message.session in quota.sessions or len(quota.sessions) < HOLD_SESSIONS_PER_SENDER
+            )
+        )
+
+    def _make_room(self, quota: _Quota, message: Incoming, size: int) -> bool:
+        """Push out the sender's messages sealed before ``message`` until it fits.
+
+        Returns False, pushing out nothing, if it cannot fit that way (it is
+        larger than the quota, or older than what it would push out).
+        """
+        if size > HOLD_BYTES_PER_SENDER:
+            return False
+        if self._fits(quota, message, size):
+            return True
+        # find the victims first, so that nothing is pushed out for a message that is dropped
+        victims: list[_Held] = []
+        messages, size_used, sessions = quota.messages, quota.size, dict(quota.sessions)
+        for ts, _, entry in sorted(e for e in quota.oldest if e[2].live):
+            if ts > message.ts:
+                return False
+            victims.append(entry)
+            messages -= 1
+            size_used -= entry.size
+            left = sessions[entry.message.session] - 1
+            if left:
+                sessions[entry.message.session] = left
+            else:
+                del sessions[entry.message.session]
+            if (
+                messages < HOLD_MESSAGES_PER_SENDER
+                and size_used + size <= HOLD_BYTES_PER_SENDER
+                and (message.session in sessions or len(sessions) < HOLD_SESSIONS_PER_SENDER)
+            ):
+                break
+        else:
+            return False
+        now = time.monotonic()
+        for entry in victims:
+            waiting = self.held[entry.message.session]
+            waiting.remove(entry)
+            if not waiting:
+                del self.held[entry.message.session]
+            self._release(entry)
+            self._drop(entry.message, now)
+        return True
 
     def _drop(self, message: Incoming, now: float) -> None:
         """Drop a message over its sender's quota; say so in the log, once a minute a sender."""
@@ -275,8 +469,8 @@ class PeerInbox:
             self._warned[message.sender] = now
             log.warning(
                 "dropped a peer message from '%s' for session '%s', which is not open on "
-                "this server: the sender already has %d messages (%d bytes, %d sessions) "
-                "waiting for sessions not open here",
+                "this server: it was sealed too long ago, or the sender has %d newer "
+                "messages (%d bytes, %d sessions) waiting for sessions not open here",
                 message.sender,
                 message.session,
                 *self.held_from(message.sender),
@@ -297,6 +491,9 @@ class PeerInbox:
             del quota.sessions[session_id]
         if not quota.messages:
             del self._quotas[sender]
+        elif len(quota.oldest) > 2 * quota.messages + 64:
+            quota.oldest = [item for item in quota.oldest if item[2].live]
+            heapq.heapify(quota.oldest)
 
     def _expire(self, now: float) -> None:
         """Drop held messages older than :data:`INBOX_HOLD`, oldest first."""
@@ -329,6 +526,7 @@ class PeerInbox:
                 "start every computation with a new session id"
             )
         self.sessions[session.id] = session
+        self._gone.pop(session.id, None)
         self._expire(time.monotonic())
         waiting = self.held.pop(session.id, None)
         if waiting is None:
@@ -352,7 +550,8 @@ class PeerSession:
         session_id: Shared by all parties of the computation.
         parties: The server names taking part, in an order all parties agree on.
         me: This server's name; must be in ``parties``.
-        timeout: Seconds to wait for any one message before giving up.
+        timeout: Seconds without any sign of life from a party before a wait
+            for its message gives up (see :meth:`recv`).
     """
 
     def __init__(
@@ -375,6 +574,18 @@ class PeerSession:
         self._registered: asyncio.Future[None] | None = None
         self._closed = False
         self._aborted: tuple[str, str, int] | None = None
+        self._heard: dict[str, float] = {}
+        """When each party's last message (of any tag) arrived, monotonic time."""
+        self._sent_to: dict[str, int] = {}
+        """Messages each party's gateway has accepted from this one (heartbeats aside)."""
+        self._received: dict[str, int] = {}
+        """Messages taken from each party (heartbeats aside)."""
+        self._claimed: dict[str, int] = {}
+        """How many messages each party's last heartbeat said it had sent to this one."""
+        self._lost: dict[str, tuple[int, int]] = {}
+        """Parties whose messages were lost on the way: (sent, received)."""
+        self._pulse: asyncio.Task[None] | None = None
+        self._record_made = False
 
     async def _register(self) -> None:
         """Record the session id as used, then open the session for its messages.
@@ -385,13 +596,15 @@ class PeerSession:
         over when the session opens.
         """
         try:
+            worker = self._router.id if self._router is not None else ""
             try:
-                await self.bus.sessions.create(self.id, wire.packb({"parties": self.parties}))
+                await self.bus.sessions.create(self.id, session_record(self.parties, worker))
             except KeyWrongLastSequenceError:
                 raise Conflict(
                     f"session '{self.id}' was already used on this server; "
                     "start every computation with a new session id"
                 ) from None
+            self._record_made = True
             if self._router is not None and not self._closed:
                 await self._router.open(self)
         finally:
@@ -406,6 +619,7 @@ class PeerSession:
         # is made (see send), so a reused id can never put a masked value on the wire.
         self._router = await PeerInbox.of(self.bus)
         self._registered = asyncio.ensure_future(self._register())
+        self._pulse = asyncio.ensure_future(self._heartbeat())
         return self
 
     async def __aexit__(
@@ -417,8 +631,66 @@ class PeerSession:
             # also when the exit itself is cancelled: a registration still under
             # way then never opens the session (see _register)
             self._closed = True
+            self._stop_pulse()
             if self._router is not None:
                 self._router.close(self)
+            if self._record_made:
+                self._record_end()
+
+    def _stop_pulse(self) -> None:
+        if self._pulse is not None:
+            self._pulse.cancel()
+            self._pulse.add_done_callback(_consume)
+            self._pulse = None
+
+    def _record_end(self) -> None:
+        """Mark the session's record ended, in the background.
+
+        From then on this server's gateway refuses the session's messages, also
+        after a restart.
+        """
+        worker = self._router.id if self._router is not None else ""
+        value = session_record(self.parties, worker, ended=True)
+        task = asyncio.ensure_future(self.bus.sessions.put(self.id, value))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+        task.add_done_callback(_consume)
+
+    async def _heartbeat(self) -> None:
+        """Tell every other party, now and then, that this session is still at work.
+
+        The first heartbeat goes out only after a pause, so that the short
+        computations, nearly all of them, send none.
+        """
+        pause = min(HEARTBEAT, self.timeout / 3)
+        while True:
+            await asyncio.sleep(pause)
+            # each heartbeat says how many messages reached the receiver's gateway:
+            # a receiver that took fewer knows that one was lost (see deliver)
+            beats = [
+                asyncio.ensure_future(
+                    self._send(
+                        party, ALIVE_TAG, {"sent": self._sent_to.get(party, 0)}, timeout=pause
+                    )
+                )
+                for party in self.others
+            ]
+            await asyncio.wait(beats)
+            for beat in beats:
+                _consume(beat)  # a party that cannot be reached is named by the waits
+
+    async def _confirm(self) -> None:
+        """The last round: tell every other party this one has its result, and hear theirs.
+
+        Each ``end`` is delivered before :meth:`send` returns, so a party
+        that keeps its result knows that every other party had its own and
+        heard of this one's. A party that failed before this round tells the
+        others (``abort``) instead, and they fail too: no party keeps a result
+        that another party failed to compute. (A failure within this round
+        itself, when a party can reach some parties and not others, can still
+        split the outcome: no protocol of finitely many messages avoids that.)
+        """
+        await both(self._broadcast(END_TAG, None), self.gather(END_TAG))
 
     async def _exit(self, exc: BaseException | None) -> None:
         refused = None
@@ -430,6 +702,13 @@ class PeerSession:
             # a reused session id: nothing was sent, and whatever happened since
             # is explained by the refusal, which is what every party reports
             raise refused from None
+        failure: Exception | None = None
+        if exc is None:
+            try:
+                await self._confirm()
+            except Exception as error:
+                exc = failure = error
+        self._stop_pulse()
         # an error every party reaches by itself from the same public data
         # (a disagreement, a cohort too small) needs no abort message
         collective = getattr(exc, "collective", False)
@@ -445,12 +724,14 @@ class PeerSession:
             # best effort, to every party independently, for at most ABORT_WAIT
             # seconds; a send still under way then is left to finish on its own
             sends = [
-                asyncio.ensure_future(self.send(party, ABORT_TAG, abort, timeout=ABORT_WAIT))
+                asyncio.ensure_future(self._send(party, ABORT_TAG, abort, timeout=ABORT_WAIT))
                 for party in self.others
             ]
             await asyncio.wait(sends, timeout=ABORT_WAIT)
             for sending in sends:
                 sending.add_done_callback(_consume)
+        if failure is not None:
+            raise failure
 
     async def deliver(self, message: Incoming) -> None:
         """Take one message of this session from the inbox router.
@@ -465,11 +746,20 @@ class PeerSession:
         if (sender, message.seq) in self._seen:
             return
         self._seen.add((sender, message.seq))
+        # any message is a sign of life
+        self._heard[sender] = time.monotonic()
         try:
             value = wire.unpackb(message.payload)
         except wire.WireError:
             value = {"reason": "a malformed message"}
             tag = ABORT_TAG
+        if tag == ALIVE_TAG:
+            self._check_heartbeat(sender, value)
+            if sender in self._lost:
+                async with self._arrived:
+                    self._arrived.notify_all()
+            return
+        self._received[sender] = self._received.get(sender, 0) + 1
         async with self._arrived:
             if tag == ABORT_TAG:
                 value = value if isinstance(value, dict) else {}
@@ -481,6 +771,48 @@ class PeerSession:
             else:
                 self._inbox.setdefault((sender, tag), value)
             self._arrived.notify_all()
+
+    def _abort_error(self) -> FdrtdError:
+        """The error of the party that aborted the session (its status: 403, 422, 504...)."""
+        assert self._aborted is not None
+        party, reason, status = self._aborted
+        return error_for_status(status, f"party '{party}' ended the computation: {reason}")
+
+    async def _ended_by(self, party: str, detail: str) -> FdrtdError:
+        """The error to report when ``party`` refuses a message because its session ended.
+
+        A party that fails tells the others why before it closes the session,
+        so its ``abort`` is here already or about to be: that reason, the
+        same every party reports, is the one to give.
+        """
+        async with self._arrived:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._arrived.wait_for(lambda: self._aborted is not None), ABORT_WAIT
+                )
+        if self._aborted is not None:
+            return self._abort_error()
+        return ComputationFailed(detail or f"party '{party}' has ended the computation")
+
+    def _check_heartbeat(self, sender: str, beat: Any) -> None:
+        """Note a message lost on its way from ``sender``, as its heartbeats tell.
+
+        A heartbeat says how many messages the sender's gateway had delivered
+        to this server when it was sent. Messages of one sender reach the
+        session in the order they were delivered, so when the *next* heartbeat
+        arrives, every message the previous one counted must have arrived too;
+        one heartbeat's grace covers a message still on its way through the
+        bus. A lost message would otherwise keep the wait going for as long as
+        the sender's heartbeats do.
+        """
+        claimed = beat.get("sent") if isinstance(beat, dict) else None
+        if isinstance(claimed, bool) or not isinstance(claimed, int):
+            return
+        received = self._received.get(sender, 0)
+        previous = self._claimed.get(sender, 0)
+        if previous > received and sender not in self._lost:
+            self._lost[sender] = (previous, received)
+        self._claimed[sender] = claimed
 
     async def send(self, to: str, tag: str, value: Any, *, timeout: float | None = None) -> None:
         """Send ``value`` to party ``to`` under ``tag`` (each tag once per pair).
@@ -494,7 +826,14 @@ class PeerSession:
         Raises:
             ComputationFailed: If the gateway or the receiving server refuses it.
             PartyTimeout: If the gateway does not answer in time.
+            ValueError: If ``tag`` is one the session uses itself (``abort``,
+                ``alive``, ``end``).
         """
+        if tag in RESERVED_TAGS:
+            raise ValueError(f"the tag '{tag}' is reserved for the session itself")
+        await self._send(to, tag, value, timeout=timeout)
+
+    async def _send(self, to: str, tag: str, value: Any, *, timeout: float | None = None) -> None:
         if self._registered is not None:
             await self._registered  # the session id is recorded as used before anything leaves
         self._seq += 1
@@ -522,9 +861,13 @@ class PeerSession:
             answer = await self._bus_request(PEER_OUT_SUBJECT, request, timeout, to)
         status = int(answer.get("status", 500))
         if status >= 300:
+            if status == 410:  # the receiver has ended this session
+                raise await self._ended_by(to, str(answer.get("detail", "")))
             if status in (503, 504):
                 raise PartyTimeout(str(answer.get("detail", "")))
             raise error_for_status(status if status < 500 else 422, str(answer.get("detail", "")))
+        if tag != ALIVE_TAG:
+            self._sent_to[to] = self._sent_to.get(to, 0) + 1
 
     async def _bus_request(
         self, subject: str, request: dict[str, Any], timeout: float | None, to: str | None
@@ -563,17 +906,28 @@ class PeerSession:
 
     async def broadcast(self, tag: str, value: Any, to: Iterable[str] | None = None) -> None:
         """Send the same ``value`` to every other party (concurrently)."""
+        if tag in RESERVED_TAGS:
+            raise ValueError(f"the tag '{tag}' is reserved for the session itself")
+        await self._broadcast(tag, value, to)
+
+    async def _broadcast(self, tag: str, value: Any, to: Iterable[str] | None = None) -> None:
         targets = list(self.others if to is None else to)
         try:
             async with asyncio.TaskGroup() as group:
                 for party in targets:
-                    group.create_task(self.send(party, tag, value))
+                    group.create_task(self._send(party, tag, value))
         except BaseExceptionGroup as group_error:
             # report the first party's failure itself (it names the party)
             raise group_error.exceptions[0] from None
 
     async def recv(self, sender: str, tag: str, *, patience: float = 1.0) -> Any:
         """Wait for the message ``tag`` from ``sender``.
+
+        The wait ends with an error once ``sender`` has given no sign of life
+        (no message of any tag, heartbeats included) for ``patience`` session
+        timeouts: a party that is busy computing keeps the wait alive with its
+        heartbeats, one that is gone does not. No wait lasts longer than
+        :data:`BUSY_LIMIT`.
 
         Args:
             sender: The party that sends it.
@@ -585,11 +939,12 @@ class PeerSession:
                 computation first.
 
         Raises:
-            PartyTimeout: Naming ``sender`` if nothing arrives within the timeout.
+            PartyTimeout: Naming ``sender`` if it gives no sign of life within the timeout.
             ComputationFailed: If any party aborted the session.
         """
         wait = self.timeout * patience
-        deadline = time.monotonic() + wait
+        start = time.monotonic()
+        limit = start + max(BUSY_LIMIT, wait)
         async with self._arrived:
             while True:
                 # a message that arrived before an abort is still delivered
@@ -602,16 +957,28 @@ class PeerSession:
                         raise refused
                 if self._aborted is not None:
                     # the other party's own error, with its status (403, 422, 504...)
-                    party, reason, status = self._aborted
-                    raise error_for_status(
-                        status, f"party '{party}' ended the computation: {reason}"
+                    raise self._abort_error()
+                if sender in self._lost:
+                    sent, received = self._lost[sender]
+                    raise ComputationFailed(
+                        f"a message from party '{sender}' was lost on its way to this "
+                        f"server: it delivered {sent} messages of session '{self.id}' "
+                        f"here, and {received} arrived"
                     )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                now = time.monotonic()
+                deadline = min(limit, max(start, self._heard.get(sender, start)) + wait)
+                remaining = deadline - now
+                if remaining <= 0 and deadline == limit:
                     raise PartyTimeout(
                         f"party '{sender}' did not send its '{tag}' message within "
-                        f"{wait:g} s; it may not have joined session '{self.id}' "
-                        "or dropped out"
+                        f"{limit - start:g} s, though it kept signalling that it was "
+                        f"still at work on session '{self.id}'"
+                    )
+                if remaining <= 0:
+                    raise PartyTimeout(
+                        f"party '{sender}' did not send its '{tag}' message: no sign of "
+                        f"life from it for {wait:g} s; it may not have joined session "
+                        f"'{self.id}' or dropped out"
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), remaining)

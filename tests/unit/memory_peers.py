@@ -32,11 +32,48 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping
 from typing import Any
 
+import msgpack
 import numpy as np
+from nats.js.errors import KeyWrongLastSequenceError
 
 from fdrtd_server.errors import PartyTimeout, error_for_status
 from fdrtd_server.microservice import Dataset, Environment
 from protocols.smpc.engine import SmpcSession
+
+
+class MemorySessions:
+    """The ``fdrtd_sessions`` bucket in memory: ``create`` takes a NATS round trip and
+    refuses an existing key, as JetStream does; ``put`` overwrites."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self.records: dict[str, Any] = {}
+
+    async def create(self, key: str, value: bytes) -> None:
+        await asyncio.sleep(0.01)  # a NATS round trip
+        if key in self.keys:
+            raise KeyWrongLastSequenceError()
+        self.keys.add(key)
+        self.records[key] = msgpack.unpackb(value)
+
+    async def put(self, key: str, value: bytes) -> None:
+        self.records[key] = msgpack.unpackb(value)
+
+
+class MemoryNats:
+    """A NATS connection that accepts subscriptions and delivers nothing."""
+
+    async def subscribe(self, *args: Any, **kwargs: Any) -> object:
+        return object()
+
+
+class MemoryBus:
+    """What :class:`fdrtd_server.peers.PeerSession` and ``PeerInbox`` use of a bus."""
+
+    def __init__(self) -> None:
+        self.sessions = MemorySessions()
+        self.nc = MemoryNats()
+
 
 SESSION = "00112233445566778899aabbccddeeff"
 WAIT = 10.0

@@ -20,33 +20,40 @@ from typing import Any
 
 import msgpack
 import pytest
-from nats.js.errors import KeyWrongLastSequenceError
+from memory_peers import MemoryBus
 
 from fdrtd_server import peers
 from fdrtd_server.errors import Conflict, PartyTimeout
 from fdrtd_server.peers import Incoming, PeerInbox, PeerSession
 
 
-class _Sessions:
+class _OthersConfirm:
+    """The gateway, as far as these tests need one: the other parties answer every
+    ``end`` at once with their own, so that a session that ends well can close."""
+
+    def __init__(self, inbox: PeerInbox) -> None:
+        self.inbox = inbox
+        self.sent: list[tuple[str, str]] = []
+
+    async def outgoing(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.sent.append((request["to"], request["tag"]))
+        if request["tag"] == peers.END_TAG:
+            reply = Incoming(request["session"], request["to"], peers.END_TAG, 10**6, b"\xc0")
+            asyncio.get_running_loop().call_soon(
+                lambda: asyncio.ensure_future(self.inbox.route(reply))
+            )
+        return {"status": 202, "detail": ""}
+
+    def seeds(self, request: dict[str, Any]) -> dict[str, Any]:
+        raise AssertionError("not used here")
+
+
+class _Bus(MemoryBus):
     def __init__(self) -> None:
-        self.keys: set[str] = set()
-
-    async def create(self, key: str, value: bytes) -> None:
-        await asyncio.sleep(0.01)  # a NATS round trip
-        if key in self.keys:
-            raise KeyWrongLastSequenceError()
-        self.keys.add(key)
-
-
-class _Nats:
-    async def subscribe(self, *args: Any, **kwargs: Any) -> object:
-        return object()
-
-
-class _Bus:
-    def __init__(self) -> None:
-        self.sessions = _Sessions()
-        self.nc = _Nats()
+        super().__init__()
+        self._peer_inbox = PeerInbox(self)  # type: ignore[arg-type]
+        self.link = _OthersConfirm(self._peer_inbox)
+        self._peer_inbox.gateway = self.link
 
 
 def _message(session: str, sender: str, seq: int, value: Any, tag: str = "t") -> Incoming:
