@@ -255,15 +255,16 @@ class PeerInbox:
 
     Messages for sessions that are not open here yet (a fast party's first
     message can arrive before this party's own request) are held for
-    :data:`INBOX_HOLD` seconds after their sender sealed them. Each sender
-    has its own quota in the holding area (:data:`HOLD_MESSAGES_PER_SENDER`,
-    :data:`HOLD_BYTES_PER_SENDER`, :data:`HOLD_SESSIONS_PER_SENDER`). When a
-    sender's quota is full, its message sealed longest ago gives way to a
-    newer one: a replay of recorded messages, however many, can never push
-    out what the sender sends now, and nothing held from another sender is
-    ever pushed out, so a member that floods messages for made-up sessions
-    loses only its own. Held messages are indexed by session, so opening a
-    session touches only its own messages.
+    :data:`INBOX_HOLD` seconds. Each sender has its own quota in the holding
+    area (:data:`HOLD_MESSAGES_PER_SENDER`, :data:`HOLD_BYTES_PER_SENDER`,
+    :data:`HOLD_SESSIONS_PER_SENDER`). When a sender's quota is full, its
+    message sealed longest ago (by the sender's own clock, so skew between
+    servers does not matter) gives way to a newer one: a replay of recorded
+    messages, however many, can never push out what the sender sends now,
+    and nothing held from another sender is ever pushed out, so a member that
+    floods messages for made-up sessions loses only its own. Held messages
+    are indexed by session, so opening a session touches only its own
+    messages.
 
     Messages for a session that runs in another process of this server, or
     that has ended, are dropped at once: every process watches the session
@@ -282,7 +283,7 @@ class PeerInbox:
         self.held: dict[str, deque[_Held]] = {}
         """Messages waiting for their session, by session id, oldest first."""
         self.dropped = 0
-        """Messages dropped because their sender's holding quota was full, or too old."""
+        """Messages dropped because their sender's holding quota was full."""
         self.discarded = 0
         """Messages dropped because their session runs elsewhere or has ended."""
         self.gateway: GatewayLink | None = None
@@ -383,10 +384,6 @@ class PeerInbox:
             return
         now = time.monotonic()
         self._expire(now)
-        if message.ts and message.ts < time.time() - INBOX_HOLD:
-            # sealed so long ago that it would have expired here already: a replay
-            self._drop(message, now)
-            return
         size = len(message.payload) + HOLD_OVERHEAD
         quota = self._quotas.get(message.sender)
         if quota is None:
@@ -469,7 +466,7 @@ class PeerInbox:
             self._warned[message.sender] = now
             log.warning(
                 "dropped a peer message from '%s' for session '%s', which is not open on "
-                "this server: it was sealed too long ago, or the sender has %d newer "
+                "this server: the sender has %d newer "
                 "messages (%d bytes, %d sessions) waiting for sessions not open here",
                 message.sender,
                 message.session,
