@@ -231,6 +231,9 @@ def unpackb(
         )
     except WireError:
         raise
+    except UnicodeDecodeError as error:
+        # a msgpack string must be UTF-8; a lone surrogate (ED A0 80) is not
+        raise WireError("a string in the message is not valid UTF-8 text") from error
     except (ValueError, TypeError, msgpack.UnpackException) as error:
         if "exceeds max_" in str(error):
             raise WireError(
