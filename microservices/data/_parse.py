@@ -47,6 +47,7 @@ import numpy as np
 
 from fdrtd_client import wire
 from fdrtd_server.errors import BadRequest, FdrtdError, PayloadTooLarge, error_for_status
+from fdrtd_server.lifeline import exit_with
 
 __all__ = [
     "FORMATS",
@@ -445,8 +446,13 @@ def _cap_memory(extra: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _child_main(conn: Connection, fmt: str, limits: Limits) -> None:
-    """In the child: receive the upload, parse it, send the description and the pieces."""
+def _child_main(conn: Connection, fmt: str, limits: Limits, server: int) -> None:
+    """In the child: receive the upload, parse it, send the description and the pieces.
+
+    ``server`` is the pid of the process that started the child: the child
+    is the fork server's, not its, and ends as soon as that process is gone.
+    """
+    exit_with(server)
     try:
         _cap_memory(limits.memory_bytes)
         raw = conn.recv_bytes()
@@ -565,7 +571,7 @@ class ParseProcess:
         ours, theirs = context.Pipe()
         self._conn = ours
         self._process = context.Process(
-            target=_child_main, args=(theirs, self.fmt, self.limits), daemon=True
+            target=_child_main, args=(theirs, self.fmt, self.limits, os.getpid()), daemon=True
         )
         self._process.start()
         theirs.close()
