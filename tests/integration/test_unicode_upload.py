@@ -172,7 +172,7 @@ def test_compute_bodies_with_text_that_is_not_unicode_are_400(
         headers={"content-type": "application/json"},
         timeout=30,
     )
-    refused(answer)
+    refused(answer, NOT_UNICODE)
 
 
 def test_valid_surrogate_pairs_and_non_ascii_text_are_accepted(
