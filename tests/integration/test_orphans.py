@@ -20,6 +20,8 @@ import contextlib
 import os
 import select
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from fdrtd_client import Federation
+from fdrtd_server.lifeline import ORPHANED
 from fdrtd_server.local import LocalFederation, LocalServer
 from protocols.psi import curve
 
@@ -140,14 +143,18 @@ def wait_until_gone(pidfds: dict[int, int], tree: dict[int, str]) -> list[str]:
     return [f"{pid}: {tree[pid]}" for pid in alive]
 
 
-def stop_and_watch(server: LocalServer, *, kill: bool) -> list[str]:
-    tree = processes_of(server)
+def open_pidfds(tree: dict[int, str]) -> dict[int, int]:
+    """A pidfd for every process of ``tree`` still alive: it stays this process's."""
     pidfds = {}
     for pid in tree:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # exited already
             pidfds[pid] = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue  # exited already
+    return pidfds
+
+
+def stop_and_watch(server: LocalServer, *, kill: bool) -> list[str]:
+    tree = processes_of(server)
+    pidfds = open_pidfds(tree)
     server.stop(kill=kill)
     return wait_until_gone(pidfds, tree)
 
@@ -172,3 +179,49 @@ def test_the_pool_is_reused_between_computations(parties: LocalFederation) -> No
     first = set(processes_of(server))
     run_psi(parties)
     assert set(processes_of(server)) == first
+
+
+POOL_OWNER = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from fdrtd_server.lifeline import exit_with
+
+context = multiprocessing.get_context("forkserver")
+pool = ProcessPoolExecutor(1, context, initializer=exit_with, initargs=(os.getpid(),))
+print(pool.submit(os.getpid).result(), flush=True)
+pool.submit(time.sleep, 3600)  # a worker busy for an hour: only exit_with ends it
+sys.stdin.read()
+"""
+
+
+def test_a_pool_worker_busy_when_its_owner_is_killed_exits_too() -> None:
+    """The mechanism alone: any process pool with ``exit_with`` ends with its owner."""
+    command = [sys.executable, "-c", POOL_OWNER]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as owner:
+        try:
+            assert owner.stdout is not None
+            worker = int(owner.stdout.readline())
+            tree = started_by(owner.pid)
+            assert worker in tree, tree
+            assert any("multiprocessing.forkserver" in line for line in tree.values()), tree
+            assert any("multiprocessing.resource_tracker" in line for line in tree.values()), tree
+            pidfds = open_pidfds(tree)
+        finally:
+            owner.kill()  # our own child, by its id
+            owner.wait()
+    survivors = wait_until_gone(pidfds, tree)
+    assert survivors == [], f"still alive after SIGKILL of their owner: {survivors}"
+
+
+def test_exit_with_a_pid_that_is_not_an_ancestor_ends_the_process_at_once() -> None:
+    """A server gone before the child started (its pid free, or another process's)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for pid, status in ((gone.pid, ORPHANED), (1, ORPHANED), (os.getpid(), 0)):
+        script = f"from fdrtd_server.lifeline import exit_with; exit_with({pid})"
+        ran = subprocess.run(
+            [sys.executable, "-c", script],
+            timeout=60,
+            check=False,
+        )
+        assert ran.returncode == status, (pid, ran.returncode)
