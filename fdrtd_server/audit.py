@@ -156,11 +156,16 @@ def _parse_line(path: Path, number: int, line: bytes) -> tuple[dict[str, Any], s
         ) from None
     except (ValueError, KeyError, AttributeError, TypeError):
         raise AuditError(f"{broken}: not a record") from None
-    if not isinstance(claimed, str) or line != _line(_canonical(record), claimed):
+    expected = _line(_canonical(record), claimed if isinstance(claimed, str) else "")
+    if not isinstance(claimed, str) or line != expected:
+        differs = next(
+            (i for i, (a, b) in enumerate(zip(line, expected, strict=False)) if a != b),
+            min(len(line), len(expected)),
+        )
         raise AuditError(
             f"{broken}: the record is not in the canonical form the server writes (keys "
-            'sorted with "hash" last, no spaces, non-ASCII as lowercase \\u escapes); '
-            "the line was edited"
+            'sorted with "hash" last, no spaces, non-ASCII as lowercase \\u escapes; it '
+            f"differs from that form at byte {differs + 1}); the line was edited"
         )
     return record, claimed
 
