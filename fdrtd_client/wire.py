@@ -59,6 +59,8 @@ _DTYPE_HELP = (
 )
 _TIMESTAMP_MARKS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
 """How msgpack writes a Timestamp (fixext 4, fixext 8, ext 8 of 12 bytes, all of type -1)."""
+_SURROGATE_MARK = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+"""A JSON escape of a UTF-16 surrogate, or one written as (invalid) UTF-8 bytes."""
 
 
 class WireError(ValueError):
@@ -231,6 +233,9 @@ def unpackb(
         )
     except WireError:
         raise
+    except UnicodeDecodeError as error:
+        # a msgpack string must be UTF-8; a lone surrogate (ED A0 80) is not
+        raise WireError("a string in the message is not valid UTF-8 text") from error
     except (ValueError, TypeError, msgpack.UnpackException) as error:
         if "exceeds max_" in str(error):
             raise WireError(
@@ -283,9 +288,25 @@ def json_loads(data: bytes) -> Any:
     """Decode a JSON body, rebuilding arrays.
 
     Raises:
-        WireError: If the body is not valid JSON.
+        WireError: If the body is not valid JSON, or holds text that is not valid Unicode.
     """
     try:
-        return from_jsonable(json.loads(data))
+        decoded = json.loads(data)
     except (ValueError, RecursionError) as error:
+        raise WireError("body is not valid JSON") from error
+    # JSON lets a lone surrogate ("\\ud800", or its bytes ED A0 80) through as a
+    # string no UTF-8 encoder takes; only a body that may hold one is re-encoded
+    if _SURROGATE_MARK.search(data):
+        try:
+            json.dumps(decoded, ensure_ascii=False).encode("utf-8")
+        except RecursionError:
+            raise WireError("body is nested too deeply") from None
+        except UnicodeEncodeError:
+            raise WireError(
+                "body holds text that is not valid Unicode (a lone UTF-16 surrogate, such "
+                "as an unpaired \\u escape); send it as valid UTF-8 text"
+            ) from None
+    try:
+        return from_jsonable(decoded)
+    except RecursionError as error:
         raise WireError("body is not valid JSON") from error

@@ -18,7 +18,10 @@ a power cut, never leaves a checkpoint that covers records the disk lost.
 * any edit, removal, insertion or reordering of a record (the chain);
 * removal of records the checkpoint covers, at the end too (truncation);
 * a log rewritten from the start (the signed hash no longer matches);
-* a forged or edited checkpoint, or a missing one (the signature, the key).
+* a forged or edited checkpoint, or a missing one (the signature, the key);
+* a line that is not byte for byte what the writer writes: a key twice (JSON
+  readers disagree on which value counts), spaces, reordered keys, other
+  escapes (:func:`_parse_line`).
 
 It does not detect, and the documentation says so:
 
@@ -107,6 +110,66 @@ def _canonical(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
+def _line(body: str, digest: str) -> bytes:
+    """The log line of a record: its canonical ``body`` with ``"hash"`` appended last.
+
+    The writer and the verifier both build lines here, so that the verifier
+    can refuse any line that is not byte for byte what the writer would write.
+    """
+    return f'{body[:-1]},"hash":"{digest}"}}\n'.encode()
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names the same key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that refuses duplicate keys instead of keeping the last."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        raise _DuplicateKey
+    return record
+
+
+def _parse_line(path: Path, number: int, line: bytes) -> tuple[dict[str, Any], str]:
+    """The record on one complete line of the log and the hash it claims.
+
+    A line is accepted only in the exact form :meth:`AuditLog.write` gives
+    it. JSON readers differ on lines that are not: with a key twice, Python
+    keeps the last value while a person or ``grep`` sees the first, so a
+    forger could put ``"principal":"mallory"`` in front of a genuine record
+    and the chain would still hold. Re-serialising the parsed record and
+    comparing bytes refuses that and any other edit that leaves the meaning
+    to a reader's taste (spaces, key order, escapes).
+
+    Raises:
+        AuditError: Naming the line and the rule it breaks.
+    """
+    broken = f"audit log {path} is broken at line {number}"
+    try:
+        record = json.loads(line, object_pairs_hook=_unique_keys)
+        claimed = record.pop("hash")
+    except _DuplicateKey:
+        raise AuditError(
+            f"{broken}: a key appears twice in one record, which the server never writes; "
+            "readers disagree on which value counts, so the line was forged or edited"
+        ) from None
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise AuditError(f"{broken}: not a record") from None
+    expected = _line(_canonical(record), claimed if isinstance(claimed, str) else "")
+    if not isinstance(claimed, str) or line != expected:
+        differs = next(
+            (i for i, (a, b) in enumerate(zip(line, expected, strict=False)) if a != b),
+            min(len(line), len(expected)),
+        )
+        raise AuditError(
+            f"{broken}: the record is not in the canonical form the server writes (keys "
+            'sorted with "hash" last, no spaces, non-ASCII as lowercase \\u escapes; it '
+            f"differs from that form at byte {differs + 1}); the line was edited"
+        )
+    return record, claimed
+
+
 # -- reading the chain ---------------------------------------------------------
 
 
@@ -144,15 +207,7 @@ def _scan(path: Path, wanted: frozenset[int] = frozenset()) -> _Scan:
                 scan.partial = len(line)
                 break
             scan.complete_bytes += len(line)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                claimed = record.pop("hash")
-            except (ValueError, KeyError, AttributeError, TypeError):
-                raise AuditError(
-                    f"audit log {path} is broken at line {number}: not a record"
-                ) from None
+            record, claimed = _parse_line(path, number, line)
             body = _canonical(record)
             if (
                 record.get("prev") != scan.head
@@ -581,6 +636,8 @@ class AuditLog:
         """Append one record; never pass data values, tokens or results in ``extra``."""
         if self.path is None:
             return
+        if "hash" in extra:
+            raise ValueError("an audit record cannot have a field named 'hash'; rename it")
         with self._lock:
             record = {
                 "time": now_iso(),
@@ -591,13 +648,13 @@ class AuditLog:
                 **extra,
                 "prev": self._last,
             }
-            body = _canonical(record)
+            # through JSON and back first, so that the line is a fixed point of the
+            # verifier's re-serialisation (a tuple becomes a list, an int key a string)
+            body = _canonical(json.loads(_canonical(record)))
             digest = hashlib.sha256(body.encode()).hexdigest()
-            # the record with its hash: verify() takes "hash" out and re-encodes the rest
-            line = f'{body[:-1]},"hash":"{digest}"}}\n'
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                os.write(fd, line.encode())
+                os.write(fd, _line(body, digest))
             finally:
                 os.close(fd)
             self._last = digest

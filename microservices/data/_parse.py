@@ -47,6 +47,7 @@ import numpy as np
 
 from fdrtd_client import wire
 from fdrtd_server.errors import BadRequest, FdrtdError, PayloadTooLarge, error_for_status
+from fdrtd_server.lifeline import exit_with
 
 __all__ = [
     "FORMATS",
@@ -136,11 +137,33 @@ def _check_text(name: str, rows: int, longest: int, limits: Limits) -> None:
         )
 
 
+_NOT_UNICODE = (
+    "text that is not valid Unicode (a lone UTF-16 surrogate, such as an unpaired \\u escape "
+    "in JSON); send it as valid UTF-8 text"
+)
+
+
+def _is_unicode(texts: list[str]) -> bool:
+    r"""Whether every string is valid Unicode, i.e. can be written as UTF-8.
+
+    JSON lets ``"\ud800"`` through as a one-character string that no UTF-8
+    encoder (msgpack, the store, the answer) accepts; one join and one
+    encode check a whole column in C.
+    """
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name:
         raise BadRequest("column names must be non-empty strings")
     if len(name) > 200:
         raise BadRequest("column names must be at most 200 characters")
+    if not _is_unicode([name]):
+        raise BadRequest(f"a column name holds {_NOT_UNICODE}")
     return name
 
 
@@ -310,6 +333,8 @@ def _normalise(document: Any, limits: Limits) -> dict[str, Any]:
         if len(values) > MAX_ROWS:
             raise PayloadTooLarge(f"column '{shown}' has more than {MAX_ROWS} records")
         if all(isinstance(v, str) for v in values):
+            if not _is_unicode(values):
+                raise BadRequest(f"column '{shown}' holds {_NOT_UNICODE}")
             longest = max(map(len, values), default=0)
             if longest > MAX_CELL_CHARS:
                 raise BadRequest(
@@ -356,6 +381,8 @@ def parse_document(fmt: str, raw: bytes, limits: Limits) -> Parsed:
     if fmt == "json":
         try:
             decoded = json.loads(raw)
+        except UnicodeDecodeError:
+            raise BadRequest("JSON upload is not UTF-8 text") from None
         except (ValueError, RecursionError):
             raise BadRequest("JSON upload is not valid JSON") from None
         try:
@@ -419,8 +446,13 @@ def _cap_memory(extra: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _child_main(conn: Connection, fmt: str, limits: Limits) -> None:
-    """In the child: receive the upload, parse it, send the description and the pieces."""
+def _child_main(conn: Connection, fmt: str, limits: Limits, server: int) -> None:
+    """In the child: receive the upload, parse it, send the description and the pieces.
+
+    ``server`` is the pid of the process that started the child: the child
+    is the fork server's, not its, and ends as soon as that process is gone.
+    """
+    exit_with(server)
     try:
         _cap_memory(limits.memory_bytes)
         raw = conn.recv_bytes()
@@ -539,7 +571,7 @@ class ParseProcess:
         ours, theirs = context.Pipe()
         self._conn = ours
         self._process = context.Process(
-            target=_child_main, args=(theirs, self.fmt, self.limits), daemon=True
+            target=_child_main, args=(theirs, self.fmt, self.limits, os.getpid()), daemon=True
         )
         self._process.start()
         theirs.close()

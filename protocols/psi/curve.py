@@ -132,7 +132,10 @@ Parallelism
     ``PARALLEL_THRESHOLD`` items into chunks for a ``ProcessPoolExecutor``. The
     pool is created lazily, reused, and closed by :func:`shutdown_pool`. It
     uses the ``forkserver`` start method (``spawn`` where that is missing):
-    forking a process that runs an asyncio loop and threads is unsafe. These
+    forking a process that runs an asyncio loop and threads is unsafe. Each
+    worker runs :func:`fdrtd_server.lifeline.exit_with`, so that none outlives
+    the server, even one killed with SIGKILL (and with the workers go the fork
+    server and the resource tracker). These
     functions block, so an asyncio caller runs them through
     ``asyncio.to_thread``. Secret scalars and keys go to the local worker
     processes through a pipe and never leave the machine.
@@ -155,6 +158,8 @@ from typing import Any
 import gmpy2
 from nacl import bindings as _sodium
 from nacl.exceptions import CryptoError
+
+from fdrtd_server.lifeline import exit_with
 
 __all__ = [
     "ONION_LAYER_BYTES",
@@ -853,7 +858,14 @@ def _get_pool(workers: int) -> ProcessPoolExecutor:
             methods = multiprocessing.get_all_start_methods()
             method = "forkserver" if "forkserver" in methods else "spawn"
             context = multiprocessing.get_context(method)
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+            # the workers are the fork server's children, not ours: each ends
+            # itself when this process is gone, even after a SIGKILL
+            pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=context,
+                initializer=exit_with,
+                initargs=(os.getpid(),),
+            )
             _pools[workers] = pool
         return pool
 

@@ -793,10 +793,8 @@ def test_audit_log_is_chained_and_tamper_evident(
     # rehashing the edited record does not help: the next record's "prev" no longer matches
     body = {k: v for k, v in changed.items() if k != "hash"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    changed["hash"] = hashlib.sha256(text.encode()).hexdigest()
-    tampered.write_text(
-        "\n".join([json.dumps(changed, sort_keys=True, separators=(",", ":")), *lines[1:]]) + "\n"
-    )
+    rehashed = f'{text[:-1]},"hash":"{hashlib.sha256(text.encode()).hexdigest()}"}}'
+    tampered.write_text("\n".join([rehashed, *lines[1:]]) + "\n")  # in the writer's form
     with pytest.raises(ValueError, match="line 2"):
         verify(tampered)
 

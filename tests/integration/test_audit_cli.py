@@ -1,4 +1,4 @@
-"""``fdrtd-server audit verify`` against a real server's log: truncation, rewrites, crashes.
+"""``fdrtd-server audit verify`` on a real server's log: truncation, rewrites, crashes, forgeries.
 
 The server signs a checkpoint of its audit log (record count and last hash)
 with its identity key about a second after each record and when it stops;
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fdrtd_server.audit import AuditLog
 from fdrtd_server.identity import Identity
 from fdrtd_server.local import LocalFederation, LocalServer
 
@@ -59,7 +60,7 @@ def rechain(lines: list[str]) -> str:
             body["principal"] = "nobody"
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         previous = hashlib.sha256(text.encode()).hexdigest()
-        out.append(json.dumps({**body, "hash": previous}) + "\n")
+        out.append(f'{text[:-1]},"hash":"{previous}"}}\n')  # the writer's exact form
     return "".join(out)
 
 
@@ -137,3 +138,33 @@ def test_a_killed_server_leaves_records_unanchored_not_an_alarm(solo: LocalServe
     again = cli("audit", "verify", str(solo.home))
     assert again.returncode == 0, again.stderr
     assert len(again.stdout.splitlines()) == 2, again.stdout  # everything anchored
+
+
+def test_verify_refuses_a_duplicate_key_forgery_and_accepts_the_genuine_log(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "alpha"
+    made = cli("init", str(home), "--name", "alpha")
+    assert made.returncode == 0, made.stderr
+    log = AuditLog(home / "audit.log", Identity.load(home / "identity", "alpha"), delay=3600)
+    log.write("alice", "upload", "d-1", bytes=12)
+    log.write("alice", "compute", "r-2", function="aggregate")
+    log.close()
+    genuine = (home / "audit.log").read_bytes()
+    lines = genuine.splitlines(keepends=True)
+
+    intact = cli("audit", "verify", str(home))
+    assert intact.returncode == 0, intact.stderr
+    assert intact.stdout.startswith("audit log intact: ")
+
+    # what grep shows first is the forgery; Python's last-wins reading sees the original
+    forged = b'{"principal":"mallory","action":"FORGED",' + lines[-1][1:]
+    (home / "audit.log").write_bytes(b"".join([*lines[:-1], forged]))
+    refused = cli("audit", "verify", str(home))
+    assert refused.returncode == 2
+    assert f"broken at line {len(lines)}: a key appears twice" in refused.stderr
+    assert "mallory" not in refused.stderr + refused.stdout
+    assert "intact" not in refused.stdout
+
+    (home / "audit.log").write_bytes(genuine)
+    assert cli("audit", "verify", str(home)).returncode == 0

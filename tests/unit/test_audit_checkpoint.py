@@ -63,7 +63,7 @@ def rechain(records: list[dict[str, object]]) -> str:
         body["prev"] = previous
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         previous = hashlib.sha256(text.encode()).hexdigest()
-        out.append(json.dumps({**body, "hash": previous}) + "\n")
+        out.append(f'{text[:-1]},"hash":"{previous}"}}\n')  # the writer's exact form
     return "".join(out)
 
 

@@ -579,8 +579,8 @@ def test_audit_verify_detects_an_edit_with_a_recomputed_hash(tmp_path: Path) -> 
     del record["hash"]
     record["outcome"] = "refused"
     body = json.dumps(record, sort_keys=True, separators=(",", ":"))
-    record["hash"] = hashlib.sha256(body.encode()).hexdigest()
-    lines[1] = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
+    # in the writer's exact form ("hash" last), so that only the chain can tell
+    lines[1] = f'{body[:-1]},"hash":"{hashlib.sha256(body.encode()).hexdigest()}"}}\n'
     path.write_text("".join(lines), "utf-8")
     with pytest.raises(ValueError, match="line 3"):
         verify(path)
