@@ -251,7 +251,14 @@ async def call_service(
 
 
 async def healthz(request: Request) -> Response:
-    """Liveness: the process answers."""
+    """Liveness: the process answers and its NATS is not gone for good.
+
+    A controller whose NATS went away for good cannot do anything but exit (it
+    does, see :mod:`fdrtd_server.server`); until it has, it is not healthy.
+    """
+    state = _state(request)
+    if state.extra.get("nats_lost") or state.bus.lost:
+        return problem(503, "Not healthy", "the NATS server stopped; this server is exiting")
     return JSONResponse({"status": "ok"})
 
 
@@ -699,7 +706,24 @@ async def http_error(request: Request, error: Exception) -> Response:
     )
 
 
+_BUS_DOWN = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.NoServersError,
+)
+"""What nats-py raises when it has no connection: NATS is away, not our code broken."""
+
+
 async def internal_error(request: Request, error: Exception) -> Response:
+    if isinstance(error, _BUS_DOWN):
+        return problem(
+            503,
+            "Service unavailable",
+            "this server has lost its connection to NATS; try again in a minute",
+        )
     incident = secrets.token_hex(6)
     # the message of an unexpected error may hold data: log its type and frames only
     log.error(

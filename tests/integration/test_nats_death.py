@@ -1,0 +1,109 @@
+"""When NATS dies for good, the controller and workers exit non-zero, for a supervisor to restart.
+
+Real processes only: the embedded ``nats-server`` child of a real ``fdrtd-server
+serve`` is killed with SIGKILL (found through ``/proc``), and a worker's
+standalone ``nats-server`` is killed likewise. Nothing here measures time:
+each test waits for a condition with a generous deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from _processes import make_server, start_worker_with_new_home, wait_for
+
+from fdrtd_server._embedded_nats import EmbeddedNats
+from fdrtd_server.local import LocalServer
+from fdrtd_server.server import EXIT_NATS_LOST
+
+LOST = "the NATS server stopped"
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux ``/proc``)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text()
+        found.extend(int(child) for child in text.split())
+    return found
+
+
+def command(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def health(url: str) -> int | None:
+    try:
+        return requests.get(url + "/healthz", timeout=3).status_code
+    except requests.RequestException:
+        return None
+
+
+@pytest.fixture
+def solo(tmp_path: Path) -> Iterator[LocalServer]:
+    server = make_server(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
+def test_the_controller_exits_when_its_embedded_nats_dies_and_keeps_its_data(
+    solo: LocalServer,
+) -> None:
+    solo.start()
+    process = solo.process
+    assert process is not None
+    with solo.client() as client:
+        data = client.upload(np.arange(12.0))
+        result = client.compute("map", "aggregate", data=data)
+        assert result.result(timeout=30)["sum"] == 66.0
+
+    (nats,) = [pid for pid in children(process.pid) if "nats-server" in command(pid)]
+    log = solo.home / "server.log"
+    os.kill(nats, signal.SIGKILL)
+
+    statuses_after_notice: list[int | None] = []
+
+    def exited() -> bool:
+        noticed = LOST in log.read_text("utf-8", "replace")
+        status = health(solo.url)
+        if noticed:
+            statuses_after_notice.append(status)
+        return process.poll() is not None
+
+    wait_for(exited, "the controller to exit after its NATS died")
+    assert process.returncode == EXIT_NATS_LOST
+    text = log.read_text("utf-8", "replace")
+    (line,) = [line for line in text.splitlines() if LOST in line]
+    assert " ERROR " in line and "supervisor can restart it" in line and "signal 9" in line
+    assert "Traceback" not in text
+    assert 200 not in statuses_after_notice
+
+    solo.process = None  # exited: start it again on the same home
+    solo.start()
+    with solo.client() as client:
+        assert client.describe(data)["rows"] == 12
+        assert client.job(result.handle).result(timeout=10)["sum"] == 66.0
+
+
+def test_a_worker_exits_when_its_nats_dies(tmp_path: Path, nats_server: EmbeddedNats) -> None:
+    worker, log = start_worker_with_new_home(tmp_path, nats_server)
+    try:
+        wait_for(lambda: "fdrtd worker for" in log.read_text(), "the worker to start")
+        assert nats_server.pid is not None
+        os.kill(nats_server.pid, signal.SIGKILL)
+        wait_for(lambda: worker.poll() is not None, "the worker to exit after its NATS died")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait(timeout=15)
+    assert worker.returncode == EXIT_NATS_LOST
+    (line,) = [line for line in log.read_text().splitlines() if LOST in line]
+    assert " ERROR " in line and "supervisor can restart it" in line

@@ -1,0 +1,130 @@
+"""A job whose process dies ends ``failed`` with a "restarted" message, and waits on it end.
+
+Real processes only: ``fdrtd-server serve`` with its embedded ``nats-server``
+is killed with SIGKILL in the middle of a slow job and started again on the
+same home; with an external NATS, a controller is killed while a worker runs
+a job (which must go on and finish), then the worker is killed (its job must
+fail once its liveness key expires).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from _processes import make_server, start_worker
+
+from fdrtd_client import errors as client_errors
+from fdrtd_server._embedded_nats import EmbeddedNats, write_private
+from fdrtd_server.local import LocalServer
+
+SLOW: dict[str, Any] = {"factor": 1.0, "steps": 100, "delay": 1.0}
+"""``example.scaled_sum`` inputs that make it run for about 100 s."""
+
+
+@pytest.fixture
+def solo(tmp_path: Path, example_plugin: None) -> Iterator[LocalServer]:
+    server = make_server(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
+def assert_failed_by_restart(view: dict[str, object]) -> None:
+    assert view["status"] == "failed", view
+    error = view["error"]
+    assert isinstance(error, dict)
+    assert error["status"] == 503
+    assert "restarted" in str(error["detail"]) and "run it again" in str(error["detail"])
+
+
+def test_a_job_running_when_the_server_is_killed_fails_at_the_restart(solo: LocalServer) -> None:
+    solo.start()
+    with solo.client() as client:
+        data = client.upload(np.arange(30.0))
+        finished = client.compute("map", "aggregate", data=data)
+        assert finished.result(timeout=30)["count"] == 30
+        job = client.compute("example", "scaled_sum", data=data, **SLOW)
+        assert job.status()["status"] == "running"
+
+    solo.stop(kill=True)  # SIGKILL: nothing can write the job's end
+    solo.start()
+
+    headers = {"authorization": f"Bearer {solo.token}"}
+    # failed from the first look on: no waiting for a liveness key to expire
+    view = requests.get(f"{solo.url}/v1/results/{job.handle}", headers=headers, timeout=10).json()
+    assert_failed_by_restart(view)
+    # a long poll and an event stream end at once too
+    polled = requests.get(
+        f"{solo.url}/v1/results/{job.handle}?wait=30", headers=headers, timeout=40
+    ).json()
+    assert_failed_by_restart(polled)
+    events = requests.get(
+        f"{solo.url}/v1/results/{job.handle}/events", headers=headers, timeout=40
+    ).text
+    assert '"status": "failed"' in events and "restarted" in events
+    with solo.client() as client:
+        with pytest.raises(client_errors.ServerError) as failed:
+            client.job(job.handle).result(timeout=60)
+        assert failed.value.status == 503
+        assert "restarted" in str(failed.value)
+        # what had finished is still there, and the server computes again
+        assert client.job(finished.handle).result(timeout=10)["count"] == 30
+        again = client.compute("example", "scaled_sum", data=data, factor=2.0, steps=2)
+        assert again.result(timeout=30) == {"sum": 870.0}
+
+
+# -- external NATS, controller and worker in processes of their own ---------------
+
+
+class Worker:
+    """``fdrtd-server worker`` for a home, against a NATS URL kept in a file."""
+
+    def __init__(self, home: Path, url_file: Path) -> None:
+        self.process = start_worker(home, url_file, home / "worker.log")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=15)
+
+
+def test_a_controller_restart_spares_a_live_worker_and_a_dead_worker_fails_its_job(
+    tmp_path: Path, nats_server: EmbeddedNats, example_plugin: None
+) -> None:
+    url_file = tmp_path / "nats.url"
+    write_private(url_file, nats_server.url + "\n")
+    server = make_server(tmp_path)
+    server.extra_args = ["--nats-url", f"file:{url_file}", "--no-local-microservices"]
+    worker = Worker(server.home, url_file)
+    try:
+        server.start(ready_timeout=60)  # ready once the worker's data microservice answers
+        with server.client() as client:
+            data = client.upload(np.arange(30.0))
+            spared = client.compute("example", "scaled_sum", data=data, steps=6, delay=1.0)
+            doomed = client.compute("example", "scaled_sum", data=data, **SLOW)
+            assert spared.status()["status"] == "running"
+
+        server.stop(kill=True)
+        server.start(ready_timeout=60)
+        with server.client() as client:
+            # the worker never stopped: its jobs go on, and end as they should
+            assert client.job(spared.handle).result(timeout=60) == {"sum": 435.0}
+            assert client.job(doomed.handle).status()["status"] == "running"
+
+            worker.kill()
+            # nobody runs it any more: it fails once the worker's liveness key expires
+            with pytest.raises(client_errors.ServerError) as failed:
+                client.job(doomed.handle).result(timeout=90)
+            assert failed.value.status == 503
+            assert "restarted" in str(failed.value)
+    finally:
+        worker.kill()
+        server.stop()
+    assert worker.process.returncode == -signal.SIGKILL
