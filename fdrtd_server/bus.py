@@ -464,6 +464,25 @@ class Bus:
             # NATS went away: nothing can be drained, and reconnecting would only delay us
             await self.nc.close()
 
+    async def abandon(self) -> None:
+        """Close at once, for a NATS that is gone: fail the requests still waiting; never raises.
+
+        nats-py's close leaves the futures of requests in flight pending, so a
+        request sent while it was reconnecting would wait out its whole
+        timeout; they fail here with ``ConnectionClosedError`` instead.
+        """
+        try:
+            await self.nc.close()
+        except Exception as error:
+            # e.g. writing what was buffered to the dead socket: it is closed all the same
+            log.debug("closing a NATS connection that is gone: %r", error)
+        finally:
+            waiting: dict[Any, asyncio.Future[Any]] = getattr(self.nc, "_resp_map", {})
+            for future in list(waiting.values()):
+                if not future.done():
+                    future.set_exception(nats.errors.ConnectionClosedError())
+            waiting.clear()
+
     # -- jobs running on past their start request -----------------------------
 
     async def list_running(self, handle: str, runner: str) -> int:

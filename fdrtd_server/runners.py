@@ -53,6 +53,7 @@ __all__ = [
     "Heartbeat",
     "fail_orphaned_jobs",
     "new_runner_id",
+    "sweep_forever",
 ]
 
 RESTARTED = (
@@ -91,7 +92,7 @@ class Heartbeat:
         return self
 
     async def _beat(self) -> None:
-        while True:
+        while not self.bus.lost:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             try:
                 await self.bus.runners.put(self.runner, now_iso().encode())
@@ -138,7 +139,9 @@ async def _running_entries(bus: Bus) -> list[tuple[str, str, int]]:
     return found
 
 
-async def fail_orphaned_jobs(bus: Bus, *, everyone_gone: bool = False) -> int:
+async def fail_orphaned_jobs(
+    bus: Bus, *, everyone_gone: bool = False, alive: tuple[str, ...] = ()
+) -> int:
     """Mark failed every unfinished job whose runner is gone; return how many.
 
     Args:
@@ -146,12 +149,15 @@ async def fail_orphaned_jobs(bus: Bus, *, everyone_gone: bool = False) -> int:
         everyone_gone: True when no runner of an earlier start can be alive
             (a freshly started embedded NATS): every unfinished job fails
             without looking at liveness keys.
+        alive: Runner ids known to be alive without looking (this process's
+            own: its liveness key may lapse while its event loop was busy,
+            and so may the sweep, which then must not fail its own jobs).
 
     A job whose record changed since it was read (its runner wrote its end
     just now) is left alone: the record is written with a compare-and-set on
     its revision.
     """
-    known: dict[str, bool] = {}
+    known = dict.fromkeys(alive, True)
     failed = 0
     for handle, runner, index_revision in await _running_entries(bus):
         current = await bus.get_job(handle)
@@ -191,11 +197,16 @@ async def _report(bus: Bus, handle: str, record: JobRecord) -> None:
         await bus.nc.publish(JOBS_SUBJECT, wire.packb(event))
 
 
-async def sweep_forever(bus: Bus) -> None:
-    """Run :func:`fail_orphaned_jobs` every :data:`SWEEP_INTERVAL` seconds until cancelled."""
-    while True:
+async def sweep_forever(bus: Bus, alive: tuple[str, ...] = ()) -> None:
+    """Run :func:`fail_orphaned_jobs` every :data:`SWEEP_INTERVAL` seconds until cancelled.
+
+    Args:
+        bus: A connection to the server's bus.
+        alive: The runner ids of this process, whose jobs are never orphans.
+    """
+    while not bus.lost:
         await asyncio.sleep(SWEEP_INTERVAL)
         try:
-            await fail_orphaned_jobs(bus)
+            await fail_orphaned_jobs(bus, alive=alive)
         except Exception as error:  # the bus is reconnecting: try again next time
             log.warning("could not look for computations whose process stopped: %s", error)

@@ -201,7 +201,8 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
                 await state.extra["gateway"].attach(inbox)
             # jobs of workers that died fail here (those of this process's earlier
             # starts failed above, or when start_microservices ran)
-            tasks.append(asyncio.create_task(sweep_forever(state.bus)))
+            own = (services["running"].runner,) if "running" in services else ()
+            tasks.append(asyncio.create_task(sweep_forever(state.bus, own)))
             tasks.append(asyncio.create_task(watch(state)))
 
         async def watch(state: State) -> None:
@@ -217,8 +218,7 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
             server.nats_lost(what)
             for bus in buses:
                 # no more reconnect attempts: every wait on the bus ends now
-                with contextlib.suppress(Exception):
-                    await bus.nc.close()
+                await bus.abandon()
 
         async def on_stop(state: State) -> None:
             for task in tasks:

@@ -38,9 +38,11 @@ def command(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
-def health(url: str) -> int | None:
+def status(url: str, token: str = "") -> int | None:
+    """The status code of GET ``url``, or None if nothing answers."""
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
-        return requests.get(url + "/healthz", timeout=3).status_code
+        return requests.get(url, headers=headers, timeout=3).status_code
     except requests.RequestException:
         return None
 
@@ -70,12 +72,16 @@ def test_the_controller_exits_when_its_embedded_nats_dies_and_keeps_its_data(
     os.kill(nats, signal.SIGKILL)
 
     statuses_after_notice: list[int | None] = []
+    api_statuses: set[int | None] = set()
 
     def exited() -> bool:
         noticed = LOST in log.read_text("utf-8", "replace")
-        status = health(solo.url)
+        health = status(solo.url + "/healthz")
         if noticed:
-            statuses_after_notice.append(status)
+            statuses_after_notice.append(health)
+        # requests that meet the dead bus: refused (503) or not answered, never 500
+        api_statuses.add(status(solo.url + "/v1/data", solo.token))
+        api_statuses.add(status(f"{solo.url}/v1/results/{result.handle}", solo.token))
         return process.poll() is not None
 
     wait_for(exited, "the controller to exit after its NATS died")
@@ -85,6 +91,7 @@ def test_the_controller_exits_when_its_embedded_nats_dies_and_keeps_its_data(
     assert " ERROR " in line and "supervisor can restart it" in line and "signal 9" in line
     assert "Traceback" not in text
     assert 200 not in statuses_after_notice
+    assert api_statuses <= {200, 503, None}, api_statuses
 
     solo.process = None  # exited: start it again on the same home
     solo.start()
