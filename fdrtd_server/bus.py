@@ -485,21 +485,27 @@ class Bus:
 
     # -- jobs running on past their start request -----------------------------
 
-    async def list_running(self, handle: str, runner: str) -> int:
-        """List ``handle`` as running on ``runner``; return the entry's revision.
+    async def list_running(self, handle: str, runner: str) -> None:
+        """List ``handle`` as running on ``runner``.
 
         Raises:
             InsufficientStorage: If the bucket is full.
         """
         try:
-            return await self.running.put(handle, runner.encode())
+            await self.running.put(handle, runner.encode())
         except APIError as error:
             raise _store_error(error, "running computations") from None
 
-    async def unlist_running(self, revision: int) -> None:
-        """Remove an entry of :meth:`list_running` (by revision: it leaves no delete marker)."""
+    async def unlist_running(self, handle: str) -> None:
+        """Take ``handle`` off the list of running jobs.
+
+        A purge of the key's subject, which (unlike a key-value delete) leaves no
+        marker behind: a server that ran millions of jobs keeps an empty list.
+        """
         with contextlib.suppress(APIError, NotFoundError):
-            await self.js.delete_msg(f"KV_{RUNNING_BUCKET}", revision)
+            await self.js.purge_stream(
+                f"KV_{RUNNING_BUCKET}", subject=f"$KV.{RUNNING_BUCKET}.{handle}"
+            )
 
     # -- datasets --------------------------------------------------------------
 

@@ -374,7 +374,7 @@ class _Runner:
     def __init__(self, bus: Bus, env: Environment, spec: Microservice, runner: str = "") -> None:
         self.bus, self.env, self.spec, self.runner = bus, env, spec, runner
         self.tasks: set[asyncio.Task[None]] = set()
-        self.listed: dict[str, int] = {}  # result handle -> its fdrtd_running revision
+        self.listed: set[str] = set()  # result handles listed in fdrtd_running
 
     def handler(self, function: str) -> Callable[[Request], Awaitable[None]]:
         async def handle(request: Request) -> None:
@@ -456,7 +456,8 @@ class _Runner:
             # the job runs on: record it as running now, and the task records the end
             # after this (so that the running record can never overwrite the final one);
             # listed first, so that a running record is never missing from the list
-            self.listed[handle] = await self.bus.list_running(handle, self.runner)
+            await self.bus.list_running(handle, self.runner)
+            self.listed.add(handle)
             await self.bus.put_job(handle, record)
             return {"result": handle, "status": "running"}
         finally:
@@ -511,9 +512,9 @@ class _Runner:
         """Write the final record, then take the job off the list of running ones."""
         assert ctx.record is not None
         await self.bus.put_job(ctx.handle, ctx.record)
-        listed = self.listed.pop(ctx.handle, None)
-        if listed is not None:
-            await self.bus.unlist_running(listed)
+        if ctx.handle in self.listed:
+            self.listed.discard(ctx.handle)
+            await self.bus.unlist_running(ctx.handle)
 
     async def _report_end(self, ctx: JobContext, error_class: str) -> None:
         """Tell the controller's audit log how the job ended: status and error class, no data.

@@ -124,16 +124,16 @@ async def _alive(bus: Bus, runner: str, known: dict[str, bool]) -> bool:
     return known[runner]
 
 
-async def _running_entries(bus: Bus) -> list[tuple[str, str, int]]:
-    """(result handle, runner id, revision) of every entry of ``fdrtd_running``."""
-    found: list[tuple[str, str, int]] = []
+async def _running_entries(bus: Bus) -> list[tuple[str, str]]:
+    """(result handle, runner id) of every entry of ``fdrtd_running``."""
+    found: list[tuple[str, str]] = []
     watcher = await bus.running.watchall(ignore_deletes=True)
     try:
         async for entry in watcher:
             if entry is None:
                 break  # no more entries now
-            if entry.value is not None and entry.revision is not None:
-                found.append((entry.key, entry.value.decode("utf-8", "replace"), entry.revision))
+            if entry.value is not None:
+                found.append((entry.key, entry.value.decode("utf-8", "replace")))
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]
     return found
@@ -159,7 +159,7 @@ async def fail_orphaned_jobs(
     """
     known = dict.fromkeys(alive, True)
     failed = 0
-    for handle, runner, index_revision in await _running_entries(bus):
+    for handle, runner in await _running_entries(bus):
         current = await bus.get_job(handle)
         if current is None and not everyone_gone and await _alive(bus, runner, known):
             continue  # listed, and its running record is being written
@@ -176,7 +176,7 @@ async def fail_orphaned_jobs(
             failed += 1
             await _report(bus, handle, record)
         # ended (now, or earlier with its index entry left behind), or released
-        await bus.unlist_running(index_revision)
+        await bus.unlist_running(handle)
     if failed:
         log.info("%d computation(s) whose process had stopped were marked failed", failed)
     return failed

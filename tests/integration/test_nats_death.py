@@ -18,7 +18,7 @@ import pytest
 import requests
 from _processes import make_server, start_worker_with_new_home, wait_for
 
-from fdrtd_server._embedded_nats import EmbeddedNats
+from fdrtd_server._embedded_nats import EmbeddedNats, write_private
 from fdrtd_server.local import LocalServer
 from fdrtd_server.server import EXIT_NATS_LOST
 
@@ -114,3 +114,25 @@ def test_a_worker_exits_when_its_nats_dies(tmp_path: Path, nats_server: Embedded
     assert worker.returncode == EXIT_NATS_LOST
     (line,) = [line for line in log.read_text().splitlines() if LOST in line]
     assert " ERROR " in line and "supervisor can restart it" in line
+
+
+def test_the_controller_exits_when_reconnecting_to_an_external_nats_fails(
+    tmp_path: Path, nats_server: EmbeddedNats
+) -> None:
+    url_file = tmp_path / "nats.url"
+    write_private(url_file, nats_server.url + "\n")
+    server = make_server(tmp_path)
+    server.extra_args = ["--nats-url", f"file:{url_file}"]
+    log = server.home / "server.log"
+    try:
+        server.start()
+        process = server.process
+        assert process is not None and nats_server.pid is not None
+        os.kill(nats_server.pid, signal.SIGKILL)
+        wait_for(lambda: process.poll() is not None, "the controller to exit")
+    finally:
+        server.stop(kill=True)
+    assert process.returncode == EXIT_NATS_LOST
+    (line,) = [line for line in log.read_text().splitlines() if LOST in line]
+    assert "reconnecting failed" in line and "***@127.0.0.1" in line
+    assert nats_server.url not in log.read_text()  # no password in the log

@@ -9,18 +9,22 @@ fail once its liveness key expires).
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import numpy as np
 import pytest
 import requests
-from _processes import make_server, start_worker
+from _processes import make_server, start_worker, wait_for
+from nats.js.errors import NoKeysError
 
 from fdrtd_client import errors as client_errors
 from fdrtd_server._embedded_nats import EmbeddedNats, write_private
+from fdrtd_server.bus import RUNNING_BUCKET
 from fdrtd_server.local import LocalServer
 
 SLOW: dict[str, Any] = {"factor": 1.0, "steps": 100, "delay": 1.0}
@@ -83,6 +87,23 @@ def test_a_job_running_when_the_server_is_killed_fails_at_the_restart(solo: Loca
 # -- external NATS, controller and worker in processes of their own ---------------
 
 
+async def _listed(url: str) -> set[str]:
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        bucket = await nc.jetstream(timeout=5).key_value(RUNNING_BUCKET)
+        try:
+            return set(await bucket.keys())
+        except NoKeysError:
+            return set()
+    finally:
+        await nc.close()
+
+
+def listed(url: str) -> set[str]:
+    """The result handles in ``fdrtd_running`` (jobs running on past their start)."""
+    return asyncio.run(_listed(url))
+
+
 class Worker:
     """``fdrtd-server worker`` for a home, against a NATS URL kept in a file."""
 
@@ -116,6 +137,9 @@ def test_a_controller_restart_spares_a_live_worker_and_a_dead_worker_fails_its_j
         with server.client() as client:
             # the worker never stopped: its jobs go on, and end as they should
             assert client.job(spared.handle).result(timeout=60) == {"sum": 435.0}
+            # listed while it ran, off the list once it ended
+            wait_for(lambda: spared.handle not in listed(nats_server.url), "the end to be unlisted")
+            assert doomed.handle in listed(nats_server.url)
             assert client.job(doomed.handle).status()["status"] == "running"
 
             worker.kill()
