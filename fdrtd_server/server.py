@@ -142,24 +142,15 @@ def environment(settings: Settings) -> Environment:
     return Environment(server=settings.name, **{k: getattr(settings, k) for k in shared})
 
 
-async def _prepare_store(
-    nats_url: str, name: str, limits: StoreLimits, *, fresh_nats: bool
-) -> None:
+async def _prepare_store(nats_url: str, name: str, limits: StoreLimits) -> None:
     """Connect once to create (or bound) every bucket with this server's limits.
 
     Done before anything serves, so that the buckets get the limits of the
     settings whichever connection comes first, and so that a wrong URL or
-    wrong credentials stop the server with a clear message. On a freshly
-    started embedded NATS (``fresh_nats``), no process of an earlier start
-    can reach it (its credentials are new), so every job left unfinished is
-    marked failed here, before any client can wait on it.
+    wrong credentials stop the server with a clear message.
     """
     bus = await Bus.connect(nats_url, name=f"fdrtd-setup-{name}", limits=limits)
-    try:
-        if fresh_nats:
-            await fail_orphaned_jobs(bus, everyone_gone=True)
-    finally:
-        await bus.close()
+    await bus.close()
 
 
 def serve(settings: Settings, *, local_microservices: bool = True) -> int:
@@ -181,13 +172,17 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
     limits = StoreLimits.from_settings(settings)
     specs = discover(settings.microservices) if local_microservices else {}
     try:
-        asyncio.run(
-            _prepare_store(nats_url, settings.name, limits, fresh_nats=embedded is not None)
-        )
+        asyncio.run(_prepare_store(nats_url, settings.name, limits))
         services: dict[str, RunningMicroservices] = {}
         tasks: list[asyncio.Task[None]] = []
 
         async def on_start(state: State) -> None:
+            if embedded is not None:
+                # a freshly started embedded NATS has new credentials: no process of
+                # an earlier start can reach it, so every job left unfinished fails
+                # now, before the port opens (and the audit log, listening already,
+                # records each end)
+                await fail_orphaned_jobs(state.bus, everyone_gone=True)
             if local_microservices:
                 bus = await Bus.connect(
                     nats_url, name=f"fdrtd-microservices-{settings.name}", limits=limits
@@ -290,6 +285,7 @@ async def _worker(
     if lost.done() and not lost.cancelled():
         log.error("%s", _nats_lost_message(lost.result()).replace("fdrtd-server", "the worker"))
         code = EXIT_NATS_LOST
+        await bus.abandon()  # requests still waiting for an answer fail now
     await running.stop()
     await bus.close()
     return code

@@ -83,6 +83,15 @@ def test_a_job_running_when_the_server_is_killed_fails_at_the_restart(solo: Loca
         again = client.compute("example", "scaled_sum", data=data, factor=2.0, steps=2)
         assert again.result(timeout=30) == {"sum": 870.0}
 
+    def audited() -> bool:
+        lines = (solo.home / "audit.log").read_text().splitlines()
+        return any(
+            '"action":"job-end"' in line and job.handle in line and "RunnerStopped" in line
+            for line in lines
+        )
+
+    wait_for(audited, "the audit log to record how the job ended")
+
 
 # -- external NATS, controller and worker in processes of their own ---------------
 
