@@ -10,6 +10,7 @@ fail once its liveness key expires).
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from nats.js.errors import NoKeysError
 from fdrtd_client import errors as client_errors
 from fdrtd_server._embedded_nats import EmbeddedNats, write_private
 from fdrtd_server.bus import RUNNING_BUCKET
-from fdrtd_server.local import LocalServer
+from fdrtd_server.local import LocalFederation, LocalServer
 
 SLOW: dict[str, Any] = {"factor": 1.0, "steps": 100, "delay": 1.0}
 """``example.scaled_sum`` inputs that make it run for about 100 s."""
@@ -91,6 +92,22 @@ def test_a_job_running_when_the_server_is_killed_fails_at_the_restart(solo: Loca
         )
 
     wait_for(audited, "the audit log to record how the job ended")
+
+
+def test_a_protocol_waiting_for_a_party_fails_at_the_restart(tmp_path: Path) -> None:
+    """An smpc job whose other party never joins runs until the session timeout (30 s)."""
+    with LocalFederation(tmp_path, ("alpha", "beta")) as federation:
+        alpha = federation.servers["alpha"]
+        session = {"id": secrets.token_hex(16), "parties": ["alpha", "beta"]}
+        with alpha.client() as client:
+            data = client.upload(np.arange(10.0))
+            job = client.compute("smpc", "secure_sum", session=session, data=data)
+            assert job.status()["status"] == "running"
+        alpha.stop(kill=True)
+        alpha.start()
+        with alpha.client() as client:
+            view = client.job(job.handle).status()
+            assert_failed_by_restart(view)
 
 
 # -- external NATS, controller and worker in processes of their own ---------------
