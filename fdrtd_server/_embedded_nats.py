@@ -197,6 +197,11 @@ class EmbeddedNats:
         return self.store_dir / CLIENT_URL_FILE
 
     @property
+    def returncode(self) -> int | None:
+        """The exit code of ``nats-server`` once it has exited (negative: the signal), else None."""
+        return self._process.poll() if self._process is not None else None
+
+    @property
     def pid(self) -> int | None:
         """The process id of the running ``nats-server``, or None."""
         return self._process.pid if self._process is not None else None

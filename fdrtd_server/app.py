@@ -251,7 +251,14 @@ async def call_service(
 
 
 async def healthz(request: Request) -> Response:
-    """Liveness: the process answers."""
+    """Liveness: the process answers and its NATS is not gone for good.
+
+    A controller whose NATS went away for good cannot do anything but exit (it
+    does, see :mod:`fdrtd_server.server`); until it has, it is not healthy.
+    """
+    state = _state(request)
+    if state.extra.get("nats_lost") or state.bus.lost:
+        return problem(503, "Not healthy", "the NATS server stopped; this server is exiting")
     return JSONResponse({"status": "ok"})
 
 
@@ -699,7 +706,32 @@ async def http_error(request: Request, error: Exception) -> Response:
     )
 
 
+_BUS_DOWN: tuple[type[Exception], ...] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.NoServersError,
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,
+)
+"""What nats-py raises when NATS (or JetStream) does not answer: the bus is away, not
+our code broken. Where a route expects one of these it handles it itself."""
+
+
+async def bus_down(request: Request, error: Exception) -> Response:
+    """503 for a request that met a closed or unanswering bus (NATS stopped or restarting)."""
+    return problem(
+        503,
+        "Service unavailable",
+        "this server cannot reach its NATS server right now; try again in a minute",
+    )
+
+
 async def internal_error(request: Request, error: Exception) -> Response:
+    if isinstance(error, _BUS_DOWN):  # the peer fast path calls this handler directly
+        return await bus_down(request, error)
     incident = secrets.token_hex(6)
     # the message of an unexpected error may hold data: log its type and frames only
     log.error(
@@ -830,6 +862,7 @@ def create_app(
             FdrtdError: fdrtd_error,
             wire.WireError: wire_error,
             HTTPException: http_error,
+            **dict.fromkeys(_BUS_DOWN, bus_down),
             Exception: internal_error,
         },
     )

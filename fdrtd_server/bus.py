@@ -12,6 +12,8 @@ bucket            kind           holds
 ``fdrtd_jobs``    key-value      computation state, progress, results up to 16 MiB
 ``fdrtd_sessions`` key-value     computation session ids already used (never reused)
 ``fdrtd_results`` object store   results too large for a key-value entry
+``fdrtd_running`` key-value      jobs running on past their start request, by runner
+``fdrtd_runners`` key-value      liveness keys of the processes running jobs (expire)
 ================  =============  ===========================================
 
 Every bucket is bounded (``max_bytes``, with JetStream's "discard new"
@@ -100,6 +102,10 @@ SETS_BUCKET = "fdrtd_sets"
 SESSIONS_BUCKET = "fdrtd_sessions"
 JOBS_BUCKET = "fdrtd_jobs"
 RESULTS_BUCKET = "fdrtd_results"
+RUNNING_BUCKET = "fdrtd_running"
+RUNNERS_BUCKET = "fdrtd_runners"
+RUNNER_TTL = 20.0
+"""Seconds a runner's liveness key lives after its last write (see :mod:`fdrtd_server.runners`)."""
 OBJECT_CACHE_BYTES = 256 * 1024 * 1024
 OBJECT_CACHE_ITEM = 16 * 1024 * 1024
 REREAD = 0.5
@@ -142,7 +148,7 @@ class StoreLimits:
         data: ``fdrtd_data``, the uploaded datasets.
         results: ``fdrtd_results``, results too large for a key-value entry.
         jobs: ``fdrtd_jobs``, job records with results up to 16 MiB inline.
-        records: ``fdrtd_sets`` and ``fdrtd_sessions``, each.
+        records: ``fdrtd_sets``, ``fdrtd_sessions`` and ``fdrtd_running``, each.
         explicit: True when the server's owner set the total: an existing
             bucket is then re-bounded to it. Derived limits only bound a
             bucket that has no bound (one made by an earlier version).
@@ -159,7 +165,8 @@ class StoreLimits:
         """Share ``total`` bytes out among the buckets.
 
         5/8 for datasets, 1/8 each for results and jobs, 1/32 each for
-        descriptions and session ids: 15/16 in all, the rest is headroom.
+        descriptions, session ids and the list of running jobs: 31/32 in all,
+        of which 1 MiB goes to the liveness keys of runners, the rest is headroom.
 
         Raises:
             ValueError: If ``total`` is below 32 MiB.
@@ -236,6 +243,8 @@ class JobRecord:
     error: str = ""
     result: Any = None
     result_in_store: bool = False
+    runner: str = ""
+    """The id of the process running the job (see :mod:`fdrtd_server.runners`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for msgpack."""
@@ -243,8 +252,9 @@ class JobRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
-        """Rebuild from :meth:`to_dict` output."""
-        return cls(**data)
+        """Rebuild from :meth:`to_dict` output (keys of another version are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
 
     @property
     def finished(self) -> bool:
@@ -263,6 +273,8 @@ class Bus:
         self.sets: KeyValue
         self.jobs: KeyValue
         self.sessions: KeyValue
+        self.running: KeyValue
+        self.runners: KeyValue
         self._object_cache: OrderedDict[str, bytes] = OrderedDict()
         self._object_cache_bytes = 0
         self._set_cache: OrderedDict[str, dict[str, Any]] | None = None
@@ -355,8 +367,13 @@ class Bus:
                         raise
                     max_bytes //= 2
             if max_bytes != wanted:
-                log.warning(
-                    "JetStream could not reserve %d bytes for '%s'; it is bounded to %d bytes",
+                # derived limits are a ceiling nobody asked for: a smaller bucket is the
+                # expected outcome on a small disk, not a problem; an owner's own
+                # max_store_bytes that does not fit is one
+                log.log(
+                    logging.WARNING if explicit else logging.INFO,
+                    "JetStream could not reserve %d bytes for '%s' (max_store_bytes); it is "
+                    "bounded to %d bytes: free disk space, or lower max_store_bytes",
                     wanted,
                     bucket,
                     max_bytes,
@@ -388,7 +405,9 @@ class Bus:
                 error.description,
             )
 
-    async def _kv(self, bucket: str, max_bytes: int, explicit: bool) -> KeyValue:
+    async def _kv(
+        self, bucket: str, max_bytes: int, explicit: bool, ttl: float | None = None
+    ) -> KeyValue:
         async def create(size: int) -> None:
             await self.js.create_key_value(
                 js_api.KeyValueConfig(
@@ -397,6 +416,7 @@ class Bus:
                     direct=True,
                     max_bytes=size,
                     storage=js_api.StorageType.FILE,
+                    ttl=ttl,
                 )
             )
 
@@ -422,15 +442,70 @@ class Bus:
         self.sets = await self._kv(SETS_BUCKET, limits.records, explicit)
         self.jobs = await self._kv(JOBS_BUCKET, limits.jobs, explicit)
         self.sessions = await self._kv(SESSIONS_BUCKET, limits.records, explicit)
+        self.running = await self._kv(RUNNING_BUCKET, limits.records, explicit)
+        self.runners = await self._kv(RUNNERS_BUCKET, _SMALLEST_BUCKET, explicit, RUNNER_TTL)
         # a stream on fdrtd.peer.in.> would capture (and write to disk) every
         # peer message published on the bus: remove one left by an old version
         with contextlib.suppress(NotFoundError):
             await self.js.delete_stream(LEGACY_PEER_STREAM)
 
+    @property
+    def lost(self) -> bool:
+        """True once the connection is closed for good (nats-py gave up reconnecting)."""
+        return self.nc.is_closed
+
     async def close(self) -> None:
-        """Drain and close the connection."""
-        if not self.nc.is_closed:
+        """Drain and close the connection; just close it if NATS is not reachable."""
+        if self.nc.is_closed:
+            return
+        try:
             await self.nc.drain()
+        except (nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError):
+            # NATS went away: nothing can be drained, and reconnecting would only delay us
+            await self.nc.close()
+
+    async def abandon(self) -> None:
+        """Close at once, for a NATS that is gone: fail the requests still waiting; never raises.
+
+        nats-py's close leaves the futures of requests in flight pending, so a
+        request sent while it was reconnecting would wait out its whole
+        timeout; they fail here with ``ConnectionClosedError`` instead.
+        """
+        try:
+            await self.nc.close()
+        except Exception as error:
+            # e.g. writing what was buffered to the dead socket: it is closed all the same
+            log.debug("closing a NATS connection that is gone: %r", error)
+        finally:
+            waiting: dict[Any, asyncio.Future[Any]] = getattr(self.nc, "_resp_map", {})
+            for future in list(waiting.values()):
+                if not future.done():
+                    future.set_exception(nats.errors.ConnectionClosedError())
+            waiting.clear()
+
+    # -- jobs running on past their start request -----------------------------
+
+    async def list_running(self, handle: str, runner: str) -> None:
+        """List ``handle`` as running on ``runner``.
+
+        Raises:
+            InsufficientStorage: If the bucket is full.
+        """
+        try:
+            await self.running.put(handle, runner.encode())
+        except APIError as error:
+            raise _store_error(error, "running computations") from None
+
+    async def unlist_running(self, handle: str) -> None:
+        """Take ``handle`` off the list of running jobs.
+
+        A purge of the key's subject, which (unlike a key-value delete) leaves no
+        marker behind: a server that ran millions of jobs keeps an empty list.
+        """
+        with contextlib.suppress(APIError, NotFoundError):
+            await self.js.purge_stream(
+                f"KV_{RUNNING_BUCKET}", subject=f"$KV.{RUNNING_BUCKET}.{handle}"
+            )
 
     # -- datasets --------------------------------------------------------------
 

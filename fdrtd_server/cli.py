@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # the one line a start prints (where it listens, what it serves) is news, not a warning
+    logging.getLogger("fdrtd.server").setLevel(logging.INFO)
     try:
         return _run(args)
     except (FileNotFoundError, FileExistsError, ValueError, PermissionError) as error:
@@ -230,21 +232,19 @@ def _run(args: argparse.Namespace) -> int:
             home_path(str(args.home)),
             {"nats_url": args.nats_url, "host": args.host, "port": args.port},
         )
-        serve(settings, local_microservices=not args.no_local_microservices)
-        return 0
+        return serve(settings, local_microservices=not args.no_local_microservices)
     if args.command == "worker":
         from fdrtd_server.bus import StoreLimits
 
         home = home_path(str(args.home))
         settings = config.load_settings(home)
         url = args.nats_url or settings.nats_url or f"file:{home / 'jetstream' / 'nats-client.url'}"
-        run_worker(
+        return run_worker(
             url,
             environment(settings),
             settings.microservices,
             limits=StoreLimits.from_settings(settings),
         )
-        return 0
     if args.command == "demo":
         from fdrtd_server.demo import run_demo
 

@@ -52,6 +52,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 import numpy as np
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -70,6 +71,7 @@ from fdrtd_server.bus import (
 )
 from fdrtd_server.errors import BadRequest, CohortTooSmall, FdrtdError, Forbidden, NotFound
 from fdrtd_server.peers import PeerInbox
+from fdrtd_server.runners import Heartbeat, fail_orphaned_jobs, new_runner_id
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -361,11 +363,18 @@ def _sanitise(error: BaseException) -> tuple[str, str]:
 
 
 class _Runner:
-    """Runs one microservice's handlers and its background jobs."""
+    """Runs one microservice's handlers and its background jobs.
 
-    def __init__(self, bus: Bus, env: Environment, spec: Microservice) -> None:
-        self.bus, self.env, self.spec = bus, env, spec
+    Every job record it writes names ``runner``, the id of this process's
+    start, and a job that runs on past its start request is listed in the
+    ``fdrtd_running`` bucket until its end is recorded, so that its end is
+    written by someone even if this process dies (:mod:`fdrtd_server.runners`).
+    """
+
+    def __init__(self, bus: Bus, env: Environment, spec: Microservice, runner: str = "") -> None:
+        self.bus, self.env, self.spec, self.runner = bus, env, spec, runner
         self.tasks: set[asyncio.Task[None]] = set()
+        self.listed: set[str] = set()  # result handles listed in fdrtd_running
 
     def handler(self, function: str) -> Callable[[Request], Awaitable[None]]:
         async def handle(request: Request) -> None:
@@ -420,7 +429,9 @@ class _Runner:
             ctx = CallContext(self.bus, self.env, principal, role, session)
             return await self.spec.calls[function](ctx, message["inputs"])
         handle = parse_handle(message.get("result"), "result", "result")
-        record = JobRecord(principal, self.spec.name, function, "running", created=now_iso())
+        record = JobRecord(
+            principal, self.spec.name, function, "running", created=now_iso(), runner=self.runner
+        )
         job = JobContext(self.bus, self.env, principal, role, session, handle, record)
         computed = asyncio.Event()
         recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -443,7 +454,10 @@ class _Runner:
                     final["result"] = None  # the caller wants the state only
                 return {"result": handle, "status": record.status, "record": final}
             # the job runs on: record it as running now, and the task records the end
-            # after this (so that the running record can never overwrite the final one)
+            # after this (so that the running record can never overwrite the final one);
+            # listed first, so that a running record is never missing from the list
+            await self.bus.list_running(handle, self.runner)
+            self.listed.add(handle)
             await self.bus.put_job(handle, record)
             return {"result": handle, "status": "running"}
         finally:
@@ -469,7 +483,7 @@ class _Runner:
             ctx.record.status, ctx.record.error_status = "failed", 503
             ctx.record.error = STOPPED
             try:
-                await asyncio.shield(self.bus.put_job(ctx.handle, ctx.record))
+                await asyncio.shield(self._record_end(ctx))
             finally:
                 await self._report_end(ctx, "CancelledError")
             raise
@@ -490,9 +504,17 @@ class _Runner:
             written = False  # stopping: record the end now, whoever else may
         try:
             if not written:
-                await asyncio.shield(self.bus.put_job(ctx.handle, ctx.record))
+                await asyncio.shield(self._record_end(ctx))
         finally:
             await self._report_end(ctx, error_class)
+
+    async def _record_end(self, ctx: JobContext) -> None:
+        """Write the final record, then take the job off the list of running ones."""
+        assert ctx.record is not None
+        await self.bus.put_job(ctx.handle, ctx.record)
+        if ctx.handle in self.listed:
+            self.listed.discard(ctx.handle)
+            await self.bus.unlist_running(ctx.handle)
 
     async def _report_end(self, ctx: JobContext, error_class: str) -> None:
         """Tell the controller's audit log how the job ended: status and error class, no data.
@@ -530,23 +552,37 @@ class _Runner:
 class RunningMicroservices:
     """The NATS services started by :func:`start_microservices`; stop them with :meth:`stop`."""
 
-    def __init__(self) -> None:
+    def __init__(self, runner: str = "") -> None:
+        self.runner = runner
+        """The runner id of this process's start, written into every job record."""
         self.services: list[Service] = []
         self.runners: list[_Runner] = []
+        self.heartbeat: Heartbeat | None = None
 
     async def stop(self) -> None:
         """Stop accepting requests, cancel running jobs (they are marked failed)."""
         for service in self.services:
-            await service.stop()
+            # a closed connection (NATS gone) took the subscriptions with it
+            with contextlib.suppress(nats.errors.ConnectionClosedError):
+                await service.stop()
         for runner in self.runners:
             await runner.stop()
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
 
 
 async def start_microservices(
     bus: Bus, env: Environment, specs: Mapping[str, Microservice]
 ) -> RunningMicroservices:
-    """Start every microservice in ``specs`` as a NATS service on ``bus``."""
-    running = RunningMicroservices()
+    """Start every microservice in ``specs`` as a NATS service on ``bus``.
+
+    The process gets a new runner id, whose liveness key is kept fresh while
+    the microservices run; jobs left unfinished by processes that are gone
+    are marked failed first (:func:`fdrtd_server.runners.fail_orphaned_jobs`).
+    """
+    running = RunningMicroservices(new_runner_id())
+    running.heartbeat = await Heartbeat(bus, running.runner).start()
+    await fail_orphaned_jobs(bus)
     await bus.enable_set_cache()
     # listen for peer messages before any session can start, so that none is missed
     await PeerInbox.of(bus)
@@ -559,7 +595,7 @@ async def start_microservices(
             metadata={"fdrtd.microservice": spec.name},
             queue_group=QUEUE_GROUP,
         )
-        runner = _Runner(bus, env, spec)
+        runner = _Runner(bus, env, spec, running.runner)
         for function in spec.functions:
             await service.add_endpoint(
                 EndpointConfig(

@@ -1,0 +1,75 @@
+"""Helpers for tests that start, kill and restart real server and worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fdrtd_server._embedded_nats import EmbeddedNats, free_port, write_private
+from fdrtd_server.config import TokenStore, init_home
+from fdrtd_server.local import LocalServer
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` s.
+
+    The deadline is generous on purpose: it bounds a hang, it measures nothing.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def make_server(root: Path, name: str = "solo") -> LocalServer:
+    """A fresh server home under ``root`` with an analyst token (not started)."""
+    home = root / name
+    port = free_port()
+    admin = init_home(home, name, port=port)
+    return LocalServer(home, name, port, TokenStore(home).add("analyst"), admin)
+
+
+def start_worker(home: Path, url_file: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``fdrtd-server worker`` for ``home``, its NATS URL read from ``url_file``.
+
+    Its stdout and stderr go to ``log``.
+    """
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fdrtd_server",
+                "worker",
+                "--nats-url",
+                f"file:{url_file}",
+                "--home",
+                str(home),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def start_worker_with_new_home(
+    root: Path, nats: EmbeddedNats, name: str = "solo"
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """A worker for a fresh server home under ``root``, on the standalone NATS ``nats``.
+
+    Returns:
+        The worker process and its log file.
+    """
+    home = root / name
+    init_home(home, name, port=free_port())
+    url_file = root / "nats.url"
+    write_private(url_file, nats.url + "\n")
+    log = root / "worker.log"
+    return start_worker(home, url_file, log), log
