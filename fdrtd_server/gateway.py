@@ -74,7 +74,12 @@ from fdrtd_client import wire
 from fdrtd_server._http import HttpError, PeerHttpClient
 from fdrtd_server.app import State, internal_error, problem
 from fdrtd_server.audit import AuditLog
-from fdrtd_server.bus import PEER_IN_PREFIX, PEER_OUT_SUBJECT, PEER_SEEDS_SUBJECT
+from fdrtd_server.bus import (
+    PEER_IN_PREFIX,
+    PEER_OUT_SUBJECT,
+    PEER_SEEDS_SUBJECT,
+    SESSIONS_BUCKET,
+)
 from fdrtd_server.envelope import (
     MAX_HEADER_BYTES,
     OpenedMessage,
@@ -89,7 +94,7 @@ from fdrtd_server.envelope import (
 )
 from fdrtd_server.errors import Conflict, FdrtdError, PayloadTooLarge, ServiceUnavailable
 from fdrtd_server.identity import Identity, PeerEntry, load_federation
-from fdrtd_server.peers import Incoming, PeerInbox
+from fdrtd_server.peers import ALIVE_TAG, Incoming, PeerInbox
 
 __all__ = [
     "FEDERATION_FILE",
@@ -120,6 +125,10 @@ PEER_READ_BYTES = 256 * 1024 * 1024
 """At most this many bytes of peer messages are read into memory at once."""
 SEND_RETRIES = (0.2, 0.5, 1.0)
 """Seconds to wait before sending again a message a peer answered with 503 (busy)."""
+RECORDS_KEPT = 100_000
+"""Session records whose state the gateway keeps in memory (the newest)."""
+RECORD_LOOKUP_WAIT = 1.0
+"""Seconds to wait for a session record before holding the message as before."""
 DETAIL_CHARS = 200
 """A peer's refusal is passed on to our side truncated to this many characters."""
 AUDIT_BURST = 50
@@ -251,6 +260,10 @@ class Gateway:
         """The inbox of the microservices in this process, if they run here."""
         self.subscription: Any = None
         self.seed_subscription: Any = None
+        self.record_subscription: Any = None
+        self._records: dict[str, bool] = {}
+        """Whether each session recorded on this server has ended, as the records
+        say when they are written (newest last, at most :data:`RECORDS_KEPT`)."""
 
     async def attach(self, inbox: PeerInbox) -> None:
         """Serve the protocol microservices of this process directly (no bus hops)."""
@@ -289,9 +302,10 @@ class Gateway:
                 await asyncio.sleep(pause)
                 continue
             break
-        if retried and status == 409:
+        if retried and status in (409, 410):
             # the first attempt reached the peer before its connection failed:
-            # this very envelope was delivered, and its second copy refused
+            # this very envelope was delivered, and its second copy refused (as a
+            # replay, or because the message let the peer end its session)
             return 202, ""
         if status >= 300:
             return status, f"party '{peer.name}' refused the message: {_peer_detail(answer)}"
@@ -406,29 +420,46 @@ class Gateway:
         if msg.reply:
             await self.state.bus.nc.publish(msg.reply, wire.packb(answer))
 
+    async def record_written(self, msg: Msg) -> None:
+        """A session record was written (``$KV.fdrtd_sessions.<id>``): note whether it ended."""
+        if msg.headers and msg.headers.get("KV-Operation"):
+            return  # a deletion or a purge
+        ended = _ended(msg.data)
+        if ended is None:
+            return
+        session_id = msg.subject[len(SESSIONS_BUCKET) + 5 :]
+        self._records.pop(session_id, None)
+        self._records[session_id] = ended
+        if len(self._records) > RECORDS_KEPT:
+            del self._records[next(iter(self._records))]
+
     async def has_ended(self, session_id: str) -> bool:
         """Whether this server has run ``session_id`` to its end (it will never open again).
 
-        Looked up only for a session not open in this process: in the bucket of
-        session records, which outlives a restart.
+        Asked only for a session not open in this process. The records written
+        since this gateway started answer at once; for older ones (from before
+        a restart), and for sessions not recorded at all (a message ahead of
+        this server's own request), the bucket of session records is read,
+        which outlives a restart.
         """
-        if self.local is not None:
-            if self.local.is_open(session_id):
-                return False
-            if self.local.has_ended(session_id):
-                return True
+        if self.local is not None and self.local.is_open(session_id):
+            return False
+        known = self._records.get(session_id)
+        if known is not None:
+            return known
         try:
-            entry = await self.state.bus.sessions.get(session_id)
+            entry = await asyncio.wait_for(
+                self.state.bus.sessions.get(session_id), RECORD_LOOKUP_WAIT
+            )
         except KeyNotFoundError:
             return False
-        except Exception as error:  # the bus is down: the message is held, as before
-            log.warning("could not read the record of a peer session: %s", error)
+        except Exception as error:  # the bus is slow or down: the message is held, as before
+            log.warning("could not read the record of a peer session: %r", error)
             return False
-        try:
-            record = wire.unpackb(entry.value or b"")
-        except wire.WireError:
-            return False
-        return isinstance(record, dict) and record.get("ended") is True
+        ended = _ended(entry.value or b"")
+        if ended:
+            self._records[session_id] = True
+        return bool(ended)
 
     async def hand_on(self, message: OpenedMessage) -> None:
         """Give a verified message to its session: here if it runs here, else over NATS."""
@@ -454,6 +485,9 @@ async def start(state: State, nats_url: str) -> None:
     gateway.seed_subscription = await state.bus.nc.subscribe(
         PEER_SEEDS_SUBJECT, queue="fdrtd-gateway", cb=gateway.handle_seeds
     )
+    gateway.record_subscription = await state.bus.nc.subscribe(
+        f"$KV.{SESSIONS_BUCKET}.>", cb=gateway.record_written
+    )
 
 
 async def stop(state: State) -> None:
@@ -464,12 +498,24 @@ async def stop(state: State) -> None:
     with contextlib.suppress(Exception):
         await gateway.subscription.unsubscribe()
         await gateway.seed_subscription.unsubscribe()
+        await gateway.record_subscription.unsubscribe()
     for task in list(gateway.sending):
         task.cancel()
     if gateway.sending:
         await asyncio.wait(gateway.sending, timeout=5.0)
     gateway.rejections.flush()
     await gateway.http.close()
+
+
+def _ended(value: bytes) -> bool | None:
+    """Whether a session record says the session ended; None if it is not a record."""
+    try:
+        record = wire.unpackb(value)
+    except wire.WireError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    return record.get("ended") is True
 
 
 def _peer_detail(answer: bytes) -> str:
@@ -623,7 +669,8 @@ async def receive(request: Request) -> Response:
         gateway.rejections.rejected(message.sender, message.session, "replay")
         raise Conflict("this peer message was already received (replay)")
     if await gateway.has_ended(message.session):
-        gateway.rejections.rejected(message.sender, message.session, "ended")
+        if message.tag != ALIVE_TAG:  # a heartbeat crossing the end is routine
+            gateway.rejections.rejected(message.sender, message.session, "ended")
         return problem(
             410,
             "Gone",

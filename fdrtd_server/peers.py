@@ -16,7 +16,7 @@ send in time. A party that is busy (blinding a million items, say) is told
 apart from a dead one by its heartbeat: every open session sends a small
 ``alive`` message to each other party every :data:`HEARTBEAT` seconds, and
 a wait runs out only after a whole timeout without any sign of life from
-the party waited for (or after :data:`BUSY_LIMIT` in all). When a party
+the party waited for (or after :data:`BUSY_TIMEOUTS` timeouts in all). When a party
 fails, it tells the others (``abort``) so that they stop at once with a
 message that names it, instead of waiting out their own timeouts.
 
@@ -88,6 +88,12 @@ _background: set[asyncio.Future[Any]] = set()
 """Tasks nobody waits for, kept referenced until they finish."""
 
 
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    """Log the failure of a background write that nobody waits for."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not mark a peer session ended: %s", task.exception())
+
+
 def _consume(task: asyncio.Future[Any]) -> None:
     """Collect a background task's outcome, so that nothing is logged as never retrieved."""
     if not task.cancelled():
@@ -131,11 +137,13 @@ ABORT_WAIT = 3.0
 HEARTBEAT = 5.0
 """Longest pause, in seconds, between two heartbeats of an open session (a third of
 the session timeout when that is shorter)."""
-BUSY_LIMIT = 3600.0
-"""Seconds a wait lasts at most, heartbeats or not: a party that keeps signalling life
-but never sends what is waited for is given up after this long."""
+BUSY_TIMEOUTS = 20
+"""Session timeouts a wait lasts at most, heartbeats or not (10 minutes by default): a
+party that keeps signalling life but never sends what is waited for (a hung job whose
+event loop still runs, or a member that stalls on purpose) is given up after this long."""
 GONE_KEEP = 600.0
-"""Seconds an inbox remembers that a session runs in another process or has ended."""
+"""Seconds an inbox remembers that a session runs in another process or has ended, after
+the last message of it that it dropped (a running session's heartbeats keep it known)."""
 GONE_LIMIT = 100_000
 """At most this many such sessions are remembered (the oldest are forgotten first)."""
 INBOX_HOLD = 120.0
@@ -339,11 +347,20 @@ class PeerInbox:
     def forget(self, session_id: str, *, ended: bool) -> None:
         """Drop what is held for a session that runs in another process or has ended.
 
-        Its later messages are dropped on arrival, for :data:`GONE_KEEP` seconds.
-        A session open in this process is never forgotten.
+        Its later messages are dropped on arrival, until none has come for
+        :data:`GONE_KEEP` seconds. A session open in this process is never
+        forgotten.
         """
         if session_id in self.sessions:
             return
+        self._note_gone(session_id, ended)
+        waiting = self.held.pop(session_id, None)
+        for entry in waiting or ():
+            self._release(entry)
+            self.discarded += 1
+
+    def _note_gone(self, session_id: str, ended: bool) -> None:
+        """Remember (or renew) a session as gone; forget the stalest beyond the bounds."""
         now = time.monotonic()
         self._gone.pop(session_id, None)
         self._gone[session_id] = (now, ended)
@@ -352,10 +369,6 @@ class PeerInbox:
             if len(self._gone) <= GONE_LIMIT and self._gone[first][0] >= now - GONE_KEEP:
                 break
             del self._gone[first]
-        waiting = self.held.pop(session_id, None)
-        for entry in waiting or ():
-            self._release(entry)
-            self.discarded += 1
 
     def has_ended(self, session_id: str) -> bool:
         """Whether this inbox has seen the record of ``session_id`` ending."""
@@ -379,8 +392,14 @@ class PeerInbox:
         if session is not None:
             await session.deliver(message)
             return
-        if message.session in self._gone:
+        gone = self._gone.get(message.session)
+        if gone is not None:
+            self._note_gone(message.session, gone[1])  # still in use elsewhere: keep knowing it
             self.discarded += 1
+            return
+        if message.tag == ALIVE_TAG:
+            # a heartbeat only matters to an open session: holding one would only
+            # push out the sender's real early messages
             return
         now = time.monotonic()
         self._expire(now)
@@ -577,8 +596,8 @@ class PeerSession:
         """Messages each party's gateway has accepted from this one (heartbeats aside)."""
         self._received: dict[str, int] = {}
         """Messages taken from each party (heartbeats aside)."""
-        self._claimed: dict[str, int] = {}
-        """How many messages each party's last heartbeat said it had sent to this one."""
+        self._claimed: dict[str, deque[int]] = {}
+        """How many messages each party's last two heartbeats said it had sent to this one."""
         self._lost: dict[str, tuple[int, int]] = {}
         """Parties whose messages were lost on the way: (sent, received)."""
         self._pulse: asyncio.Task[None] | None = None
@@ -651,7 +670,7 @@ class PeerSession:
         task = asyncio.ensure_future(self.bus.sessions.put(self.id, value))
         _background.add(task)
         task.add_done_callback(_background.discard)
-        task.add_done_callback(_consume)
+        task.add_done_callback(_log_failure)
 
     async def _heartbeat(self) -> None:
         """Tell every other party, now and then, that this session is still at work.
@@ -660,7 +679,7 @@ class PeerSession:
         computations, nearly all of them, send none.
         """
         pause = min(HEARTBEAT, self.timeout / 3)
-        while True:
+        while self.others:
             await asyncio.sleep(pause)
             # each heartbeat says how many messages reached the receiver's gateway:
             # a receiver that took fewer knows that one was lost (see deliver)
@@ -672,9 +691,10 @@ class PeerSession:
                 )
                 for party in self.others
             ]
-            await asyncio.wait(beats)
             for beat in beats:
-                _consume(beat)  # a party that cannot be reached is named by the waits
+                # a party that cannot be reached is named by the waits, not here
+                beat.add_done_callback(_consume)
+            await asyncio.wait(beats)
 
     async def _confirm(self) -> None:
         """The last round: tell every other party this one has its result, and hear theirs.
@@ -724,7 +744,8 @@ class PeerSession:
                 asyncio.ensure_future(self._send(party, ABORT_TAG, abort, timeout=ABORT_WAIT))
                 for party in self.others
             ]
-            await asyncio.wait(sends, timeout=ABORT_WAIT)
+            if sends:
+                await asyncio.wait(sends, timeout=ABORT_WAIT)
             for sending in sends:
                 sending.add_done_callback(_consume)
         if failure is not None:
@@ -796,20 +817,22 @@ class PeerSession:
 
         A heartbeat says how many messages the sender's gateway had delivered
         to this server when it was sent. Messages of one sender reach the
-        session in the order they were delivered, so when the *next* heartbeat
-        arrives, every message the previous one counted must have arrived too;
-        one heartbeat's grace covers a message still on its way through the
-        bus. A lost message would otherwise keep the wait going for as long as
-        the sender's heartbeats do.
+        session in the order they were delivered, so by the time the heartbeat
+        after the next arrives, every message a heartbeat counted must have
+        arrived too. Two heartbeats' grace covers a message still on its way
+        through the bus (one that took the NATS path while the session was
+        opening, overtaken by later ones delivered in-process). A lost message
+        would otherwise keep the wait going for as long as the sender's
+        heartbeats do.
         """
         claimed = beat.get("sent") if isinstance(beat, dict) else None
         if isinstance(claimed, bool) or not isinstance(claimed, int):
             return
         received = self._received.get(sender, 0)
-        previous = self._claimed.get(sender, 0)
-        if previous > received and sender not in self._lost:
-            self._lost[sender] = (previous, received)
-        self._claimed[sender] = claimed
+        claims = self._claimed.setdefault(sender, deque(maxlen=2))
+        if len(claims) == 2 and claims[0] > received and sender not in self._lost:
+            self._lost[sender] = (claims[0], received)
+        claims.append(claimed)
 
     async def send(self, to: str, tag: str, value: Any, *, timeout: float | None = None) -> None:
         """Send ``value`` to party ``to`` under ``tag`` (each tag once per pair).
@@ -924,7 +947,7 @@ class PeerSession:
         (no message of any tag, heartbeats included) for ``patience`` session
         timeouts: a party that is busy computing keeps the wait alive with its
         heartbeats, one that is gone does not. No wait lasts longer than
-        :data:`BUSY_LIMIT`.
+        :data:`BUSY_TIMEOUTS` session timeouts (or ``patience`` of them, if more).
 
         Args:
             sender: The party that sends it.
@@ -941,7 +964,7 @@ class PeerSession:
         """
         wait = self.timeout * patience
         start = time.monotonic()
-        limit = start + max(BUSY_LIMIT, wait)
+        limit = start + max(BUSY_TIMEOUTS * self.timeout, wait)
         async with self._arrived:
             while True:
                 # a message that arrived before an abort is still delivered

@@ -128,26 +128,56 @@ def test_a_busy_party_is_waited_for_and_a_dead_one_is_named(
         beats = sum(1 for sender, _, tag in link.sent if sender == "c" and tag == "alive")
         assert beats >= 4, beats
 
-        link.dead.add("c")
-
         async def dies(session: PeerSession) -> Any:
+            await asyncio.sleep(3 * timeout)  # heartbeats keep a and b waiting meanwhile
+            link.dead.add("c")  # then c dies: no message, no heartbeat
             await asyncio.sleep(3600)
 
         start = time.monotonic()
         steps = {"a": waits, "b": waits, "c": dies}
         runs = {
             name: asyncio.ensure_future(_run(buses, {name: steps[name]}, "dead-session", timeout))
-            for name in ("a", "b")
+            for name in PARTIES
         }
-        dead = {name: (await run)[name] for name, run in runs.items()}
-        return ok, dead, time.monotonic() - start
+        dead = {name: (await runs[name])[name] for name in ("a", "b")}
+        took = time.monotonic() - start
+        runs["c"].cancel()
+        await asyncio.gather(runs["c"], return_exceptions=True)
+        return ok, dead, took
 
     ok, dead, took = asyncio.run(busy())
     assert ok == {"a": 42, "b": 42, "c": 42}
     for name in ("a", "b"):
         assert isinstance(dead[name], PartyTimeout), dead[name]
-        assert "party 'c' did not send its 'result' message" in dead[name].message
-    assert took < 3600  # it ended; the timeout named c (no wall-clock bound beyond that)
+        assert "party 'c' did not send its 'result' message: no sign of life" in dead[name].message
+    # they waited while c's heartbeats came, and gave up once c was silent for a timeout
+    assert took >= 3 * timeout
+
+
+def test_heartbeats_are_not_held_and_sessions_run_elsewhere_stay_known() -> None:
+    """A heartbeat for a session not open here is dropped, never held in the sender's quota;
+    a session known to run in another process stays known while its messages keep coming."""
+
+    async def run() -> tuple[PeerInbox, int]:
+        inbox = await PeerInbox.of(_Bus())  # type: ignore[arg-type]
+        for number in range(100):
+            await inbox.route(Incoming(f"s-{number}", "b", "alive", 1, b"\x80", time.time()))
+        record = session_record(PARTIES, "another-process")
+        await inbox._from_store(_StoreMsg("elsewhere", record))  # type: ignore[arg-type]
+        clock = time.monotonic()
+        original = peers.time.monotonic
+        try:
+            for step in range(1, 5):  # 4 x 400 s: longer than GONE_KEEP, messages all along
+                peers.time.monotonic = lambda step=step: clock + 400 * step  # type: ignore[misc]
+                await inbox.route(Incoming("elsewhere", "b", "t", step, b"\xc0", time.time()))
+                await inbox._from_store(_StoreMsg(f"other-{step}", record))  # type: ignore[arg-type]
+        finally:
+            peers.time.monotonic = original  # type: ignore[misc]
+        return inbox, inbox.discarded
+
+    inbox, discarded = asyncio.run(run())
+    assert inbox.held == {} and inbox.held_from("b") == (0, 0, 0)
+    assert discarded == 4
 
 
 def test_a_message_lost_in_a_one_round_sum_fails_it_on_every_party() -> None:
