@@ -140,10 +140,8 @@ def _encode(operand: F64 | None, scaling: Scaling, inner: int, left: bool) -> ma
         raise ComputationFailed("a party of a matrix product has no matrix")
     rows, cols = scaling
     exponents = np.array(rows)[:, None] if left else np.array(cols)[None, :]
-    try:
-        return matmul.encode_scaled(operand, exponents, inner=inner)
-    except ring.FixedPointOverflow as error:
-        raise ComputationFailed(str(error)) from None
+    # a ProductOverflow is an OutOfRange (422) with its own message
+    return matmul.encode_scaled(operand, exponents, inner=inner)
 
 
 def _check_ciphertexts(modulus: int, values: matmul.ObjArray, sender: str) -> None:
