@@ -49,7 +49,6 @@ __all__ = [
     "InputType",
     "Output",
     "Signature",
-    "validate",
 ]
 
 InputType = Literal["data", "string", "integer", "number", "boolean", "array", "object", "any"]
@@ -90,10 +89,11 @@ def _is(kind: str, value: Any) -> bool:
     if kind == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "number":
+        # an int is always finite (and may be too large for a float)
         return (
             isinstance(value, int | float)
             and not isinstance(value, bool)
-            and math.isfinite(float(value))
+            and (isinstance(value, int) or math.isfinite(value))
         )
     if kind == "boolean":
         return isinstance(value, bool)
@@ -179,14 +179,22 @@ class Input:
             texts.append(text)
         return " or ".join(texts)
 
-    def check(self, value: Any, where: str) -> None:
-        """Refuse ``value`` unless it keeps this input's rule.
+    def check(self, value: Any, where: str) -> Any:
+        """Refuse ``value`` unless it keeps this input's rule; return it as the function gets it.
+
+        A whole number sent as a float (JSON's ``2048.0``) is an integer, as
+        JSON Schema counts it: an ``integer`` input (or item) gets it as an int.
 
         Raises:
             BadRequest: Naming the input, its rule and ``where`` (never the value).
         """
+        if "integer" in self.types and "number" not in self.types:
+            value = _whole(value)
+        elif isinstance(value, list) and self.item_types == ("integer",):
+            value = [_whole(item) for item in value]
         if not self._keeps(value):
             raise BadRequest(f"'{self.name}' of {where} must be {self.rule}")
+        return value
 
     def _keeps(self, value: Any) -> bool:
         if self.choices is not None:
@@ -334,8 +342,12 @@ class Signature:
         ]
         return "its inputs are " + ", ".join(parts)
 
-    def validate(self, inputs: Mapping[str, Any], where: str) -> None:
-        """Refuse ``inputs`` unless they keep the declaration; does nothing if there is none.
+    def validate(self, inputs: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """Refuse ``inputs`` unless they keep the declaration; return what the function gets.
+
+        Without a declaration nothing is checked and ``inputs`` come back as
+        they are; with one, whole floats of integer inputs become ints (see
+        :meth:`Input.check`).
 
         Args:
             inputs: What the client sent.
@@ -345,8 +357,9 @@ class Signature:
             BadRequest: Naming the first input that is unknown, missing,
                 of the wrong type or out of range, and listing the accepted ones.
         """
+        checked = dict(inputs)
         if self.inputs is None:
-            return
+            return checked
         known = {item.name: item for item in self.inputs}
         unknown = sorted(str(name) for name in inputs if name not in known)
         if unknown:
@@ -362,7 +375,8 @@ class Signature:
                         f"{where} needs the input '{item.name}' ({item.rule}); {self.accepted()}"
                     )
                 continue
-            item.check(value, where)
+            checked[item.name] = item.check(value, where)
+        return checked
 
     def inputs_schema(self) -> dict[str, Any]:
         """The inputs as one JSON Schema object (``additionalProperties: false``)."""
@@ -412,10 +426,11 @@ class Signature:
         )
 
 
-def validate(signature: Signature | None, inputs: Mapping[str, Any], where: str) -> None:
-    """Check ``inputs`` against ``signature`` (None: nothing is declared, nothing checked)."""
-    if signature is not None:
-        signature.validate(inputs, where)
+def _whole(value: Any) -> Any:
+    """A float that is a whole number as an int (``2048.0`` is ``2048``); else ``value``."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _show(value: Any) -> str:

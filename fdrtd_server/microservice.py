@@ -529,7 +529,7 @@ class _Runner:
             raise BadRequest(
                 f"'{self.spec.name}.{function}' is not a computation; it cannot be started"
             )
-        await self._validate(function, message["inputs"], session)
+        message["inputs"] = await self._validate(function, message["inputs"], session)
         if function in self.spec.calls:
             ctx = CallContext(self.bus, self.env, principal, role, session)
             return await self.spec.calls[function](ctx, message["inputs"])
@@ -566,8 +566,10 @@ class _Runner:
                 # stopped: either way the task records the end itself
                 recorded.set_result(False)
 
-    async def _validate(self, function: str, inputs: dict[str, Any], session: Any) -> None:
-        """Check ``inputs`` against the function's declaration before it runs.
+    async def _validate(
+        self, function: str, inputs: dict[str, Any], session: Any
+    ) -> dict[str, Any]:
+        """Check ``inputs`` against the function's declaration; return them as it gets them.
 
         A multi-party job refused here tells the session's other parties at
         once (the abort of :class:`~fdrtd_server.peers.PeerSession`), as the
@@ -579,9 +581,9 @@ class _Runner:
         """
         signature = self.spec.signatures.get(function)
         if signature is None:
-            return
+            return inputs
         try:
-            signature.validate(inputs, f"'{self.spec.name}.{function}'")
+            return signature.validate(inputs, f"'{self.spec.name}.{function}'")
         except BadRequest as error:
             if function in self.spec.jobs and isinstance(session, dict):
                 await _refuse_session(self.bus, self.env, session, error)
