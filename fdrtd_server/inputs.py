@@ -80,6 +80,8 @@ _SCHEMA_TYPES: dict[str, dict[str, Any]] = {
     "any": {},
 }
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_SENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+"""A sent input name that a refusal may repeat (one that looks like a name)."""
 
 
 def _is(kind: str, value: Any) -> bool:
@@ -363,9 +365,11 @@ class Signature:
         known = {item.name: item for item in self.inputs}
         unknown = sorted(str(name) for name in inputs if name not in known)
         if unknown:
+            # a name is repeated so that a misspelling can be seen; anything that
+            # does not look like a name (it might be data) is not
+            named = f"'{unknown[0]}'" if _SENT_NAME.fullmatch(unknown[0]) else "an input name"
             raise BadRequest(
-                f"'{unknown[0][:64]}' is not an input of {where}; {self.accepted()}; "
-                "check the spelling"
+                f"{named} is not an input of {where}; {self.accepted()}; check the spelling"
             )
         for item in self.inputs:
             value = inputs.get(item.name)

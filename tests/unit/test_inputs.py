@@ -87,6 +87,12 @@ def test_refusals_name_the_input_and_the_rule(
         assert mention in message, message
 
 
+def test_a_sent_name_that_is_not_a_name_is_not_repeated() -> None:
+    message = refusal({"data": HANDLE, "k": 1, "id 4711 of " + SECRET: 1})
+    assert "an input name is not an input of 'test.function'" in message
+    assert "4711" not in message
+
+
 def test_typed_arrays_are_lists() -> None:
     SIGNATURE.validate({"data": HANDLE, "k": 1, "p": np.array([0.1, 0.2])}, WHERE)
     assert "'p'" in refusal({"data": HANDLE, "k": 1, "p": np.array(["a"])})
