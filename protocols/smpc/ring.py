@@ -191,12 +191,17 @@ class FixedPointOverflow(OutOfRange, OverflowError):
 
 
 class NotFinite(OutOfRange, ValueError):
-    """A value to encode is NaN or infinite (an :class:`~fdrtd_server.errors.OutOfRange`, 422)."""
+    """A value to encode is NaN or infinite (an :class:`~fdrtd_server.errors.OutOfRange`, 422).
+
+    Either the data holds one, or a local aggregate of it (a sum, a sum of
+    powers) went beyond the float64 range.
+    """
 
     def __init__(self) -> None:
         super().__init__(
-            "a value of the 'data' input is NaN or infinity, which a fixed-point encoding "
-            "cannot hold; remove or impute missing values first"
+            "a value of the 'data' input, or a local sum of its values, is NaN or infinity "
+            "(beyond the float64 range), which a fixed-point encoding cannot hold; remove or "
+            "impute missing values, or scale the data down"
         )
 
 

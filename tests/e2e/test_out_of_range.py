@@ -24,11 +24,13 @@ TOO_LARGE = 1e13
 """Beyond 2^43 / 3 (about 2.9e12), the bound for three parties and 20 fractional bits."""
 
 
-def failures(trio: LocalFederation, data: dict[str, Any], **common: Any) -> list[ServerError]:
-    """Run ``smpc.secure_sum`` on every party; every party's error (none may succeed)."""
+def failures(
+    trio: LocalFederation, data: dict[str, Any], function: str = "secure_sum", **common: Any
+) -> list[ServerError]:
+    """Run ``smpc.<function>`` on every party; every party's error (none may succeed)."""
     fed = trio.federation(timeout=30)
     handles = fed.upload(data)
-    job = fed.compute("smpc", "secure_sum", {n: {"data": h} for n, h in handles.items()}, **common)
+    job = fed.compute("smpc", function, {n: {"data": h} for n, h in handles.items()}, **common)
 
     def one(index: int) -> ServerError:
         with pytest.raises(ServerError) as caught:
@@ -72,3 +74,17 @@ def test_nan_in_an_elementwise_sum_is_422(trio: LocalFederation) -> None:
     data = {name: np.ones(4) for name in trio.servers}
     data["beta"] = np.array([1.0, np.nan, 1.0, 1.0])
     check(failures(trio, data, elementwise=True), "NaN or infinity")
+
+
+@pytest.mark.parametrize(
+    ("function", "common"),
+    [("secure_sum", {}), ("univariate", {}), ("bivariate", {"x": "v", "y": "v"})],
+)
+def test_local_sums_beyond_float64_are_422(
+    trio: LocalFederation, function: str, common: dict[str, Any]
+) -> None:
+    # every value is finite; their sum is not
+    data = {name: {"v": np.array([1e308, 1e308, 1e308, 1.0])} for name in trio.servers}
+    if function != "bivariate":
+        common = {"column": "v"}
+    check(failures(trio, data, function, **common), "NaN or infinity", "scale the data down")
