@@ -317,12 +317,15 @@ class Signature:
         inputs: The inputs; None leaves the function's inputs unchecked.
         outputs: The keys of its result.
         policy: The policy switches (``allow_*``) the function may require.
+        multiparty: Whether it runs in a peer session (a request must give
+            ``session``).
     """
 
     description: str = ""
     inputs: tuple[Input, ...] | None = None
     outputs: tuple[Output, ...] = ()
     policy: tuple[str, ...] = ()
+    multiparty: bool = False
 
     def __post_init__(self) -> None:
         names = [item.name for item in self.inputs or ()]
@@ -413,6 +416,8 @@ class Signature:
         out["outputs"] = [item.to_dict() for item in self.outputs]
         if self.policy:
             out["policy"] = list(self.policy)
+        if self.multiparty:
+            out["multiparty"] = True
         return out
 
     @classmethod
@@ -427,6 +432,7 @@ class Signature:
                 for o in data.get("outputs", [])
             ),
             policy=tuple(str(p) for p in data.get("policy", [])),
+            multiparty=bool(data.get("multiparty", False)),
         )
 
 

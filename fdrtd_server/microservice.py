@@ -284,11 +284,14 @@ class Microservice:
         name: Lowercase letters, digits and ``_``; the subject's middle part.
         version: Semantic version; defaults to the installed distribution's.
         description: One sentence shown by ``$SRV.INFO`` and ``/v1/microservices``.
+        multiparty: Whether its jobs are multi-party protocols: a request to
+            start one without a ``session`` is refused before it runs.
     """
 
     name: str
     version: str
     description: str
+    multiparty: bool = False
     jobs: dict[str, JobFunction] = field(default_factory=dict)
     calls: dict[str, CallFunction] = field(default_factory=dict)
     signatures: dict[str, Signature] = field(default_factory=dict)
@@ -328,7 +331,7 @@ class Microservice:
         """
 
         def register(function: JobFunction) -> JobFunction:
-            self._declare(name, function, description, inputs, outputs, policy)
+            self._declare(name, function, description, inputs, outputs, policy, job=True)
             self.jobs[name] = function
             return function
 
@@ -346,7 +349,7 @@ class Microservice:
         """Register a direct request function under ``name`` (arguments as for :meth:`job`)."""
 
         def register(function: CallFunction) -> CallFunction:
-            self._declare(name, function, description, inputs, outputs, policy)
+            self._declare(name, function, description, inputs, outputs, policy, job=False)
             self.calls[name] = function
             return function
 
@@ -360,6 +363,8 @@ class Microservice:
         inputs: Sequence[Input] | None,
         outputs: Sequence[Output],
         policy: Sequence[str],
+        *,
+        job: bool,
     ) -> None:
         self._check_new(name)
         for setting in policy:
@@ -370,6 +375,7 @@ class Microservice:
             inputs=None if inputs is None else tuple(inputs),
             outputs=tuple(outputs),
             policy=tuple(policy),
+            multiparty=self.multiparty and job,
         )
 
     def add_cleanup(self, function: Callable[[], None]) -> None:
@@ -582,6 +588,11 @@ class _Runner:
         signature = self.spec.signatures.get(function)
         if signature is None:
             return inputs
+        if signature.multiparty and not isinstance(session, dict):
+            raise BadRequest(
+                f"'{self.spec.name}.{function}' is a multi-party protocol: give a 'session' "
+                "with an 'id' and the 'parties'"
+            )
         try:
             return signature.validate(inputs, f"'{self.spec.name}.{function}'")
         except BadRequest as error:

@@ -139,6 +139,9 @@ def _function_schemas(functions: Functions) -> tuple[dict[str, Any], list[dict[s
             }
             if inputs.get("required"):
                 request["required"].append("inputs")
+            if signature.multiparty:
+                request["required"].append("session")
+                request["x-fdrtd-multiparty"] = True
             if signature.policy:
                 request["x-fdrtd-policy"] = list(signature.policy)
             name = _schema_name(microservice, function, "Compute")
@@ -335,6 +338,8 @@ def markdown(spec: Mapping[str, Any]) -> str:
             continue
         _, microservice, function = name.split(".")
         lines += [f"### `{microservice}.{function}`", "", _cell(request.get("description", ""))]
+        if request.get("x-fdrtd-multiparty"):
+            lines += ["", "Multi-party: every party starts it with the same `session`."]
         policy = request.get("x-fdrtd-policy")
         if policy:
             switches = ", ".join(f"`{switch}`" for switch in policy)

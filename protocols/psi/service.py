@@ -195,6 +195,7 @@ service = Microservice(
     "psi",
     distribution_version("fdrtd", "0.1.0"),
     "Private set intersection, intersection size and union (commutative encryption, mix-net).",
+    multiparty=True,
 )
 service.add_cleanup(curve.shutdown_pool)
 

@@ -117,6 +117,11 @@ def test_wrong_type_or_range_is_400_before_the_function_runs(
     refused(compute(server, body), *mentions)
 
 
+def test_a_multi_party_function_without_a_session_is_400(server: LocalServer, handle: str) -> None:
+    body = {"microservice": "smpc", "function": "secure_sum", "inputs": {"data": handle}}
+    refused(compute(server, body), "'smpc.secure_sum' is a multi-party protocol", "'session'")
+
+
 def test_the_python_client_gets_the_refusal_at_once(server: LocalServer, handle: str) -> None:
     with pytest.raises(BadRequest) as caught:
         server.client().compute("map", "aggregate", data=handle, colum="v")
@@ -204,6 +209,8 @@ def test_openapi_describes_each_function(server: LocalServer) -> None:
     median = schemas["Compute.smpc.median"]
     assert median["properties"]["microservice"] == {"const": "smpc"}
     assert median["properties"]["function"] == {"const": "median"}
+    assert median["required"] == ["microservice", "function", "inputs", "session"]
+    assert median["additionalProperties"] is False
     inputs = median["properties"]["inputs"]
     assert inputs["additionalProperties"] is False
     assert inputs["required"] == ["data"]
