@@ -24,9 +24,9 @@ A function registered without ``inputs`` (a plugin written before
 declarations existed) is not checked: it gets whatever the client sent.
 
 The same declaration, as JSON (:meth:`Signature.to_dict`), travels in the
-``nats.micro`` endpoint metadata, so that the controller can describe and
-check the functions of microservices that run in other processes, and
-becomes the JSON Schema of ``/v1/openapi.json`` (:meth:`Signature.inputs_schema`).
+``nats.micro`` endpoint metadata, so that the controller can describe the
+functions of microservices that run in other processes: it becomes the JSON
+Schema of ``/v1/openapi.json`` (:meth:`Signature.inputs_schema`).
 """
 
 from __future__ import annotations
