@@ -57,6 +57,8 @@ from fdrtd_server.errors import (
     error_for_status,
 )
 from fdrtd_server.identity import Identity
+from fdrtd_server.inputs import Signature
+from fdrtd_server.microservice import SIGNATURE_METADATA
 
 __all__ = ["Principal", "bus_request", "create_app"]
 
@@ -275,8 +277,9 @@ async def readyz(request: Request) -> Response:
 
 
 async def openapi_document(request: Request) -> Response:
-    """The OpenAPI 3.1 description of this API."""
-    return JSONResponse(openapi.document(_state(request).settings))
+    """The OpenAPI 3.1 description of this API, with the functions running on its bus."""
+    state = _state(request)
+    return JSONResponse(openapi.document(state.settings, await _computations(state)))
 
 
 UPLOAD_FORMATS = ("raw", "csv", "msgpack", "json")
@@ -639,40 +642,78 @@ async def release_result(request: Request) -> Response:
     return respond(request, {"result": handle, "released": True})
 
 
+async def _service_infos(bus: Bus) -> list[dict[str, Any]]:
+    """The ``$SRV.INFO`` answers of the fdrtd microservices on the bus (one per instance)."""
+    inbox = bus.nc.new_inbox()
+    infos: list[dict[str, Any]] = []
+    sub = await bus.nc.subscribe(inbox)
+    try:
+        await bus.nc.publish("$SRV.INFO", b"", reply=inbox)
+        deadline = asyncio.get_running_loop().time() + 1.0
+        with contextlib.suppress(asyncio.TimeoutError, nats.errors.TimeoutError):
+            # collect replies until none came for 0.25 s, or for 1 s in all
+            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                msg = await sub.next_msg(timeout=min(0.25, left))
+                with contextlib.suppress(ValueError):
+                    info = json.loads(msg.data)
+                    if isinstance(info, dict) and (info.get("metadata") or {}).get(
+                        "fdrtd.microservice"
+                    ):
+                        infos.append(info)
+    finally:
+        await sub.unsubscribe()
+    return infos
+
+
 async def list_microservices(request: Request) -> Response:
     """The microservices running on this server's bus, from ``$SRV.INFO``."""
     principal = authenticate(request)
     _state(request).audit.write(principal.name, "list", "microservices")
-    bus = _state(request).bus
-    inbox = bus.nc.new_inbox()
     found: dict[str, dict[str, Any]] = {}
-    sub = await bus.nc.subscribe(inbox)
-    await bus.nc.publish("$SRV.INFO", b"", reply=inbox)
-    deadline = asyncio.get_running_loop().time() + 1.0
-    with contextlib.suppress(asyncio.TimeoutError, nats.errors.TimeoutError):
-        # collect replies until none came for 0.25 s, or for 1 s in all
-        while (left := deadline - asyncio.get_running_loop().time()) > 0:
-            msg = await sub.next_msg(timeout=min(0.25, left))
-            info = json.loads(msg.data)
-            name = (info.get("metadata") or {}).get("fdrtd.microservice")
-            if name:
-                entry = found.setdefault(
-                    name,
-                    {
-                        "name": name,
-                        "version": info.get("version"),
-                        "description": info.get("description"),
-                        "functions": {},
-                        "instances": 0,
-                    },
-                )
-                entry["instances"] += 1
-                for endpoint in info.get("endpoints", []):
-                    entry["functions"][endpoint["name"]] = (endpoint.get("metadata") or {}).get(
-                        "kind", "job"
-                    )
-    await sub.unsubscribe()
+    for info in await _service_infos(_state(request).bus):
+        name = info["metadata"]["fdrtd.microservice"]
+        entry = found.setdefault(
+            name,
+            {
+                "name": name,
+                "version": info.get("version"),
+                "description": info.get("description"),
+                "functions": {},
+                "instances": 0,
+            },
+        )
+        entry["instances"] += 1
+        for endpoint in info.get("endpoints", []):
+            entry["functions"][endpoint["name"]] = (endpoint.get("metadata") or {}).get(
+                "kind", "job"
+            )
     return respond(request, {"microservices": sorted(found.values(), key=lambda e: str(e["name"]))})
+
+
+async def _computations(state: State) -> dict[str, dict[str, Signature]]:
+    """The jobs of the microservices on the bus, with the signatures they declared.
+
+    Read from the endpoint metadata, so that the functions of microservices
+    that run in workers elsewhere are described as well as those in this
+    process. A function whose metadata carries no signature (an older
+    worker) is described as taking any inputs.
+    """
+    allowed = state.settings.microservices
+    functions: dict[str, dict[str, Signature]] = {}
+    for info in await _service_infos(state.bus):
+        name = info["metadata"]["fdrtd.microservice"]
+        if allowed and name not in allowed:
+            continue
+        for endpoint in info.get("endpoints", []):
+            metadata = endpoint.get("metadata") or {}
+            if metadata.get("kind", "job") != "job":
+                continue
+            try:
+                signature = Signature.from_dict(json.loads(metadata[SIGNATURE_METADATA]))
+            except (KeyError, TypeError, ValueError):
+                signature = Signature()
+            functions.setdefault(name, {})[str(endpoint.get("name"))] = signature
+    return functions
 
 
 async def identity(request: Request) -> Response:
@@ -701,9 +742,12 @@ async def http_error(request: Request, error: Exception) -> Response:
         404: "no such route; see /v1/openapi.json",
         405: "this route does not accept that method",
     }
-    return problem(
+    answer = problem(
         error.status_code, "HTTP error", detail.get(error.status_code, str(error.detail))
     )
+    # e.g. the Allow header of a 405 (RFC 9110, section 15.5.6)
+    answer.headers.update(error.headers or {})
+    return answer
 
 
 _BUS_DOWN: tuple[type[Exception], ...] = (
@@ -748,6 +792,22 @@ async def internal_error(request: Request, error: Exception) -> Response:
 
 
 ExtraRoutes = list[Route]
+
+
+def _route(path: str, **by_method: Callable[[Request], Awaitable[Response]]) -> Route:
+    """One route for ``path`` that hands each method to its endpoint.
+
+    Starlette answers a method that no route of a path takes from the first
+    route whose path matches, so two routes for one path would answer 405
+    with an ``Allow`` header naming only the first one's methods.
+    """
+
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await by_method[method](request)
+
+    endpoint.__name__ = endpoint.__qualname__ = "_".join(f.__name__ for f in by_method.values())
+    return Route(path, endpoint, methods=list(by_method))
 
 
 def open_audit_log(settings: Settings) -> AuditLog:
@@ -845,13 +905,10 @@ def create_app(
         Route("/v1/openapi.json", openapi_document),
         Route("/v1/identity", identity),
         Route("/v1/microservices", list_microservices),
-        Route("/v1/data", upload, methods=["POST"]),
-        Route("/v1/data", list_data, methods=["GET"]),
-        Route("/v1/data/{handle}", describe_data, methods=["GET"]),
-        Route("/v1/data/{handle}", release_data, methods=["DELETE"]),
+        _route("/v1/data", POST=upload, GET=list_data),
+        _route("/v1/data/{handle}", GET=describe_data, DELETE=release_data),
         Route("/v1/compute", compute, methods=["POST"]),
-        Route("/v1/results/{handle}", get_result, methods=["GET"]),
-        Route("/v1/results/{handle}", release_result, methods=["DELETE"]),
+        _route("/v1/results/{handle}", GET=get_result, DELETE=release_result),
         Route("/v1/results/{handle}/events", result_events, methods=["GET"]),
         *(extra_routes or []),
     ]

@@ -14,8 +14,10 @@ The tree::
     ├── UnsupportedMediaType (415)
     ├── PeerRejected (403)            a peer message failed verification
     ├── ComputationFailed (422)       a protocol ended without a result
+    │   └── OutOfRange (422)          a value too large for a protocol's number encoding
     ├── PartyTimeout (504)            a party did not answer in time
     ├── ServiceUnavailable (503)      the bus or a microservice is down
+    ├── PluginError (500)             a plugin asked the server for something it lacks
     └── InsufficientStorage (507)     a JetStream bucket of this server is full
 
 Messages name the parameter, the rule and the fix; they never echo a value a
@@ -38,9 +40,11 @@ __all__ = [
     "InsufficientData",
     "InsufficientStorage",
     "NotFound",
+    "OutOfRange",
     "PartyTimeout",
     "PayloadTooLarge",
     "PeerRejected",
+    "PluginError",
     "ServiceUnavailable",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -140,6 +144,18 @@ class ComputationFailed(FdrtdError):
     title = "Computation failed"
 
 
+class OutOfRange(ComputationFailed):
+    """A value of the data cannot be encoded for a secure protocol (422).
+
+    Secure protocols compute on fixed-point integers in a ring of limited
+    width; a value too large for it (or not finite) cannot take part. Every
+    party reports the same status: a party that refuses tells the others,
+    whose computation then fails with this party's reason.
+    """
+
+    title = "Value out of range"
+
+
 class PartyTimeout(FdrtdError, TimeoutError):
     """A party of a computation did not answer within the session timeout."""
 
@@ -159,6 +175,18 @@ class InsufficientStorage(FdrtdError):
 
     status = 507
     title = "Insufficient storage"
+
+
+class PluginError(FdrtdError):
+    """A plugin (a microservice's code) asked the server for something it does not have.
+
+    A bug of the plugin, not of the request: the status stays 500, but the
+    message names what the plugin got wrong, so that the client (and the
+    plugin's author) can tell it apart from an unknown internal error.
+    """
+
+    status = 500
+    title = "Plugin error"
 
 
 _BY_STATUS: dict[int, type[FdrtdError]] = {

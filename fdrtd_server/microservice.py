@@ -5,13 +5,15 @@ author ships an ordinary Python package that exposes one in the entry-point
 group ``fdrtd.microservices``::
 
     # my_plugin/__init__.py
+    from fdrtd_server.inputs import DATA, Output
     from fdrtd_server.microservice import JobContext, Microservice
 
     service = Microservice("wordcount", "1.0.0", "Counts rows of a dataset.")
 
-    @service.job("rows")
+    @service.job("rows", inputs=[DATA], outputs=[Output("rows", "integer", "records")])
     async def rows(ctx: JobContext, inputs: dict[str, object]) -> dict[str, int]:
-        dataset = await ctx.load_dataset(inputs.get("data"))
+        # a docstring here would describe the function in /v1/openapi.json
+        dataset = await ctx.load_dataset(inputs["data"])
         ctx.check_cohort(dataset.rows)
         return {"rows": dataset.rows}
 
@@ -34,6 +36,13 @@ Two kinds of functions exist:
 * ``@service.call(name)``: a quick request answered directly (used by the
   built-in data microservice to register uploads).
 
+A function declares its inputs and outputs when it is registered
+(:mod:`fdrtd_server.inputs`); the runner checks each request against the
+declaration before the function runs, so that an unknown, missing, mistyped
+or out-of-range input is a 400 naming it. A function registered without
+``inputs`` gets whatever the client sent. The declaration also travels in
+the endpoint metadata, for the controller's ``/v1/openapi.json``.
+
 Errors never leak: a :class:`~fdrtd_server.errors.FdrtdError` crosses the bus
 as its status and message; anything else becomes "internal error" with an id
 that is written to the server log.
@@ -43,12 +52,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
+import json
 import logging
 import re
 import secrets
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,8 +80,16 @@ from fdrtd_server.bus import (
     now_iso,
     parse_handle,
 )
-from fdrtd_server.errors import BadRequest, CohortTooSmall, FdrtdError, Forbidden, NotFound
-from fdrtd_server.peers import PeerInbox
+from fdrtd_server.errors import (
+    BadRequest,
+    CohortTooSmall,
+    FdrtdError,
+    Forbidden,
+    NotFound,
+    PluginError,
+)
+from fdrtd_server.inputs import Input, Output, Signature
+from fdrtd_server.peers import PeerInbox, PeerSession
 from fdrtd_server.runners import Heartbeat, fail_orphaned_jobs, new_runner_id
 
 __all__ = [
@@ -78,13 +97,19 @@ __all__ = [
     "CallContext",
     "Dataset",
     "Environment",
+    "Input",
     "JobContext",
     "Microservice",
+    "Output",
+    "Signature",
     "discover",
+    "policy_switches",
     "start_microservices",
 ]
 
 ENTRY_POINT_GROUP = "fdrtd.microservices"
+SIGNATURE_METADATA = "fdrtd.signature"
+"""Key of the endpoint metadata that carries a function's :class:`Signature` as JSON."""
 NAME_RULE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 log = logging.getLogger("fdrtd.microservice")
 
@@ -106,18 +131,43 @@ class Environment:
         """Refuse (403) a function that can disclose inputs unless the policy allows it.
 
         Args:
-            setting: The policy switch, e.g. ``"allow_set_union"``.
+            setting: The policy switch, one of :func:`policy_switches`, e.g.
+                ``"allow_set_union"``.
             what: The functions it allows, for the message ("set unions").
             why: What they can disclose, for the message.
 
         Raises:
             Forbidden: If this server's policy leaves ``setting`` off.
+            PluginError: If ``setting`` is not a switch this server knows (a
+                bug of the plugin; declare the switch with ``policy=`` when
+                registering the function to find it at import time).
         """
+        _check_switch(setting, PluginError)
         if not getattr(self, setting):
             raise Forbidden(
                 f"this server's policy does not allow {what} ({why}); "
                 f"the owner can set {setting} = true"
             )
+
+
+def policy_switches() -> tuple[str, ...]:
+    """The policy switches a function may :meth:`~Environment.require`: ``allow_*``."""
+    return tuple(
+        item.name
+        for item in dataclasses.fields(Environment)
+        if item.name.startswith("allow_") and item.type in (bool, "bool")
+    )
+
+
+def _check_switch(setting: Any, error: type[Exception]) -> None:
+    """Raise ``error`` naming ``setting`` and the known switches unless it is one."""
+    known = policy_switches()
+    if setting not in known:
+        raise error(
+            f"the plugin asks for the policy switch '{str(setting)[:64]}', which this server "
+            f"does not know; the known switches are {', '.join(known)} (a bug of the "
+            "microservice plugin: its author must use one of them)"
+        )
 
 
 @dataclass
@@ -236,13 +286,18 @@ class Microservice:
         name: Lowercase letters, digits and ``_``; the subject's middle part.
         version: Semantic version; defaults to the installed distribution's.
         description: One sentence shown by ``$SRV.INFO`` and ``/v1/microservices``.
+        multiparty: Whether its jobs are multi-party protocols: a request to
+            start one without a ``session`` is refused before it runs.
     """
 
     name: str
     version: str
     description: str
+    multiparty: bool = False
     jobs: dict[str, JobFunction] = field(default_factory=dict)
     calls: dict[str, CallFunction] = field(default_factory=dict)
+    signatures: dict[str, Signature] = field(default_factory=dict)
+    """What each function takes and gives, as declared when it was registered."""
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -252,25 +307,78 @@ class Microservice:
                 "and '_', starting with a letter, at most 32 characters"
             )
 
-    def job(self, name: str) -> Callable[[JobFunction], JobFunction]:
-        """Register a computation function under ``name``."""
+    def job(
+        self,
+        name: str,
+        description: str = "",
+        *,
+        inputs: Sequence[Input] | None = None,
+        outputs: Sequence[Output] = (),
+        policy: Sequence[str] = (),
+    ) -> Callable[[JobFunction], JobFunction]:
+        """Register a computation function under ``name``.
+
+        Args:
+            name: The function's name (lowercase letters, digits, ``_``).
+            description: One sentence; defaults to the docstring's first line.
+            inputs: The inputs it takes. Requests are checked against them
+                before the function runs (an unknown, missing, mistyped or
+                out-of-range input is a 400). None (the default) checks nothing.
+            outputs: The keys of its result, for the API documentation.
+            policy: The policy switches it may ``ctx.env.require``; an unknown
+                one is refused here, at import time.
+
+        Raises:
+            ValueError: If the name is taken or malformed, or a switch unknown.
+        """
 
         def register(function: JobFunction) -> JobFunction:
-            self._check_new(name)
+            self._declare(name, function, description, inputs, outputs, policy, job=True)
             self.jobs[name] = function
             return function
 
         return register
 
-    def call(self, name: str) -> Callable[[CallFunction], CallFunction]:
-        """Register a direct request function under ``name``."""
+    def call(
+        self,
+        name: str,
+        description: str = "",
+        *,
+        inputs: Sequence[Input] | None = None,
+        outputs: Sequence[Output] = (),
+        policy: Sequence[str] = (),
+    ) -> Callable[[CallFunction], CallFunction]:
+        """Register a direct request function under ``name`` (arguments as for :meth:`job`)."""
 
         def register(function: CallFunction) -> CallFunction:
-            self._check_new(name)
+            self._declare(name, function, description, inputs, outputs, policy, job=False)
             self.calls[name] = function
             return function
 
         return register
+
+    def _declare(
+        self,
+        name: str,
+        function: Callable[..., Any],
+        description: str,
+        inputs: Sequence[Input] | None,
+        outputs: Sequence[Output],
+        policy: Sequence[str],
+        *,
+        job: bool,
+    ) -> None:
+        self._check_new(name)
+        for setting in policy:
+            _check_switch(setting, ValueError)
+        doc = (function.__doc__ or "").strip().split("\n\n")[0]
+        self.signatures[name] = Signature(
+            description=description or " ".join(doc.split()),
+            inputs=None if inputs is None else tuple(inputs),
+            outputs=tuple(outputs),
+            policy=tuple(policy),
+            multiparty=self.multiparty and job,
+        )
 
     def add_cleanup(self, function: Callable[[], None]) -> None:
         """Run ``function`` when the microservice stops (e.g. shut down a process pool)."""
@@ -362,6 +470,17 @@ def _sanitise(error: BaseException) -> tuple[str, str]:
     return "500", f"internal error (incident {incident}); the server log has details"
 
 
+async def _refuse_session(
+    bus: Bus, env: Environment, session: dict[str, Any], error: FdrtdError
+) -> None:
+    """End ``session`` for the other parties with ``error``, as a refusing function would."""
+    with contextlib.suppress(Exception):
+        async with PeerSession(
+            bus, session["id"], session["parties"], env.server, env.session_timeout
+        ):
+            raise error
+
+
 class _Runner:
     """Runs one microservice's handlers and its background jobs.
 
@@ -420,12 +539,13 @@ class _Runner:
     async def _dispatch(self, function: str, message: dict[str, Any], wait: float) -> Any:
         principal, role = str(message.get("principal", "")), str(message.get("role", ""))
         session = message.get("session")
+        if function in self.spec.calls and "result" in message:
+            # /v1/compute sends a result handle: only jobs may be started that way
+            raise BadRequest(
+                f"'{self.spec.name}.{function}' is not a computation; it cannot be started"
+            )
+        message["inputs"] = await self._validate(function, message["inputs"], session)
         if function in self.spec.calls:
-            if "result" in message:
-                # /v1/compute sends a result handle: only jobs may be started that way
-                raise BadRequest(
-                    f"'{self.spec.name}.{function}' is not a computation; it cannot be started"
-                )
             ctx = CallContext(self.bus, self.env, principal, role, session)
             return await self.spec.calls[function](ctx, message["inputs"])
         handle = parse_handle(message.get("result"), "result", "result")
@@ -465,6 +585,34 @@ class _Runner:
                 # the running record is written, or a write failed, or we were
                 # stopped: either way the task records the end itself
                 recorded.set_result(False)
+
+    async def _validate(
+        self, function: str, inputs: dict[str, Any], session: Any
+    ) -> dict[str, Any]:
+        """Check ``inputs`` against the function's declaration; return them as it gets them.
+
+        A multi-party job refused here tells the session's other parties at
+        once (the abort of :class:`~fdrtd_server.peers.PeerSession`), as the
+        function itself would, so that they fail with this party's reason
+        instead of waiting out the session timeout.
+
+        Raises:
+            BadRequest: Naming the input that breaks the declaration.
+        """
+        signature = self.spec.signatures.get(function)
+        if signature is None:
+            return inputs
+        if signature.multiparty and not isinstance(session, dict):
+            raise BadRequest(
+                f"'{self.spec.name}.{function}' is a multi-party protocol: give a 'session' "
+                "with an 'id' and the 'parties'"
+            )
+        try:
+            return signature.validate(inputs, f"'{self.spec.name}.{function}'")
+        except BadRequest as error:
+            if function in self.spec.jobs and isinstance(session, dict):
+                await _refuse_session(self.bus, self.env, session, error)
+            raise
 
     async def _run(
         self,
@@ -603,7 +751,10 @@ async def start_microservices(
                     handler=runner.handler(function),
                     subject=f"{SERVICE_PREFIX}.{spec.name}.{function}",
                     queue_group=QUEUE_GROUP,
-                    metadata={"kind": "job" if function in spec.jobs else "call"},
+                    metadata={
+                        "kind": "job" if function in spec.jobs else "call",
+                        SIGNATURE_METADATA: json.dumps(spec.signatures[function].to_dict()),
+                    },
                 )
             )
         running.services.append(service)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fdrtd_server.errors import BadRequest, Forbidden
+from fdrtd_server.inputs import COLUMN, DATA, Input, Output
 from fdrtd_server.microservice import JobContext, Microservice, distribution_version
 from protocols.smpc.service import finite_rows
 from protocols.smpc.tables import suppress
@@ -111,7 +112,28 @@ def aggregate_values(
     return result
 
 
-@service.job("aggregate")
+@service.job(
+    "aggregate",
+    inputs=[
+        DATA,
+        COLUMN,
+        Input(
+            "bins",
+            "array",
+            "histogram bin edges, finite and increasing; bin i is [e_i, e_(i+1)), the last closed",
+            minimum=2,
+            maximum=MAX_BINS + 1,
+            items="number",
+        ),
+    ],
+    outputs=[
+        Output("count", "integer", "the number of finite rows"),
+        Output("sum", "any", "their sum: a number, or a typed array for vectors"),
+        Output("sum_squares", "any", "their sum of squares, likewise"),
+        Output("histogram", "object", "with bins: {edges, counts, other, suppressed}"),
+    ],
+    policy=["allow_map_reduce"],
+)
 async def aggregate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Local aggregates over one column of a dataset the caller owns.
 

@@ -50,6 +50,7 @@ from fdrtd_client import wire
 from fdrtd_server.bus import SETS_BUCKET, now_iso, parse_handle
 from fdrtd_server.config import DEFAULT_MAX_CLIENT_BYTES, DEFAULT_MAX_PARSE_BYTES
 from fdrtd_server.errors import BadRequest, Conflict, PayloadTooLarge, ServiceUnavailable
+from fdrtd_server.inputs import Input, Output
 from fdrtd_server.microservice import CallContext, Microservice, distribution_version
 
 from ._parse import (
@@ -234,7 +235,32 @@ async def _parse_and_store(
         return description, stored
 
 
-@service.call("register")
+_HANDLE = Input("handle", "string", "the dataset's handle", required=True)
+_SCHEMA = [
+    Output("handle", "string", "the dataset's handle"),
+    Output("format", "string", "the upload format"),
+    Output("columns", "object", "each column's dtype and shape"),
+    Output("rows", "integer", "the number of records"),
+    Output("bytes", "integer", "the size of the upload"),
+    Output("created", "string", "when it was uploaded (ISO 8601)"),
+]
+_BYTES = "a limit in bytes, at least 1024"
+
+
+@service.call(
+    "register",
+    inputs=[
+        _HANDLE,
+        Input("size", "integer", "the bytes uploaded", required=True, minimum=0),
+        Input("format", "string", "the upload format", required=True, choices=FORMATS),
+        Input("dtype", "string", "a raw array's numpy dtype"),
+        Input("shape", "array", "a raw array's shape", minimum=1, maximum=8, items="integer"),
+        Input("max_parse_bytes", "integer", _BYTES, minimum=1024),
+        Input("max_client_bytes", "integer", _BYTES, minimum=1024),
+        Input("budget", "number", "seconds it may take", minimum=1, maximum=600),
+    ],
+    outputs=_SCHEMA,
+)
 async def register(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Check an uploaded object against its format and record the dataset.
 
@@ -296,14 +322,18 @@ def _public(description: dict[str, Any]) -> dict[str, Any]:
     return {key: description[key] for key in keys if key in description}
 
 
-@service.call("describe")
+@service.call("describe", inputs=[_HANDLE], outputs=_SCHEMA)
 async def describe(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The schema of a dataset the caller owns."""
     handle, description = await ctx.owned_description(inputs.get("handle"))
     return {"handle": handle, **_public(description)}
 
 
-@service.call("release")
+@service.call(
+    "release",
+    inputs=[_HANDLE],
+    outputs=[_SCHEMA[0], Output("released", "boolean", "true")],
+)
 async def release(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Delete a dataset the caller owns."""
     handle, _ = await ctx.owned_description(inputs.get("handle"))
@@ -312,13 +342,20 @@ async def release(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
     return {"handle": handle, "released": True}
 
 
-@service.call("list")
+@service.call("list", inputs=[], outputs=[Output("datasets", "array", "each dataset's schema")])
 async def list_sets(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The caller's datasets, by handle, with their schemas."""
     return {"datasets": [{"handle": h, **_public(d)} for h, d in await _owned(ctx)]}
 
 
-@service.call("usage")
+@service.call(
+    "usage",
+    inputs=[],
+    outputs=[
+        Output("bytes", "integer", "what the caller's datasets take in storage"),
+        Output("datasets", "integer", "how many there are"),
+    ],
+)
 async def usage(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """How many bytes the caller's datasets take in the object store, and how many there are."""
     owned = await _owned(ctx)

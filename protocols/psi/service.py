@@ -132,6 +132,7 @@ from fdrtd_server.errors import (
     FdrtdError,
     Forbidden,
 )
+from fdrtd_server.inputs import COLUMN, DATA, Input, Output
 from fdrtd_server.microservice import JobContext, Microservice, distribution_version
 from fdrtd_server.peers import PeerSession
 from protocols._namespace import Namespace
@@ -194,6 +195,7 @@ service = Microservice(
     "psi",
     distribution_version("fdrtd", "0.1.0"),
     "Private set intersection, intersection size and union (commutative encryption, mix-net).",
+    multiparty=True,
 )
 service.add_cleanup(curve.shutdown_pool)
 
@@ -707,7 +709,15 @@ async def _run_intersection(
     return {"intersection": found, "size": len(found)}
 
 
-@service.job("intersection")
+_SIZE = Output("size", "integer", "the number of items in the result")
+
+
+@service.job(
+    "intersection",
+    inputs=[DATA, COLUMN],
+    outputs=[Output("intersection", "array", "the items every party holds, sorted"), _SIZE],
+    policy=["allow_set_intersection"],
+)
 async def intersection(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The items that every party holds, sorted (numbers first, then text).
 
@@ -719,7 +729,7 @@ async def intersection(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any
     return await _run_intersection(ctx, inputs, reveal_items=True)
 
 
-@service.job("intersection_size")
+@service.job("intersection_size", inputs=[DATA, COLUMN], outputs=[_SIZE])
 async def intersection_size(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """How many items every party holds; no party learns which.
 
@@ -832,7 +842,23 @@ def _decode_union_item(encoded: bytes) -> Item:
     return value
 
 
-@service.job("union")
+@service.job(
+    "union",
+    inputs=[
+        DATA,
+        COLUMN,
+        Input(
+            "max_item_bytes",
+            "integer",
+            "the longest item allowed, in bytes (every item travels padded to it); must agree",
+            default=DEFAULT_MAX_ITEM_BYTES,
+            minimum=1,
+            maximum=MAX_ITEM_BYTES,
+        ),
+    ],
+    outputs=[Output("union", "array", "the distinct items of all parties, sorted"), _SIZE],
+    policy=["allow_set_union"],
+)
 async def union(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The distinct items of all parties, sorted, hiding who holds which.
 

@@ -10,4 +10,5 @@ service = Microservice(
     "smpc",
     distribution_version("fdrtd", "0.1.0"),
     "Secure multiparty computation: sums, extremes, statistics, tables, regression, order.",
+    multiparty=True,
 )

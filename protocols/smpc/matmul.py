@@ -82,6 +82,7 @@ import numpy as np
 import numpy.typing as npt
 from phe import paillier
 
+from fdrtd_server.errors import OutOfRange
 from protocols.smpc import ring
 
 __all__ = [
@@ -151,12 +152,13 @@ class ProductOverflow(ring.FixedPointOverflow):
         self.frac_bits = frac_bits
         self.parties = inner
         self.ring_bits = RING_BITS
-        OverflowError.__init__(
+        # the product's own message: FixedPointOverflow's speaks of a sum of parties
+        OutOfRange.__init__(
             self,
-            f"value out of range for the secure matrix product: with frac_bits={frac_bits} "
-            f"and {inner} terms per product entry, every |value| must be below {bound:.6g} "
-            "so that no entry can wrap around the ring; scale the data down or use fewer "
-            "fractional bits",
+            f"a value of the matrix is out of range for the secure matrix product: with "
+            f"frac_bits={frac_bits} and {inner} terms per product entry, every |value| must "
+            f"be below {bound:.6g} so that no entry can wrap around the ring; scale the data "
+            "down or lower the 'frac_bits' input",
         )
 
 

@@ -89,13 +89,21 @@ import numpy as np
 import numpy.typing as npt
 
 from fdrtd_server.errors import BadRequest, ComputationFailed, FdrtdError
+from fdrtd_server.inputs import COLUMN, DATA, Input, Output
 from fdrtd_server.microservice import JobContext
 from protocols._namespace import Namespace
 from protocols.psi import curve
 from protocols.smpc import ring
 from protocols.smpc._registry import service
 from protocols.smpc.engine import SmpcSession
-from protocols.smpc.service import agree, check_joint_cohort, declare, numeric, session_for
+from protocols.smpc.service import (
+    COUNT,
+    agree,
+    check_joint_cohort,
+    declare,
+    numeric,
+    session_for,
+)
 
 __all__ = [
     "KEY_BITS",
@@ -439,7 +447,26 @@ async def _order_statistics(
     return total, dict(zip(ranks, found, strict=True))
 
 
-@service.job("kth_smallest")
+@service.job(
+    "kth_smallest",
+    inputs=[
+        DATA,
+        COLUMN,
+        Input(
+            "k",
+            "integer",
+            "the 1-based rank in the joint data (1 is the minimum); must agree",
+            required=True,
+            minimum=1,
+            maximum=2**62 - 1,
+        ),
+    ],
+    outputs=[
+        Output("value", "number", "the k-th smallest value"),
+        Output("k", "integer", "k"),
+        COUNT,
+    ],
+)
 async def kth_smallest(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The k-th smallest value of a column over all parties' records.
 
@@ -473,7 +500,26 @@ async def kth_smallest(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any
     return {"value": found[k], "k": k, "count": total}
 
 
-@service.job("median")
+@service.job(
+    "median",
+    inputs=[
+        DATA,
+        COLUMN,
+        Input(
+            "convention",
+            "string",
+            "for an even count n: the mean of the values of rank n/2 and n/2 + 1, or the "
+            "lower or the upper one; must agree",
+            default="average",
+            choices=MEDIAN_CONVENTIONS,
+        ),
+    ],
+    outputs=[
+        Output("median", "number", "the joint median"),
+        Output("convention", "string", "the convention used"),
+        COUNT,
+    ],
+)
 async def median(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The median of a column over all parties' records.
 
@@ -521,7 +567,28 @@ def _probabilities(raw: Any) -> list[float]:
     return probabilities
 
 
-@service.job("quantiles")
+@service.job(
+    "quantiles",
+    inputs=[
+        DATA,
+        COLUMN,
+        Input(
+            "probabilities",
+            "array",
+            "the probabilities, each from 0 to 1 (numpy.quantile's linear method); must agree",
+            required=True,
+            minimum=1,
+            maximum=MAX_PROBABILITIES,
+            items="number",
+        ),
+    ],
+    outputs=[
+        Output("quantiles", "array", "the quantiles, in the order of the probabilities"),
+        Output("probabilities", "array", "the probabilities"),
+        Output("method", "string", "'linear'"),
+        COUNT,
+    ],
+)
 async def quantiles(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Quantiles of a column over all parties' records, as ``numpy.quantile`` computes them.
 

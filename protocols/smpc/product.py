@@ -21,6 +21,7 @@ import numpy.typing as npt
 from phe import paillier
 
 from fdrtd_server.errors import BadRequest, ComputationFailed
+from fdrtd_server.inputs import COLUMN, Input, Output
 from fdrtd_server.microservice import JobContext
 from fdrtd_server.peers import PeerSession
 from protocols.smpc import matmul, ring
@@ -29,6 +30,7 @@ from protocols.smpc.engine import SmpcSession
 from protocols.smpc.service import agree, declare, numeric, session_for
 
 __all__ = [
+    "PAILLIER_INPUT",
     "Scaling",
     "product_options",
     "recv_blob",
@@ -140,10 +142,8 @@ def _encode(operand: F64 | None, scaling: Scaling, inner: int, left: bool) -> ma
         raise ComputationFailed("a party of a matrix product has no matrix")
     rows, cols = scaling
     exponents = np.array(rows)[:, None] if left else np.array(cols)[None, :]
-    try:
-        return matmul.encode_scaled(operand, exponents, inner=inner)
-    except ring.FixedPointOverflow as error:
-        raise ComputationFailed(str(error)) from None
+    # a ProductOverflow is an OutOfRange (422) with its own message
+    return matmul.encode_scaled(operand, exponents, inner=inner)
 
 
 def _check_ciphertexts(modulus: int, values: matmul.ObjArray, sender: str) -> None:
@@ -358,7 +358,40 @@ def product_options(inputs: dict[str, Any]) -> tuple[int, int]:
     return frac_bits, paillier_bits
 
 
-@service.job("matrix_product")
+PAILLIER_INPUT = Input(
+    "paillier_bits",
+    "integer",
+    "Paillier key size (two parties only); must agree",
+    default=2048,
+    minimum=2048,
+    maximum=4096,
+)
+"""The ``paillier_bits`` input of the functions that multiply under Paillier encryption."""
+
+
+@service.job(
+    "matrix_product",
+    inputs=[
+        Input("left", "string", "the party that holds A; must agree", required=True),
+        Input("right", "string", "the party that holds B; must agree", required=True),
+        Input("data", "data", "the dataset of the matrix (at left and right only)"),
+        COLUMN,
+        Input(
+            "frac_bits",
+            "integer",
+            "fixed-point fractional bits of each operand; must agree",
+            default=matmul.DEFAULT_FRAC_BITS,
+            minimum=0,
+            maximum=matmul.MAX_FRAC_BITS,
+        ),
+        PAILLIER_INPUT,
+    ],
+    outputs=[
+        Output("product", "any", "the product A @ B, a typed array"),
+        Output("shape", "array", "its shape [rows, columns]"),
+    ],
+    policy=["allow_matrix_product"],
+)
 async def matrix_product(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The product ``A @ B`` of a matrix at party ``left`` and one at party ``right``.
 

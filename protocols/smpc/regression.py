@@ -68,6 +68,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed, FdrtdError, Forbidden
+from fdrtd_server.inputs import DATA, Input, Output
 from fdrtd_server.microservice import Dataset, JobContext
 from fdrtd_server.peers import PeerSession
 from protocols.psi import curve
@@ -75,6 +76,7 @@ from protocols.smpc import matmul
 from protocols.smpc._registry import service
 from protocols.smpc.engine import SmpcSession, points_from
 from protocols.smpc.product import (
+    PAILLIER_INPUT,
     integer_input,
     recv_blob,
     reveal_product,
@@ -272,7 +274,38 @@ async def _sum_big(smpc: SmpcSession, values: list[float]) -> list[float]:
 # -- horizontal -------------------------------------------------------------------------------
 
 
-@service.job("linear_regression")
+def _x(what: str) -> Input:
+    return Input("x", ("string", "array"), what, items="string")
+
+
+_INTERCEPT = Input(
+    "intercept",
+    "boolean",
+    "fit an intercept (a coefficient named 'intercept'); must agree",
+    default=True,
+)
+_Y = Input("y", "string", "the target column", required=True)
+_FIT = [
+    Output("coefficients", "object", "coefficient by name ('intercept' first)"),
+    Output("standard_errors", "object", "standard error by name"),
+]
+_SAMPLES = Output("samples", "integer", "the number of records used")
+_OLS = [
+    *_FIT,
+    Output("t_values", "object", "t value by name"),
+    Output("r_squared", "number", "R^2"),
+    Output("adjusted_r_squared", "number", "adjusted R^2"),
+    Output("residual_sum_of_squares", "number", "the residual sum of squares"),
+    _SAMPLES,
+    Output("degrees_of_freedom", "integer", "samples minus coefficients"),
+]
+
+
+@service.job(
+    "linear_regression",
+    inputs=[DATA, _x("the feature columns (a name or a list)"), _Y, _INTERCEPT],
+    outputs=_OLS,
+)
 async def linear_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Ordinary least squares over the records of all parties (horizontal partition).
 
@@ -461,7 +494,39 @@ def _decision_from(message: Any, sender: str, p: int) -> dict[str, Any]:
     raise ComputationFailed(f"party '{sender}' sent a malformed Newton step")
 
 
-@service.job("logistic_regression")
+@service.job(
+    "logistic_regression",
+    inputs=[
+        DATA,
+        _x("the feature columns (a name or a list)"),
+        Input("y", "string", "the target column, holding 0 or 1", required=True),
+        _INTERCEPT,
+        Input(
+            "max_iterations",
+            "integer",
+            "most Newton steps; must agree",
+            default=25,
+            minimum=1,
+            maximum=200,
+        ),
+        Input(
+            "tolerance",
+            "number",
+            "stop when no coefficient moves by more (between 0 and 1); must agree",
+            default=1e-8,
+            minimum=0,
+            maximum=1,
+        ),
+    ],
+    outputs=[
+        *_FIT,
+        Output("z_values", "object", "z value by name"),
+        Output("log_likelihood", "number", "the log-likelihood at the coefficients"),
+        Output("iterations", "integer", "Newton steps taken"),
+        Output("converged", "boolean", "whether the tolerance was reached"),
+        _SAMPLES,
+    ],
+)
 async def logistic_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Logistic regression by Newton-Raphson over all parties' records (horizontal).
 
@@ -801,7 +866,20 @@ def _gram_block(value: Any, party: str, size: int) -> F64:
     return block
 
 
-@service.job("linear_regression_vertical")
+@service.job(
+    "linear_regression_vertical",
+    inputs=[
+        Input("data", "data", "this party's dataset (a helping party gives none)"),
+        Input("id", "string", "the column that identifies a record (integers or text)"),
+        _x("this party's feature columns (a name or a list; may be empty)"),
+        Input("y", "string", "the target column, at the target holder only"),
+        Input("target_holder", "string", "the party that holds y; must agree"),
+        _INTERCEPT,
+        PAILLIER_INPUT,
+    ],
+    outputs=_OLS,
+    policy=["allow_vertical_regression"],
+)
 async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Ordinary least squares over records whose columns are spread over the parties.
 
@@ -818,15 +896,11 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
     strictest minimum cohort, if fewer records than that are common, or if
     some party's columns leave fewer than that many records spare (see
     :func:`_check_widths`), each before anything it would expose is sent.
-    The cross products are exact to float64 precision whatever the scale of
+    There is no ``frac_bits`` (refused as an unknown input): the cross
+    products are exact to float64 precision whatever the scale of
     the columns: each column is scaled by a power of two chosen from its sum
     of squares (public in the Gram matrix), see :func:`matmul.norm_exponents`.
     """
-    if "frac_bits" in inputs:
-        raise BadRequest(
-            "'frac_bits' does not apply to linear_regression_vertical: every column is "
-            "scaled to full precision by itself; leave the input out"
-        )
     paillier_bits = integer_input(inputs, "paillier_bits", 2048, 2048, 4096)
     intercept = _flag(inputs, "intercept", True)
     async with session_for(ctx) as peers:

@@ -87,6 +87,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fdrtd_server.errors import OutOfRange
+
 __all__ = [
     "BIG_FRAC_BITS",
     "BIG_RING_BITS",
@@ -98,6 +100,7 @@ __all__ = [
     "RING_BITS",
     "SEED_BYTES",
     "FixedPointOverflow",
+    "NotFinite",
     "combine",
     "combine_big",
     "decode_big",
@@ -151,11 +154,17 @@ F64Array = npt.NDArray[np.float64]
 I64Array = npt.NDArray[np.int64]
 
 
-class FixedPointOverflow(OverflowError):
+class FixedPointOverflow(OutOfRange, OverflowError):
     """A value is too large to be encoded without risking a wrap-around.
 
-    The message names the allowed range, the rule and the fix; it never
-    contains the offending value, because that value is private data.
+    An :class:`~fdrtd_server.errors.OutOfRange` (422): raised wherever a
+    protocol encodes its data, it answers every function with the same
+    clear problem, and a party that raises it inside a peer session tells
+    the other parties, whose computation fails with the same reason. It is
+    still an :class:`OverflowError` for code that does arithmetic only.
+
+    The message names the input, the allowed range, the rule and the fix; it
+    never contains the offending value, because that value is private data.
 
     Attributes:
         bound: Largest magnitude that can be encoded (exclusive), in the
@@ -170,12 +179,29 @@ class FixedPointOverflow(OverflowError):
         self.frac_bits = frac_bits
         self.parties = parties
         self.ring_bits = ring_bits
+        fix = "scale the data down (e.g. divide it by 1000 and multiply the result back)"
+        if frac_bits > 0 and ring_bits == RING_BITS:
+            fix += f" or lower the 'frac_bits' input (now {frac_bits}; each bit less doubles it)"
         super().__init__(
-            f"value out of range for the {ring_bits}-bit ring: with frac_bits={frac_bits} and "
-            f"parties={parties}, every |value| must be below {bound:.6g} "
-            f"(|value| * 2^{frac_bits} * {parties} < 2^{ring_bits - 1}) so that the sum of "
-            f"{parties} inputs cannot wrap around; scale your data down or use fewer "
-            "fractional bits"
+            f"a value of the 'data' input is out of range for the {ring_bits}-bit fixed-point "
+            f"encoding: with frac_bits={frac_bits} and parties={parties} every |value| must "
+            f"be below {bound:.6g} (|value| * 2^{frac_bits} * {parties} < 2^{ring_bits - 1}) "
+            f"so that the sum of {parties} inputs cannot wrap around; {fix}"
+        )
+
+
+class NotFinite(OutOfRange, ValueError):
+    """A value to encode is NaN or infinite (an :class:`~fdrtd_server.errors.OutOfRange`, 422).
+
+    Either the data holds one, or a local aggregate of it (a sum, a sum of
+    powers) went beyond the float64 range.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a value of the 'data' input, or a local sum of its values, is NaN or infinity "
+            "(beyond the float64 range), which a fixed-point encoding cannot hold; remove or "
+            "impute missing values, or scale the data down"
         )
 
 
@@ -251,7 +277,8 @@ def encode_fixed(x: npt.ArrayLike, *, frac_bits: int = DEFAULT_FRAC_BITS, partie
         A ``uint64`` array of the same shape as ``x`` (0-d for a scalar).
 
     Raises:
-        ValueError: If ``x`` contains NaN or infinity, or the parameters are
+        NotFinite: If ``x`` contains NaN or infinity (a ``ValueError``).
+        ValueError: If the parameters are
             out of range.
         FixedPointOverflow: If any ``|round(x * 2^f)| * parties >= 2^63``.
     """
@@ -265,10 +292,7 @@ def encode_fixed(x: npt.ArrayLike, *, frac_bits: int = DEFAULT_FRAC_BITS, partie
     peak = float(np.max(np.abs(scaled))) if scaled.size else 0.0
     if not math.isfinite(peak):
         if not np.all(np.isfinite(values)):
-            raise ValueError(
-                "cannot encode NaN or infinity as fixed point; remove or impute missing "
-                "values first"
-            )
+            raise NotFinite()
         raise _overflow(parties, frac_bits, RING_BITS)
     # ``peak`` is an integer-valued float; Python compares it with the int exactly,
     # and below 2^63 the cast to int64 is exact as well
@@ -508,10 +532,7 @@ def encode_big(
     for value in values:
         number = float(value)
         if not math.isfinite(number):
-            raise ValueError(
-                "cannot encode NaN or infinity as fixed point; "
-                "remove or impute missing values first"
-            )
+            raise NotFinite()
         integer = round(Fraction(number) * scale)
         if abs(integer) > limit:
             raise _overflow(parties, frac_bits, ring_bits)

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed
+from fdrtd_server.inputs import COLUMN, DATA, Input, Output
 from fdrtd_server.microservice import JobContext
 from fdrtd_server.peers import PeerSession
 from protocols.psi import curve
@@ -29,6 +30,7 @@ from protocols.smpc._registry import service
 from protocols.smpc.engine import SmpcSession
 
 __all__ = [
+    "COUNT",
     "agree",
     "check_joint_cohort",
     "declare",
@@ -39,6 +41,11 @@ __all__ = [
     "session_for",
     "vet_declared",
 ]
+
+
+COUNT = Output("count", "integer", "the number of records of all parties the result describes")
+"""The ``count`` output of most functions."""
+VALUE = "a number, or a typed array for a column of vectors or matrices"
 
 
 def session_for(ctx: JobContext) -> PeerSession:
@@ -121,7 +128,7 @@ async def joint_count(ctx: JobContext, smpc: SmpcSession, rows: int) -> int:
     return total
 
 
-@service.job("count")
+@service.job("count", inputs=[DATA], outputs=[COUNT])
 async def count(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Total number of records over all parties; nothing else is revealed."""
     async with session_for(ctx) as peers:
@@ -134,7 +141,30 @@ async def count(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         return {"count": total}
 
 
-@service.job("secure_sum")
+@service.job(
+    "secure_sum",
+    inputs=[
+        DATA,
+        COLUMN,
+        Input(
+            "elementwise",
+            "boolean",
+            "add each party's whole array elementwise (same shape everywhere) instead of "
+            "summing its records first; must agree",
+            default=False,
+        ),
+        Input(
+            "frac_bits",
+            "integer",
+            "fixed-point fractional bits (precision 2^-frac_bits; each bit less doubles the "
+            "largest value allowed); must agree",
+            default=ring.DEFAULT_FRAC_BITS,
+            minimum=0,
+            maximum=40,
+        ),
+    ],
+    outputs=[Output("sum", "any", f"the joint sum: {VALUE}"), COUNT],
+)
 async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Sum of a column over all records of all parties (scalars, vectors, matrices).
 
@@ -149,9 +179,7 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         dataset = await ctx.load_dataset(inputs.get("data"))
         values = numeric(dataset.column(inputs.get("column")))
         elementwise = bool(inputs.get("elementwise", False))
-        frac_bits = inputs.get("frac_bits", ring.DEFAULT_FRAC_BITS)
-        if not isinstance(frac_bits, int) or not 0 <= frac_bits <= 40:
-            raise BadRequest("'frac_bits' must be an integer from 0 to 40")
+        frac_bits = inputs.get("frac_bits", ring.DEFAULT_FRAC_BITS)  # declared: 0 to 40
         if elementwise:
             local, rows = values, dataset.rows
         else:
@@ -186,7 +214,15 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     return {"sum": value, "count": total_rows}
 
 
-@service.job("minimum_maximum")
+@service.job(
+    "minimum_maximum",
+    inputs=[DATA, COLUMN],
+    outputs=[
+        Output("minimum", "any", f"the joint minimum: {VALUE}"),
+        Output("maximum", "any", f"the joint maximum: {VALUE}"),
+        COUNT,
+    ],
+)
 async def minimum_maximum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Joint minimum and maximum of a column; no party's own extremes are revealed."""
     async with session_for(ctx) as peers:
@@ -213,7 +249,11 @@ async def minimum_maximum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, 
     return {"minimum": plain(lo), "maximum": plain(hi), "count": total}
 
 
-@service.job("univariate")
+@service.job(
+    "univariate",
+    inputs=[DATA, COLUMN],
+    outputs=[Output(key, "number", key.replace("_", " ")) for key in stats_math.UNIVARIATE_KEYS],
+)
 async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """The 22 univariate statistics of a column, jointly over all parties.
 
@@ -264,7 +304,15 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-@service.job("bivariate")
+@service.job(
+    "bivariate",
+    inputs=[
+        DATA,
+        Input("x", "string", "the first column", required=True),
+        Input("y", "string", "the second column", required=True),
+    ],
+    outputs=[Output(key, "number", key.replace("_", " ")) for key in stats_math.BIVARIATE_KEYS],
+)
 async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Covariance, Pearson correlation and simple regression of two columns.
 

@@ -106,6 +106,7 @@ import numpy.typing as npt
 from phe import paillier
 
 from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed
+from fdrtd_server.inputs import COLUMN, DATA, Input, Output
 from fdrtd_server.microservice import Dataset, JobContext
 from fdrtd_server.peers import PeerSession
 from protocols.psi import curve
@@ -451,7 +452,58 @@ async def _one_way(ctx: JobContext, inputs: dict[str, Any], function: str) -> di
     return result
 
 
-@service.job("frequency_table")
+def _categories(name: str, what: str, required: bool = False) -> Input:
+    return Input(
+        name,
+        "array",
+        f"{what}: distinct labels (strings or numbers), the same on every party",
+        required=required,
+        minimum=1,
+        maximum=MAX_CATEGORIES,
+        items=("string", "number"),
+    )
+
+
+def _bins(required: bool) -> Input:
+    return Input(
+        "bins",
+        "array",
+        "bin edges e0 < ... < ek; bin i is [e_i, e_(i+1)), the last one closed; must agree",
+        required=required,
+        minimum=2,
+        maximum=MAX_CATEGORIES + 1,
+        items="number",
+    )
+
+
+_TABLE = [
+    Output("counts", "array", "the joint count of each cell; null where suppressed"),
+    Output("total", "integer", "the number of records counted"),
+    Output("suppressed", "array", "the cells hidden because they are small"),
+]
+_ONE_WAY = [
+    Output("categories", "array", "the categories (frequency_table)"),
+    Output("edges", "array", "the bin edges (with bins)"),
+    *_TABLE,
+    Output("other", "integer", "the count of values in no category or bin; null if suppressed"),
+]
+_TWO_WAY = [
+    Output("x_categories", "array", "the categories of x (rows)"),
+    Output("y_categories", "array", "the categories of y (columns)"),
+    *_TABLE,
+]
+
+
+@service.job(
+    "frequency_table",
+    inputs=[
+        DATA,
+        COLUMN,
+        _categories("categories", "the categories to count (or give bins)"),
+        _bins(required=False),
+    ],
+    outputs=_ONE_WAY,
+)
 async def frequency_table(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Joint counts of a column's values per public category, with small cells suppressed.
 
@@ -468,7 +520,7 @@ async def frequency_table(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, 
     return await _one_way(ctx, inputs, "frequency_table")
 
 
-@service.job("histogram")
+@service.job("histogram", inputs=[DATA, COLUMN, _bins(required=True)], outputs=_ONE_WAY)
 async def histogram(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Joint histogram of a numeric column over public bin edges, small cells suppressed.
 
@@ -482,7 +534,17 @@ async def histogram(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     return await _one_way(ctx, inputs, "histogram")
 
 
-@service.job("contingency_table")
+@service.job(
+    "contingency_table",
+    inputs=[
+        DATA,
+        Input("x", "string", "the column of the rows", required=True),
+        Input("y", "string", "the column of the columns", required=True),
+        _categories("x_categories", "the categories of x", required=True),
+        _categories("y_categories", "the categories of y", required=True),
+    ],
+    outputs=_TWO_WAY,
+)
 async def contingency_table(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Joint contingency table of two columns that every party holds for its own records.
 
@@ -1049,7 +1111,33 @@ def _holders(value: Any, parties: list[str]) -> list[str]:
     return list(value)
 
 
-@service.job("contingency_table_vertical")
+@service.job(
+    "contingency_table_vertical",
+    inputs=[
+        Input(
+            "holders",
+            "array",
+            "the two parties that hold x and y: [x_party, y_party]; must agree",
+            required=True,
+            minimum=2,
+            maximum=2,
+            items="string",
+        ),
+        _categories("x_categories", "the categories of x", required=True),
+        _categories("y_categories", "the categories of y", required=True),
+        Input(
+            "paillier_bits",
+            "integer",
+            "Paillier key size (two parties only); must agree",
+            default=2048,
+            choices=PAILLIER_BITS,
+        ),
+        Input("data", "data", "a holder's dataset (other parties give none)"),
+        Input("id", "string", "a holder's column of record ids"),
+        COLUMN,
+    ],
+    outputs=_TWO_WAY,
+)
 async def contingency_table_vertical(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Contingency table of two columns held by two parties for the same records (by id).
 

@@ -907,7 +907,8 @@ def _compute_body(size: int, content_type: str) -> bytes:
     """A well-formed computation of exactly ``size`` bytes."""
 
     def encode(pad: int) -> bytes:
-        body = {"microservice": "map", "function": "aggregate", "inputs": {"pad": "p" * pad}}
+        inputs = {"data": UNKNOWN_DATA, "column": "p" * pad}  # declared inputs only
+        body = {"microservice": "map", "function": "aggregate", "inputs": inputs}
         return wire.packb(body) if content_type == MSGPACK else json.dumps(body).encode()
 
     bare = len(encode(0))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import http.client
 import json
 import re
@@ -50,6 +51,7 @@ import requests
 from fdrtd_client import wire
 from fdrtd_server.config import TokenStore
 from fdrtd_server.local import LocalFederation, LocalServer
+from fdrtd_server.microservice import Microservice, discover
 
 DISTINCT = (7777.123456, 6543.210987, 5432.109876, 4321.098765)
 MARKER = "Zebraquokka8812"
@@ -671,6 +673,20 @@ def federated_inputs(handle: str, fmt: str) -> dict[str, Any]:
     return inputs
 
 
+@functools.cache
+def _microservices() -> dict[str, Microservice]:
+    return discover()
+
+
+def only_declared(microservice: str, function: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The ``inputs`` that the function declares: it refuses any other (400)."""
+    declared = _microservices()[microservice].signatures[function].inputs
+    if declared is None:
+        return inputs
+    names = {item.name for item in declared}
+    return {key: value for key, value in inputs.items() if key in names}
+
+
 def start_federated(
     world: World,
     session: requests.Session,
@@ -687,13 +703,16 @@ def start_federated(
         body = {
             "microservice": microservice,
             "function": function,
-            "inputs": inputs[name],
+            "inputs": only_declared(microservice, function, inputs[name]),
             "session": spec,
         }
         where = f"{name} {microservice}.{function}"
         response = fetch(
             session, "POST", party.url + "/v1/compute", party.server.token, where, found, json=body
         )
+        if response.status_code == 400 and "needs the input" in response.json()["detail"]:
+            # refused before it ran: its declaration requires an input not given here
+            continue
         assert response.status_code == 202, (where, response.text[:300])
         started.append((where, party, response.json()["result"]))
     return started
@@ -917,6 +936,8 @@ def refusal(party: Party, token: str, handle: str, kind: str) -> tuple[int, str]
         return response.status_code, str(response.json().get("detail", "answered"))
     microservice, function = kind.split(".")
     inputs = {"handle": handle} if microservice == "data" else {"data": handle, "column": "value"}
+    if microservice != "data":  # calls are refused before their inputs are looked at
+        inputs = only_declared(microservice, function, inputs)
     response = requests.post(
         party.url + "/v1/compute",
         json={"microservice": microservice, "function": function, "inputs": inputs},

@@ -461,7 +461,11 @@ def test_srv_discovery_names_versions_and_subjects(
             assert endpoint["subject"] == f"fdrtd.svc.{name}.{function}"
             assert endpoint["queue_group"] == "fdrtd"
             kind = "job" if function in spec.jobs else "call"
-            assert endpoint["metadata"] == {"kind": kind}
+            assert set(endpoint["metadata"]) == {"kind", "fdrtd.signature"}
+            assert endpoint["metadata"]["kind"] == kind
+            # the declared inputs and outputs, for the controller's /v1/openapi.json
+            declared = json.loads(endpoint["metadata"]["fdrtd.signature"])
+            assert declared == spec.signatures[function].to_dict()
 
     # the built-in functions themselves, by name
     subjects = {e["subject"] for info in infos.values() for e in info["endpoints"]}

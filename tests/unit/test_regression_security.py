@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from memory_peers import Context, Peers, Tamper, run_job
+from memory_peers import Peers, Tamper, run_job
 
 import protocols.smpc.service  # noqa: F401  (first: it imports the function modules)
 from fdrtd_server.errors import (
@@ -453,13 +453,10 @@ def test_ids_are_exact_or_refused() -> None:
 
 
 def test_frac_bits_is_refused_for_vertical_regression() -> None:
-    with pytest.raises(BadRequest, match="'frac_bits' does not apply"):
-        asyncio.run(
-            regression.linear_regression_vertical(
-                Context("a", ["a", "b"], min_cohort=3),  # type: ignore[arg-type]
-                {"frac_bits": 40},
-            )
-        )
+    # every column is scaled to full precision by itself: the declaration has no frac_bits
+    signature = regression.service.signatures["linear_regression_vertical"]
+    with pytest.raises(BadRequest, match="'frac_bits' is not an input"):
+        signature.validate({"frac_bits": 40}, "'smpc.linear_regression_vertical'")
 
 
 @pytest.mark.parametrize("scale", [1e-12, 1e12])

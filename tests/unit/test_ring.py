@@ -117,7 +117,8 @@ def test_overflow_message_hides_value() -> None:
     assert "parties=2" in message
     assert "frac_bits=20" in message
     assert "4.39805e+12" in message  # the bound 2^63 / (2 * 2^20)
-    assert "scale your data down or use fewer fractional bits" in message
+    assert "scale the data down" in message
+    assert "lower the 'frac_bits' input" in message
 
 
 def test_sum_of_extreme_inputs_does_not_wrap() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from fdrtd_server.errors import BadRequest
+from fdrtd_server.inputs import COLUMN, DATA, Input, Output
 from fdrtd_server.microservice import CallContext, JobContext, Microservice, distribution_version
 
 service = Microservice(
@@ -22,7 +23,7 @@ service = Microservice(
 )
 
 
-@service.job("rows")
+@service.job("rows", inputs=[DATA], outputs=[Output("rows", "integer", "the number of records")])
 async def rows(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, int]:
     """Number of records in a dataset the caller owns."""
     dataset = await ctx.load_dataset(inputs.get("data"))
@@ -30,15 +31,24 @@ async def rows(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, int]:
     return {"rows": dataset.rows}
 
 
-@service.job("scaled_sum")
+@service.job(
+    "scaled_sum",
+    inputs=[
+        DATA,
+        COLUMN,
+        Input("factor", "number", "multiplies every value", default=1.0),
+        Input("steps", "integer", "progress steps", default=1, minimum=1, maximum=100),
+        Input(
+            "delay", "number", "seconds to wait between steps", default=0.0, minimum=0, maximum=10
+        ),
+    ],
+    outputs=[Output("sum", "number", "the sum of the column times factor")],
+)
 async def scaled_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, float]:
     """Sum of a column times ``factor``, in ``steps`` reported steps."""
+    # declared above: the server has checked presence, types and ranges
     factor = inputs.get("factor", 1.0)
-    if not isinstance(factor, int | float) or isinstance(factor, bool):
-        raise BadRequest("'factor' must be a number")
     steps = inputs.get("steps", 1)
-    if not isinstance(steps, int) or not 1 <= steps <= 100:
-        raise BadRequest("'steps' must be an integer from 1 to 100")
     dataset = await ctx.load_dataset(inputs.get("data"))
     column = dataset.column(inputs.get("column"))
     if column.dtype.kind not in "biuf":
@@ -53,7 +63,7 @@ async def scaled_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, float
     return {"sum": total}
 
 
-@service.call("version")
+@service.call("version", inputs=[], outputs=[Output("version", "string", "the plugin's version")])
 async def version(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, str]:
     """The plugin's version, answered directly."""
     return {"version": service.version}
