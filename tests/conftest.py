@@ -13,6 +13,7 @@ to pytest and reaped here instead of lingering as a zombie.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import subprocess
 import sys
@@ -56,10 +57,15 @@ def _reaper() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def example_plugin() -> None:
-    """Install the example plugin package (tests/plugins/example) into this environment."""
-    try:
-        import fdrtd_example  # noqa: F401
-    except ImportError:
+    """Install the example plugin package (tests/plugins/example) into this environment.
+
+    Installed again whenever the installed copy differs from the source, so that a
+    venv kept from an earlier checkout never tests an old plugin.
+    """
+    spec = importlib.util.find_spec("fdrtd_example")
+    source = PLUGIN_DIR / "fdrtd_example" / "__init__.py"
+    installed = Path(spec.origin) if spec is not None and spec.origin else None
+    if installed is None or installed.read_bytes() != source.read_bytes():
         subprocess.run(
             [
                 sys.executable,
@@ -68,6 +74,7 @@ def example_plugin() -> None:
                 "install",
                 "-q",
                 "--no-deps",
+                "--force-reinstall",
                 str(PLUGIN_DIR),
             ],
             check=True,
