@@ -381,6 +381,8 @@ class Signature:
                     raise BadRequest(
                         f"{where} needs the input '{item.name}' ({item.rule}); {self.accepted()}"
                     )
+                # null means "not given": the function sees no key, and so its default
+                checked.pop(item.name, None)
                 continue
             checked[item.name] = item.check(value, where)
         return checked

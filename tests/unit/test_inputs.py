@@ -47,8 +47,10 @@ def test_good_inputs_pass_and_come_back() -> None:
     assert SIGNATURE.validate(inputs, WHERE) == inputs
 
 
-def test_optional_inputs_may_be_null() -> None:
-    assert SIGNATURE.validate({"data": HANDLE, "k": 1, "column": None}, WHERE)["column"] is None
+def test_optional_inputs_sent_as_null_are_not_given() -> None:
+    # null means "not given" (schema and docs): the function gets no key, so its default
+    checked = SIGNATURE.validate({"data": HANDLE, "k": 1, "column": None, "flag": None}, WHERE)
+    assert checked == {"data": HANDLE, "k": 1}
 
 
 def test_whole_floats_of_integer_inputs_become_ints() -> None:
