@@ -701,19 +701,46 @@ async def _computations(state: State) -> dict[str, dict[str, Signature]]:
     allowed = state.settings.microservices
     functions: dict[str, dict[str, Signature]] = {}
     for info in await _service_infos(state.bus):
-        name = info["metadata"]["fdrtd.microservice"]
+        name = str(info["metadata"]["fdrtd.microservice"])
         if allowed and name not in allowed:
             continue
-        for endpoint in info.get("endpoints", []):
-            metadata = endpoint.get("metadata") or {}
-            if metadata.get("kind", "job") != "job":
+        endpoints = info.get("endpoints")
+        for endpoint in endpoints if isinstance(endpoints, list) else []:
+            if not isinstance(endpoint, dict):
                 continue
-            try:
-                signature = Signature.from_dict(json.loads(metadata[SIGNATURE_METADATA]))
-            except (KeyError, TypeError, ValueError):
-                signature = Signature()
-            functions.setdefault(name, {})[str(endpoint.get("name"))] = signature
+            metadata = endpoint.get("metadata") or {}
+            if not isinstance(metadata, dict) or metadata.get("kind", "job") != "job":
+                continue
+            function = str(endpoint.get("name"))
+            functions.setdefault(name, {})[function] = _signature(name, function, metadata)
     return functions
+
+
+def _signature(microservice: str, function: str, metadata: dict[str, Any]) -> Signature:
+    """The signature in an endpoint's metadata, or an undeclared one if it is missing or broken.
+
+    The metadata comes from a plugin, possibly an old or a broken one: whatever
+    it holds, ``/v1/openapi.json`` must still be served. A broken declaration
+    is logged (by name only) and the function described as taking any map.
+    """
+    text = metadata.get(SIGNATURE_METADATA)
+    if text is None:
+        return Signature()  # an older worker: nothing declared
+    try:
+        signature = Signature.from_dict(json.loads(text))
+        # what document() will ask of it, so that it cannot fail there
+        signature.inputs_schema()
+        signature.outputs_schema()
+        return signature
+    except Exception as error:  # any bug of a plugin: only its endpoint is degraded
+        log.warning(
+            "the declaration of %s.%s in its endpoint metadata is broken (%s); it is "
+            "described as taking any inputs: fix the plugin's inputs= and outputs=",
+            microservice[:64],
+            function[:64],
+            type(error).__name__,
+        )
+        return Signature()
 
 
 async def identity(request: Request) -> Response:

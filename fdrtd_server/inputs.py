@@ -299,6 +299,20 @@ class Output:
     type: InputType
     description: str
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise ValueError(
+                f"output name '{str(self.name)[:40]}' must be lowercase letters, digits and '_'"
+            )
+        if self.type not in TYPES or self.type == "data":
+            kinds = ", ".join(kind for kind in TYPES if kind != "data")
+            raise ValueError(
+                f"output '{self.name}' has the unknown type '{str(self.type)[:40]}'; "
+                f"use one of {kinds}"
+            )
+        if not isinstance(self.description, str):
+            raise ValueError(f"output '{self.name}' must have a description that is a string")
+
     def to_dict(self) -> dict[str, Any]:
         """The declaration as plain data (for the bus)."""
         return {"name": self.name, "type": self.type, "description": self.description}
@@ -328,10 +342,15 @@ class Signature:
     multiparty: bool = False
 
     def __post_init__(self) -> None:
-        names = [item.name for item in self.inputs or ()]
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
-            raise ValueError(f"input '{twice[0]}' is declared twice")
+        if not all(isinstance(item, Input) for item in self.inputs or ()):
+            raise ValueError("every one of a function's inputs must be an Input")
+        if not all(isinstance(item, Output) for item in self.outputs):
+            raise ValueError("every one of a function's outputs must be an Output")
+        for kind, items in (("input", self.inputs or ()), ("output", self.outputs)):
+            names = [item.name for item in items]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise ValueError(f"{kind} '{twice[0]}' is declared twice")
 
     @property
     def declared(self) -> bool:

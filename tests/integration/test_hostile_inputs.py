@@ -7,21 +7,30 @@
 * An optional input sent as ``null`` is "not given": the function uses its
   default (``smpc.secure_sum`` ``frac_bits``, the regressions' options,
   ``smpc.median`` ``convention``, the example plugin's ``factor``).
+* A plugin whose endpoint metadata holds a broken declaration is described
+  as taking any map; ``/v1/openapi.json`` is still served.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgpack
+import nats
 import numpy as np
 import pytest
 import requests
+from nats.micro import add_service
+from nats.micro.service import EndpointConfig
 
+from fdrtd_server.inputs import Output, Signature
 from fdrtd_server.local import LocalFederation, LocalServer
+from fdrtd_server.microservice import SIGNATURE_METADATA
 
 WAIT = 45
 BIG = 1.7e308
@@ -184,3 +193,74 @@ def test_a_plugin_option_sent_as_null_uses_its_default(server: LocalServer) -> N
     view = compute(server, {"microservice": "example", "function": "scaled_sum", "inputs": inputs})
     assert view["status"] == "done", view
     assert view["value"] == {"sum": 10.0}
+
+
+# -- 4. a plugin's broken declaration ---------------------------------------------------------
+
+BROKEN = {
+    "empty_list": "[]",
+    "input_not_a_map": json.dumps({"inputs": [1]}),
+    "output_of_unknown_type": json.dumps(
+        {"inputs": [], "outputs": [{"name": "x", "type": "float", "description": "a number"}]}
+    ),
+    "not_json": "{",
+}
+
+
+def test_broken_declarations_of_a_plugin_leave_the_openapi_document_served(
+    server: LocalServer,
+) -> None:
+    """A plugin's endpoints with broken metadata are described as undeclared; no 500."""
+
+    async def scenario() -> requests.Response:
+        url = server.nats_url_file.read_text().strip()
+        nc = await nats.connect(url)
+        try:
+            service = await add_service(
+                nc,
+                name="fdrtd-brokenplugin",
+                version="1.0.0",
+                description="A plugin with broken declarations.",
+                metadata={"fdrtd.microservice": "brokenplugin"},
+            )
+
+            async def handler(request: Any) -> None:
+                await request.respond(b"")
+
+            for function, text in BROKEN.items():
+                await service.add_endpoint(
+                    EndpointConfig(
+                        name=function,
+                        handler=handler,
+                        subject=f"test.brokenplugin.{function}",
+                        metadata={"kind": "job", SIGNATURE_METADATA: text},
+                    )
+                )
+            try:
+                return await asyncio.to_thread(
+                    requests.get, server.url + "/v1/openapi.json", timeout=30
+                )
+            finally:
+                await service.stop()
+        finally:
+            await nc.close()
+
+    answer = asyncio.run(scenario())
+    assert answer.status_code == 200, answer.text[:300]
+    schemas = answer.json()["components"]["schemas"]
+    for function in BROKEN:
+        inputs = schemas[f"Compute.brokenplugin.{function}"]["properties"]["inputs"]
+        assert inputs == {"type": "object", "description": "not declared: any map"}
+    # the others are described as before
+    assert "Compute.smpc.median" in schemas
+
+
+def test_an_output_of_an_unknown_type_is_refused_when_declared() -> None:
+    with pytest.raises(ValueError, match="unknown type 'float'"):
+        Output("x", "float", "a number")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown type 'data'"):
+        Output("x", "data", "a handle")
+    with pytest.raises(ValueError, match="lowercase"):
+        Output("X y", "number", "a number")
+    with pytest.raises(ValueError, match="must be an Input"):
+        Signature(inputs=(1,))  # type: ignore[arg-type]
