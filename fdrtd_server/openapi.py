@@ -390,10 +390,12 @@ def _type_text(schema: Mapping[str, Any]) -> str:
         if kind == "array" and "items" in option:
             items = option["items"].get("anyOf", [option["items"]])
             word += " of " + " or ".join(str(i.get("type", "any")) for i in items)
-        low = option.get("minimum", option.get("minItems"))
-        high = option.get("maximum", option.get("maxItems"))
+        low = option.get("minimum", option.get("minItems", option.get("exclusiveMinimum")))
+        high = option.get("maximum", option.get("maxItems", option.get("exclusiveMaximum")))
         if low is not None or high is not None:
             unit = " items" if kind == "array" else ""
+            if "exclusiveMinimum" in option or "exclusiveMaximum" in option:
+                unit = " (bounds excluded)"
             word += f", {'' if low is None else low}..{'' if high is None else high}{unit}"
         words.append(word)
     return " or ".join(words) or "any"

@@ -28,6 +28,7 @@ import requests
 from nats.micro import add_service
 from nats.micro.service import EndpointConfig
 
+from fdrtd_client import wire
 from fdrtd_server.inputs import Output, Signature
 from fdrtd_server.local import LocalFederation, LocalServer
 from fdrtd_server.microservice import SIGNATURE_METADATA
@@ -264,3 +265,103 @@ def test_an_output_of_an_unknown_type_is_refused_when_declared() -> None:
         Output("X y", "number", "a number")
     with pytest.raises(ValueError, match="must be an Input"):
         Signature(inputs=(1,))  # type: ignore[arg-type]
+
+
+# -- 5. the schema and the server agree -------------------------------------------------------
+
+
+def test_a_tolerance_on_its_bound_is_refused_before_anything_runs(
+    server: LocalServer, trio: LocalFederation
+) -> None:
+    handle = upload(server, {"x": [1.0, 2.0], "y": [0.0, 1.0]})
+    spec = {"id": secrets.token_urlsafe(16), "parties": ["alpha", "beta"]}
+    inputs = {"data": handle, "x": ["x"], "y": "y", "tolerance": 1}
+    body = {"microservice": "smpc", "function": "logistic_regression", "inputs": inputs}
+    answer = post(server, "/v1/compute", json={**body, "session": spec})
+    assert answer.status_code == 400, answer.text[:300]
+    assert "'tolerance'" in answer.json()["detail"]
+    assert "above 0 and below 1" in answer.json()["detail"]
+
+
+def test_an_integer_beyond_64_bits_is_a_number_for_a_number_input(server: LocalServer) -> None:
+    handle = upload(server, {"v": [1.0] * 10})
+    inputs = {"data": handle, "factor": 10**30}
+    view = compute(server, {"microservice": "example", "function": "scaled_sum", "inputs": inputs})
+    assert view["status"] == "done", view
+    assert view["value"]["sum"] == pytest.approx(1e31)
+    # and out of range for an integer input, which says so
+    inputs = {"data": handle, "steps": 10**30}
+    body = {"microservice": "example", "function": "scaled_sum", "inputs": inputs}
+    answer = post(server, "/v1/compute", json=body)
+    assert answer.status_code == 400, answer.text[:300]
+    assert "'steps'" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "mentions"),
+    [
+        ({"wiat": 3}, ("the body has 'wiat'", "microservice, function, inputs, session")),
+        ({"session": {"timeout": 3}}, ("'session' has 'timeout'", "id, parties")),
+    ],
+    ids=repr,
+)
+def test_unknown_keys_of_the_body_and_session_are_refused(
+    server: LocalServer, extra: dict[str, Any], mentions: tuple[str, ...]
+) -> None:
+    handle = upload(server, {"v": [1.0] * 10})
+    body: dict[str, Any] = {"microservice": "smpc", "function": "count", "inputs": {"data": handle}}
+    body["session"] = {"id": secrets.token_urlsafe(16), "parties": ["alpha", "beta"]}
+    if "session" in extra:
+        body["session"].update(extra["session"])
+    else:
+        body.update(extra)
+    answer = post(server, "/v1/compute", json=body)
+    assert answer.status_code == 400, answer.text[:300]
+    for mention in mentions:
+        assert mention in answer.json()["detail"]
+
+
+def test_typed_arrays_are_accepted_wherever_a_list_is(trio: LocalFederation) -> None:
+    probabilities = wire.to_jsonable(np.array([0.25, 0.5]))
+    bins = wire.to_jsonable(np.array([0.0, 3.0, 6.0]))
+    handles = {
+        p: upload(trio.servers[p], {"v": [1.0, 2.0, 3.0, 4.0, 5.0]}) for p in ("alpha", "beta")
+    }
+    views = jointly(
+        trio,
+        "quantiles",
+        {p: {"data": h, "probabilities": probabilities} for p, h in handles.items()},
+    )
+    for view in views.values():
+        assert view["status"] == "done", view
+        assert view["value"]["probabilities"] == [0.25, 0.5]
+    views = jointly(trio, "histogram", {p: {"data": h, "bins": bins} for p, h in handles.items()})
+    for view in views.values():
+        assert view["status"] == "done", view
+
+
+# -- 6. messages ------------------------------------------------------------------------------
+
+
+def test_a_bad_shape_names_the_query_parameter_not_the_internal_function(
+    server: LocalServer,
+) -> None:
+    answer = post(server, "/v1/data?format=raw&dtype=<f8&shape=", data=b"\0" * 8)
+    assert answer.status_code == 400, answer.text[:300]
+    detail = answer.json()["detail"]
+    assert "'shape'" in detail and "data.register" not in detail
+
+
+@pytest.mark.parametrize(
+    ("key", "mentions"),
+    [(b"v", "column names must be non-empty strings"), (7, "a key that is not a string")],
+    ids=repr,
+)
+def test_a_msgpack_upload_with_a_column_name_that_is_no_string_says_so(
+    server: LocalServer, key: Any, mentions: str
+) -> None:
+    body = msgpack.packb({key: [1.0, 2.0]}, use_bin_type=True)
+    answer = post(server, "/v1/data?format=msgpack", data=body)
+    assert answer.status_code == 400, answer.text[:300]
+    detail = answer.json()["detail"]
+    assert "not valid msgpack" not in detail and mentions in detail, detail
