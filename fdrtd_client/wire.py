@@ -241,6 +241,12 @@ def unpackb(
             raise WireError(
                 "message holds a list, map, string or array longer than this server accepts"
             ) from error
+        if "for map key" in str(error):
+            # valid msgpack, but a key that is no name: a number, null, a list or a map
+            raise WireError(
+                "a map in the message has a key that is not a string (a number, null, a list "
+                "or a map); every key (a column or input name) must be a string"
+            ) from error
         raise WireError("body is not valid msgpack") from error
     # msgpack decodes its Timestamp extension (-1) without asking _ext_hook; the
     # byte search is fast, and only a message that may hold one is walked
