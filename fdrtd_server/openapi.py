@@ -357,6 +357,7 @@ def document(settings: Settings, functions: Functions | None = None) -> dict[str
                         "inputs": {"type": "object"},
                         "session": _SESSION,
                     },
+                    "additionalProperties": False,
                 },
                 **_RESPONSE_SCHEMAS,
                 **schemas,

@@ -354,7 +354,7 @@ def test_a_bad_shape_names_the_query_parameter_not_the_internal_function(
 
 @pytest.mark.parametrize(
     ("key", "mentions"),
-    [(b"v", "column names must be non-empty strings"), (7, "a key that is not a string")],
+    [(b"v", "one is msgpack binary (bin)"), (7, "a key that is not a string")],
     ids=repr,
 )
 def test_a_msgpack_upload_with_a_column_name_that_is_no_string_says_so(
