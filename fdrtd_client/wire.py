@@ -241,6 +241,12 @@ def unpackb(
             raise WireError(
                 "message holds a list, map, string or array longer than this server accepts"
             ) from error
+        if "for map key" in str(error):
+            # valid msgpack, but a key that is no name: a number, null, a list or a map
+            raise WireError(
+                "a map in the message has a key that is not a string (a number, null, a list "
+                "or a map); every key (a column or input name) must be a string"
+            ) from error
         raise WireError("body is not valid msgpack") from error
     # msgpack decodes its Timestamp extension (-1) without asking _ext_hook; the
     # byte search is fast, and only a message that may hold one is walked
@@ -250,21 +256,27 @@ def unpackb(
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Turn a decoded message into something :func:`json.dumps` accepts."""
+    """Turn a decoded message into something ``json.dumps(..., allow_nan=False)`` accepts.
+
+    JSON has no NaN and no infinity: a non-finite float (a Python or numpy
+    scalar) becomes ``null``, so that a JSON answer never fails to encode.
+    Only msgpack keeps the float itself, as do typed arrays (``__ndarray__``),
+    whose raw bytes travel unchanged.
+    """
     if isinstance(obj, np.ndarray):
         dtype, shape, raw = _array_to_parts(obj)
         text = base64.b64encode(raw).decode("ascii")
         return {"__ndarray__": {"dtype": dtype, "shape": shape, "base64": text}}
     if isinstance(obj, np.generic):
-        return obj.item()
+        obj = obj.item()
     if isinstance(obj, dict):
         return {str(key): to_jsonable(value) for key, value in obj.items()}
     if isinstance(obj, list | tuple):
         return [to_jsonable(value) for value in obj]
     if isinstance(obj, bytes):
         return base64.b64encode(obj).decode("ascii")
-    if isinstance(obj, float) and obj != obj:
-        return None  # JSON has no NaN
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN or infinity
     return obj
 
 

@@ -57,7 +57,7 @@ from fdrtd_server.errors import (
     error_for_status,
 )
 from fdrtd_server.identity import Identity
-from fdrtd_server.inputs import Signature
+from fdrtd_server.inputs import Signature, sent_name
 from fdrtd_server.microservice import SIGNATURE_METADATA
 
 __all__ = ["Principal", "bus_request", "create_app"]
@@ -283,6 +283,8 @@ async def openapi_document(request: Request) -> Response:
 
 
 UPLOAD_FORMATS = ("raw", "csv", "msgpack", "json")
+MAX_SHAPE_DIMS = 8
+"""The most dimensions of a raw array (as :mod:`fdrtd_client.wire` accepts)."""
 REGISTER_BUDGET = BUS_TIMEOUT - 5.0
 """Seconds the data microservice may take to register an upload. It records nothing
 after that, so that when the controller stops waiting (at :data:`BUS_TIMEOUT`, 5 s
@@ -377,6 +379,10 @@ async def upload(request: Request) -> Response:
             raise BadRequest("'shape' must be comma-separated non-negative integers") from None
         if not all(0 <= n < 2**62 for n in inputs["shape"]):
             raise BadRequest("'shape' must hold non-negative integers below 2^62")
+        if not 1 <= len(inputs["shape"]) <= MAX_SHAPE_DIMS:
+            raise BadRequest(
+                f"'shape' must give 1 to {MAX_SHAPE_DIMS} comma-separated sizes (e.g. shape=1000,3)"
+            )
     usage = await call_service(request, "data", "usage", {}, principal=principal)
     limit, refusal = _upload_limit(state, fmt, int(usage["bytes"]))
     declared = request.headers.get("content-length")
@@ -453,6 +459,7 @@ def _check_session(session: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(session, dict):
         raise BadRequest("'session' must be a map with 'id' and 'parties'")
+    _refuse_unknown_keys(session, SESSION_KEYS, "'session'")
     sid, parties = session.get("id"), session.get("parties")
     if not isinstance(sid, str) or not SESSION_ID.fullmatch(sid):
         raise BadRequest(
@@ -467,11 +474,51 @@ def _check_session(session: Any) -> dict[str, Any] | None:
         or len(set(parties)) != len(parties)
     ):
         raise BadRequest("'session.parties' must list 2 to 64 distinct server names")
-    return {
-        "id": sid,
-        "parties": parties,
-        **{k: v for k, v in session.items() if k not in ("id", "parties")},
-    }
+    return {"id": sid, "parties": parties}
+
+
+COMPUTE_KEYS = ("microservice", "function", "inputs", "session")
+"""The keys of a ``POST /v1/compute`` body."""
+SESSION_KEYS = ("id", "parties")
+"""The keys of its ``session``."""
+_INT64 = (-(2**63), 2**64 - 1)
+"""The integers msgpack (and so the bus) carries: int64 and uint64."""
+
+
+def _refuse_unknown_keys(body: dict[Any, Any], known: tuple[str, ...], where: str) -> None:
+    """Refuse a key of ``body`` that is not one of ``known`` (named if it looks like a name).
+
+    Raises:
+        BadRequest: Naming ``where``, the key and the accepted keys.
+    """
+    unknown = [key for key in body if key not in known]
+    if unknown:
+        named = sent_name(unknown[0], "a key")
+        raise BadRequest(
+            f"{where} has {named} that is not one of its keys; its keys are "
+            f"{', '.join(known)}: check the spelling, or move the value under 'inputs'"
+        )
+
+
+def _wide_ints_as_floats(value: Any) -> Any:
+    """``value`` with integers beyond 64 bits as floats, which the bus can carry.
+
+    JSON has one kind of number: ``1e30`` and ``1000000000000000000000000000000``
+    are the same value, and the second is sent on as the first. A declared
+    ``integer`` input refuses it then by its range, with a message naming it.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
+        try:
+            return float(value)
+        except OverflowError:
+            return value  # beyond the float range too: refused by bus_request
+    if isinstance(value, dict):
+        return {key: _wide_ints_as_floats(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_wide_ints_as_floats(item) for item in value]
+    return value
 
 
 def _wait_and_value(request: Request) -> tuple[float, bool]:
@@ -514,6 +561,7 @@ async def compute(request: Request) -> Response:
     body = await read_body(request)
     if not isinstance(body, dict):
         raise BadRequest("body must be a map with 'microservice', 'function' and 'inputs'")
+    _refuse_unknown_keys(body, COMPUTE_KEYS, "the body")
     names: list[str] = []
     for key in ("microservice", "function"):
         value = body.get(key)
@@ -524,6 +572,7 @@ async def compute(request: Request) -> Response:
     inputs = body.get("inputs", {})
     if not isinstance(inputs, dict):
         raise BadRequest("'inputs' must be a map")
+    inputs = _wide_ints_as_floats(inputs)
     allowed = state.settings.microservices
     if allowed and microservice not in allowed:
         raise NotFound(f"no microservice '{microservice}' is enabled on this server")
@@ -701,19 +750,46 @@ async def _computations(state: State) -> dict[str, dict[str, Signature]]:
     allowed = state.settings.microservices
     functions: dict[str, dict[str, Signature]] = {}
     for info in await _service_infos(state.bus):
-        name = info["metadata"]["fdrtd.microservice"]
+        name = str(info["metadata"]["fdrtd.microservice"])
         if allowed and name not in allowed:
             continue
-        for endpoint in info.get("endpoints", []):
-            metadata = endpoint.get("metadata") or {}
-            if metadata.get("kind", "job") != "job":
+        endpoints = info.get("endpoints")
+        for endpoint in endpoints if isinstance(endpoints, list) else []:
+            if not isinstance(endpoint, dict):
                 continue
-            try:
-                signature = Signature.from_dict(json.loads(metadata[SIGNATURE_METADATA]))
-            except (KeyError, TypeError, ValueError):
-                signature = Signature()
-            functions.setdefault(name, {})[str(endpoint.get("name"))] = signature
+            metadata = endpoint.get("metadata") or {}
+            if not isinstance(metadata, dict) or metadata.get("kind", "job") != "job":
+                continue
+            function = str(endpoint.get("name"))
+            functions.setdefault(name, {})[function] = _signature(name, function, metadata)
     return functions
+
+
+def _signature(microservice: str, function: str, metadata: dict[str, Any]) -> Signature:
+    """The signature in an endpoint's metadata, or an undeclared one if it is missing or broken.
+
+    The metadata comes from a plugin, possibly an old or a broken one: whatever
+    it holds, ``/v1/openapi.json`` must still be served. A broken declaration
+    is logged (by name only) and the function described as taking any map.
+    """
+    text = metadata.get(SIGNATURE_METADATA)
+    if text is None:
+        return Signature()  # an older worker: nothing declared
+    try:
+        signature = Signature.from_dict(json.loads(text))
+        # what document() will ask of it, so that it cannot fail there
+        signature.inputs_schema()
+        signature.outputs_schema()
+        return signature
+    except Exception as error:  # any bug of a plugin: only its endpoint is degraded
+        log.warning(
+            "the declaration of %s.%s in its endpoint metadata is broken (%s); it is "
+            "described as taking any inputs: fix the plugin's inputs= and outputs=",
+            microservice[:64],
+            function[:64],
+            type(error).__name__,
+        )
+        return Signature()
 
 
 async def identity(request: Request) -> Response:

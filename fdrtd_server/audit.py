@@ -45,6 +45,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -106,8 +107,28 @@ def checkpoint_path(log_path: Path) -> Path:
     return log_path.with_suffix(".checkpoint")
 
 
-def _canonical(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+def _canonical(record: dict[str, Any], *, allow_nan: bool = True) -> str:
+    """The one JSON form of a record; the verifier allows the bare NaN older writers wrote."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=allow_nan)
+
+
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def _standard(value: Any) -> Any:
+    """``value`` with non-finite floats as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``.
+
+    Standard JSON has none of them, and Python would write them as bare
+    ``NaN`` that other JSON readers (``jq``) refuse; as strings the record
+    stays standard JSON, and still says what the value was.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return _NON_FINITE.get(value, "NaN")
+    if isinstance(value, dict):
+        return {key: _standard(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_standard(item) for item in value]
+    return value
 
 
 def _line(body: str, digest: str) -> bytes:
@@ -650,7 +671,8 @@ class AuditLog:
             }
             # through JSON and back first, so that the line is a fixed point of the
             # verifier's re-serialisation (a tuple becomes a list, an int key a string)
-            body = _canonical(json.loads(_canonical(record)))
+            # non-finite floats as strings: the line is standard JSON (allow_nan=False)
+            body = _canonical(json.loads(_canonical(_standard(record))), allow_nan=False)
             digest = hashlib.sha256(body.encode()).hexdigest()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:

@@ -49,6 +49,7 @@ __all__ = [
     "InputType",
     "Output",
     "Signature",
+    "sent_name",
 ]
 
 InputType = Literal["data", "string", "integer", "number", "boolean", "array", "object", "any"]
@@ -120,9 +121,18 @@ class Input:
             may also be sent as ``null``, which means "not given".
         default: What the function uses when it is not given (documentation only).
         minimum: Smallest allowed value (numbers), or fewest items (arrays).
+            An ``integer`` input without one is at least ``-2**63``.
         maximum: Largest allowed value (numbers), or most items (arrays).
-        choices: The allowed values, if only a few are.
+            An ``integer`` input without one is at most ``2**63 - 1``.
+        choices: The allowed values, if only a few are; numbers are compared
+            as numbers (``1.0`` is the choice ``1``).
         items: The type of each item of an ``array``; a tuple allows several.
+        exclusive: Whether ``minimum`` and ``maximum`` themselves are refused
+            (numbers only): ``minimum=0, maximum=1, exclusive=True`` is ``0 < x < 1``.
+
+    An ``array`` input may also be sent as a typed binary array (msgpack
+    extension or JSON ``__ndarray__``) of one dimension: the function gets it
+    as a list, as if it had been sent as one.
     """
 
     name: str
@@ -134,6 +144,7 @@ class Input:
     maximum: float | None = None
     choices: tuple[Any, ...] | None = None
     items: InputType | tuple[InputType, ...] | None = None
+    exclusive: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -148,6 +159,14 @@ class Input:
                 )
         if self.items is not None and "array" not in self.types:
             raise ValueError(f"input '{self.name}': only an array has 'items'")
+        bounded = {"integer", "number", "array"} & set(self.types)
+        if (self.minimum is not None or self.maximum is not None) and not bounded:
+            raise ValueError(
+                f"input '{self.name}': 'minimum' and 'maximum' apply to numbers and arrays "
+                "only (they would not be checked); leave them out or use 'choices'"
+            )
+        if self.exclusive and not {"integer", "number"} & set(self.types):
+            raise ValueError(f"input '{self.name}': only a number has exclusive bounds")
 
     @property
     def types(self) -> tuple[str, ...]:
@@ -177,7 +196,9 @@ class Input:
             elif kind in ("integer", "number") and (
                 self.minimum is not None or self.maximum is not None
             ):
-                text += f" {_range(self.minimum, self.maximum)}"
+                text += f" {_range(self.minimum, self.maximum, self.exclusive)}"
+            elif kind == "integer":
+                text += " of at most 64 bits"
             texts.append(text)
         return " or ".join(texts)
 
@@ -190,6 +211,8 @@ class Input:
         Raises:
             BadRequest: Naming the input, its rule and ``where`` (never the value).
         """
+        if isinstance(value, np.ndarray) and "array" in self.types and value.ndim == 1:
+            value = value.tolist()  # a typed array is a list: the function gets one
         if "integer" in self.types and "number" not in self.types:
             value = _whole(value)
         elif isinstance(value, list) and self.item_types == ("integer",):
@@ -200,22 +223,30 @@ class Input:
 
     def _keeps(self, value: Any) -> bool:
         if self.choices is not None:
-            # bool is an int in Python: True must not pass for 1
-            return any(type(value) is type(choice) and value == choice for choice in self.choices)
+            return any(_same(value, choice) for choice in self.choices)
         if not any(_is(kind, value) for kind in self.types):
             return False
-        low = -math.inf if self.minimum is None else self.minimum
-        high = math.inf if self.maximum is None else self.maximum
         if isinstance(value, np.ndarray):
-            value = value.tolist()
+            return False  # only a 1-D typed array is a list (see check)
         if isinstance(value, list | tuple):
+            low = -math.inf if self.minimum is None else self.minimum
+            high = math.inf if self.maximum is None else self.maximum
             kinds = self.item_types
             return low <= len(value) <= high and (
                 not kinds or all(any(_is(k, item) for k in kinds) for item in value)
             )
         if isinstance(value, int | float) and not isinstance(value, bool):
+            low, high = self._bounds(isinstance(value, int) and "integer" in self.types)
+            if self.exclusive:
+                return bool(low < value < high)
             return bool(low <= value <= high)
         return True
+
+    def _bounds(self, integer: bool) -> tuple[float, float]:
+        """The bounds of a number; an integer without declared ones has 64 bits."""
+        low = (-(2**63) if integer else -math.inf) if self.minimum is None else self.minimum
+        high = (2**63 - 1 if integer else math.inf) if self.maximum is None else self.maximum
+        return low, high
 
     def schema(self) -> dict[str, Any]:
         """This input as a JSON Schema (draft 2020-12, as OpenAPI 3.1 uses)."""
@@ -235,13 +266,17 @@ class Input:
 
     def _schema_of(self, kind: str) -> dict[str, Any]:
         out = dict(_SCHEMA_TYPES[kind])
+        limits: tuple[float | None, float | None] = (self.minimum, self.maximum)
         if kind == "array":
             bounds = ("minItems", "maxItems")
         elif kind in ("integer", "number"):
-            bounds = ("minimum", "maximum")
+            exclusive = ("exclusiveMinimum", "exclusiveMaximum")
+            bounds = exclusive if self.exclusive else ("minimum", "maximum")
+            if kind == "integer":
+                limits = self._bounds(True)
         else:
             return out
-        for key, bound in zip(bounds, (self.minimum, self.maximum), strict=True):
+        for key, bound in zip(bounds, limits, strict=True):
             if bound is not None:
                 whole = kind != "number" or float(bound).is_integer()
                 out[key] = int(bound) if whole else bound
@@ -260,6 +295,8 @@ class Input:
             value = getattr(self, key)
             if value is not None:
                 out[key] = list(value) if isinstance(value, tuple) else value
+        if self.exclusive:
+            out["exclusive"] = True
         if isinstance(self.type, tuple):
             out["type"] = list(self.type)
         return out
@@ -282,6 +319,7 @@ class Input:
             maximum=data.get("maximum"),
             choices=None if choices is None else tuple(choices),
             items=kinds(data.get("items")),
+            exclusive=bool(data.get("exclusive", False)),
         )
 
 
@@ -298,6 +336,20 @@ class Output:
     name: str
     type: InputType
     description: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise ValueError(
+                f"output name '{str(self.name)[:40]}' must be lowercase letters, digits and '_'"
+            )
+        if self.type not in TYPES or self.type == "data":
+            kinds = ", ".join(kind for kind in TYPES if kind != "data")
+            raise ValueError(
+                f"output '{self.name}' has the unknown type '{str(self.type)[:40]}'; "
+                f"use one of {kinds}"
+            )
+        if not isinstance(self.description, str):
+            raise ValueError(f"output '{self.name}' must have a description that is a string")
 
     def to_dict(self) -> dict[str, Any]:
         """The declaration as plain data (for the bus)."""
@@ -328,10 +380,15 @@ class Signature:
     multiparty: bool = False
 
     def __post_init__(self) -> None:
-        names = [item.name for item in self.inputs or ()]
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
-            raise ValueError(f"input '{twice[0]}' is declared twice")
+        if not all(isinstance(item, Input) for item in self.inputs or ()):
+            raise ValueError("every one of a function's inputs must be an Input")
+        if not all(isinstance(item, Output) for item in self.outputs):
+            raise ValueError("every one of a function's outputs must be an Output")
+        for kind, items in (("input", self.inputs or ()), ("output", self.outputs)):
+            names = [item.name for item in items]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise ValueError(f"{kind} '{twice[0]}' is declared twice")
 
     @property
     def declared(self) -> bool:
@@ -368,9 +425,7 @@ class Signature:
         known = {item.name: item for item in self.inputs}
         unknown = sorted(str(name) for name in inputs if name not in known)
         if unknown:
-            # a name is repeated so that a misspelling can be seen; anything that
-            # does not look like a name (it might be data) is not
-            named = f"'{unknown[0]}'" if _SENT_NAME.fullmatch(unknown[0]) else "an input name"
+            named = sent_name(unknown[0], "an input name")
             raise BadRequest(
                 f"{named} is not an input of {where}; {self.accepted()}; check the spelling"
             )
@@ -381,6 +436,8 @@ class Signature:
                     raise BadRequest(
                         f"{where} needs the input '{item.name}' ({item.rule}); {self.accepted()}"
                     )
+                # null means "not given": the function sees no key, and so its default
+                checked.pop(item.name, None)
                 continue
             checked[item.name] = item.check(value, where)
         return checked
@@ -436,11 +493,34 @@ class Signature:
         )
 
 
+def sent_name(name: Any, instead: str) -> str:
+    """A name the client sent, quoted for a message if it looks like one, else ``instead``.
+
+    A name is repeated so that a misspelling can be seen (``'probabilty'``);
+    anything that does not look like a name (it might be data) is not.
+    """
+    if isinstance(name, str) and _SENT_NAME.fullmatch(name):
+        return f"'{name}'"
+    return instead
+
+
 def _whole(value: Any) -> Any:
     """A float that is a whole number as an int (``2048.0`` is ``2048``); else ``value``."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _same(value: Any, choice: Any) -> bool:
+    """Whether a sent ``value`` is ``choice``: numbers as numbers (``1.0`` is ``1``)."""
+
+    def number(x: Any) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool)
+
+    if number(value) and number(choice):
+        return bool(value == choice)
+    # bool is an int in Python: True must not pass for 1
+    return type(value) is type(choice) and bool(value == choice)
 
 
 def _show(value: Any) -> str:
@@ -460,10 +540,13 @@ def _plural(kind: str) -> str:
     }[kind]
 
 
-def _range(low: float | None, high: float | None) -> str:
+def _range(low: float | None, high: float | None, exclusive: bool = False) -> str:
     def number(value: float) -> str:
         return f"{value:g}" if not float(value).is_integer() else str(int(value))
 
+    if exclusive:
+        words = (("above", low), ("below", high))
+        return " and ".join(f"{word} {number(bound)}" for word, bound in words if bound is not None)
     if low is not None and high is not None:
         return f"from {number(low)} to {number(high)}"
     if low is not None:

@@ -49,6 +49,64 @@ _ERRORS = {
 }
 _JSON_OBJECT = {"schema": {"type": "object"}}
 _OK_CONTENT = {"application/json": _JSON_OBJECT, "application/msgpack": _JSON_OBJECT}
+
+
+def _content(schema: str) -> dict[str, Any]:
+    """JSON and msgpack answers with the component schema ``schema``."""
+    ref = {"schema": {"$ref": f"#/components/schemas/{schema}"}}
+    return {"application/json": ref, "application/msgpack": ref}
+
+
+_STATUS = {"enum": ["queued", "running", "done", "failed"]}
+_RESULT_HANDLE = {"type": "string", "pattern": "^r-[0-9a-f]{40}$"}
+_RESPONSE_SCHEMAS: dict[str, Any] = {
+    "Started": {
+        "type": "object",
+        "description": "a computation that has not ended yet",
+        "required": ["result", "status"],
+        "properties": {"result": _RESULT_HANDLE, "status": _STATUS},
+    },
+    "JobView": {
+        "type": "object",
+        "description": (
+            "a computation's state; when done its value (a Result.<microservice>.<function>, "
+            "unless value=false), when failed the error with the HTTP status of the failure"
+        ),
+        "required": ["result", "status", "progress", "microservice", "function"],
+        "properties": {
+            "result": _RESULT_HANDLE,
+            "status": _STATUS,
+            "progress": {"type": "number", "minimum": 0, "maximum": 1},
+            "microservice": {"type": "string"},
+            "function": {"type": "string"},
+            "created": {"type": "string"},
+            "updated": {"type": "string"},
+            "value": {"type": "object"},
+            "error": {
+                "type": "object",
+                "required": ["status", "detail"],
+                "properties": {
+                    "status": {"type": "integer", "minimum": 400, "maximum": 599},
+                    "detail": {"type": "string"},
+                },
+            },
+        },
+    },
+    "Dataset": {
+        "type": "object",
+        "description": "a dataset's schema: never its content",
+        "required": ["handle", "format", "columns", "rows"],
+        "properties": {
+            "handle": {"type": "string", "pattern": "^d-[0-9a-f]{40}$"},
+            "format": {"type": "string"},
+            "columns": {"type": "object"},
+            "rows": {"type": "integer", "minimum": 0},
+            "bytes": {"type": "integer", "minimum": 0},
+            "created": {"type": "string"},
+        },
+    },
+}
+"""The answers of the data and result routes, described more closely than as any map."""
 _HANDLE_PATTERN = "^{}-[0-9a-f]{{40}}$"
 _SESSION_ID = "^[A-Za-z0-9_-]{22,64}$"
 _SHAPE = "^[0-9]{1,18}(,[0-9]{1,18}){0,7}$"
@@ -102,11 +160,17 @@ _SESSION = {
 
 
 def _op(
-    summary: str, ok: str = "200", *, secured: bool = True, content: bool = True, **more: Any
+    summary: str,
+    ok: str = "200",
+    *,
+    secured: bool = True,
+    content: bool = True,
+    answer: str | None = None,
+    **more: Any,
 ) -> dict[str, Any]:
     success: dict[str, Any] = {"description": "success"}
     if content:
-        success["content"] = _OK_CONTENT
+        success["content"] = _OK_CONTENT if answer is None else _content(answer)
     operation: dict[str, Any] = {"summary": summary, "responses": {ok: success, **_ERRORS}, **more}
     if not secured:
         operation["security"] = []
@@ -195,6 +259,7 @@ def document(settings: Settings, functions: Functions | None = None) -> dict[str
                 "post": _op(
                     "Upload a dataset (streamed); returns a data handle",
                     "201",
+                    answer="Dataset",
                     parameters=[
                         {
                             "name": "format",
@@ -223,7 +288,7 @@ def document(settings: Settings, functions: Functions | None = None) -> dict[str
             },
             "/v1/data/{handle}": {
                 "parameters": [data],
-                "get": _op("A dataset's schema; its content can never be read"),
+                "get": _op("A dataset's schema; its content can never be read", answer="Dataset"),
                 "delete": _op("Release a dataset"),
             },
             "/v1/compute": {
@@ -236,9 +301,12 @@ def document(settings: Settings, functions: Functions | None = None) -> dict[str
                     responses={
                         "200": {
                             "description": "finished within 'wait': the result's view",
-                            "content": _OK_CONTENT,
+                            "content": _content("JobView"),
                         },
-                        "202": {"description": "started: {result, status}", "content": _OK_CONTENT},
+                        "202": {
+                            "description": "started: {result, status}",
+                            "content": _content("Started"),
+                        },
                         **_ERRORS,
                     },
                 )
@@ -247,6 +315,7 @@ def document(settings: Settings, functions: Functions | None = None) -> dict[str
                 "parameters": [result],
                 "get": _op(
                     "Status, progress and (when done) the value; long-poll with ?wait=seconds",
+                    answer="JobView",
                     parameters=_WAIT_VALUE,
                 ),
                 "delete": _op("Release a result"),
@@ -288,7 +357,9 @@ def document(settings: Settings, functions: Functions | None = None) -> dict[str
                         "inputs": {"type": "object"},
                         "session": _SESSION,
                     },
+                    "additionalProperties": False,
                 },
+                **_RESPONSE_SCHEMAS,
                 **schemas,
             },
         },
@@ -320,10 +391,12 @@ def _type_text(schema: Mapping[str, Any]) -> str:
         if kind == "array" and "items" in option:
             items = option["items"].get("anyOf", [option["items"]])
             word += " of " + " or ".join(str(i.get("type", "any")) for i in items)
-        low = option.get("minimum", option.get("minItems"))
-        high = option.get("maximum", option.get("maxItems"))
+        low = option.get("minimum", option.get("minItems", option.get("exclusiveMinimum")))
+        high = option.get("maximum", option.get("maxItems", option.get("exclusiveMaximum")))
         if low is not None or high is not None:
             unit = " items" if kind == "array" else ""
+            if "exclusiveMinimum" in option or "exclusiveMaximum" in option:
+                unit = " (bounds excluded)"
             word += f", {'' if low is None else low}..{'' if high is None else high}{unit}"
         words.append(word)
     return " or ".join(words) or "any"

@@ -30,7 +30,7 @@ import numpy as np
 from fdrtd_server.errors import BadRequest, Forbidden
 from fdrtd_server.inputs import COLUMN, DATA, Input, Output
 from fdrtd_server.microservice import JobContext, Microservice, distribution_version
-from protocols.smpc.service import finite_rows
+from protocols.smpc.service import finite_result, finite_rows
 from protocols.smpc.tables import suppress
 
 service = Microservice(
@@ -157,4 +157,5 @@ async def aggregate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     values = dataset.column(inputs.get("column"))
     result = aggregate_values(values, edges, ctx.env.min_cohort)
     ctx.check_cohort(result["count"])
-    return result
+    # the sum of finite values can pass the float64 range: refused, not sent as infinity
+    return finite_result(result, "'map.aggregate'")

@@ -158,6 +158,11 @@ def _is_unicode(texts: list[str]) -> bool:
 
 
 def _check_name(name: Any) -> str:
+    if isinstance(name, bytes | bytearray):
+        raise BadRequest(
+            "column names must be non-empty strings, and one is msgpack binary (bin); "
+            "send the names as msgpack str (a Python str, not bytes)"
+        )
     if not isinstance(name, str) or not name:
         raise BadRequest("column names must be non-empty strings")
     if len(name) > 200:

@@ -101,6 +101,7 @@ from protocols.smpc.service import (
     agree,
     check_joint_cohort,
     declare,
+    finite_result,
     numeric,
     session_for,
 )
@@ -550,8 +551,23 @@ async def median(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
 
     total, found = await _order_statistics(ctx, inputs, options, lambda n: list(middle(n)))
     lower, upper = middle(total)
-    value = found[lower] if lower == upper else (found[lower] + found[upper]) / 2
+    if lower == upper:
+        return {"median": found[lower], "convention": convention, "count": total}
+    # the mean of two finite values can overflow (1.7e308 + 1.7e308); an infinite
+    # data value stays a value, as kth_smallest gives it
+    value = (found[lower] + found[upper]) / 2
+    _refuse_overflow(value, (found[lower], found[upper]), "median", "median")
     return {"median": value, "convention": convention, "count": total}
+
+
+def _refuse_overflow(value: float, between: tuple[float, float], key: str, function: str) -> None:
+    """Refuse ``value`` if it is not finite although the order statistics it comes from are.
+
+    Raises:
+        ComputationFailed: (422, on every party alike) via :func:`finite_result`.
+    """
+    if all(math.isfinite(v) for v in between):
+        finite_result({key: value}, f"'smpc.{function}'")
 
 
 def _probabilities(raw: Any) -> list[float]:
@@ -626,9 +642,12 @@ async def quantiles(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     results: list[float] = []
     for p in probabilities:
         lower, upper, gamma = quantile_ranks(total, p)
-        results.append(
-            found[lower] if lower == upper else interpolate(found[lower], found[upper], gamma)
-        )
+        if lower == upper:
+            results.append(found[lower])
+            continue
+        value = interpolate(found[lower], found[upper], gamma)
+        _refuse_overflow(value, (found[lower], found[upper]), "quantiles", "quantiles")
+        results.append(value)
     return {
         "quantiles": results,
         "probabilities": probabilities,

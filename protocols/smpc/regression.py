@@ -516,6 +516,7 @@ def _decision_from(message: Any, sender: str, p: int) -> dict[str, Any]:
             default=1e-8,
             minimum=0,
             maximum=1,
+            exclusive=True,
         ),
     ],
     outputs=[

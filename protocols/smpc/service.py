@@ -34,6 +34,7 @@ __all__ = [
     "agree",
     "check_joint_cohort",
     "declare",
+    "finite_result",
     "finite_rows",
     "joint_count",
     "numeric",
@@ -73,6 +74,42 @@ def finite_rows(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         return values[np.isfinite(values)]
     flat = values.reshape(values.shape[0], -1)
     return values[np.isfinite(flat).all(axis=1)]
+
+
+def _infinite(value: Any) -> bool:
+    """Whether ``value`` (a result's value, nested lists and maps included) holds ±inf."""
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind == "f" and bool(np.any(np.isinf(value)))
+    if isinstance(value, float | np.floating):
+        return bool(np.isinf(value))
+    if isinstance(value, dict):
+        return any(_infinite(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_infinite(item) for item in value)
+    return False
+
+
+def finite_result(result: dict[str, Any], function: str) -> dict[str, Any]:
+    """Return ``result`` unless one of its values overflowed to infinity.
+
+    A sum, mean or interpolation of finite float64 data can pass the largest
+    float (about 1.8e308); the result would then say nothing, and JSON cannot
+    carry it. Every party of a protocol sees the same joint result, so every
+    one refuses alike. NaN is let through: it is how a statistic says it is
+    undefined (the variance of one record), and reads as ``null`` in JSON.
+
+    Raises:
+        ComputationFailed: (422) naming the key, the cause and the fix.
+    """
+    for key, value in result.items():
+        if _infinite(value):
+            error = ComputationFailed(
+                f"the '{key}' of {function} overflowed the float64 range (about 1.8e308) "
+                "to infinity; scale the data down (divide it by a power of 10)"
+            )
+            error.collective = True  # every party computed the same result
+            raise error
+    return result
 
 
 def agree(smpc: SmpcSession, key: str) -> Any:
@@ -294,7 +331,7 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         scale = float(lo) if positive else None
         local = stats_math.local_power_sums(values, shift=shift, positive_minimum=scale)
         sums = await smpc.sum_big(list(local))
-    return stats_math.univariate(
+    result = stats_math.univariate(
         sums,
         float(lo),
         float(hi),
@@ -302,6 +339,7 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         shift=shift,
         reciprocal_scale=scale or 1.0,
     )
+    return finite_result(result, "'smpc.univariate'")
 
 
 @service.job(
@@ -339,7 +377,9 @@ async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         sums = await smpc.sum_big(
             list(stats_math.local_cross_sums(x, y, shift_x=shift_x, shift_y=shift_y))
         )
-    return stats_math.bivariate(sums, shift_x=shift_x, shift_y=shift_y)
+    return finite_result(
+        stats_math.bivariate(sums, shift_x=shift_x, shift_y=shift_y), "'smpc.bivariate'"
+    )
 
 
 # The vertical join and the PSI functions share the curve's process pool.

@@ -47,8 +47,10 @@ def test_good_inputs_pass_and_come_back() -> None:
     assert SIGNATURE.validate(inputs, WHERE) == inputs
 
 
-def test_optional_inputs_may_be_null() -> None:
-    assert SIGNATURE.validate({"data": HANDLE, "k": 1, "column": None}, WHERE)["column"] is None
+def test_optional_inputs_sent_as_null_are_not_given() -> None:
+    # null means "not given" (schema and docs): the function gets no key, so its default
+    checked = SIGNATURE.validate({"data": HANDLE, "k": 1, "column": None, "flag": None}, WHERE)
+    assert checked == {"data": HANDLE, "k": 1}
 
 
 def test_whole_floats_of_integer_inputs_become_ints() -> None:
@@ -111,3 +113,51 @@ def test_the_schema_says_what_the_check_does() -> None:
     assert p == {"type": "array", "minItems": 1, "maxItems": 3, "items": {"type": "number"}}
     assert properties["flag"]["default"] is False
     assert SIGNATURE.outputs_schema()["properties"]["value"]["type"] == "number"
+
+
+def test_exclusive_bounds_are_refused_and_declared_as_such() -> None:
+    tolerance = Input("t", "number", "a tolerance", minimum=0, maximum=1, exclusive=True)
+    signature = Signature(inputs=(tolerance,))
+    assert signature.validate({"t": 0.5}, WHERE) == {"t": 0.5}
+    for edge in (0, 0.0, 1, 1.0):
+        with pytest.raises(BadRequest, match=r"'t' of .* must be a number above 0 and below 1"):
+            signature.validate({"t": edge}, WHERE)
+    schema = tolerance.schema()["anyOf"][0]
+    assert schema == {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}
+    assert Input.from_dict(tolerance.to_dict()) == tolerance
+
+
+def test_number_choices_are_compared_as_numbers() -> None:
+    level = Input("level", "number", "a level", choices=(1, 2.5))
+    signature = Signature(inputs=(level,))
+    assert signature.validate({"level": 1.0}, WHERE) == {"level": 1.0}
+    assert signature.validate({"level": 2.5}, WHERE) == {"level": 2.5}
+    with pytest.raises(BadRequest, match="'level'"):
+        signature.validate({"level": True}, WHERE)
+    with pytest.raises(BadRequest, match="'level'"):
+        signature.validate({"level": "1"}, WHERE)
+
+
+def test_an_integer_without_bounds_has_64_bits_in_check_and_schema() -> None:
+    count = Input("n", "integer", "a count")
+    signature = Signature(inputs=(count,))
+    assert signature.validate({"n": 2**63 - 1}, WHERE) == {"n": 2**63 - 1}
+    with pytest.raises(BadRequest, match=r"'n' of .* must be an integer of at most 64 bits"):
+        signature.validate({"n": 2**63}, WHERE)
+    with pytest.raises(BadRequest, match="'n'"):
+        signature.validate({"n": 1e30}, WHERE)  # a JSON number beyond 64 bits, as a float
+    schema = count.schema()["anyOf"][0]
+    assert (schema["minimum"], schema["maximum"]) == (-(2**63), 2**63 - 1)
+
+
+def test_typed_arrays_reach_the_function_as_lists() -> None:
+    checked = SIGNATURE.validate({"data": HANDLE, "k": 1, "p": np.array([0.1, 0.2])}, WHERE)
+    assert checked["p"] == [0.1, 0.2] and isinstance(checked["p"], list)
+    assert "'p'" in refusal({"data": HANDLE, "k": 1, "p": np.zeros((2, 2))})
+
+
+def test_bounds_of_an_input_they_do_not_apply_to_are_refused_when_declared() -> None:
+    with pytest.raises(ValueError, match="'minimum' and 'maximum' apply to numbers and arrays"):
+        Input("name", "string", "a name", minimum=1, maximum=20)
+    with pytest.raises(ValueError, match="only a number has exclusive bounds"):
+        Input("p", "array", "a list", minimum=1, exclusive=True)

@@ -8,11 +8,12 @@ reports progress on the way; ``example.version`` answers directly.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import numpy as np
 
-from fdrtd_server.errors import BadRequest
+from fdrtd_server.errors import BadRequest, ComputationFailed
 from fdrtd_server.inputs import COLUMN, DATA, Input, Output
 from fdrtd_server.microservice import CallContext, JobContext, Microservice, distribution_version
 
@@ -60,6 +61,12 @@ async def scaled_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, float
         total += float(part.sum()) * factor
         await ctx.progress(step / steps)
         await asyncio.sleep(float(inputs.get("delay", 0.0)) if step < steps else 0)
+    if not math.isfinite(total):
+        # a result must be a finite number: JSON cannot carry an infinity
+        raise ComputationFailed(
+            "the 'sum' of 'example.scaled_sum' overflowed the float64 range; "
+            "use a smaller 'factor' or scale the data down"
+        )
     return {"sum": total}
 
 
