@@ -467,6 +467,21 @@ class Bus:
         """True once the connection is closed for good (nats-py gave up reconnecting)."""
         return self.nc.is_closed
 
+    def keep_reconnecting(self) -> None:
+        """Try a lost connection again without end; the caller decides when to give up.
+
+        A connection is opened to give up after a few attempts within seconds
+        (what a short-lived tool wants). A server's own connections are watched
+        instead, and given up after ``nats_reconnect_seconds`` (see
+        :mod:`fdrtd_server.server`), long enough for an external NATS to restart.
+        """
+        self.nc.options["max_reconnect_attempts"] = -1
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is up (False while reconnecting, and once closed)."""
+        return bool(self.nc.is_connected)
+
     async def close(self) -> None:
         """Drain and close the connection; just close it if NATS is not reachable."""
         if self.nc.is_closed:

@@ -218,12 +218,23 @@ async def fail_orphaned_jobs(
             log.warning("could not check whether a computation's process is alive: %s", error)
     if failed and at_start:
         log.warning(
-            "%d computation(s) that were running when the server stopped have been marked failed",
-            failed,
+            "%s that %s running when the server stopped %s been marked failed",
+            _computations(failed),
+            "was" if failed == 1 else "were",
+            "has" if failed == 1 else "have",
         )
     elif failed:
-        log.warning("%d computation(s) whose process had stopped were marked failed", failed)
+        log.warning(
+            "%s whose process had stopped %s been marked failed",
+            _computations(failed),
+            "has" if failed == 1 else "have",
+        )
     return failed
+
+
+def _computations(count: int) -> str:
+    """``"1 computation"``, ``"2 computations"``."""
+    return f"{count} computation{'' if count == 1 else 's'}"
 
 
 async def _fail_if_orphaned(
