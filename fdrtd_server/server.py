@@ -40,6 +40,7 @@ import uvicorn
 from fdrtd_server.app import State, create_app
 from fdrtd_server.bus import Bus, StoreLimits
 from fdrtd_server.config import Settings
+from fdrtd_server.errors import ServiceUnavailable
 from fdrtd_server.microservice import (
     Environment,
     RunningMicroservices,
@@ -75,6 +76,12 @@ def _nats_lost_message(what: str) -> str:
     )
 
 
+def _embedded_exited(address: str, code: int) -> str:
+    """What happened, for a person: the embedded nats-server at ``address`` exited with ``code``."""
+    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    return f"the embedded nats-server at {address} exited, {how}"
+
+
 class _NatsWatch:
     """Tells whether NATS is gone for good: the embedded server exited, or reconnecting failed.
 
@@ -105,8 +112,7 @@ class _NatsWatch:
         """Look once; return what happened, for a person, if NATS is gone for good."""
         code = self.exited()
         if code is not None:
-            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            return f"the embedded nats-server at {self.address} exited, {how}"
+            return _embedded_exited(self.address, code)
         buses = self.buses()
         if any(bus.lost for bus in buses):
             return f"the connection to NATS at {self.address} closed and reconnecting failed"
@@ -259,7 +265,14 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
     limits = StoreLimits.from_settings(settings)
     specs = discover(settings.microservices) if local_microservices else {}
     try:
-        asyncio.run(_prepare_store(nats_url, settings.name, limits))
+        try:
+            asyncio.run(_prepare_store(nats_url, settings.name, limits))
+        except ServiceUnavailable:
+            if embedded is None or embedded.returncode is None:
+                raise  # a wrong URL or wrong credentials: the message says so
+            what = _embedded_exited(embedded.address, embedded.returncode)
+            log.error("%s", _nats_lost_message(what))
+            return EXIT_NATS_LOST
         services: dict[str, RunningMicroservices] = {}
         tasks: list[asyncio.Task[None]] = []
         watching: list[asyncio.Task[None]] = []

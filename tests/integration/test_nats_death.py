@@ -166,6 +166,25 @@ def test_the_controller_exits_when_its_embedded_nats_dies_and_keeps_its_data(
         assert client.job(result.handle).result(timeout=10)["sum"] == 66.0
 
 
+def test_the_controller_exits_75_when_its_nats_dies_as_it_stops(solo: LocalServer) -> None:
+    """SIGTERM and NATS's death at once (the controller is stopped meanwhile): code 75."""
+    solo.start()
+    process = solo.process
+    assert process is not None
+    (nats,) = [pid for pid in children(process.pid) if "nats-server" in command(pid)]
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        os.kill(nats, signal.SIGKILL)
+        process.send_signal(signal.SIGTERM)
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    wait_for(lambda: process.poll() is not None, "the controller to exit")
+    assert process.returncode == EXIT_NATS_LOST
+    text = (solo.home / "server.log").read_text("utf-8", "replace")
+    assert len([line for line in text.splitlines() if LOST in line]) == 1, text
+    assert "Traceback" not in text
+
+
 def test_a_worker_exits_when_its_nats_dies(
     tmp_path: Path, nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
 ) -> None:
