@@ -127,7 +127,14 @@ class Heartbeat:
             self._revision = await self.bus.runners.update(self.runner, value, last=self._revision)
             return
         except KeyWrongLastSequenceError:
-            pass  # expired (or deleted) since the last write
+            pass  # expired (or deleted) since the last write, or a write that timed out landed
+        try:
+            entry = await self.bus.runners.get(self.runner)
+        except KeyNotFoundError:
+            entry = None  # expired, or deleted: it lapsed
+        if entry is not None and entry.value is not None and entry.revision is not None:
+            self._revision = entry.revision  # only this process writes its key: not lapsed
+            return
         self._revision = await self.bus.runners.put(self.runner, value)
         log.warning(
             "this process's liveness key had expired (its event loop was blocked, or NATS "
