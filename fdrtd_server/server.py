@@ -36,11 +36,11 @@ import time
 from collections.abc import Callable, Iterator
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fdrtd_server.app import State, create_app
 from fdrtd_server.bus import Bus, StoreLimits
 from fdrtd_server.config import Settings
-from fdrtd_server.errors import ServiceUnavailable
 from fdrtd_server.microservice import (
     Environment,
     RunningMicroservices,
@@ -156,6 +156,35 @@ class _NatsWatch:
         return None
 
 
+class _QuietStartupFailure:
+    """ASGI wrapper: a start-up that failed because NATS went away logs no traceback.
+
+    uvicorn logs the traceback that Starlette sends with ``lifespan.startup.failed``;
+    when NATS going away is the reason, the one ERROR line of :meth:`_Server.nats_lost`
+    says all there is to say.
+
+    Args:
+        app: The ASGI application.
+        gone: Says what happened if NATS is gone (None while it is not).
+    """
+
+    def __init__(self, app: ASGIApp, gone: Callable[[], str | None]) -> None:
+        self.app, self.gone = app, gone
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass everything on; drop the traceback of a start-up that failed for want of NATS."""
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.gone() is not None:
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
 class _Server(uvicorn.Server):
     """uvicorn, minus re-raising SIGTERM after shutdown, plus a line once it listens.
 
@@ -267,7 +296,7 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
     try:
         try:
             asyncio.run(_prepare_store(nats_url, settings.name, limits))
-        except ServiceUnavailable:
+        except Exception:
             if embedded is None or embedded.returncode is None:
                 raise  # a wrong URL or wrong credentials: the message says so
             what = _embedded_exited(embedded.address, embedded.returncode)
@@ -362,7 +391,7 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
             settings, nats_url, on_start=on_start, on_stop=on_stop, extra_routes=gateway.routes()
         )
         config = uvicorn.Config(
-            gateway.PeerFastPath(app),
+            _QuietStartupFailure(gateway.PeerFastPath(app), watch.down),
             host=settings.host,
             port=settings.port,
             loop="uvloop",

@@ -9,9 +9,11 @@ each test waits for a condition with a generous deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,6 +184,63 @@ def test_the_controller_exits_75_when_its_nats_dies_as_it_stops(solo: LocalServe
     assert process.returncode == EXIT_NATS_LOST
     text = (solo.home / "server.log").read_text("utf-8", "replace")
     assert len([line for line in text.splitlines() if LOST in line]) == 1, text
+    assert "Traceback" not in text
+
+
+def connected(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a TCP connection to ``port`` on 127.0.0.1 (Linux ``/proc``)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    for row in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        remote, state, inode = fields[2], fields[3], fields[9]
+        if state == "01" and int(remote.split(":")[1], 16) == port and inode in inodes:
+            return True
+    return False
+
+
+def test_the_controller_exits_75_when_its_nats_dies_as_it_starts(tmp_path: Path) -> None:
+    """NATS killed once the starting controller is connected to it, wherever its start is."""
+    server = make_server(tmp_path)
+    log = server.home / "server.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fdrtd_server", "serve", str(server.home)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        nats: list[int] = []
+
+        def nats_connected() -> bool:
+            if not nats:
+                nats.extend(p for p in children(process.pid) if "nats-server" in command(p))
+            config = server.home / "jetstream" / "nats-server.conf"
+            if not nats or not config.exists():
+                return False
+            port = int(config.read_text().split('listen: "127.0.0.1:')[1].split('"')[0])
+            return connected(process.pid, port)
+
+        wait_for(nats_connected, "the controller to connect to its embedded NATS")
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            os.kill(nats[0], signal.SIGKILL)
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+        wait_for(lambda: process.poll() is not None, "the controller to exit")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+    assert process.returncode == EXIT_NATS_LOST
+    text = log.read_text("utf-8", "replace")
+    (line,) = [line for line in text.splitlines() if LOST in line]
+    assert " ERROR " in line and "signal 9" in line
     assert "Traceback" not in text
 
 
