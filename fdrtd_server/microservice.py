@@ -295,6 +295,13 @@ class JobContext(CallContext):
         if self.revision is not None and not await self.write_record():
             raise JobEnded()
 
+    async def _released(self) -> bool:
+        """Whether the job's record is gone (released by its owner), as far as can be read."""
+        try:
+            return await self.bus.get_job(self.handle) is None
+        except Exception:
+            return False
+
     async def write_record(self) -> bool:
         """Write the job record over the revision written last (create it the first time).
 
@@ -310,9 +317,13 @@ class JobContext(CallContext):
                 self.revision = await self.bus.put_job(self.handle, self.record, self.revision)
             except RecordChanged:
                 self.ended_elsewhere = True
-                log.warning(
-                    "a computation's record was changed by another process (it was marked "
-                    "failed while this process was unresponsive, or released): it is stopped"
+                released = await self._released()
+                log.log(
+                    logging.INFO if released else logging.WARNING,
+                    "a computation is stopped: %s",
+                    "its owner released it"
+                    if released
+                    else "another process marked it failed while this process was unresponsive",
                 )
                 return False
             return True
@@ -704,6 +715,7 @@ class _Runner:
         except asyncio.CancelledError:
             self.computing.pop(ctx.handle, None)
             if ctx.ended_elsewhere:
+                await asyncio.shield(self._unlist(ctx.handle))
                 raise
             ctx.record.status, ctx.record.error_status = "failed", 503
             ctx.record.error = RESTARTED if ctx.lapsed else STOPPED
@@ -747,12 +759,18 @@ class _Runner:
         if self.bus.lost:
             return
         async with asyncio.timeout(STOP_WRITE_TIMEOUT if self.stopping else None):
-            if not await ctx.write_record():
-                self.listed.discard(ctx.handle)  # unlisted by whoever ended it
-                return
-            if ctx.handle in self.listed:
-                self.listed.discard(ctx.handle)
-                await self.bus.unlist_running(ctx.handle)
+            await ctx.write_record()  # unless someone else ended it: then nothing is written
+            await self._unlist(ctx.handle)
+
+    async def _unlist(self, handle: str) -> None:
+        """Take ``handle`` off the list of running jobs, if this runner listed it.
+
+        Also when someone else ended the job: the sweep unlisted it already (a
+        second purge does nothing), a release did not.
+        """
+        if handle in self.listed:
+            self.listed.discard(handle)
+            await self.bus.unlist_running(handle)
 
     def lapsed(self) -> None:
         """Stop the jobs running on past their start: this runner's liveness key had lapsed.

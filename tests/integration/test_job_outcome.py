@@ -222,3 +222,19 @@ def test_progress_of_a_held_start_is_written_only_with_the_first_record(
     nats_server: EmbeddedNats,
 ) -> None:
     asyncio.run(_held(nats_server.url))
+
+
+async def _released(url: str) -> None:
+    async with setup(url) as it:
+        handle, request = await it.start()
+        await request
+        await it.bus.delete_job(handle)  # its owner releases it while it runs
+        it.gates.go.set()
+        await it.settled()
+        assert await it.record(handle) is None  # not written again by its runner
+        assert handle not in await _listed(it.bus)
+        assert [event for event in it.ends if event["result"] == handle] == []
+
+
+def test_a_job_released_while_it_runs_is_not_recorded_again(nats_server: EmbeddedNats) -> None:
+    asyncio.run(_released(nats_server.url))
