@@ -237,6 +237,9 @@ class EmbeddedNats:
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
+            # a process group of its own: a Ctrl-C meant for the server must not stop
+            # NATS under it (the server stops it last, and would take its exit for a loss)
+            start_new_session=True,
         )
         self._process = process
         ready = threading.Event()

@@ -253,21 +253,26 @@ async def call_service(
 
 
 async def healthz(request: Request) -> Response:
-    """Liveness: the process answers and its NATS is not gone for good.
+    """Liveness: the process answers and is connected to its NATS.
 
     A controller whose NATS went away for good cannot do anything but exit (it
     does, see :mod:`fdrtd_server.server`); until it has, it is not healthy.
+    While it reconnects (an external NATS restarting, for up to
+    ``nats_reconnect_seconds``) it is not healthy either, and is again once
+    connected.
     """
     state = _state(request)
     if state.extra.get("nats_lost") or state.bus.lost:
         return problem(503, "Not healthy", "the NATS server stopped; this server is exiting")
+    if not state.bus.connected:
+        return problem(503, "Not healthy", "reconnecting to NATS")
     return JSONResponse({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
     """Readiness: connected to NATS and the data microservice answers."""
     state = _state(request)
-    if not state.bus.nc.is_connected:
+    if not state.bus.connected:
         return problem(503, "Not ready", "not connected to NATS")
     try:
         await state.bus.nc.request(f"{SERVICE_PREFIX}.data.describe", wire.packb({}), timeout=2)

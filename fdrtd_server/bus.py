@@ -55,7 +55,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -81,6 +81,7 @@ __all__ = [
     "Bus",
     "InsufficientStorage",
     "JobRecord",
+    "RecordChanged",
     "StoreLimits",
     "new_handle",
     "parse_handle",
@@ -193,6 +194,18 @@ class StoreLimits:
 
 DEFAULT_LIMITS = StoreLimits.of_total(64 * GiB)
 """The limits of a :class:`Bus` opened without any (those of the default settings)."""
+
+
+class RecordChanged(Exception):
+    """A job record was not at the revision a compare-and-set write expected.
+
+    Someone else wrote it since: the sweep of orphaned jobs ended the job (its
+    runner's liveness key had lapsed), or its owner released it.
+    """
+
+    def __init__(self, handle: str) -> None:
+        super().__init__("the job record changed since this process last wrote it")
+        self.handle = handle
 
 
 def _store_error(error: APIError, what: str) -> FdrtdError:
@@ -453,6 +466,21 @@ class Bus:
     def lost(self) -> bool:
         """True once the connection is closed for good (nats-py gave up reconnecting)."""
         return self.nc.is_closed
+
+    def keep_reconnecting(self) -> None:
+        """Try a lost connection again without end; the caller decides when to give up.
+
+        A connection is opened to give up after a few attempts within seconds
+        (what a short-lived tool wants). A server's own connections are watched
+        instead, and given up after ``nats_reconnect_seconds`` (see
+        :mod:`fdrtd_server.server`), long enough for an external NATS to restart.
+        """
+        self.nc.options["max_reconnect_attempts"] = -1
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is up (False while reconnecting, and once closed)."""
+        return bool(self.nc.is_connected)
 
     async def close(self) -> None:
         """Drain and close the connection; just close it if NATS is not reachable."""
@@ -734,9 +762,28 @@ class Bus:
             return None
         return JobRecord.from_dict(wire.unpackb(entry.value)), entry.revision
 
-    async def put_job(self, handle: str, record: JobRecord) -> None:
-        """Store a job record (large results go to the results object store)."""
+    async def put_job(self, handle: str, record: JobRecord, last: int | None = None) -> int:
+        """Store a job record with a compare-and-set; return the record's new revision.
+
+        Large results go to the results object store. Every write of a job
+        record names the revision it replaces, so that a job has exactly one
+        outcome: a runner that was merely slow never overwrites the end that
+        :func:`~fdrtd_server.runners.fail_orphaned_jobs` wrote for it, and the
+        sweep never overwrites the end its runner wrote.
+
+        Args:
+            handle: The job's result handle.
+            record: The record to store (its ``updated`` time is set here).
+            last: The revision this write replaces, as returned by the write
+                before; None creates the record, which must not exist yet.
+
+        Raises:
+            RecordChanged: If the record is not at revision ``last`` (or exists,
+                for None): someone else ended the job, or its owner released it.
+            InsufficientStorage: If the bucket is full.
+        """
         record.updated = now_iso()
+        in_store = False
         try:
             if record.status == "done" and not record.result_in_store:
                 packed = wire.packb(record.result)
@@ -744,7 +791,16 @@ class Bus:
                 if len(packed) > min(INLINE_RESULT_LIMIT, self.nc.max_payload // 2):
                     await self.results.put(handle, packed)
                     record.result, record.result_in_store = None, True
-            await self.jobs.put(handle, wire.packb(record.to_dict()))
+                    in_store = True
+            packed_record = wire.packb(record.to_dict())
+            if last is None:
+                return await self.jobs.create(handle, packed_record)
+            return await self.jobs.update(handle, packed_record, last=last)
+        except KeyWrongLastSequenceError:
+            if in_store:
+                with contextlib.suppress(Exception):
+                    await self.results.delete(handle)  # nobody will ever read it
+            raise RecordChanged(handle) from None
         except APIError as error:
             raise _store_error(error, "results") from None
 

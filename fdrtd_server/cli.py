@@ -244,6 +244,7 @@ def _run(args: argparse.Namespace) -> int:
             environment(settings),
             settings.microservices,
             limits=StoreLimits.from_settings(settings),
+            reconnect_seconds=settings.nats_reconnect_seconds,
         )
     if args.command == "demo":
         from fdrtd_server.demo import run_demo

@@ -85,6 +85,12 @@ class Settings:
     allow_matrix_product: bool = False
     allow_vertical_regression: bool = False
     session_timeout: float = 30.0
+    nats_reconnect_seconds: float = 60.0
+    """How long a lost NATS connection is tried again before the process exits with code 75.
+
+    Long enough for a routine restart of an external NATS (JetStream recovers
+    its streams for some seconds). Whatever it says, the embedded
+    ``nats-server`` exiting ends the server at once: it cannot come back."""
     microservices: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -107,6 +113,8 @@ class Settings:
             raise ValueError("setting 'min_cohort' must be at least 1")
         if not 0 < self.session_timeout <= 3600:
             raise ValueError("setting 'session_timeout' must be between 0 and 3600 seconds")
+        if not 0 < self.nats_reconnect_seconds <= 3600:
+            raise ValueError("setting 'nats_reconnect_seconds' must be between 0 and 3600 seconds")
 
     @property
     def url(self) -> str:
@@ -136,6 +144,7 @@ _FIELD_TYPES: dict[str, type] = {
     "allow_matrix_product": bool,
     "allow_vertical_regression": bool,
     "session_timeout": float,
+    "nats_reconnect_seconds": float,
 }
 
 

@@ -14,7 +14,10 @@ the resource tracker stayed alive, about 95 MB, each keeping the others.
 started calls it first thing with the server's pid, and a daemon thread
 ends the process as soon as the server is gone. On Linux (5.3 and later)
 the thread blocks on a pidfd, which becomes readable when the process exits;
-there is no polling and no pid that could be recycled.
+there is no polling and no pid that could be recycled. Elsewhere it looks
+every :data:`POLL_SECONDS` whether the server's pid still names the process
+that started when the server did (its start time in ``/proc``), so that a
+recycled pid is not taken for the server.
 
 The fork server and the resource tracker need no watchdog of their own.
 The fork server exits when no process holds the write end of its "alive"
@@ -59,22 +62,47 @@ def exit_with(pid: int) -> None:
         os._exit(ORPHANED)
     except (AttributeError, OSError):
         handle = None  # not Linux, or a kernel older than 5.3: poll instead
-    # checked after the pidfd is open: if pid is our ancestor now, the pidfd is the server's
+    # checked after the pidfd is open: if pid is our ancestor now, the pidfd is the server's,
+    # and so is the start time read next (which tells the server's pid from a recycled one)
     if not _is_ancestor(pid):
         os._exit(ORPHANED)
+    started = _start_time(pid)
     threading.Thread(
-        target=_exit_when_gone, args=(pid, handle), name="fdrtd-lifeline", daemon=True
+        target=_exit_when_gone, args=(pid, handle, started), name="fdrtd-lifeline", daemon=True
     ).start()
+
+
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (None if unreadable).
+
+    ``pid (comm) state ppid ...``: the name may hold spaces and parentheses,
+    so the fields are those after its last ``)``: ``[0]`` is the state,
+    ``[1]`` the parent, ``[19]`` the start time (field 22 of ``proc(5)``).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def _parent_of(pid: int) -> int | None:
     """The parent of ``pid`` from ``/proc`` (None where there is no ``/proc`` or no such pid)."""
+    fields = _stat(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-            return int(stat.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+        return int(fields[1]) if fields else None
+    except (ValueError, IndexError):
         return None
+
+
+def _start_time(pid: int) -> bytes | None:
+    """When ``pid`` started (clock ticks since boot), None where ``/proc`` cannot tell.
+
+    A pid and its start time name one process for good: a recycled pid has
+    another start time.
+    """
+    fields = _stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 def _is_ancestor(pid: int) -> bool:
@@ -88,7 +116,42 @@ def _is_ancestor(pid: int) -> bool:
     return grandparent == pid
 
 
-def _exit_when_gone(pid: int, handle: int | None) -> None:
+def _gone(pid: int, started: bytes | None) -> bool:
+    """Whether the process ``pid`` that started at ``started`` has exited.
+
+    A zombie (exited, not yet reaped by its parent) counts as gone, and so
+    does a pid that now names another process (another start time).
+    """
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # it exists, under another user
+    fields = _stat(pid)
+    if fields is None:
+        # no /proc entry although the pid exists: no /proc at all (cannot tell more),
+        # or the process ended between the two looks
+        return os.path.exists("/proc/self/stat")
+    return fields[0] in (b"Z", b"X") or (started is not None and _start_time(pid) != started)
+
+
+def _exit_when_gone(pid: int, handle: int | None, started: bytes | None) -> None:
+    """Wait until the server ``pid`` has exited, then end this process at once.
+
+    Runs in the lifeline's daemon thread. With a pidfd (``handle``) it blocks
+    until the kernel says the process exited. Without (no pidfds on this
+    system) it looks every :data:`POLL_SECONDS` whether ``pid`` still names
+    the process that started at ``started``: the server itself, not whether it
+    is still this process's ancestor, since the fork server between them may
+    end while the server lives.
+
+    Args:
+        pid: The server's process id.
+        handle: A pidfd of it, or None to poll.
+        started: Its start time (:func:`_start_time`), read when it was known
+            to be the server; None where ``/proc`` cannot tell.
+    """
     if handle is not None:
         poller = select.poll()
         poller.register(handle, select.POLLIN)
@@ -96,11 +159,5 @@ def _exit_when_gone(pid: int, handle: int | None) -> None:
         os._exit(ORPHANED)
     while True:
         time.sleep(POLL_SECONDS)
-        try:
-            os.kill(pid, 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            os._exit(ORPHANED)
-        except PermissionError:
-            pass  # it exists, under another user
-        if not _is_ancestor(pid):  # also catches a server that is a zombie
+        if _gone(pid, started):
             os._exit(ORPHANED)

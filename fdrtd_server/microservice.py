@@ -76,6 +76,7 @@ from fdrtd_server.bus import (
     SERVICE_PREFIX,
     Bus,
     JobRecord,
+    RecordChanged,
     check_owner,
     now_iso,
     parse_handle,
@@ -87,10 +88,17 @@ from fdrtd_server.errors import (
     Forbidden,
     NotFound,
     PluginError,
+    ServiceUnavailable,
 )
 from fdrtd_server.inputs import Input, Output, Signature
 from fdrtd_server.peers import PeerInbox, PeerSession
-from fdrtd_server.runners import Heartbeat, fail_orphaned_jobs, new_runner_id
+from fdrtd_server.runners import (
+    RESTARTED,
+    STOP_WRITE_TIMEOUT,
+    Heartbeat,
+    fail_orphaned_jobs,
+    new_runner_id,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -99,6 +107,7 @@ __all__ = [
     "Environment",
     "Input",
     "JobContext",
+    "JobEnded",
     "Microservice",
     "Output",
     "Signature",
@@ -246,18 +255,78 @@ class CallContext:
             raise CohortTooSmall(self.env.min_cohort)
 
 
+class JobEnded(asyncio.CancelledError):
+    """Raised in a job by :meth:`JobContext.progress` once someone else ended the job.
+
+    The job's record changed since its runner last wrote it: the sweep of
+    orphaned jobs marked it failed (this process had been unresponsive for
+    longer than its liveness key lives), or its owner released it. The job
+    is cancelled: nothing of it is written or reported any more. A
+    cancellation, so that ``except Exception`` in a function does not hold it.
+    """
+
+
 @dataclass
 class JobContext(CallContext):
     """A :class:`CallContext` for a running computation, with progress."""
 
     handle: str = ""
     record: JobRecord | None = None
+    revision: int | None = None
+    """The revision of the job record this runner wrote last; None before its first write."""
+    ended_elsewhere: bool = False
+    """True once a write found the record changed by someone else: the job is not ours."""
+    lapsed: bool = False
+    """True once this runner's liveness key was found lapsed while the job ran."""
+    _writing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     async def progress(self, fraction: float) -> None:
-        """Report how far the computation is (0 to 1); clients see it while polling."""
-        if self.record is not None:
-            self.record.progress = max(0.0, min(1.0, float(fraction)))
-            await self.bus.put_job(self.handle, self.record)
+        """Report how far the computation is (0 to 1); clients see it while polling.
+
+        Before the job's first record is written (while its start request is
+        held), the progress is kept and written with that record.
+
+        Raises:
+            JobEnded: If someone else ended the job meanwhile (it must stop).
+        """
+        if self.record is None:
+            return
+        self.record.progress = max(0.0, min(1.0, float(fraction)))
+        if self.revision is not None and not await self.write_record():
+            raise JobEnded()
+
+    async def _released(self) -> bool:
+        """Whether the job's record is gone (released by its owner), as far as can be read."""
+        try:
+            return await self.bus.get_job(self.handle) is None
+        except Exception:
+            return False
+
+    async def write_record(self) -> bool:
+        """Write the job record over the revision written last (create it the first time).
+
+        Returns:
+            True if written; False if someone else had written the record
+            since (then nothing is written for this job any more).
+        """
+        assert self.record is not None
+        async with self._writing:
+            if self.ended_elsewhere:
+                return False
+            try:
+                self.revision = await self.bus.put_job(self.handle, self.record, self.revision)
+            except RecordChanged:
+                self.ended_elsewhere = True
+                released = await self._released()
+                log.log(
+                    logging.INFO if released else logging.WARNING,
+                    "a computation is stopped: %s",
+                    "its owner released it"
+                    if released
+                    else "another process marked it failed while this process was unresponsive",
+                )
+                return False
+            return True
 
 
 def decode_dataset(description: Mapping[str, Any], raw: bytes) -> Dataset:
@@ -494,6 +563,9 @@ class _Runner:
         self.bus, self.env, self.spec, self.runner = bus, env, spec, runner
         self.tasks: set[asyncio.Task[None]] = set()
         self.listed: set[str] = set()  # result handles listed in fdrtd_running
+        # the jobs whose function still runs: (task, context) by result handle
+        self.computing: dict[str, tuple[asyncio.Task[None], JobContext]] = {}
+        self.stopping = False
 
     def handler(self, function: str) -> Callable[[Request], Awaitable[None]]:
         async def handle(request: Request) -> None:
@@ -560,6 +632,8 @@ class _Runner:
         )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        self.computing[handle] = (task, job)
+        task.add_done_callback(lambda _: self.computing.pop(handle, None))
         try:
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
@@ -567,8 +641,10 @@ class _Runner:
             if computed.is_set():
                 # finished within the wait: one record, the final one, and it goes
                 # back with the answer, so that the controller need not read it again
-                await self.bus.put_job(handle, record)
+                written = await job.write_record()
                 recorded.set_result(True)
+                if not written:
+                    raise ServiceUnavailable(RESTARTED)
                 final = record.to_dict()
                 if message.get("value") is False:
                     final["result"] = None  # the caller wants the state only
@@ -578,7 +654,11 @@ class _Runner:
             # listed first, so that a running record is never missing from the list
             await self.bus.list_running(handle, self.runner)
             self.listed.add(handle)
-            await self.bus.put_job(handle, record)
+            if not await job.write_record():
+                # the sweep failed it between the two writes: it is not ours to run
+                self.listed.discard(handle)
+                task.cancel()
+                raise ServiceUnavailable(RESTARTED)
             return {"result": handle, "status": "running"}
         finally:
             if not recorded.done():
@@ -622,18 +702,28 @@ class _Runner:
         computed: asyncio.Event,
         recorded: asyncio.Future[bool],
     ) -> None:
-        """Compute, then write the final record unless the start request's answer did."""
+        """Compute, then write the final record unless the start request's answer did.
+
+        Nothing is written or reported once the job's record was changed by
+        someone else (:attr:`JobContext.ended_elsewhere`): the job then has
+        its one outcome already.
+        """
         assert ctx.record is not None
         error_class = ""
         try:
             result = await function(ctx, inputs)
         except asyncio.CancelledError:
+            self.computing.pop(ctx.handle, None)
+            if ctx.ended_elsewhere:
+                await asyncio.shield(self._unlist(ctx.handle))
+                raise
             ctx.record.status, ctx.record.error_status = "failed", 503
-            ctx.record.error = STOPPED
+            ctx.record.error = RESTARTED if ctx.lapsed else STOPPED
             try:
                 await asyncio.shield(self._record_end(ctx))
             finally:
-                await self._report_end(ctx, "CancelledError")
+                if not ctx.ended_elsewhere:
+                    await self._report_end(ctx, "RunnerStopped" if ctx.lapsed else "CancelledError")
             raise
         except BaseException as error:
             code, message = _sanitise(error)
@@ -645,6 +735,7 @@ class _Runner:
             )
         else:
             ctx.record.status, ctx.record.progress, ctx.record.result = "done", 1.0, result
+        self.computing.pop(ctx.handle, None)
         computed.set()
         try:
             written = await asyncio.shield(recorded)
@@ -654,15 +745,43 @@ class _Runner:
             if not written:
                 await asyncio.shield(self._record_end(ctx))
         finally:
-            await self._report_end(ctx, error_class)
+            if not ctx.ended_elsewhere:
+                await self._report_end(ctx, error_class)
 
     async def _record_end(self, ctx: JobContext) -> None:
-        """Write the final record, then take the job off the list of running ones."""
+        """Write the final record, then take the job off the list of running ones.
+
+        Bounded while stopping (:data:`~fdrtd_server.runners.STOP_WRITE_TIMEOUT`),
+        and skipped once NATS is gone for good: a job left unrecorded fails at
+        the next start (:mod:`fdrtd_server.runners`).
+        """
         assert ctx.record is not None
-        await self.bus.put_job(ctx.handle, ctx.record)
-        if ctx.handle in self.listed:
-            self.listed.discard(ctx.handle)
-            await self.bus.unlist_running(ctx.handle)
+        if self.bus.lost:
+            return
+        async with asyncio.timeout(STOP_WRITE_TIMEOUT if self.stopping else None):
+            await ctx.write_record()  # unless someone else ended it: then nothing is written
+            await self._unlist(ctx.handle)
+
+    async def _unlist(self, handle: str) -> None:
+        """Take ``handle`` off the list of running jobs, if this runner listed it.
+
+        Also when someone else ended the job: the sweep unlisted it already (a
+        second purge does nothing), a release did not.
+        """
+        if handle in self.listed:
+            self.listed.discard(handle)
+            await self.bus.unlist_running(handle)
+
+    def lapsed(self) -> None:
+        """Stop the jobs running on past their start: this runner's liveness key had lapsed.
+
+        Each writes its end (failed, "restarted") unless the sweep of another
+        process already wrote one; either way it has one outcome.
+        """
+        for handle, (task, ctx) in list(self.computing.items()):
+            if handle in self.listed and not task.done():
+                ctx.lapsed = True
+                task.cancel()
 
     async def _report_end(self, ctx: JobContext, error_class: str) -> None:
         """Tell the controller's audit log how the job ended: status and error class, no data.
@@ -686,6 +805,7 @@ class _Runner:
             log.warning("could not report the end of a job for the audit log: %s", error)
 
     async def stop(self) -> None:
+        self.stopping = True
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
@@ -706,6 +826,11 @@ class RunningMicroservices:
         self.services: list[Service] = []
         self.runners: list[_Runner] = []
         self.heartbeat: Heartbeat | None = None
+
+    def lapsed(self) -> None:
+        """This process's liveness key had lapsed: stop its jobs that run on past their start."""
+        for runner in self.runners:
+            runner.lapsed()
 
     async def stop(self) -> None:
         """Stop accepting requests, cancel running jobs (they are marked failed)."""
@@ -729,8 +854,8 @@ async def start_microservices(
     are marked failed first (:func:`fdrtd_server.runners.fail_orphaned_jobs`).
     """
     running = RunningMicroservices(new_runner_id())
-    running.heartbeat = await Heartbeat(bus, running.runner).start()
-    await fail_orphaned_jobs(bus)
+    running.heartbeat = await Heartbeat(bus, running.runner, running.lapsed).start()
+    await fail_orphaned_jobs(bus, at_start=True)
     await bus.enable_set_cache()
     # listen for peer messages before any session can start, so that none is missed
     await PeerInbox.of(bus)

@@ -18,9 +18,17 @@ it would wait forever. So:
 * :func:`fail_orphaned_jobs` marks failed, with :data:`RESTARTED` and status
   503, every listed job whose runner has no liveness key. It runs when a
   process that runs microservices starts, and every :data:`SWEEP_INTERVAL`
-  seconds in the controller. It writes with a compare-and-set on the job
-  record's revision, so a final record written concurrently by a live runner
-  is never overwritten.
+  seconds in the controller.
+
+A job has exactly one outcome. Every write of a job record, the runner's and
+the sweep's, is a compare-and-set on the revision its writer wrote or read
+last (:meth:`~fdrtd_server.bus.Bus.put_job`). A runner that was only slow
+(its event loop blocked, or NATS out of reach, past :data:`RUNNER_TTL`) and
+was taken for dead finds, at its next write, that the record changed: it
+stops the job and writes and reports nothing more of it. Its heartbeat also
+notices that its key had lapsed, and stops its jobs that run on (each writes
+its end unless the sweep did). A job listed but not yet recorded gets a
+failed record from the sweep, which its runner then cannot replace.
 
 An embedded ``nats-server`` draws new credentials on every start, so no
 process of an earlier start can still reach it: ``serve`` then fails every
@@ -36,6 +44,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -43,12 +52,13 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from fdrtd_client import wire
 from fdrtd_server.audit import JOBS_SUBJECT
-from fdrtd_server.bus import RUNNER_TTL, Bus, JobRecord, now_iso
+from fdrtd_server.bus import RUNNER_TTL, Bus, JobRecord, RecordChanged, now_iso
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
     "RESTARTED",
     "RUNNER_TTL",
+    "STOP_WRITE_TIMEOUT",
     "SWEEP_INTERVAL",
     "Heartbeat",
     "fail_orphaned_jobs",
@@ -64,6 +74,8 @@ HEARTBEAT_INTERVAL = 4.0
 """Seconds between two writes of a process's liveness key."""
 SWEEP_INTERVAL = 5.0
 """Seconds between two searches for orphaned jobs in the controller."""
+STOP_WRITE_TIMEOUT = 2.0
+"""Seconds a stopping process gives each last write (a job's end, its liveness key)."""
 
 log = logging.getLogger("fdrtd.runners")
 
@@ -76,18 +88,27 @@ def new_runner_id() -> str:
 class Heartbeat:
     """Keeps the liveness key of one runner fresh until :meth:`stop`.
 
+    Each refresh is a compare-and-set on the key's revision, so the heartbeat
+    learns when the key had lapsed in between (the event loop was blocked, or
+    NATS unreachable, for :data:`RUNNER_TTL` seconds): other processes may then
+    have marked this runner's jobs failed. It writes the key again, logs a
+    warning and calls ``on_lapse``, which stops those jobs (each writes its
+    end only if nobody else did: see :meth:`fdrtd_server.bus.Bus.put_job`).
+
     Args:
         bus: The connection to write the key on.
         runner: The runner id.
+        on_lapse: Called (from the heartbeat's task) when the key had lapsed.
     """
 
-    def __init__(self, bus: Bus, runner: str) -> None:
-        self.bus, self.runner = bus, runner
+    def __init__(self, bus: Bus, runner: str, on_lapse: Callable[[], None] | None = None) -> None:
+        self.bus, self.runner, self.on_lapse = bus, runner, on_lapse
         self._task: asyncio.Task[None] | None = None
+        self._revision = 0
 
     async def start(self) -> Heartbeat:
         """Write the key now (before any job of this runner exists), then keep it fresh."""
-        await self.bus.runners.put(self.runner, now_iso().encode())
+        self._revision = await self.bus.runners.put(self.runner, now_iso().encode())
         self._task = asyncio.create_task(self._beat(), name=f"heartbeat-{self.runner}")
         return self
 
@@ -95,9 +116,34 @@ class Heartbeat:
         while not self.bus.lost:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             try:
-                await self.bus.runners.put(self.runner, now_iso().encode())
+                await self._refresh()
             except Exception as error:  # the bus is reconnecting: try again next time
                 log.warning("could not refresh this process's liveness key: %s", error)
+
+    async def _refresh(self) -> None:
+        """Write the key once; notice (and report) that it had lapsed."""
+        value = now_iso().encode()
+        try:
+            self._revision = await self.bus.runners.update(self.runner, value, last=self._revision)
+            return
+        except KeyWrongLastSequenceError:
+            pass  # expired (or deleted) since the last write, or a write that timed out landed
+        try:
+            entry = await self.bus.runners.get(self.runner)
+        except KeyNotFoundError:
+            entry = None  # expired, or deleted: it lapsed
+        if entry is not None and entry.value is not None and entry.revision is not None:
+            self._revision = entry.revision  # only this process writes its key: not lapsed
+            return
+        self._revision = await self.bus.runners.put(self.runner, value)
+        log.warning(
+            "this process's liveness key had expired (its event loop was blocked, or NATS "
+            "unreachable, for %g s or more): the computations it was running may have been "
+            "marked failed by another process, and are stopped",
+            RUNNER_TTL,
+        )
+        if self.on_lapse is not None:
+            self.on_lapse()
 
     async def stop(self) -> None:
         """Stop refreshing, and delete the key: this runner's jobs have all ended."""
@@ -107,7 +153,8 @@ class Heartbeat:
                 await self._task
             self._task = None
         with contextlib.suppress(Exception):
-            await self.bus.runners.delete(self.runner)
+            async with asyncio.timeout(STOP_WRITE_TIMEOUT):
+                await self.bus.runners.delete(self.runner)
 
 
 async def _alive(bus: Bus, runner: str, known: dict[str, bool]) -> bool:
@@ -140,7 +187,7 @@ async def _running_entries(bus: Bus) -> list[tuple[str, str]]:
 
 
 async def fail_orphaned_jobs(
-    bus: Bus, *, everyone_gone: bool = False, alive: tuple[str, ...] = ()
+    bus: Bus, *, everyone_gone: bool = False, alive: tuple[str, ...] = (), at_start: bool = False
 ) -> int:
     """Mark failed every unfinished job whose runner is gone; return how many.
 
@@ -152,34 +199,82 @@ async def fail_orphaned_jobs(
         alive: Runner ids known to be alive without looking (this process's
             own: its liveness key may lapse while its event loop was busy,
             and so may the sweep, which then must not fail its own jobs).
+        at_start: True when a process starts: a number above 0 is then a
+            warning an operator should read, worded for a restart.
 
-    A job whose record changed since it was read (its runner wrote its end
-    just now) is left alone: the record is written with a compare-and-set on
-    its revision.
+    Every write is a compare-and-set (:meth:`~fdrtd_server.bus.Bus.put_job`):
+    a job whose record changed since it was read (its runner wrote its end
+    just now) is left alone, and a runner that was merely slow, not dead,
+    finds its record changed on its next write and stops the job without
+    writing or reporting a second end. A job listed but not recorded yet
+    gets a failed record of its own (created only if none exists), so that
+    its runner, should it be alive after all, cannot write one afterwards.
+    An error with one job is logged; the others are looked at all the same.
     """
     known = dict.fromkeys(alive, True)
     failed = 0
-    for handle, runner in await _running_entries(bus):
-        current = await bus.get_job(handle)
-        if current is None and not everyone_gone and await _alive(bus, runner, known):
-            continue  # listed, and its running record is being written
-        if current is not None and not current[0].finished:
-            record, revision = current
-            if not everyone_gone and await _alive(bus, record.runner or runner, known):
-                continue
-            record.status, record.error_status, record.error = "failed", 503, RESTARTED
-            record.updated = now_iso()
-            try:
-                await bus.jobs.update(handle, wire.packb(record.to_dict()), last=revision)
-            except KeyWrongLastSequenceError:
-                continue  # written meanwhile: look again at the next sweep
-            failed += 1
-            await _report(bus, handle, record)
-        # ended (now, or earlier with its index entry left behind), or released
-        await bus.unlist_running(handle)
-    if failed:
-        log.info("%d computation(s) whose process had stopped were marked failed", failed)
+    try:
+        entries = await _running_entries(bus)
+    except Exception as error:
+        log.warning("could not list the computations running on this server's bus: %s", error)
+        return 0
+    for handle, runner in entries:
+        try:
+            failed += await _fail_if_orphaned(bus, handle, runner, everyone_gone, known)
+        except Exception as error:
+            log.warning("could not check whether a computation's process is alive: %s", error)
+    if failed and at_start:
+        log.warning(
+            "%s that %s running when the server stopped %s been marked failed",
+            _computations(failed),
+            "was" if failed == 1 else "were",
+            "has" if failed == 1 else "have",
+        )
+    elif failed:
+        log.warning(
+            "%s whose process had stopped %s been marked failed",
+            _computations(failed),
+            "has" if failed == 1 else "have",
+        )
     return failed
+
+
+def _computations(count: int) -> str:
+    """``"1 computation"``, ``"2 computations"``."""
+    return f"{count} computation{'' if count == 1 else 's'}"
+
+
+async def _fail_if_orphaned(
+    bus: Bus, handle: str, runner: str, everyone_gone: bool, known: dict[str, bool]
+) -> int:
+    """Fail the listed job ``handle`` if its runner is gone; return 1 if it was failed now."""
+    current = await bus.get_job(handle)
+    if current is None:
+        if not everyone_gone and await _alive(bus, runner, known):
+            return 0  # listed, and its running record is being written
+        # listed, never recorded: its runner died (or stalled) between the two writes
+        placeholder = JobRecord("", "", "", "failed", created=now_iso(), runner=runner)
+        placeholder.error_status, placeholder.error = 503, RESTARTED
+        try:
+            await bus.put_job(handle, placeholder)
+        except RecordChanged:
+            return 0  # recorded meanwhile: look again at the next sweep
+        await bus.unlist_running(handle)
+        return 0  # no start was ever answered with this handle: nobody to tell
+    record, revision = current
+    if record.finished:
+        await bus.unlist_running(handle)  # ended, with its index entry left behind
+        return 0
+    if not everyone_gone and await _alive(bus, record.runner or runner, known):
+        return 0
+    record.status, record.error_status, record.error = "failed", 503, RESTARTED
+    try:
+        await bus.put_job(handle, record, last=revision)
+    except RecordChanged:
+        return 0  # written meanwhile: look again at the next sweep
+    await _report(bus, handle, record)
+    await bus.unlist_running(handle)
+    return 1
 
 
 async def _report(bus: Bus, handle: str, record: JobRecord) -> None:

@@ -32,9 +32,11 @@ import dataclasses
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fdrtd_server.app import State, create_app
 from fdrtd_server.bus import Bus, StoreLimits
@@ -58,34 +60,129 @@ WATCH_INTERVAL = 0.1
 """Seconds between two looks at the NATS connections and the embedded nats-server."""
 LOST_GRACE = 5
 """Seconds open HTTP requests get to end once NATS is lost, before they are cancelled."""
+FAILURE_LOOKS = 20
+"""How many times (:data:`WATCH_INTERVAL` apart) a failed start-up looks whether NATS is gone."""
 
 
 def _nats_lost_message(what: str) -> str:
+    """The ERROR line a controller logs when NATS is gone for good (a worker's says "worker").
+
+    Args:
+        what: What happened, as :class:`_NatsWatch` describes it.
+    """
     return (
         f"the NATS server stopped ({what}); fdrtd-server exits with code {EXIT_NATS_LOST} so "
         "that a supervisor can restart it (datasets and results are kept in JetStream)"
     )
 
 
-async def _watch_nats(
-    buses: Callable[[], list[Bus]], exited: Callable[[], int | None], address: str
-) -> str:
-    """Wait until NATS is gone for good; return what happened, for a person.
+def _embedded_exited(address: str, code: int) -> str:
+    """What happened, for a person: the embedded nats-server at ``address`` exited with ``code``."""
+    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    return f"the embedded nats-server at {address} exited, {how}"
+
+
+class _NatsWatch:
+    """Tells whether NATS is gone for good: the embedded server exited, or reconnecting failed.
+
+    An embedded ``nats-server`` that exited cannot come back (a new one would
+    have new credentials), so that is final at once. A connection to an
+    external NATS is given ``patience`` seconds to come back, so that a
+    routine restart of NATS does not end every controller and worker.
 
     Args:
         buses: The connections to watch (read again on every look).
         exited: The embedded nats-server's exit code, None while it runs
             (always None for an external NATS).
         address: The NATS address without credentials, for the message.
+        patience: Seconds a connection may be down before NATS counts as gone.
     """
-    while True:
-        code = exited()
+
+    def __init__(
+        self,
+        buses: Callable[[], list[Bus]],
+        exited: Callable[[], int | None],
+        address: str,
+        patience: float,
+    ) -> None:
+        self.buses, self.exited, self.address, self.patience = buses, exited, address, patience
+        self._down_since: float | None = None
+
+    def look(self) -> str | None:
+        """Look once; return what happened, for a person, if NATS is gone for good."""
+        code = self.exited()
         if code is not None:
-            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            return f"the embedded nats-server at {address} exited, {how}"
-        if any(bus.lost for bus in buses()):
-            return f"the connection to NATS at {address} closed and reconnecting failed"
-        await asyncio.sleep(WATCH_INTERVAL)
+            return _embedded_exited(self.address, code)
+        buses = self.buses()
+        if any(bus.lost for bus in buses):
+            return f"the connection to NATS at {self.address} closed and reconnecting failed"
+        if all(bus.connected for bus in buses):
+            self._down_since = None
+            return None
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        elif now - self._down_since >= self.patience:
+            return (
+                f"the connection to NATS at {self.address} closed and reconnecting failed "
+                f"for {self.patience:g} s"
+            )
+        return None
+
+    def down(self) -> str | None:
+        """What :meth:`look` says, or that a connection is down now (for start-up and stop)."""
+        what = self.look()
+        if what is None and not all(bus.connected for bus in self.buses()):
+            what = f"the connection to NATS at {self.address} closed"
+        return what
+
+    async def gone(self) -> str:
+        """Wait until NATS is gone for good; return what happened, for a person."""
+        while (what := self.look()) is None:
+            await asyncio.sleep(WATCH_INTERVAL)
+        return what
+
+    async def explains_failure(self) -> str | None:
+        """After a start-up step failed: whether NATS going away explains it, and how.
+
+        An embedded nats-server's exit is seen a moment after its connections
+        close, so this looks for up to :data:`FAILURE_LOOKS` times.
+        """
+        for _ in range(FAILURE_LOOKS):
+            what = self.down()
+            if what is not None:
+                return what
+            await asyncio.sleep(WATCH_INTERVAL)
+        return None
+
+
+class _QuietStartupFailure:
+    """ASGI wrapper: a start-up that failed because NATS went away logs no traceback.
+
+    uvicorn logs the traceback that Starlette sends with ``lifespan.startup.failed``;
+    when NATS going away is the reason, the one ERROR line of :meth:`_Server.nats_lost`
+    says all there is to say.
+
+    Args:
+        app: The ASGI application.
+        gone: Says what happened if NATS is gone (None while it is not).
+    """
+
+    def __init__(self, app: ASGIApp, gone: Callable[[], str | None]) -> None:
+        self.app, self.gone = app, gone
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass everything on; drop the traceback of a start-up that failed for want of NATS."""
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.gone() is not None:
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, sending)
 
 
 class _Server(uvicorn.Server):
@@ -96,15 +193,40 @@ class _Server(uvicorn.Server):
     it. We stop gracefully and return instead.
     """
 
-    def __init__(self, config: uvicorn.Config, listening: Callable[[str], str]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        listening: Callable[[str], str],
+        gone: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        """Prepare to serve; nothing runs before :meth:`run`.
+
+        Args:
+            config: uvicorn's configuration, with the app.
+            listening: Makes the line logged once the port is open, from the
+                URL it listens on.
+            gone: Says what happened if NATS is gone for good (None while it
+                is not): a start-up that fails because of that exits with
+                :data:`EXIT_NATS_LOST`, not uvicorn's code 3.
+        """
         super().__init__(config)
         self.listening = listening
+        self.gone = gone
         self.exit_code = 0
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """Start serving, then log where (the port actually bound, should it be 0)."""
-        await super().startup(sockets)
-        if self.started:
+        try:
+            await super().startup(sockets)
+        except SystemExit:
+            # the lifespan failed (uvicorn exits with code 3): say so plainly if NATS
+            # going away is why, and exit for a supervisor to restart us
+            what = self.gone()
+            if what is None and not self.exit_code:
+                raise
+            self.nats_lost(what or "")
+            return
+        if self.started and not self.should_exit:
             bound = [sock.getsockname() for server in self.servers for sock in server.sockets]
             host, port = bound[0][:2] if bound else (self.config.host, self.config.port)
             host = f"[{host}]" if ":" in str(host) else host
@@ -172,23 +294,57 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
     limits = StoreLimits.from_settings(settings)
     specs = discover(settings.microservices) if local_microservices else {}
     try:
-        asyncio.run(_prepare_store(nats_url, settings.name, limits))
+        try:
+            asyncio.run(_prepare_store(nats_url, settings.name, limits))
+        except Exception:
+            if embedded is None or embedded.returncode is None:
+                raise  # a wrong URL or wrong credentials: the message says so
+            what = _embedded_exited(embedded.address, embedded.returncode)
+            log.error("%s", _nats_lost_message(what))
+            return EXIT_NATS_LOST
         services: dict[str, RunningMicroservices] = {}
         tasks: list[asyncio.Task[None]] = []
+        watching: list[asyncio.Task[None]] = []
+
+        buses: list[Bus] = []
+        watch = _NatsWatch(
+            lambda: buses,
+            lambda: embedded.returncode if embedded is not None else None,
+            embedded.address if embedded is not None else redact_url(nats_url),
+            settings.nats_reconnect_seconds,
+        )
 
         async def on_start(state: State) -> None:
+            buses.append(state.bus)
+            # watched from the first step on, so that NATS going away while we start
+            # ends the server as it would later (code 75), not with uvicorn's code 3
+            watching.append(asyncio.create_task(watch_until_gone(state)))
+            try:
+                await start_parts(state)
+            except Exception:
+                what = await watch.explains_failure()
+                if what is None:
+                    raise
+                lost(state, what)
+
+        async def start_parts(state: State) -> None:
             if embedded is not None:
                 # a freshly started embedded NATS has new credentials: no process of
                 # an earlier start can reach it, so every job left unfinished fails
                 # now, before the port opens (and the audit log, listening already,
                 # records each end)
-                await fail_orphaned_jobs(state.bus, everyone_gone=True)
+                await fail_orphaned_jobs(state.bus, everyone_gone=True, at_start=True)
+            else:
+                state.bus.keep_reconnecting()  # for nats_reconnect_seconds: see the watch
             if local_microservices:
                 bus = await Bus.connect(
                     nats_url, name=f"fdrtd-microservices-{settings.name}", limits=limits
                 )
-                services["running"] = await start_microservices(bus, environment(settings), specs)
                 state.extra["microservice_bus"] = bus
+                buses.append(bus)
+                if embedded is None:
+                    bus.keep_reconnecting()
+                services["running"] = await start_microservices(bus, environment(settings), specs)
             await gateway.start(state, nats_url)
             if local_microservices:
                 # protocols in this process reach the gateway directly, and it them
@@ -198,37 +354,44 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
             # starts failed above, or when start_microservices ran)
             own = (services["running"].runner,) if "running" in services else ()
             tasks.append(asyncio.create_task(sweep_forever(state.bus, own)))
-            tasks.append(asyncio.create_task(watch(state)))
 
-        async def watch(state: State) -> None:
-            buses = [state.bus]
-            if "microservice_bus" in state.extra:
-                buses.append(state.extra["microservice_bus"])
-            what = await _watch_nats(
-                lambda: buses,
-                lambda: embedded.returncode if embedded is not None else None,
-                embedded.address if embedded is not None else redact_url(nats_url),
-            )
-            state.extra["nats_lost"] = what  # /healthz answers 503 from now on
-            server.nats_lost(what)
+        async def watch_until_gone(state: State) -> None:
+            lost(state, await watch.gone())
             for bus in buses:
                 # no more reconnect attempts: every wait on the bus ends now
                 await bus.abandon()
 
+        def lost(state: State, what: str) -> None:
+            state.extra["nats_lost"] = what  # /healthz answers 503 from now on
+            server.nats_lost(what)
+
         async def on_stop(state: State) -> None:
+            # the watch goes on while we stop: should NATS go away now, the waits on
+            # it end at once, and the exit code says so
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await gateway.stop(state)
-            if "running" in services:
-                await services["running"].stop()
-                await state.extra["microservice_bus"].close()
+            try:
+                await gateway.stop(state)
+                if "running" in services:
+                    await services["running"].stop()
+                if "microservice_bus" in state.extra:
+                    bus = state.extra["microservice_bus"]
+                    buses.remove(bus)  # closed on purpose: no loss
+                    await bus.close()
+            finally:
+                for task in watching:
+                    task.cancel()
+                await asyncio.gather(*watching, return_exceptions=True)
+                what = watch.down() if buses else None
+                if what is not None:
+                    lost(state, what)
 
         app = create_app(
             settings, nats_url, on_start=on_start, on_stop=on_stop, extra_routes=gateway.routes()
         )
         config = uvicorn.Config(
-            gateway.PeerFastPath(app),
+            _QuietStartupFailure(gateway.PeerFastPath(app), watch.down),
             host=settings.host,
             port=settings.port,
             loop="uvloop",
@@ -249,6 +412,7 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
                 f"fdrtd-server '{settings.name}' listening on {url} "
                 f"(microservices: {names}; NATS: {where})"
             ),
+            watch.down,
         )
         server.run()
         return server.exit_code
@@ -258,18 +422,36 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
 
 
 async def _worker(
-    nats_url: str, env: Environment, allowed: tuple[str, ...], limits: StoreLimits | None
+    nats_url: str,
+    env: Environment,
+    allowed: tuple[str, ...],
+    limits: StoreLimits | None,
+    reconnect_seconds: float,
 ) -> int:
     from fdrtd_server._embedded_nats import redact_url
 
     bus = await Bus.connect(nats_url, name=f"fdrtd-worker-{env.server}", limits=limits)
+    bus.keep_reconnecting()  # for reconnect_seconds: see the watch
+    address = redact_url(nats_url)
+    watch = _NatsWatch(lambda: [bus], lambda: None, address, reconnect_seconds)
+
+    def lost(what: str) -> int:
+        log.error("%s", _nats_lost_message(what).replace("fdrtd-server", "the worker"))
+        return EXIT_NATS_LOST
+
     specs = discover(allowed)
-    running = await start_microservices(bus, env, specs)
+    try:
+        running = await start_microservices(bus, env, specs)
+    except Exception:
+        what = await watch.explains_failure()
+        if what is None:
+            raise
+        await bus.abandon()
+        return lost(what)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    address = redact_url(nats_url)
     log.info(
         "fdrtd worker for '%s' serving %s (NATS: %s)",
         env.server,
@@ -277,16 +459,17 @@ async def _worker(
         address,
     )
     stopping = asyncio.create_task(stop.wait())
-    lost = asyncio.create_task(_watch_nats(lambda: [bus], lambda: None, address))
-    await asyncio.wait([stopping, lost], return_when=asyncio.FIRST_COMPLETED)
-    for task in (stopping, lost):
+    gone = asyncio.create_task(watch.gone())
+    await asyncio.wait([stopping, gone], return_when=asyncio.FIRST_COMPLETED)
+    for task in (stopping, gone):
         task.cancel()
     code = 0
-    if lost.done() and not lost.cancelled():
-        log.error("%s", _nats_lost_message(lost.result()).replace("fdrtd-server", "the worker"))
-        code = EXIT_NATS_LOST
+    if gone.done() and not gone.cancelled():
+        code = lost(gone.result())
         await bus.abandon()  # requests still waiting for an answer fail now
     await running.stop()
+    if not code and (what := watch.down()) is not None:
+        code = lost(what)  # NATS went away while the worker stopped
     await bus.close()
     return code
 
@@ -297,6 +480,7 @@ def run_worker(
     allowed: tuple[str, ...] = (),
     *,
     limits: StoreLimits | None = None,
+    reconnect_seconds: float = Settings.nats_reconnect_seconds,
 ) -> int:
     """Run microservices only, against an existing NATS, until SIGINT/SIGTERM.
 
@@ -310,6 +494,8 @@ def run_worker(
         env: What the microservices need to know of the server's settings.
         allowed: The microservices to run (all installed ones if empty).
         limits: The bucket limits, should this worker create the buckets.
+        reconnect_seconds: How long a lost connection to NATS is tried again
+            before the worker gives up (the ``nats_reconnect_seconds`` setting).
 
     Returns:
         The exit code: 0 after SIGINT/SIGTERM, :data:`EXIT_NATS_LOST` if NATS
@@ -317,4 +503,4 @@ def run_worker(
     """
     from fdrtd_server._embedded_nats import resolve_nats_url
 
-    return asyncio.run(_worker(resolve_nats_url(nats_url), env, allowed, limits))
+    return asyncio.run(_worker(resolve_nats_url(nats_url), env, allowed, limits, reconnect_seconds))

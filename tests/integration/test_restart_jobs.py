@@ -28,6 +28,8 @@ from fdrtd_server._embedded_nats import EmbeddedNats, write_private
 from fdrtd_server.bus import RUNNING_BUCKET
 from fdrtd_server.local import LocalFederation, LocalServer
 
+RESTART = "computation that was running when the server stopped has been marked failed"
+"""The warning a start prints when it failed one job (the one that was running)."""
 SLOW: dict[str, Any] = {"factor": 1.0, "steps": 100, "delay": 1.0}
 """``example.scaled_sum`` inputs that make it run for about 100 s."""
 
@@ -60,6 +62,9 @@ def test_a_job_running_when_the_server_is_killed_fails_at_the_restart(solo: Loca
 
     solo.stop(kill=True)  # SIGKILL: nothing can write the job's end
     solo.start()
+    # the operator reads how many computations the restart failed
+    told = [line for line in (solo.home / "server.log").read_text().splitlines() if RESTART in line]
+    assert len(told) == 1 and " WARNING " in told[0] and told[0].endswith(f"1 {RESTART}"), told
 
     headers = {"authorization": f"Bearer {solo.token}"}
     # failed from the first look on: no waiting for a liveness key to expire
