@@ -63,7 +63,7 @@ import msgpack
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, NoKeysError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -264,6 +264,10 @@ class Gateway:
         self._records: dict[str, bool] = {}
         """Whether each session recorded on this server has ended, as the records
         say when they are written (newest last, at most :data:`RECORDS_KEPT`)."""
+        self._recorded_before: set[str] | None = None
+        """The sessions recorded before this gateway watched the records (None until
+        they are listed): only these need their record read."""
+        self.listing: asyncio.Task[None] | None = None
 
     async def attach(self, inbox: PeerInbox) -> None:
         """Serve the protocol microservices of this process directly (no bus hops)."""
@@ -447,6 +451,11 @@ class Gateway:
         known = self._records.get(session_id)
         if known is not None:
             return known
+        before = self._recorded_before
+        if before is not None and session_id not in before:
+            # not recorded before the watch began, nor since: a session that has
+            # not started here yet (a fast party's first message), not an old one
+            return False
         try:
             entry = await asyncio.wait_for(
                 self.state.bus.sessions.get(session_id), RECORD_LOOKUP_WAIT
@@ -460,6 +469,24 @@ class Gateway:
         if ended:
             self._records[session_id] = True
         return bool(ended)
+
+    async def list_records(self) -> None:
+        """List the sessions recorded before the watch began (in the background).
+
+        Until the list is made, every message for a session that is neither
+        open here nor recorded since the start costs a read of its record;
+        afterwards only the sessions of the list do (after a restart: those
+        that ran before it). The watch begins before the listing, so no
+        session falls between the two.
+        """
+        try:
+            keys = await self.state.bus.sessions.keys()
+        except NoKeysError:
+            keys = []
+        except Exception as error:
+            log.warning("could not list the recorded peer sessions: %r", error)
+            return
+        self._recorded_before = set(keys)
 
     async def hand_on(self, message: OpenedMessage) -> None:
         """Give a verified message to its session: here if it runs here, else over NATS."""
@@ -488,6 +515,8 @@ async def start(state: State, nats_url: str) -> None:
     gateway.record_subscription = await state.bus.nc.subscribe(
         f"$KV.{SESSIONS_BUCKET}.>", cb=gateway.record_written
     )
+    await state.bus.nc.flush()  # the watch is in place before the listing starts
+    gateway.listing = asyncio.create_task(gateway.list_records())
 
 
 async def stop(state: State) -> None:
@@ -499,6 +528,9 @@ async def stop(state: State) -> None:
         await gateway.subscription.unsubscribe()
         await gateway.seed_subscription.unsubscribe()
         await gateway.record_subscription.unsubscribe()
+    if gateway.listing is not None:
+        gateway.listing.cancel()
+        await asyncio.wait([gateway.listing], timeout=1.0)
     for task in list(gateway.sending):
         task.cancel()
     if gateway.sending:
