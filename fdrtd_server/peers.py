@@ -444,6 +444,11 @@ class PeerInbox:
             return False
         if self._fits(quota, message, size):
             return True
+        oldest = quota.oldest
+        while oldest and not oldest[0][2].live:
+            heapq.heappop(oldest)
+        if not oldest or oldest[0][0] > message.ts:
+            return False  # older than all the sender has here (a replay): nothing to push out
         # find the victims first, so that nothing is pushed out for a message that is dropped
         victims: list[_Held] = []
         messages, size_used, sessions = quota.messages, quota.size, dict(quota.sessions)

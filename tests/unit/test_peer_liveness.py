@@ -321,6 +321,10 @@ def test_replayed_messages_give_way_to_what_the_sender_sends_now() -> None:
         recorded = time.time() - 60
         for number in range(200):
             await inbox.route(Incoming(f"old-{number}", "alpha", "t", 1, b"\xc0", recorded))
+        full = inbox.held_from("alpha")
+        older = Incoming("older-session", "alpha", "t", 1, b"\xc0", recorded - 60)
+        await inbox.route(older)  # older than all alpha has here: it pushes nothing out
+        assert "older-session" not in inbox.held and inbox.held_from("alpha") == full
         fresh = Incoming("new-session", "alpha", "t", 1, msgpack.packb("now"), time.time())
         await inbox.route(fresh)
         bus = _Bus()
