@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,11 @@ RESTARTED = (
 HEARTBEAT_INTERVAL = 4.0
 """Seconds between two writes of a process's liveness key."""
 SWEEP_INTERVAL = 5.0
+OUTAGE_GRACE = RUNNER_TTL + 2 * HEARTBEAT_INTERVAL
+"""Seconds after the bus was last seen unreachable during which a lapsed liveness key is
+put down to that outage (every key lapses in one longer than ``RUNNER_TTL``), not to a
+dead or blocked process: no sweep fails jobs then, and a runner rewrites its key and
+lets its jobs go on."""
 """Seconds between two searches for orphaned jobs in the controller."""
 STOP_WRITE_TIMEOUT = 2.0
 """Seconds a stopping process gives each last write (a job's end, its liveness key)."""
@@ -105,6 +111,8 @@ class Heartbeat:
         self.bus, self.runner, self.on_lapse = bus, runner, on_lapse
         self._task: asyncio.Task[None] | None = None
         self._revision = 0
+        self._unreachable_at = -OUTAGE_GRACE
+        """When the bus was last seen unreachable (monotonic time)."""
 
     async def start(self) -> Heartbeat:
         """Write the key now (before any job of this runner exists), then keep it fresh."""
@@ -115,9 +123,13 @@ class Heartbeat:
     async def _beat(self) -> None:
         while not self.bus.lost:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
+            if not self.bus.connected:
+                self._unreachable_at = time.monotonic()
+                continue
             try:
                 await self._refresh()
             except Exception as error:  # the bus is reconnecting: try again next time
+                self._unreachable_at = time.monotonic()
                 log.warning("could not refresh this process's liveness key: %s", error)
 
     async def _refresh(self) -> None:
@@ -136,6 +148,11 @@ class Heartbeat:
             self._revision = entry.revision  # only this process writes its key: not lapsed
             return
         self._revision = await self.bus.runners.put(self.runner, value)
+        if time.monotonic() - self._unreachable_at <= OUTAGE_GRACE:
+            # every key lapsed while NATS was away, and no sweep acts so soon after
+            # an outage (sweep_forever): this process was not taken for dead
+            log.info("rewrote this process's liveness key, which lapsed while NATS was away")
+            return
         log.warning(
             "this process's liveness key had expired (its event loop was blocked, or NATS "
             "unreachable, for %g s or more): the computations it was running may have been "
@@ -299,9 +316,16 @@ async def sweep_forever(bus: Bus, alive: tuple[str, ...] = ()) -> None:
         bus: A connection to the server's bus.
         alive: The runner ids of this process, whose jobs are never orphans.
     """
+    unreachable_at = -OUTAGE_GRACE
     while not bus.lost:
         await asyncio.sleep(SWEEP_INTERVAL)
+        if not bus.connected:
+            unreachable_at = time.monotonic()
+            continue
+        if time.monotonic() - unreachable_at <= OUTAGE_GRACE:
+            continue  # every key lapsed in a long outage: give the runners time to rewrite them
         try:
             await fail_orphaned_jobs(bus, alive=alive)
         except Exception as error:  # the bus is reconnecting: try again next time
+            unreachable_at = time.monotonic()
             log.warning("could not look for computations whose process stopped: %s", error)

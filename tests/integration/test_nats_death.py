@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from fdrtd_server._embedded_nats import (
     read_url_file,
     write_private,
 )
-from fdrtd_server.bus import JOBS_BUCKET
+from fdrtd_server.bus import JOBS_BUCKET, RUNNER_TTL
 from fdrtd_server.local import LocalServer
 from fdrtd_server.server import EXIT_NATS_LOST
 
@@ -330,3 +331,45 @@ def test_the_controller_rides_out_a_restart_of_an_external_nats(
             again.wait(timeout=15)
     text = (server.home / "server.log").read_text("utf-8", "replace")
     assert LOST not in text and "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_a_computation_that_needs_no_bus_outlives_a_nats_outage_longer_than_the_keys(
+    tmp_path: Path, nats_server: EmbeddedNats, example_plugin: None
+) -> None:
+    """NATS away for longer than a liveness key lives (``RUNNER_TTL``), then back.
+
+    Every runner's key lapsed meanwhile, which is not a sign that a runner
+    died: a job that did not need the bus while NATS was away finishes
+    ``done`` after it, and is not failed as if its server had restarted.
+    """
+    server = on_external_nats(tmp_path, nats_server)
+    again: subprocess.Popen[bytes] | None = None
+    try:
+        server.start()  # with the default nats_reconnect_seconds (60 s)
+        assert nats_server.pid is not None
+        with server.client() as client:
+            data = client.upload(np.arange(12.0))
+            # the second step (and the bus) is needed only after the outage
+            job = client.compute("example", "scaled_sum", data=data, steps=2, delay=RUNNER_TTL + 25)
+            wait_for(
+                lambda: job.status(value=False).get("progress", 0) >= 0.5, "the job's first step"
+            )
+        os.kill(nats_server.pid, signal.SIGKILL)
+        wait_for(lambda: status(server.url + "/healthz") == 503, "/healthz to answer 503")
+        # the scenario itself: an outage longer than a liveness key lives
+        time.sleep(RUNNER_TTL + 3)
+        again = subprocess.Popen(
+            [find_nats_server(), "--config", str(nats_server.config_file)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        wait_for(lambda: status(server.url + "/healthz") == 200, "/healthz to recover")
+        with server.client() as client:
+            assert client.job(job.handle).result(timeout=90)["sum"] == 66.0
+    finally:
+        server.stop(kill=True)
+        if again is not None:
+            again.kill()
+            again.wait(timeout=15)

@@ -40,7 +40,7 @@ async def rows(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, int]:
         Input("factor", "number", "multiplies every value", default=1.0),
         Input("steps", "integer", "progress steps", default=1, minimum=1, maximum=100),
         Input(
-            "delay", "number", "seconds to wait between steps", default=0.0, minimum=0, maximum=10
+            "delay", "number", "seconds to wait between steps", default=0.0, minimum=0, maximum=60
         ),
     ],
     outputs=[Output("sum", "number", "the sum of the column times factor")],
