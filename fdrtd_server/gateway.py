@@ -63,7 +63,7 @@ import msgpack
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -479,14 +479,28 @@ class Gateway:
         that ran before it). The watch begins before the listing, so no
         session falls between the two.
         """
+        listed: set[str] = set()
         try:
-            keys = await self.state.bus.sessions.keys()
-        except NoKeysError:
-            keys = []
+            watcher = await self.state.bus.sessions.watchall(ignore_deletes=True, meta_only=True)
+            try:
+                async for entry in watcher:
+                    if entry is None:
+                        break  # every record made before the watch began has been listed
+                    listed.add(entry.key)
+                    if len(listed) > RECORDS_KEPT:
+                        # too many to keep in memory: every such message reads its record
+                        log.info(
+                            "more than %d peer sessions are recorded: messages of sessions "
+                            "not recorded since the start read their record",
+                            RECORDS_KEPT,
+                        )
+                        return
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
         except Exception as error:
             log.warning("could not list the recorded peer sessions: %r", error)
             return
-        self._recorded_before = set(keys)
+        self._recorded_before = listed
 
     async def hand_on(self, message: OpenedMessage) -> None:
         """Give a verified message to its session: here if it runs here, else over NATS."""
