@@ -129,6 +129,8 @@ _STORE_FULL = frozenset({10077, 10047})
 """JetStream ``err_code`` of "maximum bytes exceeded" (the bucket is full) and of
 "insufficient storage resources available" (the server's disk budget is)."""
 _SMALLEST_BUCKET = 1024 * 1024
+_PROBE_STREAM = "FDRTD_PROBE"
+"""A stream made and deleted at once, to learn how much JetStream can reserve."""
 """Never create a bucket smaller than this, however little JetStream can reserve."""
 
 log = logging.getLogger("fdrtd.bus")
@@ -142,8 +144,9 @@ class StoreLimits:
     dataset descriptions and session ids share the rest. Every number is a
     JetStream ``max_bytes``, which the server *reserves* when it creates the
     bucket: if it cannot (an embedded nats-server allows 75 % of the disk
-    space free at its start), :meth:`Bus.connect` halves the bucket until it
-    fits and logs what it got.
+    space free at its start), :meth:`Bus.connect` first shares out what
+    JetStream can reserve (derived limits), and then halves any bucket that
+    still does not fit until it does, and logs what it got.
 
     Attributes:
         data: ``fdrtd_data``, the uploaded datasets.
@@ -160,6 +163,11 @@ class StoreLimits:
     jobs: int
     records: int
     explicit: bool = False
+
+    @property
+    def total(self) -> int:
+        """The bytes all buckets reserve together."""
+        return self.data + self.results + self.jobs + 3 * self.records + _SMALLEST_BUCKET
 
     @classmethod
     def of_total(cls, total: int, *, explicit: bool = False) -> StoreLimits:
@@ -450,17 +458,87 @@ class Bus:
 
     async def _open(self, limits: StoreLimits) -> None:
         explicit = limits.explicit
-        self.data = await self._obs(DATA_BUCKET, limits.data, explicit)
-        self.results = await self._obs(RESULTS_BUCKET, limits.results, explicit)
+        if not explicit and not await self._all_buckets_exist():
+            # derived limits are a ceiling: where JetStream cannot reserve them all
+            # (less free disk than they need), share out what it can, so that every
+            # bucket gets its part instead of the first ones taking everything
+            room = await self._reservable(limits.total)
+            if room < limits.total:
+                limits = StoreLimits.of_total(max(room * 15 // 16, 32 * _SMALLEST_BUCKET))
+                log.info(
+                    "JetStream can reserve %d bytes on this disk: the buckets share that",
+                    room,
+                )
+        # smallest first: should a bucket still not fit, it is halved until it does,
+        # and the datasets, last, take what is left
+        self.runners = await self._kv(RUNNERS_BUCKET, _SMALLEST_BUCKET, explicit, RUNNER_TTL)
         self.sets = await self._kv(SETS_BUCKET, limits.records, explicit)
-        self.jobs = await self._kv(JOBS_BUCKET, limits.jobs, explicit)
         self.sessions = await self._kv(SESSIONS_BUCKET, limits.records, explicit)
         self.running = await self._kv(RUNNING_BUCKET, limits.records, explicit)
-        self.runners = await self._kv(RUNNERS_BUCKET, _SMALLEST_BUCKET, explicit, RUNNER_TTL)
+        self.jobs = await self._kv(JOBS_BUCKET, limits.jobs, explicit)
+        self.results = await self._obs(RESULTS_BUCKET, limits.results, explicit)
+        self.data = await self._obs(DATA_BUCKET, limits.data, explicit)
         # a stream on fdrtd.peer.in.> would capture (and write to disk) every
         # peer message published on the bus: remove one left by an old version
         with contextlib.suppress(NotFoundError):
             await self.js.delete_stream(LEGACY_PEER_STREAM)
+
+    async def _all_buckets_exist(self) -> bool:
+        names = {
+            f"KV_{RUNNERS_BUCKET}",
+            f"KV_{SETS_BUCKET}",
+            f"KV_{SESSIONS_BUCKET}",
+            f"KV_{RUNNING_BUCKET}",
+            f"KV_{JOBS_BUCKET}",
+            f"OBJ_{RESULTS_BUCKET}",
+            f"OBJ_{DATA_BUCKET}",
+        }
+        for name in names:
+            try:
+                await self.js.stream_info(name)
+            except NotFoundError:
+                return False
+        return True
+
+    async def _reservable(self, wanted: int) -> int:
+        """The most JetStream reserves for one more stream now, up to ``wanted`` bytes.
+
+        Found by creating (and deleting) a probe stream: its bound is halved
+        while JetStream refuses it (``err_code`` 10047), then bisected between
+        the last refused and the first accepted bound, to within 1/64.
+        """
+        if await self._fits(wanted):
+            return wanted
+        low, high = 0, wanted
+        while high // 2 >= _SMALLEST_BUCKET and not low:
+            high //= 2
+            if await self._fits(high):
+                low, high = high, high * 2
+        while low and high - low > low // 64:
+            middle = (low + high) // 2
+            if await self._fits(middle):
+                low = middle
+            else:
+                high = middle
+        return low
+
+    async def _fits(self, size: int) -> bool:
+        """Whether JetStream reserves ``size`` bytes for a new stream (tried and undone)."""
+        config = js_api.StreamConfig(
+            name=_PROBE_STREAM,
+            subjects=[_PROBE_STREAM.lower()],
+            max_bytes=size,
+            storage=js_api.StorageType.FILE,
+        )
+        try:
+            await self.js.add_stream(config)
+        except APIError as error:
+            if error.err_code != 10047:
+                raise
+            return False
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_stream(_PROBE_STREAM)
+        return True
 
     @property
     def lost(self) -> bool:

@@ -37,10 +37,12 @@ Replays are refused at three levels:
    message of a finished session never reaches a protocol again. A session
    that has ended is marked so in its record, and the gateway answers its
    messages 410 (gone) instead of holding them for a session that will never
-   open again: after a restart, when the replay memory of level 1 is empty,
-   recorded messages of past sessions cannot fill a member's holding quota
-   (see :class:`~fdrtd_server.peers.PeerInbox`), which in any case gives
-   way to the member's newer messages.
+   open again; so it does for a message of a session it has no record of,
+   sealed before the gateway started (see :meth:`Gateway.refusal`). After a
+   restart, when the replay memory of level 1 is empty, recorded messages of
+   past sessions cannot fill a member's holding quota (see
+   :class:`~fdrtd_server.peers.PeerInbox`), which in any case gives way to
+   the member's newer messages.
 
 When the gateway runs in the same process as the protocol microservices, they
 call it directly (:class:`fdrtd_server.peers.GatewayLink`) instead of through
@@ -128,6 +130,9 @@ SEND_RETRIES = (0.2, 0.5, 1.0)
 RECORDS_KEPT = 100_000
 """Session records whose state the gateway keeps in memory (the newest)."""
 RECORD_LOOKUP_WAIT = 1.0
+STARTED_MARGIN = 30.0
+"""Seconds a message for a session this server has not run may have been sealed before
+the gateway started (a sender's retries, its clock running behind) and still be held."""
 """Seconds to wait for a session record before holding the message as before."""
 DETAIL_CHARS = 200
 """A peer's refusal is passed on to our side truncated to this many characters."""
@@ -268,6 +273,8 @@ class Gateway:
         """The sessions recorded before this gateway watched the records (None until
         they are listed): only these need their record read."""
         self.listing: asyncio.Task[None] | None = None
+        self.started = time.time()
+        """When this gateway started (Unix time, as envelopes carry it)."""
 
     async def attach(self, inbox: PeerInbox) -> None:
         """Serve the protocol microservices of this process directly (no bus hops)."""
@@ -437,38 +444,49 @@ class Gateway:
         if len(self._records) > RECORDS_KEPT:
             del self._records[next(iter(self._records))]
 
-    async def has_ended(self, session_id: str) -> bool:
-        """Whether this server has run ``session_id`` to its end (it will never open again).
+    async def refusal(self, message: OpenedMessage) -> str | None:
+        """Why a message's session will never take it on this server (410), or None.
 
-        Asked only for a session not open in this process. The records written
-        since this gateway started answer at once; for older ones (from before
-        a restart), and for sessions not recorded at all (a message ahead of
-        this server's own request), the bucket of session records is read,
-        which outlives a restart.
+        Asked only for a verified, fresh, first-time message. A session open in
+        this process takes it. Otherwise the message is refused if
+
+        * its session has ended here (its record says so); the records written
+          since this gateway started answer at once, older ones (from before a
+          restart) are read from the bucket, which outlives a restart; or
+        * its session is not recorded here at all (this server has not run it)
+          and it was sealed more than :data:`STARTED_MARGIN` seconds before this
+          gateway started: it was sent to this server's previous run, which
+          alone could have taken it, so now it can only be a replay.
+
+        Anything else is a message ahead of this server's own request (or of a
+        session another process runs) and is handed on, to be held.
         """
+        session_id = message.session
         if self.local is not None and self.local.is_open(session_id):
-            return False
+            return None
         known = self._records.get(session_id)
         if known is not None:
-            return known
+            return _ENDED if known else None
         before = self._recorded_before
-        if before is not None and session_id not in before:
-            # not recorded before the watch began, nor since: a session that has
-            # not started here yet (a fast party's first message), not an old one
-            return False
-        try:
-            entry = await asyncio.wait_for(
-                self.state.bus.sessions.get(session_id), RECORD_LOOKUP_WAIT
-            )
-        except KeyNotFoundError:
-            return False
-        except Exception as error:  # the bus is slow or down: the message is held, as before
-            log.warning("could not read the record of a peer session: %r", error)
-            return False
-        ended = _ended(entry.value or b"")
-        if ended:
-            self._records[session_id] = True
-        return bool(ended)
+        if before is None or session_id in before:
+            try:
+                entry = await asyncio.wait_for(
+                    self.state.bus.sessions.get(session_id), RECORD_LOOKUP_WAIT
+                )
+            except KeyNotFoundError:
+                entry = None
+            except Exception as error:  # the bus is slow or down: held, as before
+                log.warning("could not read the record of a peer session: %r", error)
+                return None
+            if entry is not None:
+                ended = bool(_ended(entry.value or b""))
+                if ended:
+                    self._records[session_id] = True
+                return _ENDED if ended else None
+        # not recorded here, before the start or since
+        if message.ts < self.started - STARTED_MARGIN:
+            return _BEFORE_START
+        return None
 
     async def list_records(self) -> None:
         """List the sessions recorded before the watch began (in the background).
@@ -714,20 +732,21 @@ async def receive(request: Request) -> Response:
     if not first:
         gateway.rejections.rejected(message.sender, message.session, "replay")
         raise Conflict("this peer message was already received (replay)")
-    if await gateway.has_ended(message.session):
+    refusal = await gateway.refusal(message)
+    if refusal is not None:
         if message.tag != ALIVE_TAG:  # a heartbeat crossing the end is routine
-            gateway.rejections.rejected(message.sender, message.session, "ended")
-        return problem(
-            410,
-            "Gone",
-            f"session '{message.session}' has ended on this server; "
-            "its messages are no longer accepted",
-        )
+            gateway.rejections.rejected(message.sender, message.session, "gone")
+        return problem(410, "Gone", f"session '{message.session}' {refusal}")
     await gateway.hand_on(message)
     return Response(_ACCEPTED, status_code=202, media_type="application/json")
 
 
 _ACCEPTED = json.dumps({"accepted": True}).encode()
+_ENDED = "has ended on this server; its messages are no longer accepted"
+_BEFORE_START = (
+    "is not run by this server, and this message was sealed before the server started: "
+    "only its previous run could have taken it"
+)
 
 
 class PeerFastPath:

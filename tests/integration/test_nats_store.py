@@ -8,7 +8,8 @@ enough to fill in a moment.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from nats.js import api as js_api
 
-from fdrtd_server._embedded_nats import EmbeddedNats
+from fdrtd_server._embedded_nats import EmbeddedNats, find_nats_server, free_port
 from fdrtd_server.bus import (
     CHUNK_SIZE,
     DATA_BUCKET,
@@ -225,3 +226,65 @@ def test_an_upload_into_a_full_store_answers_507_over_http(tmp_path: Path) -> No
         assert "storage" in caught.value.detail and "full" in caught.value.detail
         # the server is still healthy, and small uploads still fit
         assert len(str(client.upload(np.arange(10.0)))) > 0
+
+
+@pytest.fixture
+def small_jetstream(tmp_path: Path) -> Iterator[str]:
+    """A standalone nats-server whose JetStream may reserve 64 MiB in all (a small disk)."""
+    port = free_port()
+    config = tmp_path / "small.conf"
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f'jetstream {{ store_dir: "{tmp_path / "js"}", max_file_store: 64MB }}\n'
+    )
+    process = subprocess.Popen(
+        [find_nats_server(), "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    url = f"nats://127.0.0.1:{port}"
+
+    async def ready() -> None:
+        for _ in range(200):
+            try:
+                nc = await nats.connect(url, max_reconnect_attempts=0, connect_timeout=1)
+            except Exception:
+                await asyncio.sleep(0.05)
+                continue
+            await nc.close()
+            return
+        raise AssertionError("the nats-server did not start")
+
+    try:
+        run(ready())
+        yield url
+    finally:
+        process.kill()
+        process.wait(timeout=15)
+
+
+def test_derived_limits_beyond_what_jetstream_reserves_are_shared_out(
+    small_jetstream: str,
+) -> None:
+    """64 GiB derived for a JetStream that reserves 64 MiB: every bucket gets its part.
+
+    Halving one bucket at a time, in turn, let the datasets take nearly all of
+    it, and a record bucket found no room at all: the server could not start.
+    """
+
+    async def share() -> dict[str, int]:
+        bus = await Bus.connect(small_jetstream, limits=StoreLimits.of_total(64 * 1024 * MiB))
+        try:
+            return {
+                info.config.name: int(info.config.max_bytes or 0)
+                for info in await bus.js.streams_info()
+            }
+        finally:
+            await bus.close()
+
+    bounds = run(share())
+    assert len(bounds) == 7, bounds
+    assert all(bound >= MiB for bound in bounds.values()), bounds
+    assert sum(bounds.values()) <= 64 * MiB
+    assert bounds[f"OBJ_{DATA_BUCKET}"] == max(bounds.values())

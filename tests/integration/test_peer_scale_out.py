@@ -175,11 +175,18 @@ def test_replayed_messages_after_a_restart_neither_reach_nor_starve_anyone(
         now = time.time()
         answers = [_post(beta, _alpha_envelope(local, s, 1, now)) for s in ended]
         assert answers == [410] * len(ended)
-        # and 200 of sessions beta never ran, sealed a minute ago: held, but
-        # they give way to what alpha sends now
-        early = [
+        # and 200 of sessions beta never ran, sealed before beta started: only
+        # beta's previous run could have taken them
+        before = [
             _post(beta, _alpha_envelope(local, secrets.token_hex(16), 1, now - 60))
             for _ in range(200)
+        ]
+        assert set(before) == {410}
+        # sealed since the start, for a session beta has not run (yet): held as
+        # early, and they give way to what alpha sends later
+        early = [
+            _post(beta, _alpha_envelope(local, secrets.token_hex(16), 1, time.time()))
+            for _ in range(100)
         ]
         assert set(early) == {202}
 
