@@ -462,7 +462,11 @@ class Bus:
             # derived limits are a ceiling: where JetStream cannot reserve them all
             # (less free disk than they need), share out what it can, so that every
             # bucket gets its part instead of the first ones taking everything
-            room = await self._reservable(limits.total)
+            try:
+                room = await self._reservable(limits.total)
+            except APIError as error:  # the probe itself failed: halve bucket by bucket
+                log.info("could not learn what JetStream can reserve: %s", error)
+                room = limits.total
             if room < limits.total:
                 limits = StoreLimits.of_total(max(room * 15 // 16, 32 * _SMALLEST_BUCKET))
                 log.info(
@@ -524,9 +528,12 @@ class Bus:
 
     async def _fits(self, size: int) -> bool:
         """Whether JetStream reserves ``size`` bytes for a new stream (tried and undone)."""
+        # a name of its own each time: a stream deleted a moment ago may still be
+        # being removed, and a new one of the same name then fails (err_code 10049)
+        name = f"{_PROBE_STREAM}_{secrets.token_hex(8).upper()}"
         config = js_api.StreamConfig(
-            name=_PROBE_STREAM,
-            subjects=[_PROBE_STREAM.lower()],
+            name=name,
+            subjects=[name.lower()],
             max_bytes=size,
             storage=js_api.StorageType.FILE,
         )
@@ -537,7 +544,7 @@ class Bus:
                 raise
             return False
         with contextlib.suppress(NotFoundError):
-            await self.js.delete_stream(_PROBE_STREAM)
+            await self.js.delete_stream(name)
         return True
 
     @property
