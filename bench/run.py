@@ -222,6 +222,41 @@ def bench_smpc(local: LocalFederation, quick: bool) -> list[Row]:
     return rows
 
 
+def bench_envelope(rounds: int) -> list[Row]:
+    """Sealing and opening one 1 KiB peer message (sign + encrypt, verify + decrypt)."""
+    from fdrtd_server.envelope import open_envelope, seal
+    from fdrtd_server.identity import Identity
+
+    alice, bob = Identity.generate("alice"), Identity.generate("bob")
+    members = {"alice": alice.public_entry("http://a"), "bob": bob.public_entry("http://b")}
+    payload = b"\x5a" * 1024
+    seal(alice, members["bob"], session="s", seq=0, tag="t", payload=payload)  # warm the cache
+    start = time.perf_counter()
+    envelopes = [
+        seal(alice, members["bob"], session="s", seq=i, tag="t", payload=payload)
+        for i in range(1, rounds + 1)
+    ]
+    sealed = (time.perf_counter() - start) / rounds
+    start = time.perf_counter()
+    for envelope in envelopes:
+        open_envelope(bob, members, envelope)
+    opened = (time.perf_counter() - start) / rounds
+    return [
+        {
+            "name": "seal a 1 KiB peer message",
+            "fdrtd": f"{sealed * 1e6:.0f} µs",
+            "target": "<= 100 µs",
+            "key": "seal",
+        },
+        {
+            "name": "open a 1 KiB peer message",
+            "fdrtd": f"{opened * 1e6:.0f} µs",
+            "target": "",
+            "key": "open",
+        },
+    ]
+
+
 def _python_loop(_: object = None) -> float:
     """Seconds of wall time for 2,000,000 iterations of a small Python loop."""
     start = time.perf_counter()
@@ -342,6 +377,7 @@ def main() -> int:
     with scratch_federation(names=("solo",)) as local:
         sections["Controller and bus"] = bench_round_trip(local, 500 if args.quick else 3000)
         sections["Controller and bus"] += bench_upload(local, 0.125 if args.quick else 1.0)
+    sections["Controller and bus"] += bench_envelope(200 if args.quick else 2000)
     os.sync()
     with scratch_federation() as local:
         sections["Secure multiparty computation (3 servers)"] = bench_smpc(local, args.quick)

@@ -96,7 +96,13 @@ from fdrtd_server.envelope import (
 )
 from fdrtd_server.errors import Conflict, FdrtdError, PayloadTooLarge, ServiceUnavailable
 from fdrtd_server.identity import Identity, PeerEntry, load_federation
-from fdrtd_server.peers import ALIVE_TAG, Incoming, PeerInbox
+from fdrtd_server.peers import (
+    ALIVE_TAG,
+    Incoming,
+    PeerInbox,
+    read_session_record,
+    written_session_record,
+)
 
 __all__ = [
     "FEDERATION_FILE",
@@ -433,14 +439,12 @@ class Gateway:
 
     async def record_written(self, msg: Msg) -> None:
         """A session record was written (``$KV.fdrtd_sessions.<id>``): note whether it ended."""
-        if msg.headers and msg.headers.get("KV-Operation"):
-            return  # a deletion or a purge
-        ended = _ended(msg.data)
-        if ended is None:
+        written = written_session_record(msg)
+        if written is None:
             return
-        session_id = msg.subject[len(SESSIONS_BUCKET) + 5 :]
+        session_id, record = written
         self._records.pop(session_id, None)
-        self._records[session_id] = ended
+        self._records[session_id] = record.get("ended") is True
         if len(self._records) > RECORDS_KEPT:
             del self._records[next(iter(self._records))]
 
@@ -479,7 +483,8 @@ class Gateway:
                 log.warning("could not read the record of a peer session: %r", error)
                 return None
             if entry is not None:
-                ended = bool(_ended(entry.value or b""))
+                record = read_session_record(entry.value or b"")
+                ended = record is not None and record.get("ended") is True
                 if ended:
                     self._records[session_id] = True
                 return _ENDED if ended else None
@@ -569,17 +574,6 @@ async def stop(state: State) -> None:
         await asyncio.wait(gateway.sending, timeout=5.0)
     gateway.rejections.flush()
     await gateway.http.close()
-
-
-def _ended(value: bytes) -> bool | None:
-    """Whether a session record says the session ended; None if it is not a record."""
-    try:
-        record = wire.unpackb(value)
-    except wire.WireError:
-        return None
-    if not isinstance(record, dict):
-        return None
-    return record.get("ended") is True
 
 
 def _peer_detail(answer: bytes) -> str:

@@ -75,7 +75,9 @@ __all__ = [
     "PeerInbox",
     "PeerSession",
     "both",
+    "read_session_record",
     "session_record",
+    "written_session_record",
 ]
 
 log = logging.getLogger("fdrtd.peers")
@@ -192,6 +194,28 @@ def session_record(parties: Sequence[str], worker: str, *, ended: bool = False) 
     return wire.packb(record)
 
 
+def read_session_record(value: bytes) -> dict[str, Any] | None:
+    """A record :func:`session_record` wrote, or None if ``value`` is not one."""
+    try:
+        record = wire.unpackb(value)
+    except wire.WireError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def written_session_record(msg: Msg) -> tuple[str, dict[str, Any]] | None:
+    """The (session id, record) a ``$KV.fdrtd_sessions.<id>`` message writes.
+
+    None for a deletion, a purge, or anything that is not a record.
+    """
+    if msg.headers and msg.headers.get("KV-Operation"):
+        return None
+    record = read_session_record(msg.data)
+    if record is None:
+        return None
+    return msg.subject[len(SESSIONS_BUCKET) + 5 :], record
+
+
 @dataclass(frozen=True, slots=True)
 class Incoming:
     """One verified peer message, as the gateway hands it on."""
@@ -300,8 +324,8 @@ class PeerInbox:
         self._quotas: dict[str, _Quota] = {}
         self._live = 0
         self._order = 0
-        self._gone: dict[str, tuple[float, bool]] = {}
-        """Sessions running elsewhere or ended: (when learnt, whether ended), oldest first."""
+        self._gone: dict[str, float] = {}
+        """Sessions running elsewhere or ended, with when last heard of, oldest first."""
         self._warned: dict[str, float] = {}
         self._subscriptions: list[Any] = []
         self._started = asyncio.Lock()
@@ -330,21 +354,15 @@ class PeerInbox:
 
     async def _from_store(self, msg: Msg) -> None:
         """A session record was written: forget sessions that run elsewhere or have ended."""
-        if msg.headers and msg.headers.get("KV-Operation"):
-            return  # a deletion or a purge, not a record
-        session_id = msg.subject[len(SESSIONS_BUCKET) + 5 :]
-        try:
-            record = wire.unpackb(msg.data)
-        except wire.WireError:
+        written = written_session_record(msg)
+        if written is None:
             return
-        if not isinstance(record, dict):
-            return
-        ended = record.get("ended") is True
+        session_id, record = written
         worker = record.get("worker")
-        if ended or (isinstance(worker, str) and worker != self.id):
-            self.forget(session_id, ended=ended)
+        if record.get("ended") is True or (isinstance(worker, str) and worker != self.id):
+            self.forget(session_id)
 
-    def forget(self, session_id: str, *, ended: bool) -> None:
+    def forget(self, session_id: str) -> None:
         """Drop what is held for a session that runs in another process or has ended.
 
         Its later messages are dropped on arrival, until none has come for
@@ -353,27 +371,22 @@ class PeerInbox:
         """
         if session_id in self.sessions:
             return
-        self._note_gone(session_id, ended)
+        self._note_gone(session_id)
         waiting = self.held.pop(session_id, None)
         for entry in waiting or ():
             self._release(entry)
             self.discarded += 1
 
-    def _note_gone(self, session_id: str, ended: bool) -> None:
+    def _note_gone(self, session_id: str) -> None:
         """Remember (or renew) a session as gone; forget the stalest beyond the bounds."""
         now = time.monotonic()
         self._gone.pop(session_id, None)
-        self._gone[session_id] = (now, ended)
+        self._gone[session_id] = now
         while self._gone:
             first = next(iter(self._gone))
-            if len(self._gone) <= GONE_LIMIT and self._gone[first][0] >= now - GONE_KEEP:
+            if len(self._gone) <= GONE_LIMIT and self._gone[first] >= now - GONE_KEEP:
                 break
             del self._gone[first]
-
-    def has_ended(self, session_id: str) -> bool:
-        """Whether this inbox has seen the record of ``session_id`` ending."""
-        gone = self._gone.get(session_id)
-        return gone is not None and gone[1]
 
     def is_open(self, session_id: str) -> bool:
         """Whether a session with this id runs in this process now."""
@@ -392,9 +405,8 @@ class PeerInbox:
         if session is not None:
             await session.deliver(message)
             return
-        gone = self._gone.get(message.session)
-        if gone is not None:
-            self._note_gone(message.session, gone[1])  # still in use elsewhere: keep knowing it
+        if message.session in self._gone:
+            self._note_gone(message.session)  # still in use elsewhere: keep knowing it
             self.discarded += 1
             return
         if message.tag == ALIVE_TAG:

@@ -535,8 +535,9 @@ def test_party_that_never_joins(running: LocalFederation) -> None:
         assert error.status == 504
         assert "'d3'" in error.detail
         assert f"{SESSION_TIMEOUT:g} s" in error.detail
-    elapsed = time.monotonic() - start
-    assert SESSION_TIMEOUT - 0.5 <= elapsed <= 10, elapsed
+    # they waited for the timeout before giving up (a lower bound, which a loaded machine
+    # cannot break); how soon after it they gave up is bounded by failure()'s deadline only
+    assert time.monotonic() - start >= SESSION_TIMEOUT - 0.5
 
 
 def test_party_stopped_before_the_computation(

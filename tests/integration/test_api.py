@@ -402,16 +402,15 @@ def test_long_poll_returns_when_done(
     first = api.get(url + "?wait=0", timeout=TIMEOUT).json()
     assert first["status"] in ("queued", "running")  # the job sleeps 4 x 0.3 s
     assert "value" not in first
-    started = time.monotonic()
-    response = api.get(url + "?wait=20", timeout=TIMEOUT)
-    elapsed = time.monotonic() - started
+    # held for up to 60 s; the client gives up after 40: an answer at all means the
+    # server answered when the job was done, not at the end of the wait
+    response = api.get(url + "?wait=60", timeout=40)
     assert response.status_code == 200
     view = response.json()
     assert view["status"] == "done"
     assert view["progress"] == 1.0
     assert view["value"] == {"sum": expected}
     assert (view["microservice"], view["function"]) == ("example", "scaled_sum")
-    assert elapsed < 10  # it answered when the job was done, not after the whole 20 s
     for wait in ("soon", "-1", "61"):
         bad = api.get(server.url + f"/v1/results/{job.handle}?wait={wait}", timeout=TIMEOUT)
         assert bad.status_code == 400

@@ -296,6 +296,16 @@ def test_the_controller_exits_when_reconnecting_to_an_external_nats_fails(
     assert nats_server.url not in log.read_text()  # no password in the log
 
 
+def start_again(nats_server: EmbeddedNats) -> subprocess.Popen[bytes]:
+    """Start the killed standalone nats-server again: same port, credentials and store."""
+    return subprocess.Popen(
+        [find_nats_server(), "--config", str(nats_server.config_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def test_the_controller_rides_out_a_restart_of_an_external_nats(
     tmp_path: Path, nats_server: EmbeddedNats
 ) -> None:
@@ -312,12 +322,7 @@ def test_the_controller_rides_out_a_restart_of_an_external_nats(
             assert result.result(timeout=30)["sum"] == 66.0
         os.kill(nats_server.pid, signal.SIGKILL)
         wait_for(lambda: status(server.url + "/healthz") == 503, "/healthz to answer 503")
-        again = subprocess.Popen(
-            [find_nats_server(), "--config", str(nats_server.config_file)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-        )
+        again = start_again(nats_server)
         wait_for(lambda: status(server.url + "/healthz") == 200, "/healthz to recover")
         wait_for(lambda: status(server.url + "/readyz") == 200, "/readyz to recover")
         assert process.poll() is None
@@ -359,12 +364,7 @@ def test_a_computation_that_needs_no_bus_outlives_a_nats_outage_longer_than_the_
         wait_for(lambda: status(server.url + "/healthz") == 503, "/healthz to answer 503")
         # the scenario itself: an outage longer than a liveness key lives
         time.sleep(RUNNER_TTL + 3)
-        again = subprocess.Popen(
-            [find_nats_server(), "--config", str(nats_server.config_file)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-        )
+        again = start_again(nats_server)
         wait_for(lambda: status(server.url + "/healthz") == 200, "/healthz to recover")
         with server.client() as client:
             assert client.job(job.handle).result(timeout=90)["sum"] == 66.0

@@ -565,27 +565,3 @@ def test_replayed_envelope_has_same_key(
     first = open_envelope(bob, members, envelope, now=NOW)
     again = open_envelope(bob, members, envelope, now=NOW + 5)
     assert replay_key(first) == replay_key(again)
-
-
-# --- speed ---------------------------------------------------------------------------
-
-
-def test_seal_and_open_are_fast(
-    alice: Identity, bob: Identity, members: dict[str, PeerEntry]
-) -> None:
-    payload = b"\x5a" * 1024
-    receiver = members["bob"]
-    seal(alice, receiver, session="s", seq=0, tag="t", payload=payload)  # warm the key cache
-    rounds = 200
-    start = time.perf_counter()
-    envelopes = [
-        seal(alice, receiver, session="s", seq=i, tag="t", payload=payload) for i in range(rounds)
-    ]
-    seal_time = (time.perf_counter() - start) / rounds
-    start = time.perf_counter()
-    for envelope in envelopes:
-        open_envelope(bob, members, envelope)
-    open_time = (time.perf_counter() - start) / rounds
-    # Target is < 100 µs to seal; the bound is loose so a busy CI box passes.
-    assert seal_time < 1e-3, f"seal took {seal_time * 1e6:.0f} µs"
-    assert open_time < 2e-3, f"open took {open_time * 1e6:.0f} µs"

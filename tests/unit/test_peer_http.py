@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import types
 from collections.abc import Awaitable, Callable
 
@@ -121,30 +120,29 @@ def test_a_409_on_the_retry_means_the_first_copy_was_delivered() -> None:
 
 async def _raw_peer(
     answer: Callable[[asyncio.StreamWriter], Awaitable[None]],
-) -> tuple[asyncio.Server, int, list[asyncio.Future[float]]]:
+) -> tuple[asyncio.Server, int, list[asyncio.Future[None]]]:
     """A peer that reads one request, runs ``answer``, then waits for the client to hang up.
 
-    Each connection adds a future with the seconds from the request to the
-    client's closing of the connection (it fails if the client never closes).
+    Each connection adds a future that is set when the client closes the
+    connection (it fails if the client has not within 30 s: a bound on a hang).
     """
-    closed: list[asyncio.Future[float]] = []
+    closed: list[asyncio.Future[None]] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         closed.append(done)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
             await reader.readexactly(length)
-            start = time.monotonic()
             with contextlib.suppress(ConnectionError):
                 await answer(writer)
-            # the client must close its end: EOF (or a reset) within the test's bound
+            # the client must close its end: EOF (or a reset)
             with contextlib.suppress(ConnectionError):
-                async with asyncio.timeout(3.0):
+                async with asyncio.timeout(30.0):
                     while await reader.read(65536):
                         pass
-            done.set_result(time.monotonic() - start)
+            done.set_result(None)
         except Exception as error:
             done.set_exception(error)
         finally:
@@ -237,44 +235,48 @@ BROKEN_ANSWERS: dict[str, tuple[Callable[[asyncio.StreamWriter], Awaitable[None]
 
 async def _post_to(
     answer: Callable[[asyncio.StreamWriter], Awaitable[None]], timeout: float
-) -> tuple[tuple[int, str], float, float, int]:
+) -> tuple[tuple[int, str], bool, int]:
     """Post one message to a raw peer that answers with ``answer``.
 
-    Returns the gateway's outcome, how long it took, how long until the
-    connection was closed, and how many connections the client kept for reuse.
+    Returns the gateway's outcome, whether the connection was closed (our side
+    hung up while the raw peer waited), and how many connections the client kept
+    for reuse. The post itself must end within 30 s (a generous deadline: it only
+    bounds a hang), far below the hour a broken answer would cost if the client
+    waited for its own timeout.
     """
     server, port, closed = await _raw_peer(answer)
     client = PeerHttpClient(timeout=timeout)
     peer = Identity.generate("beta").public_entry(f"http://127.0.0.1:{port}")
     gateway = types.SimpleNamespace(http=client)
-    start = time.monotonic()
     try:
-        outcome = await Gateway._post(gateway, peer, b"one")  # type: ignore[arg-type]
-        took = time.monotonic() - start
-        hung_up = await asyncio.wait_for(closed[0], 5.0)
+        outcome = await asyncio.wait_for(
+            Gateway._post(gateway, peer, b"one"),  # type: ignore[arg-type]
+            30.0,
+        )
+        await asyncio.wait_for(closed[0], 30.0)  # the raw peer saw our side hang up
+        hung_up = closed[0].done()
     finally:
         await client.close()
         server.close()
-    return outcome, took, hung_up, sum(len(pool.idle) for pool in client._pools.values())
+    return outcome, hung_up, sum(len(pool.idle) for pool in client._pools.values())
 
 
 @pytest.mark.parametrize("case", list(BROKEN_ANSWERS))
 def test_a_broken_answer_is_a_clear_error_and_the_connection_is_closed(case: str) -> None:
     answer, words = BROKEN_ANSWERS[case]
 
-    (status, detail), took, hung_up, kept = asyncio.run(_post_to(answer, timeout=3))
+    (status, detail), hung_up, kept = asyncio.run(_post_to(answer, timeout=3600))
     assert status == 503
     assert detail.startswith("cannot reach party 'beta': ")
-    assert words in detail, detail
-    assert took < 2.0  # no waiting for the timeout
-    assert hung_up < 2.0  # our side closed the socket
+    assert words in detail, detail  # the broken answer, not the timeout, ended it
+    assert hung_up  # our side closed the socket
     assert kept == 0  # and never keeps it for reuse
 
 
 def test_a_peer_that_never_answers_times_out_and_the_socket_is_closed() -> None:
-    (status, detail), took, hung_up, _ = asyncio.run(_post_to(_silence, timeout=0.5))
-    assert status == 503 and "no answer within 0.5 s" in detail
-    assert took < 2.0 and hung_up < 1.0
+    (status, detail), hung_up, _ = asyncio.run(_post_to(_silence, timeout=0.5))
+    assert status == 503 and "no answer within 0.5 s" in detail  # once, not retried
+    assert hung_up
 
 
 async def _refusal(answer: bytes) -> tuple[int, str]:
