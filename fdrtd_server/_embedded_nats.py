@@ -62,12 +62,27 @@ URL_FILE_PREFIX = "file:"
 _USER = "fdrtd"
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports :func:`free_port` has returned in this process (the kernel may offer a port
+again as soon as the probing socket is closed, before its taker has bound it)."""
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """Return a TCP port on 127.0.0.1 that is free right now.
+
+    Never the same port twice in one process (up to 10,000 ports), so that the
+    servers of one federation, whose ports are chosen before any of them
+    binds, cannot be given the same port.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            if len(_HANDED_OUT) >= 10_000:
+                _HANDED_OUT.clear()
+            _HANDED_OUT.add(port)
+            return port
 
 
 def find_nats_server() -> str:

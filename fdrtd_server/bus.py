@@ -38,13 +38,14 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import sha256
@@ -226,6 +227,23 @@ def _store_error(error: APIError, what: str) -> FdrtdError:
     return ServiceUnavailable(f"the bus refused to store {what} (JetStream error {error.err_code})")
 
 
+async def _settled(make: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a stream creation, again after a pause while JetStream answers 10049.
+
+    "error creating store for stream" (``err_code`` 10049) is what a stream
+    creation can get right after another stream was deleted, while its store
+    is still being removed; a moment later the same creation succeeds.
+    """
+    for pause in (0.05, 0.1, 0.2, 0.5, 1.0):
+        try:
+            return await make()
+        except APIError as error:
+            if error.err_code != 10049:
+                raise
+        await asyncio.sleep(pause)
+    return await make()
+
+
 def new_handle(kind: str) -> str:
     """Return a fresh, unguessable handle (160 random bits) of ``kind``."""
     return f"{HANDLE_KINDS[kind]}-{secrets.token_hex(20)}"
@@ -379,7 +397,7 @@ class Bus:
             wanted = max_bytes
             while True:
                 try:
-                    await create(max_bytes)
+                    await _settled(functools.partial(create, max_bytes))
                     break
                 except APIError as error:
                     if error.err_code == 10058:  # another process created it just now
@@ -538,7 +556,7 @@ class Bus:
             storage=js_api.StorageType.FILE,
         )
         try:
-            await self.js.add_stream(config)
+            await _settled(lambda: self.js.add_stream(config))
         except APIError as error:
             if error.err_code != 10047:
                 raise
