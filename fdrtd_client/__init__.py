@@ -15,6 +15,7 @@ from fdrtd_client._client import Client as Client
 from fdrtd_client._client import Handle as Handle
 from fdrtd_client._client import Job as Job
 from fdrtd_client._client import connect as connect
+from fdrtd_client._federation import FederatedDataset as FederatedDataset
 from fdrtd_client._federation import FederatedJob as FederatedJob
 from fdrtd_client._federation import Federation as Federation
 from fdrtd_client._federation import combine_aggregates as combine_aggregates
@@ -43,6 +44,7 @@ __all__ = [
     "Conflict",
     "ConnectError",
     "FdrtdClientError",
+    "FederatedDataset",
     "FederatedJob",
     "Federation",
     "Forbidden",

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlencode, urlsplit
@@ -309,6 +309,71 @@ class Client:
         kind = "data" if str(handle).startswith("d-") else "results"
         self.request("DELETE", f"/v1/{kind}/{handle}")
 
+    # -- custody -----------------------------------------------------------------
+
+    def catalogue(self) -> list[dict[str, Any]]:
+        """The named datasets you may use on this server: schema, coarse rows, version."""
+        return list(self.request("GET", "/v1/catalogue")["datasets"])
+
+    def publish(self, handle: str, name: str, description: str = "") -> dict[str, Any]:
+        """Publish an upload of yours under ``name`` (owners): it joins the catalogue."""
+        body = {"handle": str(handle), "name": name, "description": description}
+        answer: dict[str, Any] = self.request("POST", "/v1/datasets", body=body)
+        return answer
+
+    def withdraw(self, name: str) -> None:
+        """Take one of your datasets out of the catalogue; its grants go with it."""
+        self.request("DELETE", f"/v1/datasets/{name}")
+
+    def grant(
+        self,
+        dataset: str,
+        grantee: str,
+        *,
+        functions: Sequence[str] = (),
+        not_before: str | None = None,
+        not_after: str | None = None,
+    ) -> dict[str, Any]:
+        """Let the token name ``grantee`` use your dataset (owners, admins).
+
+        Args:
+            dataset: The name of one of your datasets.
+            grantee: The token name of the analyst on this server.
+            functions: Only these ``microservice.function`` patterns (``"smpc.*"``);
+                all if empty.
+            not_before: When the grant starts (ISO 8601); now if None.
+            not_after: When it ends (ISO 8601); never if None.
+        """
+        body: dict[str, Any] = {"dataset": dataset, "grantee": grantee}
+        if functions:
+            body["functions"] = list(functions)
+        if not_before:
+            body["not_before"] = not_before
+        if not_after:
+            body["not_after"] = not_after
+        answer: dict[str, Any] = self.request("POST", "/v1/grants", body=body)
+        return answer
+
+    def revoke(self, dataset: str, grantee: str) -> None:
+        """Revoke a grant of yours; it applies to the grantee's next request."""
+        self.request("DELETE", f"/v1/grants/{dataset}/{grantee}")
+
+    def grants(self) -> list[dict[str, Any]]:
+        """The grants of your datasets (all of them, for an admin)."""
+        return list(self.request("GET", "/v1/grants")["grants"])
+
+    def add_source(
+        self, name: str, owner: str, source: Mapping[str, Any], description: str = ""
+    ) -> dict[str, Any]:
+        """Register a file, directory or database read in place (admins)."""
+        body = {"name": name, "owner": owner, "source": dict(source), "description": description}
+        answer: dict[str, Any] = self.request("POST", "/v1/sources", body=body)
+        return answer
+
+    def sources(self) -> list[dict[str, Any]]:
+        """The registered sources (admins); connection strings are never shown."""
+        return list(self.request("GET", "/v1/sources")["sources"])
+
     # -- computations ------------------------------------------------------------
 
     def compute(
@@ -416,6 +481,11 @@ class Job:
             self._final, self._final_has_value = view, complete
             self._final_at = time.monotonic()
         return view
+
+    @property
+    def versions(self) -> dict[str, Any]:
+        """The version of each named dataset the finished job read, by name (else empty)."""
+        return dict((self._final or {}).get("datasets") or {})
 
     def _cached(self, value: bool) -> dict[str, Any] | None:
         """The final view kept, if it holds all that is asked (the value, if ``value``)."""

@@ -13,9 +13,40 @@ from typing import Any
 import numpy as np
 
 from fdrtd_client._client import Client, Handle, Job, _draw
-from fdrtd_client.errors import FdrtdClientError
+from fdrtd_client.errors import FdrtdClientError, ServiceUnavailable, TransportError
 
-__all__ = ["FederatedJob", "Federation", "combine_aggregates"]
+__all__ = ["FederatedDataset", "FederatedJob", "Federation", "combine_aggregates"]
+
+
+class FederatedDataset:
+    """A dataset known by one name on several servers: one dataset to the analyst.
+
+    Each server keeps its own fragment (its own records) under the name; a
+    computation on it runs between exactly those servers, each reading its
+    own fragment. Get one from :meth:`Federation.dataset`; pass it to
+    :meth:`Federation.compute` or :meth:`Federation.map_reduce` in place of
+    the inputs by server.
+
+    Attributes:
+        name: The dataset's name.
+        fragments: The catalogue entry of each server that holds a fragment.
+    """
+
+    def __init__(self, name: str, fragments: Mapping[str, Mapping[str, Any]]) -> None:
+        self.name = name
+        self.fragments = {server: dict(entry) for server, entry in fragments.items()}
+
+    def __repr__(self) -> str:
+        return f"FederatedDataset({self.name!r} on {', '.join(self.fragments)})"
+
+    @property
+    def parties(self) -> list[str]:
+        """The servers that hold a fragment."""
+        return list(self.fragments)
+
+    def inputs(self, **common: Any) -> dict[str, dict[str, Any]]:
+        """Each fragment's server's inputs: the name as ``data``, and ``common``."""
+        return {server: {"data": self.name, **common} for server in self.fragments}
 
 
 def combine_aggregates(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -83,6 +114,11 @@ class FederatedJob:
 
     def __repr__(self) -> str:
         return f"FederatedJob({self.session!r}, {len(self.jobs)} servers)"
+
+    @property
+    def versions(self) -> dict[str, dict[str, Any]]:
+        """The dataset versions each server's finished job read: by server URL, then name."""
+        return {job.client.url: job.versions for job in self.jobs}
 
     def results(self, timeout: float = 60.0, *, progress: bool | None = None) -> list[Any]:
         """Each server's result, in server order.
@@ -243,13 +279,43 @@ class Federation:
             wait(futures.values())
         return {name: first, **{other: future.result() for other, future in futures.items()}}
 
+    def catalogue(self) -> list[dict[str, Any]]:
+        """Every dataset across the federation that you may use, each with its ``server``.
+
+        Each server is asked for its own catalogue with your token there: what
+        a server lists is what its owners granted you. A server that cannot
+        be reached is left out (its name is in no entry).
+        """
+
+        def ask(client: Client, _: None) -> list[dict[str, Any]]:
+            try:
+                return client.catalogue()
+            except (TransportError, ServiceUnavailable):
+                return []
+
+        found = self._each(dict.fromkeys(self.clients), ask)
+        return [{**entry, "server": server} for server in self.parties for entry in found[server]]
+
+    def dataset(self, name: str) -> FederatedDataset:
+        """The dataset ``name`` as one, over every server that holds a fragment of it.
+
+        Raises:
+            FdrtdClientError: If fewer than two of your servers let you use it.
+        """
+        fragments = {
+            entry["server"]: entry for entry in self.catalogue() if entry.get("name") == name
+        }
+        if not fragments:
+            raise FdrtdClientError(f"no server of this federation lets you use '{name}'")
+        return FederatedDataset(name, fragments)
+
     def upload(self, datasets: Mapping[str, Any]) -> dict[str, Handle]:
         """Upload each party's dataset to its own server; returns the handles."""
         return self._each(datasets, lambda client, data: client.upload(data))
 
     def map_reduce(
         self,
-        handles: Mapping[str, str],
+        handles: Mapping[str, str] | FederatedDataset,
         *,
         column: str | None = None,
         bins: Sequence[float] | None = None,
@@ -260,6 +326,8 @@ class Federation:
         Each server's own aggregates are disclosed to you; use :meth:`compute`
         with an SMPC protocol when they must stay secret.
         """
+        if isinstance(handles, FederatedDataset):
+            handles = dict.fromkeys(handles.parties, handles.name)
         inputs: dict[str, Any] = {"column": column}
         if bins is not None:
             inputs["bins"] = list(bins)
@@ -276,7 +344,7 @@ class Federation:
         self,
         microservice: str,
         function: str,
-        inputs: Mapping[str, Mapping[str, Any]],
+        inputs: Mapping[str, Mapping[str, Any]] | FederatedDataset,
         *,
         session: str | None = None,
         **common: Any,
@@ -291,19 +359,28 @@ class Federation:
         Args:
             microservice: E.g. ``"smpc"``.
             function: E.g. ``"secure_sum"``.
-            inputs: Each server's own inputs (its data handle...), by server name.
+            inputs: Each server's own inputs (its data handle...), by server name;
+                or a :class:`FederatedDataset`: then the parties are the servers that
+                hold a fragment of it, each reading its own.
             session: The session id; a fresh random one by default.
             **common: Inputs shared by every server.
 
         Raises:
             ServerError: If a server refuses to start the computation.
         """
-        missing = set(self.clients) - set(inputs)
-        if missing:
-            raise FdrtdClientError(f"no inputs for server(s): {', '.join(sorted(missing))}")
+        if isinstance(inputs, FederatedDataset):
+            inputs = inputs.inputs()
+        unknown = set(inputs) - set(self.clients)
+        if unknown:
+            raise FdrtdClientError(
+                f"no server named {', '.join(sorted(unknown))} in this federation"
+            )
+        parties = [name for name in self.parties if name in inputs]
+        if len(parties) < 2:
+            raise FdrtdClientError("a computation needs inputs for at least two servers")
         session_id = session or secrets.token_hex(16)
-        spec = {"id": session_id, "parties": self.parties}
-        first = self.parties[0]
+        spec = {"id": session_id, "parties": parties}
+        first = parties[0]
 
         def start(client: Client, call: tuple[bool, Mapping[str, Any]]) -> Job:
             with_value, own = call
@@ -316,6 +393,6 @@ class Federation:
                 value=with_value,
             )
 
-        calls = {name: (name == first, inputs[name]) for name in self.parties}
+        calls = {name: (name == first, inputs[name]) for name in parties}
         jobs = self._each(calls, start)
-        return FederatedJob([jobs[name] for name in self.parties], session_id, federation=self)
+        return FederatedJob([jobs[name] for name in parties], session_id, federation=self)

@@ -46,9 +46,12 @@ from fdrtd_server.bus import (
 )
 from fdrtd_server.config import NAME_RULE as SERVER_NAME
 from fdrtd_server.config import Settings, TokenStore
+from fdrtd_server.custody import CustodyStore
 from fdrtd_server.errors import (
     BadRequest,
+    Conflict,
     FdrtdError,
+    Forbidden,
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -93,6 +96,7 @@ class State:
     tokens: TokenStore
     audit: AuditLog
     extra: dict[str, Any]
+    custody: CustodyStore
 
 
 def _state(request: Request) -> State:
@@ -116,11 +120,18 @@ def respond(request: Request, body: Any, status: int = 200) -> Response:
     return JSONResponse(wire.to_jsonable(body), status_code=status)
 
 
-def authenticate(request: Request) -> Principal:
-    """The caller behind the ``Authorization: Bearer`` token.
+DATA_ROLES = ("owner", "analyst")
+"""Who uploads, computes and fetches results: owners and analysts, not admins."""
+OWNER_ROLES = ("owner", "admin")
+ADMIN_ROLES = ("admin",)
+
+
+def authenticate(request: Request, roles: tuple[str, ...] | None = None) -> Principal:
+    """The caller behind the ``Authorization: Bearer`` token, if its role is one of ``roles``.
 
     Raises:
         Unauthorized: If the header is missing or the token unknown.
+        Forbidden: If the token's role may not use the route (audited).
     """
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -131,7 +142,21 @@ def authenticate(request: Request) -> Principal:
     if found is None:
         _audit_refused_login(request, "unknown token")
         raise Unauthorized("the token is not valid on this server")
-    return Principal(*found)
+    principal = Principal(*found)
+    if roles is not None and principal.role not in roles:
+        _state(request).audit.write(
+            principal.name,
+            "authorize",
+            request.url.path[:200],
+            "refused 403",
+            role=principal.role,
+            method=request.method,
+        )
+        raise Forbidden(
+            f"this route is for {' and '.join(r + 's' for r in roles)}; the role of your "
+            f"token is '{principal.role}'"
+        )
+    return principal
 
 
 def _audit_refused_login(request: Request, reason: str) -> None:
@@ -368,7 +393,7 @@ async def upload(request: Request) -> Response:
     declared, and while it streams otherwise: the upload size, the parse limit
     for csv, json and msgpack, and what is left of the client's quota.
     """
-    principal = authenticate(request)
+    principal = authenticate(request, DATA_ROLES)
     state = _state(request)
     params = request.query_params
     fmt = params.get("format", "raw")
@@ -419,7 +444,7 @@ async def upload(request: Request) -> Response:
 
 async def list_data(request: Request) -> Response:
     """The caller's datasets with their schemas."""
-    principal = authenticate(request)
+    principal = authenticate(request, DATA_ROLES)
     answer = await call_service(request, "data", "list", {}, principal=principal)
     _state(request).audit.write(principal.name, "list", "data")
     return respond(request, answer)
@@ -427,7 +452,7 @@ async def list_data(request: Request) -> Response:
 
 async def describe_data(request: Request) -> Response:
     """A dataset's schema: columns, dtypes, row count. Never its content."""
-    principal = authenticate(request)
+    principal = authenticate(request, DATA_ROLES)
     state = _state(request)
     handle = request.path_params["handle"]
     # a handle that is not one is named as such: the path is the client's text
@@ -444,10 +469,20 @@ async def describe_data(request: Request) -> Response:
 
 
 async def release_data(request: Request) -> Response:
-    """Delete a dataset the caller owns."""
-    principal = authenticate(request)
+    """Delete a dataset the caller owns (unpublish it first if it is published)."""
+    principal = authenticate(request, DATA_ROLES)
     handle = request.path_params["handle"]
     try:
+        published = [
+            name
+            for name, entry in _state(request).custody.datasets().items()
+            if entry.handle == handle and entry.owner == principal.name
+        ]
+        if published:
+            raise Conflict(
+                f"this upload is published as the dataset '{published[0]}': withdraw it first "
+                f"(DELETE /v1/datasets/{published[0]})"
+            )
         answer = await call_service(
             request, "data", "release", {"handle": handle}, principal=principal
         )
@@ -560,7 +595,7 @@ async def compute(request: Request) -> Response:
     sends the final record along, having written it once: no "running" record,
     no watch on the jobs bucket and no second read for a fast job.
     """
-    principal = authenticate(request)
+    principal = authenticate(request, DATA_ROLES)
     state = _state(request)
     wait, with_value = _wait_and_value(request)
     body = await read_body(request)
@@ -592,6 +627,7 @@ async def compute(request: Request) -> Response:
             principal=principal,
             result=handle,
             session=session,
+            datasets=state.custody.usable(principal.name, principal.role, microservice, function),
             bus_timeout=BUS_TIMEOUT + wait,
             **({"wait": wait, "value": with_value} if wait > 0 else {}),
         )
@@ -617,7 +653,7 @@ async def compute(request: Request) -> Response:
 
 async def _owned_job(request: Request, action: str) -> tuple[State, str, Principal]:
     """The result handle in the path, if the caller owns it; a refusal is audited."""
-    principal = authenticate(request)
+    principal = authenticate(request, DATA_ROLES)
     state = _state(request)
     text = request.path_params["handle"]
     try:
@@ -649,6 +685,8 @@ async def _view(
         view["value"] = await state.bus.job_result(handle, record)
     elif record.status == "failed":
         view["error"] = {"status": record.error_status, "detail": record.error}
+    if record.datasets:
+        view["datasets"] = record.datasets
     return view
 
 
@@ -949,6 +987,8 @@ def create_app(
         AuditError: If the audit log fails verification against its checkpoint.
         PermissionError: If the identity key file is readable by others.
     """
+    from fdrtd_server import custody_api  # local: it imports this module
+
     audit = open_audit_log(settings)
 
     @contextlib.asynccontextmanager
@@ -964,6 +1004,7 @@ def create_app(
             tokens=TokenStore(settings.home),
             audit=audit,
             extra={},
+            custody=CustodyStore(settings.home),
         )
         app.state.fdrtd = state
         # how each job ended, reported by the microservices wherever they run
@@ -991,6 +1032,7 @@ def create_app(
         Route("/v1/compute", compute, methods=["POST"]),
         _route("/v1/results/{handle}", GET=get_result, DELETE=release_result),
         Route("/v1/results/{handle}/events", result_events, methods=["GET"]),
+        *custody_api.routes(),
         *(extra_routes or []),
     ]
     return Starlette(

@@ -106,6 +106,8 @@ JOBS_BUCKET = "fdrtd_jobs"
 RESULTS_BUCKET = "fdrtd_results"
 RUNNING_BUCKET = "fdrtd_running"
 RUNNERS_BUCKET = "fdrtd_runners"
+VERSIONS_BUCKET = "fdrtd_versions"
+"""The released version of each named dataset (see :mod:`fdrtd_server.custody`)."""
 RUNNER_TTL = 20.0
 """Seconds a runner's liveness key lives after its last write (see :mod:`fdrtd_server.runners`)."""
 OBJECT_CACHE_BYTES = 256 * 1024 * 1024
@@ -168,7 +170,7 @@ class StoreLimits:
     @property
     def total(self) -> int:
         """The bytes all buckets reserve together."""
-        return self.data + self.results + self.jobs + 3 * self.records + _SMALLEST_BUCKET
+        return self.data + self.results + self.jobs + 3 * self.records + 2 * _SMALLEST_BUCKET
 
     @classmethod
     def of_total(cls, total: int, *, explicit: bool = False) -> StoreLimits:
@@ -284,6 +286,8 @@ class JobRecord:
     result_in_store: bool = False
     runner: str = ""
     """The id of the process running the job (see :mod:`fdrtd_server.runners`)."""
+    datasets: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The version of each named dataset the job read, by name."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for msgpack."""
@@ -314,6 +318,7 @@ class Bus:
         self.sessions: KeyValue
         self.running: KeyValue
         self.runners: KeyValue
+        self.versions: KeyValue
         self._object_cache: OrderedDict[str, bytes] = OrderedDict()
         self._object_cache_bytes = 0
         self._set_cache: OrderedDict[str, dict[str, Any]] | None = None
@@ -494,6 +499,7 @@ class Bus:
         # smallest first: should a bucket still not fit, it is halved until it does,
         # and the datasets, last, take what is left
         self.runners = await self._kv(RUNNERS_BUCKET, _SMALLEST_BUCKET, explicit, RUNNER_TTL)
+        self.versions = await self._kv(VERSIONS_BUCKET, _SMALLEST_BUCKET, explicit)
         self.sets = await self._kv(SETS_BUCKET, limits.records, explicit)
         self.sessions = await self._kv(SESSIONS_BUCKET, limits.records, explicit)
         self.running = await self._kv(RUNNING_BUCKET, limits.records, explicit)
@@ -508,6 +514,7 @@ class Bus:
     async def _all_buckets_exist(self) -> bool:
         names = {
             f"KV_{RUNNERS_BUCKET}",
+            f"KV_{VERSIONS_BUCKET}",
             f"KV_{SETS_BUCKET}",
             f"KV_{SESSIONS_BUCKET}",
             f"KV_{RUNNING_BUCKET}",
@@ -852,6 +859,31 @@ class Bus:
         """Forget a dataset description."""
         with contextlib.suppress(KeyNotFoundError):
             await self.sets.purge(handle)
+
+    # -- versions of named datasets -----------------------------------------
+
+    async def get_version(self, name: str) -> tuple[dict[str, Any], int] | None:
+        """The released version of the named dataset and its revision, or None."""
+        try:
+            entry = await self.versions.get(name)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return dict(wire.unpackb(entry.value)), entry.revision
+
+    async def put_version(self, name: str, version: dict[str, Any], last: int | None) -> int:
+        """Release ``version`` of the named dataset over revision ``last`` (None: the first).
+
+        Raises:
+            RecordChanged: If another process released a version meanwhile.
+        """
+        try:
+            if last is None:
+                return await self.versions.create(name, wire.packb(version))
+            return await self.versions.update(name, wire.packb(version), last=last)
+        except KeyWrongLastSequenceError:
+            raise RecordChanged(name) from None
 
     # -- jobs and results ------------------------------------------------------
 

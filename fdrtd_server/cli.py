@@ -9,6 +9,13 @@
     fdrtd-server token add DIR NAME [--role analyst|admin] [--rotate]
                                                         create a token (or replace NAME's)
     fdrtd-server token revoke DIR NAME                  make NAME's token invalid
+    fdrtd-server grant add DIR DATASET GRANTEE [--functions F,...] [--not-before T] [--not-after T]
+    fdrtd-server grant list DIR [DATASET]               who may use which dataset
+    fdrtd-server grant revoke DIR DATASET GRANTEE       applies to the grantee's next request
+    fdrtd-server source add DIR NAME --owner OWNER --kind KIND [--path P] [--table T] [--query Q]
+                        [--dsn-env VAR] [--order-by C] [--hold-back N] [--description TEXT]
+    fdrtd-server source list DIR                        registered sources (no secrets)
+    fdrtd-server source remove DIR NAME                 and its grants
     fdrtd-server federation show DIR [--url URL]        print this server's public entry
     fdrtd-server federation add DIR FILE                add a peer's entry (FILE or -)
     fdrtd-server audit verify DIR [--key B64] [--checkpoint FILE]...
@@ -93,6 +100,51 @@ def _parser() -> argparse.ArgumentParser:
     )
     token_revoke.add_argument("home", type=Path)
     token_revoke.add_argument("name")
+
+    grant = commands.add_parser("grant", help="grant analysts the use of named datasets")
+    grant_commands = grant.add_subparsers(dest="grant_command", required=True)
+    grant_add = grant_commands.add_parser("add", help="let GRANTEE use DATASET")
+    grant_add.add_argument("home", type=Path)
+    grant_add.add_argument("dataset")
+    grant_add.add_argument("grantee", help="the token name of the analyst")
+    grant_add.add_argument(
+        "--functions", default="", help="only these, e.g. 'smpc.univariate,map.*' (default: all)"
+    )
+    grant_add.add_argument("--not-before", help="ISO 8601 time the grant starts")
+    grant_add.add_argument("--not-after", help="ISO 8601 time the grant ends")
+    grant_list = grant_commands.add_parser("list", help="print the grants")
+    grant_list.add_argument("home", type=Path)
+    grant_list.add_argument("dataset", nargs="?")
+    grant_revoke = grant_commands.add_parser("revoke", help="revoke a grant")
+    grant_revoke.add_argument("home", type=Path)
+    grant_revoke.add_argument("dataset")
+    grant_revoke.add_argument("grantee")
+
+    source = commands.add_parser("source", help="register data read in place")
+    source_commands = source.add_subparsers(dest="source_command", required=True)
+    source_add = source_commands.add_parser("add", help="register a file, directory or database")
+    source_add.add_argument("home", type=Path)
+    source_add.add_argument("name", help="the dataset's name in the catalogue")
+    source_add.add_argument("--owner", required=True, help="the token name of its owner")
+    source_add.add_argument(
+        "--kind", required=True, choices=("csv", "parquet", "sqlite", "postgresql")
+    )
+    source_add.add_argument("--path", default="", help="a file or directory (csv, parquet, sqlite)")
+    source_add.add_argument("--table", default="", help="a table (sqlite, postgresql)")
+    source_add.add_argument("--query", default="", help="a fixed SELECT (sqlite, postgresql)")
+    source_add.add_argument(
+        "--dsn-env", default="", help="the environment variable holding the connection string"
+    )
+    source_add.add_argument("--order-by", default="", help="the column giving the row order")
+    source_add.add_argument(
+        "--hold-back", type=int, default=0, help="release new rows only N at a time (FedMed)"
+    )
+    source_add.add_argument("--description", default="")
+    source_list = source_commands.add_parser("list", help="print the registered sources")
+    source_list.add_argument("home", type=Path)
+    source_remove = source_commands.add_parser("remove", help="remove a source and its grants")
+    source_remove.add_argument("home", type=Path)
+    source_remove.add_argument("name")
 
     federation = commands.add_parser("federation", help="manage the federation file")
     fed_commands = federation.add_subparsers(dest="federation_command", required=True)
@@ -215,6 +267,72 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _custody(args: argparse.Namespace) -> int:
+    """``grant add|list|revoke`` and ``source add|list|remove``."""
+    import json
+
+    from fdrtd_server.custody import CustodyStore, Grant
+
+    home = home_path(str(args.home))
+    config.load_settings(home)  # refuse directories that are not server homes
+    store = CustodyStore(home)
+    try:
+        if args.command == "grant":
+            if args.grant_command == "add":
+                grant = Grant.make(
+                    args.dataset,
+                    args.grantee,
+                    args.functions,
+                    args.not_before,
+                    args.not_after,
+                    "(command line)",
+                )
+                store.grant(grant)
+                print(f"granted '{grant.grantee}' the use of '{grant.dataset}'", file=sys.stderr)
+            elif args.grant_command == "revoke":
+                store.revoke(args.dataset, args.grantee)
+                print(f"revoked the grant of '{args.dataset}' to '{args.grantee}'", file=sys.stderr)
+            else:
+                grants = [
+                    g.to_dict()
+                    for g in store.grants()
+                    if args.dataset is None or g.dataset == args.dataset
+                ]
+                print(json.dumps(grants, indent=2))
+            return 0
+        if args.source_command == "add":
+            spec = {
+                key: value
+                for key, value in {
+                    "kind": args.kind,
+                    "path": args.path,
+                    "table": args.table,
+                    "query": args.query,
+                    "dsn_env": args.dsn_env,
+                    "order_by": args.order_by,
+                    "hold_back": args.hold_back,
+                }.items()
+                if value not in ("", 0)
+            }
+            entry = store.add_source(args.name, args.owner, spec, args.description)
+            print(f"registered the {entry.kind} source '{entry.name}' of '{entry.owner}'")
+        elif args.source_command == "remove":
+            store.remove(args.name)
+            print(f"removed the source '{args.name}' and its grants", file=sys.stderr)
+        else:
+            sources = {
+                name: {"owner": e.owner, "kind": e.kind, "configured": e.configured}
+                for name, e in store.datasets().items()
+                if e.kind != "upload"
+            }
+            print(json.dumps(sources, indent=2))
+        return 0
+    except KeyError as error:
+        raise ValueError(str(error.args[0])) from None
+    except FileExistsError as error:
+        raise ValueError(str(error)) from None
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command in ("serve", "worker"):
         # uvicorn, starlette and nats load only for the commands that need them
@@ -260,6 +378,8 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         print(store.add(args.name, args.role, rotate=args.rotate))
         return 0
+    if args.command in ("grant", "source"):
+        return _custody(args)
     if args.command == "federation":
         home = home_path(str(args.home))
         settings = config.load_settings(home)

@@ -42,7 +42,9 @@ __all__ = [
 CONFIG_FILE = "fdrtd.toml"
 TOKENS_FILE = "tokens.json"
 NAME_RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-ROLES = ("admin", "analyst")
+ROLES = ("admin", "owner", "analyst")
+"""admin: tokens, sources, policy; owner: publishes datasets and grants their use;
+analyst: finds granted datasets and computes on them (see :mod:`fdrtd_server.custody`)."""
 DEFAULT_MAX_PARSE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_CLIENT_BYTES = 32 * 1024 * 1024 * 1024
 
@@ -77,6 +79,8 @@ class Settings:
     max_client_bytes: int = DEFAULT_MAX_CLIENT_BYTES
     """How many bytes of datasets each client (token name) may keep on this server."""
     max_store_bytes: int = 0
+    max_read_bytes: int = 2 * 1024 * 1024 * 1024
+    """Most bytes of columns a computation may read from a source into memory at once."""
     """Bytes all JetStream buckets may hold (0: 8 x max_upload_bytes, at least 1 GiB)."""
     min_cohort: int = 3
     allow_map_reduce: bool = True
@@ -101,7 +105,13 @@ class Settings:
             )
         if not 0 <= self.port <= 65535:
             raise ValueError("setting 'port' must be between 0 and 65535")
-        for key in ("max_body_bytes", "max_upload_bytes", "max_parse_bytes", "max_client_bytes"):
+        for key in (
+            "max_body_bytes",
+            "max_upload_bytes",
+            "max_parse_bytes",
+            "max_client_bytes",
+            "max_read_bytes",
+        ):
             if getattr(self, key) < 1024:
                 raise ValueError(f"setting '{key}' must be at least 1024")
         if self.max_store_bytes and self.max_store_bytes < 32 * 1024 * 1024:
@@ -137,6 +147,7 @@ _FIELD_TYPES: dict[str, type] = {
     "max_parse_bytes": int,
     "max_client_bytes": int,
     "max_store_bytes": int,
+    "max_read_bytes": int,
     "min_cohort": int,
     "allow_map_reduce": bool,
     "allow_set_union": bool,
@@ -269,7 +280,7 @@ class TokenStore:
 
         Args:
             name: Who the token is for; datasets and results belong to this name.
-            role: ``"analyst"`` (the default for a new name) or ``"admin"``; a
+            role: ``"analyst"`` (the default for a new name), ``"owner"`` or ``"admin"``; a
                 rotated token keeps its role unless one is given.
             rotate: Replace the secret of an existing (or revoked) name: the old
                 token stops working at once, and the name keeps what it owns.

@@ -56,7 +56,7 @@ InputType = Literal["data", "string", "integer", "number", "boolean", "array", "
 """The kinds of value an input or output can be; ``data`` is a data handle."""
 
 TYPES: dict[str, str] = {
-    "data": "a data handle (as POST /v1/data returns it)",
+    "data": "a dataset name from the catalogue, or a data handle (as POST /v1/data returns it)",
     "string": "a string",
     "integer": "an integer",
     "number": "a number",
@@ -69,9 +69,11 @@ TYPES: dict[str, str] = {
 
 DATA_HANDLE = re.compile(r"d-[0-9a-f]{40}")
 """What a data handle looks like (``fdrtd_server.bus.new_handle("data")``)."""
+DATA_REF = re.compile(r"d-[0-9a-f]{40}|[a-z][a-z0-9_-]{0,62}")
+"""A data handle, or a dataset's name (:data:`fdrtd_server.custody.DATASET_NAME`)."""
 
 _SCHEMA_TYPES: dict[str, dict[str, Any]] = {
-    "data": {"type": "string", "pattern": f"^{DATA_HANDLE.pattern}$"},
+    "data": {"type": "string", "pattern": f"^({DATA_REF.pattern})$"},
     "string": {"type": "string"},
     "integer": {"type": "integer"},
     "number": {"type": "number"},
@@ -88,7 +90,7 @@ _SENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 def _is(kind: str, value: Any) -> bool:
     """Whether ``value`` (decoded JSON or msgpack) is of ``kind``."""
     if kind in ("data", "string"):
-        return isinstance(value, str) and (kind == "string" or bool(DATA_HANDLE.fullmatch(value)))
+        return isinstance(value, str) and (kind == "string" or bool(DATA_REF.fullmatch(value)))
     if kind == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "number":
@@ -529,7 +531,7 @@ def _show(value: Any) -> str:
 
 def _plural(kind: str) -> str:
     return {
-        "data": "data handles",
+        "data": "dataset names or data handles",
         "string": "strings",
         "integer": "integers",
         "number": "numbers",
@@ -555,7 +557,12 @@ def _range(low: float | None, high: float | None, exclusive: bool = False) -> st
     return f"of at most {number(high)}"
 
 
-DATA = Input("data", "data", "the handle of your dataset (from POST /v1/data)", required=True)
+DATA = Input(
+    "data",
+    "data",
+    "a dataset's name from GET /v1/catalogue, or the handle of your upload (POST /v1/data)",
+    required=True,
+)
 """The ``data`` input most functions take: a data handle, required."""
 
 COLUMN = Input("column", "string", "the column to use; may be left out if the dataset has only one")

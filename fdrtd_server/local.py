@@ -2,7 +2,7 @@
 
 :class:`LocalFederation` creates a server home per party under one directory,
 makes every server a member of every other's federation, gives each an
-analyst token, starts each as its own ``fdrtd-server serve`` process (with
+analyst token (named ``analyst``) and an owner token (named ``owner``), starts each as its own ``fdrtd-server serve`` process (with
 its own embedded ``nats-server``, its own ports and its own JetStream
 directory) on 127.0.0.1, and stops them all on exit.
 
@@ -38,6 +38,8 @@ class LocalServer:
     def __init__(self, home: Path, name: str, port: int, token: str, admin_token: str) -> None:
         self.home, self.name, self.port = home, name, port
         self.token, self.admin_token = token, admin_token
+        self.owner_token = ""
+        """A token of the role ``owner`` (named ``owner``), if the federation made one."""
         self.process: subprocess.Popen[bytes] | None = None
         self.extra_args: list[str] = []
 
@@ -130,6 +132,7 @@ class LocalFederation:
             admin = init_home(home, name, port=port)
             token = TokenStore(home).add("analyst")
             self.servers[name] = LocalServer(home, name, port, token, admin)
+            self.servers[name].owner_token = TokenStore(home).add("owner", "owner")
         for server in self.servers.values():
             identity = Identity.load(server.home / "identity", server.name)
             for other in self.servers.values():

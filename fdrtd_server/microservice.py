@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -81,6 +82,7 @@ from fdrtd_server.bus import (
     now_iso,
     parse_handle,
 )
+from fdrtd_server.custody import DATASET_NAME
 from fdrtd_server.errors import (
     BadRequest,
     CohortTooSmall,
@@ -135,6 +137,7 @@ class Environment:
     allow_set_intersection: bool = False
     allow_matrix_product: bool = False
     allow_vertical_regression: bool = False
+    max_read_bytes: int = 2 * 1024 * 1024 * 1024
 
     def require(self, setting: str, what: str, why: str) -> None:
         """Refuse (403) a function that can disclose inputs unless the policy allows it.
@@ -181,13 +184,21 @@ def _check_switch(setting: Any, error: type[Exception]) -> None:
 
 @dataclass
 class Dataset:
-    """An uploaded dataset: named columns that share their first dimension."""
+    """A dataset as a function sees it: named columns that share their first dimension.
+
+    Attributes:
+        columns: The columns read (those asked for, or all).
+        count: The number of records when no column was read (``columns=[]``).
+    """
 
     columns: dict[str, np.ndarray[Any, Any]]
+    count: int | None = None
 
     @property
     def rows(self) -> int:
         """Number of records (the first dimension of the columns)."""
+        if self.count is not None:
+            return self.count
         first = next(iter(self.columns.values()))
         return int(first.shape[0]) if first.ndim else 1
 
@@ -208,15 +219,37 @@ class Dataset:
         return self.columns[name]
 
 
+def _wanted(columns: Iterable[Any] | None) -> list[str] | None:
+    """The column names a function asks for; None (all) if any is unnamed (None)."""
+    if columns is None:
+        return None
+    names = list(columns)
+    if any(name is None for name in names):
+        return None
+    if not all(isinstance(name, str) for name in names):
+        raise BadRequest("the dataset has no column of that name")
+    return list(dict.fromkeys(names))
+
+
 @dataclass
 class CallContext:
-    """What a function gets besides its inputs: who asks, and the bus."""
+    """What a function gets besides its inputs: who asks, and the bus.
+
+    Attributes:
+        datasets: The named datasets the caller may use for this function now,
+            as the controller found them in the owner's grants
+            (:meth:`fdrtd_server.custody.CustodyStore.usable`).
+        versions: The version of each named dataset read so far, by name;
+            stated in the job's result.
+    """
 
     bus: Bus
     env: Environment
     principal: str
     role: str
     session: dict[str, Any] | None = None
+    datasets: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
 
     async def owned_description(
         self, handle: Any, field_name: str = "handle"
@@ -234,16 +267,88 @@ class CallContext:
         check_owner(description["owner"], self.principal, "dataset")
         return handle, description
 
-    async def load_dataset(self, handle: Any, field_name: str = "data") -> Dataset:
-        """Load a dataset the caller owns.
+    async def load_dataset(
+        self, ref: Any, field_name: str = "data", columns: Iterable[Any] | None = None
+    ) -> Dataset:
+        """Load a dataset: a named one the caller may use, or an upload of her own.
+
+        Args:
+            ref: A dataset name from the catalogue, or a data handle.
+            field_name: The input that gave ``ref``, for messages.
+            columns: The columns the function needs (None: all; ``[]``: only the
+                number of records). A source is read only for those, in batches.
 
         Raises:
-            BadRequest: If ``handle`` is not a data handle.
-            NotFound: If it is unknown or belongs to another client.
+            BadRequest: If ``ref`` is neither a name nor a handle.
+            NotFound: If no such dataset exists for the caller (a name she holds
+                no grant for is answered alike).
         """
-        handle, description = await self.owned_description(handle, field_name)
+        if isinstance(ref, str) and ref in self.datasets:
+            return await self._load_named(ref, self.datasets[ref], _wanted(columns))
+        if isinstance(ref, str) and not ref.startswith(("d-", "r-")) and DATASET_NAME.match(ref):
+            raise NotFound(f"no dataset named '{ref}' on this server")
+        if not isinstance(ref, str) or not ref.startswith("d-"):
+            raise BadRequest(
+                f"'{field_name}' must be a dataset name from the catalogue, or a data handle "
+                "as returned by the server"
+            )
+        handle, description = await self.owned_description(ref, field_name)
         raw = await self.bus.read_object(handle)
         return decode_dataset(description, raw)
+
+    async def _load_named(
+        self, name: str, entry: Mapping[str, Any], columns: list[str] | None
+    ) -> Dataset:
+        if entry.get("kind") == "upload":
+            handle = str(entry.get("handle", ""))
+            description = await self.bus.get_set(handle) if handle.startswith("d-") else None
+            if description is None:
+                raise NotFound(f"the dataset '{name}' was withdrawn by its owner")
+            raw = await self.bus.read_object(handle)
+            digest = description.get("sha256")
+            if not isinstance(digest, str):
+                # an upload never changes: its version is hashed once and kept
+                digest = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())
+                await self.bus.put_set(handle, {**description, "sha256": digest})
+            self.versions[name] = {"id": digest, "time": description.get("created", "")}
+            return decode_dataset(description, raw)
+        from fdrtd_server.sources import SourceSpec, open_source
+
+        spec = SourceSpec.from_dict(entry.get("source") or {}, f"dataset '{name}'")
+        source = open_source(spec)
+        version, current = await self._version(name, await source.observe(), spec.hold_back)
+        self.versions[name] = {"id": version.id, "time": version.time}
+        if columns is not None and not columns:
+            return Dataset({}, count=version.rows)
+        read = await source.read(
+            columns,
+            None if version.id == current.id else version.rows,
+            max_bytes=self.env.max_read_bytes,
+        )
+        if not read:
+            return Dataset({}, count=version.rows)
+        return Dataset(dict(read))
+
+    async def _version(self, name: str, current: Any, hold_back: int) -> tuple[Any, Any]:
+        """The version of ``name`` to read now, and ``current``; releases it if it is new.
+
+        Several processes may observe a new version at once: the release is a
+        compare-and-set, and the loser reads what the winner released.
+        """
+        from fdrtd_server.sources import Version, choose_version
+
+        for _ in range(5):
+            found = await self.bus.get_version(name)
+            released = Version.from_dict(found[0]) if found else None
+            version, new = choose_version(current, released, hold_back)
+            if not new:
+                return version, current
+            try:
+                await self.bus.put_version(name, version.to_dict(), found[1] if found else None)
+            except RecordChanged:
+                continue
+            return version, current
+        raise ServiceUnavailable(f"the dataset '{name}' keeps changing; try again")
 
     def check_cohort(self, rows: int) -> None:
         """Refuse results that describe fewer records than the policy's minimum.
@@ -617,14 +722,19 @@ class _Runner:
                 f"'{self.spec.name}.{function}' is not a computation; it cannot be started"
             )
         message["inputs"] = await self._validate(function, message["inputs"], session)
+        datasets = message.get("datasets") or {}
+        if not isinstance(datasets, dict):
+            raise BadRequest("'datasets' must be a map")
         if function in self.spec.calls:
-            ctx = CallContext(self.bus, self.env, principal, role, session)
+            ctx = CallContext(self.bus, self.env, principal, role, session, datasets)
             return await self.spec.calls[function](ctx, message["inputs"])
         handle = parse_handle(message.get("result"), "result", "result")
         record = JobRecord(
             principal, self.spec.name, function, "running", created=now_iso(), runner=self.runner
         )
-        job = JobContext(self.bus, self.env, principal, role, session, handle, record)
+        job = JobContext(
+            self.bus, self.env, principal, role, session, datasets, handle=handle, record=record
+        )
         computed = asyncio.Event()
         recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
@@ -735,6 +845,7 @@ class _Runner:
             )
         else:
             ctx.record.status, ctx.record.progress, ctx.record.result = "done", 1.0, result
+        ctx.record.datasets = dict(ctx.versions)
         self.computing.pop(ctx.handle, None)
         computed.set()
         try:

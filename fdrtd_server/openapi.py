@@ -159,6 +159,62 @@ _SESSION = {
 }
 
 
+_DATASET_NAME = "^[a-z][a-z0-9_-]{0,62}$"
+_NAME_PARAM = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": _DATASET_NAME},
+}
+_GRANTEE_PARAM = {
+    "name": "grantee",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": SERVER_NAME.pattern},
+}
+_PUBLISH = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": _DATASET_NAME},
+        "handle": {"type": "string"},
+        "description": {"type": "string", "maxLength": 2000},
+    },
+    "required": ["name", "handle"],
+    "additionalProperties": False,
+}
+_GRANT = {
+    "type": "object",
+    "properties": {
+        "dataset": {"type": "string", "pattern": _DATASET_NAME},
+        "grantee": {"type": "string", "pattern": SERVER_NAME.pattern},
+        "functions": {"type": "array", "items": {"type": "string"}},
+        "not_before": {"type": "string", "description": "ISO 8601"},
+        "not_after": {"type": "string", "description": "ISO 8601"},
+    },
+    "required": ["dataset", "grantee"],
+    "additionalProperties": False,
+}
+_SOURCE = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": _DATASET_NAME},
+        "owner": {"type": "string", "pattern": SERVER_NAME.pattern},
+        "description": {"type": "string", "maxLength": 2000},
+        "source": {
+            "type": "object",
+            "description": "kind (csv, parquet, sqlite, postgresql), path, table, query, "
+            "dsn_env, order_by, hold_back, columns: see docs/data.md",
+        },
+    },
+    "required": ["name", "owner", "source"],
+    "additionalProperties": False,
+}
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
 def _op(
     summary: str,
     ok: str = "200",
@@ -325,6 +381,48 @@ def document(settings: Settings, functions: Functions | None = None) -> dict[str
                 "get": _op(
                     "Server-sent events with status and progress until finished", content=False
                 ),
+            },
+            "/v1/catalogue": {
+                "get": _op(
+                    "The named datasets you may use here: schema, coarse row count, "
+                    "allowed functions, version; never values"
+                )
+            },
+            "/v1/datasets": {
+                "post": _op(
+                    "Publish one of your uploads under a name (owners)",
+                    "201",
+                    requestBody=_json_body(_PUBLISH),
+                )
+            },
+            "/v1/datasets/{name}": {
+                "parameters": [_NAME_PARAM],
+                "delete": _op("Withdraw a dataset and its grants (its owner, admins)"),
+            },
+            "/v1/grants": {
+                "get": _op("The grants of your datasets (owners; all for admins)"),
+                "post": _op(
+                    "Grant a token name the use of a dataset, optionally limited to functions "
+                    "and a time window (owners, admins)",
+                    "201",
+                    requestBody=_json_body(_GRANT),
+                ),
+            },
+            "/v1/grants/{name}/{grantee}": {
+                "parameters": [_NAME_PARAM, _GRANTEE_PARAM],
+                "delete": _op("Revoke a grant; applies to the grantee's next request"),
+            },
+            "/v1/sources": {
+                "get": _op("Registered sources, without connection strings (admins)"),
+                "post": _op(
+                    "Register a file, a directory of files or a database read in place (admins)",
+                    "201",
+                    requestBody=_json_body(_SOURCE),
+                ),
+            },
+            "/v1/sources/{name}": {
+                "parameters": [_NAME_PARAM],
+                "delete": _op("Remove a source and its grants (admins)"),
             },
             "/v1/peer": {
                 "post": _op(

@@ -153,7 +153,7 @@ async def aggregate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
             "this server's policy does not allow map-reduce aggregates; use a secure protocol"
         )
     edges = _edges(inputs.get("bins"))
-    dataset = await ctx.load_dataset(inputs.get("data"))
+    dataset = await ctx.load_dataset(inputs.get("data"), columns=[inputs.get("column")])
     values = dataset.column(inputs.get("column"))
     result = aggregate_values(values, edges, ctx.env.min_cohort)
     ctx.check_cohort(result["count"])

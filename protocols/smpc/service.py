@@ -170,7 +170,7 @@ async def count(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Total number of records over all parties; nothing else is revealed."""
     async with session_for(ctx) as peers:
         # inside the session: if this party's input is refused, the others hear it at once
-        dataset = await ctx.load_dataset(inputs.get("data"))
+        dataset = await ctx.load_dataset(inputs.get("data"), columns=[])
         smpc = SmpcSession(peers)
         await smpc.setup(declare(ctx, function="count"), defer=True)
         total = await joint_count(ctx, smpc, dataset.rows)
@@ -213,7 +213,7 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """
     async with session_for(ctx) as peers:
         # inside the session: if this party's input is refused, the others hear it at once
-        dataset = await ctx.load_dataset(inputs.get("data"))
+        dataset = await ctx.load_dataset(inputs.get("data"), columns=[inputs.get("column")])
         values = numeric(dataset.column(inputs.get("column")))
         elementwise = bool(inputs.get("elementwise", False))
         frac_bits = inputs.get("frac_bits", ring.DEFAULT_FRAC_BITS)  # declared: 0 to 40
@@ -300,7 +300,7 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """
     async with session_for(ctx) as peers:
         # inside the session: if this party's input is refused, the others hear it at once
-        dataset = await ctx.load_dataset(inputs.get("data"))
+        dataset = await ctx.load_dataset(inputs.get("data"), columns=[inputs.get("column")])
         column = numeric(dataset.column(inputs.get("column")))
         if column.ndim != 1:
             raise BadRequest("univariate statistics need a column of single numbers")
@@ -358,7 +358,7 @@ async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """
     async with session_for(ctx) as peers:
         # inside the session: if this party's input is refused, the others hear it at once
-        dataset = await ctx.load_dataset(inputs.get("data"))
+        dataset = await ctx.load_dataset(inputs.get("data"), columns=[inputs["x"], inputs["y"]])
         x = numeric(dataset.column(inputs.get("x")), "column 'x'")
         y = numeric(dataset.column(inputs.get("y")), "column 'y'")
         if x.ndim != 1 or y.ndim != 1:

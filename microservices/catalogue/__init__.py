@@ -1,0 +1,74 @@
+"""The catalogue microservice: describes named datasets without ever reading their values.
+
+The controller's ``GET /v1/catalogue`` sends it the datasets the caller may
+see (as :meth:`fdrtd_server.custody.CustodyStore.visible` found them); it
+answers each one's columns and types, its number of records and its version.
+For a source read in place, that is the version computations use now: the one
+released last (the hold-back rule may keep newer rows back), else the content
+as it is. Nothing is released here: only a computation releases a version.
+A source that cannot be read is described by its error, and the others still are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fdrtd_server.errors import FdrtdError
+from fdrtd_server.inputs import Output
+from fdrtd_server.microservice import CallContext, Microservice, distribution_version
+
+__all__ = ["service"]
+
+service = Microservice(
+    "catalogue",
+    distribution_version("fdrtd", "0.1.0"),
+    "Describes the named datasets a caller may see: schema, row count, version; never values.",
+)
+
+
+async def _describe_upload(ctx: CallContext, entry: dict[str, Any]) -> dict[str, Any]:
+    handle = str(entry.get("handle", ""))
+    description = await ctx.bus.get_set(handle) if handle.startswith("d-") else None
+    if description is None:
+        return {"error": "withdrawn: its upload was released"}
+    columns = {
+        name: str(column.get("dtype", "")) for name, column in description["columns"].items()
+    }
+    version = {"id": description.get("sha256"), "time": description.get("created", "")}
+    return {"columns": columns, "rows": description.get("rows"), "version": version}
+
+
+async def _describe_source(ctx: CallContext, name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    from fdrtd_server.sources import SourceSpec, Version, choose_version, open_source
+
+    spec = SourceSpec.from_dict(entry.get("source") or {}, f"dataset '{name}'")
+    source = open_source(spec)
+    columns = await source.schema()
+    current = await source.observe()
+    found = await ctx.bus.get_version(name)
+    released = Version.from_dict(found[0]) if found else None
+    version, _ = choose_version(current, released, spec.hold_back)
+    return {
+        "columns": columns,
+        "rows": version.rows,
+        "version": {"id": version.id, "time": version.time},
+    }
+
+
+@service.call(
+    "describe",
+    inputs=[],
+    outputs=[Output("datasets", "object", "each dataset's columns, rows and version, by name")],
+)
+async def describe(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Columns, row count and version of each dataset the controller sent along."""
+    described: dict[str, Any] = {}
+    for name, entry in ctx.datasets.items():
+        try:
+            if entry.get("kind") == "upload":
+                described[name] = await _describe_upload(ctx, entry)
+            else:
+                described[name] = await _describe_source(ctx, name, entry)
+        except FdrtdError as error:
+            described[name] = {"error": error.message}
+    return {"datasets": described}
