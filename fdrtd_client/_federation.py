@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from fdrtd_client._client import Client, Handle, Job, _draw
-from fdrtd_client.errors import FdrtdClientError
+from fdrtd_client.errors import FdrtdClientError, NotFound
 
 __all__ = ["FederatedJob", "Federation", "combine_aggregates"]
 
@@ -242,6 +242,26 @@ class Federation:
         finally:
             wait(futures.values())
         return {name: first, **{other: future.result() for other, future in futures.items()}}
+
+    def directory(self) -> list[dict[str, Any]]:
+        """The live members, from the first of the federation's servers that keeps a directory.
+
+        Servers are asked in the federation's order; one that keeps no
+        directory (404) is passed over. See :meth:`Client.directory`.
+
+        Raises:
+            FdrtdClientError: If none of the servers keeps a directory.
+            ServerError: If a server refuses otherwise (e.g. 401, a bad token).
+        """
+        for client in self.clients.values():
+            try:
+                return client.directory()
+            except NotFound:
+                continue
+        raise FdrtdClientError(
+            f"none of the servers {', '.join(self.clients)} keeps a federation directory "
+            "(each answered 404); ask the admins which server has 'directory = true'"
+        )
 
     def upload(self, datasets: Mapping[str, Any]) -> dict[str, Handle]:
         """Upload each party's dataset to its own server; returns the handles."""
