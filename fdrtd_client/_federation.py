@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from fdrtd_client._client import Client, Handle, Job, _draw
-from fdrtd_client.errors import FdrtdClientError, NotFound
+from fdrtd_client.errors import FdrtdClientError, NotFound, TransportError
 
 __all__ = ["FederatedJob", "Federation", "combine_aggregates"]
 
@@ -247,20 +247,26 @@ class Federation:
         """The live members, from the first of the federation's servers that keeps a directory.
 
         Servers are asked in the federation's order; one that keeps no
-        directory (404) is passed over. See :meth:`Client.directory`.
+        directory (404), or cannot be reached, is passed over, so that with
+        several directories one being down does not matter. See
+        :meth:`Client.directory`.
 
         Raises:
-            FdrtdClientError: If none of the servers keeps a directory.
+            FdrtdClientError: If no server answered with a directory.
             ServerError: If a server refuses otherwise (e.g. 401, a bad token).
         """
-        for client in self.clients.values():
+        unreachable: list[str] = []
+        for name, client in self.clients.items():
             try:
                 return client.directory()
             except NotFound:
                 continue
+            except TransportError:
+                unreachable.append(name)
+        also = f" ({', '.join(unreachable)} could not be reached)" if unreachable else ""
         raise FdrtdClientError(
-            f"none of the servers {', '.join(self.clients)} keeps a federation directory "
-            "(each answered 404); ask the admins which server has 'directory = true'"
+            f"none of the servers {', '.join(self.clients)} keeps a federation directory"
+            f"{also}; ask the admins which server has 'directory = true'"
         )
 
     def upload(self, datasets: Mapping[str, Any]) -> dict[str, Handle]:

@@ -22,6 +22,7 @@ from _processes import wait_for
 
 from fdrtd_client import Client, Federation
 from fdrtd_client.errors import FdrtdClientError, Unauthorized
+from fdrtd_server._embedded_nats import free_port
 from fdrtd_server.audit import verify
 from fdrtd_server.directory import SESSION, TAG, heartbeat_envelope
 from fdrtd_server.envelope import seal
@@ -140,6 +141,10 @@ def test_a_server_that_keeps_no_directory_answers_404(federation: LocalFederatio
     assert_problem(response, 404, "'beta' is not a directory")
     # a federation asks the first of its servers that keeps a directory
     with Federation({"beta": beta.client(), "alpha": alpha.client()}) as joint:
+        assert "alpha" in {m["name"] for m in joint.directory()}
+    # nor does a server that cannot be reached stop it (several directories, one down)
+    down = Client(f"http://127.0.0.1:{free_port()}", "any", timeout=5)
+    with Federation({"down": down, "alpha": alpha.client()}) as joint:
         assert "alpha" in {m["name"] for m in joint.directory()}
     with (
         Federation({"beta": beta.client(), "gamma": gamma.client()}) as joint,
