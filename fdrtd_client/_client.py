@@ -453,6 +453,19 @@ class Client:
         answer: dict[str, Any] = self.request("GET", "/v1/identity")
         return answer
 
+    def directory(self) -> list[dict[str, Any]]:
+        """The live members of the federation, if this server keeps its directory.
+
+        Each member is ``{"name", "url", "last_seen" (ISO 8601), "datasets"
+        (how many it publishes, or None)}``; members silent for three heartbeat
+        intervals are not listed. Ask each member's catalogue what you may use
+        there: the directory lists servers, not datasets.
+
+        Raises:
+            NotFound: If this server keeps no directory.
+        """
+        return list(self.request("GET", "/v1/directory")["members"])
+
 
 class Job:
     """A computation started on a server, known by its result handle.

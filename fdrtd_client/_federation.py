@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from fdrtd_client._client import Client, Handle, Job, _draw
-from fdrtd_client.errors import FdrtdClientError, ServiceUnavailable, TransportError
+from fdrtd_client.errors import FdrtdClientError, NotFound, ServiceUnavailable, TransportError
 
 __all__ = ["FederatedDataset", "FederatedJob", "Federation", "combine_aggregates"]
 
@@ -282,10 +282,17 @@ class Federation:
     def catalogue(self) -> list[dict[str, Any]]:
         """Every dataset across the federation that you may use, each with its ``server``.
 
-        Each server is asked for its own catalogue with your token there: what
-        a server lists is what its owners granted you. A server that cannot
-        be reached is left out (its name is in no entry).
+        The federation directory (:meth:`directory`) says which members are
+        alive; each live member you hold a token for is asked for its own
+        catalogue: what a server lists is what its owners granted you. Without
+        a directory, every server of this federation is asked. A server that
+        cannot be reached is left out.
         """
+        try:
+            live = {member["name"] for member in self.directory()}
+            asked = [name for name in self.parties if name in live]
+        except FdrtdClientError:  # no directory in this federation
+            asked = self.parties
 
         def ask(client: Client, _: None) -> list[dict[str, Any]]:
             try:
@@ -293,8 +300,10 @@ class Federation:
             except (TransportError, ServiceUnavailable):
                 return []
 
-        found = self._each(dict.fromkeys(self.clients), ask)
-        return [{**entry, "server": server} for server in self.parties for entry in found[server]]
+        if not asked:
+            return []
+        found = self._each(dict.fromkeys(asked), ask)
+        return [{**entry, "server": server} for server in asked for entry in found[server]]
 
     def dataset(self, name: str) -> FederatedDataset:
         """The dataset ``name`` as one, over every server that holds a fragment of it.
@@ -308,6 +317,32 @@ class Federation:
         if not fragments:
             raise FdrtdClientError(f"no server of this federation lets you use '{name}'")
         return FederatedDataset(name, fragments)
+
+    def directory(self) -> list[dict[str, Any]]:
+        """The live members, from the first of the federation's servers that keeps a directory.
+
+        Servers are asked in the federation's order; one that keeps no
+        directory (404), or cannot be reached, is passed over, so that with
+        several directories one being down does not matter. See
+        :meth:`Client.directory`.
+
+        Raises:
+            FdrtdClientError: If no server answered with a directory.
+            ServerError: If a server refuses otherwise (e.g. 401, a bad token).
+        """
+        unreachable: list[str] = []
+        for name, client in self.clients.items():
+            try:
+                return client.directory()
+            except NotFound:
+                continue
+            except TransportError:
+                unreachable.append(name)
+        also = f" ({', '.join(unreachable)} could not be reached)" if unreachable else ""
+        raise FdrtdClientError(
+            f"none of the servers {', '.join(self.clients)} keeps a federation directory"
+            f"{also}; ask the admins which server has 'directory = true'"
+        )
 
     def upload(self, datasets: Mapping[str, Any]) -> dict[str, Handle]:
         """Upload each party's dataset to its own server; returns the handles."""

@@ -1007,6 +1007,12 @@ def create_app(
             custody=CustodyStore(settings.home),
         )
         app.state.fdrtd = state
+
+        async def dataset_count() -> int:
+            return len(state.custody.datasets())
+
+        # what this server's heartbeats tell the federation directory
+        state.extra["dataset_count"] = dataset_count
         # how each job ended, reported by the microservices wherever they run
         await bus.nc.subscribe(JOBS_SUBJECT, queue="fdrtd-audit", cb=_job_ended(state))
         try:

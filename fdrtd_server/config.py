@@ -96,6 +96,13 @@ class Settings:
     its streams for some seconds). Whatever it says, the embedded
     ``nats-server`` exiting ends the server at once: it cannot come back."""
     microservices: tuple[str, ...] = field(default_factory=tuple)
+    directory: bool = False
+    """Whether this server keeps the federation directory (``GET /v1/directory``)."""
+    directories: tuple[str, ...] = field(default_factory=tuple)
+    """The members that keep a directory: this server registers and heartbeats with each."""
+    directory_interval: float = 10.0
+    """Seconds between two heartbeats to each directory; silent for 3 of them, a member
+    drops out of the listing."""
 
     def __post_init__(self) -> None:
         if not NAME_RULE.fullmatch(self.name):
@@ -125,6 +132,14 @@ class Settings:
             raise ValueError("setting 'session_timeout' must be between 0 and 3600 seconds")
         if not 0 < self.nats_reconnect_seconds <= 3600:
             raise ValueError("setting 'nats_reconnect_seconds' must be between 0 and 3600 seconds")
+        for member in self.directories:
+            if not isinstance(member, str) or not NAME_RULE.fullmatch(member):
+                raise ValueError(
+                    "setting 'directories' must list member names (1-63 lowercase letters, "
+                    "digits, '-' or '_', starting with a letter or digit)"
+                )
+        if not 0.05 <= self.directory_interval <= 3600:
+            raise ValueError("setting 'directory_interval' must be between 0.05 and 3600 seconds")
 
     @property
     def url(self) -> str:
@@ -156,6 +171,9 @@ _FIELD_TYPES: dict[str, type] = {
     "allow_vertical_regression": bool,
     "session_timeout": float,
     "nats_reconnect_seconds": float,
+    "directory": bool,
+    "directories": tuple,
+    "directory_interval": float,
 }
 
 
@@ -172,6 +190,12 @@ _POLICY_KEYS = (
 
 def _cast(key: str, value: Any, source: str) -> Any:
     wanted = _FIELD_TYPES[key]
+    if wanted is tuple:
+        # a TOML list of names, or "a,b" in an environment variable
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"{source} '{key}' must be a list of names")
+        return tuple(item.strip() for item in items if item.strip())
     if isinstance(value, str) and wanted is not str:
         text = value.strip().lower()
         try:

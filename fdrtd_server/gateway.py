@@ -11,6 +11,9 @@ file, refuses replays, and hands the payload to the protocol: directly when
 the session runs in its own process (the embedded default), else on core
 NATS as ``fdrtd.peer.in.<session>`` for the worker that runs it. Peer
 messages are masked values of one live session, so they are never stored.
+One kind is not a computation's: heartbeats for the federation directory
+(session :data:`fdrtd_server.directory.SESSION`) go, once verified and
+checked for replays like every message, to :mod:`fdrtd_server.directory`.
 One HTTP port per server, so a reverse proxy with TLS in front of it is all a
 deployment needs.
 
@@ -73,6 +76,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from fdrtd_client import wire
+from fdrtd_server import directory
 from fdrtd_server._http import HttpError, PeerHttpClient
 from fdrtd_server.app import State, internal_error, problem
 from fdrtd_server.audit import AuditLog
@@ -726,6 +730,9 @@ async def receive(request: Request) -> Response:
     if not first:
         gateway.rejections.rejected(message.sender, message.session, "replay")
         raise Conflict("this peer message was already received (replay)")
+    if message.session == directory.SESSION:
+        # a heartbeat for the federation directory: no computation's session
+        return await directory.received(state, gateway, message)
     refusal = await gateway.refusal(message)
     if refusal is not None:
         if message.tag != ALIVE_TAG:  # a heartbeat crossing the end is routine

@@ -2,7 +2,8 @@
 
 :class:`LocalFederation` creates a server home per party under one directory,
 makes every server a member of every other's federation, gives each an
-analyst token (named ``analyst``) and an owner token (named ``owner``), starts each as its own ``fdrtd-server serve`` process (with
+analyst token (named ``analyst``) and an owner token (named ``owner``),
+starts each as its own ``fdrtd-server serve`` process (with
 its own embedded ``nats-server``, its own ports and its own JetStream
 directory) on 127.0.0.1, and stops them all on exit.
 
@@ -115,6 +116,10 @@ class LocalFederation:
         root: Directory for the server homes (one subdirectory per party).
         names: The parties' server names.
         env: Extra environment for every server process (``FDRTD_*`` settings).
+        directories: The servers that keep the federation directory; every
+            server registers with each of them (``directory``, ``directories``).
+        directory_interval: Seconds between heartbeats (``directory_interval``),
+            if ``directories`` are given; None keeps the setting's default.
     """
 
     def __init__(
@@ -122,9 +127,17 @@ class LocalFederation:
         root: Path,
         names: Sequence[str] = ("alpha", "beta", "gamma"),
         env: dict[str, str] | None = None,
+        *,
+        directories: Sequence[str] = (),
+        directory_interval: float | None = None,
     ) -> None:
         self.root = root
         self.env = dict(env or {})
+        self.directories = tuple(directories)
+        if self.directories:
+            self.env["FDRTD_DIRECTORIES"] = ",".join(self.directories)
+            if directory_interval is not None:
+                self.env["FDRTD_DIRECTORY_INTERVAL"] = f"{directory_interval:g}"
         self.servers: dict[str, LocalServer] = {}
         for name in names:
             home = root / name
@@ -144,8 +157,18 @@ class LocalFederation:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(len(self.servers)) as pool:
-            list(pool.map(lambda server: server.start(env=self.env), self.servers.values()))
+            list(
+                pool.map(
+                    lambda server: server.start(env=self.env_of(server.name)), self.servers.values()
+                )
+            )
         return self
+
+    def env_of(self, name: str) -> dict[str, str]:
+        """The extra environment of the server ``name`` (a directory is told it is one)."""
+        if name in self.directories:
+            return {**self.env, "FDRTD_DIRECTORY": "true"}
+        return self.env
 
     def stop(self) -> None:
         """Stop every server."""

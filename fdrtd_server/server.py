@@ -282,7 +282,7 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
         The exit code: 0 after SIGINT/SIGTERM, :data:`EXIT_NATS_LOST` if NATS
         went away for good.
     """
-    from fdrtd_server import gateway
+    from fdrtd_server import directory, gateway
     from fdrtd_server._embedded_nats import EmbeddedNats, redact_url, resolve_nats_url
 
     embedded = None
@@ -350,6 +350,8 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
                 # protocols in this process reach the gateway directly, and it them
                 inbox = await PeerInbox.of(state.extra["microservice_bus"])
                 await state.extra["gateway"].attach(inbox)
+            # the directory's listing, and heartbeats to every directory (through the gateway)
+            await directory.start(state)
             # jobs of workers that died fail here (those of this process's earlier
             # starts failed above, or when start_microservices ran)
             own = (services["running"].runner,) if "running" in services else ()
@@ -372,6 +374,7 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             try:
+                await directory.stop(state)
                 await gateway.stop(state)
                 if "running" in services:
                     await services["running"].stop()
@@ -388,7 +391,11 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
                     lost(state, what)
 
         app = create_app(
-            settings, nats_url, on_start=on_start, on_stop=on_stop, extra_routes=gateway.routes()
+            settings,
+            nats_url,
+            on_start=on_start,
+            on_stop=on_stop,
+            extra_routes=[*gateway.routes(), *directory.routes()],
         )
         config = uvicorn.Config(
             _QuietStartupFailure(gateway.PeerFastPath(app), watch.down),
