@@ -388,6 +388,11 @@ def document(settings: Settings, functions: Functions | None = None) -> dict[str
                     "allowed functions, version; never values"
                 )
             },
+            "/v1/directory": {
+                "get": _op(
+                    "The live members of the federation (on a server that keeps the directory)"
+                )
+            },
             "/v1/datasets": {
                 "post": _op(
                     "Publish one of your uploads under a name (owners)",

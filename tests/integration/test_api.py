@@ -28,7 +28,7 @@ import requests
 import fdrtd_client
 from fdrtd_client import Client, wire
 from fdrtd_client.errors import BadRequest, Forbidden, NotFound
-from fdrtd_server import gateway
+from fdrtd_server import directory, gateway
 from fdrtd_server.app import create_app
 from fdrtd_server.audit import verify
 from fdrtd_server.config import Settings, TokenStore
@@ -683,7 +683,7 @@ def test_openapi_documents_every_route(server: LocalServer, tmp_path: Path) -> N
         if method in ("get", "post", "put", "patch", "delete")
     }
     app = create_app(
-        Settings(home=tmp_path, name="probe"), "nats://127.0.0.1:1", extra_routes=gateway.routes()
+        Settings(home=tmp_path, name="probe"), "nats://127.0.0.1:1", extra_routes=[*gateway.routes(), *directory.routes()]
     )
     served = {
         (route.path, method.lower())

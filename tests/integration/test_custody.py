@@ -208,6 +208,7 @@ def _post(url: str, token: str, path: str, body: Any) -> int:
 ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/v1/microservices", None),
     ("GET", "/v1/catalogue", None),
+    ("GET", "/v1/directory", None),
     ("GET", "/v1/data", None),
     ("POST", "/v1/compute", {"microservice": "map", "function": "aggregate", "inputs": {}}),
     ("POST", "/v1/datasets", {"handle": "d-" + "1" * 40, "name": "zz"}),
@@ -226,6 +227,7 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
 ALLOWED = {
     "/v1/microservices": {"admin", "owner", "analyst"},
     "/v1/catalogue": {"admin", "owner", "analyst"},
+    "/v1/directory": {"admin", "owner", "analyst"},
     "/v1/data": {"owner", "analyst"},
     "/v1/compute": {"owner", "analyst"},
     "/v1/datasets": {"owner"},
