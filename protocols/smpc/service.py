@@ -71,7 +71,8 @@ def numeric(values: npt.NDArray[Any], name: str = "column") -> npt.NDArray[np.fl
 def finite_rows(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """The rows without NaN or infinity (in any element, for vector rows)."""
     if values.ndim == 1:
-        return values[np.isfinite(values)]
+        keep = np.isfinite(values)
+        return values if keep.all() else values[keep]
     flat = values.reshape(values.shape[0], -1)
     return values[np.isfinite(flat).all(axis=1)]
 

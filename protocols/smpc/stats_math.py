@@ -109,6 +109,8 @@ BIVARIATE_KEYS: tuple[str, ...] = (
 """The keys returned by :func:`bivariate`, in order."""
 
 _MAX_POWER = 6
+_PIECE = 1 << 18
+"""Values summed at a time: bounds the temporary arrays of a long column (2 MiB each)."""
 F64Array = npt.NDArray[np.float64]
 
 
@@ -165,14 +167,17 @@ def local_power_sums(
     values = _as_finite_vector(x, "x")
     if not math.isfinite(shift):
         raise ValueError("`shift` must be a finite number")
-    deltas = values - shift
     sums = np.zeros(len(POWER_SUM_KEYS), dtype=np.float64)
     sums[0] = values.size
-    power = np.ones_like(deltas)
-    with np.errstate(over="ignore"):  # an overflow shows up as inf, checked below
-        for k in range(1, _MAX_POWER + 1):
-            power = power * deltas
-            sums[k] = np.sum(power)
+    # in pieces: a column of millions of values needs no copies of its size
+    for start in range(0, values.size, _PIECE):
+        deltas = values[start : start + _PIECE] - shift
+        power = deltas.copy()
+        with np.errstate(over="ignore"):  # an overflow shows up as inf, checked below
+            for k in range(1, _MAX_POWER + 1):
+                if k > 1:
+                    np.multiply(power, deltas, out=power)
+                sums[k] += np.sum(power)
     if not np.all(np.isfinite(sums)):
         raise ValueError(
             "the values are too large for power sums up to the 6th power; "
@@ -181,8 +186,10 @@ def local_power_sums(
     if positive_minimum is not None:
         if not positive_minimum > 0 or (values.size and values.min() < positive_minimum):
             raise ValueError("`positive_minimum` must be positive and at most every value")
-        sums[_MAX_POWER + 1] = np.sum(positive_minimum / values)
-        sums[_MAX_POWER + 2] = np.sum(np.log(values))
+        for start in range(0, values.size, _PIECE):
+            piece = values[start : start + _PIECE]
+            sums[_MAX_POWER + 1] += np.sum(positive_minimum / piece)
+            sums[_MAX_POWER + 2] += np.sum(np.log(piece))
     return sums
 
 

@@ -237,7 +237,9 @@ class Context:
         self.peers = Peers(Wire() if wire is None else wire, name, parties)
         self.session = {"id": self.peers.id, "parties": self.peers.parties}
 
-    async def load_dataset(self, handle: Any, field_name: str = "data") -> Dataset:
+    async def load_dataset(
+        self, handle: Any, field_name: str = "data", columns: Any = None
+    ) -> Dataset:
         return Dataset({key: np.asarray(column) for key, column in handle.items()})
 
     async def progress(self, fraction: float) -> None:

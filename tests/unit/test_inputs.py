@@ -107,7 +107,8 @@ def test_the_schema_says_what_the_check_does() -> None:
     properties = schema["properties"]
     assert properties["k"]["type"] == "integer"
     assert (properties["k"]["minimum"], properties["k"]["maximum"]) == (1, 10)
-    assert properties["data"]["pattern"] == "^d-[0-9a-f]{40}$"
+    # a data input takes a data handle or a dataset name
+    assert properties["data"]["pattern"] == "^(d-[0-9a-f]{40}|[a-z][a-z0-9_-]{0,62})$"
     assert properties["mode"]["anyOf"] == [{"enum": ["a", "b"]}, {"type": "null"}]
     p = properties["p"]["anyOf"][0]
     assert p == {"type": "array", "minItems": 1, "maxItems": 3, "items": {"type": "number"}}

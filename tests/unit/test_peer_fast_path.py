@@ -23,6 +23,7 @@ from fdrtd_server import gateway
 from fdrtd_server.app import State
 from fdrtd_server.audit import AuditLog
 from fdrtd_server.config import Settings, TokenStore
+from fdrtd_server.custody import CustodyStore
 
 
 def _app(tmp_path: Path, extra: dict[str, Any]) -> Starlette:
@@ -38,6 +39,7 @@ def _app(tmp_path: Path, extra: dict[str, Any]) -> Starlette:
         tokens=TokenStore(tmp_path),
         audit=AuditLog(tmp_path / "audit.log"),
         extra=extra,
+        custody=CustodyStore(tmp_path),
     )
     return app
 

@@ -21,6 +21,7 @@ from fdrtd_server import gateway
 from fdrtd_server.app import State
 from fdrtd_server.audit import AuditLog, verify
 from fdrtd_server.config import Settings, TokenStore
+from fdrtd_server.custody import CustodyStore
 from fdrtd_server.envelope import seal
 from fdrtd_server.gateway import Gateway, ReplayGuard
 from fdrtd_server.identity import Identity, PeerEntry, add_member
@@ -63,6 +64,7 @@ class _Peer:
             tokens=TokenStore(home),
             audit=AuditLog(self.audit_path),
             extra={},
+            custody=CustodyStore(home),
         )
         app.state.fdrtd = state
         self.gateway = Gateway(state)
