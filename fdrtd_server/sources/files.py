@@ -263,6 +263,7 @@ class CsvSource(Source):
         path = source_files(self.spec)[0]
         reader = self._reader(str(path), path, None, None)
         try:
+            self._names: list[str] = reader.schema.names
             return reader.schema
         finally:
             reader.close()
@@ -285,7 +286,8 @@ class CsvSource(Source):
                 except StopIteration:
                     return
                 except pa.ArrowInvalid as error:
-                    raise _csv_error(error, path, list(columns)) from error
+                    # pyarrow numbers the columns of the file, not of include_columns.
+                    raise _csv_error(error, path, getattr(self, "_names", [])) from error
                 except OSError as error:
                     raise _unavailable("csv", error) from error
                 yield batch

@@ -68,6 +68,12 @@ def _version(kind: str, columns: Sequence[str], count: int, total: int) -> Versi
     return Version(digest.hexdigest(), count, utc_now())
 
 
+def _body(query: str) -> str:
+    """The fixed query without its one optional final ``;`` (it becomes a subquery)."""
+    text = query.strip()
+    return text[:-1] if text.endswith(";") else text
+
+
 def _power_sums(row: Sequence[Any]) -> PowerSums:
     count = int(row[0] or 0)
     sums = [float(value) if value is not None else 0.0 for value in row[1:5]]
@@ -142,7 +148,7 @@ class SqliteSource(Source):
     def _relation(self) -> str:
         if self.spec.table:
             return _sqlite_name(self.spec.table)
-        return f"({self.spec.query})"
+        return f"({_body(self.spec.query)})"
 
     def _select(self, columns: Sequence[str], rows: int | None) -> str:
         listed = ", ".join(f"t.{_sqlite_name(name)}" for name in columns)
@@ -305,7 +311,7 @@ class PostgresSource(Source):
         if self.spec.table:
             return sql.Identifier(*self.spec.table.split("."))
         # The admin's fixed query (checked by SourceSpec), only ever a subquery.
-        return sql.SQL("({})").format(sql.SQL(self.spec.query))
+        return sql.SQL("({})").format(sql.SQL(_body(self.spec.query)))
 
     def _select(self, expressions: Sequence[sql.Composable], rows: int | None) -> sql.Composed:
         text = sql.SQL("SELECT {} FROM {} AS t").format(
