@@ -15,6 +15,7 @@ The tree::
     ├── PeerRejected (403)            a peer message failed verification
     ├── ComputationFailed (422)       a protocol ended without a result
     │   └── OutOfRange (422)          a value too large for a protocol's number encoding
+    ├── SourceUnavailable (424)       a registered source cannot be read (file, database)
     ├── PartyTimeout (504)            a party did not answer in time
     ├── ServiceUnavailable (503)      the bus or a microservice is down
     ├── PluginError (500)             a plugin asked the server for something it lacks
@@ -46,6 +47,7 @@ __all__ = [
     "PeerRejected",
     "PluginError",
     "ServiceUnavailable",
+    "SourceUnavailable",
     "Unauthorized",
     "UnsupportedMediaType",
     "error_for_status",
@@ -156,6 +158,19 @@ class OutOfRange(ComputationFailed):
     title = "Value out of range"
 
 
+class SourceUnavailable(FdrtdError):
+    """A registered source cannot be read now: a missing file, an unreachable database (424).
+
+    The computation depends on data the server reads in place
+    (:mod:`fdrtd_server.sources`), and that read failed for a reason outside
+    the request. The message names the kind of source and what failed, never
+    a path, a connection string or a password.
+    """
+
+    status = 424
+    title = "Source unavailable"
+
+
 class PartyTimeout(FdrtdError, TimeoutError):
     """A party of a computation did not answer within the session timeout."""
 
@@ -200,6 +215,7 @@ _BY_STATUS: dict[int, type[FdrtdError]] = {
         PayloadTooLarge,
         UnsupportedMediaType,
         ComputationFailed,
+        SourceUnavailable,
         PartyTimeout,
         ServiceUnavailable,
         InsufficientStorage,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from postgres import postgres_dsn  # noqa: F401  (a real PostgreSQL, for the whole suite)
 
 from fdrtd_server._embedded_nats import EmbeddedNats
 from fdrtd_server.local import LocalFederation, LocalServer
