@@ -309,7 +309,7 @@ class Federation:
         """The dataset ``name`` as one, over every server that holds a fragment of it.
 
         Raises:
-            FdrtdClientError: If fewer than two of your servers let you use it.
+            FdrtdClientError: If none of your servers lets you use it.
         """
         fragments = {
             entry["server"]: entry for entry in self.catalogue() if entry.get("name") == name

@@ -143,6 +143,7 @@ def authenticate(request: Request, roles: tuple[str, ...] | None = None) -> Prin
         _audit_refused_login(request, "unknown token")
         raise Unauthorized("the token is not valid on this server")
     principal = Principal(*found)
+    request.state.principal = principal  # for the audit of a refusal further on
     if roles is not None and principal.role not in roles:
         _state(request).audit.write(
             principal.name,
@@ -561,6 +562,22 @@ def _wide_ints_as_floats(value: Any) -> Any:
     return value
 
 
+def _strings(value: Any, depth: int = 0) -> set[str]:
+    """The short strings in ``value`` (the dataset names a request may mention)."""
+    if isinstance(value, str):
+        return {value} if len(value) <= 63 else set()
+    if depth > 8:
+        return set()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        found: set[str] = set()
+        for item in value[:4096]:
+            found |= _strings(item, depth + 1)
+        return found
+    return set()
+
+
 def _wait_and_value(request: Request) -> tuple[float, bool]:
     """The ``wait`` (seconds, 0 to MAX_WAIT) and ``value`` (boolean) query parameters.
 
@@ -627,7 +644,9 @@ async def compute(request: Request) -> Response:
             principal=principal,
             result=handle,
             session=session,
-            datasets=state.custody.usable(principal.name, principal.role, microservice, function),
+            datasets=state.custody.usable(
+                principal.name, principal.role, microservice, function, _strings(inputs)
+            ),
             bus_timeout=BUS_TIMEOUT + wait,
             **({"wait": wait, "value": with_value} if wait > 0 else {}),
         )
@@ -959,6 +978,11 @@ def _job_ended(state: State) -> Callable[[Any], Awaitable[None]]:
             if status == "failed":
                 extra["error_status"] = int(event.get("error_status", 0))
                 extra["error_class"] = str(event.get("error_class", ""))[:64]
+            datasets = event.get("datasets")
+            if isinstance(datasets, dict) and datasets:
+                extra["datasets"] = ",".join(
+                    f"{str(name)[:64]}@{str(version)[:16]}" for name, version in datasets.items()
+                )
             state.audit.write(
                 str(event.get("principal", ""))[:64], "job-end", handle, status, **extra
             )
@@ -1008,11 +1032,6 @@ def create_app(
         )
         app.state.fdrtd = state
 
-        async def dataset_count() -> int:
-            return len(state.custody.datasets())
-
-        # what this server's heartbeats tell the federation directory
-        state.extra["dataset_count"] = dataset_count
         # how each job ended, reported by the microservices wherever they run
         await bus.nc.subscribe(JOBS_SUBJECT, queue="fdrtd-audit", cb=_job_ended(state))
         try:

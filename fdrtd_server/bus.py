@@ -108,6 +108,9 @@ RUNNING_BUCKET = "fdrtd_running"
 RUNNERS_BUCKET = "fdrtd_runners"
 VERSIONS_BUCKET = "fdrtd_versions"
 """The released version of each named dataset (see :mod:`fdrtd_server.custody`)."""
+_VERSION_KEY = "_key"
+"""The entry of the versions bucket holding :meth:`Bus.version_key` (no dataset name
+starts with ``_``)."""
 RUNNER_TTL = 20.0
 """Seconds a runner's liveness key lives after its last write (see :mod:`fdrtd_server.runners`)."""
 OBJECT_CACHE_BYTES = 256 * 1024 * 1024
@@ -319,6 +322,7 @@ class Bus:
         self.running: KeyValue
         self.runners: KeyValue
         self.versions: KeyValue
+        self._version_key: bytes | None = None
         self._object_cache: OrderedDict[str, bytes] = OrderedDict()
         self._object_cache_bytes = 0
         self._set_cache: OrderedDict[str, dict[str, Any]] | None = None
@@ -871,6 +875,21 @@ class Bus:
         if entry.value is None or entry.revision is None:
             return None
         return dict(wire.unpackb(entry.value)), entry.revision
+
+    async def version_key(self) -> bytes:
+        """The secret that version ids are shown under (made once per store, shared by all).
+
+        A version's content hash is never shown as it is: an analyst could
+        test guesses of a small dataset against it. Shown is its HMAC under
+        this key, which is the same for every process of the server.
+        """
+        if self._version_key is None:
+            with contextlib.suppress(KeyWrongLastSequenceError):  # another made it first
+                await self.versions.create(_VERSION_KEY, secrets.token_bytes(32))
+            entry = await self.versions.get(_VERSION_KEY)
+            assert entry.value is not None
+            self._version_key = bytes(entry.value)
+        return self._version_key
 
     async def put_version(self, name: str, version: dict[str, Any], last: int | None) -> int:
         """Release ``version`` of the named dataset over revision ``last`` (None: the first).

@@ -353,6 +353,12 @@ class TokenStore:
         self._entries[name] = {"role": entry.get("role", "analyst"), "revoked": _now_iso()}
         self._save()
 
+    def role_of(self, name: str) -> str | None:
+        """The role of the token name ``name`` (revoked names keep theirs), or None if unknown."""
+        self._reload()
+        entry = self._entries.get(name)
+        return None if entry is None else str(entry.get("role", "analyst"))
+
     def authenticate(self, token: str) -> tuple[str, str] | None:
         """Return ``(name, role)`` for a valid token, else None (constant-time compare)."""
         self._reload()

@@ -30,12 +30,13 @@ this file, only access to the sources themselves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,9 +60,30 @@ DATASET_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
 A data handle (``d-`` and 40 hex digits) also fits this rule, so a name that
 looks like a handle is refused: a reference is either one or the other."""
-_HANDLE_LIKE = re.compile(r"^[dr]-[0-9a-f]{40}$")
+_HANDLE_LIKE = re.compile(r"^[dr]-")
+"""Names are never mistaken for handles: none starts like one."""
 _FUNCTION = re.compile(r"^(\*|[a-z][a-z0-9_]{0,31}\.(\*|[a-z][a-z0-9_]{0,31}))$")
 MAX_DESCRIPTION = 2000
+RECORD_LEVEL = frozenset(
+    {
+        "smpc.minimum_maximum",
+        "smpc.kth_smallest",
+        "smpc.median",
+        "smpc.quantiles",
+        "smpc.matrix_product",
+        "smpc.linear_regression_vertical",
+        "smpc.contingency_table_vertical",
+        "psi.intersection",
+        "psi.intersection_size",
+        "psi.union",
+    }
+)
+"""Functions whose result can be a single record's value or membership.
+
+An analyst who supplies the other party's input herself can walk through an
+owner's records with them (the k-th smallest for every k; a one-item set
+intersected with the owner's ids). A grant covers them only where it names
+them one by one: ``"*"`` and ``"smpc.*"`` do not."""
 
 
 def check_dataset_name(name: Any, what: str = "dataset name") -> str:
@@ -100,13 +122,13 @@ def _parse_time(text: Any, what: str) -> str | None:
         raise ValueError(f"'{what}' must be an ISO 8601 time such as 2027-01-31T12:00:00Z")
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).isoformat(timespec="seconds")
+    except (ValueError, OverflowError):  # OverflowError: beyond year 1 or 9999 in UTC
         raise ValueError(
             f"'{what}' must be an ISO 8601 time such as 2027-01-31T12:00:00Z"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="seconds")
 
 
 def _now() -> datetime:
@@ -134,6 +156,9 @@ class Grant:
     not_after: str | None = None
     granted_by: str = ""
     created: str = ""
+    owner: str = ""
+    """The dataset's owner when the grant was made: a grant never carries over to
+    another owner's dataset that later takes the same name."""
 
     @classmethod
     def make(
@@ -144,6 +169,7 @@ class Grant:
         not_before: Any = None,
         not_after: Any = None,
         granted_by: str = "",
+        owner: str = "",
     ) -> Grant:
         """A checked grant.
 
@@ -172,6 +198,7 @@ class Grant:
             end,
             granted_by,
             _now_iso(),
+            owner,
         )
 
     def allows(self, microservice: str | None, function: str | None, now: datetime) -> bool:
@@ -181,10 +208,14 @@ class Grant:
             return False
         if self.not_after and stamp >= self.not_after:
             return False
-        if not self.functions or microservice is None:
+        if microservice is None:
             return True
-        wanted = (f"{microservice}.*", f"{microservice}.{function}")
-        return any(pattern in self.functions for pattern in wanted)
+        named = f"{microservice}.{function}"
+        if named in RECORD_LEVEL:
+            return named in self.functions
+        return (
+            not self.functions or f"{microservice}.*" in self.functions or named in self.functions
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The grant as stored and shown (``functions`` ``["*"]`` for all)."""
@@ -196,6 +227,7 @@ class Grant:
             "not_after": self.not_after,
             "granted_by": self.granted_by,
             "created": self.created,
+            "owner": self.owner,
         }
 
     @classmethod
@@ -210,6 +242,7 @@ class Grant:
             data.get("not_after"),
             str(data.get("granted_by", "")),
             str(data.get("created", "")),
+            str(data.get("owner", "")),
         )
 
 
@@ -382,46 +415,54 @@ class CustodyStore:
         """The dataset named ``name``, or None."""
         return self.datasets().get(name)
 
-    def may_see(self, entry: DatasetEntry, principal: str, role: str) -> bool:
-        """Whether ``principal`` may know that ``entry`` exists at all (any function, now)."""
-        if role == "admin" or entry.owner == principal:
-            return True
-        now = _now()
-        return any(
-            g.dataset == entry.name and g.grantee == principal and g.allows(None, None, now)
+    def _grants_of(self, entry: DatasetEntry, principal: str) -> list[Grant]:
+        """The grants of ``entry`` (by name and owner) to ``principal``."""
+        return [
+            g
             for g in self.grants()
-        )
+            if g.dataset == entry.name and g.grantee == principal and g.owner == entry.owner
+        ]
 
     def visible(self, principal: str, role: str) -> list[tuple[DatasetEntry, list[Grant]]]:
         """The datasets ``principal`` may see, each with the grants that let her (if any)."""
         now = _now()
         found = []
-        grants = self.grants()
-        for name, entry in sorted(self.datasets().items()):
-            own = [g for g in grants if g.dataset == name and g.grantee == principal]
-            live = [g for g in own if g.allows(None, None, now)]
+        for _, entry in sorted(self.datasets().items()):
+            live = [g for g in self._grants_of(entry, principal) if g.allows(None, None, now)]
             if role == "admin" or entry.owner == principal or live:
                 found.append((entry, live))
         return found
 
     def usable(
-        self, principal: str, role: str, microservice: str, function: str
+        self,
+        principal: str,
+        role: str,
+        microservice: str,
+        function: str,
+        names: Iterable[str] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """The datasets ``principal`` may use for ``microservice.function`` now, for the bus.
 
         Owners use their own datasets; analysts the datasets granted to them
         for this function in this time window. Admins compute on nothing.
+
+        Args:
+            principal: The caller's token name.
+            role: The caller's role.
+            microservice: The microservice of the computation.
+            function: Its function.
+            names: Only these (the names a request mentions); None: all.
         """
         if role == "admin":
             return {}
         now = _now()
-        grants = self.grants()
+        datasets = self.datasets()
+        wanted = datasets if names is None else [n for n in set(names) if n in datasets]
         found: dict[str, dict[str, Any]] = {}
-        for name, entry in self.datasets().items():
+        for name in wanted:
+            entry = datasets[name]
             granted = (
-                g.allows(microservice, function, now)
-                for g in grants
-                if g.dataset == name and g.grantee == principal
+                g.allows(microservice, function, now) for g in self._grants_of(entry, principal)
             )
             if entry.owner == principal or any(granted):
                 found[name] = entry.message()
@@ -512,14 +553,22 @@ class CustodyStore:
         return DatasetEntry.from_dict(name, data)
 
     def grant(self, grant: Grant) -> Grant:
-        """Add ``grant``, replacing the grant of the same dataset and grantee.
+        """Add ``grant``, for the dataset's current owner.
+
+        It replaces the grant of the same dataset to the same grantee.
 
         Raises:
             KeyError: If the dataset does not exist.
         """
-        if grant.dataset not in self.datasets():
-            raise KeyError(f"no dataset named '{grant.dataset}' on this server")
         with self._editing() as document:
+            self._reload()
+            if grant.dataset in self._configured:
+                owner = self._configured[grant.dataset].owner
+            elif grant.dataset in document["datasets"]:
+                owner = str(document["datasets"][grant.dataset]["owner"])
+            else:
+                raise KeyError(f"no dataset named '{grant.dataset}' on this server")
+            grant = dataclasses.replace(grant, owner=owner)
             document["grants"] = [
                 g
                 for g in document["grants"]

@@ -23,6 +23,8 @@ A dataset the caller may not see is answered like one that does not exist
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -40,14 +42,41 @@ from fdrtd_server.app import (
     read_body,
     respond,
 )
-from fdrtd_server.custody import CustodyStore, DatasetEntry, Grant
-from fdrtd_server.errors import BadRequest, Conflict, NotFound
+from fdrtd_server.custody import DATASET_NAME, CustodyStore, DatasetEntry, Grant
+from fdrtd_server.errors import BadRequest, Conflict, FdrtdError, NotFound
+from fdrtd_server.inputs import DATA_HANDLE
 
 __all__ = ["coarse_rows", "routes"]
 
 _PUBLISH_KEYS = ("name", "handle", "description")
 _GRANT_KEYS = ("dataset", "grantee", "functions", "not_before", "not_after")
 _SOURCE_KEYS = ("name", "owner", "description", "source")
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _audited(action: str) -> Callable[[Endpoint], Endpoint]:
+    """Audit a refusal of the route (after authentication), naming what it was about."""
+
+    def wrap(endpoint: Endpoint) -> Endpoint:
+        @functools.wraps(endpoint)
+        async def route(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except FdrtdError as error:
+                principal = getattr(request.state, "principal", None)
+                if principal is not None and error.status not in (401, 403):
+                    target = request.path_params.get("name", "")
+                    named = target if DATASET_NAME.fullmatch(target) else "(not a name)"
+                    _state(request).audit.write(
+                        principal.name, action, named if target else "-", f"refused {error.status}"
+                    )
+                raise
+
+        return route
+
+    return wrap
 
 
 def coarse_rows(rows: Any, min_cohort: int) -> int | str | None:
@@ -78,8 +107,13 @@ def _mine(custody: CustodyStore, name: str, principal: Principal) -> DatasetEntr
     """The dataset ``name`` if the caller may manage it (its owner, or an admin)."""
     entry = custody.get(name)
     if entry is None or (principal.role != "admin" and entry.owner != principal.name):
-        raise NotFound(f"no dataset named '{name}' among yours on this server")
+        raise NotFound(f"no dataset named {_named(name)} among yours on this server")
     return entry
+
+
+def _named(name: Any) -> str:
+    """A name from the request, quoted if it is one, else described (never echoed long)."""
+    return f"'{name}'" if isinstance(name, str) and DATASET_NAME.fullmatch(name) else "like that"
 
 
 async def catalogue(request: Request) -> Response:
@@ -132,12 +166,15 @@ async def catalogue(request: Request) -> Response:
     return respond(request, {"server": state.settings.name, "datasets": listed})
 
 
+@_audited("publish")
 async def publish(request: Request) -> Response:
     """Publish one of the caller's uploads under a name (owners only)."""
     principal = authenticate(request, ("owner",))
     state = _state(request)
     body = _body_map(await read_body(request), _PUBLISH_KEYS, "publishing")
     handle = body.get("handle")
+    if not isinstance(handle, str) or not DATA_HANDLE.fullmatch(handle):
+        raise BadRequest("'handle' must be the data handle of one of your uploads")
     # the data microservice checks that the handle is the caller's (404 otherwise)
     await call_service(request, "data", "describe", {"handle": handle}, principal=principal)
     try:
@@ -152,6 +189,7 @@ async def publish(request: Request) -> Response:
     return respond(request, {"name": entry.name, "kind": entry.kind, "owner": entry.owner}, 201)
 
 
+@_audited("withdraw")
 async def withdraw(request: Request) -> Response:
     """Withdraw a dataset from the catalogue (its owner, or an admin); its grants go with it."""
     principal = authenticate(request, OWNER_ROLES)
@@ -163,7 +201,7 @@ async def withdraw(request: Request) -> Response:
     except PermissionError as error:
         raise Conflict(str(error)) from None
     except KeyError:
-        raise NotFound(f"no dataset named '{name}' among yours on this server") from None
+        raise NotFound(f"no dataset named {_named(name)} among yours on this server") from None
     state.audit.write(principal.name, "withdraw", entry.name, kind=entry.kind)
     return respond(request, {"name": entry.name, "withdrawn": True})
 
@@ -183,6 +221,7 @@ async def list_grants(request: Request) -> Response:
     return respond(request, {"grants": grants})
 
 
+@_audited("grant")
 async def add_grant(request: Request) -> Response:
     """Grant a token name the use of one of the caller's datasets."""
     principal = authenticate(request, OWNER_ROLES)
@@ -192,6 +231,13 @@ async def add_grant(request: Request) -> Response:
     if not isinstance(name, str):
         raise BadRequest("'dataset' must be the name of one of your datasets")
     entry = _mine(state.custody, name, principal)
+    grantee = body.get("grantee")
+    if isinstance(grantee, str) and state.tokens.role_of(grantee) not in ("analyst", "owner"):
+        raise BadRequest(
+            "'grantee' must be the token name of an analyst or owner of this server: create "
+            "the token first (fdrtd-server token add), so that a grant never waits for "
+            "whoever is given that name later"
+        )
     try:
         grant = Grant.make(
             entry.name,
@@ -205,7 +251,7 @@ async def add_grant(request: Request) -> Response:
     except ValueError as error:
         raise BadRequest(str(error)) from None
     except KeyError:
-        raise NotFound(f"no dataset named '{name}' among yours on this server") from None
+        raise NotFound(f"no dataset named {_named(name)} among yours on this server") from None
     state.audit.write(
         principal.name,
         "grant",
@@ -218,6 +264,7 @@ async def add_grant(request: Request) -> Response:
     return respond(request, grant.to_dict(), 201)
 
 
+@_audited("revoke")
 async def revoke_grant(request: Request) -> Response:
     """Revoke a grant; the grantee's next request no longer finds the dataset."""
     principal = authenticate(request, OWNER_ROLES)
@@ -256,12 +303,19 @@ async def list_sources(request: Request) -> Response:
     return respond(request, {"sources": sorted(sources, key=lambda s: str(s["name"]))})
 
 
+@_audited("source-add")
 async def add_source(request: Request) -> Response:
     """Register a file, a directory of files or a database table/query, read in place."""
     principal = authenticate(request, ADMIN_ROLES)
     state = _state(request)
     body = _body_map(await read_body(request), _SOURCE_KEYS, "a source")
     source = body.get("source")
+    owner = body.get("owner")
+    if isinstance(owner, str) and state.tokens.role_of(owner) != "owner":
+        raise BadRequest(
+            "'owner' must be the token name of an owner of this server (fdrtd-server token "
+            "add DIR NAME --role owner)"
+        )
     if not isinstance(source, dict):
         raise BadRequest("'source' must be a map of the source's settings (kind, path, ...)")
     try:
@@ -276,6 +330,7 @@ async def add_source(request: Request) -> Response:
     return respond(request, _source_view(entry), 201)
 
 
+@_audited("source-remove")
 async def remove_source(request: Request) -> Response:
     """Remove a registered source and its grants (admins only)."""
     principal = authenticate(request, ADMIN_ROLES)
@@ -283,13 +338,13 @@ async def remove_source(request: Request) -> Response:
     name = request.path_params["name"]
     entry = state.custody.get(name)
     if entry is None or entry.kind == "upload":
-        raise NotFound(f"no source named '{name}' on this server")
+        raise NotFound(f"no source named {_named(name)} on this server")
     try:
         state.custody.remove(entry.name)
     except PermissionError as error:
         raise Conflict(str(error)) from None
     except KeyError:
-        raise NotFound(f"no source named '{name}' on this server") from None
+        raise NotFound(f"no source named {_named(name)} on this server") from None
     state.audit.write(principal.name, "source-remove", entry.name)
     return respond(request, {"name": entry.name, "removed": True})
 

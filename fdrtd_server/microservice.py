@@ -54,6 +54,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import importlib.metadata
 import json
 import logging
@@ -115,6 +116,7 @@ __all__ = [
     "Signature",
     "discover",
     "policy_switches",
+    "shown_version",
     "start_microservices",
 ]
 
@@ -231,6 +233,17 @@ def _wanted(columns: Iterable[Any] | None) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
+async def shown_version(bus: Bus, content: str, time: str) -> dict[str, str]:
+    """A dataset version as results and the catalogue show it: ``{id, time}``.
+
+    The id is an HMAC of the content hash under the server's version key
+    (:meth:`~fdrtd_server.bus.Bus.version_key`): it changes exactly when the
+    content does, and nobody can test a guess of the content against it.
+    """
+    key = await bus.version_key()
+    return {"id": hmac.new(key, content.encode(), hashlib.sha256).hexdigest(), "time": time}
+
+
 @dataclass
 class CallContext:
     """What a function gets besides its inputs: who asks, and the bus.
@@ -310,14 +323,16 @@ class CallContext:
                 # an upload never changes: its version is hashed once and kept
                 digest = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())
                 await self.bus.put_set(handle, {**description, "sha256": digest})
-            self.versions[name] = {"id": digest, "time": description.get("created", "")}
+            self.versions[name] = await shown_version(
+                self.bus, str(digest), str(description.get("created", ""))
+            )
             return decode_dataset(description, raw)
         from fdrtd_server.sources import SourceSpec, open_source
 
         spec = SourceSpec.from_dict(entry.get("source") or {}, f"dataset '{name}'")
         source = open_source(spec)
         version, current = await self._version(name, await source.observe(), spec.hold_back)
-        self.versions[name] = {"id": version.id, "time": version.time}
+        self.versions[name] = await shown_version(self.bus, version.id, version.time)
         if columns is not None and not columns:
             return Dataset({}, count=version.rows)
         read = await source.read(
@@ -910,6 +925,8 @@ class _Runner:
         }
         if ctx.record.status == "failed":
             event.update(error_status=ctx.record.error_status, error_class=error_class)
+        if ctx.versions:  # which named datasets it read, so that owners can see who used them
+            event["datasets"] = {name: v["id"] for name, v in ctx.versions.items()}
         try:
             await asyncio.shield(self.bus.nc.publish(JOBS_SUBJECT, wire.packb(event)))
         except Exception as error:

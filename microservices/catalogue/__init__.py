@@ -15,7 +15,12 @@ from typing import Any
 
 from fdrtd_server.errors import FdrtdError
 from fdrtd_server.inputs import Output
-from fdrtd_server.microservice import CallContext, Microservice, distribution_version
+from fdrtd_server.microservice import (
+    CallContext,
+    Microservice,
+    distribution_version,
+    shown_version,
+)
 
 __all__ = ["service"]
 
@@ -34,7 +39,13 @@ async def _describe_upload(ctx: CallContext, entry: dict[str, Any]) -> dict[str,
     columns = {
         name: str(column.get("dtype", "")) for name, column in description["columns"].items()
     }
-    version = {"id": description.get("sha256"), "time": description.get("created", "")}
+    digest = description.get("sha256")
+    # hashed by the first computation that read it (an upload never changes)
+    version = (
+        await shown_version(ctx.bus, digest, description["created"])
+        if isinstance(digest, str)
+        else {"id": None, "time": description.get("created", "")}
+    )
     return {"columns": columns, "rows": description.get("rows"), "version": version}
 
 
@@ -51,7 +62,7 @@ async def _describe_source(ctx: CallContext, name: str, entry: dict[str, Any]) -
     return {
         "columns": columns,
         "rows": version.rows,
-        "version": {"id": version.id, "time": version.time},
+        "version": await shown_version(ctx.bus, version.id, version.time),
     }
 
 

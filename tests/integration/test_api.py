@@ -683,7 +683,9 @@ def test_openapi_documents_every_route(server: LocalServer, tmp_path: Path) -> N
         if method in ("get", "post", "put", "patch", "delete")
     }
     app = create_app(
-        Settings(home=tmp_path, name="probe"), "nats://127.0.0.1:1", extra_routes=[*gateway.routes(), *directory.routes()]
+        Settings(home=tmp_path, name="probe"),
+        "nats://127.0.0.1:1",
+        extra_routes=[*gateway.routes(), *directory.routes()],
     )
     served = {
         (route.path, method.lower())

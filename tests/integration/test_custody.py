@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+from _processes import wait_for
 
 from fdrtd_client import Client, Federation, NotFound
 from fdrtd_server.config import TokenStore
@@ -85,9 +86,12 @@ def test_an_analyst_who_uploaded_nothing_computes_over_three_owners_data(world: 
         assert result["samples"] == everything.size
         assert result["mean"] == pytest.approx(everything.mean())
         job.results(timeout=120)
-        for server_job, (name, values) in zip(job.jobs, VALUES.items(), strict=True):
-            version = server_job.versions["cohort"]
-            assert version["id"] == hashlib.sha256(values.tobytes()).hexdigest(), name
+        ids = {name: j.versions["cohort"]["id"] for j, name in zip(job.jobs, VALUES, strict=True)}
+        assert len(set(ids.values())) == 3  # each fragment has its own
+        listed_ids = {e["server"]: e["version"]["id"] for e in fed.catalogue()}
+        assert listed_ids == ids  # the catalogue and the results name the same versions
+        for name, values in VALUES.items():  # never the plain hash: no guess can be tested
+            assert ids[name] != hashlib.sha256(values.tobytes()).hexdigest()
         # map-reduce takes the same dataset
         combined = fed.map_reduce(cohort)
         assert combined["count"] == everything.size
@@ -207,6 +211,8 @@ def _post(url: str, token: str, path: str, body: Any) -> int:
 
 ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/v1/microservices", None),
+    ("POST", "/v1/data", None),
+    ("GET", "/v1/results/r-" + "1" * 40 + "/events", None),
     ("GET", "/v1/catalogue", None),
     ("GET", "/v1/directory", None),
     ("GET", "/v1/data", None),
@@ -240,7 +246,7 @@ ALLOWED = {
 
 
 def _allowed(path: str) -> set[str]:
-    if path.startswith(("/v1/data/", "/v1/results/")):
+    if path.startswith(("/v1/data/", "/v1/results/")) or path == "/v1/data":
         return {"owner", "analyst"}
     return ALLOWED[path]
 
@@ -281,3 +287,50 @@ def test_the_admin_cannot_compute_on_an_owners_data(world: World) -> None:
     with pytest.raises(Exception) as refused:
         compute_one(admin, "cohort")
     assert getattr(refused.value, "status", None) == 403
+
+
+def test_unauthenticated_routes_stay_open(world: World) -> None:
+    server = world.servers["alpha"]
+    for path in ("/healthz", "/readyz", "/v1/openapi.json", "/v1/identity"):
+        assert requests.get(server.url + path, timeout=30).status_code == 200, path
+
+
+def test_record_level_functions_need_a_grant_that_names_them(world: World) -> None:
+    """An analyst's own one-value upload beside an owner's data: the k-th smallest for
+    every k would read out the owner's column. A grant of every function does not
+    cover it; only a grant naming it does."""
+    with world.federation() as fed:
+        mine = fed.clients["beta"].upload([1000.0, 1001.0, 1002.0])
+        inputs = {"alpha": {"data": "cohort"}, "beta": {"data": mine}}
+        with pytest.raises(NotFound):
+            fed.compute("smpc", "kth_smallest", inputs, k=1).result(timeout=60)
+        world.owner("alpha").grant("cohort", "analyst", functions=["smpc.kth_smallest"])
+        try:
+            value = fed.compute("smpc", "kth_smallest", inputs, k=1).result(timeout=60)
+            assert value is not None
+        finally:
+            world.owner("alpha").grant("cohort", "analyst")  # back to every function
+
+
+def test_a_grant_names_a_token_that_exists_and_a_sane_time(world: World) -> None:
+    server = world.servers["alpha"]
+    body = {"dataset": "cohort", "grantee": "zed"}
+    assert _post(server.url, server.owner_token, "/v1/grants", body) == 400
+    for moment in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "tomorrow", 5):
+        body = {"dataset": "cohort", "grantee": "eve", "not_before": moment}
+        assert _post(server.url, server.owner_token, "/v1/grants", body) == 400, moment
+    source = {"name": "x", "owner": "eve", "source": {"kind": "csv", "path": "/nonexistent"}}
+    assert _post(server.url, server.admin_token, "/v1/sources", source) == 400  # not an owner
+
+
+def test_the_audit_says_who_read_which_dataset_and_what_was_refused(world: World) -> None:
+    server = world.servers["gamma"]
+    compute_one(world.analyst("gamma"), "cohort")
+    body = {"handle": "d-" + "2" * 40, "name": "cohort"}
+    assert _post(server.url, server.owner_token, "/v1/datasets", body) == 404
+
+    def logged() -> bool:
+        text = (server.home / "audit.log").read_text("utf-8")
+        return "cohort@" in text and "refused 404" in text
+
+    wait_for(logged, "the audit records")
