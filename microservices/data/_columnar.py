@@ -46,7 +46,6 @@ import codecs
 import contextlib
 import csv
 import math
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -60,7 +59,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from fdrtd_client import wire
-from fdrtd_server.errors import BadRequest, FdrtdError, PayloadTooLarge, error_for_status
+from fdrtd_server.errors import BadRequest, FdrtdError, PayloadTooLarge
 from fdrtd_server.lifeline import exit_with
 
 from ._parse import (
@@ -69,12 +68,11 @@ from ._parse import (
     MAX_COLUMNS,
     MAX_ROWS,
     MEMORY_FLOOR,
+    ChildWork,
     Limits,
     _cap_memory,
     _check_name,
     _check_text,
-    _context,
-    _slots,
 )
 
 __all__ = ["BATCH_BYTES", "BLOCK", "STREAMED", "ConvertProcess", "convert"]
@@ -453,76 +451,22 @@ def _child_main(
         conn.close()
 
 
-class ConvertProcess:
-    """One upload converted in a child process, which is killed at its deadline.
+class ConvertProcess(ChildWork):
+    """One csv or parquet upload converted in a child process, killed at its deadline.
 
     Use as an async context manager; :meth:`run` answers the description.
-    Every wait happens in a thread; at most ``CONCURRENT_PARSES`` children
-    (conversions and parses together) run at once per event loop.
+    Conversions and parses share the slots of :class:`._parse.ChildWork`.
     """
-
-    def __init__(self, fmt: str, limits: Limits, deadline: float) -> None:
-        self.fmt, self.limits, self.deadline = fmt, limits, deadline
-        self._conn: Connection | None = None
-        self._process: Any = None
-        self._slot: asyncio.Semaphore | None = None
-
-    async def __aenter__(self) -> ConvertProcess:
-        slots = _slots()
-        try:
-            await asyncio.wait_for(slots.acquire(), self._remaining())
-        except TimeoutError:
-            raise self._timeout() from None
-        self._slot = slots
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        try:
-            await asyncio.to_thread(self._stop)
-        finally:
-            if self._slot is not None:
-                self._slot.release()
-
-    def _remaining(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
 
     def _timeout(self) -> PayloadTooLarge:
         return timeout_error(self.fmt)
 
-    def _stop(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-        process = self._process
-        if process is not None:
-            if process.is_alive():
-                process.kill()  # our own child, by its id
-            process.join(5)
-            with contextlib.suppress(ValueError):
-                process.close()
+    def _out_of_memory(self) -> PayloadTooLarge:
+        return PayloadTooLarge(memory_message(self.fmt))
 
     def _run(self, path: Path, target: Path) -> dict[str, Any]:
-        context = _context()
-        ours, theirs = context.Pipe()
-        self._conn = ours
-        process = context.Process(
-            target=_child_main,
-            args=(theirs, self.fmt, str(path), str(target), self.limits, os.getpid()),
-            daemon=True,
-        )
-        process.start()
-        self._process = process
-        theirs.close()
-        if not ours.poll(self._remaining()):
-            raise self._timeout()
-        try:
-            message = ours.recv_bytes()
-        except (EOFError, OSError):
-            raise PayloadTooLarge(memory_message(self.fmt)) from None
-        answer = wire.unpackb(message)
-        if answer.get("status") != 200:
-            raise error_for_status(int(answer["status"]), str(answer["message"]))
-        description: dict[str, Any] = answer["description"]
-        return description
+        self._launch(_child_main, self.fmt, str(path), str(target), self.limits)
+        return self._header(self._receive())
 
     async def run(self, path: Path, target: Path) -> dict[str, Any]:
         """Convert ``path`` into ``target`` in the child; return the description.

@@ -30,10 +30,10 @@ import multiprocessing
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -378,18 +378,15 @@ def _slots() -> asyncio.Semaphore:
     return slots
 
 
-class ParseProcess:
-    """One upload parsed in a child process, which is killed at its deadline.
+class ChildWork:
+    """Work on one upload in a child process, which is killed at its deadline.
 
-    Use as an async context manager::
-
-        async with ParseProcess(fmt, limits, deadline) as child:
-            description = await child.start(raw)
-            async for piece in child.pieces():
-                ...
-
-    Every wait happens in a thread; the event loop never blocks. At most
-    :data:`CONCURRENT_PARSES` children run at once per event loop.
+    The base of :class:`ParseProcess` and of the conversion child of
+    :mod:`._columnar`: a slot among :data:`CONCURRENT_PARSES` per event
+    loop, the child started from the fork server, answers read within the
+    deadline, and the child killed on the way out. Every wait happens in a
+    thread; the event loop never blocks. Subclasses say how running out of
+    time and of memory are refused.
     """
 
     def __init__(self, fmt: str, limits: Limits, deadline: float) -> None:
@@ -398,7 +395,7 @@ class ParseProcess:
         self._process: Any = None
         self._slot: asyncio.Semaphore | None = None
 
-    async def __aenter__(self) -> ParseProcess:
+    async def __aenter__(self) -> Self:
         slots = _slots()
         try:
             await asyncio.wait_for(slots.acquire(), self._remaining())
@@ -418,9 +415,12 @@ class ParseProcess:
         return max(0.0, self.deadline - time.monotonic())
 
     def _timeout(self) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"parsing the {self.fmt} upload did not finish in the time allowed; {_RAW_HINT}"
-        )
+        """The refusal when the work does not end by the deadline."""
+        raise NotImplementedError("a ChildWork subclass must say how a timeout is refused")
+
+    def _out_of_memory(self) -> PayloadTooLarge:
+        """The refusal when the child dies without an answer (its memory cap, or a crash)."""
+        raise NotImplementedError("a ChildWork subclass must say how running out is refused")
 
     def _stop(self) -> None:
         if self._conn is not None:
@@ -433,19 +433,17 @@ class ParseProcess:
             with contextlib.suppress(ValueError):
                 process.close()
 
-    def _start(self, raw: bytes) -> dict[str, Any]:
+    def _launch(self, target: Callable[..., None], *args: Any) -> Connection:
+        """Start ``target(connection, *args, server_pid)`` in a child; our end of the pipe."""
         context = _context()
+        ours: Connection
         ours, theirs = context.Pipe()
         self._conn = ours
-        self._process = context.Process(
-            target=_child_main, args=(theirs, self.fmt, self.limits, os.getpid()), daemon=True
-        )
-        self._process.start()
+        process = context.Process(target=target, args=(theirs, *args, os.getpid()), daemon=True)
+        process.start()
+        self._process = process
         theirs.close()
-        # a child that ended early said why (or not): that is read next
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            ours.send_bytes(raw)
-        return self._header(self._receive())
+        return ours
 
     def _receive(self) -> bytes:
         """The next message from the child, within the deadline."""
@@ -455,15 +453,42 @@ class ParseProcess:
         try:
             return self._conn.recv_bytes()
         except (EOFError, OSError):
-            # the child died without an answer: killed for its memory, or crashed
-            raise PayloadTooLarge(memory_message(self.fmt, self.limits)) from None
+            raise self._out_of_memory() from None
 
     def _header(self, message: bytes) -> dict[str, Any]:
+        """The description in the child's first answer, or the error it answered."""
         answer = wire.unpackb(message)
         if answer.get("status") != 200:
             raise error_for_status(int(answer["status"]), str(answer["message"]))
         description: dict[str, Any] = answer["description"]
         return description
+
+
+class ParseProcess(ChildWork):
+    """One json or msgpack upload parsed in a child process, killed at its deadline.
+
+    Use as an async context manager::
+
+        async with ParseProcess(fmt, limits, deadline) as child:
+            description = await child.start(raw)
+            async for piece in child.pieces():
+                ...
+    """
+
+    def _timeout(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"parsing the {self.fmt} upload did not finish in the time allowed; {_RAW_HINT}"
+        )
+
+    def _out_of_memory(self) -> PayloadTooLarge:
+        return PayloadTooLarge(memory_message(self.fmt, self.limits))
+
+    def _start(self, raw: bytes) -> dict[str, Any]:
+        ours = self._launch(_child_main, self.fmt, self.limits)
+        # a child that ended early said why (or not): that is read next
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            ours.send_bytes(raw)
+        return self._header(self._receive())
 
     async def start(self, raw: bytes) -> dict[str, Any]:
         """Start the child, hand it ``raw`` and return the description it answers.
