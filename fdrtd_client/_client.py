@@ -16,7 +16,7 @@ from urllib.parse import urlencode, urlsplit
 import numpy as np
 import requests
 
-from fdrtd_client import wire
+from fdrtd_client import _tables, wire
 from fdrtd_client.errors import (
     ConnectError,
     FdrtdClientError,
@@ -254,22 +254,34 @@ class Client:
 
         Args:
             data: One of: a list of numbers; a numpy array (sent as typed
-                binary, streamed); a path to a ``.csv`` file (streamed); a
-                mapping of column name to list or array (a table).
+                binary, streamed); a path to a ``.csv`` or ``.parquet`` file
+                (streamed); a pandas DataFrame or a pyarrow Table (names and
+                types kept; sent as Parquet if pyarrow is installed, else as a
+                msgpack table); a mapping of column name to list or array.
             dtype: For lists, the numpy dtype to send (default float64).
 
         Returns:
             The data handle. The data can never be downloaded again.
+
+        Raises:
+            FdrtdClientError: If ``data`` cannot be uploaded (a DataFrame column
+                of dates or of mixed types, a pyarrow Table without pyarrow...).
+            ServerError: If the server refuses it (a malformed file, a limit).
         """
         if isinstance(data, str | os.PathLike):
             path = Path(data)
+            parquet = path.suffix.lower() in (".parquet", ".pq")
             with path.open("rb") as handle:
+                answer = self._upload_file(handle, "parquet" if parquet else "csv")
+        elif _tables.is_dataframe(data) or _tables.is_arrow_table(data):
+            columns = _tables.dataframe_columns(data) if _tables.is_dataframe(data) else data
+            spool = _tables.parquet_file(columns)
+            if spool is not None:
+                with spool:
+                    answer = self._upload_file(spool, "parquet")
+            else:
                 answer = self.request(
-                    "POST",
-                    "/v1/data",
-                    params={"format": "csv"},
-                    data=_file_chunks(handle),
-                    headers={"content-type": "text/csv"},
+                    "POST", "/v1/data", params={"format": "msgpack"}, data=wire.packb(columns)
                 )
         elif isinstance(data, Mapping):
             answer = self.request(
@@ -294,6 +306,17 @@ class Client:
                 "POST", "/v1/data", params=params, data=_array_chunks(array), headers=headers
             )
         return Handle(answer["handle"])
+
+    def _upload_file(self, handle: IO[bytes], fmt: str) -> Any:
+        """Stream an open csv or parquet file to the server; its answer."""
+        kind = "text/csv" if fmt == "csv" else "application/vnd.apache.parquet"
+        return self.request(
+            "POST",
+            "/v1/data",
+            params={"format": fmt},
+            data=_file_chunks(handle),
+            headers={"content-type": kind},
+        )
 
     def describe(self, handle: str) -> dict[str, Any]:
         """The schema of one of your datasets (columns, dtypes, rows)."""

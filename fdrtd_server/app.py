@@ -313,7 +313,10 @@ async def openapi_document(request: Request) -> Response:
     return JSONResponse(openapi.document(state.settings, await _computations(state)))
 
 
-UPLOAD_FORMATS = ("raw", "csv", "msgpack", "json")
+UPLOAD_FORMATS = ("raw", "csv", "parquet", "msgpack", "json")
+PARSED_FORMATS = ("msgpack", "json")
+"""Upload formats parsed whole in memory, so limited to ``max_parse_bytes``; csv and
+parquet are converted in bounded memory, raw arrays are never parsed."""
 MAX_SHAPE_DIMS = 8
 """The most dimensions of a raw array (as :mod:`fdrtd_client.wire` accepts)."""
 REGISTER_BUDGET = BUS_TIMEOUT - 5.0
@@ -335,7 +338,7 @@ def _upload_limit(state: State, fmt: str, used: int) -> tuple[int, str]:
             f"upload is larger than this server's limit of {settings.max_upload_bytes} bytes",
         )
     ]
-    if fmt != "raw":
+    if fmt in PARSED_FORMATS:
         limits.append(
             (
                 settings.max_parse_bytes,
@@ -392,7 +395,8 @@ async def upload(request: Request) -> Response:
 
     Every limit is checked before anything is stored when the body's length is
     declared, and while it streams otherwise: the upload size, the parse limit
-    for csv, json and msgpack, and what is left of the client's quota.
+    for json and msgpack (csv and parquet are converted in bounded memory), and
+    what is left of the client's quota.
     """
     principal = authenticate(request, DATA_ROLES)
     state = _state(request)

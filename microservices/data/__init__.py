@@ -15,13 +15,21 @@ Formats:
 ``csv``
     A header row, then records. Columns whose every cell is a number become
     float64 (empty cells are NaN); other columns stay text (categories, ids).
+``parquet``
+    Flat columns of booleans, integers, floats and text (a pandas DataFrame
+    as ``Client.upload`` sends it); names and types are kept.
 ``msgpack`` / ``json``
     A map of column name to list or array, or a single list or array (which
     becomes the column ``value``).
 
-The three text formats are parsed in memory, which costs many times their
-size, so they are limited to ``max_parse_bytes`` and parsed with structural,
-memory and time limits, off the event loop (see :mod:`._parse`).
+CSV and Parquet are streamed: copied from the object store into a temporary
+file and converted batch by batch into Parquet, the stored form, in bounded
+memory, whatever their size (see :mod:`._columnar`). json and msgpack are
+parsed whole in memory, which costs many times their size, so they are
+limited to ``max_parse_bytes`` and parsed with structural, memory and time
+limits, off the event loop (see :mod:`._parse`). Either way the work is done
+in a child process killed at its deadline when the upload is larger than a
+few hundred KiB.
 
 Two more limits hold for every upload:
 
@@ -41,9 +49,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import tempfile
 import time
 import weakref
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fdrtd_client import wire
@@ -53,6 +63,7 @@ from fdrtd_server.errors import BadRequest, Conflict, PayloadTooLarge, ServiceUn
 from fdrtd_server.inputs import Input, Output
 from fdrtd_server.microservice import CallContext, Microservice, distribution_version
 
+from ._columnar import STREAMED, convert_file, file_pieces
 from ._parse import (
     FORMATS,
     INLINE_LIMIT,
@@ -235,6 +246,42 @@ async def _parse_and_store(
         return description, stored
 
 
+async def _convert_and_store(
+    ctx: CallContext, handle: str, fmt: str, limits: Limits, deadline: float, room: int
+) -> tuple[dict[str, Any], int]:
+    """Convert the csv or parquet upload under ``handle`` and store the result in its place.
+
+    The upload is copied into a temporary file (never whole into memory),
+    converted there into Parquet, and the Parquet file is streamed back; the
+    temporary files are removed whatever happens.
+
+    Returns:
+        The description and the number of bytes stored.
+
+    Raises:
+        BadRequest, PayloadTooLarge: If the upload is invalid or too large (also
+            when its stored form is larger than ``room``, what is left of the quota).
+        ServiceUnavailable: If it is not done by ``deadline``.
+    """
+    with tempfile.TemporaryDirectory(prefix="fdrtd-upload-") as folder:
+        source, target = Path(folder, "upload"), Path(folder, "stored.parquet")
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                with source.open("wb") as spool:
+                    await ctx.bus.data.get(handle, writeinto=spool)
+        except TimeoutError:
+            raise _late() from None
+        description = await convert_file(fmt, source, target, limits, deadline)
+        source.unlink()
+        await ctx.bus.delete_object(handle)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                stored = await ctx.bus.put_stream(handle, _within(file_pieces(target), room), room)
+        except TimeoutError:
+            raise _late() from None
+    return description, stored
+
+
 _HANDLE = Input("handle", "string", "the dataset's handle", required=True)
 _SCHEMA = [
     Output("handle", "string", "the dataset's handle"),
@@ -290,6 +337,11 @@ async def register(ctx: CallContext, inputs: dict[str, Any]) -> dict[str, Any]:
             raise PayloadTooLarge(quota_message(used, quota))
         if fmt == "raw":
             description, stored = _raw_description(inputs, size), size
+        elif fmt in STREAMED:
+            limits = Limits.for_parse_bytes(max_parse)
+            description, stored = await _convert_and_store(
+                ctx, handle, fmt, limits, deadline, quota - used
+            )
         else:
             limits = Limits.for_parse_bytes(max_parse)
             description, stored = await _parse_and_store(

@@ -1,19 +1,17 @@
-"""Parsing csv, json and msgpack uploads, bounded in size, structure, memory and time.
+"""Parsing json and msgpack uploads, bounded in size, structure, memory and time.
 
-Text formats cost far more memory parsed than as bytes: a CSV of one-letter
-rows, read as lists of Python strings, took 57 times its size, and a msgpack
-list of empty lists 65 times. A parse also holds the CPU for seconds. So:
+Documents cost far more memory parsed than as bytes: a msgpack list of empty
+lists took 65 times its size as Python objects (a CSV of one-letter rows,
+when CSV was parsed here too, 57 times; CSV and Parquet are now streamed, see
+:mod:`._columnar`). A parse also holds the CPU for seconds. So:
 
-* the controller refuses a csv, json or msgpack upload larger than
+* the controller refuses a json or msgpack upload larger than
   ``max_parse_bytes`` before it stores anything, and the data microservice
   checks again (:func:`check_parse_size`);
 * :func:`parse` applies structural limits: at most :data:`MAX_COLUMNS`
   columns and :data:`MAX_ROWS` records, strings of at most
   :data:`MAX_CELL_CHARS` characters, and text columns small enough to be
-  turned into a numpy array later (``max_text_bytes``). A CSV is read row by
-  row into typed buffers (float64 numbers, text as msgpack bytes), never into
-  lists of Python objects, and the stored msgpack is built from those
-  buffers;
+  turned into a numpy array later (``max_text_bytes``);
 * anything above :data:`INLINE_LIMIT` bytes is parsed in a child process
   (:class:`ParseProcess`) whose address space is capped and which is killed
   at its deadline, so that a hostile upload can exhaust only that child, and
@@ -24,25 +22,19 @@ list of empty lists 65 times. A parse also holds the CPU for seconds. So:
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
-import csv
-import io
-import itertools
 import json
 import logging
-import math
 import multiprocessing
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Self
 
-import msgpack
 import numpy as np
 
 from fdrtd_client import wire
@@ -64,7 +56,10 @@ __all__ = [
 
 log = logging.getLogger("fdrtd.data")
 
-FORMATS = ("raw", "csv", "msgpack", "json")
+FORMATS = ("raw", "csv", "parquet", "msgpack", "json")
+PARSED = ("msgpack", "json")
+"""The formats parsed whole in memory, and so limited to ``max_parse_bytes``; csv and
+parquet are converted in bounded memory instead (see :mod:`._columnar`)."""
 MAX_COLUMNS = 1000
 MAX_ROWS = 50_000_000
 MAX_CELL_CHARS = 131_072
@@ -113,12 +108,12 @@ class Parsed:
 
 
 def check_parse_size(fmt: str, size: int, max_parse_bytes: int) -> None:
-    """Refuse a csv, json or msgpack upload larger than ``max_parse_bytes``.
+    """Refuse a json or msgpack upload larger than ``max_parse_bytes``.
 
     Raises:
         PayloadTooLarge: Saying why, and what to send instead.
     """
-    if fmt != "raw" and size > max_parse_bytes:
+    if fmt in PARSED and size > max_parse_bytes:
         raise PayloadTooLarge(
             f"{fmt} uploads are limited to {max_parse_bytes} bytes on this server "
             f"(its max_parse_bytes setting), because they are parsed in memory; {_RAW_HINT}"
@@ -170,137 +165,6 @@ def _check_name(name: Any) -> str:
     if not _is_unicode([name]):
         raise BadRequest(f"a column name holds {_NOT_UNICODE}")
     return name
-
-
-# -- csv -------------------------------------------------------------------------
-
-
-BATCH = 65_536
-"""Records read and converted at a time: column by column, in C loops where possible."""
-
-
-def _batches(raw: bytes) -> Iterator[list[list[str]]]:
-    """The non-empty records of a CSV, decoded as they are read, in lists of up to BATCH."""
-    stream = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline="")
-    reader = csv.reader(stream)
-    try:
-        while batch := list(itertools.islice(reader, BATCH)):
-            yield [row for row in batch if row]
-    except UnicodeDecodeError:
-        raise BadRequest("CSV upload is not UTF-8 text") from None
-    except csv.Error as error:
-        # the csv module's messages name the rule broken, never the content
-        raise BadRequest(
-            f"CSV upload cannot be parsed near line {reader.line_num}: {error}"
-        ) from None
-
-
-def _line_of(raw: bytes, record: int) -> int:
-    """The line on which non-empty record number ``record`` (0: the header) ends.
-
-    Only for a message: the batches do not keep line numbers, so the CSV is
-    read again up to that record.
-    """
-    reader = csv.reader(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=""))
-    seen = -1
-    for row in reader:
-        if row:
-            seen += 1
-            if seen == record:
-                break
-    return reader.line_num
-
-
-def _floats(cells: tuple[str, ...]) -> array.array[float] | None:
-    """The cells as float64 (empty cells NaN), or None if one of them is not a number."""
-    try:
-        return array.array("d", map(float, cells))
-    except ValueError:
-        pass
-    try:
-        return array.array("d", [float(c) if c.strip() else math.nan for c in cells])
-    except ValueError:
-        return None
-
-
-def parse_csv(raw: bytes, limits: Limits) -> Parsed:
-    """Parse CSV bytes into columns.
-
-    A header row, then records. A column whose every cell is a number (or
-    empty) becomes float64, empty cells NaN; any other column stays text.
-    Each column is built as it is read: numbers in a float64 buffer, text
-    as msgpack-encoded bytes (never as a list of Python strings).
-
-    Raises:
-        BadRequest: If the CSV is not UTF-8, is empty, ragged or has bad header names.
-        PayloadTooLarge: If it has too many records, or a text column too large.
-    """
-    batches = _batches(raw)
-    pending: list[list[str]] = []
-    for batch in batches:
-        if batch:
-            pending = batch
-            break
-    if not pending:
-        raise BadRequest("CSV upload needs a header row and at least one record")
-    header = [name.strip() for name in pending.pop(0)]
-    if len(header) > MAX_COLUMNS:
-        raise BadRequest(f"CSV upload has more than {MAX_COLUMNS} columns")
-    if len(set(header)) != len(header) or not all(header):
-        raise BadRequest("CSV header names must be unique and non-empty")
-    for name in header:
-        _check_name(name)
-    width = len(header)
-    numbers: list[array.array[float] | None] = [array.array("d") for _ in header]
-    texts = [bytearray() for _ in header]
-    longest = [0] * width
-    packer = msgpack.Packer(use_bin_type=True)
-    rows = 0
-    for batch in itertools.chain([pending], batches):
-        if not batch:
-            continue
-        for offset, row in enumerate(batch):
-            if len(row) != width:
-                raise BadRequest(
-                    f"CSV record on line {_line_of(raw, rows + offset + 1)} has {len(row)} "
-                    f"fields, the header has {width}"
-                )
-        rows += len(batch)
-        if rows > MAX_ROWS:
-            raise PayloadTooLarge(f"CSV upload has more than {MAX_ROWS} records")
-        skip = len(packer.pack_array_header(len(batch)))
-        for j, cells in enumerate(zip(*batch, strict=True)):
-            # the cells as one msgpack array, less its header: one C call for the batch
-            texts[j] += memoryview(packer.pack(cells))[skip:]
-            longest[j] = max(longest[j], max(map(len, cells)))
-            column = numbers[j]
-            if column is not None:
-                converted = _floats(cells)
-                if converted is None:
-                    numbers[j] = None  # a text column: its text is kept already
-                else:
-                    column.extend(converted)
-        del batch
-    if rows == 0:
-        raise BadRequest("CSV upload needs a header row and at least one record")
-    pieces: list[bytes | bytearray | memoryview] = [packer.pack_map_header(width)]
-    described: dict[str, Any] = {}
-    for j, name in enumerate(header):
-        pieces.append(packer.pack(name))
-        column = numbers[j]
-        if column is not None:
-            texts[j] = bytearray()  # a numeric column's text is not needed any more
-            values = np.frombuffer(column, dtype=np.float64)
-            pieces.append(wire.packb(values))
-            del values
-            numbers[j] = None
-            described[name] = {"dtype": "<f8", "shape": [rows]}
-        else:
-            _check_text(name, rows, longest[j], limits)
-            pieces.append(packer.pack_array_header(rows))
-            pieces.append(texts[j])
-            described[name] = {"dtype": "text", "shape": [rows]}
-    return Parsed({"format": "table", "columns": described, "rows": rows}, pieces)
 
 
 # -- json and msgpack ----------------------------------------------------------
@@ -413,18 +277,16 @@ def parse_document(fmt: str, raw: bytes, limits: Limits) -> Parsed:
 
 
 def parse(fmt: str, raw: bytes, limits: Limits) -> Parsed:
-    """Parse a csv, json or msgpack upload into its description and stored form.
+    """Parse a json or msgpack upload into its description and stored form.
 
     Raises:
         BadRequest: If the upload is not valid in its format.
         PayloadTooLarge: If it is larger than the limits allow.
     """
     check_parse_size(fmt, len(raw), limits.max_parse_bytes)
-    if fmt == "csv":
-        return parse_csv(raw, limits)
-    if fmt in ("json", "msgpack"):
+    if fmt in PARSED:
         return parse_document(fmt, raw, limits)
-    raise BadRequest(f"'format' must be one of {', '.join(FORMATS)}")
+    raise BadRequest(f"'format' must be one of {', '.join(PARSED)}")
 
 
 def memory_message(fmt: str, limits: Limits) -> str:
@@ -503,7 +365,7 @@ def _context() -> Any:
     global _PRELOADED
     context = multiprocessing.get_context("forkserver")
     if not _PRELOADED:
-        context.set_forkserver_preload([__name__])
+        context.set_forkserver_preload([__name__, "microservices.data._columnar"])
         _PRELOADED = True
     return context
 
@@ -516,18 +378,15 @@ def _slots() -> asyncio.Semaphore:
     return slots
 
 
-class ParseProcess:
-    """One upload parsed in a child process, which is killed at its deadline.
+class ChildWork:
+    """Work on one upload in a child process, which is killed at its deadline.
 
-    Use as an async context manager::
-
-        async with ParseProcess(fmt, limits, deadline) as child:
-            description = await child.start(raw)
-            async for piece in child.pieces():
-                ...
-
-    Every wait happens in a thread; the event loop never blocks. At most
-    :data:`CONCURRENT_PARSES` children run at once per event loop.
+    The base of :class:`ParseProcess` and of the conversion child of
+    :mod:`._columnar`: a slot among :data:`CONCURRENT_PARSES` per event
+    loop, the child started from the fork server, answers read within the
+    deadline, and the child killed on the way out. Every wait happens in a
+    thread; the event loop never blocks. Subclasses say how running out of
+    time and of memory are refused.
     """
 
     def __init__(self, fmt: str, limits: Limits, deadline: float) -> None:
@@ -536,7 +395,7 @@ class ParseProcess:
         self._process: Any = None
         self._slot: asyncio.Semaphore | None = None
 
-    async def __aenter__(self) -> ParseProcess:
+    async def __aenter__(self) -> Self:
         slots = _slots()
         try:
             await asyncio.wait_for(slots.acquire(), self._remaining())
@@ -556,9 +415,12 @@ class ParseProcess:
         return max(0.0, self.deadline - time.monotonic())
 
     def _timeout(self) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"parsing the {self.fmt} upload did not finish in the time allowed; {_RAW_HINT}"
-        )
+        """The refusal when the work does not end by the deadline."""
+        raise NotImplementedError("a ChildWork subclass must say how a timeout is refused")
+
+    def _out_of_memory(self) -> PayloadTooLarge:
+        """The refusal when the child dies without an answer (its memory cap, or a crash)."""
+        raise NotImplementedError("a ChildWork subclass must say how running out is refused")
 
     def _stop(self) -> None:
         if self._conn is not None:
@@ -571,19 +433,17 @@ class ParseProcess:
             with contextlib.suppress(ValueError):
                 process.close()
 
-    def _start(self, raw: bytes) -> dict[str, Any]:
+    def _launch(self, target: Callable[..., None], *args: Any) -> Connection:
+        """Start ``target(connection, *args, server_pid)`` in a child; our end of the pipe."""
         context = _context()
+        ours: Connection
         ours, theirs = context.Pipe()
         self._conn = ours
-        self._process = context.Process(
-            target=_child_main, args=(theirs, self.fmt, self.limits, os.getpid()), daemon=True
-        )
-        self._process.start()
+        process = context.Process(target=target, args=(theirs, *args, os.getpid()), daemon=True)
+        process.start()
+        self._process = process
         theirs.close()
-        # a child that ended early said why (or not): that is read next
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            ours.send_bytes(raw)
-        return self._header(self._receive())
+        return ours
 
     def _receive(self) -> bytes:
         """The next message from the child, within the deadline."""
@@ -593,15 +453,42 @@ class ParseProcess:
         try:
             return self._conn.recv_bytes()
         except (EOFError, OSError):
-            # the child died without an answer: killed for its memory, or crashed
-            raise PayloadTooLarge(memory_message(self.fmt, self.limits)) from None
+            raise self._out_of_memory() from None
 
     def _header(self, message: bytes) -> dict[str, Any]:
+        """The description in the child's first answer, or the error it answered."""
         answer = wire.unpackb(message)
         if answer.get("status") != 200:
             raise error_for_status(int(answer["status"]), str(answer["message"]))
         description: dict[str, Any] = answer["description"]
         return description
+
+
+class ParseProcess(ChildWork):
+    """One json or msgpack upload parsed in a child process, killed at its deadline.
+
+    Use as an async context manager::
+
+        async with ParseProcess(fmt, limits, deadline) as child:
+            description = await child.start(raw)
+            async for piece in child.pieces():
+                ...
+    """
+
+    def _timeout(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"parsing the {self.fmt} upload did not finish in the time allowed; {_RAW_HINT}"
+        )
+
+    def _out_of_memory(self) -> PayloadTooLarge:
+        return PayloadTooLarge(memory_message(self.fmt, self.limits))
+
+    def _start(self, raw: bytes) -> dict[str, Any]:
+        ours = self._launch(_child_main, self.fmt, self.limits)
+        # a child that ended early said why (or not): that is read next
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            ours.send_bytes(raw)
+        return self._header(self._receive())
 
     async def start(self, raw: bytes) -> dict[str, Any]:
         """Start the child, hand it ``raw`` and return the description it answers.

@@ -223,7 +223,8 @@ def test_bad_uploads_get_a_clear_400(server: LocalServer, api: requests.Session)
         ({"format": "raw", "dtype": "object"}, b"\x00" * 8, "'dtype'"),
         ({"format": "csv"}, b"a,b\n1\n", "line 2"),
         ({"format": "json"}, b"{not json", "JSON"),
-        ({"format": "parquet"}, b"\x00", "'format'"),
+        ({"format": "xlsx"}, b"\x00", "'format'"),
+        ({"format": "parquet"}, b"\x00", "not a Parquet file"),
     ]
     for params, body, fragment in cases:
         response = api.post(server.url + "/v1/data", params=params, data=body, timeout=TIMEOUT)
