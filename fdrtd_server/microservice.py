@@ -233,6 +233,16 @@ def _wanted(columns: Iterable[Any] | None) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
+async def _decoded(
+    bus: Bus, handle: str, description: Mapping[str, Any], columns: list[str] | None
+) -> Dataset:
+    """An upload's columns (only those wanted; ``[]``: only the number of records)."""
+    if columns is not None and not columns:
+        return Dataset({}, count=int(description["rows"]))
+    raw = await bus.read_object(handle)
+    return await asyncio.to_thread(decode_dataset, description, raw, columns)
+
+
 async def shown_version(bus: Bus, content: str, time: str) -> dict[str, str]:
     """A dataset version as results and the catalogue show it: ``{id, time}``.
 
@@ -296,8 +306,9 @@ class CallContext:
             NotFound: If no such dataset exists for the caller (a name she holds
                 no grant for is answered alike).
         """
+        wanted = _wanted(columns)
         if isinstance(ref, str) and ref in self.datasets:
-            return await self._load_named(ref, self.datasets[ref], _wanted(columns))
+            return await self._load_named(ref, self.datasets[ref], wanted)
         if isinstance(ref, str) and not ref.startswith(("d-", "r-")) and DATASET_NAME.match(ref):
             raise NotFound(f"no dataset named '{ref}' on this server")
         if not isinstance(ref, str) or not ref.startswith("d-"):
@@ -306,8 +317,7 @@ class CallContext:
                 "as returned by the server"
             )
         handle, description = await self.owned_description(ref, field_name)
-        raw = await self.bus.read_object(handle)
-        return decode_dataset(description, raw)
+        return await _decoded(self.bus, handle, description, wanted)
 
     async def _load_named(
         self, name: str, entry: Mapping[str, Any], columns: list[str] | None
@@ -317,7 +327,7 @@ class CallContext:
             description = await self.bus.get_set(handle) if handle.startswith("d-") else None
             if description is None:
                 raise NotFound(f"the dataset '{name}' was withdrawn by its owner")
-            raw = await self.bus.read_object(handle)
+            raw = await self.bus.read_object(handle)  # read whole anyway: it is hashed
             digest = description.get("sha256")
             if not isinstance(digest, str):
                 # an upload never changes: its version is hashed once and kept
@@ -326,7 +336,9 @@ class CallContext:
             self.versions[name] = await shown_version(
                 self.bus, str(digest), str(description.get("created", ""))
             )
-            return decode_dataset(description, raw)
+            if columns is not None and not columns:
+                return Dataset({}, count=int(description["rows"]))
+            return await asyncio.to_thread(decode_dataset, description, raw, columns)
         from fdrtd_server.sources import SourceSpec, open_source
 
         spec = SourceSpec.from_dict(entry.get("source") or {}, f"dataset '{name}'")
