@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
+from _processes import wait_for
 from postgres import PostgresDsn
 
 from fdrtd_client import BadRequest, Client, NotFound, ServerError
@@ -121,7 +122,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, postgres_dsn: PostgresDsn) -
 
 def test_an_analyst_computes_over_postgresql_csv_and_an_upload(world: World) -> None:
     with world.local.federation() as fed:
-        assert {m["name"] for m in fed.directory()} == {"alpha", "beta", "gamma"}
+        wait_for(
+            lambda: {m["name"] for m in fed.directory()} == {"alpha", "beta", "gamma"},
+            "every member's first heartbeat",
+        )
         entries = {e["server"]: e for e in fed.catalogue() if e["name"] == "visits"}
         assert sorted(entries) == ["alpha", "beta", "gamma"]
         assert entries["alpha"]["kind"] == "postgresql"
