@@ -6,7 +6,7 @@
     fdrtd-server serve DIR [--nats-url URL] [--port PORT] [--no-local-microservices]
     fdrtd-server worker [--nats-url URL|file:PATH] --home DIR   microservices only, DIR's policy
     fdrtd-server demo                                   three parties, one joint result
-    fdrtd-server token add DIR NAME [--role analyst|admin] [--rotate]
+    fdrtd-server token add DIR NAME [--role analyst|owner|admin] [--rotate]
                                                         create a token (or replace NAME's)
     fdrtd-server token revoke DIR NAME                  make NAME's token invalid
     fdrtd-server grant add DIR DATASET GRANTEE [--functions F,...] [--not-before T] [--not-after T]

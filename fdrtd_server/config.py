@@ -79,9 +79,9 @@ class Settings:
     max_client_bytes: int = DEFAULT_MAX_CLIENT_BYTES
     """How many bytes of datasets each client (token name) may keep on this server."""
     max_store_bytes: int = 0
+    """Bytes all JetStream buckets may hold (0: 8 x max_upload_bytes, at least 1 GiB)."""
     max_read_bytes: int = 2 * 1024 * 1024 * 1024
     """Most bytes of columns a computation may read from a source into memory at once."""
-    """Bytes all JetStream buckets may hold (0: 8 x max_upload_bytes, at least 1 GiB)."""
     min_cohort: int = 3
     allow_map_reduce: bool = True
     allow_set_union: bool = False

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import re
 import tomllib
@@ -54,6 +55,7 @@ __all__ = [
     "check_dataset_name",
 ]
 
+log = logging.getLogger("fdrtd.custody")
 CUSTODY_FILE = "custody.json"
 DATASET_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 """A dataset's name: a lowercase letter, then letters, digits, ``_`` or ``-``.
@@ -398,8 +400,12 @@ class CustodyStore:
             self._stamp = stamp
         config_stamp = self._stat(self.home / CONFIG_FILE)
         if config_stamp != self._config_stamp:
-            self._configured = configured_sources(self.home)
             self._config_stamp = config_stamp
+            try:
+                self._configured = configured_sources(self.home)
+            except ValueError as error:
+                # a running server keeps the sources it had (a start refuses the file)
+                log.error("the [sources] of %s are not used: %s", CONFIG_FILE, error)
 
     def datasets(self) -> dict[str, DatasetEntry]:
         """Every named dataset, by name (configured sources included)."""

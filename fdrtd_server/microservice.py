@@ -116,6 +116,7 @@ __all__ = [
     "Signature",
     "discover",
     "policy_switches",
+    "registration_tag",
     "shown_version",
     "start_microservices",
 ]
@@ -195,6 +196,29 @@ class Dataset:
 
     columns: dict[str, np.ndarray[Any, Any]]
     count: int | None = None
+    source: Any = None
+    """With ``load_dataset(..., pushdown=True)``, a source read in place: a
+    :class:`fdrtd_server.sources.Source` whose ``moments`` and ``schema`` a
+    function may use instead of reading rows (``columns`` is then empty)."""
+    limit: int | None = None
+    """How many rows of :attr:`source` the version in use has (None: all)."""
+
+    async def source_column(self, name: Any) -> str:
+        """The column ``name`` of :attr:`source`; None picks the only one.
+
+        Raises:
+            BadRequest: If it does not exist or a choice is needed.
+        """
+        schema = await self.source.schema()
+        if name is None:
+            if len(schema) != 1:
+                raise BadRequest(
+                    "the dataset has several columns; name one with the 'column' input"
+                )
+            return str(next(iter(schema)))
+        if not isinstance(name, str) or name not in schema:
+            raise BadRequest("the dataset has no column of that name")
+        return name
 
     @property
     def rows(self) -> int:
@@ -241,6 +265,11 @@ async def _decoded(
         return Dataset({}, count=int(description["rows"]))
     raw = await bus.read_object(handle)
     return await asyncio.to_thread(decode_dataset, description, raw, columns)
+
+
+def registration_tag(entry: Mapping[str, Any]) -> str:
+    """A hash of a named dataset's owner and settings: a released version belongs to it."""
+    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:32]
 
 
 async def shown_version(bus: Bus, content: str, time: str) -> dict[str, str]:
@@ -291,7 +320,12 @@ class CallContext:
         return handle, description
 
     async def load_dataset(
-        self, ref: Any, field_name: str = "data", columns: Iterable[Any] | None = None
+        self,
+        ref: Any,
+        field_name: str = "data",
+        columns: Iterable[Any] | None = None,
+        *,
+        pushdown: bool = False,
     ) -> Dataset:
         """Load a dataset: a named one the caller may use, or an upload of her own.
 
@@ -300,6 +334,9 @@ class CallContext:
             field_name: The input that gave ``ref``, for messages.
             columns: The columns the function needs (None: all; ``[]``: only the
                 number of records). A source is read only for those, in batches.
+            pushdown: For a source read in place, read no rows: the dataset's
+                :attr:`Dataset.source` then computes aggregates where the data
+                lives (in SQL for a database). Ignored for uploads.
 
         Raises:
             BadRequest: If ``ref`` is neither a name nor a handle.
@@ -308,7 +345,7 @@ class CallContext:
         """
         wanted = _wanted(columns)
         if isinstance(ref, str) and ref in self.datasets:
-            return await self._load_named(ref, self.datasets[ref], wanted)
+            return await self._load_named(ref, self.datasets[ref], wanted, pushdown)
         if isinstance(ref, str) and not ref.startswith(("d-", "r-")) and DATASET_NAME.match(ref):
             raise NotFound(f"no dataset named '{ref}' on this server")
         if not isinstance(ref, str) or not ref.startswith("d-"):
@@ -320,7 +357,7 @@ class CallContext:
         return await _decoded(self.bus, handle, description, wanted)
 
     async def _load_named(
-        self, name: str, entry: Mapping[str, Any], columns: list[str] | None
+        self, name: str, entry: Mapping[str, Any], columns: list[str] | None, pushdown: bool
     ) -> Dataset:
         if entry.get("kind") == "upload":
             handle = str(entry.get("handle", ""))
@@ -343,35 +380,39 @@ class CallContext:
 
         spec = SourceSpec.from_dict(entry.get("source") or {}, f"dataset '{name}'")
         source = open_source(spec)
-        version, current = await self._version(name, await source.observe(), spec.hold_back)
+        tag = registration_tag(entry)
+        version, current = await self._version(name, tag, await source.observe(), spec.hold_back)
         self.versions[name] = await shown_version(self.bus, version.id, version.time)
         if columns is not None and not columns:
             return Dataset({}, count=version.rows)
-        read = await source.read(
-            columns,
-            None if version.id == current.id else version.rows,
-            max_bytes=self.env.max_read_bytes,
-        )
+        limit = None if version.id == current.id else version.rows
+        if pushdown:
+            return Dataset({}, count=version.rows, source=source, limit=limit)
+        read = await source.read(columns, limit, max_bytes=self.env.max_read_bytes)
         if not read:
             return Dataset({}, count=version.rows)
         return Dataset(dict(read))
 
-    async def _version(self, name: str, current: Any, hold_back: int) -> tuple[Any, Any]:
+    async def _version(self, name: str, tag: str, current: Any, hold_back: int) -> tuple[Any, Any]:
         """The version of ``name`` to read now, and ``current``; releases it if it is new.
 
-        Several processes may observe a new version at once: the release is a
-        compare-and-set, and the loser reads what the winner released.
+        A released version counts only for the same registration (``tag``, a
+        hash of the owner and the source's settings): a name withdrawn and
+        registered again starts afresh. Several processes may observe a new
+        version at once: the release is a compare-and-set, and the loser reads
+        what the winner released.
         """
         from fdrtd_server.sources import Version, choose_version
 
         for _ in range(5):
             found = await self.bus.get_version(name)
-            released = Version.from_dict(found[0]) if found else None
+            released = Version.from_dict(found[0]) if found and found[0].get("tag") == tag else None
             version, new = choose_version(current, released, hold_back)
             if not new:
                 return version, current
+            record = {**version.to_dict(), "tag": tag}
             try:
-                await self.bus.put_version(name, version.to_dict(), found[1] if found else None)
+                await self.bus.put_version(name, record, found[1] if found else None)
             except RecordChanged:
                 continue
             return version, current

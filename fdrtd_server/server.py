@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fdrtd_server.app import State, create_app
 from fdrtd_server.bus import Bus, StoreLimits
 from fdrtd_server.config import Settings
+from fdrtd_server.custody import configured_sources
 from fdrtd_server.microservice import (
     Environment,
     RunningMicroservices,
@@ -286,6 +287,7 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
     from fdrtd_server._embedded_nats import EmbeddedNats, redact_url, resolve_nats_url
 
     embedded = None
+    configured_sources(settings.home)  # a bad [sources] table stops the start, named
     if settings.nats_url is None:
         embedded = EmbeddedNats(settings.home / "jetstream").start()
         nats_url = embedded.url

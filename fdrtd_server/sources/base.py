@@ -30,6 +30,7 @@ from fdrtd_server.sources.spec import SourceSpec, Version
 __all__ = [
     "BATCH_ROWS",
     "Collector",
+    "Moments",
     "PowerSums",
     "Source",
     "arrow_dtype",
@@ -91,6 +92,62 @@ class PowerSums:
     sum4: float
     minimum: float
     maximum: float
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Local aggregates of one numeric column about a shift, for univariate statistics.
+
+    Only finite values count (NULL, NaN and ±inf are left out).
+
+    Attributes:
+        count: How many values.
+        sums: ``Σ(x - shift)^k`` for k = 1 .. degree.
+        minimum, maximum: Of the values (0.0 when there are none).
+        reciprocal, log: ``Σ positive_minimum / x`` and ``Σ ln x``, when a
+            positive minimum was given (else 0.0).
+    """
+
+    count: int
+    sums: tuple[float, ...]
+    minimum: float
+    maximum: float
+    reciprocal: float = 0.0
+    log: float = 0.0
+
+
+def moments_of(
+    values: Array, shift: float, degree: int, positive_minimum: float | None
+) -> list[float]:
+    """``[count, Σd, …, Σd^degree, min, max, Σl/x, Σln x]`` of the finite ``values``.
+
+    The running form of :class:`Moments`: sums of pieces add up.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    out = [float(values.size)]
+    deltas = values - shift
+    power = np.ones_like(deltas)
+    with np.errstate(over="ignore"):
+        for _ in range(degree):
+            np.multiply(power, deltas, out=power)
+            out.append(float(power.sum()))
+    out += [float(values.min()), float(values.max())] if values.size else [np.inf, -np.inf]
+    if positive_minimum is not None and values.size:
+        out += [float((positive_minimum / values).sum()), float(np.log(values).sum())]
+    else:
+        out += [0.0, 0.0]
+    return out
+
+
+def add_moments(total: list[float] | None, part: list[float], degree: int) -> list[float]:
+    """Two running :func:`moments_of` lists combined."""
+    if total is None:
+        return part
+    combined = [a + b for a, b in zip(total, part, strict=True)]
+    combined[degree + 1] = min(total[degree + 1], part[degree + 1])
+    combined[degree + 2] = max(total[degree + 2], part[degree + 2])
+    return combined
 
 
 def arrow_dtype(kind: pa.DataType) -> str:
@@ -241,6 +298,33 @@ class Source(abc.ABC):
             float(total[6]) if count else float("nan"),
         )
 
+    def _moments(
+        self,
+        column: str,
+        rows: int | None,
+        shift: float,
+        degree: int,
+        positive_minimum: float | None,
+    ) -> list[float]:
+        """The :func:`moments_of` list, streaming the column and keeping no rows.
+
+        PostgreSQL pushes this down into SQL.
+        """
+        running: list[list[float] | None] = [None]
+
+        class _Summing(Collector):
+            def add(self, batch: Mapping[str, Array]) -> None:
+                values = np.asarray(batch[column], dtype=np.float64)
+                wanted = self.wanted
+                if wanted is not None:
+                    values = values[:wanted]
+                self.rows += len(values)
+                part = moments_of(values, shift, degree, positive_minimum)
+                running[0] = add_moments(running[0], part, degree)
+
+        self._read([column], {column: "float64"}, _Summing([column], rows, max_bytes=0))
+        return running[0] or moments_of(np.empty(0), shift, degree, positive_minimum)
+
     # The coroutines callers use.
 
     def _schema(self) -> dict[str, str]:
@@ -337,6 +421,52 @@ class Source(abc.ABC):
                 raise BadRequest(f"column {name!r} is text, not numbers")
             return self._power_sums(name, rows)
 
+        return await asyncio.to_thread(work)
+
+    async def moments(
+        self,
+        column: str,
+        rows: int | None = None,
+        *,
+        shift: float = 0.0,
+        degree: int = 1,
+        positive_minimum: float | None = None,
+    ) -> Moments:
+        """The :class:`Moments` of one numeric column, without returning rows.
+
+        PostgreSQL computes them in SQL; files and SQLite stream the column
+        in batches and sum them here.
+
+        Args:
+            column: The column's name.
+            rows: Only the first ``rows`` rows (a held-back version), or all.
+            shift: The values are summed as ``x - shift``.
+            degree: The highest power summed (1 to 6).
+            positive_minimum: Also sum ``positive_minimum / x`` and ``ln x``
+                (every value must then be at least this).
+
+        Raises:
+            BadRequest: an unknown column, or one that is not numeric.
+            SourceUnavailable: the file or database cannot be read.
+        """
+
+        def work() -> Moments:
+            (name,) = self._pick([column])
+            if self._schema()[name] == "string":
+                raise BadRequest(f"column {name!r} is text, not numbers")
+            found = self._moments(name, rows, float(shift), degree, positive_minimum)
+            count = int(found[0])
+            return Moments(
+                count,
+                tuple(found[1 : degree + 1]),
+                found[degree + 1] if count else 0.0,
+                found[degree + 2] if count else 0.0,
+                found[degree + 3],
+                found[degree + 4],
+            )
+
+        if not 1 <= degree <= 6:
+            raise ValueError("degree must be 1 to 6")
         return await asyncio.to_thread(work)
 
 

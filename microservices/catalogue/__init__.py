@@ -19,6 +19,7 @@ from fdrtd_server.microservice import (
     CallContext,
     Microservice,
     distribution_version,
+    registration_tag,
     shown_version,
 )
 
@@ -57,7 +58,8 @@ async def _describe_source(ctx: CallContext, name: str, entry: dict[str, Any]) -
     columns = await source.schema()
     current = await source.observe()
     found = await ctx.bus.get_version(name)
-    released = Version.from_dict(found[0]) if found else None
+    same = found is not None and found[0].get("tag") == registration_tag(entry)
+    released = Version.from_dict(found[0]) if found and same else None
     version, _ = choose_version(current, released, spec.hold_back)
     return {
         "columns": columns,

@@ -15,6 +15,7 @@ Threat model, what each party learns, and round counts: ``docs/protocols.md``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ import numpy.typing as npt
 
 from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed
 from fdrtd_server.inputs import COLUMN, DATA, Input, Output
-from fdrtd_server.microservice import JobContext
+from fdrtd_server.microservice import Dataset, JobContext
 from fdrtd_server.peers import PeerSession
 from protocols.psi import curve
 from protocols.smpc import ring, stats_math
@@ -287,6 +288,67 @@ async def minimum_maximum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, 
     return {"minimum": plain(lo), "maximum": plain(hi), "count": total}
 
 
+@dataclass
+class _UnivariateData:
+    """One party's column for :func:`univariate`: in memory, or a source read in place.
+
+    A source read in place (``load_dataset(..., pushdown=True)``) is never read
+    into memory: PostgreSQL computes each stage's sums in SQL, files and
+    SQLite stream the column through them. Both give what
+    :func:`stats_math.local_power_sums` gives for the values in memory.
+    """
+
+    size: int
+    total: float
+    low: float
+    high: float
+    values: npt.NDArray[np.float64] | None = None
+    source: Any = None
+    column: str = ""
+    limit: int | None = None
+
+    @classmethod
+    async def of(cls, dataset: Dataset, column: Any) -> _UnivariateData:
+        if dataset.source is not None:
+            name = await dataset.source_column(column)
+            first = await dataset.source.moments(name, dataset.limit, degree=1)
+            return cls(
+                first.count,
+                first.sums[0],
+                first.minimum,
+                first.maximum,
+                source=dataset.source,
+                column=name,
+                limit=dataset.limit,
+            )
+        values = numeric(dataset.column(column))
+        if values.ndim != 1:
+            raise BadRequest("univariate statistics need a column of single numbers")
+        values = finite_rows(values)
+        present = values.size > 0
+        return cls(
+            int(values.size),
+            float(values.sum()),
+            float(values.min()) if present else 0.0,
+            float(values.max()) if present else 0.0,
+            values,
+        )
+
+    async def power_sums(self, shift: float, scale: float | None) -> npt.NDArray[np.float64]:
+        """What :func:`stats_math.local_power_sums` gives, wherever the values are."""
+        if self.values is not None:
+            return stats_math.local_power_sums(self.values, shift=shift, positive_minimum=scale)
+        found = await self.source.moments(
+            self.column, self.limit, shift=shift, degree=6, positive_minimum=scale
+        )
+        sums = np.array([found.count, *found.sums, found.reciprocal, found.log], dtype=np.float64)
+        if not np.all(np.isfinite(sums)):
+            raise ValueError(
+                "the values are too large for power sums up to the 6th power; scale the data down"
+            )
+        return sums
+
+
 @service.job(
     "univariate",
     inputs=[DATA, COLUMN],
@@ -301,36 +363,33 @@ async def univariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """
     async with session_for(ctx) as peers:
         # inside the session: if this party's input is refused, the others hear it at once
-        dataset = await ctx.load_dataset(inputs.get("data"), columns=[inputs.get("column")])
-        column = numeric(dataset.column(inputs.get("column")))
-        if column.ndim != 1:
-            raise BadRequest("univariate statistics need a column of single numbers")
-        values = finite_rows(column)
+        dataset = await ctx.load_dataset(
+            inputs.get("data"), columns=[inputs.get("column")], pushdown=True
+        )
+        local_data = await _UnivariateData.of(dataset, inputs.get("column"))
         smpc = SmpcSession(peers)
         await smpc.setup(declare(ctx, function="univariate"), defer=True)
         # stage 1: the count, checked before any sum is opened, and the sum
         # give the mean, the public shift for stage 3
         n, (total,) = await smpc.count_and_sum_big(
-            values.size,
-            [float(values.sum())],
-            ready=values.size >= ctx.env.min_cohort,
+            local_data.size,
+            [local_data.total],
+            ready=local_data.size >= ctx.env.min_cohort,
             vet=lambda joint: vet_declared(ctx, smpc, joint, "function"),
         )
         await ctx.progress(0.1)
         shift = total / n
         # stage 2: the extremes; whether every value of every party is
         # positive follows from the minimum, which is public from here on
-        present = values.size > 0
-        lo, hi = await smpc.minimum_maximum(
-            values.min() if present else 0.0, values.max() if present else 0.0, present
-        )
+        present = local_data.size > 0
+        lo, hi = await smpc.minimum_maximum(local_data.low, local_data.high, present)
         await ctx.progress(0.8)
         # stage 3: centred power sums, and the sums behind the harmonic and
         # geometric means only if the joint minimum is positive (public), so
         # that no party's own sums of 1/x and log x are opened when they are not
         positive = float(lo) > 0
         scale = float(lo) if positive else None
-        local = stats_math.local_power_sums(values, shift=shift, positive_minimum=scale)
+        local = await local_data.power_sums(shift, scale)
         sums = await smpc.sum_big(list(local))
     result = stats_math.univariate(
         sums,

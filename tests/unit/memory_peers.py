@@ -238,7 +238,7 @@ class Context:
         self.session = {"id": self.peers.id, "parties": self.peers.parties}
 
     async def load_dataset(
-        self, handle: Any, field_name: str = "data", columns: Any = None
+        self, handle: Any, field_name: str = "data", columns: Any = None, *, pushdown: bool = False
     ) -> Dataset:
         return Dataset({key: np.asarray(column) for key, column in handle.items()})
 
