@@ -147,7 +147,9 @@ class Grant:
 
     Attributes:
         functions: ``microservice.function`` patterns it allows (``"smpc.*"``,
-            ``"map.aggregate"``), or empty for every function.
+            ``"map.aggregate"``, ``"*"`` for every microservice), or empty for
+            every function. A record-level function (:data:`RECORD_LEVEL`) is
+            allowed only where it is named itself.
         not_before, not_after: The time window (ISO 8601, UTC), or None.
     """
 
@@ -195,7 +197,7 @@ class Grant:
         return cls(
             check_dataset_name(dataset),
             _check_token_name(grantee, "grantee"),
-            tuple(sorted(set(functions))) if "*" not in functions else (),
+            tuple(sorted(set(functions))) if set(functions) != {"*"} else (),
             start,
             end,
             granted_by,
@@ -215,9 +217,8 @@ class Grant:
         named = f"{microservice}.{function}"
         if named in RECORD_LEVEL:
             return named in self.functions
-        return (
-            not self.functions or f"{microservice}.*" in self.functions or named in self.functions
-        )
+        patterns = (named, f"{microservice}.*", "*")
+        return not self.functions or any(p in self.functions for p in patterns)
 
     def to_dict(self) -> dict[str, Any]:
         """The grant as stored and shown (``functions`` ``["*"]`` for all)."""
@@ -235,7 +236,9 @@ class Grant:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Grant:
         """Rebuild from :meth:`to_dict` output."""
-        functions = [f for f in data.get("functions", []) if f != "*"]
+        functions = list(data.get("functions", []))
+        if functions == ["*"]:
+            functions = []
         return cls(
             str(data["dataset"]),
             str(data["grantee"]),

@@ -20,6 +20,15 @@ catalogue of protocols between the three servers:
 * ``psi``: ``intersection``, ``intersection_size`` and ``union`` of the
   patient ids.
 
+The hospitals keep custody of their data, as institutions do: alpha's
+patients are read in place from PostgreSQL (when ``FDRTD_DEMO_POSTGRES_DSN``
+names a database that answers) or else a SQLite file, beta's from a directory
+of CSV files, and gamma's owner uploads and publishes them. The admins
+register the sources, each owner grants the analyst the dataset
+``patients``; the analyst, who holds none of it, finds it through the
+federation directory (kept by alpha) and computes on it as one dataset of
+three fragments, and is refused a dataset she has no grant for.
+
 The servers compute each result by secure multiparty computation through
 their peer gateways, so no server sees another's records. The demo servers
 allow ``matrix_product``, ``linear_regression_vertical`` and ``union``, which
@@ -33,6 +42,8 @@ counts as a failure; the demo goes on with the next one.
 from __future__ import annotations
 
 import contextlib
+import os
+import sqlite3
 import tempfile
 import time
 from collections import Counter
@@ -43,8 +54,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fdrtd_client import Federation
-from fdrtd_client.errors import FdrtdClientError
+from fdrtd_client import Client, Federation
+from fdrtd_client.errors import FdrtdClientError, NotFound
+from fdrtd_server.custody import RECORD_LEVEL
 from fdrtd_server.local import LocalFederation
 
 __all__ = ["run_demo", "synthetic_arrays", "synthetic_data"]
@@ -125,6 +137,131 @@ def synthetic_arrays(seed: int = 7) -> dict[str, dict[str, Floats]]:
         "beta": rng.normal(1, 1, (5, 2)).round(2),
     }
     return {"admissions": admissions, "matrices": matrices}
+
+
+GRANTED = ("*", *sorted(RECORD_LEVEL))
+"""What the demo's owners grant the analyst: every function, the record-level ones
+(order statistics, PSI, the matrix product, vertical joins) named one by one."""
+
+
+def _patients_source(table: Table, root: Path) -> dict[str, Any]:
+    """Alpha's patients in PostgreSQL (``FDRTD_DEMO_POSTGRES_DSN``, if it answers), else SQLite."""
+    columns = list(table)
+    rows = list(zip(*(np.asarray(table[c]).tolist() for c in columns), strict=True))
+    kinds = {c: "text" if isinstance(table[c][0], str) else "float8" for c in columns}
+    dsn = os.environ.get("FDRTD_DEMO_POSTGRES_DSN", "")
+    if dsn:
+        try:
+            import psycopg
+
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+                conn.execute("DROP TABLE IF EXISTS fdrtd_demo_patients")
+                conn.execute(
+                    "CREATE TABLE fdrtd_demo_patients ("
+                    + ", ".join(f"{c} {kinds[c]}" for c in columns)
+                    + ")"
+                )
+                with conn.cursor().copy(
+                    "COPY fdrtd_demo_patients (" + ", ".join(columns) + ") FROM STDIN"
+                ) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            print("  alpha keeps its patients in PostgreSQL (FDRTD_DEMO_POSTGRES_DSN)")
+            return {
+                "kind": "postgresql",
+                "dsn_env": "FDRTD_DEMO_POSTGRES_DSN",
+                "table": "fdrtd_demo_patients",
+            }
+        except Exception as error:  # the demo goes on with SQLite
+            print(f"  PostgreSQL at FDRTD_DEMO_POSTGRES_DSN not usable ({type(error).__name__})")
+    path = root / "alpha-patients.db"
+    path.unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(path)) as lite, lite:
+        sqlite_kinds = {"text": "TEXT", "float8": "REAL"}
+        lite.execute(
+            "CREATE TABLE patients ("
+            + ", ".join(f"{c} {sqlite_kinds[kinds[c]]}" for c in columns)
+            + ")"
+        )
+        lite.executemany(
+            "INSERT INTO patients VALUES (" + ", ".join("?" * len(columns)) + ")", rows
+        )
+    print(f"  alpha keeps its patients in a SQLite database ({path.name})")
+    return {"kind": "sqlite", "path": str(path), "table": "patients"}
+
+
+def _csv_directory(table: Table, directory: Path) -> dict[str, Any]:
+    """Beta's patients as a directory of two CSV files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    columns = list(table)
+    size = len(table[columns[0]])
+    for part, (start, stop) in enumerate(((0, size // 2), (size // 2, size))):
+        lines = [",".join(columns)] + [
+            ",".join(str(table[c][i]) for c in columns) for i in range(start, stop)
+        ]
+        (directory / f"patients-{part}.csv").write_text("\n".join(lines) + "\n", "utf-8")
+    print(f"  beta keeps its patients in a directory of CSV files ({directory.name}/)")
+    return {"kind": "csv", "path": str(directory)}
+
+
+def _custody(
+    local: LocalFederation, data: dict[str, Table], arrays: dict[str, Any], root: Path
+) -> None:
+    """The owners' side: sources registered by the admins, uploads published, grants made."""
+    print("\ncustody: each hospital's owner keeps its data; the analyst holds none of it")
+    clients = {
+        name: (
+            Client(server.url, server.admin_token, timeout=TIMEOUT),
+            Client(server.url, server.owner_token, timeout=TIMEOUT),
+        )
+        for name, server in local.servers.items()
+    }
+    sources = {
+        "alpha": _patients_source(data["alpha"], root),
+        "beta": _csv_directory(data["beta"], root / "beta-patients"),
+    }
+    for name, source in sources.items():
+        admin, _ = clients[name]
+        admin.add_source("patients", "owner", source, f"{name}'s patients, read in place")
+    _, gamma = clients["gamma"]
+    gamma.publish(gamma.upload(data["gamma"]), "patients", "gamma's patients, uploaded")
+    print("  gamma's owner uploaded its patients and published them as 'patients'")
+    for name, (_, owner) in clients.items():
+        owner.publish(owner.upload(arrays["admissions"][name]), "admissions")
+        if name in arrays["matrices"]:
+            owner.publish(owner.upload(arrays["matrices"][name]), "matrix")
+            owner.grant("matrix", "analyst", functions=["smpc.matrix_product"])
+        owner.grant("patients", "analyst", functions=GRANTED)
+        owner.grant("admissions", "analyst")
+    _, alpha = clients["alpha"]
+    alpha.publish(alpha.upload([41.0, 52.0, 38.0, 60.0]), "staff", "not granted to anyone")
+    print("  each owner granted the analyst 'patients' and 'admissions' (alpha's 'staff': no)")
+
+
+def _analyst(federation: Federation) -> dict[str, dict[str, Any]]:
+    """The analyst's side: the directory, the catalogue, one dataset of three fragments."""
+    deadline = time.monotonic() + TIMEOUT
+    while {m["name"] for m in federation.directory()} != set(HOSPITALS):
+        if time.monotonic() > deadline:
+            raise _Failed("the directory did not list every hospital")
+        time.sleep(0.1)
+    print("\nthe analyst finds the datasets through the directory (kept by alpha):")
+    for entry in federation.catalogue():
+        version = (entry.get("version") or {}).get("id") or "-"
+        print(
+            f"  {entry['server']:<6} {entry['name']:<11} {entry['kind']:<10} "
+            f"rows ~{entry['rows']!s:<6} version {str(version)[:12]}"
+        )
+    try:
+        federation.clients["alpha"].compute("map", "aggregate", data="staff").result(TIMEOUT)
+        print("  alpha's 'staff' was NOT refused: custody is broken")
+        raise _Failed("a dataset without a grant was used")
+    except NotFound as error:
+        print(f"  alpha's 'staff' (no grant) is refused: {error.detail}")
+    patients = federation.dataset("patients")
+    parts = ", ".join(patients.parties)
+    print(f"  'patients' is one dataset of {len(patients.parties)} fragments: {parts}")
+    return patients.inputs()
 
 
 def _suppressed(cells: Sequence[int], minimum: int = MIN_COHORT) -> list[float]:
@@ -226,7 +363,7 @@ def run_demo(
         print("starting three servers (alpha, beta, gamma) on 127.0.0.1 ...")
         started = time.perf_counter()
         env = {**SETTINGS, **(settings or {})}
-        with LocalFederation(root, names=HOSPITALS, env=env) as local:
+        with LocalFederation(root, names=HOSPITALS, env=env, directories=("alpha",)) as local:
             for server in local.servers.values():
                 print(f"  {server.name:<6} {server.url}   home {server.home}")
             print(f"ready in {time.perf_counter() - started:.1f} s")
@@ -242,21 +379,17 @@ def run_demo(
                     f"  the demo servers allow {', '.join(allowed)}, which can reveal inputs"
                     " and are off by default\n"
                 )
+            _custody(local, data, arrays, root)
             federation: Federation = local.federation(timeout=TIMEOUT)
-            handles = federation.upload(data)
-            for name, handle in handles.items():
-                count = len(data[name]["id"])
-                print(f"  {name} uploaded {count} private patient records -> {handle[:12]}...")
-            admissions = federation.upload(arrays["admissions"])
-            matrices = federation.upload(arrays["matrices"])
             a, b = arrays["matrices"]["alpha"], arrays["matrices"]["beta"]
-            print(
-                "  each uploaded its admissions per quarter and ward (4x3);"
-                f" alpha a matrix A {a.shape[0]}x{a.shape[1]}, beta B {b.shape[0]}x{b.shape[1]}"
-            )
-            mine = {name: {"data": handle} for name, handle in handles.items()}
+            mine = _analyst(federation)
+            handles = dict.fromkeys(HOSPITALS, "patients")
+            admissions = dict.fromkeys(HOSPITALS, "admissions")
+            matrices = dict.fromkeys(("alpha", "beta"), "matrix")
             heading = "joint result (computed by SMPC)"
             print(f"\n  {heading:<50}{'ms':>6}{'joint':>30}{'plaintext':>30}")
+
+            jobs: list[Any] = []
 
             def run(
                 function: str,
@@ -266,9 +399,11 @@ def run_demo(
             ) -> tuple[Any, float]:
                 began = time.perf_counter()
                 try:
-                    result = federation.compute(
+                    job = federation.compute(
                         microservice, function, mine if inputs is None else inputs, **common
-                    ).result(timeout=TIMEOUT, progress=False)
+                    )
+                    result = job.result(timeout=TIMEOUT, progress=False)
+                    jobs.append(job)
                 except FdrtdClientError as error:
                     raise _Failed(str(error)) from error
                 return result, (time.perf_counter() - began) * 1000
@@ -335,6 +470,12 @@ def run_demo(
                 for key, plain in plain_stats.items():
                     show(f"univariate: pressure {key}", stats[key], plain, took)
                     took = None
+                jobs[-1].results(timeout=TIMEOUT, progress=False)  # each server's view
+                read = [
+                    f"{name} {job.versions['patients']['id'][:12]}"
+                    for name, job in zip(HOSPITALS, jobs[-1].jobs, strict=True)
+                ]
+                print(f"  {'(the versions of patients it read)':<50}{', '.join(read):>66}")
             with step("bivariate: age, pressure"):
                 pair, ms = run("bivariate", {"x": "age", "y": "pressure"})
                 slope = np.cov(age, bp)[0, 1] / age.var(ddof=1)
@@ -472,7 +613,10 @@ def run_demo(
             with step(f"kth_smallest: pressure, k = {KTH}") as label:
                 result, ms = run("kth_smallest", {"column": "pressure", "k": KTH})
                 show(label, result["value"], np.sort(bp)[KTH - 1], ms)
-            print("\nno server saw another's records; the analyst saw only the joint results.")
+            print(
+                "\nno server saw another's records; the analyst, who uploaded nothing, saw "
+                "only the joint results."
+            )
         print("servers stopped.")
     if failures:
         print(f"{failures} result(s) failed or differ from the plaintext answer")

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from postgres import PostgresDsn
 
 from fdrtd_server.demo import run_demo
 
@@ -49,6 +50,13 @@ def test_demo_prints_joint_results_equal_to_plaintext() -> None:
     assert "DIFFERENT" not in run.stdout
     assert "off by default" in run.stdout
     assert "servers stopped." in run.stdout
+    # custody: sources read in place, found through the directory, a refusal, versions
+    assert "alpha keeps its patients in a SQLite database" in run.stdout
+    assert "beta keeps its patients in a directory of CSV files" in run.stdout
+    assert "'staff' (no grant) is refused: no dataset named 'staff'" in run.stdout
+    assert "'patients' is one dataset of 3 fragments: alpha, beta, gamma" in run.stdout
+    assert "(the versions of patients it read)" in run.stdout
+    assert "the analyst, who uploaded nothing" in run.stdout
     for label in CATALOGUE:
         assert any(line.startswith(label) for line in lines), label
 
@@ -78,3 +86,15 @@ def test_demo_reports_a_refused_computation_and_goes_on(capsys: pytest.CaptureFi
     assert "servers stopped." in out
     assert "1 result(s) failed or differ from the plaintext answer" in out
     assert "Traceback" not in out + err
+
+
+def test_demo_reads_alpha_from_postgresql_when_one_answers(
+    postgres_dsn: PostgresDsn, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With FDRTD_DEMO_POSTGRES_DSN, alpha's patients live in a real PostgreSQL table."""
+    monkeypatch.setenv("FDRTD_DEMO_POSTGRES_DSN", postgres_dsn.owner)
+    code = run_demo(rows=60)
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "alpha keeps its patients in PostgreSQL" in out
+    assert "alpha  patients    postgresql" in out
