@@ -21,7 +21,7 @@ is :class:`~fdrtd_server.errors.PayloadTooLarge` (413).
 
 from __future__ import annotations
 
-from fdrtd_server.sources.base import Moments, PowerSums, Source, choose_version
+from fdrtd_server.sources.base import Moments, Source, choose_version
 from fdrtd_server.sources.files import CsvSource, ParquetSource
 from fdrtd_server.sources.spec import SOURCE_KINDS, SourceSpec, Version, check_query
 from fdrtd_server.sources.sql import PostgresSource, SqliteSource
@@ -29,7 +29,6 @@ from fdrtd_server.sources.sql import PostgresSource, SqliteSource
 __all__ = [
     "SOURCE_KINDS",
     "Moments",
-    "PowerSums",
     "Source",
     "SourceSpec",
     "Version",

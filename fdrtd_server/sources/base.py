@@ -31,7 +31,6 @@ __all__ = [
     "BATCH_ROWS",
     "Collector",
     "Moments",
-    "PowerSums",
     "Source",
     "arrow_dtype",
     "arrow_to_numpy",
@@ -75,23 +74,6 @@ def choose_version(
     if grown <= 0 or grown >= hold_back:
         return current, True
     return released, False
-
-
-@dataclass(frozen=True)
-class PowerSums:
-    """The local aggregates of one numeric column that univariate statistics need.
-
-    NULL and NaN values are left out (``count`` counts the others); ``minimum``
-    and ``maximum`` are NaN when ``count`` is 0.
-    """
-
-    count: int
-    sum1: float
-    sum2: float
-    sum3: float
-    sum4: float
-    minimum: float
-    maximum: float
 
 
 @dataclass(frozen=True)
@@ -282,22 +264,6 @@ class Source(abc.ABC):
     ) -> None:
         """Stream the rows of ``columns`` into ``collector`` until it is done or they end."""
 
-    def _power_sums(self, column: str, rows: int | None) -> PowerSums:
-        """Default: stream the column and sum in numpy; databases push this down."""
-        total = [0, 0.0, 0.0, 0.0, 0.0, np.inf, -np.inf]
-        sums = _Sums(total)
-        self._read([column], {column: "float64"}, sums.collector(column, rows))
-        count = int(total[0])
-        return PowerSums(
-            count,
-            float(total[1]),
-            float(total[2]),
-            float(total[3]),
-            float(total[4]),
-            float(total[5]) if count else float("nan"),
-            float(total[6]) if count else float("nan"),
-        )
-
     def _moments(
         self,
         column: str,
@@ -404,25 +370,6 @@ class Source(abc.ABC):
 
         return await asyncio.to_thread(work)
 
-    async def power_sums(self, column: str, rows: int | None = None) -> PowerSums:
-        """Count, Σx … Σx⁴, min and max of one numeric column, without returning rows.
-
-        PostgreSQL and SQLite compute these in SQL (pushed down); files
-        stream the column in batches and sum them here.
-
-        Raises:
-            BadRequest: an unknown column, or one that is not numeric.
-            SourceUnavailable: the file or database cannot be read.
-        """
-
-        def work() -> PowerSums:
-            (name,) = self._pick([column])
-            if self._schema()[name] == "string":
-                raise BadRequest(f"column {name!r} is text, not numbers")
-            return self._power_sums(name, rows)
-
-        return await asyncio.to_thread(work)
-
     async def moments(
         self,
         column: str,
@@ -468,34 +415,3 @@ class Source(abc.ABC):
         if not 1 <= degree <= 6:
             raise ValueError("degree must be 1 to 6")
         return await asyncio.to_thread(work)
-
-
-class _Sums:
-    """Running power sums, fed by a :class:`Collector` that keeps no rows."""
-
-    def __init__(self, total: list[Any]) -> None:
-        self.total = total
-
-    def collector(self, column: str, rows: int | None) -> Collector:
-        sums = self
-
-        class _Summing(Collector):
-            def add(self, batch: Mapping[str, Array]) -> None:
-                values = np.asarray(batch[column], dtype=np.float64)
-                wanted = self.wanted
-                if wanted is not None:
-                    values = values[:wanted]
-                self.rows += len(values)
-                values = values[~np.isnan(values)]
-                if len(values):
-                    squares = values * values
-                    total = sums.total
-                    total[0] += len(values)
-                    total[1] += float(values.sum())
-                    total[2] += float(squares.sum())
-                    total[3] += float((squares * values).sum())
-                    total[4] += float((squares * squares).sum())
-                    total[5] = min(total[5], float(values.min()))
-                    total[6] = max(total[6], float(values.max()))
-
-        return _Summing([column], rows, max_bytes=0)

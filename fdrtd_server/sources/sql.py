@@ -12,8 +12,10 @@ PostgreSQL rows arrive through a server-side cursor in binary, 64k rows a
 fetch (10M float8 rows: 3.0-5.3 s, measured), or through ``COPY ... TO STDOUT
 (FORMAT binary)`` parsed with numpy (7-10 s: psycopg hands over COPY data one
 row-message at a time, and that loop costs more than the parsing saves).
-Both give the same arrays; the cursor is the default. Power sums are pushed
-down into SQL (0.7 s for 10M rows, using parallel workers).
+Both give the same arrays; the cursor is the default. The moments univariate
+statistics need (:meth:`~fdrtd_server.sources.base.Source.moments`) are pushed
+down into one SQL aggregate per stage (about 1 s for 10M rows); SQLite, whose
+SQL lacks ``ln``, streams the column through them.
 
 Versions are order-independent fingerprints computed in the database:
 the row count and the sum (exact, as ``numeric``) of a 64-bit hash per row;
@@ -49,7 +51,6 @@ from fdrtd_server.sources.base import (
     BATCH_ROWS,
     Array,
     Collector,
-    PowerSums,
     Source,
     values_to_numpy,
 )
@@ -74,21 +75,6 @@ def _body(query: str) -> str:
     """The fixed query without its one optional final ``;`` (it becomes a subquery)."""
     text = query.strip()
     return text[:-1] if text.endswith(";") else text
-
-
-def _power_sums(row: Sequence[Any]) -> PowerSums:
-    count = int(row[0] or 0)
-    sums = [float(value) if value is not None else 0.0 for value in row[1:5]]
-    nan = float("nan")
-    return PowerSums(
-        count,
-        sums[0],
-        sums[1],
-        sums[2],
-        sums[3],
-        float(row[5]) if count else nan,
-        float(row[6]) if count else nan,
-    )
 
 
 # SQLite ------------------------------------------------------------------------------------
@@ -209,24 +195,6 @@ class SqliteSource(Source):
                 )
                 if collector.done:
                     return
-
-    def _power_sums(self, column: str, rows: int | None) -> PowerSums:
-        inner = self._select([column], rows)
-        x = _sqlite_name(column)
-        with self._connect() as conn:
-            (bad,) = conn.execute(
-                f"SELECT count(*) FROM ({inner}) AS s "
-                f"WHERE typeof(s.{x}) NOT IN ('integer', 'real', 'null')"
-            ).fetchone()
-            if bad:
-                raise ComputationFailed(
-                    f"column {column!r} of the sqlite source holds values that are not numbers"
-                )
-            row = conn.execute(
-                "SELECT count(x), sum(x), sum(x*x), sum(x*x*x), sum(x*x*x*x), min(x), max(x) "
-                f"FROM (SELECT CAST(s.{x} AS REAL) AS x FROM ({inner}) AS s) AS v"
-            ).fetchone()
-        return _power_sums(row)
 
 
 # PostgreSQL --------------------------------------------------------------------------------
@@ -492,14 +460,3 @@ class PostgresSource(Source):
         else:
             found += [0.0, 0.0]
         return found
-
-    def _power_sums(self, column: str, rows: int | None) -> PowerSums:
-        inner = self._select([sql.SQL("t.{}::float8 AS x").format(sql.Identifier(column))], rows)
-        query = sql.SQL(
-            "SELECT count(x), sum(x), sum(x*x), sum(x*x*x), sum(x*x*x*x), min(x), max(x) "
-            "FROM ({}) AS s WHERE x <> 'NaN'::float8"
-        ).format(inner)
-        with self._connect() as conn:
-            row = conn.execute(query).fetchone()
-        assert row is not None
-        return _power_sums(row)

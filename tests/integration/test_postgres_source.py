@@ -94,15 +94,15 @@ def test_copy_and_cursor_give_the_same_arrays(postgres_dsn: PostgresDsn, visits:
     np.testing.assert_array_equal(five["id"], np.arange(5))
 
 
-def test_power_sums_pushed_down(postgres_dsn: PostgresDsn, visits: str) -> None:
+def test_moments_pushed_down(postgres_dsn: PostgresDsn, visits: str) -> None:
     src = open_source(spec(postgres_dsn, table=visits, order_by="id"))
     ages = run(src.read(["age"], max_bytes=BIG))["age"]
     ages = ages[~np.isnan(ages)]
-    sums = run(src.power_sums("age"))
+    sums = run(src.moments("age", degree=4))
     assert sums.count == len(ages)
-    assert sums.sum3 == pytest.approx((ages**3).sum())
+    assert sums.sums[2] == pytest.approx((ages**3).sum())
     assert (sums.minimum, sums.maximum) == (ages.min(), ages.max())
-    assert run(src.power_sums("age", rows=10)).count == 9
+    assert run(src.moments("age", 10, degree=4)).count == 9
 
 
 def test_versions_and_hold_back(postgres_dsn: PostgresDsn, visits: str) -> None:
@@ -216,7 +216,7 @@ def test_unreachable_database_and_missing_table(postgres_dsn: PostgresDsn) -> No
 def test_a_type_that_will_not_convert(postgres_dsn: PostgresDsn, visits: str) -> None:
     src = open_source(spec(postgres_dsn, query=f"SELECT 'x'::text AS a FROM {visits}"))
     with pytest.raises(BadRequest):
-        run(src.power_sums("a"))
+        run(src.moments("a", degree=4))
     bad_cast = open_source(
         spec(
             postgres_dsn, query=f"SELECT (CASE WHEN id = 5 THEN 1/0 END)::float8 AS a FROM {visits}"

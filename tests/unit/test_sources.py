@@ -166,8 +166,8 @@ def test_file_schema_read_and_version(tmp_path: Path, kind: str) -> None:
     version = run(src.observe())
     assert version.rows == 1000 and len(version.id) == 64
     assert run(src.observe()).id == version.id
-    sums = run(src.power_sums("x"))
-    assert sums.count == 1000 and sums.sum1 == pytest.approx((np.arange(1000) * 0.5).sum())
+    sums = run(src.moments("x", degree=4))
+    assert sums.count == 1000 and sums.sums[0] == pytest.approx((np.arange(1000) * 0.5).sum())
     assert (sums.minimum, sums.maximum) == (0.0, 499.5)
 
 
@@ -226,7 +226,7 @@ def test_unknown_column_is_a_bad_request(tmp_path: Path) -> None:
     with pytest.raises(BadRequest, match="'nope'"):
         run(src.read(["x", "nope"], max_bytes=BIG))
     with pytest.raises(BadRequest, match="text"):
-        run(src.power_sums("city"))
+        run(src.moments("city", degree=4))
 
 
 def test_exposed_columns_only(tmp_path: Path) -> None:
@@ -341,9 +341,9 @@ def test_sqlite_table_and_query(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got["id"], np.arange(50))
     assert np.isnan(got["age"][9]) and got["age"][0] == 20.0
     assert got["city"][4] == "c1"
-    sums = run(src.power_sums("age"))
+    sums = run(src.moments("age", degree=4))
     ages = np.array([20.0 + i for i in range(50) if i % 10 != 9])
-    assert sums.count == len(ages) and sums.sum2 == pytest.approx((ages**2).sum())
+    assert sums.count == len(ages) and sums.sums[1] == pytest.approx((ages**2).sum())
     assert (sums.minimum, sums.maximum) == (20.0, 68.0)
 
     query = source("sqlite", path, query="SELECT id, age * 2 AS double_age FROM visits WHERE ok")
@@ -403,7 +403,7 @@ def test_sqlite_missing_table_and_wrong_types(tmp_path: Path) -> None:
         run(src.read(["age"], max_bytes=BIG))
     assert "not a number" not in str(caught.value)
     with pytest.raises(ComputationFailed, match="'age'"):
-        run(src.power_sums("age"))
+        run(src.moments("age", degree=4))
     not_db = tmp_path / "text.db"
     not_db.write_text("hello")
     with pytest.raises(SourceUnavailable):
