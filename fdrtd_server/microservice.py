@@ -90,6 +90,7 @@ from fdrtd_server.errors import (
     FdrtdError,
     Forbidden,
     NotFound,
+    PayloadTooLarge,
     PluginError,
     ServiceUnavailable,
 )
@@ -257,12 +258,47 @@ def _wanted(columns: Iterable[Any] | None) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
+def _check_decoded_size(
+    description: Mapping[str, Any], columns: list[str] | None, limit: int
+) -> None:
+    """Refuse to decode more than ``limit`` bytes of an upload's columns.
+
+    A compressed upload counts against the quota as stored, and a column of
+    millions of equal values stores in kilobytes: its decoded size is bounded
+    here, by ``max_read_bytes`` as a source read in place is.
+
+    Raises:
+        PayloadTooLarge: Naming the limit.
+    """
+    known = description.get("columns") or {}
+    rows = int(description.get("rows") or 0)
+    wanted = known if columns is None else {name: known.get(name, {}) for name in columns}
+    size = 0
+    for column in wanted.values():
+        try:
+            width = np.dtype(str(column.get("dtype", "<f8"))).itemsize
+        except TypeError:
+            width = 8
+        shape = column.get("shape") or [rows]
+        size += int(np.prod([int(n) for n in shape], dtype=np.float64)) * max(width, 8)
+    if size > limit:
+        raise PayloadTooLarge(
+            f"the columns asked for need more than max_read_bytes={limit} bytes in memory; "
+            "name fewer columns, or ask the server's owner to raise max_read_bytes"
+        )
+
+
 async def _decoded(
-    bus: Bus, handle: str, description: Mapping[str, Any], columns: list[str] | None
+    bus: Bus,
+    handle: str,
+    description: Mapping[str, Any],
+    columns: list[str] | None,
+    limit: int,
 ) -> Dataset:
     """An upload's columns (only those wanted; ``[]``: only the number of records)."""
     if columns is not None and not columns:
         return Dataset({}, count=int(description["rows"]))
+    _check_decoded_size(description, columns, limit)
     raw = await bus.read_object(handle)
     return await asyncio.to_thread(decode_dataset, description, raw, columns)
 
@@ -354,7 +390,7 @@ class CallContext:
                 "as returned by the server"
             )
         handle, description = await self.owned_description(ref, field_name)
-        return await _decoded(self.bus, handle, description, wanted)
+        return await _decoded(self.bus, handle, description, wanted, self.env.max_read_bytes)
 
     async def _load_named(
         self, name: str, entry: Mapping[str, Any], columns: list[str] | None, pushdown: bool
@@ -364,6 +400,7 @@ class CallContext:
             description = await self.bus.get_set(handle) if handle.startswith("d-") else None
             if description is None:
                 raise NotFound(f"the dataset '{name}' was withdrawn by its owner")
+            _check_decoded_size(description, columns, self.env.max_read_bytes)
             raw = await self.bus.read_object(handle)  # read whole anyway: it is hashed
             digest = description.get("sha256")
             if not isinstance(digest, str):

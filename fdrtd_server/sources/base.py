@@ -132,15 +132,23 @@ def add_moments(total: list[float] | None, part: list[float], degree: int) -> li
     return combined
 
 
-def arrow_dtype(kind: pa.DataType) -> str:
-    """How a column of this Arrow type is described and converted."""
+def arrow_dtype(kind: pa.DataType) -> str | None:
+    """How a column of this Arrow type is described and converted.
+
+    None for a type that no computation takes (lists, structs, maps, bytes,
+    times...).
+    """
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
     if pa.types.is_integer(kind):
         return "int64"
     if pa.types.is_floating(kind) or pa.types.is_decimal(kind):
         return "float64"
     if pa.types.is_boolean(kind):
         return "bool"
-    return "string"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return "string"
+    return None
 
 
 def arrow_to_numpy(column: pa.Array | pa.ChunkedArray, dtype: str) -> Array:

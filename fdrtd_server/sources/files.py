@@ -178,7 +178,7 @@ class ParquetSource(Source):
         first: dict[str, str] | None = None
         for path in files:
             schema = self._open(path).schema_arrow
-            columns = {field.name: arrow_dtype(field.type) for field in schema}
+            columns = _usable(schema)
             if first is None:
                 first = columns
             elif any(columns.get(name) != dtype for name, dtype in first.items()):
@@ -229,8 +229,27 @@ class ParquetSource(Source):
                         return
             except OSError as error:
                 raise _unavailable("parquet", error) from error
+            except pa.ArrowException as error:  # a value that will not convert
+                raise ComputationFailed(
+                    f"the parquet source holds a value that cannot be read as its column's "
+                    f"type ({type(error).__name__})"
+                ) from error
             finally:
                 reader.close()
+
+
+def _usable(schema: pa.Schema, *, as_text: bool = False) -> dict[str, str]:
+    """The columns of ``schema`` a computation can take, with their dtype text.
+
+    Args:
+        schema: The Arrow schema of a file.
+        as_text: Take the other columns as text (CSV: a time pyarrow recognised is
+            text as written); else leave them out (Parquet lists, structs, bytes).
+    """
+    found = {field.name: arrow_dtype(field.type) for field in schema}
+    return {
+        name: dtype or "string" for name, dtype in found.items() if dtype is not None or as_text
+    }
 
 
 class CsvSource(Source):
@@ -269,7 +288,7 @@ class CsvSource(Source):
             reader.close()
 
     def _all_columns(self) -> dict[str, str]:
-        return {field.name: arrow_dtype(field.type) for field in self._arrow_schema()}
+        return _usable(self._arrow_schema(), as_text=True)
 
     def _types(self, columns: Sequence[str]) -> dict[str, pa.DataType]:
         schema = self._arrow_schema()

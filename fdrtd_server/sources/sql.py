@@ -125,7 +125,7 @@ class SqliteSource(Source):
             conn.execute("PRAGMA query_only = ON")
             yield conn
         except sqlite3.Error as error:
-            _log.warning("sqlite source failed: %s", error)
+            _log.warning("sqlite source failed: %s", type(error).__name__)
             raise SourceUnavailable(
                 "the sqlite source's table or query cannot be read "
                 "(missing, locked or not a database)"
@@ -214,6 +214,21 @@ _PG_HASHES = {
 }
 """Typed 64-bit hash functions (cheaper than hashing the text form); text for the rest."""
 
+STATEMENT_TIMEOUT = 600
+"""Seconds one query of a PostgreSQL source may run."""
+LOCK_TIMEOUT = 30
+"""Seconds one query of a PostgreSQL source may wait for a lock."""
+
+
+def _error_class(error: psycopg.Error) -> str:
+    """What may be logged of a database error: its class and SQLSTATE.
+
+    Never its text, which may quote a value of the data or a piece of the
+    connection string.
+    """
+    return f"{type(error).__name__} (SQLSTATE {error.sqlstate or '-'})"
+
+
 _PG_CAST = {"float64": "::float8", "int64": "::int8", "bool": "::bool", "string": "::text"}
 
 
@@ -250,12 +265,18 @@ class PostgresSource(Source):
         try:
             conn = psycopg.connect(
                 self._dsn(),
-                options="-c default_transaction_read_only=on",
+                # read only; and no query of the owner's may hold a computation (and a
+                # worker thread of this process) for longer than STATEMENT_TIMEOUT
+                options=(
+                    "-c default_transaction_read_only=on "
+                    f"-c statement_timeout={STATEMENT_TIMEOUT * 1000} "
+                    f"-c lock_timeout={LOCK_TIMEOUT * 1000}"
+                ),
                 connect_timeout=10,
             )
         except psycopg.Error as error:
-            # The message may name the host; log it here, tell the client less.
-            _log.warning("postgresql source unreachable: %s", error)
+            # The message may quote the host or the connection string: its class only.
+            _log.warning("postgresql source unreachable: %s", _error_class(error))
             raise SourceUnavailable(
                 "the postgresql source's database cannot be reached or refused the login"
             ) from error
@@ -263,13 +284,26 @@ class PostgresSource(Source):
             conn.read_only = True
             with conn.transaction():
                 yield conn
+        except psycopg.errors.NumericValueOutOfRange as error:
+            _log.warning("postgresql source data error: %s", _error_class(error))
+            raise ComputationFailed(
+                "the values are too large for the sums this computation needs (they "
+                "overflow a float8 in PostgreSQL); scale the data down"
+            ) from error
         except psycopg.errors.DataError as error:
-            _log.warning("postgresql source data error: %s", error)
+            # the message quotes the value: never logged
+            _log.warning("postgresql source data error: %s", _error_class(error))
             raise ComputationFailed(
                 "the postgresql source holds a value that cannot be read as its column's type"
             ) from error
+        except psycopg.errors.QueryCanceled as error:
+            _log.warning("postgresql source query cancelled: %s", _error_class(error))
+            raise SourceUnavailable(
+                f"the postgresql source's query ran longer than {STATEMENT_TIMEOUT} s or "
+                f"waited for a lock longer than {LOCK_TIMEOUT} s"
+            ) from error
         except psycopg.Error as error:
-            _log.warning("postgresql source failed: %s", error)
+            _log.warning("postgresql source failed: %s", _error_class(error))
             name = type(error).__name__
             raise SourceUnavailable(
                 f"the postgresql source's table or query cannot be read ({name})"
@@ -434,7 +468,11 @@ class PostgresSource(Source):
         positive_minimum: float | None,
     ) -> list[float]:
         """Pushed down: one aggregate query, ``x*x*x`` rather than ``x^3`` (2.5 times faster)."""
-        inner = self._select([sql.SQL("t.{}::float8 AS x").format(sql.Identifier(column))], rows)
+        # a boolean has no cast to float8 in PostgreSQL: through int, as read() gives 0/1
+        cast = "::int::float8" if self._schema()[column] == "bool" else "::float8"
+        inner = self._select(
+            [sql.SQL("t.{}{} AS x").format(sql.Identifier(column), sql.SQL(cast))], rows
+        )
         sums: list[sql.Composable] = [sql.SQL("count(d)")]
         for k in range(1, degree + 1):
             sums.append(sql.SQL("sum({})").format(sql.SQL("*").join([sql.SQL("d")] * k)))

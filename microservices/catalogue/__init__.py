@@ -3,9 +3,10 @@
 The controller's ``GET /v1/catalogue`` sends it the datasets the caller may
 see (as :meth:`fdrtd_server.custody.CustodyStore.visible` found them); it
 answers each one's columns and types, its number of records and its version.
-For a source read in place, that is the version computations use now: the one
-released last (the hold-back rule may keep newer rows back), else the content
-as it is. Nothing is released here: only a computation releases a version.
+For a source read in place, that is the version released last (by the last
+computation; the hold-back rule may keep newer rows back), else the content as
+it is. Nothing is released here: only a computation releases a version, and
+only a computation reads a source's whole content to fingerprint it.
 A source that cannot be read is described by its error, and the others still are.
 """
 
@@ -56,11 +57,14 @@ async def _describe_source(ctx: CallContext, name: str, entry: dict[str, Any]) -
     spec = SourceSpec.from_dict(entry.get("source") or {}, f"dataset '{name}'")
     source = open_source(spec)
     columns = await source.schema()
-    current = await source.observe()
     found = await ctx.bus.get_version(name)
     same = found is not None and found[0].get("tag") == registration_tag(entry)
-    released = Version.from_dict(found[0]) if found and same else None
-    version, _ = choose_version(current, released, spec.hold_back)
+    if found and same:
+        # the version released last: observing the content would read it whole (a
+        # fingerprint of a large table takes seconds), and the next computation does
+        version = Version.from_dict(found[0])
+    else:
+        version, _ = choose_version(await source.observe(), None, spec.hold_back)
     return {
         "columns": columns,
         "rows": version.rows,

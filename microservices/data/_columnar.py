@@ -352,6 +352,9 @@ def convert_parquet(path: Path, target: Path, limits: Limits) -> dict[str, Any]:
             booleans, integers, floats or valid UTF-8 text.
         PayloadTooLarge: If it has too many columns or records, or a text column too large.
     """
+    with path.open("rb") as head:
+        if head.read(4) != b"PAR1":  # pyarrow reads only the footer's magic
+            raise BadRequest("the parquet upload is not a Parquet file (it does not start as one)")
     try:
         source = pq.ParquetFile(path, pre_buffer=False, buffer_size=1024 * 1024)
     except (pa.ArrowException, OSError):

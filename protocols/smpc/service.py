@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed
+from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed, Conflict
 from fdrtd_server.inputs import COLUMN, DATA, Input, Output
 from fdrtd_server.microservice import Dataset, JobContext
 from fdrtd_server.peers import PeerSession
@@ -288,6 +288,12 @@ async def minimum_maximum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, 
     return {"minimum": plain(lo), "maximum": plain(hi), "count": total}
 
 
+_TOO_LARGE = (
+    "the values are too large for power sums up to the 6th power (they overflow a "
+    "float64); scale the data down"
+)
+
+
 @dataclass
 class _UnivariateData:
     """One party's column for :func:`univariate`: in memory, or a source read in place.
@@ -337,15 +343,21 @@ class _UnivariateData:
     async def power_sums(self, shift: float, scale: float | None) -> npt.NDArray[np.float64]:
         """What :func:`stats_math.local_power_sums` gives, wherever the values are."""
         if self.values is not None:
-            return stats_math.local_power_sums(self.values, shift=shift, positive_minimum=scale)
+            try:
+                return stats_math.local_power_sums(self.values, shift=shift, positive_minimum=scale)
+            except ValueError:
+                raise ComputationFailed(_TOO_LARGE) from None
         found = await self.source.moments(
             self.column, self.limit, shift=shift, degree=6, positive_minimum=scale
         )
+        if found.count != self.size:
+            # rows came or went between the two passes over a source read in place
+            raise Conflict(
+                "the dataset changed while the computation read it; run the computation again"
+            )
         sums = np.array([found.count, *found.sums, found.reciprocal, found.log], dtype=np.float64)
         if not np.all(np.isfinite(sums)):
-            raise ValueError(
-                "the values are too large for power sums up to the 6th power; scale the data down"
-            )
+            raise ComputationFailed(_TOO_LARGE)
         return sums
 
 
