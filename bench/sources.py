@@ -379,7 +379,8 @@ def write_report(
         "# Sources read in place: univariate statistics end to end",
         "",
         f"Recorded by `python bench/sources.py"
-        f"{'' if args.rows == 10_000_000 else f' --rows {args.rows}'}` on "
+        f"{'' if args.rows == 10_000_000 else f' --rows {args.rows}'}"
+        f"{'' if args.repeat == 1 else f' --repeat {args.repeat}'}` on "
         f"{datetime.date.today().isoformat()}, commit {commit()}.",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, {info['system']}, "
