@@ -480,7 +480,7 @@ class Client:
         """The live members of the federation, if this server keeps its directory.
 
         Each member is ``{"name", "url", "last_seen" (ISO 8601), "datasets"
-        (how many it publishes, or None)}``; members silent for three heartbeat
+        (None: servers do not tell)}``; members silent for three heartbeat
         intervals are not listed. Ask each member's catalogue what you may use
         there: the directory lists servers, not datasets.
 

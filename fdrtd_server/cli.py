@@ -276,9 +276,15 @@ def _custody(args: argparse.Namespace) -> int:
     home = home_path(str(args.home))
     config.load_settings(home)  # refuse directories that are not server homes
     store = CustodyStore(home)
+    tokens = config.TokenStore(home)
     try:
         if args.command == "grant":
             if args.grant_command == "add":
+                if tokens.role_of(args.grantee) not in ("analyst", "owner"):
+                    raise ValueError(
+                        f"'{args.grantee}' is not the token name of an analyst or owner of "
+                        "this server: create the token first (fdrtd-server token add)"
+                    )
                 grant = Grant.make(
                     args.dataset,
                     args.grantee,
@@ -301,6 +307,11 @@ def _custody(args: argparse.Namespace) -> int:
                 print(json.dumps(grants, indent=2))
             return 0
         if args.source_command == "add":
+            if tokens.role_of(args.owner) != "owner":
+                raise ValueError(
+                    f"'{args.owner}' is not the token name of an owner of this server "
+                    f"(fdrtd-server token add {home} {args.owner} --role owner)"
+                )
             spec = {
                 key: value
                 for key, value in {

@@ -350,7 +350,8 @@ def configured_sources(home: Path) -> dict[str, DatasetEntry]:
             description = _check_description(table.get("description", ""))
             spec = _source_spec(table, where)
         except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
+            text = str(error)
+            raise ValueError(text if text.startswith(where) else f"{where}: {text}") from None
         found[name] = DatasetEntry(
             name, spec["kind"], owner, description, source=spec, configured=True
         )

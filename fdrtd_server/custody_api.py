@@ -247,7 +247,7 @@ async def add_grant(request: Request) -> Response:
             body.get("not_after"),
             principal.name,
         )
-        state.custody.grant(grant)
+        grant = state.custody.grant(grant)  # as stored: with the dataset's owner
     except ValueError as error:
         raise BadRequest(str(error)) from None
     except KeyError:

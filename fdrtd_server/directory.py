@@ -26,8 +26,9 @@ Payload (msgpack)::
     {"name": str, "url": str, "datasets": int | None, "interval": float}
 
 ``name`` must be the envelope's signer; ``url`` is the member's public URL
-(its own, signed word, as ``public_url`` sets it); ``datasets`` is how many
-datasets it publishes, if it says (a count, never the list); ``interval`` is
+(its own, signed word, as ``public_url`` sets it); ``datasets`` is None: fdrtd
+servers do not tell how many datasets they hold (to anyone without a grant,
+a dataset does not exist), the field is kept for the wire format; ``interval`` is
 its heartbeat interval, so that the directory drops it after
 :data:`SILENT_INTERVALS` of *its* intervals without a heartbeat.
 

@@ -71,3 +71,23 @@ def test_a_bad_sources_table_stops_the_start_naming_it(tmp_path: Path) -> None:
     started = cli("serve", str(server.home))
     assert started.returncode == 2
     assert "[sources.broken]" in started.stderr and "kind" in started.stderr
+
+
+def test_the_command_line_grants_and_registers_only_for_existing_tokens(tmp_path: Path) -> None:
+    server = make_server(tmp_path)
+    TokenStore(server.home).add("clinic", "owner")
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"x": [1.0, 2.0, 3.0]}), path)
+    home = str(server.home)
+    for owner in ("nobody", "analyst"):  # unknown, and not an owner
+        added = cli(
+            "source", "add", home, "x", "--owner", owner, "--kind", "parquet", "--path", str(path)
+        )
+        assert added.returncode == 2 and f"'{owner}'" in added.stderr
+    added = cli(
+        "source", "add", home, "x", "--owner", "clinic", "--kind", "parquet", "--path", str(path)
+    )
+    assert added.returncode == 0, added.stderr
+    refused = cli("grant", "add", home, "x", "zed")
+    assert refused.returncode == 2 and "'zed'" in refused.stderr
+    assert cli("grant", "add", home, "x", "analyst").returncode == 0
