@@ -320,7 +320,10 @@ def document(settings: Settings, functions: Functions | None = None) -> dict[str
                         {
                             "name": "format",
                             "in": "query",
-                            "schema": {"enum": ["raw", "csv", "json", "msgpack"], "default": "raw"},
+                            "schema": {
+                                "enum": ["raw", "csv", "parquet", "json", "msgpack"],
+                                "default": "raw",
+                            },
                         },
                         {
                             "name": "dtype",
