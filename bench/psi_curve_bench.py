@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nacl import bindings as sodium
 
-from protocols.psi import curve
+from fdrtd_server.sdk import curve
 
 DOMAIN = b"fdrtd-psi-bench"
 T = TypeVar("T")

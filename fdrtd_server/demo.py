@@ -267,7 +267,7 @@ def _analyst(federation: Federation) -> dict[str, dict[str, Any]]:
 def _suppressed(cells: Sequence[int], minimum: int = MIN_COHORT) -> list[float]:
     """A table's cells as released, with the servers' complementary suppression as NaN."""
     # imported here: the demo otherwise needs nothing of the protocols
-    from protocols.smpc.tables import suppress
+    from fdrtd_server.sdk import suppress
 
     hidden = suppress(cells, minimum).tolist()
     return [np.nan if h else float(c) for c, h in zip(cells, hidden, strict=True)]

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fdrtd_server.errors import FdrtdError
-from fdrtd_server.inputs import Output
-from fdrtd_server.microservice import (
-    CallContext,
-    Microservice,
-    distribution_version,
+from fdrtd_server.sdk import CallContext, FdrtdError, Microservice, Output, distribution_version
+from fdrtd_server.sdk.host import (
+    SourceSpec,
+    Version,
+    choose_version,
+    open_source,
     registration_tag,
     shown_version,
 )
@@ -52,7 +52,6 @@ async def _describe_upload(ctx: CallContext, entry: dict[str, Any]) -> dict[str,
 
 
 async def _describe_source(ctx: CallContext, name: str, entry: dict[str, Any]) -> dict[str, Any]:
-    from fdrtd_server.sources import SourceSpec, Version, choose_version, open_source
 
     spec = SourceSpec.from_dict(entry.get("source") or {}, f"dataset '{name}'")
     source = open_source(spec)

@@ -27,11 +27,20 @@ from typing import Any
 
 import numpy as np
 
-from fdrtd_server.errors import BadRequest, Forbidden
-from fdrtd_server.inputs import COLUMN, DATA, Input, Output
-from fdrtd_server.microservice import JobContext, Microservice, distribution_version
-from protocols.smpc.service import finite_result, finite_rows
-from protocols.smpc.tables import suppress
+from fdrtd_server.sdk import (
+    COLUMN,
+    DATA,
+    BadRequest,
+    Forbidden,
+    Input,
+    JobContext,
+    Microservice,
+    Output,
+    distribution_version,
+    finite_result,
+    finite_rows,
+    suppress,
+)
 
 service = Microservice(
     "map",

@@ -56,12 +56,25 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fdrtd_client import wire
-from fdrtd_server.bus import SETS_BUCKET, now_iso, parse_handle
-from fdrtd_server.config import DEFAULT_MAX_CLIENT_BYTES, DEFAULT_MAX_PARSE_BYTES
-from fdrtd_server.errors import BadRequest, Conflict, PayloadTooLarge, ServiceUnavailable
-from fdrtd_server.inputs import Input, Output
-from fdrtd_server.microservice import CallContext, Microservice, distribution_version
+from fdrtd_server.sdk import (
+    BadRequest,
+    CallContext,
+    Conflict,
+    Input,
+    Microservice,
+    Output,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    distribution_version,
+    wire,
+)
+from fdrtd_server.sdk.host import (
+    DEFAULT_MAX_CLIENT_BYTES,
+    DEFAULT_MAX_PARSE_BYTES,
+    SETS_BUCKET,
+    now_iso,
+    parse_handle,
+)
 
 from ._columnar import STREAMED, convert_file, file_pieces
 from ._parse import (

@@ -58,9 +58,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from fdrtd_client import wire
-from fdrtd_server.errors import BadRequest, FdrtdError, PayloadTooLarge
-from fdrtd_server.lifeline import exit_with
+from fdrtd_server.sdk import BadRequest, FdrtdError, PayloadTooLarge, exit_with, wire
 
 from ._parse import (
     INLINE_LIMIT,

@@ -37,9 +37,8 @@ from typing import Any, Self
 
 import numpy as np
 
-from fdrtd_client import wire
-from fdrtd_server.errors import BadRequest, FdrtdError, PayloadTooLarge, error_for_status
-from fdrtd_server.lifeline import exit_with
+from fdrtd_server.sdk import BadRequest, FdrtdError, PayloadTooLarge, exit_with, wire
+from fdrtd_server.sdk.host import error_for_status
 
 __all__ = [
     "FORMATS",

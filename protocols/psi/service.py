@@ -125,19 +125,24 @@ from typing import Any, TypeVar
 import numpy as np
 from nacl import bindings as sodium
 
-from fdrtd_server.errors import (
+from fdrtd_server.sdk import (
+    COLUMN,
+    DATA,
     BadRequest,
     CohortTooSmall,
     ComputationFailed,
     FdrtdError,
     Forbidden,
+    Input,
+    JobContext,
+    Microservice,
+    Namespace,
+    Output,
+    PeerSession,
+    curve,
+    declare,
+    distribution_version,
 )
-from fdrtd_server.inputs import COLUMN, DATA, Input, Output
-from fdrtd_server.microservice import JobContext, Microservice, distribution_version
-from fdrtd_server.peers import PeerSession
-from protocols._namespace import Namespace
-from protocols.psi import curve
-from protocols.smpc.service import declare
 
 __all__ = [
     "CHUNK_POINTS",

@@ -41,7 +41,7 @@ Range
     2^h`` with ``h = floor((255 - ceil(log2 k)) / 2)``. Then ``k * 2^h * 2^h
     <= 2^255``. For ``f = 40`` and ``k <= 2^20`` (a million records) that
     allows ``|x| < 2^77 ~= 1.5e23``; anything larger raises
-    :class:`ProductOverflow` (a :class:`~protocols.smpc.ring.FixedPointOverflow`)
+    :class:`ProductOverflow` (a :class:`~fdrtd_server.sdk.ring.FixedPointOverflow`)
     instead of wrapping around to a wrong answer.
 
 Dealer path (three or more parties): Beaver matrix triples
@@ -82,8 +82,7 @@ import numpy as np
 import numpy.typing as npt
 from phe import paillier
 
-from fdrtd_server.errors import OutOfRange
-from protocols.smpc import ring
+from fdrtd_server.sdk import OutOfRange, ring
 
 __all__ = [
     "DEFAULT_FRAC_BITS",

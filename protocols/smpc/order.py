@@ -6,7 +6,7 @@ kept) while every party's own values stay on its server.
 
 Search (the outer loop)
     Every non-NaN float64 has an order-preserving 64-bit key
-    (:func:`protocols.smpc.ring.float_order_key`, IEEE 754 totalOrder, so
+    (:func:`fdrtd_server.sdk.ring.float_order_key`, IEEE 754 totalOrder, so
     ``-0.0`` sorts just before ``0.0``). Let ``S(t)`` be the joint number of
     values whose key is ``<= t``. The key of the k-th smallest value is
     ``a = min{t : S(t) >= k}``, found by binary search over the 2^64 keys in
@@ -32,7 +32,7 @@ Secure comparison (one per order statistic and round; stage names in :class:`Sta
     1. ``COUNT``: every party i computes its count ``c_i(t)``; P_0 draws a
        fresh uniform ``rho`` in ``Z_2^64`` and uses ``c_0 - k + rho``. Every
        party but E sends its value, masked with the pairwise masks of the
-       secure sum (:mod:`protocols.smpc.engine`), to E only. E adds them to
+       secure sum (:mod:`fdrtd_server.sdk.smpc`), to E only. E adds them to
        its own and learns ``z = D + rho mod 2^64``: uniformly random, as
        ``rho`` is P_0's secret.
     2. Now ``D >= 0`` iff ``z mod M`` lies in the cyclic interval
@@ -44,7 +44,7 @@ Secure comparison (one per order statistic and round; stage names in :class:`Sta
        disjoint). This is the prefix-set idea of Lin and Tzeng's
        millionaires' protocol (ACNS 2005), applied to an interval.
     3. ``BLOCKS``, ``QUERY``, ``ANSWER``: private set-intersection cardinality
-       by commutative blinding on Curve25519 (X25519) (:mod:`protocols.psi.curve`,
+       by commutative blinding on Curve25519 (X25519) (:mod:`fdrtd_server.sdk.curve`,
        after Meadows 1986 and Huberman, Franklin and Hogg 1999). P_0 sends
        ``H(b)^beta`` for its shuffled blocks, E sends ``H(p)^alpha`` for its
        prefixes, P_0 returns them as ``H(p)^(alpha*beta)`` shuffled, E raises
@@ -88,23 +88,27 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fdrtd_server.errors import BadRequest, ComputationFailed, FdrtdError
-from fdrtd_server.inputs import COLUMN, DATA, Input, Output
-from fdrtd_server.microservice import JobContext
-from protocols._namespace import Namespace
-from protocols.psi import curve
-from protocols.smpc import ring
-from protocols.smpc._registry import service
-from protocols.smpc.engine import SmpcSession
-from protocols.smpc.service import (
-    COUNT,
+from fdrtd_server.sdk import (
+    COLUMN,
+    DATA,
+    BadRequest,
+    ComputationFailed,
+    FdrtdError,
+    Input,
+    JobContext,
+    Namespace,
+    Output,
+    SmpcSession,
     agree,
     check_joint_cohort,
+    curve,
     declare,
     finite_result,
     numeric,
+    ring,
     session_for,
 )
+from protocols.smpc.common import COUNT, service
 
 __all__ = [
     "KEY_BITS",

@@ -20,14 +20,23 @@ import numpy as np
 import numpy.typing as npt
 from phe import paillier
 
-from fdrtd_server.errors import BadRequest, ComputationFailed
-from fdrtd_server.inputs import COLUMN, Input, Output
-from fdrtd_server.microservice import JobContext
-from fdrtd_server.peers import PeerSession
-from protocols.smpc import matmul, ring
-from protocols.smpc._registry import service
-from protocols.smpc.engine import SmpcSession
-from protocols.smpc.service import agree, declare, numeric, session_for
+from fdrtd_server.sdk import (
+    COLUMN,
+    BadRequest,
+    ComputationFailed,
+    Input,
+    JobContext,
+    Output,
+    PeerSession,
+    SmpcSession,
+    agree,
+    declare,
+    numeric,
+    ring,
+    session_for,
+)
+from protocols.smpc import matmul
+from protocols.smpc.common import service
 
 __all__ = [
     "PAILLIER_INPUT",

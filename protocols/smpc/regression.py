@@ -6,7 +6,7 @@ counts of each are in ``docs/protocols.md``.
 ``linear_regression`` (horizontal: every party holds whole records)
     The parties add their record counts (and check the joint cohort), then
     their local ``X'X``, ``X'y`` and ``y'y`` with one secure sum in the
-    exact ring (:meth:`~protocols.smpc.engine.SmpcSession.sum_big` with
+    exact ring (:meth:`~fdrtd_server.sdk.smpc.SmpcSession.sum_big` with
     ``exact``: no rounding at any scale), and solve the normal equations.
     Revealed: these totals.
 
@@ -22,7 +22,7 @@ counts of each are in ``docs/protocols.md``.
     and all refuse if one is below the strictest minimum cohort. The data
     parties join their records on an ``id`` column by Diffie-Hellman PSI
     around their ring (:func:`_join`, on the curve of
-    :mod:`protocols.psi.curve`); the rows whose tag every data party holds,
+    :mod:`fdrtd_server.sdk.curve`); the rows whose tag every data party holds,
     in tag order, form the joint design. The first data party learns which
     of its own ids each other data party holds (and, with three or more,
     the sizes of the overlaps among the others); it tells the others the
@@ -67,14 +67,29 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed, FdrtdError, Forbidden
-from fdrtd_server.inputs import DATA, Input, Output
-from fdrtd_server.microservice import Dataset, JobContext
-from fdrtd_server.peers import PeerSession
-from protocols.psi import curve
+from fdrtd_server.sdk import (
+    DATA,
+    BadRequest,
+    CohortTooSmall,
+    ComputationFailed,
+    Dataset,
+    FdrtdError,
+    Forbidden,
+    Input,
+    JobContext,
+    Output,
+    PeerSession,
+    SmpcSession,
+    agree,
+    check_joint_cohort,
+    curve,
+    declare,
+    numeric,
+    points_from,
+    session_for,
+)
 from protocols.smpc import matmul
-from protocols.smpc._registry import service
-from protocols.smpc.engine import SmpcSession, points_from
+from protocols.smpc.common import service
 from protocols.smpc.product import (
     PAILLIER_INPUT,
     integer_input,
@@ -83,7 +98,6 @@ from protocols.smpc.product import (
     secure_product,
     send_blob,
 )
-from protocols.smpc.service import agree, check_joint_cohort, declare, numeric, session_for
 
 __all__ = ["ols_from_gram"]
 
@@ -650,7 +664,7 @@ async def _join(
     """Intersect the data parties' ids by Diffie-Hellman PSI around the ring of holders.
 
     Each holder hashes its ids onto the curve and blinds them with a secret
-    scalar of its own (:mod:`protocols.psi.curve`), sorted so that the list
+    scalar of its own (:mod:`fdrtd_server.sdk.curve`), sorted so that the list
     hides the order of its rows. The lists travel the ring of holders at the
     same time, each holder blinding what it receives and passing it on, until
     every list comes back to its owner blinded by every holder's scalar. The

@@ -5,7 +5,7 @@ party's client (or one analyst through ``fdrtd_client.Federation``) starts
 the same function with the same session ``{"id", "parties"}`` on every
 server; each server then computes on its own data, exchanges only masked
 values with the others through the peer gateways (see
-:mod:`protocols.smpc.engine`), and stores the joint result under its own
+:mod:`fdrtd_server.sdk.smpc`), and stores the joint result under its own
 result handle. Inputs that every party must agree on (column names are not
 among them; options such as ``frac_bits`` are) are compared in the setup
 round, and a mismatch fails the computation on every server.
@@ -21,150 +21,44 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed, Conflict
-from fdrtd_server.inputs import COLUMN, DATA, Input, Output
-from fdrtd_server.microservice import Dataset, JobContext
-from fdrtd_server.peers import PeerSession
-from protocols.psi import curve
-from protocols.smpc import ring, stats_math
-from protocols.smpc._registry import service
-from protocols.smpc.engine import SmpcSession
+from fdrtd_server.sdk import (
+    COLUMN,
+    DATA,
+    BadRequest,
+    ComputationFailed,
+    Conflict,
+    Dataset,
+    Input,
+    JobContext,
+    Output,
+    SmpcSession,
+    agree,
+    check_joint_cohort,
+    curve,
+    declare,
+    finite_result,
+    finite_rows,
+    joint_count,
+    numeric,
+    ring,
+    session_for,
+    vet_declared,
+)
+
+# The other protocol families register their functions on the same service
+# when imported; they import the shared helpers from the SDK and
+# protocols.smpc.common, never from here, so the imports have no cycle.
+from protocols.smpc import order, product, regression, stats_math, tables  # noqa: F401
+from protocols.smpc.common import COUNT, VALUE, service
 
 __all__ = [
-    "COUNT",
-    "agree",
-    "check_joint_cohort",
-    "declare",
-    "finite_result",
-    "finite_rows",
-    "joint_count",
-    "numeric",
+    "bivariate",
+    "count",
+    "minimum_maximum",
+    "secure_sum",
     "service",
-    "session_for",
-    "vet_declared",
+    "univariate",
 ]
-
-
-COUNT = Output("count", "integer", "the number of records of all parties the result describes")
-"""The ``count`` output of most functions."""
-VALUE = "a number, or a typed array for a column of vectors or matrices"
-
-
-def session_for(ctx: JobContext) -> PeerSession:
-    """The peer session a multi-party function runs in, from the request's ``session``."""
-    spec = ctx.session
-    if not spec:
-        raise BadRequest(
-            "this is a multi-party protocol: give a 'session' with an 'id' and the 'parties'"
-        )
-    return PeerSession(
-        ctx.bus, spec["id"], spec["parties"], ctx.env.server, ctx.env.session_timeout
-    )
-
-
-def numeric(values: npt.NDArray[Any], name: str = "column") -> npt.NDArray[np.float64]:
-    """The column as float64; refuses text columns with a message naming ``name``."""
-    if values.dtype.kind not in "biuf":
-        raise BadRequest(f"the {name} must be numeric")
-    return np.asarray(values, dtype=np.float64)
-
-
-def finite_rows(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """The rows without NaN or infinity (in any element, for vector rows)."""
-    if values.ndim == 1:
-        keep = np.isfinite(values)
-        return values if keep.all() else values[keep]
-    flat = values.reshape(values.shape[0], -1)
-    return values[np.isfinite(flat).all(axis=1)]
-
-
-def _infinite(value: Any) -> bool:
-    """Whether ``value`` (a result's value, nested lists and maps included) holds ±inf."""
-    if isinstance(value, np.ndarray):
-        return value.dtype.kind == "f" and bool(np.any(np.isinf(value)))
-    if isinstance(value, float | np.floating):
-        return bool(np.isinf(value))
-    if isinstance(value, dict):
-        return any(_infinite(item) for item in value.values())
-    if isinstance(value, list | tuple):
-        return any(_infinite(item) for item in value)
-    return False
-
-
-def finite_result(result: dict[str, Any], function: str) -> dict[str, Any]:
-    """Return ``result`` unless one of its values overflowed to infinity.
-
-    A sum, mean or interpolation of finite float64 data can pass the largest
-    float (about 1.8e308); the result would then say nothing, and JSON cannot
-    carry it. Every party of a protocol sees the same joint result, so every
-    one refuses alike. NaN is let through: it is how a statistic says it is
-    undefined (the variance of one record), and reads as ``null`` in JSON.
-
-    Raises:
-        ComputationFailed: (422) naming the key, the cause and the fix.
-    """
-    for key, value in result.items():
-        if _infinite(value):
-            error = ComputationFailed(
-                f"the '{key}' of {function} overflowed the float64 range (about 1.8e308) "
-                "to infinity; scale the data down (divide it by a power of 10)"
-            )
-            error.collective = True  # every party computed the same result
-            raise error
-    return result
-
-
-def agree(smpc: SmpcSession, key: str) -> Any:
-    """The value of public ``key`` that every party declared; refuse disagreement."""
-    values = {party: public.get(key) for party, public in smpc.public.items()}
-    distinct = {repr(v) for v in values.values()}
-    if len(distinct) != 1:
-        error = ComputationFailed(f"the parties disagree on '{key}'; every party must use the same")
-        error.collective = True  # every party sees the same declarations: no abort needed
-        raise error
-    return values[smpc.peers.me]
-
-
-def declare(ctx: JobContext, **public: Any) -> dict[str, Any]:
-    """Public metadata for ``SmpcSession.setup``, with this server's minimum cohort."""
-    return {**public, "min_cohort": ctx.env.min_cohort}
-
-
-def check_joint_cohort(ctx: JobContext, smpc: SmpcSession, total: float) -> None:
-    """Refuse a result over fewer records than the strictest party's minimum cohort.
-
-    Every party declared its policy's ``min_cohort`` (see :func:`declare`) and
-    every party sees the same total, so all of them refuse together, at the
-    same point of the protocol.
-
-    Raises:
-        CohortTooSmall: If ``total`` is below the largest declared minimum.
-    """
-    declared = [p.get("min_cohort") for p in smpc.public.values()]
-    minimums = [m for m in declared if isinstance(m, int) and not isinstance(m, bool)]
-    strictest = max([ctx.env.min_cohort, *minimums])
-    if round(total) < strictest:
-        error = CohortTooSmall(strictest)
-        error.collective = True  # every party sees the same total: no abort needed
-        raise error
-
-
-def vet_declared(ctx: JobContext, smpc: SmpcSession, total: int, *keys: str) -> None:
-    """Refuse, on every party alike, unless all declared the same ``keys`` and the cohort holds.
-
-    The ``vet`` of :meth:`SmpcSession.count_and_sum` for most functions.
-    """
-    for key in keys:
-        agree(smpc, key)
-    check_joint_cohort(ctx, smpc, total)
-
-
-async def joint_count(ctx: JobContext, smpc: SmpcSession, rows: int) -> int:
-    """Securely sum the parties' record counts and check the joint cohort."""
-    encoded = ring.encode_int(np.array([rows]), parties=smpc.parties)
-    total = int(ring.decode_int(await smpc.sum_ring(encoded))[0])
-    check_joint_cohort(ctx, smpc, total)
-    return total
 
 
 @service.job("count", inputs=[DATA], outputs=[COUNT])
@@ -456,10 +350,3 @@ async def bivariate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
 
 # The vertical join and the PSI functions share the curve's process pool.
 service.add_cleanup(curve.shutdown_pool)
-
-# The other protocol families register their functions on the same service.
-# Imported last: they import the helpers above.
-import protocols.smpc.order  # noqa: E402
-import protocols.smpc.product  # noqa: E402
-import protocols.smpc.regression  # noqa: E402
-import protocols.smpc.tables  # noqa: E402, F401

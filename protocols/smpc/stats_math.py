@@ -3,7 +3,7 @@
 Secure univariate and bivariate statistics follow one pattern. Each party
 computes a short vector of local aggregates over its own records (the count
 and the power sums ``sum(x^k)``), the parties add these vectors securely
-(:mod:`protocols.smpc.ring`), and the statistics are then computed from the
+(:mod:`fdrtd_server.sdk.ring`), and the statistics are then computed from the
 totals alone. This module holds the two pure ends of that pipeline:
 :func:`local_power_sums` / :func:`local_cross_sums` run on each party's data,
 and :func:`univariate` / :func:`bivariate` turn the summed vectors into

@@ -8,7 +8,7 @@ side of a protocol run between the servers of a computation session.
     public edges), plus an "other" cell for values outside them. The joint
     number of records is found first by a secure sum and checked against the
     minimum cohort; only then is the vector of counts summed securely
-    (pairwise-masked sums in ``Z_2^64``, :class:`~protocols.smpc.engine.SmpcSession`).
+    (pairwise-masked sums in ``Z_2^64``, :class:`~fdrtd_server.sdk.smpc.SmpcSession`).
 
 ``contingency_table`` (horizontal partitioning)
     The same, with the local ``kx x ky`` count matrix of two categorical
@@ -27,7 +27,7 @@ side of a protocol run between the servers of a computation session.
        whose values are among the analyst's categories, which can be far
        fewer than the joined ids. Its total ``c`` is found first, by a
        private set intersection *cardinality* over Curve25519 (X25519)
-       (:mod:`protocols.psi.curve`; De Cristofaro, Gasti and Tsudik, 2012):
+       (:mod:`fdrtd_server.sdk.curve`; De Cristofaro, Gasti and Tsudik, 2012):
        each holder blinds the ids whose value is in its categories, padded
        with random dummy items to its whole id set; each blinds the other's
        points once more and returns them sorted, an order the other cannot
@@ -105,22 +105,33 @@ import numpy as np
 import numpy.typing as npt
 from phe import paillier
 
-from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed
-from fdrtd_server.inputs import COLUMN, DATA, Input, Output
-from fdrtd_server.microservice import Dataset, JobContext
-from fdrtd_server.peers import PeerSession
-from protocols.psi import curve
-from protocols.smpc import ring
-from protocols.smpc._registry import service
-from protocols.smpc.engine import SmpcSession, points_from
-from protocols.smpc.service import agree, numeric, session_for
+from fdrtd_server.sdk import (
+    COLUMN,
+    DATA,
+    BadRequest,
+    CohortTooSmall,
+    ComputationFailed,
+    Dataset,
+    Input,
+    JobContext,
+    Output,
+    PeerSession,
+    SmpcSession,
+    agree,
+    curve,
+    numeric,
+    points_from,
+    ring,
+    session_for,
+    suppress,
+)
+from protocols.smpc.common import service
 
 __all__ = [
     "contingency_table",
     "contingency_table_vertical",
     "frequency_table",
     "histogram",
-    "suppress",
 ]
 
 Label = str | int | float
@@ -305,51 +316,6 @@ def _bin_labels(edges: list[float]) -> list[Label]:
         f"[{a:g}, {b:g}{']' if k == last else ')'}"
         for k, (a, b) in enumerate(itertools.pairwise(edges))
     ]
-
-
-# --- disclosure control -------------------------------------------------------------------
-
-
-def suppress(counts: npt.ArrayLike, minimum: int) -> npt.NDArray[np.bool_]:
-    """Which cells of a table to hide, so that the released total pins none of them down.
-
-    Every cell with ``0 < count < minimum`` is hidden. The total is released
-    and zero cells are shown, so a reader knows the sum ``S`` of the ``h``
-    hidden cells and that each is at least 1, hence at most ``S - (h - 1)``.
-    While that bound is below ``minimum`` (which covers one hidden cell, and
-    hidden cells that sum to less than ``minimum``: ``[1, 1, 100]`` with a
-    minimum of 5 hides all three; ``[1, 1, 1, 1, 1, 50]`` hides the 50 too,
-    as five hidden cells summing to 5 would all be 1), the smallest visible
-    non-zero cell is hidden as well (the first one on ties, in row-major
-    order). So at least two cells end up hidden, with a sum of at least
-    ``minimum``, and none of them is known to be below ``minimum``. If no
-    non-zero cell is left to hide, every cell is hidden, zeros included (a
-    hidden cell may then be 0), and only the total remains.
-
-    Args:
-        counts: The table (any shape) of non-negative counts.
-        minimum: The minimum cohort size.
-
-    Returns:
-        A boolean mask of the shape of ``counts``.
-    """
-    cells = np.asarray(counts, dtype=np.int64)
-    flat = cells.reshape(-1)
-    hidden = (flat > 0) & (flat < minimum)
-
-    def safe() -> bool:
-        count = int(hidden.sum())
-        return count == 0 or (count >= 2 and int(flat[hidden].sum()) - (count - 1) >= minimum)
-
-    # visible non-zero cells, smallest first (a stable sort keeps row-major order on ties)
-    candidates = [int(k) for k in np.argsort(flat, kind="stable") if flat[k] > 0 and not hidden[k]]
-    for k in candidates:
-        if safe():
-            break
-        hidden[k] = True
-    if not safe():
-        hidden[:] = True
-    return hidden.reshape(cells.shape)
 
 
 def _threshold(smpc: SmpcSession) -> int:

@@ -15,7 +15,8 @@ import pytest
 from fdrtd_client import FederatedJob, Federation, Job, errors
 from fdrtd_server.errors import BadRequest, ComputationFailed
 from fdrtd_server.local import LocalFederation
-from protocols.psi import curve, service
+from fdrtd_server.sdk import curve
+from protocols.psi import service
 
 pytestmark = pytest.mark.slow
 

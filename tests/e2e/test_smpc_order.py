@@ -20,7 +20,7 @@ import pytest
 
 from fdrtd_client.errors import BadRequest, ComputationFailed, Forbidden
 from fdrtd_server.local import LocalFederation
-from protocols.smpc import ring
+from fdrtd_server.sdk import ring
 from protocols.smpc.order import dyadic_cover, interpolate, quantile_ranks
 
 TIMEOUT = 90.0

@@ -1,6 +1,6 @@
 """Nothing a server starts outlives it, not even after ``kill -9``.
 
-A PSI of at least :data:`~protocols.psi.curve.PARALLEL_THRESHOLD` items per
+A PSI of at least :data:`~fdrtd_server.sdk.curve.PARALLEL_THRESHOLD` items per
 party runs in the server's process pool, which ``multiprocessing`` builds
 from a fork server and a resource tracker; with the embedded ``nats-server``
 that makes five processes besides the server. After a SIGKILL the fork
@@ -31,7 +31,7 @@ import pytest
 from fdrtd_client import Federation
 from fdrtd_server.lifeline import ORPHANED
 from fdrtd_server.local import LocalFederation, LocalServer
-from protocols.psi import curve
+from fdrtd_server.sdk import curve
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "pidfd_open") or not Path("/proc/self/stat").exists(),

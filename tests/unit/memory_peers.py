@@ -38,7 +38,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 
 from fdrtd_server.errors import PartyTimeout, error_for_status
 from fdrtd_server.microservice import Dataset, Environment
-from protocols.smpc.engine import SmpcSession
+from fdrtd_server.sdk.smpc import SmpcSession
 
 
 class MemorySessions:

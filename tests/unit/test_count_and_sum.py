@@ -18,8 +18,8 @@ import pytest
 from memory_peers import SESSION, Peers, run_parties, seed
 
 from fdrtd_server.errors import CohortTooSmall, ComputationFailed
-from protocols.smpc import ring
-from protocols.smpc.engine import CHUNK, SmpcSession
+from fdrtd_server.sdk import ring
+from fdrtd_server.sdk.smpc import CHUNK, SmpcSession
 
 Vet = Callable[[str], Callable[[int], None]]
 

@@ -1,4 +1,4 @@
-"""Unit tests for protocols.psi.curve: the DH-PSI and mix-net primitives on Curve25519."""
+"""Unit tests for fdrtd_server.sdk.curve: the DH-PSI and mix-net primitives on Curve25519."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 from nacl import bindings as sodium
 
-from protocols.psi import curve
-from protocols.psi.curve import (
+from fdrtd_server.sdk import curve
+from fdrtd_server.sdk.curve import (
     ONION_LAYER_BYTES,
     PARALLEL_THRESHOLD,
     blind,

@@ -18,7 +18,8 @@ import pytest
 from memory_peers import Wire, run_job
 
 from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed, FdrtdError
-from protocols.psi import curve, service
+from fdrtd_server.sdk import curve
+from protocols.psi import service
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Unit tests for protocols.smpc.ring: fixed point, PRG, shares, big ring, order keys."""
+"""Unit tests for fdrtd_server.sdk.ring: fixed point, PRG, shares, big ring, order keys."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protocols.smpc import ring
+from fdrtd_server.sdk import ring
 
 TWO_64 = 1 << 64
 TWO_256 = 1 << 256

@@ -19,9 +19,8 @@ import pytest
 from memory_peers import Peers, run_parties, seed
 
 from fdrtd_server.errors import ComputationFailed
-from protocols.psi import curve
-from protocols.smpc import ring
-from protocols.smpc.engine import SEARCH_ROUNDS, SmpcSession
+from fdrtd_server.sdk import curve, ring
+from fdrtd_server.sdk.smpc import SEARCH_ROUNDS, SmpcSession
 
 NAMES = ["a", "b", "c", "d", "e"]
 

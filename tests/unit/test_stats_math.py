@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from protocols.smpc import ring
+from fdrtd_server.sdk import ring
 from protocols.smpc import stats_math as sm
 
 EXPECTED_UNIVARIATE_KEYS = [

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from fdrtd_client import combine_aggregates
+from fdrtd_server.sdk import suppress
 from microservices.compute import aggregate_values
-from protocols.smpc.tables import suppress
 
 
 def released(cells: Sequence[int], minimum: int) -> tuple[list[int | None], int]:

@@ -20,8 +20,7 @@ import pytest
 from memory_peers import Context, Peers, Wire, run_tasks
 
 from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed
-from protocols.psi import curve
-from protocols.smpc import ring
+from fdrtd_server.sdk import curve, ring
 from protocols.smpc.tables import (
     PAILLIER_BITS,
     _canonical_ids,

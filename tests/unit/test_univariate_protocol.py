@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from memory_peers import Peers, run_job
 
-from protocols.smpc import ring, service
+from fdrtd_server.sdk import ring
+from protocols.smpc import service
 from protocols.smpc.service import bivariate, univariate
 
 

@@ -18,7 +18,7 @@ import pytest
 from memory_peers import SESSION, Peers, Wire, run_tasks
 
 from fdrtd_server.errors import BadRequest, ComputationFailed
-from protocols.psi import curve
+from fdrtd_server.sdk import curve
 from protocols.smpc.regression import _join
 
 DOMAIN = b"fdrtd/smpc/vertical/" + hashlib.sha256(SESSION.encode()).hexdigest().encode()

@@ -383,7 +383,7 @@ def blind_each(points: Sequence[bytes], scalars: Sequence[bytes]) -> list[bytes]
     """Multiply each point by a scalar of its own with X25519, in the calling process.
 
     For protocols that need a fresh scalar per point (an equality test per
-    point, as the secure OR of :mod:`protocols.smpc.engine` runs), so that
+    point, as the secure OR of :mod:`fdrtd_server.sdk.smpc` runs), so that
     equal points do not give equal results.
 
     Args:

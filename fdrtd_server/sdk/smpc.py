@@ -15,7 +15,7 @@ Setup (stage ``SEEDS``, one message round for the public metadata)
     HKDF, so no message is needed and no session reuses a seed (session ids
     are refused on reuse). A seed is the compact form of a whole vector of
     additive shares: ``PRG(s_ij, label)`` expands it with AES-256-CTR
-    (:func:`protocols.smpc.ring.prg_uint64`). The public metadata every
+    (:func:`fdrtd_server.sdk.ring.prg_uint64`). The public metadata every
     party declares (shapes, options) is exchanged in the same round as the
     first secure sum when the caller defers it, else in a round of its own.
 
@@ -48,7 +48,7 @@ Secure OR (three hops)
 
 Secure maximum (16 rounds of secure OR)
     The maximum of the parties' values is found by 16-ary search over the
-    order-preserving 64-bit keys of float64 (:func:`protocols.smpc.ring.float_order_key`):
+    order-preserving 64-bit keys of float64 (:func:`fdrtd_server.sdk.ring.float_order_key`):
     each round tests 15 thresholds t with "is any party's maximum >= t?".
     Every bit revealed is a function of the maximum itself, so the parties
     and the client learn the maximum and nothing else (the reference system
@@ -68,9 +68,8 @@ import numpy.typing as npt
 
 from fdrtd_server.errors import ComputationFailed
 from fdrtd_server.peers import PeerSession, both
-from protocols._namespace import Namespace
-from protocols.psi import curve
-from protocols.smpc import ring
+from fdrtd_server.sdk import curve, ring
+from fdrtd_server.sdk.namespace import Namespace
 
 __all__ = ["CHUNK", "SmpcSession", "Stage", "points_from"]
 

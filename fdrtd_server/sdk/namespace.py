@@ -11,4 +11,5 @@ class Namespace:
     """Subclasses are namespaces of constants (like Flower's ``Stage``): never instantiated."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Namespace:
+        """Refuse: a namespace of constants has no instances."""
         raise TypeError(f"{cls.__name__} is a namespace of constants")

@@ -1,0 +1,106 @@
+"""The protocol SDK: everything a microservice plugin imports from fdrtd.
+
+A plugin (and every built-in microservice and protocol of this repository)
+imports from ``fdrtd_server`` only this package and its submodules; the
+layering is checked by ``lint-imports`` (``[tool.importlinter]`` in
+``pyproject.toml``, described in ``docs/architecture.md``). The facade below
+is the supported surface, tested name by name in ``tests/unit/test_sdk.py``:
+
+* the plugin interface: :class:`Microservice` and its functions'
+  :class:`JobContext` / :class:`CallContext`, the :class:`Dataset` they load,
+  the declared :class:`Input` / :class:`Output` of a function;
+* the errors a function raises (each carries its HTTP status);
+* the parties of a multi-party function (:mod:`fdrtd_server.sdk.parties`):
+  its :class:`PeerSession`, what each party declares and all must agree on,
+  the joint minimum cohort;
+* secure computation: :class:`SmpcSession` (secure sums, OR, maximum) over
+  the fixed-point :mod:`ring`, and the Curve25519 primitives of :mod:`curve`;
+* disclosure rules (:mod:`fdrtd_server.sdk.disclosure`);
+* :mod:`wire`, the one msgpack/JSON codec of client and server.
+
+:mod:`fdrtd_server.sdk.host` lends the built-in microservices parts of the
+server (bus, stored datasets, sources); it is not for plugins and may change.
+"""
+
+from __future__ import annotations
+
+from fdrtd_client import wire
+from fdrtd_server.errors import (
+    BadRequest,
+    CohortTooSmall,
+    ComputationFailed,
+    Conflict,
+    FdrtdError,
+    Forbidden,
+    NotFound,
+    OutOfRange,
+    PartyTimeout,
+    PayloadTooLarge,
+    PluginError,
+    ServiceUnavailable,
+)
+from fdrtd_server.inputs import COLUMN, DATA, Input, Output
+from fdrtd_server.lifeline import exit_with
+from fdrtd_server.microservice import (
+    CallContext,
+    Dataset,
+    JobContext,
+    Microservice,
+    distribution_version,
+)
+from fdrtd_server.peers import PeerSession, both
+from fdrtd_server.sdk import curve, ring
+from fdrtd_server.sdk.disclosure import finite_result, finite_rows, numeric, suppress
+from fdrtd_server.sdk.namespace import Namespace
+from fdrtd_server.sdk.parties import (
+    agree,
+    check_joint_cohort,
+    declare,
+    joint_count,
+    session_for,
+    vet_declared,
+)
+from fdrtd_server.sdk.smpc import SmpcSession, points_from
+
+__all__ = [
+    "COLUMN",
+    "DATA",
+    "BadRequest",
+    "CallContext",
+    "CohortTooSmall",
+    "ComputationFailed",
+    "Conflict",
+    "Dataset",
+    "FdrtdError",
+    "Forbidden",
+    "Input",
+    "JobContext",
+    "Microservice",
+    "Namespace",
+    "NotFound",
+    "OutOfRange",
+    "Output",
+    "PartyTimeout",
+    "PayloadTooLarge",
+    "PeerSession",
+    "PluginError",
+    "ServiceUnavailable",
+    "SmpcSession",
+    "agree",
+    "both",
+    "check_joint_cohort",
+    "curve",
+    "declare",
+    "distribution_version",
+    "exit_with",
+    "finite_result",
+    "finite_rows",
+    "joint_count",
+    "numeric",
+    "points_from",
+    "ring",
+    "session_for",
+    "suppress",
+    "vet_declared",
+    "wire",
+]
