@@ -96,6 +96,9 @@ class Settings:
     its streams for some seconds). Whatever it says, the embedded
     ``nats-server`` exiting ends the server at once: it cannot come back."""
     microservices: tuple[str, ...] = field(default_factory=tuple)
+    plugin_policy: dict[str, dict[str, bool]] = field(default_factory=dict)
+    """The microservices' own policy switches as the owner set them, by microservice:
+    the ``[policy.<microservice>]`` tables. Checked at start against what each declares."""
     directory: bool = False
     """Whether this server keeps the federation directory (``GET /v1/directory``)."""
     directories: tuple[str, ...] = field(default_factory=tuple)
@@ -213,6 +216,20 @@ def _cast(key: str, value: Any, source: str) -> Any:
     return value
 
 
+def _plugin_switches(path: Path, service: str, table: Mapping[str, Any]) -> dict[str, bool]:
+    """The ``[policy.<service>]`` table: switches of a microservice, each true or false.
+
+    Whether the microservice declares them is checked at start, once the
+    plugins are loaded (:func:`fdrtd_server.microservice.discover`).
+    """
+    switches: dict[str, bool] = {}
+    for key, value in table.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}: [policy.{service}] '{key}' must be true or false")
+        switches[key] = value
+    return switches
+
+
 def load_settings(
     home: Path, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -246,6 +263,8 @@ def load_settings(
     for key, value in document.get("policy", {}).items():
         if key in _POLICY_KEYS:
             values[key] = _cast(key, value, f"{path}: setting")
+        elif isinstance(value, dict):
+            values.setdefault("plugin_policy", {})[key] = _plugin_switches(path, key, value)
         elif key != "microservices":
             raise ValueError(f"{path}: unknown setting '{key}' in [policy]")
     env = os.environ if environ is None else environ

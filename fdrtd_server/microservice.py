@@ -115,6 +115,7 @@ __all__ = [
     "Microservice",
     "Output",
     "Signature",
+    "Switch",
     "discover",
     "policy_switches",
     "registration_tag",
@@ -142,6 +143,8 @@ class Environment:
     allow_matrix_product: bool = False
     allow_vertical_regression: bool = False
     max_read_bytes: int = 2 * 1024 * 1024 * 1024
+    plugin_policy: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)
+    """The owner's settings of the microservices' own switches: ``[policy.<microservice>]``."""
 
     def require(self, setting: str, what: str, why: str) -> None:
         """Refuse (403) a function that can disclose inputs unless the policy allows it.
@@ -175,14 +178,21 @@ def policy_switches() -> tuple[str, ...]:
     )
 
 
-def _check_switch(setting: Any, error: type[Exception]) -> None:
-    """Raise ``error`` naming ``setting`` and the known switches unless it is one."""
-    known = policy_switches()
+def _check_switch(setting: Any, error: type[Exception], own: Iterable[str] = ()) -> None:
+    """Raise ``error`` naming ``setting`` and the known switches unless it is one.
+
+    The known switches are the server's (:func:`policy_switches`) and the
+    microservice's ``own`` (declared with :meth:`Microservice.switch`).
+    """
+    known = (*policy_switches(), *own)
+    if setting in own:
+        return
     if setting not in known:
         raise error(
             f"the plugin asks for the policy switch '{str(setting)[:64]}', which this server "
             f"does not know; the known switches are {', '.join(known)} (a bug of the "
-            "microservice plugin: its author must use one of them)"
+            "microservice plugin: its author must use one of them, or declare its own with "
+            "service.switch)"
         )
 
 
@@ -338,6 +348,48 @@ class CallContext:
     session: dict[str, Any] | None = None
     datasets: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
+    microservice: str = ""
+    """The name of the microservice whose function runs."""
+    switches: Mapping[str, bool] = field(default_factory=dict)
+    """The microservice's own policy switches (:meth:`Microservice.switch`), as this
+    server's owner set them (``[policy.<microservice>]``), else their defaults."""
+
+    def policy(self, switch: str) -> bool:
+        """Whether this server's policy turns ``switch`` on.
+
+        Args:
+            switch: One of the microservice's own switches (declared with
+                :meth:`Microservice.switch`), or one of the server's
+                (:func:`policy_switches`, e.g. ``"allow_set_union"``).
+
+        Raises:
+            PluginError: If ``switch`` is neither (a bug of the plugin: list the
+                switches a function reads in its ``policy=`` to find it at start).
+        """
+        if switch in self.switches:
+            return bool(self.switches[switch])
+        _check_switch(switch, PluginError, self.switches)
+        return bool(getattr(self.env, switch))
+
+    def require(self, switch: str, what: str, why: str) -> None:
+        """Refuse (403) unless this server's policy turns ``switch`` on.
+
+        Args:
+            switch: As for :meth:`policy`.
+            what: What the switch allows, for the message ("vector means of two parties").
+            why: What that can disclose, for the message.
+
+        Raises:
+            Forbidden: If the policy leaves ``switch`` off; the message says how to set it.
+            PluginError: If ``switch`` is unknown (see :meth:`policy`).
+        """
+        if self.policy(switch):
+            return
+        where = f" in [policy.{self.microservice}]" if switch in self.switches else ""
+        raise Forbidden(
+            f"this server's policy does not allow {what} ({why}); "
+            f"the owner can set {switch} = true{where}"
+        )
 
     async def owned_description(
         self, handle: Any, field_name: str = "handle"
@@ -599,6 +651,18 @@ def _decode_parquet(raw: bytes, columns: list[str] | None) -> dict[str, np.ndarr
     return decoded
 
 
+SWITCH_RULE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A policy switch a microservice declares (:meth:`Microservice.switch`)."""
+
+    name: str
+    default: bool
+    doc: str = ""
+
+
 JobFunction = Callable[[JobContext, dict[str, Any]], Awaitable[Any]]
 CallFunction = Callable[[CallContext, dict[str, Any]], Awaitable[Any]]
 
@@ -624,6 +688,8 @@ class Microservice:
     signatures: dict[str, Signature] = field(default_factory=dict)
     """What each function takes and gives, as declared when it was registered."""
     cleanups: list[Callable[[], None]] = field(default_factory=list)
+    switches: dict[str, Switch] = field(default_factory=dict)
+    """The microservice's own policy switches, by name (see :meth:`switch`)."""
 
     def __post_init__(self) -> None:
         if not NAME_RULE.fullmatch(self.name):
@@ -631,6 +697,63 @@ class Microservice:
                 f"microservice name '{self.name[:40]}' must be lowercase letters, digits "
                 "and '_', starting with a letter, at most 32 characters"
             )
+
+    def switch(self, name: str, default: bool = False, doc: str = "") -> str:
+        """Declare a policy switch of this microservice, for the server's owner to set.
+
+        The owner sets it in ``fdrtd.toml``, in the table of the microservice::
+
+            [policy.vecmean]
+            allow_vector_mean_of_two = true
+
+        and a function reads it with ``ctx.policy(name)`` or refuses with
+        ``ctx.require(name, what, why)``. A switch the owner sets that the
+        microservice does not declare stops the server at start, naming it.
+
+        Args:
+            name: Lowercase letters, digits and ``_`` (``allow_...`` for a
+                permission); not one of the server's own switches.
+            default: Its value where the owner does not set it. A switch that
+                allows a disclosure should default to False.
+            doc: One sentence: what it allows, and what that can disclose.
+
+        Returns:
+            ``name``, to keep as a constant (``ALLOW_TWO = service.switch(...)``).
+
+        Raises:
+            ValueError: If the name is malformed, taken, or the default not a bool.
+        """
+        if not SWITCH_RULE.fullmatch(name):
+            raise ValueError(
+                f"switch name '{name[:40]}' must be lowercase letters, digits and '_', "
+                "starting with a letter, at most 64 characters"
+            )
+        if name in policy_switches() or name in {f.name for f in dataclasses.fields(Environment)}:
+            raise ValueError(f"'{name}' is a setting of the server; give the switch another name")
+        if name in self.switches:
+            raise ValueError(f"switch '{name}' is declared twice in '{self.name}'")
+        if not isinstance(default, bool):
+            raise ValueError(f"the default of switch '{name}' must be True or False")
+        self.switches[name] = Switch(name, default, doc)
+        return name
+
+    def switch_values(self, owner: Mapping[str, bool] | None = None) -> dict[str, bool]:
+        """This microservice's switches as ``owner`` set them (``[policy.<name>]``), else defaults.
+
+        Raises:
+            ValueError: If ``owner`` sets a switch that is not declared, or not to a bool.
+        """
+        owner = owner or {}
+        for key, value in owner.items():
+            if key not in self.switches:
+                declared = ", ".join(sorted(self.switches)) or "none"
+                raise ValueError(
+                    f"[policy.{self.name}] sets '{str(key)[:64]}', which the microservice "
+                    f"'{self.name}' does not declare (its switches: {declared})"
+                )
+            if not isinstance(value, bool):
+                raise ValueError(f"[policy.{self.name}] '{key}' must be true or false")
+        return {name: owner.get(name, switch.default) for name, switch in self.switches.items()}
 
     def job(
         self,
@@ -650,8 +773,9 @@ class Microservice:
                 before the function runs (an unknown, missing, mistyped or
                 out-of-range input is a 400). None (the default) checks nothing.
             outputs: The keys of its result, for the API documentation.
-            policy: The policy switches it may ``ctx.env.require``; an unknown
-                one is refused here, at import time.
+            policy: The policy switches it reads (``ctx.policy``,
+                ``ctx.require``): the server's or the microservice's own,
+                declared before; an unknown one is refused here, at import time.
 
         Raises:
             ValueError: If the name is taken or malformed, or a switch unknown.
@@ -695,7 +819,7 @@ class Microservice:
     ) -> None:
         self._check_new(name)
         for setting in policy:
-            _check_switch(setting, ValueError)
+            _check_switch(setting, ValueError, self.switches)
         doc = (function.__doc__ or "").strip().split("\n\n")[0]
         self.signatures[name] = Signature(
             description=description or " ".join(doc.split()),
@@ -722,20 +846,60 @@ class Microservice:
         return sorted([*self.jobs, *self.calls])
 
 
-def discover(allowed: Iterable[str] = ()) -> dict[str, Microservice]:
+def _where(entry: importlib.metadata.EntryPoint) -> str:
+    """An entry point as a message names it: its name, target and distribution."""
+    dist = getattr(entry, "dist", None)
+    source = f" of {dist.name} {dist.version}" if dist is not None else ""
+    return f"'{entry.name} = {entry.value}'{source}"
+
+
+def discover(
+    allowed: Iterable[str] = (),
+    policy: Mapping[str, Mapping[str, bool]] | None = None,
+    *,
+    entry_points: Iterable[importlib.metadata.EntryPoint] | None = None,
+) -> dict[str, Microservice]:
     """Load microservices from the ``fdrtd.microservices`` entry points.
+
+    An entry point's name is the microservice's name: it is what the policy's
+    ``microservices`` list and ``[policy.<name>]`` tables say, and what the
+    controller routes by. So a plugin whose entry point is named otherwise
+    than its :class:`Microservice`, and two plugins of one name, stop the
+    start (rather than one silently replacing the other).
 
     Args:
         allowed: If not empty, only these microservices are loaded (the policy).
+        policy: The owner's settings of the microservices' own switches, by
+            microservice (``[policy.<name>]``); checked against what the
+            loaded microservices declare.
+        entry_points: The entry points to load; the installed ones of the group
+            if None.
 
     Raises:
         ImportError: Naming the plugin, if a plugin fails to import.
         TypeError: Naming the plugin, if it does not point at a Microservice.
+        ValueError: If two entry points have one name, an entry point's name
+            is not its microservice's, or ``policy`` sets a switch that a
+            loaded microservice does not declare, or names a microservice that
+            is not installed.
     """
     wanted = set(allowed)
+    entries = list(
+        importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        if entry_points is None
+        else entry_points
+    )
+    named: dict[str, importlib.metadata.EntryPoint] = {}
+    for entry in entries:
+        if entry.name in named and (not wanted or entry.name in wanted):
+            raise ValueError(
+                f"two microservice plugins are named '{entry.name}': "
+                f"{_where(named[entry.name])} and {_where(entry)}; uninstall one of them"
+            )
+        named.setdefault(entry.name, entry)
     found: dict[str, Microservice] = {}
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if wanted and entry.name not in wanted:
+    for name, entry in named.items():
+        if wanted and name not in wanted:
             continue
         try:
             obj = entry.load()
@@ -748,7 +912,21 @@ def discover(allowed: Iterable[str] = ()) -> dict[str, Microservice]:
                 f"microservice plugin '{entry.name}' ({entry.value}) is a "
                 f"{type(obj).__name__}, not a fdrtd_server.microservice.Microservice"
             )
-        found[obj.name] = obj
+        if obj.name != name:
+            raise ValueError(
+                f"the microservice plugin {_where(entry)} is the microservice '{obj.name}'; "
+                f"its entry point must be named '{obj.name}' (the name the policy and the "
+                "controller use)"
+            )
+        found[name] = obj
+    for name, settings in (policy or {}).items():
+        if name in found:
+            found[name].switch_values(settings)  # raises on a switch it does not declare
+        elif name not in named:
+            raise ValueError(
+                f"[policy.{str(name)[:40]}] sets switches of a microservice that is not "
+                f"installed (installed: {', '.join(sorted(named)) or 'none'})"
+            )
     return found
 
 
@@ -817,6 +995,7 @@ class _Runner:
 
     def __init__(self, bus: Bus, env: Environment, spec: Microservice, runner: str = "") -> None:
         self.bus, self.env, self.spec, self.runner = bus, env, spec, runner
+        self.switches = spec.switch_values(env.plugin_policy.get(spec.name))
         self.tasks: set[asyncio.Task[None]] = set()
         self.listed: set[str] = set()  # result handles listed in fdrtd_running
         # the jobs whose function still runs: (task, context) by result handle
@@ -876,16 +1055,25 @@ class _Runner:
         datasets = message.get("datasets") or {}
         if not isinstance(datasets, dict):
             raise BadRequest("'datasets' must be a map")
+        # what every context of this request holds: who asks, and the policy's switches
+        common: dict[str, Any] = {
+            "bus": self.bus,
+            "env": self.env,
+            "principal": principal,
+            "role": role,
+            "session": session,
+            "datasets": datasets,
+            "microservice": self.spec.name,
+            "switches": self.switches,
+        }
         if function in self.spec.calls:
-            ctx = CallContext(self.bus, self.env, principal, role, session, datasets)
+            ctx = CallContext(**common)
             return await self.spec.calls[function](ctx, message["inputs"])
         handle = parse_handle(message.get("result"), "result", "result")
         record = JobRecord(
             principal, self.spec.name, function, "running", created=now_iso(), runner=self.runner
         )
-        job = JobContext(
-            self.bus, self.env, principal, role, session, datasets, handle=handle, record=record
-        )
+        job = JobContext(**common, handle=handle, record=record)
         computed = asyncio.Event()
         recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
@@ -1117,6 +1305,9 @@ async def start_microservices(
     the microservices run; jobs left unfinished by processes that are gone
     are marked failed first (:func:`fdrtd_server.runners.fail_orphaned_jobs`).
     """
+    for spec in specs.values():
+        # before anything starts: a switch the owner set that it does not declare
+        spec.switch_values(env.plugin_policy.get(spec.name))
     running = RunningMicroservices(new_runner_id())
     running.heartbeat = await Heartbeat(bus, running.runner, running.lapsed).start()
     await fail_orphaned_jobs(bus, at_start=True)

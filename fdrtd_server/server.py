@@ -294,7 +294,7 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
     else:
         nats_url = resolve_nats_url(settings.nats_url)
     limits = StoreLimits.from_settings(settings)
-    specs = discover(settings.microservices) if local_microservices else {}
+    specs = discover(settings.microservices, settings.plugin_policy) if local_microservices else {}
     try:
         try:
             asyncio.run(_prepare_store(nats_url, settings.name, limits))
@@ -448,7 +448,7 @@ async def _worker(
         log.error("%s", _nats_lost_message(what).replace("fdrtd-server", "the worker"))
         return EXIT_NATS_LOST
 
-    specs = discover(allowed)
+    specs = discover(allowed, env.plugin_policy)
     try:
         running = await start_microservices(bus, env, specs)
     except Exception:
