@@ -62,9 +62,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fdrtd_server.app import State, authenticate, problem, respond
 from fdrtd_server.envelope import OpenedMessage, seal
 from fdrtd_server.errors import NotFound
+from fdrtd_server.http_common import State, authenticate, problem, respond
 from fdrtd_server.identity import Identity, PeerEntry, _check_url
 
 if TYPE_CHECKING:

@@ -78,7 +78,7 @@ from starlette.types import Receive, Scope, Send
 from fdrtd_client import wire
 from fdrtd_server import directory
 from fdrtd_server._http import HttpError, PeerHttpClient
-from fdrtd_server.app import State, internal_error, problem
+from fdrtd_server.app import internal_error
 from fdrtd_server.audit import AuditLog
 from fdrtd_server.bus import (
     PEER_IN_PREFIX,
@@ -99,6 +99,7 @@ from fdrtd_server.envelope import (
     SESSION_PATTERN as SESSION_RULE,
 )
 from fdrtd_server.errors import Conflict, FdrtdError, PayloadTooLarge, ServiceUnavailable
+from fdrtd_server.http_common import State, problem
 from fdrtd_server.identity import Identity, PeerEntry, load_federation
 from fdrtd_server.peers import (
     ALIVE_TAG,

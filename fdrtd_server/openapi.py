@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document served at ``/v1/openapi.json``, and the API reference made from it.
 
-The routes are written by hand, next to them in :mod:`fdrtd_server.app`, so
+The routes are written by hand, next to them in :mod:`fdrtd_server.routes`, so
 that clients in other languages (R, JavaScript, curl) can be generated from
 it. The functions that ``POST /v1/compute`` starts are not: each one is
 described from the :class:`~fdrtd_server.inputs.Signature` its microservice
@@ -126,7 +126,7 @@ _WAIT_VALUE = [
     {
         "name": "wait",
         "in": "query",
-        "description": "seconds (0 to 60, app.MAX_WAIT) to hold the request until the job ends",
+        "description": "seconds (0 to 60, results.MAX_WAIT) to hold the request until the job ends",
         "schema": {"type": "number", "minimum": 0, "maximum": 60, "default": 0},
     },
     {

@@ -38,10 +38,11 @@ from collections.abc import Callable, Iterator
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fdrtd_server.app import State, create_app
+from fdrtd_server.app import create_app
 from fdrtd_server.bus import Bus, StoreLimits
 from fdrtd_server.config import Settings
 from fdrtd_server.custody import configured_sources
+from fdrtd_server.http_common import State
 from fdrtd_server.microservice import (
     Environment,
     RunningMicroservices,

@@ -27,12 +27,13 @@ import pytest
 import requests
 import uvicorn
 
-from fdrtd_server import app as controller
 from fdrtd_server._embedded_nats import EmbeddedNats, free_port
-from fdrtd_server.app import State, create_app
+from fdrtd_server.app import create_app
 from fdrtd_server.bus import Bus
 from fdrtd_server.config import TokenStore, init_home, load_settings
+from fdrtd_server.http_common import State
 from fdrtd_server.microservice import Environment, RunningMicroservices, start_microservices
+from fdrtd_server.routes import data as controller
 from microservices.data import service as data_service
 
 WAIT = 2.0

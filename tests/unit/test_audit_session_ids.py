@@ -14,8 +14,8 @@ import secrets
 
 import pytest
 
-from fdrtd_server.app import _check_session
 from fdrtd_server.errors import BadRequest
+from fdrtd_server.routes.compute import _check_session
 
 PARTIES = ["alpha", "beta"]
 

@@ -20,10 +20,10 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from fdrtd_server import gateway
-from fdrtd_server.app import State
 from fdrtd_server.audit import AuditLog
 from fdrtd_server.config import Settings, TokenStore
 from fdrtd_server.custody import CustodyStore
+from fdrtd_server.http_common import State
 
 
 def _app(tmp_path: Path, extra: dict[str, Any]) -> Starlette:

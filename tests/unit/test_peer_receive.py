@@ -18,12 +18,12 @@ import pytest
 from starlette.applications import Starlette
 
 from fdrtd_server import gateway
-from fdrtd_server.app import State
 from fdrtd_server.audit import AuditLog, verify
 from fdrtd_server.config import Settings, TokenStore
 from fdrtd_server.custody import CustodyStore
 from fdrtd_server.envelope import seal
 from fdrtd_server.gateway import Gateway, ReplayGuard
+from fdrtd_server.http_common import State
 from fdrtd_server.identity import Identity, PeerEntry, add_member
 from fdrtd_server.peers import Incoming
 

@@ -23,60 +23,47 @@ A dataset the caller may not see is answered like one that does not exist
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
-from fdrtd_server.app import (
-    ADMIN_ROLES,
-    OWNER_ROLES,
+from fdrtd_server.custody import DATASET_NAME, CustodyStore, DatasetEntry, Grant
+from fdrtd_server.errors import BadRequest, Conflict, NotFound
+from fdrtd_server.http_common import (
     Principal,
-    _route,
-    _state,
-    authenticate,
+    audit_refusals,
     call_service,
+    caller,
     read_body,
     respond,
+    state_of,
 )
-from fdrtd_server.custody import DATASET_NAME, CustodyStore, DatasetEntry, Grant
-from fdrtd_server.errors import BadRequest, Conflict, FdrtdError, NotFound
 from fdrtd_server.inputs import DATA_HANDLE
 
-__all__ = ["coarse_rows", "routes"]
+__all__ = [
+    "add_grant",
+    "add_source",
+    "catalogue",
+    "coarse_rows",
+    "list_grants",
+    "list_sources",
+    "publish",
+    "remove_source",
+    "revoke_grant",
+    "withdraw",
+]
 
 _PUBLISH_KEYS = ("name", "handle", "description")
 _GRANT_KEYS = ("dataset", "grantee", "functions", "not_before", "not_after")
 _SOURCE_KEYS = ("name", "owner", "description", "source")
 
 
-Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-def _audited(action: str) -> Callable[[Endpoint], Endpoint]:
-    """Audit a refusal of the route (after authentication), naming what it was about."""
-
-    def wrap(endpoint: Endpoint) -> Endpoint:
-        @functools.wraps(endpoint)
-        async def route(request: Request) -> Response:
-            try:
-                return await endpoint(request)
-            except FdrtdError as error:
-                principal = getattr(request.state, "principal", None)
-                if principal is not None and error.status not in (401, 403):
-                    target = request.path_params.get("name", "")
-                    named = target if DATASET_NAME.fullmatch(target) else "(not a name)"
-                    _state(request).audit.write(
-                        principal.name, action, named if target else "-", f"refused {error.status}"
-                    )
-                raise
-
-        return route
-
-    return wrap
+def _audited_as(request: Request, action: str) -> None:
+    """Audit the route's refusals as ``action`` on the name in the path ("-" if none)."""
+    target = request.path_params.get("name", "")
+    named = target if DATASET_NAME.fullmatch(target) else "(not a name)"
+    audit_refusals(request, action, named if target else "-")
 
 
 def coarse_rows(rows: Any, min_cohort: int) -> int | str | None:
@@ -122,8 +109,8 @@ async def catalogue(request: Request) -> Response:
     Each with its name, description, owner, schema, coarse row count, the
     functions the caller may use it for, and its version.
     """
-    principal = authenticate(request)
-    state = _state(request)
+    principal = caller(request)
+    state = state_of(request)
     visible = state.custody.visible(principal.name, principal.role)
     described: dict[str, Any] = {}
     if visible:
@@ -166,11 +153,11 @@ async def catalogue(request: Request) -> Response:
     return respond(request, {"server": state.settings.name, "datasets": listed})
 
 
-@_audited("publish")
 async def publish(request: Request) -> Response:
     """Publish one of the caller's uploads under a name (owners only)."""
-    principal = authenticate(request, ("owner",))
-    state = _state(request)
+    principal = caller(request)
+    _audited_as(request, "publish")
+    state = state_of(request)
     body = _body_map(await read_body(request), _PUBLISH_KEYS, "publishing")
     handle = body.get("handle")
     if not isinstance(handle, str) or not DATA_HANDLE.fullmatch(handle):
@@ -189,11 +176,11 @@ async def publish(request: Request) -> Response:
     return respond(request, {"name": entry.name, "kind": entry.kind, "owner": entry.owner}, 201)
 
 
-@_audited("withdraw")
 async def withdraw(request: Request) -> Response:
     """Withdraw a dataset from the catalogue (its owner, or an admin); its grants go with it."""
-    principal = authenticate(request, OWNER_ROLES)
-    state = _state(request)
+    principal = caller(request)
+    _audited_as(request, "withdraw")
+    state = state_of(request)
     name = request.path_params["name"]
     entry = _mine(state.custody, name, principal)
     try:
@@ -208,8 +195,8 @@ async def withdraw(request: Request) -> Response:
 
 async def list_grants(request: Request) -> Response:
     """The grants of the caller's datasets (all of them for an admin)."""
-    principal = authenticate(request, OWNER_ROLES)
-    state = _state(request)
+    principal = caller(request)
+    state = state_of(request)
     datasets = state.custody.datasets()
     grants = [
         g.to_dict()
@@ -221,11 +208,11 @@ async def list_grants(request: Request) -> Response:
     return respond(request, {"grants": grants})
 
 
-@_audited("grant")
 async def add_grant(request: Request) -> Response:
     """Grant a token name the use of one of the caller's datasets."""
-    principal = authenticate(request, OWNER_ROLES)
-    state = _state(request)
+    principal = caller(request)
+    _audited_as(request, "grant")
+    state = state_of(request)
     body = _body_map(await read_body(request), _GRANT_KEYS, "a grant")
     name = body.get("dataset")
     if not isinstance(name, str):
@@ -264,11 +251,11 @@ async def add_grant(request: Request) -> Response:
     return respond(request, grant.to_dict(), 201)
 
 
-@_audited("revoke")
 async def revoke_grant(request: Request) -> Response:
     """Revoke a grant; the grantee's next request no longer finds the dataset."""
-    principal = authenticate(request, OWNER_ROLES)
-    state = _state(request)
+    principal = caller(request)
+    _audited_as(request, "revoke")
+    state = state_of(request)
     name, grantee = request.path_params["name"], request.path_params["grantee"]
     entry = _mine(state.custody, name, principal)
     try:
@@ -296,18 +283,18 @@ def _source_view(entry: DatasetEntry) -> dict[str, Any]:
 
 async def list_sources(request: Request) -> Response:
     """The registered sources (admins only); connection strings are never shown."""
-    principal = authenticate(request, ADMIN_ROLES)
-    state = _state(request)
+    principal = caller(request)
+    state = state_of(request)
     sources = [_source_view(e) for e in state.custody.datasets().values() if e.kind != "upload"]
     state.audit.write(principal.name, "list", "sources")
     return respond(request, {"sources": sorted(sources, key=lambda s: str(s["name"]))})
 
 
-@_audited("source-add")
 async def add_source(request: Request) -> Response:
     """Register a file, a directory of files or a database table/query, read in place."""
-    principal = authenticate(request, ADMIN_ROLES)
-    state = _state(request)
+    principal = caller(request)
+    _audited_as(request, "source-add")
+    state = state_of(request)
     body = _body_map(await read_body(request), _SOURCE_KEYS, "a source")
     source = body.get("source")
     owner = body.get("owner")
@@ -330,11 +317,11 @@ async def add_source(request: Request) -> Response:
     return respond(request, _source_view(entry), 201)
 
 
-@_audited("source-remove")
 async def remove_source(request: Request) -> Response:
     """Remove a registered source and its grants (admins only)."""
-    principal = authenticate(request, ADMIN_ROLES)
-    state = _state(request)
+    principal = caller(request)
+    _audited_as(request, "source-remove")
+    state = state_of(request)
     name = request.path_params["name"]
     entry = state.custody.get(name)
     if entry is None or entry.kind == "upload":
@@ -347,16 +334,3 @@ async def remove_source(request: Request) -> Response:
         raise NotFound(f"no source named {_named(name)} on this server") from None
     state.audit.write(principal.name, "source-remove", entry.name)
     return respond(request, {"name": entry.name, "removed": True})
-
-
-def routes() -> list[Route]:
-    """The custody routes, for :func:`fdrtd_server.app.create_app`."""
-    return [
-        Route("/v1/catalogue", catalogue),
-        Route("/v1/datasets", publish, methods=["POST"]),
-        Route("/v1/datasets/{name}", withdraw, methods=["DELETE"]),
-        _route("/v1/grants", GET=list_grants, POST=add_grant),
-        Route("/v1/grants/{name}/{grantee}", revoke_grant, methods=["DELETE"]),
-        _route("/v1/sources", GET=list_sources, POST=add_source),
-        Route("/v1/sources/{name}", remove_source, methods=["DELETE"]),
-    ]
