@@ -473,6 +473,7 @@ class MemoryFederation:
             if "data" not in given and len(ctx.tables) == 1 and "data" in declared:
                 given["data"] = next(iter(ctx.tables))
             if isinstance(target, Microservice):  # its declaration is checked first
+                _own_switches(ctx, target)
                 signature = target.signatures[str(function)]
                 try:
                     given = signature.validate(given, where)
@@ -543,6 +544,23 @@ class MemoryFederation:
 
 async def _awaited(value: Awaitable[T]) -> T:
     return await value
+
+
+def _own_switches(ctx: MemoryContext, service: Microservice) -> None:
+    """Give ``ctx`` the microservice's own policy switches as this party's owner set them.
+
+    As the server's runner does: ``env.plugin_policy[<microservice>]`` (the
+    ``[policy.<microservice>]`` table; pass it in ``env``/``envs``), else
+    each switch's default. A switch set but not declared is a ``ValueError``.
+    """
+    # TODO(merge, issue 13): the switches of Microservice.switch arrive with H-SDK's
+    # branch; once merged, call service.switch_values(...) and set the two fields directly
+    switch_values = getattr(service, "switch_values", None)
+    if switch_values is None:
+        return
+    owner = getattr(ctx.env, "plugin_policy", {}).get(service.name)
+    ctx.microservice = service.name  # type: ignore[attr-defined,unused-ignore]
+    ctx.switches = switch_values(owner)  # type: ignore[attr-defined,unused-ignore]
 
 
 def _tables(given: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray[Any, Any]]]:

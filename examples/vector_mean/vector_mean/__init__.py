@@ -64,13 +64,23 @@ service = Microservice(
     multiparty=True,
 )
 
-# TODO(lead, issue 13): declare this plugin's own policy switch with its default
-# once the SDK has the API for it, e.g. `allow_vector_mean`, on by default (a mean
-# over the cohort discloses no record), set by the owner in the server config:
-#     service.switch("allow_vector_mean", default=True, what="vector means", why="...")
-#     ... policy=["allow_vector_mean"] in the declaration below, and in the job:
-#     ctx.env.require("allow_vector_mean", "vector means", "...")
-# Today a switch must be one of the server's own (fdrtd_server.microservice.policy_switches).
+# TODO(merge, issue 13): this plugin's own policy switch, with H-SDK's API
+# (Microservice.switch, ctx.require; uncommitted on sdk/sdk while this was written).
+# With two parties the mean discloses the other party's sum and count (each knows
+# its own), so two-party means are off unless the owner sets, in fdrtd.toml,
+#     [policy.vector_mean]
+#     allow_two_parties = true
+# Add here:
+#     ALLOW_TWO = service.switch(
+#         "allow_two_parties", default=False,
+#         doc="vector means of two parties, which disclose each party's sum to the other",
+#     )
+# then policy=[ALLOW_TWO] in the declaration below, and first thing in the job:
+#     if len(ctx.session["parties"]) < 3:
+#         ctx.require(ALLOW_TWO, "vector means of two parties",
+#                     "each party learns the other's sum and count")
+# and the tests (examples/vector_mean/tests): refused with ("alpha", "beta"), and
+# allowed with envs={"alpha": {"plugin_policy": {"vector_mean": {ALLOW_TWO: True}}}, ...}.
 
 
 @service.job(
