@@ -13,10 +13,13 @@ to pytest and reaped here instead of lingering as a zombie.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
+import importlib.metadata
+import json
 import os
 import subprocess
 import sys
+import tomllib
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +30,11 @@ from postgres import postgres_dsn  # noqa: F401  (a real PostgreSQL, for the who
 from fdrtd_server._embedded_nats import EmbeddedNats
 from fdrtd_server.local import LocalFederation, LocalServer
 
-PLUGIN_DIR = Path(__file__).parent / "plugins" / "example"
+PLUGINS = (
+    (Path(__file__).parent / "plugins" / "example", "fdrtd_example"),
+    (Path(__file__).resolve().parents[1] / "examples" / "vector_mean", "vector_mean"),
+)
+"""The plugin packages every server of the tests has installed: (source, package)."""
 
 
 def _make_subreaper() -> None:
@@ -56,30 +63,52 @@ def _reaper() -> Iterator[None]:
     reap_orphans()
 
 
+def _installed_is_current(source: Path, package: str) -> bool:
+    """Whether the plugin at ``source`` is installed as it is there (or editable from there)."""
+    project = tomllib.loads((source / "pyproject.toml").read_text())["project"]
+    try:
+        installed = importlib.metadata.distribution(project["name"])
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    if installed.version != project["version"]:
+        return False
+    origin = json.loads(installed.read_text("direct_url.json") or "{}")
+    if origin.get("dir_info", {}).get("editable"):
+        return Path(urllib.parse.urlparse(origin.get("url", "")).path) == source.resolve()
+    files = {str(file): file for file in installed.files or ()}
+    for module in (source / package).rglob("*.py"):
+        listed = files.get(module.relative_to(source).as_posix())
+        if (
+            listed is None
+            or Path(installed.locate_file(listed)).read_bytes() != module.read_bytes()
+        ):
+            return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def example_plugin() -> None:
-    """Install the example plugin package (tests/plugins/example) into this environment.
+    """Install the plugins the servers must find: tests/plugins/example and examples/vector_mean.
 
     Installed again whenever the installed copy differs from the source, so that a
-    venv kept from an earlier checkout never tests an old plugin.
+    venv kept from an earlier checkout never tests an old plugin; an editable
+    install of this checkout's copy is current by definition.
     """
-    spec = importlib.util.find_spec("fdrtd_example")
-    source = PLUGIN_DIR / "fdrtd_example" / "__init__.py"
-    installed = Path(spec.origin) if spec is not None and spec.origin else None
-    if installed is None or installed.read_bytes() != source.read_bytes():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--no-deps",
-                "--force-reinstall",
-                str(PLUGIN_DIR),
-            ],
-            check=True,
-        )
+    for source, package in PLUGINS:
+        if not _installed_is_current(source, package):
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-deps",
+                    "--force-reinstall",
+                    str(source),
+                ],
+                check=True,
+            )
 
 
 @pytest.fixture(scope="session")
