@@ -553,14 +553,9 @@ def _own_switches(ctx: MemoryContext, service: Microservice) -> None:
     ``[policy.<microservice>]`` table; pass it in ``env``/``envs``), else
     each switch's default. A switch set but not declared is a ``ValueError``.
     """
-    # TODO(merge, issue 13): the switches of Microservice.switch arrive with H-SDK's
-    # branch; once merged, call service.switch_values(...) and set the two fields directly
-    switch_values = getattr(service, "switch_values", None)
-    if switch_values is None:
-        return
-    owner = getattr(ctx.env, "plugin_policy", {}).get(service.name)
-    ctx.microservice = service.name  # type: ignore[attr-defined,unused-ignore]
-    ctx.switches = switch_values(owner)  # type: ignore[attr-defined,unused-ignore]
+    owner = ctx.env.plugin_policy.get(service.name)
+    ctx.microservice = service.name
+    ctx.switches = service.switch_values(owner)
 
 
 def _tables(given: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray[Any, Any]]]:

@@ -26,7 +26,6 @@ from fdrtd_server.errors import (
 )
 from fdrtd_server.microservice import JobContext
 from fdrtd_server.sdk.testing import MemoryFederation, MemoryPeerSession
-from protocols.smpc import service
 from protocols.smpc.service import service as smpc
 
 DATA = {
@@ -34,13 +33,6 @@ DATA = {
     "beta": {"v": [10.0, 20.0, 30.0]},
     "gamma": {"v": [100.0, 200.0, 300.0, 400.0, 500.0]},
 }
-
-
-@pytest.fixture(autouse=True)
-def sdk_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the built-in protocols open their sessions with the SDK's session_for once they
-    # import it from fdrtd_server.sdk; until then, they are pointed at it here
-    monkeypatch.setattr(service, "session_for", sdk.session_for)
 
 
 def test_secure_sum_of_the_real_job_matches_numpy() -> None:

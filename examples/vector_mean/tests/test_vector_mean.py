@@ -102,3 +102,18 @@ def test_frac_bits_must_agree() -> None:
 def test_inputs_outside_the_declaration_are_refused() -> None:
     with pytest.raises(BadRequest, match="'frac_bits'"):
         federation().run_sync(service, "mean", column="x", frac_bits=41)
+
+
+def test_two_parties_need_the_owners_switch() -> None:
+    """With two parties each would learn the other's sum: off unless both owners allow it."""
+    datasets = {party: {"x": VECTORS[party]} for party in ("alpha", "beta")}
+    with pytest.raises(Exception, match="allow_two_parties"):
+        MemoryFederation(parties=("alpha", "beta"), datasets=datasets).run_sync(
+            service, "mean", column="x"
+        )
+    allowed = {"plugin_policy": {"vector_mean": {"allow_two_parties": True}}}
+    results = MemoryFederation(parties=("alpha", "beta"), datasets=datasets, env=allowed).run_sync(
+        service, "mean", column="x"
+    )
+    expected = np.concatenate([VECTORS["alpha"], VECTORS["beta"]]).mean(axis=0)
+    np.testing.assert_allclose(results["alpha"]["mean"], expected, atol=1e-6)

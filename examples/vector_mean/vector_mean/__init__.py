@@ -64,23 +64,12 @@ service = Microservice(
     multiparty=True,
 )
 
-# TODO(merge, issue 13): this plugin's own policy switch, with H-SDK's API
-# (Microservice.switch, ctx.require; uncommitted on sdk/sdk while this was written).
-# With two parties the mean discloses the other party's sum and count (each knows
-# its own), so two-party means are off unless the owner sets, in fdrtd.toml,
-#     [policy.vector_mean]
-#     allow_two_parties = true
-# Add here:
-#     ALLOW_TWO = service.switch(
-#         "allow_two_parties", default=False,
-#         doc="vector means of two parties, which disclose each party's sum to the other",
-#     )
-# then policy=[ALLOW_TWO] in the declaration below, and first thing in the job:
-#     if len(ctx.session["parties"]) < 3:
-#         ctx.require(ALLOW_TWO, "vector means of two parties",
-#                     "each party learns the other's sum and count")
-# and the tests (examples/vector_mean/tests): refused with ("alpha", "beta"), and
-# allowed with envs={"alpha": {"plugin_policy": {"vector_mean": {ALLOW_TWO: True}}}, ...}.
+ALLOW_TWO = service.switch(
+    "allow_two_parties",
+    False,
+    "vector means of two parties: each party learns the other's sum and count (it knows "
+    "its own), so the owner allows them in fdrtd.toml, [policy.vector_mean]",
+)
 
 
 @service.job(
@@ -110,10 +99,19 @@ service = Microservice(
         Output("mean", "array", "the mean vector over all records of all parties"),
         Output("count", "integer", "the number of records of all parties the mean is over"),
     ],
+    policy=[ALLOW_TWO],
 )
 async def mean(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
-    """The mean vector of a column of vectors (or of several columns) over all parties."""
+    """The mean vector of a column of vectors (or of several columns) over all parties.
+
+    With two parties each would learn the other's sum and count: the owner must
+    allow that (``allow_two_parties``).
+    """
     frac_bits: int = inputs.get("frac_bits", ring.DEFAULT_FRAC_BITS)  # declared: 0 to 40
+    if ctx.session is not None and len(ctx.session.get("parties", ())) < 3:
+        ctx.require(
+            ALLOW_TWO, "vector means of two parties", "each party learns the other's sum and count"
+        )
     async with session_for(ctx) as peers:
         # inside the session: if this party refuses its input, the others hear it at once
         wanted = inputs.get("column")
