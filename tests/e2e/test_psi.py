@@ -200,13 +200,12 @@ def test_refused_input_ends_the_session_for_everyone_at_once(duo: LocalFederatio
         "p1": {"data": handles["p1"], "column": "nope"},
         "p2": {"data": handles["p2"]},
     }
-    started = time.perf_counter()
     job = clients.compute("psi", "intersection_size", inputs)
     with pytest.raises(errors.BadRequest, match="no column of that name"):
         job.jobs[0].result(60)
+    # p1's refusal ends it for p2, named (not the session timeout, a PartyTimeout)
     with pytest.raises(errors.ComputationFailed, match="party 'p1' ended the computation"):
         job.jobs[1].result(60)
-    assert time.perf_counter() - started < 15  # not the 30 s session timeout
 
 
 def test_single_server_without_session_is_a_bad_request(duo: LocalFederation) -> None:

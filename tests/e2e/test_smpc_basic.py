@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -564,7 +563,6 @@ def test_unknown_party_in_session_fails_fast(local: LocalFederation) -> None:
     fed = local.federation()
     handles = fed.upload({name: np.arange(5.0) for name in fed.parties})
     session = {"id": secrets.token_hex(16), "parties": [*fed.parties, "zeta"]}
-    start = time.monotonic()
     jobs = [
         fed.clients[name].compute("smpc", "secure_sum", session=session, data=handles[name])
         for name in fed.parties
@@ -574,9 +572,8 @@ def test_unknown_party_in_session_fails_fast(local: LocalFederation) -> None:
             job.result(20, progress=False)
         assert not isinstance(caught.value, ClientPartyTimeout)
         assert "'zeta'" in caught.value.detail
+        # refused for naming 'zeta' (a 4xx), not after waiting for it (a PartyTimeout, 504)
         assert caught.value.status in (400, 404, 422)
-    # well below the default 30 s session timeout: nobody waited for 'zeta'
-    assert time.monotonic() - start < 10
 
 
 def test_session_without_this_server_is_refused(trio: LocalFederation) -> None:

@@ -10,7 +10,6 @@ statistic itself, which checks several ranks in one run.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -276,16 +275,15 @@ def test_a_party_whose_input_is_refused_ends_the_computation_for_all_at_once(
     inputs = {name: {"data": h} for name, h in trio_data.handles.items()}
     inputs["beta"]["column"] = "no such column"
     job = trio_data.federation.federation(timeout=30).compute("smpc", "median", inputs)
-    started = time.monotonic()
     names = list(inputs)
     for name, each in zip(names, job.jobs, strict=True):
         if name == "beta":
             with pytest.raises(BadRequest):
                 each.result(timeout=TIMEOUT)
         else:
+            # beta's refusal ends it, named; a session timeout would be a PartyTimeout
             with pytest.raises(ComputationFailed, match="party 'beta' ended the computation"):
                 each.result(timeout=TIMEOUT)
-    assert time.monotonic() - started < 10
 
 
 def test_cohort_is_checked_first(trio: LocalFederation) -> None:

@@ -5,26 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from conditions import wait_for
 
 from fdrtd_server._embedded_nats import EmbeddedNats, free_port, write_private
 from fdrtd_server.config import TokenStore, init_home
 from fdrtd_server.local import LocalServer
 
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` s.
-
-    The deadline is generous on purpose: it bounds a hang, it measures nothing.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+__all__ = ["make_server", "start_worker", "start_worker_with_new_home", "wait_for"]
 
 
 def make_server(root: Path, name: str = "solo") -> LocalServer:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+from conditions import wait_for
 
 from fdrtd_client import (
     BadRequest,
@@ -156,11 +157,12 @@ def test_a_slow_job_is_answered_202_when_the_wait_is_up(
     began = time.monotonic()
     response = start(api, server, body, wait="0.4")
     held = time.monotonic() - began
+    # answered before the job's end (a 202 with "running", not the 200 with the value)
     assert response.status_code == 202
     answer = response.json()
     assert set(answer) == {"result", "status"}
     assert answer["status"] == "running"
-    assert 0.35 <= held < 1.4  # held for the wait, not until the end
+    assert held >= 0.35  # held for the wait (a lower bound: a busy machine cannot break it)
     done = api.get(server.url + f"/v1/results/{answer['result']}?wait=20", timeout=TIMEOUT)
     assert done.json()["value"] == {"sum": 15.0}
 
@@ -191,14 +193,17 @@ def test_jobs_ending_as_the_wait_ends_always_leave_their_final_record(
             continue
         assert response.status_code == 202
         handle = answer["result"]
-        deadline = time.monotonic() + 5
-        while (view := api.get(server.url + f"/v1/results/{handle}", timeout=TIMEOUT).json())[
-            "status"
-        ] != "done":
-            assert time.monotonic() < deadline, view
-            time.sleep(0.02)
+        view: dict[str, Any] = {}
+
+        def done(handle: str = handle, view: dict[str, Any] = view) -> bool:
+            view.update(api.get(server.url + f"/v1/results/{handle}", timeout=TIMEOUT).json())
+            return bool(view["status"] == "done")
+
+        wait_for(done, "the job to end")
         assert view["value"] == {"sum": 6.0}
-        time.sleep(0.3)  # long after the end: the record must still be the final one
+        # a while after the end, the record must still be the final one: a late "running"
+        # record (the bug) is given time to land; no condition shows that it never will
+        time.sleep(0.3)
         again = api.get(server.url + f"/v1/results/{handle}", timeout=TIMEOUT).json()
         assert again["status"] == "done", again
     assert codes <= {200, 202}
@@ -317,16 +322,25 @@ def test_a_slow_job_is_polled_and_shows_progress(
 
 def test_a_party_starting_its_own_share_is_not_held(trio: LocalFederation) -> None:
     # a multi-party job cannot end before the other parties start theirs, so
-    # Client.compute with a session never waits (here it would hold 5 s)
+    # Client.compute with a session never asks the server to hold the start
     session = {"id": secrets.token_hex(16), "parties": ["alpha", "beta"]}
     clients = {
         name: Client(trio.servers[name].url, trio.servers[name].token, start_wait=5)
         for name in session["parties"]
     }
     handles = {name: c.upload(np.arange(4.0)) for name, c in clients.items()}
-    began = time.monotonic()
+    asked: list[dict[str, Any]] = []
+    for each in clients.values():
+        real = each.request
+
+        def spy(method: str, path: str, *, real: Any = real, **options: Any) -> Any:
+            if path == "/v1/compute":
+                asked.append(dict(options.get("params") or {}))
+            return real(method, path, **options)
+
+        each.request = spy  # type: ignore[method-assign]
     jobs = [c.compute("smpc", "secure_sum", session, data=handles[n]) for n, c in clients.items()]
-    assert time.monotonic() - began < 2.5
+    assert asked == [{}, {}]  # no "wait": the server answers each start at once
     assert [job.result(TIMEOUT, progress=False) for job in jobs] == [{"sum": 12.0, "count": 8}] * 2
     for each in clients.values():
         each.close()
@@ -405,10 +419,7 @@ def test_federated_sum_in_one_request_per_server(trio: LocalFederation) -> None:
         for _ in range(3):
             fed.compute("smpc", "secure_sum", inputs).result(TIMEOUT)
         assert federation_threads() - before == pool
-    deadline = time.monotonic() + 5
-    while federation_threads() & pool and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not federation_threads() & pool  # close() ended the pool
+    wait_for(lambda: not federation_threads() & pool, "close() to end the pool")
     # a closed federation can still be used: it makes a new pool
     assert fed.compute("smpc", "secure_sum", inputs).result(TIMEOUT)["sum"] == total
     fed.close()

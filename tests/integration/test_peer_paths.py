@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 
 import msgpack
@@ -29,6 +28,7 @@ import nats
 import numpy as np
 import pytest
 import requests
+from conditions import wait_for
 
 from fdrtd_server._embedded_nats import EmbeddedNats
 from fdrtd_server.envelope import OpenedMessage, seal
@@ -76,13 +76,11 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]
 
 
 def _wait_for_worker(server: LocalServer) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def offered() -> bool:
         listed = server.client().microservices()
-        if any(entry.get("name") == "smpc" for entry in listed):
-            return
-        time.sleep(0.1)
-    raise AssertionError("beta's worker did not offer the smpc microservice within 30 s")
+        return any(entry.get("name") == "smpc" for entry in listed)
+
+    wait_for(offered, "beta's worker to offer the smpc microservice")
 
 
 def test_secure_sum_between_an_embedded_server_and_a_worker(mixed: LocalFederation) -> None:
@@ -166,6 +164,17 @@ class _Blackhole:
                 connection, _ = self.server.accept()
                 self.held.append(connection)
 
+    def still_holds(self) -> bool:
+        """Whether the first connection is still open: its sender has not given up."""
+        connection = self.held[0]
+        connection.setblocking(False)
+        try:
+            return connection.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True  # nothing to read, not closed
+        finally:
+            connection.setblocking(True)
+
     def close(self) -> None:
         self.server.close()
         for connection in self.held:
@@ -197,16 +206,14 @@ def test_a_party_that_never_answers_holds_up_no_other_computation(
                 session={"id": secrets.token_hex(16), "parties": ["beta", "ghost"]},
                 data=data,
             )
-            deadline = time.monotonic() + 10
-            while not blackhole.held:  # beta's gateway is now sending to ghost
-                assert time.monotonic() < deadline, "beta never tried to reach ghost"
-                time.sleep(0.02)
+            # beta's gateway is now sending to ghost
+            wait_for(lambda: bool(blackhole.held), "beta to try to reach ghost")
             fed = mixed.federation()
             handles = fed.upload({"alpha": np.array([5.0]), "beta": np.array([7.0])})
-            started = time.monotonic()
             job = fed.compute("smpc", "secure_sum", {n: {"data": h} for n, h in handles.items()})
             assert job.result(timeout=30, progress=False) == {"sum": 12.0, "count": 2}
-            assert time.monotonic() - started < 5.0  # the stuck send lasts 10 s
+            # done while the stuck send still waits for ghost's answer
+            assert blackhole.still_holds()
             assert stuck.status()["status"] == "running"
     finally:
         federation_file.write_text(original, "utf-8")
@@ -275,15 +282,13 @@ def test_replay_guard_takes_new_messages_once_old_ones_are_stale() -> None:
         guard.first_time(_opened(3, 1011.5), now=1011.5)
 
 
-def test_replay_guard_with_many_keys_stays_fast() -> None:
-    """Expiry is a heap per sender: 20k messages of two senders in well under a second."""
+def test_replay_guard_with_many_keys_keeps_only_the_fresh_ones() -> None:
+    """20k messages of two senders: expired keys go as new ones come, within the limit."""
     guard = ReplayGuard(max_age=10.0, limit=5_000)
-    start = time.monotonic()
     for step in range(10_000):
         now = 1000.0 + step * 0.01  # 100 messages a second, keys live about 11 s
         for sender in ("beta", "gamma"):
             assert guard.first_time(_opened(step, now, sender=sender), now=now)
-    assert time.monotonic() - start < 2.0
     assert len(guard) <= 2 * 1_200
 
 

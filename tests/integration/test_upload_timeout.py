@@ -8,8 +8,9 @@ nothing after it, and undoes a record that went in late.
 
 The controller and the data microservice run in this process (uvicorn in a
 thread, a real nats-server, real HTTP on 127.0.0.1) with shortened times,
-and the dataset record is made slow on purpose, so that the controller's
-wait runs out while the microservice is about to record the dataset.
+and the dataset record is held on purpose until the controller has answered,
+so that the controller's wait runs out while the microservice is about to
+record the dataset.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import requests
 import uvicorn
+from _processes import wait_for
 
 from fdrtd_server._embedded_nats import EmbeddedNats, free_port
 from fdrtd_server.app import create_app
@@ -36,15 +37,21 @@ from fdrtd_server.microservice import Environment, RunningMicroservices, start_m
 from fdrtd_server.routes import data as controller
 from microservices.data import service as data_service
 
-WAIT = 2.0
+WAIT = 5.0
 """The controller's shortened wait for the microservice (BUS_TIMEOUT)."""
-BUDGET = 1.0
+BUDGET = 3.0
 """The microservice's shortened budget (REGISTER_BUDGET), shorter than WAIT as in production."""
 
 
 class _Controller:
     def __init__(self, url: str, token: str, home: Path) -> None:
         self.url, self.token, self.home = url, token, home
+        self.answered = threading.Event()
+        """Set by the test once the controller answered (gave up waiting)."""
+        self.recorded = threading.Event()
+        """Set once the slow record of the dataset is written."""
+        self.undone = threading.Event()
+        """Set once a record written late is deleted again."""
 
     @property
     def headers(self) -> dict[str, str]:
@@ -69,16 +76,29 @@ def slow_controller(
     init_home(home, "slow", port=port)
     token = TokenStore(home).add("analyst")
     settings = load_settings(home, {"nats_url": nats_server.url})
+    made = _Controller("", token, home)
     monkeypatch.setattr(controller, "BUS_TIMEOUT", WAIT)
     monkeypatch.setattr(controller, "REGISTER_BUDGET", BUDGET)
     real_put_set = Bus.put_set
 
     async def slow_put_set(self: Bus, handle: str, description: dict[str, Any]) -> None:
         # the record of the dataset is written only after the controller stopped waiting
-        await asyncio.sleep(WAIT + 0.5)
+        for _ in range(3000):  # 60 s at most, should the controller never answer
+            if made.answered.is_set():
+                break
+            await asyncio.sleep(0.02)
         await real_put_set(self, handle, description)
+        made.recorded.set()
+
+    real_delete_set = Bus.delete_set
+
+    async def watched_delete_set(self: Bus, handle: str) -> None:
+        await real_delete_set(self, handle)
+        if made.recorded.is_set():
+            made.undone.set()
 
     monkeypatch.setattr(Bus, "put_set", slow_put_set)
+    monkeypatch.setattr(Bus, "delete_set", watched_delete_set)
     running: dict[str, Any] = {}
 
     async def on_start(state: State) -> None:
@@ -99,12 +119,11 @@ def slow_controller(
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the controller did not start"
-        time.sleep(0.02)
+    wait_for(lambda: server.started or not thread.is_alive(), "the controller to start")
+    assert server.started, "the controller did not start"
+    made.url = f"http://127.0.0.1:{port}"
     try:
-        yield _Controller(f"http://127.0.0.1:{port}", token, home)
+        yield made
     finally:
         server.should_exit = True
         thread.join(20)
@@ -116,7 +135,6 @@ def test_timed_out_registration_leaves_no_orphan_and_is_audited_as_refused(
 ) -> None:
     body = np.arange(16.0).tobytes() if fmt == "raw" else b"x\n" + b"1\n" * 16
     params = {"format": fmt, **({"dtype": "<f8"} if fmt == "raw" else {})}
-    started = time.monotonic()
     response = requests.post(
         slow_controller.url + "/v1/data",
         params=params,
@@ -126,9 +144,10 @@ def test_timed_out_registration_leaves_no_orphan_and_is_audited_as_refused(
     )
     assert response.status_code == 503, response.text[:300]
     assert "try again" in response.json()["detail"]
-    assert time.monotonic() - started < WAIT + 2
-    # the microservice finishes its slow record after the controller gave up ...
-    time.sleep(WAIT + 1.5)
+    # the controller gave up: only now does the microservice record the dataset, late ...
+    slow_controller.answered.set()
+    # ... and undo that
+    wait_for(slow_controller.undone.is_set, "the late record to be undone")
     # ... and undoes it: no dataset, and the audit record says what happened
     assert slow_controller.datasets() == []
     (record,) = slow_controller.audit("upload")
