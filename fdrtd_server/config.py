@@ -32,6 +32,7 @@ from typing import Any
 
 __all__ = [
     "CONFIG_FILE",
+    "PORT_FILE",
     "Secret",
     "Settings",
     "TokenStore",
@@ -41,6 +42,8 @@ __all__ = [
 
 CONFIG_FILE = "fdrtd.toml"
 TOKENS_FILE = "tokens.json"
+PORT_FILE = "port"
+"""Where a server started with ``port = 0`` writes the port it bound (``DIR/port``)."""
 NAME_RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ROLES = ("admin", "owner", "analyst")
 """admin: tokens, sources, policy; owner: publishes datasets and grants their use;

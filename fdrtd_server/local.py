@@ -27,7 +27,7 @@ import requests
 
 from fdrtd_client import Client, Federation
 from fdrtd_server._embedded_nats import CLIENT_URL_FILE, free_port
-from fdrtd_server.config import TokenStore, init_home
+from fdrtd_server.config import PORT_FILE, TokenStore, init_home
 from fdrtd_server.identity import Identity, add_member
 
 __all__ = ["LocalFederation", "LocalServer"]
@@ -64,10 +64,26 @@ class LocalServer:
         return Client(self.url, self.token, timeout=timeout)
 
     def start(self, *, ready_timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
-        """Start ``fdrtd-server serve`` and wait for ``/readyz``."""
+        """Start ``fdrtd-server serve`` and wait for ``/readyz``.
+
+        A server made with port 0 binds a port the system chooses and reports it
+        in ``DIR/port``; it is read here, and later starts ask for the same port
+        again (clients made before a restart still reach it).
+        """
         log = (self.home / "server.log").open("ab")
+        port_file = self.home / PORT_FILE
+        port_file.unlink(missing_ok=True)
+        port_args = ["--port", str(self.port)] if self.port else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fdrtd_server", "serve", str(self.home), *self.extra_args],
+            [
+                sys.executable,
+                "-m",
+                "fdrtd_server",
+                "serve",
+                str(self.home),
+                *port_args,
+                *self.extra_args,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -78,6 +94,12 @@ class LocalServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server '{self.name}' exited; see {self.home / 'server.log'}")
+            if not self.port:
+                text = port_file.read_text("ascii").strip() if port_file.exists() else ""
+                if not text.isdigit():
+                    time.sleep(0.05)
+                    continue
+                self.port = int(text)
             try:
                 if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
                     # make sure it is our process that answers on this port

@@ -38,9 +38,10 @@ from collections.abc import Callable, Iterator
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fdrtd_server._files import write_atomic
 from fdrtd_server.app import create_app
 from fdrtd_server.bus import Bus, StoreLimits
-from fdrtd_server.config import Settings
+from fdrtd_server.config import PORT_FILE, Settings
 from fdrtd_server.custody import configured_sources
 from fdrtd_server.http_common import State
 from fdrtd_server.microservice import (
@@ -277,6 +278,16 @@ async def _prepare_store(nats_url: str, name: str, limits: StoreLimits) -> None:
     await bus.close()
 
 
+def _bind(host: str) -> socket.socket:
+    """A TCP socket bound to ``host`` on a port the system chooses (uvicorn listens on it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(settings: Settings, *, local_microservices: bool = True) -> int:
     """Run the server until SIGINT/SIGTERM, or until NATS is gone for good.
 
@@ -289,6 +300,13 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
 
     embedded = None
     configured_sources(settings.home)  # a bad [sources] table stops the start, named
+    listening: list[socket.socket] = []
+    if settings.port == 0:
+        # bound now, so that the URL peers and the OpenAPI document name has its port;
+        # the port is written to DIR/port for whoever started this server
+        listening.append(_bind(settings.host))
+        settings = settings.with_overrides(port=listening[0].getsockname()[1])
+        write_atomic(settings.home / PORT_FILE, f"{settings.port}\n", mode=0o644)
     if settings.nats_url is None:
         embedded = EmbeddedNats(settings.home / "jetstream").start()
         nats_url = embedded.url
@@ -424,7 +442,7 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
             ),
             watch.down,
         )
-        server.run()
+        server.run(sockets=listening or None)
         return server.exit_code
     finally:
         if embedded is not None:

@@ -17,11 +17,15 @@ __all__ = ["make_server", "start_worker", "start_worker_with_new_home", "wait_fo
 
 
 def make_server(root: Path, name: str = "solo") -> LocalServer:
-    """A fresh server home under ``root`` with an analyst token (not started)."""
+    """A fresh server home under ``root`` with an analyst token (not started).
+
+    It binds port 0: the system chooses a free port when it first starts, and
+    the server reports it (``LocalServer.port``, ``url``), so no two tests can
+    be handed one port.
+    """
     home = root / name
-    port = free_port()
-    admin = init_home(home, name, port=port)
-    return LocalServer(home, name, port, TokenStore(home).add("analyst"), admin)
+    admin = init_home(home, name, port=0)
+    return LocalServer(home, name, 0, TokenStore(home).add("analyst"), admin)
 
 
 def start_worker(home: Path, url_file: Path, log: Path) -> subprocess.Popen[bytes]:

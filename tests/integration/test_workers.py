@@ -249,9 +249,14 @@ def example_requests(url: str) -> int:
     return sum(endpoint["num_requests"] for each in stats for endpoint in each["endpoints"])
 
 
+def service_name(microservice: str) -> str:
+    """The NATS service name of a microservice (``nats.micro`` takes no '_')."""
+    return f"fdrtd-{microservice}".replace("_", "-")
+
+
 def wait_for_instances(url: str, count: int, procs: Processes) -> None:
     """Wait until every fdrtd microservice has ``count`` instances answering PING."""
-    names = {f"fdrtd-{name}".replace("_", "-") for name in discover()}
+    names = {service_name(name) for name in discover()}
 
     def complete() -> bool:
         counts = Counter(reply["name"] for reply in srv(url, "$SRV.PING", wait=0.3))
@@ -446,10 +451,11 @@ def test_srv_discovery_names_versions_and_subjects(
     assert set(BUILT_IN) <= set(specs)
 
     pings = {reply["name"]: reply for reply in srv(url, "$SRV.PING", expect=len(specs))}
-    expected_names = {f"fdrtd-{name}" for name in specs}
+    # a NATS service name has '-' where a microservice name has '_' (vector_mean)
+    expected_names = {service_name(name) for name in specs}
     assert expected_names <= set(pings)
     for name, spec in specs.items():
-        ping = pings[f"fdrtd-{name}"]
+        ping = pings[service_name(name)]
         assert ping["type"] == "io.nats.micro.v1.ping_response"
         assert SEMVER.match(ping["version"]), ping["version"]
         assert ping["version"] == spec.version
@@ -457,7 +463,7 @@ def test_srv_discovery_names_versions_and_subjects(
 
     infos = {reply["name"]: reply for reply in srv(url, "$SRV.INFO", expect=len(specs))}
     for name, spec in specs.items():
-        info = infos[f"fdrtd-{name}"]
+        info = infos[service_name(name)]
         assert info["version"] == spec.version
         assert info["description"] == spec.description
         endpoints = {e["name"]: e for e in info["endpoints"]}
