@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+# these tests also run from a checkout in which the plugin is not installed (no
+# conftest.py here: the main suite's `from conftest import ...` must find its own)
+if importlib.util.find_spec("vector_mean") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from vector_mean import service
 
 from fdrtd_server.sdk import BadRequest, CohortTooSmall, ComputationFailed, OutOfRange
