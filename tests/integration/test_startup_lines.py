@@ -22,9 +22,10 @@ def problems(text: str) -> list[str]:
 
 def test_serve_prints_where_it_listens_and_nothing_alarming(tmp_path: Path) -> None:
     server = make_server(tmp_path, "alpha")
-    home, port = server.home, server.port
+    home = server.home
     try:
         server.start()
+        port = server.port  # the port it bound (the home says 0: the system chooses)
         server.stop()
     finally:
         server.stop(kill=True)
