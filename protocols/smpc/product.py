@@ -38,10 +38,9 @@ from fdrtd_server.sdk import (
     session_for,
 )
 from protocols.smpc import matmul
-from protocols.smpc.common import service
+from protocols.smpc.common import PAILLIER_INPUT, paillier_bits, service
 
 __all__ = [
-    "PAILLIER_INPUT",
     "Scaling",
     "product_options",
     "reveal_product",
@@ -324,19 +323,7 @@ def product_options(inputs: dict[str, Any]) -> tuple[int, int]:
     frac_bits = integer_input(
         inputs, "frac_bits", matmul.DEFAULT_FRAC_BITS, 0, matmul.MAX_FRAC_BITS
     )
-    paillier_bits = integer_input(inputs, "paillier_bits", 2048, 2048, 4096)
-    return frac_bits, paillier_bits
-
-
-PAILLIER_INPUT = Input(
-    "paillier_bits",
-    "integer",
-    "Paillier key size (two parties only); must agree",
-    default=2048,
-    minimum=2048,
-    maximum=4096,
-)
-"""The ``paillier_bits`` input of the functions that multiply under Paillier encryption."""
+    return frac_bits, paillier_bits(inputs)
 
 
 @service.job(

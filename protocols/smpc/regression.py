@@ -87,9 +87,8 @@ from fdrtd_server.sdk import (
     session_for,
 )
 from protocols.smpc import matmul
-from protocols.smpc.common import service
+from protocols.smpc.common import PAILLIER_INPUT, paillier_bits, service
 from protocols.smpc.product import (
-    PAILLIER_INPUT,
     integer_input,
     reveal_product,
     secure_product,
@@ -782,7 +781,7 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
     the columns: each column is scaled by a power of two chosen from its sum
     of squares (public in the Gram matrix), see :func:`matmul.norm_exponents`.
     """
-    paillier_bits = integer_input(inputs, "paillier_bits", 2048, 2048, 4096)
+    bits = paillier_bits(inputs)
     intercept = _flag(inputs, "intercept", True)
     async with session_for(ctx) as peers:
         own_names = _feature_names(inputs.get("x"))
@@ -814,7 +813,7 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
                 function="linear_regression_vertical",
                 target_holder=inputs.get("target_holder"),
                 intercept=intercept,
-                paillier_bits=paillier_bits,
+                paillier_bits=bits,
                 names=own_names,
                 has_y=target_name is not None,
                 has_data=keys is not None,
@@ -860,7 +859,7 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
             dims = (len(blocks[a]), n, len(blocks[b]))
             scaling = (exponents[blocks[a]].tolist(), exponents[blocks[b]].tolist())
             name = f"x{number}"
-            share = await secure_product(peers, name, a, b, operand, dims, scaling, paillier_bits)
+            share = await secure_product(peers, name, a, b, operand, dims, scaling, bits)
             cross = await reveal_product(peers, name, (a, b), share, (dims[0], dims[2]), scaling)
             gram[np.ix_(blocks[a], blocks[b])] = cross
             gram[np.ix_(blocks[b], blocks[a])] = cross.T

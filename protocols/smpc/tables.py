@@ -133,7 +133,7 @@ from fdrtd_server.sdk import (
     suppress,
 )
 from fdrtd_server.sdk.ids import Id
-from protocols.smpc.common import service
+from protocols.smpc.common import PAILLIER_INPUT, paillier_bits, service
 
 __all__ = [
     "contingency_table",
@@ -153,13 +153,6 @@ MAX_CELLS = 1_000_000
 
 MAX_IDS = 10_000_000
 """Most points a holder may send the dealer in the count stage (bounds its memory)."""
-PAILLIER_BITS = (2048, 3072, 4096)
-"""Paillier modulus sizes a client may ask for; 2048 is the default.
-
-Anything smaller is refused: a 1024-bit modulus can be factored with
-public effort. Unit tests that need speed build the protocol's internal
-state with a smaller key themselves; no input reaches that path.
-"""
 
 _OTHER = -1  # category index of a value outside the categories or bins
 _MISSING = -2  # category index of a missing value (NaN)
@@ -1050,13 +1043,7 @@ def _holders(value: Any, parties: list[str]) -> list[str]:
         ),
         _categories("x_categories", "the categories of x", required=True),
         _categories("y_categories", "the categories of y", required=True),
-        Input(
-            "paillier_bits",
-            "integer",
-            "Paillier key size (two parties only); must agree",
-            default=2048,
-            choices=PAILLIER_BITS,
-        ),
+        PAILLIER_INPUT,
         Input("data", "data", "a holder's dataset (other parties give none)"),
         Input("id", "string", "a holder's column of record ids"),
         COLUMN,
@@ -1082,12 +1069,7 @@ async def contingency_table_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
         y_labels = _labels(inputs.get("y_categories"), "y_categories")
         if len(x_labels) * len(y_labels) > MAX_CELLS:
             raise BadRequest(f"a contingency table may have at most {MAX_CELLS} cells")
-        bits = inputs.get("paillier_bits", 2048)
-        if bits not in PAILLIER_BITS or isinstance(bits, bool):
-            raise BadRequest(
-                f"'paillier_bits' must be one of {', '.join(map(str, PAILLIER_BITS))}"
-                " (smaller Paillier keys are not secure)"
-            )
+        bits = paillier_bits(inputs)
         holding = None
         if peers.me in holders:
             labels = x_labels if peers.me == holders[0] else y_labels

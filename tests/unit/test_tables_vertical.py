@@ -20,8 +20,8 @@ from memory_peers import Context, Peers, Wire, run_tasks
 
 from fdrtd_server.errors import BadRequest, CohortTooSmall
 from fdrtd_server.sdk import canonical_ids, curve, ring
+from protocols.smpc.common import PAILLIER_BITS
 from protocols.smpc.tables import (
-    PAILLIER_BITS,
     _Holding,
     _holding,
     _labels,
