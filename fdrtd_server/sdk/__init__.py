@@ -16,6 +16,11 @@ is the supported surface, tested name by name in ``tests/unit/test_sdk.py``:
 * secure computation: :class:`SmpcSession` (secure sums, OR, maximum) over
   the fixed-point :mod:`ring`, and the Curve25519 primitives of :mod:`curve`;
 * disclosure rules (:mod:`fdrtd_server.sdk.disclosure`);
+* long messages between parties: :func:`send_bytes` and :func:`receive_bytes`
+  (:mod:`fdrtd_server.sdk.transfer`), where the receiver knows or caps the size;
+* record ids and their private join: :func:`canonical_ids` (one rule for every
+  join and set operation, :mod:`fdrtd_server.sdk.ids`) and :func:`join_ids`
+  (DH-PSI around the holders, :mod:`fdrtd_server.sdk.join`);
 * :mod:`wire`, the one msgpack/JSON codec of client and server.
 
 :mod:`fdrtd_server.sdk.host` lends the built-in microservices parts of the
@@ -51,6 +56,8 @@ from fdrtd_server.microservice import (
 from fdrtd_server.peers import PeerSession, both
 from fdrtd_server.sdk import curve, ring
 from fdrtd_server.sdk.disclosure import finite_result, finite_rows, numeric, suppress
+from fdrtd_server.sdk.ids import canonical_ids, id_bytes
+from fdrtd_server.sdk.join import join_domain, join_ids
 from fdrtd_server.sdk.namespace import Namespace
 from fdrtd_server.sdk.parties import (
     agree,
@@ -61,6 +68,7 @@ from fdrtd_server.sdk.parties import (
     vet_declared,
 )
 from fdrtd_server.sdk.smpc import SmpcSession, points_from
+from fdrtd_server.sdk.transfer import receive_bytes, send_bytes
 
 __all__ = [
     "COLUMN",
@@ -88,6 +96,7 @@ __all__ = [
     "SmpcSession",
     "agree",
     "both",
+    "canonical_ids",
     "check_joint_cohort",
     "curve",
     "declare",
@@ -95,10 +104,15 @@ __all__ = [
     "exit_with",
     "finite_result",
     "finite_rows",
+    "id_bytes",
+    "join_domain",
+    "join_ids",
     "joint_count",
     "numeric",
     "points_from",
+    "receive_bytes",
     "ring",
+    "send_bytes",
     "session_for",
     "suppress",
     "vet_declared",

@@ -3,10 +3,12 @@
 Every function is one party's side of a protocol among n >= 2 servers (the
 session's ``parties``, in the order every party was given). Each party's
 input is a column of its own dataset (``data`` and ``column``); the items are
-the column's distinct values, text or numbers. Numbers compare by value as in
-Python (``1 == 1.0``; integral floats become ints, NaN is dropped), text and
-numbers never match (``1 != "1"``). Semi-honest servers are assumed: they
-follow the protocol and may try to learn more from what they see.
+the column's distinct ids, by the one rule of every join
+(:mod:`fdrtd_server.sdk.ids`): integers exactly, whole floats up to 2^53 as
+integers (``1 == 1.0``), text as text; NaN and empty text are dropped, other
+floats refused; text and numbers never match (``1 != "1"``). Semi-honest
+servers are assumed: they follow the protocol and may try to learn more from
+what they see.
 
 Functions
     ``intersection``
@@ -117,7 +119,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import secrets
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
@@ -139,9 +140,12 @@ from fdrtd_server.sdk import (
     Namespace,
     Output,
     PeerSession,
+    canonical_ids,
     curve,
     declare,
     distribution_version,
+    receive_bytes,
+    send_bytes,
 )
 
 __all__ = [
@@ -221,36 +225,29 @@ class Stage(Namespace):
 # --- inputs -------------------------------------------------------------------------------
 
 
-def column_items(values: np.ndarray[Any, Any]) -> list[Item]:
-    """The distinct items of a column: text as ``str``, numbers as ``int`` or ``float``.
+def column_items(values: np.ndarray[Any, Any], name: str = "column") -> list[Item]:
+    """The distinct items of a column: its ids by the rule of every join (``canonical_ids``).
 
-    Integral floats within the 64-bit range become ``int`` (so ``2.0`` from a CSV
-    file meets ``2`` from an integer array), NaN is dropped, ``-0.0`` is ``0``.
+    Integers stay exact, whole floats up to 2^53 become ``int`` (so ``2.0``
+    from a CSV file meets ``2`` from an integer array), text stays text;
+    NaN and empty text are dropped. The same rule as the vertical joins of
+    ``smpc``, so a set operation and a join of one column find the same matches.
 
     Args:
         values: A one-dimensional column.
+        name: The column's name, for the error message.
 
     Returns:
         The distinct items, in no particular order.
 
     Raises:
-        BadRequest: If the column is not one-dimensional text or numbers.
+        BadRequest: If the column is not one-dimensional integers, whole
+            floats of magnitude at most 2^53, or text.
     """
     if values.ndim != 1:
         raise BadRequest("set operations need a column of single values, not a matrix")
-    kind = values.dtype.kind
-    if kind == "U":
-        return list({str(v) for v in values.tolist()})
-    if kind in "iu":
-        return list({int(v) for v in values.tolist()})
-    if kind == "f":
-        items: set[Item] = set()
-        for v in values.tolist():
-            if math.isnan(v):
-                continue
-            items.add(int(v) if v.is_integer() and _INT_RANGE[0] <= v < _INT_RANGE[1] else v)
-        return list(items)
-    raise BadRequest("set operations need a column of text or numbers (not booleans)")
+    ids, _ = canonical_ids(values, name)
+    return list(set(ids))
 
 
 def sort_key(item: Item) -> tuple[int, Any]:
@@ -265,12 +262,13 @@ def sort_key(item: Item) -> tuple[int, Any]:
 async def _load_items(ctx: JobContext, inputs: dict[str, Any]) -> tuple[list[Item], list[bytes]]:
     """The party's distinct items in a secret random order, and their encodings."""
     dataset = await ctx.load_dataset(inputs.get("data"))
-    column = dataset.column(inputs.get("column"))
-    return await asyncio.to_thread(_prepare_items, column)  # 0.3 s for 100k items
+    name = inputs.get("column")
+    column = dataset.column(name)
+    return await asyncio.to_thread(_prepare_items, column, str(name))  # 0.3 s for 100k items
 
 
-def _prepare_items(column: np.ndarray[Any, Any]) -> tuple[list[Item], list[bytes]]:
-    items = column_items(column)
+def _prepare_items(column: np.ndarray[Any, Any], name: str) -> tuple[list[Item], list[bytes]]:
+    items = column_items(column, name)
     if len(items) > MAX_ITEMS:
         raise BadRequest(f"a set may hold at most {MAX_ITEMS} distinct items")
     items = secret_shuffle(items)  # positions must say nothing about items
@@ -801,11 +799,6 @@ def _too_long(max_item_bytes: int) -> BadRequest:
     return error
 
 
-def _blob_chunks(blob_items: list[bytes], size: int) -> list[list[bytes]]:
-    per = max(1, _CHUNK_BYTES // size)
-    return [blob_items[start : start + per] for start in range(0, len(blob_items), per)]
-
-
 def _valid_key(key: bytes) -> bool:
     try:
         curve.validate_points([key], workers=1)
@@ -814,36 +807,24 @@ def _valid_key(key: bytes) -> bool:
     return True
 
 
-def _split(message: Any, count: int, size: int, sender: str) -> list[bytes]:
-    blob = message.get("onions") if isinstance(message, dict) else None
-    if not isinstance(blob, bytes) or len(blob) != count * size:
-        raise ComputationFailed(f"party '{sender}' sent a malformed mix-net message")
-    return [blob[k : k + size] for k in range(0, len(blob), size)]
-
-
 async def _send_onions(peers: PeerSession, to: str, tag: str, onions: list[bytes]) -> None:
-    if not onions:
-        return
-    for k, chunk in enumerate(_blob_chunks(onions, len(onions[0]))):
-        await peers.send(to, f"{tag}.{k}", {"onions": b"".join(chunk)})
+    await send_bytes(peers, to, tag, b"".join(onions))
 
 
 async def _recv_onions(
     peers: PeerSession, sender: str, tag: str, count: int, size: int
 ) -> list[bytes]:
-    out: list[bytes] = []
-    per = max(1, _CHUNK_BYTES // size)
-    for k, expected in enumerate(_chunk_counts(count, per)):
-        out.extend(_split(await peers.recv(sender, f"{tag}.{k}"), expected, size, sender))
-    return out
+    """``count`` onions of ``size`` bytes each; the receiver knows both."""
+    blob = await receive_bytes(peers, sender, tag, size=count * size)
+    return [blob[k : k + size] for k in range(0, len(blob), size)]
 
 
 def _decode_union_item(encoded: bytes) -> Item:
     value = curve.decode_item(encoded)
     if isinstance(value, int) and not _INT_RANGE[0] <= value < _INT_RANGE[1]:
         raise ValueError("an integer item is outside the 64-bit range")
-    if isinstance(value, float) and value.is_integer() and _INT_RANGE[0] <= value < _INT_RANGE[1]:
-        raise ValueError("an integral float item was not turned into an integer")
+    if not isinstance(value, int | str) or isinstance(value, bool):
+        raise ValueError("an item is neither an integer nor text")
     return value
 
 

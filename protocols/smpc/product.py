@@ -32,28 +32,24 @@ from fdrtd_server.sdk import (
     agree,
     declare,
     numeric,
+    receive_bytes,
     ring,
+    send_bytes,
     session_for,
 )
 from protocols.smpc import matmul
-from protocols.smpc.common import service
+from protocols.smpc.common import PAILLIER_INPUT, paillier_bits, service
 
 __all__ = [
-    "PAILLIER_INPUT",
     "Scaling",
     "product_options",
-    "recv_blob",
     "reveal_product",
     "secure_product",
     "seed_from",
-    "send_blob",
     "uniform_scaling",
 ]
 
 F64 = npt.NDArray[np.float64]
-BLOB_BYTES = 1 << 20
-"""Bytes of packed integers per peer message (the bus carries up to 8 MiB)."""
-MAX_PIECES = 1 << 16
 MAX_PRODUCT_TERMS = 1 << 27
 """Most multiply-adds of one ``matrix_product`` (about a minute of 256-bit arithmetic)."""
 
@@ -69,39 +65,8 @@ def integer_input(inputs: dict[str, Any], key: str, default: int, low: int, high
 # -- message helpers ----------------------------------------------------------------------------
 
 
-async def send_blob(
-    peers: PeerSession,
-    to: list[str],
-    tag: str,
-    blob: bytes,
-    header: dict[str, Any] | None = None,
-) -> None:
-    """Send ``blob`` in pieces of at most :data:`BLOB_BYTES`; the first carries ``header``."""
-    pieces = max(1, -(-len(blob) // BLOB_BYTES))
-    for k in range(pieces):
-        message: dict[str, Any] = {"data": blob[k * BLOB_BYTES : (k + 1) * BLOB_BYTES]}
-        if k == 0:
-            message.update(header or {}, pieces=pieces)
-        await peers.broadcast(f"{tag}.{k}", message, to=to)
-
-
-async def recv_blob(peers: PeerSession, sender: str, tag: str) -> tuple[dict[str, Any], bytes]:
-    """Receive what :func:`send_blob` sent: ``(header, blob)``."""
-    first = await peers.recv(sender, f"{tag}.0")
-    pieces = first.get("pieces") if isinstance(first, dict) else None
-    if not isinstance(pieces, int) or not 1 <= pieces <= MAX_PIECES:
-        raise ComputationFailed(f"party '{sender}' sent a malformed message")
-    parts = [first.get("data")]
-    for k in range(1, pieces):
-        message = await peers.recv(sender, f"{tag}.{k}")
-        parts.append(message.get("data") if isinstance(message, dict) else None)
-    if not all(isinstance(part, bytes) for part in parts):
-        raise ComputationFailed(f"party '{sender}' sent a malformed message")
-    return first, b"".join(parts)
-
-
-def _int_from(header: dict[str, Any], key: str, sender: str) -> int:
-    value = header.get(key)
+def _int_from(message: Any, key: str, sender: str) -> int:
+    value = message.get(key) if isinstance(message, dict) else None
     if not isinstance(value, bytes) or not value:
         raise ComputationFailed(f"party '{sender}' sent a malformed message")
     return int.from_bytes(value, "little")
@@ -204,15 +169,15 @@ async def secure_product(
             )
             await peers.send(left, f"{tag}.seed", {"seed": seed_left})
             await peers.send(right, f"{tag}.seed", {"seed": seed_right})
-            await send_blob(peers, [right], f"{tag}.w", matmul.ints_to_bytes(w_right, 32))
+            await send_bytes(peers, right, f"{tag}.w", matmul.ints_to_bytes(w_right, 32))
             return None
         if me == left:
             a = _encode(operand, scaling, k, left=True)
             seed = seed_from(await peers.recv(dealer, f"{tag}.seed"), dealer)
             u, w_left = await asyncio.to_thread(matmul.left_masks, seed, label, m, k, n)
             e = matmul.masked(a, u)
-            await send_blob(peers, [right], f"{tag}.e", matmul.ints_to_bytes(e, 32))
-            _, blob = await recv_blob(peers, right, f"{tag}.f")
+            await send_bytes(peers, right, f"{tag}.e", matmul.ints_to_bytes(e, 32))
+            blob = await receive_bytes(peers, right, f"{tag}.f", size=32 * k * n)
             f = _unpack(blob, 32, (k, n), right)
             return await asyncio.to_thread(matmul.left_share, a, f, w_left), matmul.MODULUS
         if me == right:
@@ -220,10 +185,10 @@ async def secure_product(
             seed = seed_from(await peers.recv(dealer, f"{tag}.seed"), dealer)
             v = await asyncio.to_thread(matmul.right_mask, seed, label, k, n)
             f = matmul.masked(b, v)
-            await send_blob(peers, [left], f"{tag}.f", matmul.ints_to_bytes(f, 32))
-            _, blob = await recv_blob(peers, dealer, f"{tag}.w")
+            await send_bytes(peers, left, f"{tag}.f", matmul.ints_to_bytes(f, 32))
+            blob = await receive_bytes(peers, dealer, f"{tag}.w", size=32 * m * n)
             w_right = _unpack(blob, 32, (m, n), dealer)
-            _, blob = await recv_blob(peers, left, f"{tag}.e")
+            blob = await receive_bytes(peers, left, f"{tag}.e", size=32 * m * k)
             e = _unpack(blob, 32, (m, k), left)
             return await asyncio.to_thread(matmul.right_share, e, v, w_right), matmul.MODULUS
         return None
@@ -253,23 +218,19 @@ async def _paillier_product(
         plain = own if left_encrypts else own.T
         cipher = await asyncio.to_thread(key.encrypt, plain)
         width = matmul.width_for(key.nsquare)
-        await send_blob(
-            peers,
-            [evaluator],
-            f"{tag}.c",
-            matmul.ints_to_bytes(cipher, width),
-            {"n": _int_bytes(key.n)},
-        )
-        _, blob = await recv_blob(peers, evaluator, f"{tag}.r")
+        await peers.send(evaluator, f"{tag}.key", {"n": _int_bytes(key.n)})
+        await send_bytes(peers, evaluator, f"{tag}.c", matmul.ints_to_bytes(cipher, width))
+        blob = await receive_bytes(peers, evaluator, f"{tag}.r", size=width * m * n)
         masked = _unpack(blob, width, (m, n), evaluator)
         _check_ciphertexts(key.n, masked, evaluator)
         return await asyncio.to_thread(key.decrypt, masked), key.n
-    header, blob = await recv_blob(peers, encryptor, f"{tag}.c")
-    modulus = _int_from(header, "n", encryptor)
+    modulus = _int_from(await peers.recv(encryptor, f"{tag}.key"), "n", encryptor)
     if modulus.bit_length() < max(1024, paillier_bits - 8) or modulus % 2 == 0:
         raise ComputationFailed(f"party '{encryptor}' sent a Paillier key of the wrong size")
     width = matmul.width_for(modulus * modulus)
-    cipher = _unpack(blob, width, (m if left_encrypts else n, k), encryptor)
+    rows = m if left_encrypts else n
+    blob = await receive_bytes(peers, encryptor, f"{tag}.c", size=width * rows * k)
+    cipher = _unpack(blob, width, (rows, k), encryptor)
     _check_ciphertexts(modulus, cipher, encryptor)
     plain = own if left_encrypts else own.T
     product = await asyncio.to_thread(matmul.encrypted_matmul, modulus, cipher, plain)
@@ -277,7 +238,7 @@ async def _paillier_product(
         product = product.T
     public = paillier.PaillierPublicKey(modulus)
     masked, share = await asyncio.to_thread(matmul.mask_ciphertexts, public, product)
-    await send_blob(peers, [encryptor], f"{tag}.r", matmul.ints_to_bytes(masked, width))
+    await send_bytes(peers, encryptor, f"{tag}.r", matmul.ints_to_bytes(masked, width))
     return share, modulus
 
 
@@ -311,12 +272,11 @@ async def reveal_product(
     values, modulus = share
     other = right if peers.me == left else left
     width = matmul.width_for(modulus)
-    await send_blob(
-        peers, [other], tag, matmul.ints_to_bytes(values, width), {"modulus": _int_bytes(modulus)}
-    )
-    header, blob = await recv_blob(peers, other, tag)
-    if _int_from(header, "modulus", other) != modulus:
+    await peers.send(other, f"{tag}.modulus", {"modulus": _int_bytes(modulus)})
+    await send_bytes(peers, other, tag, matmul.ints_to_bytes(values, width))
+    if _int_from(await peers.recv(other, f"{tag}.modulus"), "modulus", other) != modulus:
         raise ComputationFailed("the two holders of a product used different moduli")
+    blob = await receive_bytes(peers, other, tag, size=width * math.prod(shape))
     theirs = _unpack(blob, width, shape, other)
     total = np.asarray((values + theirs) % modulus, dtype=object)
     product = matmul.decode_scaled(total, modulus, *scaling)
@@ -363,19 +323,7 @@ def product_options(inputs: dict[str, Any]) -> tuple[int, int]:
     frac_bits = integer_input(
         inputs, "frac_bits", matmul.DEFAULT_FRAC_BITS, 0, matmul.MAX_FRAC_BITS
     )
-    paillier_bits = integer_input(inputs, "paillier_bits", 2048, 2048, 4096)
-    return frac_bits, paillier_bits
-
-
-PAILLIER_INPUT = Input(
-    "paillier_bits",
-    "integer",
-    "Paillier key size (two parties only); must agree",
-    default=2048,
-    minimum=2048,
-    maximum=4096,
-)
-"""The ``paillier_bits`` input of the functions that multiply under Paillier encryption."""
+    return frac_bits, paillier_bits(inputs)
 
 
 @service.job(

@@ -58,8 +58,6 @@ intercept and uncentred (``1 - RSS / y'y``) without one, as statsmodels does.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import itertools
 import math
 from typing import Any
@@ -70,7 +68,6 @@ import numpy.typing as npt
 from fdrtd_server.sdk import (
     DATA,
     BadRequest,
-    CohortTooSmall,
     ComputationFailed,
     Dataset,
     FdrtdError,
@@ -78,38 +75,31 @@ from fdrtd_server.sdk import (
     Input,
     JobContext,
     Output,
-    PeerSession,
     SmpcSession,
     agree,
+    canonical_ids,
     check_joint_cohort,
-    curve,
     declare,
+    id_bytes,
+    join_domain,
+    join_ids,
     numeric,
-    points_from,
     session_for,
 )
 from protocols.smpc import matmul
-from protocols.smpc.common import service
+from protocols.smpc.common import PAILLIER_INPUT, paillier_bits, service
 from protocols.smpc.product import (
-    PAILLIER_INPUT,
     integer_input,
-    recv_blob,
     reveal_product,
     secure_product,
-    send_blob,
 )
 
 __all__ = ["ols_from_gram"]
 
 F64 = npt.NDArray[np.float64]
-BLOB_BYTES = 1 << 20
-"""Bytes of packed integers per peer message (the bus carries up to 8 MiB)."""
-MAX_PIECES = 1 << 16
 CONDITION_LIMIT = 1e12
 """Largest condition number of the scaled ``X'X`` before it counts as singular."""
 INTERCEPT = "intercept"
-EXACT_FLOAT_IDS = float(1 << 53)
-"""Largest magnitude up to which every whole number has a float64 (ids as floats)."""
 MAX_PRODUCT_TERMS = 1 << 27
 """Most multiply-adds of one ``matrix_product`` (about a minute of 256-bit arithmetic)."""
 
@@ -622,131 +612,6 @@ async def logistic_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[s
 # -- vertical ---------------------------------------------------------------------------------
 
 
-def _id_keys(column: npt.NDArray[Any]) -> list[bytes | None]:
-    """Canonical bytes of each id (None for a missing one); 7 and 7.0 are the same id."""
-    if column.ndim != 1:
-        raise BadRequest("the 'id' column must hold single values")
-    keys: list[bytes | None] = []
-    if column.dtype.kind in "biu":
-        return [str(int(v)).encode() for v in column.tolist()]
-    if column.dtype.kind == "f":
-        for value in column.tolist():
-            if not math.isfinite(value):
-                keys.append(None)
-            elif not value.is_integer() or abs(value) > EXACT_FLOAT_IDS:
-                # 2^53 + 1 has no float64: two ids could silently become one
-                raise BadRequest(
-                    "the 'id' column holds numbers that are not whole or are above 2^53 "
-                    "in magnitude, which floating point cannot store exactly; upload the "
-                    "ids as integers or as text"
-                )
-            else:
-                keys.append(str(int(value)).encode())
-        return keys
-    if column.dtype.kind in "US":
-        for value in column.tolist():
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            keys.append(text.encode() if text.strip() else None)
-        return keys
-    raise BadRequest("the 'id' column must hold numbers or text")
-
-
-async def _blinded(
-    peers: PeerSession, sender: str, tag: str, count: int | None = None
-) -> list[bytes]:
-    _, blob = await recv_blob(peers, sender, tag)
-    return points_from(blob, sender, count)
-
-
-async def _join(
-    peers: PeerSession, holders: list[str], keys: list[bytes] | None, *, min_cohort: int = 0
-) -> tuple[int, npt.NDArray[np.intp] | None]:
-    """Intersect the data parties' ids by Diffie-Hellman PSI around the ring of holders.
-
-    Each holder hashes its ids onto the curve and blinds them with a secret
-    scalar of its own (:mod:`fdrtd_server.sdk.curve`), sorted so that the list
-    hides the order of its rows. The lists travel the ring of holders at the
-    same time, each holder blinding what it receives and passing it on, until
-    every list comes back to its owner blinded by every holder's scalar. The
-    fully blinded tags are equal exactly where the ids are; nobody can
-    compute the tag of an id without every holder's scalar, so no holder can
-    test a guessed id. The other holders send their tags to the first, which
-    intersects them with its own and tells every other party the size of the
-    intersection, or only that it is below ``min_cohort`` (the strictest
-    minimum cohort; then every party refuses). Only then, and only if the
-    cohort holds, does it send the common tags, sorted, to the other holders:
-    the common order of the joint design. So a holder learns which of its
-    ids are shared only when at least ``min_cohort`` are.
-
-    Returns:
-        The number of common records and, at a data party, the indices of its
-        own rows for them in the common (tag) order.
-
-    Raises:
-        CohortTooSmall: On every party alike, if fewer than ``min_cohort`` ids
-            are common.
-    """
-    me, first = peers.me, holders[0]
-    if keys is None:
-        return _common_count(await peers.recv(first, "join.count"), first, min_cohort), None
-    if len(set(keys)) != len(keys):
-        raise BadRequest("the 'id' column must not repeat an id")
-    ring_size, place = len(holders), holders.index(me)
-    successor, predecessor = holders[(place + 1) % ring_size], holders[place - 1]
-    domain = b"fdrtd/smpc/vertical/" + hashlib.sha256(peers.id.encode()).hexdigest().encode()
-    scalar = curve.random_scalar()
-    items = [curve.encode_item(key) for key in keys]
-    mine = await asyncio.to_thread(curve.hash_and_blind, items, scalar, domain)
-    order = sorted(range(len(mine)), key=mine.__getitem__)  # hides the order of my rows
-    await send_blob(peers, [successor], "join.ring.1", b"".join(mine[k] for k in order))
-    for step in range(1, ring_size):
-        # the list of holder (place - step), blinded by the holders in between
-        points = await _blinded(peers, predecessor, f"join.ring.{step}")
-        try:
-            points = await asyncio.to_thread(curve.reblind, points, scalar)
-        except ValueError:
-            raise ComputationFailed(f"party '{predecessor}' sent invalid curve points") from None
-        await send_blob(peers, [successor], f"join.ring.{step + 1}", b"".join(points))
-    # my own list, back from the ring, blinded by every holder's scalar
-    tags = await _blinded(peers, predecessor, f"join.ring.{ring_size}", len(order))
-    row_of = {tag: order[k] for k, tag in enumerate(tags)}
-    if len(row_of) != len(tags):
-        raise ComputationFailed(f"party '{predecessor}' sent a malformed list of points")
-    others = [p for p in holders if p != me]
-    if me == first:
-        common = set(row_of)
-        for party in others:
-            common &= set(await _blinded(peers, party, "join.tags"))
-        # the count (or a refusal) goes out before any common tag does
-        if len(common) < min_cohort:
-            await peers.broadcast("join.count", {"refused": True}, to=peers.others)
-            raise _collective(CohortTooSmall(min_cohort))
-        await peers.broadcast("join.count", {"n": len(common)}, to=peers.others)
-        ordered = sorted(common)
-        await send_blob(peers, others, "join.common", b"".join(ordered))
-    else:
-        await send_blob(peers, [first], "join.tags", b"".join(sorted(row_of)))
-        count = _common_count(await peers.recv(first, "join.count"), first, min_cohort)
-        ordered = await _blinded(peers, first, "join.common", count)
-        if ordered != sorted(set(ordered)) or not set(ordered) <= row_of.keys():
-            raise ComputationFailed(f"party '{first}' sent a malformed list of common ids")
-    return len(ordered), np.array([row_of[tag] for tag in ordered], dtype=np.intp)
-
-
-def _common_count(message: Any, sender: str, min_cohort: int) -> int:
-    """The first holder's count of common ids; its refusal becomes everyone's."""
-    if isinstance(message, dict) and message.get("refused") is True:
-        raise _collective(CohortTooSmall(min_cohort))
-    count = message.get("n") if isinstance(message, dict) else None
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-        raise ComputationFailed(f"party '{sender}' sent a malformed record count")
-    if count < min_cohort:
-        raise ComputationFailed(
-            f"party '{sender}' sent a record count below the minimum cohort instead of refusing"
-        )
-    return count
-
-
 def _layout(
     parties: list[str], names: dict[str, list[str]], target: str, intercept: bool
 ) -> tuple[list[str], dict[str, list[int]]]:
@@ -916,7 +781,7 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
     the columns: each column is scaled by a power of two chosen from its sum
     of squares (public in the Gram matrix), see :func:`matmul.norm_exponents`.
     """
-    paillier_bits = integer_input(inputs, "paillier_bits", 2048, 2048, 4096)
+    bits = paillier_bits(inputs)
     intercept = _flag(inputs, "intercept", True)
     async with session_for(ctx) as peers:
         own_names = _feature_names(inputs.get("x"))
@@ -933,9 +798,11 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
             )
             dataset = await ctx.load_dataset(inputs.get("data"))
             values = _columns(dataset, own_names + ([target_name] if target_name else []), "x")
-            ids = _id_keys(dataset.column(inputs.get("id")))
-            keep = np.isfinite(values).all(axis=1) & np.array([k is not None for k in ids])
-            keys = [k for k, kept in zip(ids, keep.tolist(), strict=True) if kept and k]
+            id_name = inputs.get("id")
+            ids, has_id = canonical_ids(dataset.column(id_name), str(id_name))
+            keep = np.isfinite(values).all(axis=1) & has_id
+            kept = keep[has_id].tolist()  # of the rows with an id, those with every value
+            keys = id_bytes([i for i, k in zip(ids, kept, strict=True) if k])
             block = values[keep]
         elif own_names or target_name is not None:
             raise BadRequest("give 'data' with the columns in 'x' and 'y'")
@@ -946,7 +813,7 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
                 function="linear_regression_vertical",
                 target_holder=inputs.get("target_holder"),
                 intercept=intercept,
-                paillier_bits=paillier_bits,
+                paillier_bits=bits,
                 names=own_names,
                 has_y=target_name is not None,
                 has_data=keys is not None,
@@ -958,7 +825,11 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
         target, names, holders = _vertical_public(smpc)
         minimum = _strictest(ctx, smpc)
         _check_id_sets(smpc, holders, minimum)
-        n, rows = await _join(peers, holders, keys, min_cohort=minimum)
+        sizes = {party: smpc.public[party]["ids"] for party in holders}
+        domain = join_domain(peers, "smpc.regression")
+        n, rows = await join_ids(
+            peers, holders, keys, sizes=sizes, min_cohort=minimum, domain=domain
+        )
         check_joint_cohort(ctx, smpc, n)
         coefficients, blocks = _layout(peers.parties, names, target, intercept)
         p = len(coefficients)
@@ -988,7 +859,7 @@ async def linear_regression_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
             dims = (len(blocks[a]), n, len(blocks[b]))
             scaling = (exponents[blocks[a]].tolist(), exponents[blocks[b]].tolist())
             name = f"x{number}"
-            share = await secure_product(peers, name, a, b, operand, dims, scaling, paillier_bits)
+            share = await secure_product(peers, name, a, b, operand, dims, scaling, bits)
             cross = await reveal_product(peers, name, (a, b), share, (dims[0], dims[2]), scaling)
             gram[np.ix_(blocks[a], blocks[b])] = cross
             gram[np.ix_(blocks[b], blocks[a])] = cross.T

@@ -16,7 +16,8 @@ side of a protocol run between the servers of a computation session.
 
 ``contingency_table_vertical`` (vertical partitioning)
     Two parties (the *holders*) hold one column each of the same records,
-    joined on an id column (ids compared exactly: integers as integers). Each
+    joined on an id column (ids compared exactly, by the one rule of
+    :mod:`fdrtd_server.sdk.ids`: ``7.0`` is ``7``, ``"7"`` is not). Each
     step runs only once the one before has passed the strictest minimum
     cohort ``m``, and both holders decide on the same numbers, so every
     party refuses together (the x-holder tells the parties without data):
@@ -34,14 +35,15 @@ side of a protocol run between the servers of a computation session.
        link to what it sent. Each holder counts the matches and learns ``c``
        and nothing else (not which ids, not how many of the other's ids are
        in its categories). ``c`` must be at least ``m``.
-    3. *Join.* A Diffie-Hellman private set intersection with fresh scalars:
-       each holder learns which of its own ids the other holds (so the
-       number ``n >= c`` of joined ids), but nothing about the other's ids
-       outside the intersection, since a singly blinded point cannot be
-       tested against guesses without the other's secret scalar. Both
-       holders sort the intersection by its doubly blinded points, which
-       gives the same order of records on both sides without revealing any id.
-       The x-holder sends ``n`` and ``c`` to the other parties.
+    3. *Join.* The private join of every vertical protocol
+       (:func:`fdrtd_server.sdk.join.join_ids`, a Diffie-Hellman PSI with
+       fresh scalars): each holder learns which of its own ids the other
+       holds (so the number ``n >= c`` of joined ids), but nothing about the
+       other's ids outside the intersection, since a singly blinded point
+       cannot be tested against guesses without the other's secret scalar.
+       Both holders order the intersection by its doubly blinded points,
+       which gives the same order of records on both sides without revealing
+       any id. The x-holder sends ``n`` and ``c`` to the other parties.
 
     The table is then ``T = I_x^T I_y`` for the one-hot indicator matrices of
     the aligned records, computed by a secure two-party matrix product, and
@@ -118,14 +120,20 @@ from fdrtd_server.sdk import (
     PeerSession,
     SmpcSession,
     agree,
+    canonical_ids,
     curve,
+    id_bytes,
+    join_ids,
     numeric,
     points_from,
+    receive_bytes,
     ring,
+    send_bytes,
     session_for,
     suppress,
 )
-from protocols.smpc.common import service
+from fdrtd_server.sdk.ids import Id
+from protocols.smpc.common import PAILLIER_INPUT, paillier_bits, service
 
 __all__ = [
     "contingency_table",
@@ -145,17 +153,7 @@ MAX_CELLS = 1_000_000
 
 MAX_IDS = 10_000_000
 """Most points a holder may send the dealer in the count stage (bounds its memory)."""
-PIECE_BYTES = 1 << 20
-"""Largest piece of a long peer message (the bus allows a few MiB)."""
-PAILLIER_BITS = (2048, 3072, 4096)
-"""Paillier modulus sizes a client may ask for; 2048 is the default.
 
-Anything smaller is refused: a 1024-bit modulus can be factored with
-public effort. Unit tests that need speed build the protocol's internal
-state with a smaller key themselves; no input reaches that path.
-"""
-
-_INT_RANGE = (-(2**63), 2**64)  # integers msgpack carries; integral float ids inside become int
 _OTHER = -1  # category index of a value outside the categories or bins
 _MISSING = -2  # category index of a missing value (NaN)
 
@@ -567,42 +565,12 @@ def _two_way_result(
 # --- vertical partitioning: long messages ------------------------------------------------
 
 
-async def _send_blob(peers: PeerSession, to: str, tag: str, blob: bytes) -> None:
-    pieces = max(1, -(-len(blob) // PIECE_BYTES))
-    for k in range(pieces):
-        part = blob[k * PIECE_BYTES : (k + 1) * PIECE_BYTES]
-        await peers.send(to, f"{tag}.{k}", {"of": pieces, "data": part})
-
-
-async def _recv_blob(peers: PeerSession, sender: str, tag: str, size: int) -> bytes:
-    """Receive the ``size`` bytes that :func:`_send_blob` sends, piece by piece.
-
-    The pieces and their lengths follow from ``size``, which the receiver
-    knows; a sender announcing others (more pieces, longer ones) is refused
-    at once instead of being read without end.
-    """
-    pieces = max(1, -(-size // PIECE_BYTES))
-    parts: list[bytes] = []
-    for k in range(pieces):
-        message = await peers.recv(sender, f"{tag}.{k}")
-        expected = min(PIECE_BYTES, size - k * PIECE_BYTES)
-        if (
-            not isinstance(message, dict)
-            or message.get("of") != pieces
-            or not isinstance(message.get("data"), bytes)
-            or len(message["data"]) != expected
-        ):
-            raise ComputationFailed(f"party '{sender}' sent a malformed '{tag}' message")
-        parts.append(message["data"])
-    return b"".join(parts)
-
-
 async def _send_matrix(peers: PeerSession, to: str, tag: str, matrix: U64) -> None:
-    await _send_blob(peers, to, tag, np.ascontiguousarray(matrix, dtype="<u8").tobytes())
+    await send_bytes(peers, to, tag, np.ascontiguousarray(matrix, dtype="<u8").tobytes())
 
 
 async def _recv_matrix(peers: PeerSession, sender: str, tag: str, shape: tuple[int, int]) -> U64:
-    blob = await _recv_blob(peers, sender, tag, 8 * shape[0] * shape[1])
+    blob = await receive_bytes(peers, sender, tag, size=8 * shape[0] * shape[1])
     return np.frombuffer(blob, dtype="<u8").astype(np.uint64).reshape(shape)
 
 
@@ -619,41 +587,20 @@ def _prg_matrix(seed: Any, label: bytes, shape: tuple[int, int], sender: str) ->
 class _Holding:
     """A holder's own column: canonical ids and category indices, row by row."""
 
-    ids: list[str]
+    ids: list[Id]
     index: I64
 
 
-def _canonical_ids(column: npt.NDArray[Any]) -> tuple[list[str], npt.NDArray[np.bool_]]:
-    """Ids as exact text, and which rows have one (NaN and "" are missing).
-
-    Integers stay exact (2**60 + 1 is not 2**60); an integral float within the
-    64-bit range is written as an integer, so 7.0 matches 7 and "7" (as
-    :func:`protocols.psi.service.column_items` does); other floats as ``repr``.
-    """
-    kind = column.dtype.kind
-    if kind in "biu":
-        values = column.astype(np.int64) if kind == "b" else column
-        return [str(v) for v in values.tolist()], np.ones(column.shape[0], dtype=np.bool_)
-    if kind == "f":
-        floats = column.astype(np.float64, copy=False)
-        present = ~np.isnan(floats)
-        ids = [
-            str(int(v)) if v.is_integer() and _INT_RANGE[0] <= v < _INT_RANGE[1] else repr(v)
-            for v in floats[present].tolist()
-        ]
-        return ids, present
-    texts = column.astype(str)
-    present = texts != ""
-    return [str(t) for t in texts[present]], present
-
-
-def _holding(ids: npt.NDArray[Any], column: npt.NDArray[Any], labels: list[Label]) -> _Holding:
+def _holding(
+    ids: npt.NDArray[Any], column: npt.NDArray[Any], labels: list[Label], name: str = "id"
+) -> _Holding:
     """A holder's canonical ids and the category index of each (rows without an id dropped).
 
     Raises:
-        BadRequest: If an id repeats, or the column does not match the labels.
+        BadRequest: If an id repeats or is not an id (:func:`canonical_ids`), or
+            the column does not match the labels.
     """
-    canonical, present = _canonical_ids(ids)
+    canonical, present = canonical_ids(ids, name)
     index = category_index(column, labels)[present]
     if len(set(canonical)) != len(canonical):
         raise BadRequest("the id column has duplicate values; a vertical join needs unique ids")
@@ -662,8 +609,9 @@ def _holding(ids: npt.NDArray[Any], column: npt.NDArray[Any], labels: list[Label
 
 async def _load_holding(ctx: JobContext, inputs: dict[str, Any], labels: list[Label]) -> _Holding:
     dataset = await ctx.load_dataset(inputs.get("data"))
+    id_name = _name(inputs, "id")
     return _holding(
-        _vector(dataset, _name(inputs, "id")), _vector(dataset, _name(inputs, "column")), labels
+        _vector(dataset, id_name), _vector(dataset, _name(inputs, "column")), labels, id_name
     )
 
 
@@ -709,8 +657,10 @@ async def _reblind_theirs(
     The other holder's points come back in the order received.
     """
     peers, other = v.peers, v.other_holder
-    await _send_blob(peers, other, f"{tag}.blinded", b"".join(sorted(mine)))
-    blob = await _recv_blob(peers, other, f"{tag}.blinded", theirs_count * curve.POINT_BYTES)
+    await send_bytes(peers, other, f"{tag}.blinded", b"".join(sorted(mine)))
+    blob = await receive_bytes(
+        peers, other, f"{tag}.blinded", size=theirs_count * curve.POINT_BYTES
+    )
     theirs = points_from(blob, other, theirs_count)
     # strictly increasing: sorted (positions say nothing) and distinct
     if any(a >= b for a, b in itertools.pairwise(theirs)):
@@ -737,11 +687,9 @@ async def _joint_count(v: _Vertical, holding: _Holding, theirs_count: int) -> in
     to the join's.
     """
     peers, other = v.peers, v.other_holder
-    inside = [
-        curve.encode_item(i)
-        for i, k in zip(holding.ids, holding.index.tolist(), strict=True)
-        if k >= 0
-    ]
+    inside = id_bytes(
+        [i for i, k in zip(holding.ids, holding.index.tolist(), strict=True) if k >= 0]
+    )
     # random bytes items: ids are encoded as text, so a dummy never matches one
     dummies = [
         curve.encode_item(secrets.token_bytes(32)) for _ in range(len(holding.ids) - len(inside))
@@ -754,7 +702,7 @@ async def _joint_count(v: _Vertical, holding: _Holding, theirs_count: int) -> in
         # a third party counts, so that a holder learns c only if it passes
         dealer = v.others[0]
         await peers.send(dealer, "vt.count.size", {"points": len(theirs_double)})
-        await _send_blob(peers, dealer, "vt.count.list", b"".join(sorted(theirs_double)))
+        await send_bytes(peers, dealer, "vt.count.list", b"".join(sorted(theirs_double)))
         verdict = await peers.recv(dealer, "vt.count.verdict")
         passed = verdict.get("count") if isinstance(verdict, dict) else None
         if verdict == {"ok": False}:
@@ -763,8 +711,10 @@ async def _joint_count(v: _Vertical, holding: _Holding, theirs_count: int) -> in
             raise ComputationFailed(f"party '{dealer}' sent a malformed count")
         return passed
     # sorted: an order the other cannot link to the points it sent
-    await _send_blob(peers, other, "vt.count.reblinded", b"".join(sorted(theirs_double)))
-    blob = await _recv_blob(peers, other, "vt.count.reblinded", len(mine) * curve.POINT_BYTES)
+    await send_bytes(peers, other, "vt.count.reblinded", b"".join(sorted(theirs_double)))
+    blob = await receive_bytes(
+        peers, other, "vt.count.reblinded", size=len(mine) * curve.POINT_BYTES
+    )
     mine_double = points_from(blob, other, len(mine))
     if any(a >= b for a, b in itertools.pairwise(mine_double)):
         raise ComputationFailed(f"party '{other}' sent points that are not sorted and distinct")
@@ -772,27 +722,29 @@ async def _joint_count(v: _Vertical, holding: _Holding, theirs_count: int) -> in
 
 
 async def _join(v: _Vertical, holding: _Holding, theirs_count: int) -> npt.NDArray[np.intp]:
-    """DH-PSI with the other holder; my rows of the common records, in a common order.
+    """The private join with the other holder (:func:`join_ids`): my rows of the common records.
 
-    Run only once the in-category joint count has passed: the other holder's
-    reply (my points blinded by both scalars, in my order) shows which of my
-    ids it holds.
+    Run only once the in-category joint count has passed, so the join itself
+    passes the minimum cohort too (it holds at least as many records); if a
+    holder lied and it does not, the x-holder tells the other parties.
     """
-    peers, other = v.peers, v.other_holder
-    scalar = curve.random_scalar()
-    items = [curve.encode_item(i) for i in holding.ids]
-    blinded = await asyncio.to_thread(curve.hash_and_blind, items, scalar, v.domain("join"))
-    order = sorted(range(len(blinded)), key=blinded.__getitem__)  # as sent: sorted
-    theirs_double = await _reblind_theirs(v, "vt.join", blinded, scalar, theirs_count)
-    # in the order received: this shows the other which of its ids I hold
-    await _send_blob(peers, other, "vt.join.reblinded", b"".join(theirs_double))
-    blob = await _recv_blob(peers, other, "vt.join.reblinded", len(order) * curve.POINT_BYTES)
-    mine_double = points_from(blob, other, len(order))
-    if len(set(mine_double)) != len(mine_double):
-        raise ComputationFailed(f"party '{other}' sent the same point twice")
-    row_of = {point: order[k] for k, point in enumerate(mine_double)}
-    common = sorted(row_of.keys() & set(theirs_double))
-    return np.array([row_of[p] for p in common], dtype=np.intp)
+    me, other = v.peers.me, v.other_holder
+    try:
+        _, rows = await join_ids(
+            v.peers,
+            v.holders,
+            id_bytes(holding.ids),
+            sizes={me: len(holding.ids), other: theirs_count},
+            min_cohort=v.minimum,
+            domain=v.domain("join"),
+            tag="vt.join",
+            tell=[],
+        )
+    except CohortTooSmall:
+        await _tell_others(v, {"ok": False})
+        raise
+    assert rows is not None  # a holder gets its rows
+    return rows
 
 
 def _one_hot(index: I64, width: int) -> U64:
@@ -899,7 +851,7 @@ async def _count_for_holders(v: _Vertical) -> None:
         count = size.get("points") if isinstance(size, dict) else None
         if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_IDS:
             raise ComputationFailed(f"party '{holder}' sent a malformed list size")
-        blob = await _recv_blob(v.peers, holder, "vt.count.list", count * curve.POINT_BYTES)
+        blob = await receive_bytes(v.peers, holder, "vt.count.list", size=count * curve.POINT_BYTES)
         points = points_from(blob, holder, count)
         if any(a >= b for a, b in itertools.pairwise(points)):
             raise ComputationFailed(
@@ -1013,11 +965,11 @@ async def _paillier_x(v: _Vertical, indicator: U64) -> U64:
     ciphertexts, groups = await asyncio.to_thread(_encrypt_rows, public_key, index, kx, n)
     modulus = int(public_key.n)
     await peers.send(other, "vt.he.key", {"n": modulus.to_bytes((modulus.bit_length() + 7) // 8)})
-    await _send_blob(peers, other, "vt.he.rows", _pack(ciphertexts, int(public_key.nsquare)))
+    await send_bytes(peers, other, "vt.he.rows", _pack(ciphertexts, int(public_key.nsquare)))
     await v.ctx.progress(0.6)
     nsquare = int(public_key.nsquare)
     width = (nsquare.bit_length() + 7) // 8
-    blob = await _recv_blob(peers, other, "vt.he.sums", width * ky * groups)
+    blob = await receive_bytes(peers, other, "vt.he.sums", size=width * ky * groups)
     sums = _unpack(blob, nsquare, ky * groups, other)
     plaintexts = await asyncio.to_thread(lambda: [int(private_key.raw_decrypt(c)) for c in sums])
     bits = _slot_bits(n)
@@ -1048,7 +1000,7 @@ async def _paillier_y(v: _Vertical, index: I64) -> U64:
     groups = -(-kx // slots)
     nsquare = int(public_key.nsquare)
     width = (nsquare.bit_length() + 7) // 8
-    blob = await _recv_blob(peers, owner, "vt.he.rows", width * n * groups)
+    blob = await receive_bytes(peers, owner, "vt.he.rows", size=width * n * groups)
     rows = _unpack(blob, nsquare, n * groups, owner)
 
     def add_up() -> list[int]:
@@ -1062,7 +1014,7 @@ async def _paillier_y(v: _Vertical, index: I64) -> U64:
         return [s * int(public_key.raw_encrypt(0)) % nsquare for s in sums]
 
     sums = await asyncio.to_thread(add_up)
-    await _send_blob(peers, owner, "vt.he.sums", _pack(sums, nsquare))
+    await send_bytes(peers, owner, "vt.he.sums", _pack(sums, nsquare))
     return await _recv_matrix(peers, owner, "vt.table", v.shape)
 
 
@@ -1091,13 +1043,7 @@ def _holders(value: Any, parties: list[str]) -> list[str]:
         ),
         _categories("x_categories", "the categories of x", required=True),
         _categories("y_categories", "the categories of y", required=True),
-        Input(
-            "paillier_bits",
-            "integer",
-            "Paillier key size (two parties only); must agree",
-            default=2048,
-            choices=PAILLIER_BITS,
-        ),
+        PAILLIER_INPUT,
         Input("data", "data", "a holder's dataset (other parties give none)"),
         Input("id", "string", "a holder's column of record ids"),
         COLUMN,
@@ -1123,12 +1069,7 @@ async def contingency_table_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
         y_labels = _labels(inputs.get("y_categories"), "y_categories")
         if len(x_labels) * len(y_labels) > MAX_CELLS:
             raise BadRequest(f"a contingency table may have at most {MAX_CELLS} cells")
-        bits = inputs.get("paillier_bits", 2048)
-        if bits not in PAILLIER_BITS or isinstance(bits, bool):
-            raise BadRequest(
-                f"'paillier_bits' must be one of {', '.join(map(str, PAILLIER_BITS))}"
-                " (smaller Paillier keys are not secure)"
-            )
+        bits = paillier_bits(inputs)
         holding = None
         if peers.me in holders:
             labels = x_labels if peers.me == holders[0] else y_labels

@@ -368,7 +368,7 @@ def test_contingency_table_horizontal(fixture: str, request: pytest.FixtureReque
 
 
 def vertical_data(
-    seed: int, x_cats: Sequence[str], y_cats: Sequence[str], numeric_x_ids: bool = False
+    seed: int, x_cats: Sequence[str], y_cats: Sequence[str], numeric_ids: bool = False
 ) -> tuple[dict[str, list[Any]], dict[str, list[Any]], list[tuple[str, str]]]:
     """Two holders' columns over partly overlapping ids, in different orders."""
     rng = random.Random(seed)
@@ -378,10 +378,11 @@ def vertical_data(
     x_value = {i: rng.choice([*x_cats[:4], *x_cats[-2:], "other"]) for i in x_ids}
     y_value = {i: rng.choice([*y_cats, "none"]) for i in y_ids}
     x = {
-        "id": [float(i) if numeric_x_ids else str(i) for i in x_ids],
+        "id": [float(i) if numeric_ids else str(i) for i in x_ids],
         "v": [x_value[i] for i in x_ids],
     }
-    y = {"id": [str(i) for i in y_ids], "w": [y_value[i] for i in y_ids]}
+    # numeric ids: floats at x meet integers at y (7.0 is 7; "7" would be another id)
+    y = {"id": [i if numeric_ids else str(i) for i in y_ids], "w": [y_value[i] for i in y_ids]}
     joined = [(x_value[i], y_value[i]) for i in sorted(set(x_ids) & set(y_ids))]
     return x, y, [(a, b) for a, b in joined if a in x_cats and b in y_cats]
 
@@ -417,7 +418,7 @@ def test_vertical_two_parties_with_paillier(duo: LocalFederation) -> None:
     # 450 x-categories of 5 bits do not fit in one 2048-bit plaintext: 2 ciphertexts a record
     x_cats = [f"c{k}" for k in range(450)]
     y_cats = ["k", "l", "m"]
-    x, y, pairs = vertical_data(2, x_cats, y_cats, numeric_x_ids=True)
+    x, y, pairs = vertical_data(2, x_cats, y_cats, numeric_ids=True)
     federation = duo.federation()
     job = run_vertical(federation, ["p1", "p2"], x, y, x_categories=x_cats, y_categories=y_cats)
     expected = two_way(pairs, x_cats, y_cats, 3)

@@ -59,7 +59,7 @@ def onion_lengths(net: Wire) -> dict[str, set[int]]:
     lengths: dict[str, set[int]] = {}
     for sent in net.sent:
         if sent.tag.startswith(service.Stage.COLLECT + "."):
-            blob = sent.value["onions"]
+            blob = sent.value["data"]
             lengths.setdefault(sent.sender, set()).add(len(blob))
     return lengths
 
@@ -88,7 +88,7 @@ def test_onions_have_one_length_whatever_the_items() -> None:
         if sent.tag.startswith(service.Stage.MIX + "."):
             layers = n - int(sent.tag.split(".")[1])
             per = service.DEFAULT_MAX_ITEM_BYTES + 2 + layers * curve.ONION_LAYER_BYTES
-            assert len(sent.value["onions"]) == 12 * per
+            assert len(sent.value["data"]) == 12 * per
     # The setup messages differ only by the fresh key: nothing about item lengths.
     setups = [s.value for s in net.sent if s.tag == service.Stage.SETUP]
     assert {frozenset(v) for v in setups} == {

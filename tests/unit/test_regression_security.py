@@ -28,6 +28,7 @@ from fdrtd_server.errors import (
     FdrtdError,
     Forbidden,
 )
+from fdrtd_server.sdk import canonical_ids
 from protocols.smpc import matmul, product, regression
 
 
@@ -206,8 +207,9 @@ def test_a_malformed_ciphertext_names_its_sender(bad: str) -> None:
     keys: dict[str, int] = {}
 
     def at_evaluator(sender: str, receiver: str, tag: str, value: Any) -> Any:
-        if tag == "mm.ab.c.0":
+        if tag == "mm.ab.key":  # the key goes ahead of the ciphertexts
             keys["n"] = int.from_bytes(value["n"], "little")
+        if tag == "mm.ab.c.0":
             return forge(value, keys["n"])
         return value
 
@@ -216,7 +218,7 @@ def test_a_malformed_ciphertext_names_its_sender(bad: str) -> None:
     assert "party 'p' sent a malformed ciphertext" in outcomes["q"].message
 
     def at_encryptor(sender: str, receiver: str, tag: str, value: Any) -> Any:
-        if tag == "mm.ab.c.0":
+        if tag == "mm.ab.key":
             keys["n"] = int.from_bytes(value["n"], "little")
         if tag == "mm.ab.r.0":
             return forge(value, keys["n"])
@@ -439,17 +441,13 @@ def test_vertical_with_one_data_holder_fails_at_once() -> None:
 
 
 def test_ids_are_exact_or_refused() -> None:
-    assert regression._id_keys(np.array([7.0, -3.0, math.nan, 2.0**53])) == [
-        b"7",
-        b"-3",
-        None,
-        str(2**53).encode(),
-    ]
+    ids, present = canonical_ids(np.array([7.0, -3.0, math.nan, 2.0**53]), "id")
+    assert ids == [7, -3, 2**53] and present.tolist() == [True, True, False, True]
     big = np.array([2**62 + 1, 2**62 + 2], dtype=np.int64)  # integers stay exact
-    assert regression._id_keys(big) == [str(2**62 + 1).encode(), str(2**62 + 2).encode()]
-    for bad in ([2.0**53 + 2], [1.5], [-(2.0**60)]):
+    assert canonical_ids(big, "id")[0] == [2**62 + 1, 2**62 + 2]
+    for bad in ([2.0**53 + 2], [1.5], [-(2.0**60)], [math.inf]):
         with pytest.raises(BadRequest, match="upload the ids as integers or as text"):
-            regression._id_keys(np.array(bad))
+            canonical_ids(np.array(bad), "id")
 
 
 def test_frac_bits_is_refused_for_vertical_regression() -> None:

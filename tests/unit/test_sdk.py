@@ -50,6 +50,12 @@ EXPECTED = {
     # secure computation
     "SmpcSession",
     "points_from",
+    "send_bytes",
+    "receive_bytes",
+    "canonical_ids",
+    "id_bytes",
+    "join_ids",
+    "join_domain",
     "ring",
     "curve",
     # disclosure

@@ -19,13 +19,21 @@ from memory_peers import SESSION, Peers, Wire, run_tasks
 
 from fdrtd_server.errors import BadRequest, ComputationFailed
 from fdrtd_server.sdk import curve
-from protocols.smpc.regression import _join
+from fdrtd_server.sdk.join import join_ids
 
-DOMAIN = b"fdrtd/smpc/vertical/" + hashlib.sha256(SESSION.encode()).hexdigest().encode()
+DOMAIN = b"fdrtd/join/test/" + hashlib.sha256(SESSION.encode()).hexdigest().encode()
 
 
 def _keys(ids: list[str]) -> list[bytes]:
-    return [i.encode() for i in ids]
+    return [curve.encode_item(i) for i in ids]
+
+
+async def _join(
+    peers: Any, holders: list[str], keys: list[bytes] | None, sizes: dict[str, int] | None = None
+) -> tuple[int, Any]:
+    """The SDK's join as the vertical regression runs it (minimum cohort 0)."""
+    known = sizes or ({p: len(keys or []) for p in holders})
+    return await join_ids(peers, holders, keys, sizes=known, min_cohort=0, domain=DOMAIN)
 
 
 def _run(
@@ -46,7 +54,8 @@ def _run(
 
     async def one(name: str) -> tuple[int, Any]:
         keys = ids[name]
-        return await _join(peers[name], holders, None if keys is None else _keys(keys))  # type: ignore[arg-type]
+        sizes = {p: len(ids[p] or []) for p in holders}
+        return await _join(peers[name], holders, None if keys is None else _keys(keys), sizes)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(curve, "random_scalar", recorded)
@@ -103,7 +112,7 @@ def test_no_party_can_test_a_guessed_id_of_another(party: str) -> None:
         seen.update(data[k : k + 32] for k in range(0, len(data), 32))
     assert seen, "the party received points"
     guesses = sorted(set().union(*IDS.values()) - set(IDS[party]))
-    hashed = [curve.hash_to_point(curve.encode_item(g.encode()), DOMAIN) for g in guesses]
+    hashed = [curve.hash_to_point(curve.encode_item(g), DOMAIN) for g in guesses]
     computable = set(hashed) | set(curve.blind(hashed, scalars[party]))
     assert computable.isdisjoint(seen)
     # the guesses' full tags are there (for the ids in others' lists): the
@@ -122,7 +131,7 @@ def test_a_repeated_id_is_refused_and_a_bad_point_names_its_sender() -> None:
     async def forged() -> None:
         wire = Wire()
         a = Peers(wire, "a", ["a", "b"])
-        wire.boxes[("a", "b", "join.ring.1.0")].put_nowait({"data": b"\xff" * 32, "pieces": 1})
+        wire.boxes[("a", "b", "join.ring.1.0")].put_nowait({"data": b"\xff" * 32, "of": 1})
         await _join(a, ["a", "b"], [b"x"])  # type: ignore[arg-type]
 
     with pytest.raises(ComputationFailed, match="party 'b' sent invalid curve points"):
