@@ -6,11 +6,12 @@ Every one of them turns a column into ids with :func:`canonical_ids`:
 
 * integers (any integer column) are ids as they are, exactly: ``2**60 + 1``
   is not ``2**60``;
-* a float is an id only if it is a whole number of magnitude at most
-  :data:`EXACT_FLOAT_IDS` (``2**53``), and then it is that integer, so
-  ``7.0`` from a CSV file meets ``7`` from an integer array; above ``2**53``
-  a float stands for several integers (``2.0**53 + 1 == 2.0**53``), so two
-  ids could silently become one: refused, as are fractions and infinities;
+* a float of magnitude at most :data:`EXACT_FLOAT_IDS` (``2**53``) that is a
+  whole number is that integer, so ``7.0`` from a CSV file meets ``7`` from
+  an integer array; a fraction (``2.5``, a measured value intersected by
+  PSI) is that exact float; above ``2**53`` a float stands for several
+  integers (``2.0**53 + 1 == 2.0**53``), so two ids could silently become
+  one: refused, as are infinities;
 * text is an id as its exact characters (UTF-8, no normalisation);
 * a missing value (NaN, or text that is empty or blank) is no id: its row
   takes no part.
@@ -33,8 +34,8 @@ from fdrtd_server.sdk import curve
 
 __all__ = ["EXACT_FLOAT_IDS", "Id", "canonical_ids", "id_bytes"]
 
-Id = int | str
-"""A canonical id: an exact integer or a text."""
+Id = int | float | str
+"""A canonical id: an exact integer, an exact fraction, or a text."""
 
 EXACT_FLOAT_IDS = 1 << 53
 """Largest magnitude up to which every whole number has a float64 (ids given as floats)."""
@@ -52,8 +53,8 @@ def canonical_ids(column: npt.NDArray[Any], name: str) -> tuple[list[Id], npt.ND
 
     Raises:
         BadRequest: Naming the column, if it is not one-dimensional integers,
-            floats or text, or holds a float that is not a whole number of
-            magnitude at most 2^53 (infinity included).
+            floats or text, or holds a float that is infinite or above 2^53
+            in magnitude.
     """
     if column.ndim != 1:
         raise BadRequest(f"the id column '{name}' must hold single values, not vectors")
@@ -65,13 +66,13 @@ def canonical_ids(column: npt.NDArray[Any], name: str) -> tuple[list[Id], npt.ND
         present = ~np.isnan(floats)
         ids: list[Id] = []
         for value in floats[present].tolist():
-            if not math.isfinite(value) or not value.is_integer() or abs(value) > EXACT_FLOAT_IDS:
+            if not math.isfinite(value) or abs(value) > EXACT_FLOAT_IDS:
                 raise BadRequest(
-                    f"the id column '{name}' holds numbers that are not whole or are above "
-                    "2^53 in magnitude, which floating point cannot store exactly; upload "
-                    "the ids as integers or as text"
+                    f"the id column '{name}' holds numbers that are infinite or above 2^53 "
+                    "in magnitude, which floating point cannot store exactly; upload the "
+                    "ids as integers or as text"
                 )
-            ids.append(int(value))
+            ids.append(int(value) if value.is_integer() else value)
         return ids, present
     if kind in "US":
         texts = [v.decode() if isinstance(v, bytes) else str(v) for v in column.tolist()]

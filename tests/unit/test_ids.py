@@ -50,9 +50,7 @@ def test_the_ids_are_exact_and_typed() -> None:
     assert id_bytes([7])[0] == id_bytes([int(7.0)])[0] != id_bytes(["7"])[0]
 
 
-@pytest.mark.parametrize(
-    "bad", [[1.0, 2.5], [1.0, math.inf], [2.0**53 + 2], [-(2.0**60)], [True, False]]
-)
+@pytest.mark.parametrize("bad", [[1.0, math.inf], [2.0**53 + 2], [-(2.0**60)], [True, False]])
 def test_the_three_protocols_refuse_the_same_bad_ids(bad: list[Any]) -> None:
     column = np.array(bad)
     messages = set()
