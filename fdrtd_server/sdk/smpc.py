@@ -102,7 +102,7 @@ def _with_public(tag: str, piece: Message) -> Stage:
     return Stage(f"{tag} with metadata", form, tag=tag, title="masked vector")
 
 
-def _gate(early: Message) -> Message:
+def _gate_form(early: Message) -> Message:
     """The count gate's message: a masked count, maybe a sum, maybe public metadata."""
     return Message.map(
         {
@@ -128,7 +128,7 @@ class SmpcStage(Namespace):
     # refused by that vetting, with the reason
     GATE = Stage(
         "count gate",
-        _gate(Message.list_of(Message.uint64_vector(), length=1)),
+        _gate_form(Message.list_of(Message.uint64_vector(), length=1)),
         tag="sum",
         title="masked count",
     )
@@ -136,7 +136,7 @@ class SmpcStage(Namespace):
         "count gate's sum", Message.list_of(_PIECE, length=1), tag="sum", title="masked vector"
     )
     BIG_GATE = Stage(
-        "exact count gate", _gate(Message.list_of(_WIDE_ITEM)), tag="sum", title="masked count"
+        "exact count gate", _gate_form(Message.list_of(_WIDE_ITEM)), tag="sum", title="masked count"
     )
     EARLY_BIGSUM = Stage("exact count gate's sum", _WIDE, tag="sum", title="masked vector")
     BIGSUM = Stage("bigsum", _WIDE, title="masked vector")
