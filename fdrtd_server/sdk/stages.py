@@ -93,8 +93,8 @@ class Message:
         return cls.array(np.uint64, length=length)
 
     @classmethod
-    def bytes(cls, *, size: Size = None, multiple: int | None = None) -> Message:
-        """A byte string of ``size`` bytes, or of a ``multiple`` of that many."""
+    def bytes(cls, *, size: Size = None, multiple: int | None = None, most: Size = None) -> Message:
+        """A byte string of ``size`` bytes (or at ``most``), maybe a ``multiple`` of that many."""
 
         def check(value: Any, expected: Mapping[str, Any]) -> None:
             if not isinstance(value, bytes):
@@ -102,18 +102,23 @@ class Message:
             want = _size(size, expected)
             if want is not None and len(value) != want:
                 raise Malformed(f"expected {want} bytes, got {len(value)}")
+            top = _size(most, expected)
+            if top is not None and len(value) > top:
+                raise Malformed(f"expected at most {top} bytes, got {len(value)}")
             if multiple is not None and len(value) % multiple:
                 raise Malformed(f"expected a multiple of {multiple} bytes, got {len(value)}")
 
         return cls("bytes", check)
 
     @classmethod
-    def count(cls, *, maximum: Size = None) -> Message:
-        """A non-negative integer (not a bool), at most ``maximum`` if given."""
+    def count(cls, *, minimum: int = 0, maximum: Size = None) -> Message:
+        """An integer (not a bool) of at least ``minimum``, at most ``maximum`` if given."""
 
         def check(value: Any, expected: Mapping[str, Any]) -> None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise Malformed(f"expected a non-negative integer, got {_kind(value)}")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise Malformed(f"expected an integer, got {_kind(value)}")
+            if value < minimum:
+                raise Malformed(f"expected a count of at least {minimum}")
             top = _size(maximum, expected)
             if top is not None and value > top:
                 raise Malformed(f"expected a count of at most {top}")

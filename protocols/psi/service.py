@@ -147,6 +147,8 @@ from fdrtd_server.sdk import (
     receive_bytes,
     send_bytes,
 )
+from fdrtd_server.sdk import stages as staged
+from fdrtd_server.sdk.stages import Message
 
 __all__ = [
     "CHUNK_POINTS",
@@ -220,6 +222,45 @@ class Stage(Namespace):
     COLLECT = "onion"
     MIX = "mix"
     UNION = "union"
+
+
+class Checked(Namespace):
+    """The stages whose messages' forms are declared, checked on receipt (``sdk.stages``)."""
+
+    SETUP = staged.Stage(
+        Stage.SETUP,
+        Message.map(
+            {
+                "size": Message.count(maximum=MAX_ITEMS),
+                "min_cohort": Message.count(minimum=1),
+            },
+            open=True,  # function, version and what a function declares besides
+        ),
+        title="setup message",
+    )
+    JOINT_SIZE = staged.Stage(
+        "joint size",
+        Message.map({"size": Message.count(maximum="most")}),
+        tag=Stage.JOINT,
+        title="intersection size",
+    )
+    JOINT = staged.Stage(
+        Stage.JOINT,
+        Message.map(
+            {
+                "points": Message.bytes(
+                    multiple=curve.POINT_BYTES, most=CHUNK_POINTS * curve.POINT_BYTES
+                ),
+                "more": Message.flag(),
+            }
+        ),
+        title="intersection message",
+    )
+    HITS = staged.Stage(
+        Stage.HITS,
+        Message.map({"positions": Message.array(np.uint32, length="size")}),
+        title="list of intersection positions",
+    )
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -389,21 +430,13 @@ async def _setup(
     if size < ctx.env.min_cohort:
         raise CohortTooSmall(ctx.env.min_cohort)
     mine = declare(ctx, function=function, version=PROTOCOL_VERSION, size=size, **extra)
-    received = await peers.exchange(Stage.SETUP, mine)
-    for party, message in received.items():
-        if not isinstance(message, dict):
-            raise ComputationFailed(f"party '{party}' sent a malformed setup message")
+    received = await staged.StagedPeers(peers).exchange(Checked.SETUP, mine)
+    for message in received.values():
         if message.get("function") != function or message.get("version") != PROTOCOL_VERSION:
             raise ComputationFailed(
                 "the parties disagree on the function or protocol version; every party "
                 "must run the same psi function of the same fdrtd version"
             )
-        count = message.get("size")
-        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_ITEMS:
-            raise ComputationFailed(f"party '{party}' announced an invalid set size")
-        minimum = message.get("min_cohort")
-        if not isinstance(minimum, int) or isinstance(minimum, bool) or minimum < 1:
-            raise ComputationFailed(f"party '{party}' declared an invalid minimum cohort")
     for party in peers.others:
         if received[party]["size"] < ctx.env.min_cohort:
             raise Forbidden(
@@ -562,16 +595,13 @@ async def _final(
         for owner, points in held.items():
             await _send_sorted(peers, intersector, f"{Stage.FINAL}.{owner}", points)
         if not reveal:
-            message = await peers.recv(intersector, Stage.JOINT)
-            size = message.get("size") if isinstance(message, dict) else None
-            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= min(sizes):
-                raise ComputationFailed(f"party '{intersector}' sent a malformed intersection size")
-            return size, {}
+            message = await staged.StagedPeers(peers).recv(
+                intersector, Checked.JOINT_SIZE, most=min(sizes)
+            )
+            return int(message["size"]), {}
         joint: dict[int, set[bytes]] = {}
         for owner, points in sorted(held.items()):
-            received = await _receive_joint(
-                peers, intersector, f"{Stage.JOINT}.{owner}", sizes[owner]
-            )
+            received = await _receive_joint(peers, intersector, owner, sizes[owner])
             if not received <= set(points):
                 raise ComputationFailed(
                     f"party '{intersector}' sent an intersection that is not in every party's set"
@@ -627,23 +657,16 @@ async def _final(
     return len(common), {owner: by_owner[owner] for owner in held}
 
 
-async def _receive_joint(peers: PeerSession, sender: str, tag: str, most: int) -> set[bytes]:
+async def _receive_joint(peers: PeerSession, sender: str, owner: int, most: int) -> set[bytes]:
     """Stage JOINT on the receiving side: ``I``, sorted, at most ``most`` points."""
     points: list[bytes] = []
     k, more = 0, True
     while more:
         if k > most // CHUNK_POINTS:  # more chunks than an intersection of `most` needs
             raise ComputationFailed(f"party '{sender}' sent more points than the intersection has")
-        message = await peers.recv(sender, f"{tag}.{k}")
-        blob = message.get("points") if isinstance(message, dict) else None
-        flag = message.get("more") if isinstance(message, dict) else None
-        if (
-            not isinstance(blob, bytes)
-            or not isinstance(flag, bool)
-            or len(blob) % curve.POINT_BYTES
-            or len(blob) > CHUNK_POINTS * curve.POINT_BYTES
-        ):
-            raise ComputationFailed(f"party '{sender}' sent a malformed intersection message")
+        message = await staged.StagedPeers(peers).recv(sender, Checked.JOINT, owner, k)
+        blob, flag = message["points"], message["more"]
+        # every chunk but the last is full
         if flag and len(blob) != CHUNK_POINTS * curve.POINT_BYTES:
             raise ComputationFailed(f"party '{sender}' sent a malformed intersection message")
         points.extend(parse_points(message, len(blob) // curve.POINT_BYTES, sender))
@@ -669,16 +692,9 @@ async def _hits(
         positions = np.array([k for k, p in enumerate(points) if p in common], dtype=np.uint32)
         await peers.send(peers.parties[owner], Stage.HITS, {"positions": positions})
     before = peers.parties[_holder(n, me)]
-    message = await peers.recv(before, Stage.HITS)
-    ours = message.get("positions") if isinstance(message, dict) else None
-    if (
-        not isinstance(ours, np.ndarray)
-        or ours.dtype != np.uint32
-        or ours.ndim != 1
-        or ours.size != size
-        or (ours.size and int(ours.max()) >= len(items))
-        or np.unique(ours).size != ours.size
-    ):
+    message = await staged.StagedPeers(peers).recv(before, Checked.HITS, size=size)
+    ours = message["positions"]
+    if (ours.size and int(ours.max()) >= len(items)) or np.unique(ours).size != ours.size:
         raise ComputationFailed(f"party '{before}' sent malformed intersection positions")
     return sorted((items[int(k)] for k in ours), key=sort_key)
 
