@@ -78,7 +78,8 @@ class Message:
 
         def check(value: Any, expected: Mapping[str, Any]) -> None:
             if not isinstance(value, np.ndarray) or value.dtype != np.dtype(dtype):
-                raise Malformed(f"expected a {name} array, got {_kind(value)}")
+                got = value.dtype.name if isinstance(value, np.ndarray) else _kind(value)
+                raise Malformed(f"expected a {name} array, got {got}")
             if value.ndim != 1:
                 raise Malformed(f"expected a vector of {name}, got {value.ndim} dimensions")
             want = _size(length, expected)
@@ -146,6 +147,16 @@ class Message:
         return cls.of_type(bool, "a bool")
 
     @classmethod
+    def constant(cls, value: bool | int | str) -> Message:
+        """Exactly ``value`` (a marker such as ``True``), of its type."""
+
+        def check(received: Any, expected: Mapping[str, Any]) -> None:
+            if type(received) is not type(value) or received != value:
+                raise Malformed(f"expected the constant {value!r}")
+
+        return cls(f"constant {value!r}", check)
+
+    @classmethod
     def list_of(cls, item: Message, *, length: Size = None) -> Message:
         """A list of ``length`` (if given) items of the form ``item``."""
 
@@ -197,6 +208,23 @@ class Message:
                         raise Malformed(f"key '{key}': {error}") from None
 
         return cls("map", check)
+
+    @classmethod
+    def one_of(cls, *forms: Message) -> Message:
+        """A value of one of ``forms`` (tried in order; a refusal gives the first's reason)."""
+
+        def check(value: Any, expected: Mapping[str, Any]) -> None:
+            reasons = []
+            for form in forms:
+                try:
+                    form.check(value, expected)
+                except Malformed as error:
+                    reasons.append(str(error))
+                else:
+                    return
+            raise Malformed(f"of none of its {len(forms)} forms ({reasons[0]})")
+
+        return cls(" or ".join(form.describe for form in forms), check)
 
     @classmethod
     def optional(cls, form: Message, *, required: str | None = None) -> Message:

@@ -60,6 +60,15 @@ CASES: list[tuple[str, Message, dict[str, Any], Any, Any, str]] = [
     ("flag", Message.flag(), {}, False, 0, "a bool"),
     ("list length", Message.list_of(Message.text(), length=2), {}, ["a", "b"], ["a"], "2 items"),
     ("list item", Message.list_of(Message.text()), {}, ["a"], ["a", 1], "item 1"),
+    ("constant", Message.constant(True), {}, True, 1, "constant True"),
+    (
+        "one of",
+        Message.one_of(Message.text(), Message.count()),
+        {},
+        3,
+        b"x",
+        "none of its 2 forms",
+    ),
     (
         "required",
         Message.optional(Message.text(), required="needed"),
