@@ -15,6 +15,9 @@ is the supported surface, tested name by name in ``tests/unit/test_sdk.py``:
   the joint minimum cohort;
 * secure computation: :class:`SmpcSession` (secure sums, OR, maximum) over
   the fixed-point :mod:`ring`, and the Curve25519 primitives of :mod:`curve`;
+* protocol stages (:mod:`fdrtd_server.sdk.stages`): a :class:`Stage` names a
+  message and declares its :class:`Message` form, and :class:`StagedPeers`
+  checks every received message against it before the protocol sees it;
 * disclosure rules (:mod:`fdrtd_server.sdk.disclosure`);
 * long messages between parties: :func:`send_bytes` and :func:`receive_bytes`
   (:mod:`fdrtd_server.sdk.transfer`), where the receiver knows or caps the size;
@@ -68,6 +71,7 @@ from fdrtd_server.sdk.parties import (
     vet_declared,
 )
 from fdrtd_server.sdk.smpc import SmpcSession, points_from
+from fdrtd_server.sdk.stages import Message, Stage, StagedPeers
 from fdrtd_server.sdk.transfer import receive_bytes, send_bytes
 
 __all__ = [
@@ -83,6 +87,7 @@ __all__ = [
     "Forbidden",
     "Input",
     "JobContext",
+    "Message",
     "Microservice",
     "Namespace",
     "NotFound",
@@ -94,6 +99,8 @@ __all__ = [
     "PluginError",
     "ServiceUnavailable",
     "SmpcSession",
+    "Stage",
+    "StagedPeers",
     "agree",
     "both",
     "canonical_ids",

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +41,7 @@ from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed
 from fdrtd_server.peers import PeerSession
 from fdrtd_server.sdk import curve
 from fdrtd_server.sdk.smpc import points_from
+from fdrtd_server.sdk.stages import Message, Stage, StagedPeers
 from fdrtd_server.sdk.transfer import receive_bytes, send_bytes
 
 __all__ = ["MAX_IDS", "join_domain", "join_ids"]
@@ -66,13 +66,19 @@ async def _points(peers: PeerSession, sender: str, tag: str, count: int) -> list
     return points_from(blob, sender, count)
 
 
-def _common_count(message: Any, sender: str, min_cohort: int) -> int:
+_COUNT = Message.one_of(
+    Message.map({"n": Message.count()}), Message.map({"refused": Message.constant(True)})
+)
+"""The first holder's count of common ids, or its refusal (too few)."""
+
+
+async def _common_count(peers: PeerSession, sender: str, min_cohort: int, tag: str) -> int:
     """The first holder's count of common ids; its refusal becomes everyone's."""
-    if isinstance(message, dict) and message.get("refused") is True:
+    stage = Stage(f"{tag}.count", _COUNT, title="record count")  # under the join's own prefix
+    checked = await StagedPeers(peers).recv(sender, stage)
+    if "refused" in checked:
         raise _collective(min_cohort)
-    count = message.get("n") if isinstance(message, dict) else None
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-        raise ComputationFailed(f"party '{sender}' sent a malformed record count")
+    count = int(checked["n"])
     if count < min_cohort:
         raise ComputationFailed(
             f"party '{sender}' sent a record count below the minimum cohort instead of refusing"
@@ -124,7 +130,7 @@ async def join_ids(
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_IDS:
             raise ComputationFailed(f"party '{holder}' declared a malformed number of ids")
     if items is None:
-        return _common_count(await peers.recv(first, f"{tag}.count"), first, min_cohort), None
+        return await _common_count(peers, first, min_cohort, tag), None
     if len(set(items)) != len(items):
         raise BadRequest("the id column must not repeat an id")
     if len(items) != sizes[me]:
@@ -164,7 +170,7 @@ async def join_ids(
         await send_bytes(peers, others, f"{tag}.common", b"".join(ordered))
     else:
         await send_bytes(peers, first, f"{tag}.tags", b"".join(sorted(row_of)))
-        count = _common_count(await peers.recv(first, f"{tag}.count"), first, min_cohort)
+        count = await _common_count(peers, first, min_cohort, tag)
         ordered = await _points(peers, first, f"{tag}.common", count)
         if ordered != sorted(set(ordered)) or not set(ordered) <= row_of.keys():
             raise ComputationFailed(f"party '{first}' sent a malformed list of common ids")

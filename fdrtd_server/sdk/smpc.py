@@ -70,8 +70,9 @@ from fdrtd_server.errors import ComputationFailed
 from fdrtd_server.peers import PeerSession, both
 from fdrtd_server.sdk import curve, ring
 from fdrtd_server.sdk.namespace import Namespace
+from fdrtd_server.sdk.stages import Message, Stage, StagedPeers
 
-__all__ = ["CHUNK", "SmpcSession", "Stage", "points_from"]
+__all__ = ["CHUNK", "SmpcSession", "SmpcStage", "points_from"]
 
 CHUNK = 128 * 1024
 """Elements per peer message (1 MiB of uint64), below the bus payload limit."""
@@ -86,13 +87,77 @@ SEARCH_ROUNDS = 64 // SEARCH_BITS
 U64 = npt.NDArray[np.uint64]
 
 
-class Stage(Namespace):
-    """Names of the protocol stages, used as message tags."""
+_PUBLIC = Message.map({"parties": Message.list_of(Message.text())}, open=True)
+"""Public metadata a party declares: its own keys, and the session's parties in order."""
+_PIECE = Message.uint64_vector(length="length")
+"""One piece (at most :data:`CHUNK` elements) of a masked uint64 vector."""
+_WIDE_ITEM = Message.bytes(size=ring.EXACT_RING_BITS // 8)
+_WIDE = Message.list_of(_WIDE_ITEM, length="length")
+"""Masked exact-ring values, one big-endian string of the ring's width each."""
 
-    SEEDS = "seeds"
-    SUM = "sum"
-    BIGSUM = "bigsum"
-    OR = "or"
+
+def _with_public(tag: str, piece: Message) -> Stage:
+    """The first piece of a sum that carries a deferred setup's public metadata."""
+    form = Message.map({"v": piece, "public": _PUBLIC})
+    return Stage(f"{tag} with metadata", form, tag=tag, title="masked vector")
+
+
+def _gate_form(early: Message) -> Message:
+    """The count gate's message: a masked count, maybe a sum, maybe public metadata."""
+    return Message.map(
+        {
+            "count": Message.uint64_vector(length=1),
+            "sum": Message.optional(early),
+            "public": Message.optional(_PUBLIC, required="with_public"),
+        }
+    )
+
+
+class SmpcStage(Namespace):
+    """The engine's stages and their messages' forms (:mod:`fdrtd_server.sdk.stages`).
+
+    Tags carry the operation's counter and, for long vectors, the piece:
+    ``sum.7.0`` is the first piece of the session's seventh operation.
+    """
+
+    SEEDS = Stage("seeds", _PUBLIC, title="public metadata")
+    SUM = Stage("sum", _PIECE, title="masked vector")
+    SUM_FIRST = _with_public("sum", _PIECE)
+    # the count gate's sum is checked for its length once the count has been
+    # vetted, as the early sum below: a party whose declared shape differs is
+    # refused by that vetting, with the reason
+    GATE = Stage(
+        "count gate",
+        _gate_form(Message.list_of(Message.uint64_vector(), length=1)),
+        tag="sum",
+        title="masked count",
+    )
+    EARLY_SUM = Stage(
+        "count gate's sum", Message.list_of(_PIECE, length=1), tag="sum", title="masked vector"
+    )
+    BIG_GATE = Stage(
+        "exact count gate", _gate_form(Message.list_of(_WIDE_ITEM)), tag="sum", title="masked count"
+    )
+    EARLY_BIGSUM = Stage("exact count gate's sum", _WIDE, tag="sum", title="masked vector")
+    BIGSUM = Stage("bigsum", _WIDE, title="masked vector")
+    BIGSUM_FIRST = _with_public("bigsum", _WIDE)
+    OR_SHARE = Stage(
+        "or.count",
+        Message.map(
+            {
+                "v": Message.uint64_vector(length="length"),
+                "offer": Message.bytes(multiple=curve.POINT_BYTES),
+            }
+        ),
+        tag="or",
+        title="share of an OR",
+    )
+    OR_QUERY = Stage(
+        "or.query", Message.bytes(size="size"), tag="or", title="list of points of an OR"
+    )
+    OR_BITS = Stage(
+        "or.bits", Message.array(np.uint8, length="length"), tag="or", title="result of an OR"
+    )
 
 
 class SmpcSession:
@@ -100,6 +165,7 @@ class SmpcSession:
 
     def __init__(self, peers: PeerSession) -> None:
         self.peers = peers
+        self.staged = StagedPeers(peers)
         self.parties = len(peers.parties)
         self._give: dict[str, bytes] = {}
         self._take: dict[str, bytes] = {}
@@ -137,14 +203,12 @@ class SmpcSession:
         if defer:
             self._deferred = mine
             return self.public
-        received = await self.peers.exchange(Stage.SEEDS, mine)
-        self._store_public(received)
+        self._store_public(await self.staged.exchange(SmpcStage.SEEDS, mine))
         return self.public
 
     def _store_public(self, received: dict[str, Any]) -> None:
+        """Keep every party's public metadata (of the form ``_PUBLIC``, checked by its stage)."""
         for party, value in received.items():
-            if not isinstance(value, dict) or not isinstance(value.get("parties"), list):
-                raise ComputationFailed(f"party '{party}' sent malformed public metadata")
             if value["parties"] != self.peers.parties:
                 raise ComputationFailed(
                     f"party '{party}' lists the session's parties in another order; "
@@ -156,14 +220,15 @@ class SmpcSession:
         """Exchange public metadata that a deferred setup still holds, in a round of its own."""
         deferred, self._deferred = self._deferred, None
         if deferred is not None:
-            self._store_public(await self.peers.exchange(Stage.SEEDS, deferred))
+            self._store_public(await self.staged.exchange(SmpcStage.SEEDS, deferred))
 
     def _label(self, tag: str, giver: str, taker: str) -> bytes:
         return f"{self.peers.id}|{tag}|{giver}|{taker}".encode()
 
-    def _next(self, stage: str) -> str:
+    def _next(self) -> int:
+        """The next operation's number, part of its tags and mask labels."""
         self._counter += 1
-        return f"{stage}.{self._counter}"
+        return self._counter
 
     def masked(self, tag: str, x: U64) -> U64:
         """``x`` under this party's pairwise masks for operation ``tag``.
@@ -183,16 +248,15 @@ class SmpcSession:
 
     async def sum_ring(self, x: npt.ArrayLike) -> U64:
         """Secure sum of uint64 ring elements (any shape, same on every party)."""
-        tag = self._next(Stage.SUM)
+        number = self._next()
         values = np.asarray(x, dtype=np.uint64)  # keeps 0-d shapes; masked() copies
-        y = self.masked(tag, values).reshape(-1)
+        y = self.masked(SmpcStage.SUM.tag_for(number), values).reshape(-1)
         deferred, self._deferred = self._deferred, None
-        received = await self._pieces(tag, y, self.peers.others, deferred=deferred)
+        received = await self._pieces(number, y, self.peers.others, deferred=deferred)
         if deferred is not None:
             for party, parts in received.items():
-                first = parts[0] if isinstance(parts[0], dict) else {}
-                self._store_public({party: first.get("public")})
-                parts[0] = first.get("v")
+                self._store_public({party: parts[0]["public"]})
+                parts[0] = parts[0]["v"]
         received[self.peers.me] = _split(y)
         return _add(received, y.size).reshape(values.shape)
 
@@ -235,16 +299,19 @@ class SmpcSession:
         Returns:
             The joint count and the sum of every party's ``x``.
         """
-        count_tag, sum_tag = self._next(Stage.SUM), self._next(Stage.SUM)
+        count_number, sum_number = self._next(), self._next()
         values = np.asarray(x, dtype=np.uint64)
-        y = self.masked(sum_tag, values).reshape(-1)
+        y = self.masked(SmpcStage.SUM.tag_for(sum_number), values).reshape(-1)
 
         async def late(sources: list[str], send: bool) -> dict[str, list[Any]]:
-            received = await self._pieces(sum_tag, y, sources, send=send)
+            received = await self._pieces(sum_number, y, sources, send=send)
             return {**received, self.peers.me: _split(y)} if send else received
 
         early = _split(y) if ready and y.size <= CHUNK else None
-        total_rows, sums = await self._gate(count_tag, rows, early, vet, late)
+        gate = (SmpcStage.GATE, SmpcStage.EARLY_SUM)
+        total_rows, sums = await self._gate(
+            gate, count_number, rows, early, vet, late, length=y.size
+        )
         return total_rows, _add(sums, y.size).reshape(values.shape)
 
     async def count_and_sum_big(
@@ -260,27 +327,35 @@ class SmpcSession:
         Returns:
             The joint count and the sums of every party's ``values``.
         """
-        count_tag, sum_tag = self._next(Stage.SUM), self._next(Stage.BIGSUM)
-        wire_form = self._masked_big(sum_tag, values)
+        count_number, sum_number = self._next(), self._next()
+        wire_form = self._masked_big(SmpcStage.BIGSUM.tag_for(sum_number), values)
+        length = len(wire_form)
 
         async def late(sources: list[str], send: bool) -> dict[str, list[Any]]:
             if send:
-                await self.peers.broadcast(sum_tag, wire_form)
-            received = await self.peers.gather(sum_tag, sources)
+                await self.staged.broadcast(SmpcStage.BIGSUM, wire_form, sum_number)
+            received = await self.staged.gather(
+                SmpcStage.BIGSUM, sum_number, senders=sources, length=length
+            )
             return {**received, self.peers.me: wire_form} if send else received
 
+        early = wire_form if ready else None
+        gate = (SmpcStage.BIG_GATE, SmpcStage.EARLY_BIGSUM)
         total_rows, sums = await self._gate(
-            count_tag, rows, wire_form if ready else None, vet, late
+            gate, count_number, rows, early, vet, late, length=length
         )
         return total_rows, _add_big(sums, len(wire_form))
 
     async def _gate(
         self,
-        count_tag: str,
+        stages: tuple[Stage, Stage],
+        number: int,
         rows: int,
         early: Any,
         vet: Callable[[int], None],
         late: Callable[[list[str], bool], Awaitable[dict[str, Any]]],
+        *,
+        length: int,
     ) -> tuple[int, dict[str, Any]]:
         """The round behind :meth:`count_and_sum`: count, ``early`` sums, ``vet``, the rest.
 
@@ -288,23 +363,31 @@ class SmpcSession:
         None to hold it back) and any deferred public metadata; opens the
         count and calls ``vet``; then ``late(sources, send)`` sends this
         party's sum if it held it back and receives those of the other
-        parties that did. Returns the count and every party's masked sum.
+        parties that did. ``stages`` are the gate's and its early sum's
+        (``GATE`` and ``EARLY_SUM``, or the exact ring's), whose sums have
+        ``length`` elements. Returns the count and every party's masked sum.
         """
+        stage, early_sum = stages
+        count_tag = stage.tag_for(number)
         counted = self.masked(count_tag, ring.encode_int(np.array([rows]), parties=self.parties))
         deferred, self._deferred = self._deferred, None
         first = {"count": counted, "sum": early, "public": deferred}
-        received = await self.peers.exchange(count_tag, first)
+        received = await self.staged.exchange(
+            stage, first, number, length=length, with_public=deferred is not None
+        )
         counts: dict[str, list[Any]] = {}
         sums: dict[str, Any] = {}
         for party, message in received.items():
-            message = message if isinstance(message, dict) else {}
             if deferred is not None and party != self.peers.me:
-                self._store_public({party: message.get("public")})
-            counts[party] = [message.get("count")]
-            if message.get("sum") is not None:
+                self._store_public({party: message["public"]})
+            counts[party] = [message["count"]]
+            if message["sum"] is not None:
                 sums[party] = message["sum"]
         total_rows = int(ring.decode_int(_add(counts, 1))[0])
         vet(total_rows)
+        for party in self.peers.others:
+            if party in sums:
+                early_sum.check(party, sums[party], {"length": length})
         held_back = [party for party in self.peers.parties if party not in sums]
         if held_back:
             sources = [party for party in held_back if party != self.peers.me]
@@ -313,7 +396,7 @@ class SmpcSession:
 
     async def _pieces(
         self,
-        tag: str,
+        number: int,
         y: U64,
         sources: Sequence[str],
         *,
@@ -324,18 +407,22 @@ class SmpcSession:
 
         Every party's vector has ``y``'s size, so the sources send as many
         pieces. The first piece carries ``deferred`` public metadata, if
-        given, as ``{"v": piece, "public": deferred}``. Returns each source's
-        pieces as received (unchecked; :func:`_add` checks them).
+        given, as ``{"v": piece, "public": deferred}`` (stage ``SUM_FIRST``).
+        Returns each source's pieces, each checked by its stage.
         """
-        pieces = max(1, -(-y.size // CHUNK))
+        sizes = _sizes(y.size)
+        pieces = len(sizes)
         window = asyncio.Semaphore(SEND_WINDOW)
 
         async def send_piece(k: int) -> None:
             piece = y[k * CHUNK : (k + 1) * CHUNK]
             first = k == 0 and deferred is not None
             async with window:
-                await self.peers.broadcast(
-                    f"{tag}.{k}", {"v": piece, "public": deferred} if first else piece
+                await self.staged.broadcast(
+                    SmpcStage.SUM,
+                    {"v": piece, "public": deferred} if first else piece,
+                    number,
+                    k,
                 )
 
         async def send_all() -> None:
@@ -344,8 +431,14 @@ class SmpcSession:
                 await asyncio.gather(*(send_piece(k) for k in range(pieces)))
 
         async def receive_all() -> dict[str, list[Any]]:
+            first = SmpcStage.SUM if deferred is None else SmpcStage.SUM_FIRST
             return {
-                party: [await self.peers.recv(party, f"{tag}.{k}") for k in range(pieces)]
+                party: [
+                    await self.staged.recv(
+                        party, first if k == 0 else SmpcStage.SUM, number, k, length=sizes[k]
+                    )
+                    for k in range(pieces)
+                ]
                 for party in sources
             }
 
@@ -370,28 +463,32 @@ class SmpcSession:
         masked values are 272 bytes an element and travel in pieces of
         :data:`BIG_PIECE` elements.
         """
-        tag = self._next(Stage.BIGSUM)
-        wire_form = self._masked_big(tag, values)
+        number = self._next()
+        wire_form = self._masked_big(SmpcStage.BIGSUM.tag_for(number), values)
         deferred, self._deferred = self._deferred, None
         # pieces below the bus payload limit: the first under the plain tag
-        size = max(1, len(wire_form))
-        tags = [tag if k == 0 else f"{tag}.{k // BIG_PIECE}" for k in range(0, size, BIG_PIECE)]
-        for k, piece_tag in enumerate(tags):
-            piece = wire_form[k * BIG_PIECE : (k + 1) * BIG_PIECE]
+        starts = range(0, max(1, len(wire_form)), BIG_PIECE)
+        suffixes = [(number,) if k == 0 else (number, k) for k in range(len(starts))]
+        pieces = [wire_form[start : start + BIG_PIECE] for start in starts]
+        for k, (suffix, piece) in enumerate(zip(suffixes, pieces, strict=True)):
             first = k == 0 and deferred is not None
-            await self.peers.broadcast(
-                piece_tag, {"v": piece, "public": deferred} if first else piece
-            )
+            message = {"v": piece, "public": deferred} if first else piece
+            await self.staged.broadcast(SmpcStage.BIGSUM, message, *suffix)
         received: dict[str, Any] = {self.peers.me: wire_form}
         for party in self.peers.others:
             parts: list[Any] = []
-            for k, piece_tag in enumerate(tags):
-                message = await self.peers.recv(party, piece_tag)
+            for k, (suffix, piece) in enumerate(zip(suffixes, pieces, strict=True)):
                 if k == 0 and deferred is not None:
-                    message = message if isinstance(message, dict) else {}
-                    self._store_public({party: message.get("public")})
-                    message = message.get("v")
-                parts.extend(message if isinstance(message, list) else [None])
+                    message = await self.staged.recv(
+                        party, SmpcStage.BIGSUM_FIRST, *suffix, length=len(piece)
+                    )
+                    self._store_public({party: message["public"]})
+                    message = message["v"]
+                else:
+                    message = await self.staged.recv(
+                        party, SmpcStage.BIGSUM, *suffix, length=len(piece)
+                    )
+                parts.extend(message)
             received[party] = parts
         return _add_big(received, len(wire_form))
 
@@ -455,7 +552,7 @@ class SmpcSession:
         flags = np.asarray(bits, dtype=bool)
         count = flags.size
         await self._send_deferred()
-        tag = self._next(Stage.OR)
+        number = self._next()
         me, parties = self.peers.me, self.peers.parties
         comparer, evaluator = parties[0], parties[-1]
         mine = flags.reshape(-1).astype(np.uint64)
@@ -467,24 +564,21 @@ class SmpcSession:
             betas = [curve.random_scalar() for _ in range(count)]
             table = self._or_table()
             offer = b"".join(curve.blind_each([table[v] for v in residues], betas))
-        masked = self.masked(f"{tag}.count", mine)
+        masked = self.masked(SmpcStage.OR_SHARE.tag_for(number, "count"), mine)
         if me == evaluator:
-            found = await self._or_evaluate(tag, masked)
+            found = await self._or_evaluate(number, masked)
         else:
-            await self.peers.send(evaluator, f"{tag}.count", {"v": masked, "offer": offer})
+            share = {"v": masked, "offer": offer}
+            await self.staged.send(evaluator, SmpcStage.OR_SHARE, share, number, "count")
             if me == comparer:
-                found = await self._or_compare(tag, betas)
+                found = await self._or_compare(number, betas)
             else:
                 # the bits come at the end of a chain: everyone -> evaluator ->
                 # comparer -> us. Each link waits one session timeout longer than
                 # the one before, so that the party next to a dropout names it
-                received = await self.peers.recv(comparer, f"{tag}.bits", patience=3.0)
-                if (
-                    not isinstance(received, np.ndarray)
-                    or received.dtype != np.uint8
-                    or received.shape != (count,)
-                ):
-                    raise ComputationFailed(f"party '{comparer}' sent a malformed result of an OR")
+                received = await self.staged.recv(
+                    comparer, SmpcStage.OR_BITS, number, "bits", patience=3.0, length=count
+                )
                 found = received != 0
         return np.asarray(found, dtype=bool).reshape(flags.shape)
 
@@ -501,24 +595,17 @@ class SmpcSession:
             ]
         return self._or_points
 
-    async def _or_evaluate(self, tag: str, masked: U64) -> npt.NDArray[np.bool_]:
+    async def _or_evaluate(self, number: int, masked: U64) -> npt.NDArray[np.bool_]:
         """``E``: open ``z``, answer the comparer's offer, and receive the OR."""
         comparer = self.peers.parties[0]
         count = masked.size
         total = masked.copy()
         offer: list[bytes] = []
-        for party, message in (await self.peers.gather(f"{tag}.count")).items():
-            theirs = message.get("v") if isinstance(message, dict) else None
-            if (
-                not isinstance(theirs, np.ndarray)
-                or theirs.dtype != np.uint64
-                or theirs.shape != total.shape
-            ):
-                raise ComputationFailed(f"party '{party}' sent a malformed share of an OR")
-            total += theirs
+        shares = await self.staged.gather(SmpcStage.OR_SHARE, number, "count", length=count)
+        for party, message in shares.items():
+            total += message["v"]
             if party == comparer:
-                blob = message.get("offer")
-                offer = points_from(blob if isinstance(blob, bytes) else b"?", party, count)
+                offer = points_from(message["offer"], party, count)
         residues = (total & np.uint64(self._or_modulus() - 1)).tolist()
         alphas = [curve.random_scalar() for _ in range(count)]
         table = self._or_table()
@@ -527,24 +614,31 @@ class SmpcSession:
             answer = curve.blind_each(offer, alphas)
         except ValueError:
             raise ComputationFailed(f"party '{comparer}' sent invalid curve points") from None
-        await self.peers.send(comparer, f"{tag}.query", b"".join(query + answer))
-        received = await self.peers.recv(comparer, f"{tag}.bits")
-        if not isinstance(received, np.ndarray) or received.shape != (count,):
-            raise ComputationFailed(f"party '{comparer}' sent a malformed result of an OR")
+        await self.staged.send(
+            comparer, SmpcStage.OR_QUERY, b"".join(query + answer), number, "query"
+        )
+        received = await self.staged.recv(comparer, SmpcStage.OR_BITS, number, "bits", length=count)
         return np.asarray(received != 0)
 
-    async def _or_compare(self, tag: str, betas: list[bytes]) -> npt.NDArray[np.bool_]:
+    async def _or_compare(self, number: int, betas: list[bytes]) -> npt.NDArray[np.bool_]:
         """``C``: test the evaluator's points for equality and send the OR to every party."""
         evaluator = self.peers.parties[-1]
         count = len(betas)
-        blob = await self.peers.recv(evaluator, f"{tag}.query", patience=2.0)
-        points = points_from(blob if isinstance(blob, bytes) else b"?", evaluator, 2 * count)
+        blob = await self.staged.recv(
+            evaluator,
+            SmpcStage.OR_QUERY,
+            number,
+            "query",
+            patience=2.0,
+            size=2 * count * curve.POINT_BYTES,
+        )
+        points = points_from(blob, evaluator)
         try:
             tested = curve.blind_each(points[:count], betas)
         except ValueError:
             raise ComputationFailed(f"party '{evaluator}' sent invalid curve points") from None
         found = np.array([a != b for a, b in zip(tested, points[count:], strict=True)], dtype=bool)
-        await self.peers.broadcast(f"{tag}.bits", found.astype(np.uint8))
+        await self.staged.broadcast(SmpcStage.OR_BITS, found.astype(np.uint8), number, "bits")
         return found
 
     async def maximum_keys(
@@ -589,6 +683,11 @@ class SmpcSession:
         return (-values[:half]).reshape(lo.shape), values[half:].reshape(hi.shape)
 
 
+def _sizes(size: int) -> list[int]:
+    """The sizes of the pieces of a vector of ``size`` elements (one piece if empty)."""
+    return [min(CHUNK, size - k) for k in range(0, max(size, 1), CHUNK)]
+
+
 def _split(y: U64) -> list[Any]:
     """``y`` in the pieces :meth:`SmpcSession._pieces` sends."""
     return [y[k : k + CHUNK] for k in range(0, max(y.size, 1), CHUNK)]
@@ -597,22 +696,10 @@ def _split(y: U64) -> list[Any]:
 def _add(received: dict[str, list[Any]], size: int) -> U64:
     """Add every party's pieces of a masked vector of ``size`` uint64 (mod 2^64).
 
-    Raises:
-        ComputationFailed: Naming the party, if its pieces are not ``size``
-            uint64 values in pieces of :data:`CHUNK`.
+    The pieces were checked by their stage (uint64, of the sizes of :func:`_sizes`).
     """
-    sizes = [min(CHUNK, size - k) for k in range(0, max(size, 1), CHUNK)]
     total = np.zeros(size, dtype=np.uint64)
-    for party, parts in received.items():
-        if (
-            not isinstance(parts, list)
-            or len(parts) != len(sizes)
-            or not all(
-                isinstance(part, np.ndarray) and part.dtype == np.uint64 and part.size == expected
-                for part, expected in zip(parts, sizes, strict=True)
-            )
-        ):
-            raise ComputationFailed(f"party '{party}' sent a malformed masked vector")
+    for parts in received.values():
         for k, part in enumerate(parts):
             total[k * CHUNK : k * CHUNK + part.size] += part.reshape(-1)
     return total
@@ -621,21 +708,12 @@ def _add(received: dict[str, list[Any]], size: int) -> U64:
 def _add_big(received: dict[str, Any], count: int) -> list[float]:
     """Add every party's masked exact-ring values (``count`` byte strings each); decode.
 
-    Raises:
-        ComputationFailed: Naming the party, if it did not send ``count``
-            strings of the ring's width.
+    The values were checked by their stage (``count`` strings of the ring's width).
     """
     bits = ring.EXACT_RING_BITS
     modulus = 1 << bits
-    width = bits // 8
     total = [0] * count
-    for party, items in received.items():
-        if (
-            not isinstance(items, list)
-            or len(items) != count
-            or not all(isinstance(b, bytes) and len(b) == width for b in items)
-        ):
-            raise ComputationFailed(f"party '{party}' sent a malformed masked vector")
+    for items in received.values():
         total = [
             (t + int.from_bytes(b, "big")) % modulus for t, b in zip(total, items, strict=True)
         ]

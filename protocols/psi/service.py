@@ -147,6 +147,8 @@ from fdrtd_server.sdk import (
     receive_bytes,
     send_bytes,
 )
+from fdrtd_server.sdk import stages as staged
+from fdrtd_server.sdk.stages import Message
 
 __all__ = [
     "CHUNK_POINTS",
@@ -220,6 +222,73 @@ class Stage(Namespace):
     COLLECT = "onion"
     MIX = "mix"
     UNION = "union"
+
+
+_POINTS = Message.bytes(size="size")
+"""Curve points, as many as the receiver expects (``size`` is their bytes)."""
+_UNION_CHUNK = Message.map({"items": Message.list_of(Message.bytes()), "more": Message.flag()})
+
+
+class Checked(Namespace):
+    """The stages whose messages' forms are declared, checked on receipt (``sdk.stages``).
+
+    Each has the tag of its :class:`Stage`; the onions of ``COLLECT`` and
+    ``MIX`` travel by ``receive_bytes``, which knows their size.
+    """
+
+    SETUP = staged.Stage(
+        Stage.SETUP,
+        Message.map(
+            {
+                "size": Message.count(maximum=MAX_ITEMS),
+                "min_cohort": Message.count(minimum=1),
+            },
+            open=True,  # function, version and what a function declares besides
+        ),
+        title="setup message",
+    )
+    UNION_SETUP = staged.Stage(
+        Stage.SETUP,
+        Message.map(
+            {
+                "key": Message.bytes(size=curve.POINT_BYTES),
+                "max_item_bytes": Message.count(),
+            },
+            open=True,  # the setup's other keys, checked by SETUP
+        ),
+        title="union setup message",
+    )
+    RING = staged.Stage(Stage.RING, Message.map({"points": _POINTS}))
+    FINAL = staged.Stage(Stage.FINAL, Message.map({"points": _POINTS, "more": Message.flag()}))
+    JOINT_SIZE = staged.Stage(
+        "joint size",
+        Message.map({"size": Message.count(maximum="most")}),
+        tag=Stage.JOINT,
+        title="intersection size",
+    )
+    JOINT = staged.Stage(
+        Stage.JOINT,
+        Message.map(
+            {
+                "points": Message.bytes(
+                    multiple=curve.POINT_BYTES, most=CHUNK_POINTS * curve.POINT_BYTES
+                ),
+                "more": Message.flag(),
+            }
+        ),
+        title="intersection message",
+    )
+    HITS = staged.Stage(
+        Stage.HITS,
+        Message.map({"positions": Message.array(np.uint32, length="size")}),
+        title="list of intersection positions",
+    )
+    UNION_FIRST = staged.Stage(
+        Stage.UNION,
+        Message.one_of(_UNION_CHUNK, Message.map({"too_long": Message.constant(True)})),
+        title="union message",
+    )
+    UNION = staged.Stage(Stage.UNION, _UNION_CHUNK, title="union message")
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -310,16 +379,19 @@ def _session(ctx: JobContext) -> PeerSession:
 # --- messages -----------------------------------------------------------------------------
 
 
-def parse_points(message: Any, count: int, sender: str) -> list[bytes]:
-    """Split a ``{"points": bytes}`` message into ``count`` 32-byte points.
+def parse_points(
+    message: Any, count: int, sender: str, stage: staged.Stage = Checked.RING
+) -> list[bytes]:
+    """Check a ``{"points": bytes}`` message of ``stage``; split it into ``count`` 32-byte points.
 
-    Only the shape is checked here; :func:`curve.validate_points` or
-    :func:`curve.reblind` check the points themselves.
+    Only the shape is checked here (by the stage's form); :func:`curve.validate_points`
+    or :func:`curve.reblind` check the points themselves.
 
     Args:
         message: The message as received.
         count: How many points the protocol expects in it.
         sender: The sending party, for the error message.
+        stage: The message's stage (``RING`` or ``FINAL``).
 
     Returns:
         The points.
@@ -327,11 +399,11 @@ def parse_points(message: Any, count: int, sender: str) -> list[bytes]:
     Raises:
         ComputationFailed: If the message is not a map with ``count`` points.
     """
-    blob = message.get("points") if isinstance(message, dict) else None
-    if not isinstance(blob, bytes) or len(blob) != count * curve.POINT_BYTES:
-        raise ComputationFailed(
-            f"party '{sender}' sent a malformed message (expected {count} curve points)"
-        )
+    checked = stage.check(sender, message, {"size": count * curve.POINT_BYTES})
+    return _split_points(checked["points"])
+
+
+def _split_points(blob: bytes) -> list[bytes]:
     size = curve.POINT_BYTES
     return [blob[k : k + size] for k in range(0, len(blob), size)]
 
@@ -389,21 +461,13 @@ async def _setup(
     if size < ctx.env.min_cohort:
         raise CohortTooSmall(ctx.env.min_cohort)
     mine = declare(ctx, function=function, version=PROTOCOL_VERSION, size=size, **extra)
-    received = await peers.exchange(Stage.SETUP, mine)
-    for party, message in received.items():
-        if not isinstance(message, dict):
-            raise ComputationFailed(f"party '{party}' sent a malformed setup message")
+    received = await staged.StagedPeers(peers).exchange(Checked.SETUP, mine)
+    for message in received.values():
         if message.get("function") != function or message.get("version") != PROTOCOL_VERSION:
             raise ComputationFailed(
                 "the parties disagree on the function or protocol version; every party "
                 "must run the same psi function of the same fdrtd version"
             )
-        count = message.get("size")
-        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_ITEMS:
-            raise ComputationFailed(f"party '{party}' announced an invalid set size")
-        minimum = message.get("min_cohort")
-        if not isinstance(minimum, int) or isinstance(minimum, bool) or minimum < 1:
-            raise ComputationFailed(f"party '{party}' declared an invalid minimum cohort")
     for party in peers.others:
         if received[party]["size"] < ctx.env.min_cohort:
             raise Forbidden(
@@ -562,16 +626,13 @@ async def _final(
         for owner, points in held.items():
             await _send_sorted(peers, intersector, f"{Stage.FINAL}.{owner}", points)
         if not reveal:
-            message = await peers.recv(intersector, Stage.JOINT)
-            size = message.get("size") if isinstance(message, dict) else None
-            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= min(sizes):
-                raise ComputationFailed(f"party '{intersector}' sent a malformed intersection size")
-            return size, {}
+            message = await staged.StagedPeers(peers).recv(
+                intersector, Checked.JOINT_SIZE, most=min(sizes)
+            )
+            return int(message["size"]), {}
         joint: dict[int, set[bytes]] = {}
         for owner, points in sorted(held.items()):
-            received = await _receive_joint(
-                peers, intersector, f"{Stage.JOINT}.{owner}", sizes[owner]
-            )
+            received = await _receive_joint(peers, intersector, owner, sizes[owner])
             if not received <= set(points):
                 raise ComputationFailed(
                     f"party '{intersector}' sent an intersection that is not in every party's set"
@@ -589,7 +650,7 @@ async def _final(
         points: list[bytes] = []
         for k, count in enumerate(_chunk_counts(sizes[owner])):
             message = await peers.recv(sender, f"{Stage.FINAL}.{owner}.{k}")
-            points.extend(parse_points(message, count, sender))
+            points.extend(parse_points(message, count, sender, Checked.FINAL))
         await _crypto(sender, curve.validate_points, points)
         # Sorted and distinct: positions carry nothing, and no point counts twice.
         if any(a >= b for a, b in itertools.pairwise(points)):
@@ -627,26 +688,19 @@ async def _final(
     return len(common), {owner: by_owner[owner] for owner in held}
 
 
-async def _receive_joint(peers: PeerSession, sender: str, tag: str, most: int) -> set[bytes]:
+async def _receive_joint(peers: PeerSession, sender: str, owner: int, most: int) -> set[bytes]:
     """Stage JOINT on the receiving side: ``I``, sorted, at most ``most`` points."""
     points: list[bytes] = []
     k, more = 0, True
     while more:
         if k > most // CHUNK_POINTS:  # more chunks than an intersection of `most` needs
             raise ComputationFailed(f"party '{sender}' sent more points than the intersection has")
-        message = await peers.recv(sender, f"{tag}.{k}")
-        blob = message.get("points") if isinstance(message, dict) else None
-        flag = message.get("more") if isinstance(message, dict) else None
-        if (
-            not isinstance(blob, bytes)
-            or not isinstance(flag, bool)
-            or len(blob) % curve.POINT_BYTES
-            or len(blob) > CHUNK_POINTS * curve.POINT_BYTES
-        ):
-            raise ComputationFailed(f"party '{sender}' sent a malformed intersection message")
+        message = await staged.StagedPeers(peers).recv(sender, Checked.JOINT, owner, k)
+        blob, flag = message["points"], message["more"]
+        # every chunk but the last is full
         if flag and len(blob) != CHUNK_POINTS * curve.POINT_BYTES:
             raise ComputationFailed(f"party '{sender}' sent a malformed intersection message")
-        points.extend(parse_points(message, len(blob) // curve.POINT_BYTES, sender))
+        points.extend(_split_points(blob))
         if len(points) > most:
             raise ComputationFailed(f"party '{sender}' sent more points than the intersection has")
         more, k = flag, k + 1
@@ -669,16 +723,9 @@ async def _hits(
         positions = np.array([k for k, p in enumerate(points) if p in common], dtype=np.uint32)
         await peers.send(peers.parties[owner], Stage.HITS, {"positions": positions})
     before = peers.parties[_holder(n, me)]
-    message = await peers.recv(before, Stage.HITS)
-    ours = message.get("positions") if isinstance(message, dict) else None
-    if (
-        not isinstance(ours, np.ndarray)
-        or ours.dtype != np.uint32
-        or ours.ndim != 1
-        or ours.size != size
-        or (ours.size and int(ours.max()) >= len(items))
-        or np.unique(ours).size != ours.size
-    ):
+    message = await staged.StagedPeers(peers).recv(before, Checked.HITS, size=size)
+    ours = message["positions"]
+    if (ours.size and int(ours.max()) >= len(items)) or np.unique(ours).size != ours.size:
         raise ComputationFailed(f"party '{before}' sent malformed intersection positions")
     return sorted((items[int(k)] for k in ours), key=sort_key)
 
@@ -871,14 +918,9 @@ async def union(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         received = await _setup(ctx, peers, "union", len(items), extra)
         keys = []
         for party in peers.parties:
-            key, bound = received[party].get("key"), received[party].get("max_item_bytes")
-            if (
-                not isinstance(key, bytes)
-                or not _valid_key(key)
-                or not isinstance(bound, int)
-                or isinstance(bound, bool)
-            ):
-                raise ComputationFailed(f"party '{party}' sent a malformed union setup message")
+            key = Checked.UNION_SETUP.check(party, received[party], {})["key"]
+            if not _valid_key(key):
+                raise ComputationFailed(f"party '{party}' sent an invalid union key")
             keys.append(key)
         if any(received[party]["max_item_bytes"] != max_item_bytes for party in peers.parties):
             error = ComputationFailed(
@@ -963,14 +1005,11 @@ async def _receive_union(
     values: list[Item] = []
     k, more = 0, True
     while more:
-        message = await peers.recv(sender, f"{Stage.UNION}.{k}")
-        if k == 0 and isinstance(message, dict) and message.get("too_long") is True:
+        stage = Checked.UNION_FIRST if k == 0 else Checked.UNION
+        message = await staged.StagedPeers(peers).recv(sender, stage, k)
+        if "too_long" in message:
             raise _too_long(max_item_bytes)
-        chunk = message.get("items") if isinstance(message, dict) else None
-        flag = message.get("more") if isinstance(message, dict) else None
-        if not isinstance(chunk, list) or not isinstance(flag, bool):
-            raise ComputationFailed(f"party '{sender}' sent a malformed union message")
-        more = flag
+        chunk, more = message["items"], message["more"]
         try:
             values.extend(_decode_union_item(e) for e in chunk)
         except (ValueError, TypeError):

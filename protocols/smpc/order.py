@@ -107,7 +107,9 @@ from fdrtd_server.sdk import (
     numeric,
     ring,
     session_for,
+    stages,
 )
+from fdrtd_server.sdk.stages import Message, StagedPeers
 from protocols.smpc.common import COUNT, service
 
 __all__ = [
@@ -143,14 +145,20 @@ _DUMMY = b"D"
 _POINT = curve.POINT_BYTES
 
 
-class Stage(Namespace):
-    """Message tags of one comparison round (suffixed with the round number)."""
+_POINTS = Message.bytes(size="size")
+"""Curve points, as many as the receiver expects (``size`` is their bytes)."""
 
-    COUNT = "order.count"
-    BLOCKS = "order.blocks"
-    QUERY = "order.query"
-    ANSWER = "order.answer"
-    BITS = "order.bits"
+
+class Stage(Namespace):
+    """The stages of one comparison round; tags are suffixed with the round number."""
+
+    COUNT = stages.Stage("order.count", Message.uint64_vector(length="length"), title="count")
+    BLOCKS = stages.Stage("order.blocks", _POINTS, title="blocks message")
+    QUERY = stages.Stage("order.query", _POINTS, title="query message")
+    ANSWER = stages.Stage("order.answer", _POINTS, title="answer message")
+    BITS = stages.Stage(
+        "order.bits", Message.array(np.uint8, length="length"), title="comparison bits"
+    )
 
 
 def dyadic_cover(start: int, bits: int) -> list[tuple[int, int]]:
@@ -221,10 +229,9 @@ def interpolate(lower: float, upper: float, gamma: float) -> float:
     return lower + difference * gamma
 
 
-def _cut(blob: Any, count: int, what: str, party: str) -> list[bytes]:
-    if not isinstance(blob, bytes) or len(blob) != count * _POINT:
-        raise ComputationFailed(f"party '{party}' sent a malformed {what} message")
-    return [blob[i * _POINT : (i + 1) * _POINT] for i in range(count)]
+def _cut(blob: bytes) -> list[bytes]:
+    """Split points, checked by their stage, into 32-byte points."""
+    return [blob[i : i + _POINT] for i in range(0, len(blob), _POINT)]
 
 
 def _shuffled_groups(items: list[bytes], size: int) -> list[bytes]:
@@ -292,7 +299,8 @@ class OrderSearch:
         """The bits ``[S(t_j) >= k_j]``, revealed to every party and nothing else."""
         me = self.peers.me
         counts = np.searchsorted(self.keys, thresholds, side="right").astype(np.uint64)
-        count_tag = f"{Stage.COUNT}.{round_number}"
+        count_tag = Stage.COUNT.tag_for(round_number)
+        staged = StagedPeers(self.peers)
         if me == self.shifter:
             rho = np.frombuffer(secrets.token_bytes(8 * counts.size), dtype=np.uint64).copy()
             mine = counts - ranks + rho  # wraps modulo 2^64, as intended
@@ -300,20 +308,18 @@ class OrderSearch:
             mine = counts
         masked = self.smpc.masked(count_tag, mine)
         if me != self.evaluator:
-            await self.peers.send(self.evaluator, count_tag, masked)
+            await staged.send(self.evaluator, Stage.COUNT, masked, round_number)
         if me == self.evaluator:
             bits = await self._evaluate(round_number, masked)
-            await self.peers.broadcast(f"{Stage.BITS}.{round_number}", bits.astype(np.uint8))
+            await staged.broadcast(Stage.BITS, bits.astype(np.uint8), round_number)
             return bits
         if me == self.shifter:
             await self._shift(round_number, rho)
         # the end of a chain (everyone -> E, E <-> P_0, E -> everyone): wait longer
         # than its links, so that the party next to a dropout names it first
-        received = await self.peers.recv(
-            self.evaluator, f"{Stage.BITS}.{round_number}", patience=3.0
+        received = await staged.recv(
+            self.evaluator, Stage.BITS, round_number, patience=3.0, length=counts.size
         )
-        if not isinstance(received, np.ndarray) or received.shape != (counts.size,):
-            raise ComputationFailed(f"party '{self.evaluator}' sent malformed comparison bits")
         return np.asarray(received != 0)
 
     def _item(self, round_number: int, index: int, level: int, prefix: int) -> bytes:
@@ -334,31 +340,30 @@ class OrderSearch:
         blocks = await asyncio.to_thread(
             curve.hash_and_blind, items, self._scalar, self._domain, workers=1
         )
-        await self.peers.send(self.evaluator, f"{Stage.BLOCKS}.{round_number}", b"".join(blocks))
+        staged = StagedPeers(self.peers)
+        await staged.send(self.evaluator, Stage.BLOCKS, b"".join(blocks), round_number)
         query = _cut(
-            await self.peers.recv(self.evaluator, f"{Stage.QUERY}.{round_number}", patience=2.0),
-            len(starts) * self.bits,
-            "query",
-            self.evaluator,
+            await staged.recv(
+                self.evaluator,
+                Stage.QUERY,
+                round_number,
+                patience=2.0,
+                size=len(starts) * self.bits * _POINT,
+            )
         )
         try:
             answer = await asyncio.to_thread(curve.reblind, query, self._scalar, workers=1)
         except ValueError:
             raise ComputationFailed(f"party '{self.evaluator}' sent invalid curve points") from None
         answer = _shuffled_groups(answer, self.bits)
-        await self.peers.send(self.evaluator, f"{Stage.ANSWER}.{round_number}", b"".join(answer))
+        await staged.send(self.evaluator, Stage.ANSWER, b"".join(answer), round_number)
 
     async def _evaluate(self, round_number: int, masked: U64) -> npt.NDArray[np.bool_]:
         """E: open z, send the blinded prefixes, and count the matches per comparison."""
-        count_tag = f"{Stage.COUNT}.{round_number}"
+        staged = StagedPeers(self.peers)
         total = masked.copy()
-        for party, theirs in (await self.peers.gather(count_tag)).items():
-            if (
-                not isinstance(theirs, np.ndarray)
-                or theirs.dtype != np.uint64
-                or theirs.shape != total.shape
-            ):
-                raise ComputationFailed(f"party '{party}' sent a malformed count")
+        counts = await staged.gather(Stage.COUNT, round_number, length=total.size)
+        for theirs in counts.values():
             total += theirs
         shifted = (total & np.uint64((1 << self.bits) - 1)).tolist()
         items = [
@@ -369,23 +374,21 @@ class OrderSearch:
         query = await asyncio.to_thread(
             curve.hash_and_blind, items, self._scalar, self._domain, workers=1
         )
-        await self.peers.send(self.shifter, f"{Stage.QUERY}.{round_number}", b"".join(query))
+        await staged.send(self.shifter, Stage.QUERY, b"".join(query), round_number)
         comparisons = len(shifted)
         blocks = _cut(
-            await self.peers.recv(self.shifter, f"{Stage.BLOCKS}.{round_number}"),
-            comparisons * self.pad,
-            "blocks",
-            self.shifter,
+            await staged.recv(
+                self.shifter, Stage.BLOCKS, round_number, size=comparisons * self.pad * _POINT
+            )
         )
         try:
             blocks = await asyncio.to_thread(curve.reblind, blocks, self._scalar, workers=1)
         except ValueError:
             raise ComputationFailed(f"party '{self.shifter}' sent invalid curve points") from None
         answer = _cut(
-            await self.peers.recv(self.shifter, f"{Stage.ANSWER}.{round_number}"),
-            comparisons * self.bits,
-            "answer",
-            self.shifter,
+            await staged.recv(
+                self.shifter, Stage.ANSWER, round_number, size=comparisons * self.bits * _POINT
+            )
         )
         bits = np.zeros(comparisons, dtype=bool)
         for index in range(comparisons):

@@ -14,6 +14,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 from memory_peers import Wire, run_job
 
@@ -321,3 +322,32 @@ def test_a_malformed_intersection_size_names_the_intersector(bad: Any) -> None:
     results, _ = run_job(service.intersection_size, own, tamper=tamper)
     assert isinstance(results["m1"], ComputationFailed)
     assert "party 'm0' sent a malformed intersection size" in str(results["m1"])
+
+
+@pytest.mark.parametrize(
+    ("function", "stage", "bad", "title"),
+    [
+        ("intersection", "hits", {"positions": np.zeros(1, np.int64)}, "list of intersection"),
+        ("intersection", "hits", {"positions": np.zeros(3, np.uint32), "x": 1}, "list of"),
+        ("intersection", "setup", {"size": 3}, "setup message"),
+        ("intersection", "ring", {"points": b"\0" * 31}, "message"),
+        ("union", "union", {"items": [b"\x01"], "more": "no"}, "union message"),
+        ("union", "union", {"too_long": 1}, "union message"),
+    ],
+    ids=["hits dtype", "hits extra key", "setup missing key", "ring size", "union", "too long"],
+)
+def test_a_malformed_message_is_refused_naming_its_stage(
+    function: str, stage: str, bad: Any, title: str
+) -> None:
+    sets = {"s0": ["a", "b", "c"], "s1": ["a", "b", "c"]}
+    # the union goes out from the last party, every other message from the first here
+    cheat, honest = ("s1", "s0") if stage == "union" else ("s0", "s1")
+
+    def tamper(sender: str, to: str, tag: str, value: Any) -> Any:
+        return bad if sender == cheat and tag.split(".")[0] == stage else value
+
+    own = {name: {"data": {"v": items}, "column": "v"} for name, items in sets.items()}
+    results, _ = run_job(getattr(service, function), own, tamper=tamper)
+    assert isinstance(results[honest], ComputationFailed), results
+    assert f"party '{cheat}' sent a malformed {title}" in str(results[honest])
+    assert f"(stage '{stage}')" in str(results[honest])

@@ -50,6 +50,9 @@ EXPECTED = {
     # secure computation
     "SmpcSession",
     "points_from",
+    "Stage",
+    "Message",
+    "StagedPeers",
     "send_bytes",
     "receive_bytes",
     "canonical_ids",

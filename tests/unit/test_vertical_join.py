@@ -143,3 +143,21 @@ def test_rows_are_indices_into_the_callers_list() -> None:
     _, rows = results["a"]
     assert isinstance(rows, np.ndarray) and rows.dtype == np.intp
     assert sorted(rows.tolist()) == [0, 2]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"n": -1}, {"n": True}, {"refused": False}, {"n": 3, "refused": True}, [3], {}],
+    ids=["negative", "bool", "refused false", "both", "not a map", "empty"],
+)
+def test_a_malformed_count_is_refused_naming_its_stage_and_sender(bad: Any) -> None:
+    async def told() -> None:
+        wire = Wire()
+        wire.boxes[("c", "a", "join.count")].put_nowait(bad)
+        listener = Peers(wire, "c", ["a", "b", "c"])
+        await _join(listener, ["a", "b"], None, sizes={"a": 1, "b": 1})
+
+    with pytest.raises(
+        ComputationFailed, match=r"party 'a' sent a malformed record count \(stage 'join.count'\)"
+    ):
+        asyncio.run(told())
