@@ -268,6 +268,17 @@ def _wanted(columns: Iterable[Any] | None) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
+INLINE_DECODE = 256 * 1024
+"""Stored objects up to this size are decoded on the event loop (a thread hop costs more
+than decoding them); larger ones in a worker thread, so the heartbeats go on."""
+
+
+async def _decode(description: Mapping[str, Any], raw: bytes, columns: list[str] | None) -> Dataset:
+    if len(raw) <= INLINE_DECODE:
+        return decode_dataset(description, raw, columns)
+    return await asyncio.to_thread(decode_dataset, description, raw, columns)
+
+
 def _check_decoded_size(
     description: Mapping[str, Any], columns: list[str] | None, limit: int
 ) -> None:
@@ -310,7 +321,7 @@ async def _decoded(
         return Dataset({}, count=int(description["rows"]))
     _check_decoded_size(description, columns, limit)
     raw = await bus.read_object(handle)
-    return await asyncio.to_thread(decode_dataset, description, raw, columns)
+    return await _decode(description, raw, columns)
 
 
 def registration_tag(entry: Mapping[str, Any]) -> str:
@@ -464,7 +475,7 @@ class CallContext:
             )
             if columns is not None and not columns:
                 return Dataset({}, count=int(description["rows"]))
-            return await asyncio.to_thread(decode_dataset, description, raw, columns)
+            return await _decode(description, raw, columns)
         from fdrtd_server.sources import SourceSpec, open_source
 
         spec = SourceSpec.from_dict(entry.get("source") or {}, f"dataset '{name}'")
