@@ -22,12 +22,13 @@ mtime_ns, inode) in this process, so an unchanged 245 MB file is hashed once
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ def _key(path: Path, what: str) -> tuple[str, int, int, int, str]:
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, what)
 
 
-def _cached(path: Path, what: str, compute: Any) -> tuple[str, int]:
+def _cached(path: Path, what: str, compute: Callable[[], tuple[str, int]]) -> tuple[str, int]:
     key = _key(path, what)
     with _cache_lock:
         if key in _cache:
@@ -129,6 +130,23 @@ def _cached(path: Path, what: str, compute: Any) -> tuple[str, int]:
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     return value
+
+
+def _files_version(
+    spec: SourceSpec, kind: str, compute: Callable[[Path], tuple[str, int]]
+) -> Version:
+    """The version of a file or directory source: each file's (hash, rows), cached.
+
+    ``compute`` hashes one file and counts its rows; it runs only for a file
+    whose path, size, mtime or inode changed since it last ran.
+    """
+    entries: list[tuple[str, str]] = []
+    rows = 0
+    for path in source_files(spec):
+        file_hash, file_rows = _cached(path, kind, functools.partial(compute, path))
+        entries.append((path.name, file_hash))
+        rows += file_rows
+    return Version(_combine(entries, Path(spec.path).is_dir()), rows, utc_now())
 
 
 def _csv_error(error: pa.ArrowException, path: Path, names: Sequence[str]) -> ComputationFailed:
@@ -190,25 +208,17 @@ class ParquetSource(Source):
         return first
 
     def _observe(self, columns: Sequence[str]) -> Version:
-        files = source_files(self.spec)
-        entries: list[tuple[str, str]] = []
-        rows = 0
-        for path in files:
+        def compute(path: Path) -> tuple[str, int]:
+            digest = hashlib.sha256()
+            try:
+                with path.open("rb") as handle:
+                    while data := handle.read(1 << 20):
+                        digest.update(data)
+            except OSError as error:
+                raise _unavailable("parquet", error) from error
+            return digest.hexdigest(), self._open(path).metadata.num_rows
 
-            def compute(path: Path = path) -> tuple[str, int]:
-                digest = hashlib.sha256()
-                try:
-                    with path.open("rb") as handle:
-                        while data := handle.read(1 << 20):
-                            digest.update(data)
-                except OSError as error:
-                    raise _unavailable("parquet", error) from error
-                return digest.hexdigest(), self._open(path).metadata.num_rows
-
-            file_hash, file_rows = _cached(path, "parquet", compute)
-            entries.append((path.name, file_hash))
-            rows += file_rows
-        return Version(_combine(entries, Path(self.spec.path).is_dir()), rows, utc_now())
+        return _files_version(self.spec, "parquet", compute)
 
     def _read(
         self, columns: Sequence[str], dtypes: Mapping[str, str], collector: Collector
@@ -314,33 +324,24 @@ class CsvSource(Source):
             reader.close()
 
     def _observe(self, columns: Sequence[str]) -> Version:
-        files = source_files(self.spec)
-        every = self._arrow_schema()
-        # Count rows by parsing one column while the bytes go through the hash.
-        first = every.names[0]
-        entries: list[tuple[str, str]] = []
-        rows = 0
-        for path in files:
+        def compute(path: Path) -> tuple[str, int]:
+            # count rows by parsing one column while the bytes go through the hash
+            first = self._arrow_schema().names[0]
+            try:
+                stream = _HashingReader(path)
+            except OSError as error:
+                raise _unavailable("csv", error) from error
+            try:
+                count = sum(
+                    batch.num_rows
+                    for batch in self._batches(path, stream, [first], {first: pa.string()})
+                )
+                stream.rest()
+            finally:
+                stream.close()
+            return stream.hash.hexdigest(), count
 
-            def compute(path: Path = path) -> tuple[str, int]:
-                try:
-                    stream = _HashingReader(path)
-                except OSError as error:
-                    raise _unavailable("csv", error) from error
-                try:
-                    count = sum(
-                        batch.num_rows
-                        for batch in self._batches(path, stream, [first], {first: pa.string()})
-                    )
-                    stream.rest()
-                finally:
-                    stream.close()
-                return stream.hash.hexdigest(), count
-
-            file_hash, file_rows = _cached(path, "csv", compute)
-            entries.append((path.name, file_hash))
-            rows += file_rows
-        return Version(_combine(entries, Path(self.spec.path).is_dir()), rows, utc_now())
+        return _files_version(self.spec, "csv", compute)
 
     def _read(
         self, columns: Sequence[str], dtypes: Mapping[str, str], collector: Collector

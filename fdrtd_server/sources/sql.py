@@ -77,6 +77,21 @@ def _body(query: str) -> str:
     return text[:-1] if text.endswith(";") else text
 
 
+def _collect_rows(
+    cursor: Any, columns: Sequence[str], dtypes: Mapping[str, str], collector: Collector, kind: str
+) -> None:
+    """Fetch ``cursor``'s rows in batches into ``collector``, a numpy array per column."""
+    while batch := cursor.fetchmany(BATCH_ROWS):
+        collector.add(
+            {
+                name: values_to_numpy([row[index] for row in batch], dtypes[name], name, kind)
+                for index, name in enumerate(columns)
+            }
+        )
+        if collector.done:
+            return
+
+
 # SQLite ------------------------------------------------------------------------------------
 
 
@@ -184,17 +199,7 @@ class SqliteSource(Source):
     ) -> None:
         with self._connect() as conn:
             cursor = conn.execute(self._select(columns, collector.wanted))
-            while batch := cursor.fetchmany(BATCH_ROWS):
-                collector.add(
-                    {
-                        name: values_to_numpy(
-                            [row[index] for row in batch], dtypes[name], name, "sqlite"
-                        )
-                        for index, name in enumerate(columns)
-                    }
-                )
-                if collector.done:
-                    return
+            _collect_rows(cursor, columns, dtypes, collector, "sqlite")
 
 
 # PostgreSQL --------------------------------------------------------------------------------
@@ -377,17 +382,7 @@ class PostgresSource(Source):
         )
         with self._connect() as conn, conn.cursor("fdrtd_read", binary=True) as cursor:
             cursor.execute(query)
-            while batch := cursor.fetchmany(BATCH_ROWS):
-                collector.add(
-                    {
-                        name: values_to_numpy(
-                            [row[index] for row in batch], dtypes[name], name, "postgresql"
-                        )
-                        for index, name in enumerate(columns)
-                    }
-                )
-                if collector.done:
-                    return
+            _collect_rows(cursor, columns, dtypes, collector, "postgresql")
 
     def _read_copy(
         self, columns: Sequence[str], dtypes: Mapping[str, str], collector: Collector

@@ -106,8 +106,7 @@ def test_a_source_with_positive_values_sums_reciprocals_and_logs(
     source = sources["postgresql"]
     finite = VALUES[np.isfinite(VALUES)]
     lowest = float(finite.min())
-    if lowest <= 0:  # the normal sample above stays above zero; keep the test honest anyway
-        pytest.skip("the sample has a non-positive value")
+    assert lowest > 0  # the seeded sample lies far above zero
     found = run(source.moments("x", shift=50.0, degree=6, positive_minimum=lowest))
     assert found.reciprocal == pytest.approx(float((lowest / finite).sum()), rel=1e-12)
     assert found.log == pytest.approx(float(np.log(finite).sum()), rel=1e-12)
