@@ -291,6 +291,8 @@ class JobRecord:
     """The id of the process running the job (see :mod:`fdrtd_server.runners`)."""
     datasets: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The version of each named dataset the job read, by name."""
+    policy_version: str = ""
+    """The version of this server's policy file the job ran under (stated in its result)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for msgpack."""

@@ -41,6 +41,7 @@ from fdrtd_server.errors import (
     UnsupportedMediaType,
     error_for_status,
 )
+from fdrtd_server.policy import PolicyStore
 
 __all__ = [
     "ADMIN_ROLES",
@@ -95,6 +96,7 @@ class State:
     audit: AuditLog
     extra: dict[str, Any]
     custody: CustodyStore
+    policy: PolicyStore
 
 
 def state_of(request: Request) -> State:

@@ -96,6 +96,7 @@ from fdrtd_server.errors import (
 )
 from fdrtd_server.inputs import Input, Output, Signature
 from fdrtd_server.peers import PeerInbox, PeerSession
+from fdrtd_server.policy import DatasetPolicy
 from fdrtd_server.runners import (
     RESTARTED,
     STOP_WRITE_TIMEOUT,
@@ -364,6 +365,15 @@ class CallContext:
     switches: Mapping[str, bool] = field(default_factory=dict)
     """The microservice's own policy switches (:meth:`Microservice.switch`), as this
     server's owner set them (``[policy.<microservice>]``), else their defaults."""
+    policy_version: str = ""
+    """The version of the owner's policy file (:mod:`fdrtd_server.policy`) for this request."""
+    policies: Mapping[str, Any] = field(default_factory=dict)
+    """The owner's policy of each named dataset in :attr:`datasets`, as the controller sent it."""
+
+    def dataset_policy(self, name: str) -> DatasetPolicy:
+        """The owner's policy of the named dataset ``name`` (the defaults if none was sent)."""
+        found = self.policies.get(name)
+        return DatasetPolicy.from_dict(found) if isinstance(found, Mapping) else DatasetPolicy()
 
     def policy(self, switch: str) -> bool:
         """Whether this server's policy turns ``switch`` on.
@@ -984,6 +994,17 @@ def _sanitise(error: BaseException) -> tuple[str, str]:
     return "500", f"internal error (incident {incident}); the server log has details"
 
 
+def _strictest(env: Environment, policies: Mapping[str, Any]) -> Environment:
+    """``env`` with the strictest minimum cohort of the server and the datasets' policies."""
+    minimums = [
+        int(p.get("min_cohort", 0))
+        for p in policies.values()
+        if isinstance(p, Mapping) and isinstance(p.get("min_cohort"), int)
+    ]
+    strictest = max([env.min_cohort, *minimums])
+    return env if strictest == env.min_cohort else dataclasses.replace(env, min_cohort=strictest)
+
+
 async def _refuse_session(
     bus: Bus, env: Environment, session: dict[str, Any], error: FdrtdError
 ) -> None:
@@ -1066,23 +1087,35 @@ class _Runner:
         datasets = message.get("datasets") or {}
         if not isinstance(datasets, dict):
             raise BadRequest("'datasets' must be a map")
+        policy = message.get("policy") or {}
+        policies = policy.get("datasets") or {} if isinstance(policy, dict) else None
+        if not isinstance(policies, dict):
+            raise BadRequest("'policy' must be a map with the datasets' policies")
         # what every context of this request holds: who asks, and the policy's switches
         common: dict[str, Any] = {
             "bus": self.bus,
-            "env": self.env,
             "principal": principal,
             "role": role,
             "session": session,
             "datasets": datasets,
             "microservice": self.spec.name,
             "switches": self.switches,
+            "policy_version": str(policy.get("version", "")),
+            "policies": policies,
+            "env": _strictest(self.env, policies),
         }
         if function in self.spec.calls:
             ctx = CallContext(**common)
             return await self.spec.calls[function](ctx, message["inputs"])
         handle = parse_handle(message.get("result"), "result", "result")
         record = JobRecord(
-            principal, self.spec.name, function, "running", created=now_iso(), runner=self.runner
+            principal,
+            self.spec.name,
+            function,
+            "running",
+            created=now_iso(),
+            runner=self.runner,
+            policy_version=common["policy_version"],
         )
         job = JobContext(**common, handle=handle, record=record)
         computed = asyncio.Event()
