@@ -53,6 +53,7 @@ from fdrtd_server.http_common import (
     problem,
 )
 from fdrtd_server.identity import Identity
+from fdrtd_server.oidc import identity_provider
 from fdrtd_server.routes import about, compute, custody, data, results
 
 __all__ = ["ROUTES", "create_app", "internal_error", "open_audit_log"]
@@ -259,6 +260,7 @@ def create_app(
             audit=audit,
             extra={},
             custody=CustodyStore(settings.home),
+            identity=await identity_provider(settings),
         )
         app.state.fdrtd = state
 
