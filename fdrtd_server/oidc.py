@@ -107,7 +107,7 @@ KEYS_LIFESPAN = 300.0
 """Seconds a key set fetched from ``jwks_url`` is used before it is fetched again."""
 KEYS_COOLDOWN = 30.0
 """Seconds between two fetches for a key id the set lacks (a token cannot make us hammer it)."""
-_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _KEYS = (
     "issuer",
     "audience",
@@ -223,7 +223,7 @@ class IdentitySettings:
         Raises:
             ValueError: Naming the key and the rule it breaks (an unknown key too).
         """
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = {"issuer": "", "audience": ""}  # required: checked below
         for key, value in table.items():
             if key not in _KEYS:
                 raise ValueError(
