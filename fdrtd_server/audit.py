@@ -195,6 +195,22 @@ def _parse_line(path: Path, number: int, line: bytes) -> tuple[dict[str, Any], s
 # -- reading the chain ---------------------------------------------------------
 
 
+def _linked(path: Path, number: int, line: bytes, head: str) -> tuple[dict[str, Any], str]:
+    """The record on line ``number`` and its hash, if it follows the record hashing to ``head``.
+
+    Raises:
+        AuditError: If the line is not a record, or does not continue the chain there.
+    """
+    record, claimed = _parse_line(path, number, line)
+    body = _canonical(record)
+    if record.get("prev") != head or hashlib.sha256(body.encode()).hexdigest() != claimed:
+        raise AuditError(
+            f"audit log {path} is broken at line {number}: this record or the one "
+            "before it was changed, removed or reordered"
+        )
+    return record, claimed
+
+
 @dataclass
 class _Scan:
     """What one pass over the log found."""
@@ -229,16 +245,7 @@ def _scan(path: Path, wanted: frozenset[int] = frozenset()) -> _Scan:
                 scan.partial = len(line)
                 break
             scan.complete_bytes += len(line)
-            record, claimed = _parse_line(path, number, line)
-            body = _canonical(record)
-            if (
-                record.get("prev") != scan.head
-                or hashlib.sha256(body.encode()).hexdigest() != claimed
-            ):
-                raise AuditError(
-                    f"audit log {path} is broken at line {number}: this record or the one "
-                    "before it was changed, removed or reordered"
-                )
+            record, claimed = _linked(path, number, line, scan.head)
             scan.head = claimed
             scan.count += 1
             if scan.count in wanted:
@@ -709,16 +716,7 @@ class AuditLog:
                     partial = len(line)
                     break
                 number = self._count + 1
-                record, claimed = _parse_line(self.path, number, line)
-                body = _canonical(record)
-                if (
-                    record.get("prev") != self._last
-                    or hashlib.sha256(body.encode()).hexdigest() != claimed
-                ):
-                    raise AuditError(
-                        f"audit log {self.path} is broken at line {number}: this record or "
-                        "the one before it was changed, removed or reordered"
-                    )
+                _, claimed = _linked(self.path, number, line, self._last)
                 self._last, self._count, self._size = claimed, number, self._size + len(line)
         if partial:
             os.ftruncate(fd, self._size)

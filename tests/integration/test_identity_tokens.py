@@ -8,28 +8,16 @@ records keep one hash chain, and ``fdrtd-server audit verify`` passes.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import requests
-from _processes import make_server, wait_for
+from _processes import cli, make_server, wait_for
 
 from fdrtd_server.config import TokenStore, init_home, parse_expiry
 from fdrtd_server.local import LocalServer
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fdrtd_server", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 @pytest.fixture
