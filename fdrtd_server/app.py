@@ -53,6 +53,7 @@ from fdrtd_server.http_common import (
     problem,
 )
 from fdrtd_server.identity import Identity
+from fdrtd_server.oidc import identity_provider
 from fdrtd_server.policy import PolicyStore
 from fdrtd_server.routes import about, compute, custody, data, results
 
@@ -261,6 +262,7 @@ def create_app(
             extra={},
             custody=CustodyStore(settings.home),
             policy=PolicyStore(settings.home),
+            identity=await identity_provider(settings),
         )
         app.state.fdrtd = state
 

@@ -13,7 +13,18 @@ from fdrtd_server._embedded_nats import EmbeddedNats, free_port, write_private
 from fdrtd_server.config import TokenStore, init_home
 from fdrtd_server.local import LocalServer
 
-__all__ = ["make_server", "start_worker", "start_worker_with_new_home", "wait_for"]
+__all__ = ["cli", "make_server", "start_worker", "start_worker_with_new_home", "wait_for"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``fdrtd-server ARGS`` and return what it printed and its exit code."""
+    return subprocess.run(
+        [sys.executable, "-m", "fdrtd_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def make_server(root: Path, name: str = "solo") -> LocalServer:
