@@ -177,8 +177,18 @@ def clamped(values: npt.ArrayLike, bounds: tuple[float, float]) -> npt.NDArray[n
 
 
 def fixed_units(values: npt.NDArray[np.float64], frac_bits: int) -> npt.NDArray[np.int64]:
-    """Clamped values as integers in the fixed-point units of the ring: ``round(x * 2^f)``."""
-    return np.asarray(np.rint(np.ldexp(values, frac_bits)).astype(np.int64))
+    """Clamped values as integers in the fixed-point units of the ring: ``round(x * 2^f)``.
+
+    Raises:
+        OutOfRange: If a value does not fit in 63 bits at ``frac_bits``.
+    """
+    scaled = np.rint(np.ldexp(np.asarray(values, dtype=np.float64), frac_bits))
+    if scaled.size and not float(np.max(np.abs(scaled))) < 2.0**62:
+        raise OutOfRange(
+            "the declared bounds are too large for the fixed-point encoding at this "
+            "precision; ask for fewer 'frac_bits', or the owner for narrower bounds"
+        )
+    return np.asarray(scaled.astype(np.int64))
 
 
 def fixed_sensitivity(bounds: tuple[float, float], frac_bits: int) -> int:
