@@ -149,6 +149,8 @@ async def _summed(ctx: JobContext, inputs: dict[str, Any], function: str) -> dic
         elementwise = bool(inputs.get("elementwise", False))
         frac_bits = inputs.get("frac_bits", ring.DEFAULT_FRAC_BITS)  # declared: 0 to 40
         name = _column_name(dataset, column)
+        if dataset.privacy is not None:  # refused before anything is spent
+            dataset.privacy.bound(name, "a sum")
         if dataset.privacy is not None and elementwise:
             raise Forbidden(
                 f"the owner of dataset '{dataset.privacy.dataset}' requires differential "
