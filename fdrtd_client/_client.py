@@ -338,6 +338,16 @@ class Client:
         """The named datasets you may use on this server: schema, coarse rows, version."""
         return list(self.request("GET", "/v1/catalogue")["datasets"])
 
+    def budget(self) -> list[dict[str, Any]]:
+        """Your differential privacy budget of each named dataset here: spent and remaining.
+
+        One entry per dataset you may see: ``name``, ``dp`` (whether its owner
+        requires differential privacy) and, if so, ``mechanism``, the per-query
+        ``epsilon`` and ``delta``, ``spent``, ``remaining`` and ``caps`` (each
+        ``{"analyst": {epsilon, delta}, "total": {epsilon, delta}}``).
+        """
+        return list(self.request("GET", "/v1/budget")["datasets"])
+
     def publish(self, handle: str, name: str, description: str = "") -> dict[str, Any]:
         """Publish an upload of yours under ``name`` (owners): it joins the catalogue."""
         body = {"handle": str(handle), "name": name, "description": description}

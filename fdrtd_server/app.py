@@ -55,7 +55,7 @@ from fdrtd_server.http_common import (
 from fdrtd_server.identity import Identity
 from fdrtd_server.oidc import identity_provider
 from fdrtd_server.policy import PolicyStore
-from fdrtd_server.routes import about, compute, custody, data, results
+from fdrtd_server.routes import about, compute, custody, data, privacy, results
 
 __all__ = ["ROUTES", "create_app", "internal_error", "open_audit_log"]
 
@@ -80,6 +80,7 @@ ROUTES: tuple[tuple[str, str, Handler, Roles], ...] = (
     ("DELETE", "/v1/results/{handle}",         results.release_result,   DATA_ROLES),
     ("GET",    "/v1/results/{handle}/events",  results.result_events,    DATA_ROLES),
     ("GET",    "/v1/catalogue",                custody.catalogue,        ANY_ROLE),
+    ("GET",    "/v1/budget",                   privacy.budget,           DATA_ROLES),
     ("POST",   "/v1/datasets",                 custody.publish,          ("owner",)),
     ("DELETE", "/v1/datasets/{name}",          custody.withdraw,         OWNER_ROLES),
     ("GET",    "/v1/grants",                   custody.list_grants,      OWNER_ROLES),

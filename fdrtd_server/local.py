@@ -29,6 +29,7 @@ from fdrtd_client import Client, Federation
 from fdrtd_server._embedded_nats import CLIENT_URL_FILE, free_port
 from fdrtd_server.config import PORT_FILE, TokenStore, init_home
 from fdrtd_server.identity import Identity, add_member
+from fdrtd_server.policy import POLICY_FILE
 
 __all__ = ["LocalFederation", "LocalServer"]
 
@@ -142,6 +143,8 @@ class LocalFederation:
             server registers with each of them (``directory``, ``directories``).
         directory_interval: Seconds between heartbeats (``directory_interval``),
             if ``directories`` are given; None keeps the setting's default.
+        policy: The owner's policy file (``policy.toml``, :mod:`fdrtd_server.policy`)
+            written into every server home; None: the built-in defaults.
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class LocalFederation:
         *,
         directories: Sequence[str] = (),
         directory_interval: float | None = None,
+        policy: str | None = None,
     ) -> None:
         self.root = root
         self.env = dict(env or {})
@@ -168,6 +172,8 @@ class LocalFederation:
             token = TokenStore(home).add("analyst")
             self.servers[name] = LocalServer(home, name, port, token, admin)
             self.servers[name].owner_token = TokenStore(home).add("owner", "owner")
+            if policy is not None:
+                (home / POLICY_FILE).write_text(policy, "utf-8")
         for server in self.servers.values():
             identity = Identity.load(server.home / "identity", server.name)
             for other in self.servers.values():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _processes import cli, make_server
+from _processes import cli, make_server, without_dp
 
 from fdrtd_client import Client, Conflict
 from fdrtd_server.config import TokenStore
@@ -15,6 +15,7 @@ from fdrtd_server.config import TokenStore
 
 def test_a_configured_source_is_served_and_changed_only_in_the_file(tmp_path: Path) -> None:
     server = make_server(tmp_path)
+    without_dp(server.home)  # exact aggregates of a named dataset
     owner = TokenStore(server.home).add("clinic", "owner")
     pq.write_table(pa.table({"x": [1.0, 2.0, 3.0, 4.0, 5.0]}), tmp_path / "x.parquet")
     config = server.home / "fdrtd.toml"
