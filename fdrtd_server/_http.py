@@ -5,7 +5,9 @@ in a thread pool cost milliseconds per message in thread hand-offs and GIL
 convoys on a busy event loop; this client stays on the loop, keeps one or
 more connections per peer open, and speaks just enough HTTP/1.1 for our own
 ``/v1/peer`` answers (``Content-Length`` bodies, or ``chunked``). TLS works
-through ``asyncio.open_connection(ssl=...)`` for ``https://`` peers.
+through ``asyncio.open_connection(ssl=...)`` for ``https://`` peers, with the
+context the gateway gives (:meth:`fdrtd_server.tls.TlsFiles.peer_context`);
+a handshake that fails says why (:class:`TlsRefused`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-__all__ = ["HttpError", "PeerHttpClient"]
+from fdrtd_server.tls import describe_error
+
+__all__ = ["HttpError", "PeerHttpClient", "TlsRefused"]
 
 MAX_RESPONSE = 1024 * 1024
 """Largest answer body read from a peer (ours are a few dozen bytes)."""
@@ -33,6 +37,14 @@ into one that is being closed is lost."""
 
 class HttpError(Exception):
     """The peer could not be reached or answered with something that is not HTTP."""
+
+
+class TlsRefused(HttpError):
+    """The TLS handshake with the peer failed: its certificate, or ours, was refused.
+
+    Not a passing trouble: trying again changes nothing until a certificate
+    or a setting is changed.
+    """
 
 
 @dataclass
@@ -57,13 +69,22 @@ class _Pool:
 
 
 class PeerHttpClient:
-    """POSTs bodies to peers' URLs, reusing connections."""
+    """POSTs bodies to peers' URLs, reusing connections.
 
-    def __init__(self, timeout: float = 10.0, max_idle: int = 8) -> None:
+    Args:
+        timeout: Seconds one exchange may take, connecting included.
+        max_idle: Most idle connections kept per peer.
+        ssl_context: The TLS context for ``https://`` peers (default: the
+            system's CA store, hostname checked).
+    """
+
+    def __init__(
+        self, timeout: float = 10.0, max_idle: int = 8, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.timeout = timeout
         self.max_idle = max_idle
         self._pools: dict[str, _Pool] = {}
-        self._ssl = ssl.create_default_context()
+        self._ssl = ssl_context or ssl.create_default_context()
 
     def _pool(self, base_url: str) -> _Pool:
         pool = self._pools.get(base_url)
@@ -106,6 +127,8 @@ class PeerHttpClient:
                         reader, writer = await asyncio.open_connection(
                             pool.host, pool.port, ssl=pool.ssl, limit=MAX_HEAD
                         )
+                    except ssl.SSLError as error:
+                        raise TlsRefused(f"cannot connect: {describe_error(error)}") from None
                     except OSError as error:
                         raise HttpError(f"cannot connect: {type(error).__name__}") from None
                 else:
@@ -119,6 +142,11 @@ class PeerHttpClient:
                     if kept is None:
                         if isinstance(error, HttpError):
                             raise
+                        if isinstance(error, ssl.SSLError):
+                            # TLS 1.3: a refused client certificate is told after the handshake
+                            raise TlsRefused(
+                                f"the connection failed: {describe_error(error)}"
+                            ) from None
                         raise HttpError(f"the connection failed: {type(error).__name__}") from None
                     continue
                 except BaseException:

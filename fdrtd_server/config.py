@@ -109,6 +109,18 @@ class Settings:
     directory_interval: float = 10.0
     """Seconds between two heartbeats to each directory; silent for 3 of them, a member
     drops out of the listing."""
+    tls_cert: str = ""
+    """The server's TLS certificate chain (PEM): set, the port serves HTTPS itself."""
+    tls_key: str = ""
+    """The private key of ``tls_cert`` (PEM, unencrypted); empty: it is in that file."""
+    tls_ca: str = ""
+    """The federation's CA bundle (PEM): peers' certificates must chain to it (only it)."""
+    tls_client_cert: str = ""
+    """The certificate the peer gateway presents to peers; empty: ``tls_cert``."""
+    tls_client_key: str = ""
+    """The private key of ``tls_client_cert``; empty: it is in that file."""
+    tls_require_client_cert: bool = False
+    """Take only clients with a certificate signed by ``tls_ca`` (mutual TLS)."""
 
     def __post_init__(self) -> None:
         if not NAME_RULE.fullmatch(self.name):
@@ -146,11 +158,16 @@ class Settings:
                 )
         if not 0.05 <= self.directory_interval <= 3600:
             raise ValueError("setting 'directory_interval' must be between 0.05 and 3600 seconds")
+        if any(getattr(self, key) for key in _TLS_KEYS):
+            from fdrtd_server import tls  # local: only servers that use TLS read its files
+
+            tls.check(self)
 
     @property
     def url(self) -> str:
         """The URL peers and clients use to reach this server."""
-        return self.public_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert else "http"
+        return self.public_url or f"{scheme}://{self.host}:{self.port}"
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """Return a copy with the given non-None fields replaced."""
@@ -180,7 +197,15 @@ _FIELD_TYPES: dict[str, type] = {
     "directory": bool,
     "directories": tuple,
     "directory_interval": float,
+    "tls_cert": str,
+    "tls_key": str,
+    "tls_ca": str,
+    "tls_client_cert": str,
+    "tls_client_key": str,
+    "tls_require_client_cert": bool,
 }
+_TLS_KEYS = tuple(key for key in _FIELD_TYPES if key.startswith("tls_"))
+"""The TLS settings (see :mod:`fdrtd_server.tls`)."""
 
 
 _POLICY_KEYS = (
