@@ -47,6 +47,10 @@ class TlsRefused(HttpError):
     """
 
 
+class _Unanswered(HttpError):
+    """The peer closed the connection before the first byte of its answer."""
+
+
 @dataclass
 class _Pool:
     host: str
@@ -140,10 +144,18 @@ class PeerHttpClient:
                 except (OSError, asyncio.IncompleteReadError, HttpError, ValueError) as error:
                     writer.close()
                     if kept is None:
+                        if isinstance(error, _Unanswered) and pool.ssl is not None:
+                            # TLS 1.3: a peer refuses a client certificate after the client's
+                            # side of the handshake, and the alert reaches asyncio as a close
+                            raise TlsRefused(
+                                "it closed the new TLS connection without answering: it requires "
+                                "a client certificate signed by the federation's CA (set "
+                                "'tls_client_cert' and 'tls_client_key', or 'tls_cert' allowing "
+                                "client authentication), or it stopped"
+                            ) from None
                         if isinstance(error, HttpError):
                             raise
                         if isinstance(error, ssl.SSLError):
-                            # TLS 1.3: a refused client certificate is told after the handshake
                             raise TlsRefused(
                                 f"the connection failed: {describe_error(error)}"
                             ) from None
@@ -179,7 +191,7 @@ class PeerHttpClient:
         # one gathered write: the body (up to tens of MiB) is not copied into the head
         writer.writelines([head.encode("latin-1"), body])
         await writer.drain()
-        status_line = await _line(reader)
+        status_line = await _line(reader, first=True)
         parts = status_line.split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not _digits(parts[1], 3):
             raise HttpError("the answer is not HTTP/1.1")
@@ -233,8 +245,12 @@ def _digits(text: bytes, most: int) -> bool:
     return 0 < len(text) <= most and all(0x30 <= byte <= 0x39 for byte in text)
 
 
-async def _line(reader: asyncio.StreamReader) -> bytes:
+async def _line(reader: asyncio.StreamReader, *, first: bool = False) -> bytes:
     """One line of the answer's head, at most :data:`MAX_HEAD` bytes, ending in a newline.
+
+    Args:
+        reader: The connection's reader.
+        first: Whether this is the status line (a close before it is :class:`_Unanswered`).
 
     Raises:
         HttpError: If the line is longer, or the peer closes before its end.
@@ -243,7 +259,9 @@ async def _line(reader: asyncio.StreamReader) -> bytes:
         line = await reader.readuntil(b"\n")
     except asyncio.LimitOverrunError:
         raise HttpError(f"the answer has a line longer than {MAX_HEAD} bytes") from None
-    except asyncio.IncompleteReadError:
+    except asyncio.IncompleteReadError as error:
+        if first and not error.partial:
+            raise _Unanswered("the peer closed the connection without answering") from None
         raise HttpError("the peer closed the connection in the middle of its answer") from None
     return line
 

@@ -127,8 +127,9 @@ def _read(path: Path, setting: str) -> bytes:
 
 def _certificates(path: Path, setting: str) -> list[x509.Certificate]:
     """The certificates of a PEM file, at least one; ValueError naming ``setting`` if none."""
+    data = _read(path, setting)
     try:
-        found = x509.load_pem_x509_certificates(_read(path, setting))
+        found = x509.load_pem_x509_certificates(data)
     except ValueError:
         found = []
     if not found:
