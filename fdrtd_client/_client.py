@@ -15,6 +15,7 @@ from urllib.parse import urlencode, urlsplit
 
 import numpy as np
 import requests
+import urllib3
 
 from fdrtd_client import _tables, wire
 from fdrtd_client.errors import (
@@ -248,7 +249,17 @@ class Client:
                 "cert=(certificate, key) if it requires a client certificate"
             ) from error
         except requests.ConnectionError as error:
-            raise ConnectError(f"cannot reach the fdrtd server at {self.url}") from error
+            hint = ""
+            if self._base.startswith("https://") and isinstance(
+                error.args[0] if error.args else None, urllib3.exceptions.ProtocolError
+            ):
+                # TLS 1.3: a server refuses a client certificate after the client's side
+                # of the handshake, and the refusal reaches requests as a close
+                hint = (
+                    ": it closed the connection without answering; if it requires a TLS "
+                    "client certificate, pass cert=(certificate, key)"
+                )
+            raise ConnectError(f"cannot reach the fdrtd server at {self.url}{hint}") from error
         except requests.Timeout as error:
             raise RequestTimeout(
                 f"{self.url} did not answer within {timeout or self.timeout:g} s"
