@@ -442,6 +442,8 @@ def init_home(home: Path, name: str, *, port: int = 8000, host: str = "127.0.0.1
         f'host = "{settings.host}"\n'
         f"port = {settings.port}\n"
         '# public_url = "https://fdrtd.example.org"\n'
+        "# serve HTTPS; peers must have certificates of the federation's CA (PEM files)\n"
+        '# tls_cert = "tls/server.pem"\n# tls_key = "tls/server.key"\n# tls_ca = "tls/ca.pem"\n'
         '# nats_url = "nats://127.0.0.1:4222"   # default: an embedded nats-server\n'
         "# csv, json and msgpack uploads are parsed in memory; raw arrays are not\n"
         f"# max_parse_bytes = {settings.max_parse_bytes}\n"
