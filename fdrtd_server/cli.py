@@ -4,6 +4,7 @@
 
     fdrtd-server init DIR [--name NAME] [--port PORT]   create a server home
     fdrtd-server serve DIR [--nats-url URL] [--port PORT] [--no-local-microservices]
+                       [--tls-cert FILE --tls-key FILE]   serve HTTPS (see docs/deployment.md)
     fdrtd-server worker [--nats-url URL|file:PATH] --home DIR   microservices only, DIR's policy
     fdrtd-server demo                                   three parties, one joint result
     fdrtd-server token create DIR NAME [--role analyst|owner|admin] [--rotate]
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--tls-cert", type=Path, help="serve HTTPS with this certificate chain (PEM; tls_cert)"
+    )
+    serve.add_argument(
+        "--tls-key", type=Path, help="the private key of --tls-cert (PEM, unencrypted; tls_key)"
+    )
     serve.add_argument(
         "--no-local-microservices",
         action="store_true",
@@ -432,7 +439,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         settings = config.load_settings(
             home_path(str(args.home)),
-            {"nats_url": args.nats_url, "host": args.host, "port": args.port},
+            {
+                "nats_url": args.nats_url,
+                "host": args.host,
+                "port": args.port,
+                **{
+                    key: str(path.expanduser().resolve())
+                    for key, path in (("tls_cert", args.tls_cert), ("tls_key", args.tls_key))
+                    if path is not None
+                },
+            },
         )
         return serve(settings, local_microservices=not args.no_local_microservices)
     if args.command == "worker":

@@ -120,6 +120,18 @@ class Settings:
     drops out of the listing."""
     identity: IdentitySettings | None = None
     """The institution's identity provider (the ``[identity]`` table), if JWTs are accepted."""
+    tls_cert: str = ""
+    """The server's TLS certificate chain (PEM): set, the port serves HTTPS itself."""
+    tls_key: str = ""
+    """The private key of ``tls_cert`` (PEM, unencrypted); empty: it is in that file."""
+    tls_ca: str = ""
+    """The federation's CA bundle (PEM): peers' certificates must chain to it (only it)."""
+    tls_client_cert: str = ""
+    """The certificate the peer gateway presents to peers; empty: ``tls_cert``."""
+    tls_client_key: str = ""
+    """The private key of ``tls_client_cert``; empty: it is in that file."""
+    tls_require_client_cert: bool = False
+    """Take only clients with a certificate signed by ``tls_ca`` (mutual TLS)."""
 
     def __post_init__(self) -> None:
         if not NAME_RULE.fullmatch(self.name):
@@ -157,11 +169,16 @@ class Settings:
                 )
         if not 0.05 <= self.directory_interval <= 3600:
             raise ValueError("setting 'directory_interval' must be between 0.05 and 3600 seconds")
+        if any(getattr(self, key) for key in _TLS_KEYS):
+            from fdrtd_server import tls  # local: only servers that use TLS read its files
+
+            tls.check(self)
 
     @property
     def url(self) -> str:
         """The URL peers and clients use to reach this server."""
-        return self.public_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert else "http"
+        return self.public_url or f"{scheme}://{self.host}:{self.port}"
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """Return a copy with the given non-None fields replaced."""
@@ -191,7 +208,15 @@ _FIELD_TYPES: dict[str, type] = {
     "directory": bool,
     "directories": tuple,
     "directory_interval": float,
+    "tls_cert": str,
+    "tls_key": str,
+    "tls_ca": str,
+    "tls_client_cert": str,
+    "tls_client_key": str,
+    "tls_require_client_cert": bool,
 }
+_TLS_KEYS = tuple(key for key in _FIELD_TYPES if key.startswith("tls_"))
+"""The TLS settings (see :mod:`fdrtd_server.tls`)."""
 
 
 _POLICY_KEYS = (
@@ -561,6 +586,8 @@ def init_home(home: Path, name: str, *, port: int = 8000, host: str = "127.0.0.1
         f'host = "{settings.host}"\n'
         f"port = {settings.port}\n"
         '# public_url = "https://fdrtd.example.org"\n'
+        "# serve HTTPS; peers must have certificates of the federation's CA (PEM files)\n"
+        '# tls_cert = "tls/server.pem"\n# tls_key = "tls/server.key"\n# tls_ca = "tls/ca.pem"\n'
         '# nats_url = "nats://127.0.0.1:4222"   # default: an embedded nats-server\n'
         "# csv, json and msgpack uploads are parsed in memory; raw arrays are not\n"
         f"# max_parse_bytes = {settings.max_parse_bytes}\n"
