@@ -32,6 +32,7 @@ CATALOGUE = (
     "median:",
     "quantiles:",
     "kth_smallest:",
+    "mean: pressure, differentially private",
 )
 """A label fragment of every function of the catalogue (each line starts with its name)."""
 
@@ -46,7 +47,7 @@ def test_demo_prints_joint_results_equal_to_plaintext() -> None:
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     lines = [line.strip() for line in run.stdout.splitlines() if line.rstrip().endswith(" ok")]
-    assert len(lines) == 32, run.stdout
+    assert len(lines) == 33, run.stdout
     assert "DIFFERENT" not in run.stdout
     assert "off by default" in run.stdout
     assert "servers stopped." in run.stdout
@@ -57,6 +58,7 @@ def test_demo_prints_joint_results_equal_to_plaintext() -> None:
     assert "'patients' is one dataset of 3 fragments: alpha, beta, gamma" in run.stdout
     assert "(the versions of patients it read)" in run.stdout
     assert "the analyst, who uploaded nothing" in run.stdout
+    assert "alpha: the analyst has epsilon 1.5 of 'registry' left" in run.stdout
     for label in CATALOGUE:
         assert any(line.startswith(label) for line in lines), label
 
@@ -74,7 +76,7 @@ def test_demo_reports_a_refused_computation_and_goes_on(capsys: pytest.CaptureFi
     assert "does not allow set unions" in failed[0], out
     assert "allow_set_union = true" in failed[0], out
     oks = [line.strip() for line in lines if line.rstrip().endswith(" ok")]
-    assert len(oks) == 31, out  # every line but the union's
+    assert len(oks) == 32, out  # every line but the union's
     for label in ("median:", "quantiles:", "kth_smallest:"):  # after the union
         assert any(line.startswith(label) for line in oks), label
     assert "DIFFERENT" not in out
