@@ -13,7 +13,8 @@ checks apply here as to the SMPC protocols:
   reference system); the SMPC ``minimum_maximum`` gives the joint ones;
 * histogram cells are suppressed as in SMPC tables
   (:func:`protocols.smpc.tables.suppress`, complementary, hidden cells
-  ``None``), counting the values outside the bin edges in an ``other`` cell
+  ``None``, below the owner's ``small_cell``; of a named dataset, empty
+  cells are hidden too), counting the values outside the bin edges in an ``other`` cell
   so that the released count gives no hidden cell away;
 * rows holding NaN or infinity are left out, as the SMPC protocols do
   (:func:`protocols.smpc.service.finite_rows`).
@@ -71,11 +72,13 @@ def _edges(bins: Any) -> np.ndarray[Any, Any] | None:
     return edges
 
 
-def _histogram(data: np.ndarray[Any, Any], edges: np.ndarray[Any, Any], minimum: int) -> Any:
+def _histogram(
+    data: np.ndarray[Any, Any], edges: np.ndarray[Any, Any], minimum: int, empty: bool
+) -> Any:
     """Counts per bin (``[e_i, e_{i+1})``, the last closed) and outside; small cells hidden."""
     inside = (data >= edges[0]) & (data <= edges[-1])
     cells = np.append(np.histogram(data[inside], bins=edges)[0], int((~inside).sum()))
-    hidden = suppress(cells, minimum)
+    hidden = suppress(cells, minimum, empty=empty)
     shown: list[int | None] = [None if h else int(c) for c, h in zip(cells, hidden, strict=True)]
     return {
         "edges": edges,
@@ -86,7 +89,11 @@ def _histogram(data: np.ndarray[Any, Any], edges: np.ndarray[Any, Any], minimum:
 
 
 def aggregate_values(
-    values: np.ndarray[Any, Any], edges: np.ndarray[Any, Any] | None, min_cohort: int
+    values: np.ndarray[Any, Any],
+    edges: np.ndarray[Any, Any] | None,
+    small_cell: int,
+    *,
+    empty: bool = False,
 ) -> dict[str, Any]:
     """Count, sum, sum of squares (and a histogram) over the finite rows of ``values``.
 
@@ -94,7 +101,9 @@ def aggregate_values(
     The histogram has one cell per bin plus ``other`` (values outside the
     edges), so its cells add up to ``count``; cells are suppressed as in SMPC
     tables (``None``, listed in ``suppressed``, ``len(counts)`` standing for
-    ``other``). Zero cells are shown as 0.
+    ``other``) below ``small_cell``. Zero cells are shown as 0, unless
+    ``empty`` (an owner's named dataset): then they are hidden like small
+    ones, so that "none" and "a few" look alike.
 
     Raises:
         BadRequest: If the column is not numeric, or a histogram is asked of
@@ -117,7 +126,7 @@ def aggregate_values(
     if edges is not None:
         if data.ndim != 1:
             raise BadRequest("histograms need a column of single numbers")
-        result["histogram"] = _histogram(data, edges, min_cohort)
+        result["histogram"] = _histogram(data, edges, small_cell, empty)
     return result
 
 
@@ -164,7 +173,8 @@ async def aggregate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     edges = _edges(inputs.get("bins"))
     dataset = await ctx.load_dataset(inputs.get("data"), columns=[inputs.get("column")])
     values = dataset.column(inputs.get("column"))
-    result = aggregate_values(values, edges, ctx.env.min_cohort)
+    # cells below the owner's small-cell threshold are hidden, and of a named dataset empty ones too
+    result = aggregate_values(values, edges, ctx.env.small_cell, empty=bool(ctx.versions))
     ctx.check_cohort(result["count"])
     # the sum of finite values can pass the float64 range: refused, not sent as infinity
     return finite_result(result, "'map.aggregate'")
