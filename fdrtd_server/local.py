@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import requests
@@ -29,6 +29,7 @@ from fdrtd_client import Client, Federation
 from fdrtd_server._embedded_nats import CLIENT_URL_FILE, free_port
 from fdrtd_server.config import PORT_FILE, TokenStore, init_home
 from fdrtd_server.identity import Identity, add_member
+from fdrtd_server.policy import POLICY_FILE
 
 __all__ = ["LocalFederation", "LocalServer"]
 
@@ -58,6 +59,16 @@ class LocalServer:
         to a worker.
         """
         return self.home / "jetstream" / CLIENT_URL_FILE
+
+    def write_policy(self, text: str) -> None:
+        """Write ``text`` as the owner's ``policy.toml`` (replaced at once, never half-written).
+
+        A running server follows it from its next request on.
+        """
+        path = self.home / POLICY_FILE
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(text, "utf-8")
+        temporary.replace(path)
 
     def client(self, timeout: float = 30.0) -> Client:
         """A client with this server's analyst token."""
@@ -142,6 +153,9 @@ class LocalFederation:
             server registers with each of them (``directory``, ``directories``).
         directory_interval: Seconds between heartbeats (``directory_interval``),
             if ``directories`` are given; None keeps the setting's default.
+        policy: The text of the owner's ``policy.toml`` (:mod:`fdrtd_server.policy`)
+            written into every server home before the start, or a map of server
+            name to text for some of them (:meth:`LocalServer.write_policy`).
     """
 
     def __init__(
@@ -152,6 +166,7 @@ class LocalFederation:
         *,
         directories: Sequence[str] = (),
         directory_interval: float | None = None,
+        policy: str | Mapping[str, str] | None = None,
     ) -> None:
         self.root = root
         self.env = dict(env or {})
@@ -168,6 +183,9 @@ class LocalFederation:
             token = TokenStore(home).add("analyst")
             self.servers[name] = LocalServer(home, name, port, token, admin)
             self.servers[name].owner_token = TokenStore(home).add("owner", "owner")
+            text = policy.get(name) if isinstance(policy, Mapping) else policy
+            if text is not None:
+                self.servers[name].write_policy(text)
         for server in self.servers.values():
             identity = Identity.load(server.home / "identity", server.name)
             for other in self.servers.values():
