@@ -53,8 +53,9 @@ from fdrtd_server.http_common import (
     problem,
 )
 from fdrtd_server.identity import Identity
+from fdrtd_server.oidc import identity_provider
 from fdrtd_server.policy import PolicyStore
-from fdrtd_server.routes import about, compute, custody, data, results
+from fdrtd_server.routes import about, compute, custody, data, privacy, results
 
 __all__ = ["ROUTES", "create_app", "internal_error", "open_audit_log"]
 
@@ -79,6 +80,7 @@ ROUTES: tuple[tuple[str, str, Handler, Roles], ...] = (
     ("DELETE", "/v1/results/{handle}",         results.release_result,   DATA_ROLES),
     ("GET",    "/v1/results/{handle}/events",  results.result_events,    DATA_ROLES),
     ("GET",    "/v1/catalogue",                custody.catalogue,        ANY_ROLE),
+    ("GET",    "/v1/budget",                   privacy.budget,           DATA_ROLES),
     ("POST",   "/v1/datasets",                 custody.publish,          ("owner",)),
     ("DELETE", "/v1/datasets/{name}",          custody.withdraw,         OWNER_ROLES),
     ("GET",    "/v1/grants",                   custody.list_grants,      OWNER_ROLES),
@@ -262,6 +264,7 @@ def create_app(
             extra={},
             custody=CustodyStore(settings.home),
             policy=PolicyStore(settings.home, audit),
+            identity=await identity_provider(settings),
         )
         app.state.fdrtd = state
 

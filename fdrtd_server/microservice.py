@@ -97,6 +97,7 @@ from fdrtd_server.errors import (
 from fdrtd_server.inputs import Input, Output, Signature
 from fdrtd_server.peers import PeerInbox, PeerSession, stop_reasons
 from fdrtd_server.policy import DatasetPolicy, job_deadline
+from fdrtd_server.privacy import KvStore, Ledger, PrivateTerms, terms_for
 from fdrtd_server.runners import (
     RESTARTED,
     STOP_WRITE_TIMEOUT,
@@ -222,6 +223,10 @@ class Dataset:
     function may use instead of reading rows (``columns`` is then empty)."""
     limit: int | None = None
     """How many rows of :attr:`source` the version in use has (None: all)."""
+    privacy: PrivateTerms | None = None
+    """With ``load_dataset(..., private=True)``, the differential privacy terms of a
+    named dataset whose owner requires them (:mod:`fdrtd_server.sdk.privacy`); None
+    for the caller's own upload and a dataset without differential privacy."""
 
     async def source_column(self, name: Any) -> str:
         """The column ``name`` of :attr:`source`; None picks the only one.
@@ -383,6 +388,10 @@ class CallContext:
         found = self.policies.get(name)
         return DatasetPolicy.from_dict(found) if isinstance(found, Mapping) else DatasetPolicy()
 
+    def budget_ledger(self) -> Ledger:
+        """This server's privacy budget ledger (:mod:`fdrtd_server.privacy`)."""
+        return Ledger(KvStore(self.bus.budgets))
+
     def policy(self, switch: str) -> bool:
         """Whether this server's policy turns ``switch`` on.
 
@@ -443,6 +452,7 @@ class CallContext:
         columns: Iterable[Any] | None = None,
         *,
         pushdown: bool = False,
+        private: bool = False,
     ) -> Dataset:
         """Load a dataset: a named one the caller may use, or an upload of her own.
 
@@ -454,15 +464,25 @@ class CallContext:
             pushdown: For a source read in place, read no rows: the dataset's
                 :attr:`Dataset.source` then computes aggregates where the data
                 lives (in SQL for a database). Ignored for uploads.
+            private: Whether the function releases its result with differential
+                privacy: a named dataset whose owner requires it then carries its
+                terms (:attr:`Dataset.privacy`); without, such a dataset is refused.
 
         Raises:
             BadRequest: If ``ref`` is neither a name nor a handle.
             NotFound: If no such dataset exists for the caller (a name she holds
                 no grant for is answered alike).
+            Forbidden: If the owner requires differential privacy and ``private``
+                is False (before anything is read or spent).
         """
         wanted = _wanted(columns)
         if isinstance(ref, str) and ref in self.datasets:
-            return await self._load_named(ref, self.datasets[ref], wanted, pushdown)
+            terms = terms_for(
+                ref, self.dataset_policy(ref), self.principal, private, self.budget_ledger
+            )
+            loaded = await self._load_named(ref, self.datasets[ref], wanted, pushdown)
+            loaded.privacy = terms
+            return loaded
         if isinstance(ref, str) and not ref.startswith(("d-", "r-")) and DATASET_NAME.match(ref):
             raise NotFound(f"no dataset named '{ref}' on this server")
         if not isinstance(ref, str) or not ref.startswith("d-"):
