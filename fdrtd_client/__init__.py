@@ -34,6 +34,7 @@ from fdrtd_client.errors import RequestTimeout as RequestTimeout
 from fdrtd_client.errors import ResultTimeout as ResultTimeout
 from fdrtd_client.errors import ServerError as ServerError
 from fdrtd_client.errors import ServiceUnavailable as ServiceUnavailable
+from fdrtd_client.errors import TooManyRequests as TooManyRequests
 from fdrtd_client.errors import TransportError as TransportError
 from fdrtd_client.errors import Unauthorized as Unauthorized
 
@@ -59,6 +60,7 @@ __all__ = [
     "ResultTimeout",
     "ServerError",
     "ServiceUnavailable",
+    "TooManyRequests",
     "TransportError",
     "Unauthorized",
     "combine_aggregates",

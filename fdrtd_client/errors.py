@@ -14,6 +14,7 @@ The tree::
     │   ├── Conflict (409)
     │   ├── PayloadTooLarge (413)
     │   ├── ComputationFailed (422)
+    │   ├── TooManyRequests (429)   more computations at once than the owner's policy allows
     │   ├── ServiceUnavailable (503)
     │   ├── PartyTimeout (504)
     │   └── InsufficientStorage (507) the server's store is full
@@ -41,6 +42,7 @@ __all__ = [
     "ResultTimeout",
     "ServerError",
     "ServiceUnavailable",
+    "TooManyRequests",
     "TransportError",
     "Unauthorized",
     "error_from_problem",
@@ -132,6 +134,12 @@ class ComputationFailed(ServerError):
     status = 422
 
 
+class TooManyRequests(ServerError):
+    """You run as many computations at once as the owner's policy allows: wait for one."""
+
+    status = 429
+
+
 class ServiceUnavailable(ServerError):
     """The server or a microservice it needs is not running."""
 
@@ -160,6 +168,7 @@ _BY_STATUS: dict[int, type[ServerError]] = {
         Conflict,
         PayloadTooLarge,
         ComputationFailed,
+        TooManyRequests,
         ServiceUnavailable,
         PartyTimeout,
         InsufficientStorage,

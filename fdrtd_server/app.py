@@ -206,6 +206,7 @@ def _job_ended(state: State) -> Callable[[Any], Awaitable[None]]:
             status = event.get("status")
             if status not in ("done", "failed"):
                 raise ValueError("unknown status")
+            state.policy.running.end(handle)  # counts no more against max_concurrent
             extra: dict[str, Any] = {
                 "microservice": str(event.get("microservice", ""))[:64],
                 "function": str(event.get("function", ""))[:64],
@@ -262,7 +263,7 @@ def create_app(
             audit=audit,
             extra={},
             custody=CustodyStore(settings.home),
-            policy=PolicyStore(settings.home),
+            policy=PolicyStore(settings.home, audit),
             identity=await identity_provider(settings),
         )
         app.state.fdrtd = state

@@ -24,6 +24,8 @@
     fdrtd-server audit verify DIR [--key B64] [--checkpoint FILE]...
                                                         check the audit log and its checkpoint
     fdrtd-server audit checkpoint DIR                   sign a checkpoint of the audit log now
+    fdrtd-server policy check FILE                      check a policy file before it is used
+    fdrtd-server policy show DIR                        the owner's policy in force in DIR
 """
 
 from __future__ import annotations
@@ -201,6 +203,15 @@ def _parser() -> argparse.ArgumentParser:
         "(keep a copy elsewhere)",
     )
     point.add_argument("home", type=Path)
+
+    policy = commands.add_parser("policy", help="the owner's policy per dataset (policy.toml)")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_commands.add_parser(
+        "check", help="check a policy file; exit 2 naming FILE:LINE of the first broken rule"
+    )
+    check.add_argument("file", type=Path)
+    policy_show = policy_commands.add_parser("show", help="print the policy in force in DIR")
+    policy_show.add_argument("home", type=Path)
     return parser
 
 
@@ -286,6 +297,45 @@ def _audit(args: argparse.Namespace) -> int:
         log, public_key=key, server=settings.name, extra=tuple(args.checkpoint)
     )
     print("\n".join(verified.lines()))
+    return 0
+
+
+def _policy(args: argparse.Namespace) -> int:
+    """``policy check FILE`` and ``policy show DIR``."""
+    import json
+
+    from fdrtd_server.policy import POLICY_FILE, Policy, PolicyError
+
+    if args.policy_command == "check":
+        path = Path(args.file)
+        try:
+            policy = Policy.parse(path.read_text("utf-8"), str(path))
+        except UnicodeDecodeError:
+            print(f"{path}: the file is not UTF-8 text", file=sys.stderr)
+            return 2
+        except PolicyError as error:
+            print(error, file=sys.stderr)
+            return 2
+        print(f"version {policy.version}")
+        print(f"defaults: {policy.defaults.summary()}")
+        for name, dataset in sorted(policy.datasets.items()):
+            print(f"{name}: {dataset.summary()}")
+        return 0
+    home = home_path(str(args.home))
+    config.load_settings(home)  # refuse directories that are not server homes
+    path = home / POLICY_FILE
+    try:
+        policy = Policy.parse(path.read_text("utf-8"), str(path)) if path.exists() else Policy()
+    except PolicyError as error:
+        print(error, file=sys.stderr)
+        return 2
+    shown = {
+        "version": policy.version,
+        "file": str(path) if path.exists() else None,
+        "defaults": policy.defaults.to_dict(),
+        "datasets": {name: p.to_dict() for name, p in sorted(policy.datasets.items())},
+    }
+    print(json.dumps(shown, indent=2))
     return 0
 
 
@@ -433,6 +483,9 @@ def _run(args: argparse.Namespace) -> int:
         home = home_path(str(args.home))
         name = args.name or home.name.lower()
         token = config.init_home(home, name, port=args.port, host=args.host)
+        from fdrtd_server.policy import write_template
+
+        write_template(home)  # the built-in defaults, commented, for the owner to change
         print(f"created server '{name}' in {home}")
         print(f"admin token (shown once, store it safely): {token}")
         return 0
@@ -492,4 +545,6 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "audit":
         return _audit(args)
+    if args.command == "policy":
+        return _policy(args)
     raise AssertionError(args.command)  # argparse makes this unreachable

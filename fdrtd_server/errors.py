@@ -11,12 +11,14 @@ The tree::
     ├── NotFound (404)                unknown route, handle or microservice
     ├── Conflict (409)                replayed peer message, session clash
     ├── PayloadTooLarge (413)
+    ├── TooManyRequests (429)         more computations at once than the owner's policy allows
     ├── UnsupportedMediaType (415)
     ├── PeerRejected (403)            a peer message failed verification
     ├── ComputationFailed (422)       a protocol ended without a result
     │   └── OutOfRange (422)          a value too large for a protocol's number encoding
     ├── SourceUnavailable (424)       a registered source cannot be read (file, database)
     ├── PartyTimeout (504)            a party did not answer in time
+    ├── JobTimeout (504)              a computation outlasted its policy's whole-job timeout
     ├── ServiceUnavailable (503)      the bus or a microservice is down
     ├── PluginError (500)             a plugin asked the server for something it lacks
     └── InsufficientStorage (507)     a JetStream bucket of this server is full
@@ -40,6 +42,7 @@ __all__ = [
     "Forbidden",
     "InsufficientData",
     "InsufficientStorage",
+    "JobTimeout",
     "NotFound",
     "OutOfRange",
     "PartyTimeout",
@@ -48,6 +51,7 @@ __all__ = [
     "PluginError",
     "ServiceUnavailable",
     "SourceUnavailable",
+    "TooManyRequests",
     "Unauthorized",
     "UnsupportedMediaType",
     "error_for_status",
@@ -125,6 +129,13 @@ class PayloadTooLarge(FdrtdError):
     title = "Payload too large"
 
 
+class TooManyRequests(FdrtdError):
+    """The caller runs as many computations at once as the owner's policy allows (429)."""
+
+    status = 429
+    title = "Too many requests"
+
+
 class UnsupportedMediaType(FdrtdError):
     """The body's content type is not one the route accepts."""
 
@@ -178,6 +189,17 @@ class PartyTimeout(FdrtdError, TimeoutError):
     title = "Party timeout"
 
 
+class JobTimeout(FdrtdError, TimeoutError):
+    """A computation ran longer than the whole-job timeout of the owner's policy (504).
+
+    The job is cancelled; in a multi-party computation this party tells the
+    others, which fail with its reason.
+    """
+
+    status = 504
+    title = "Job timeout"
+
+
 class ServiceUnavailable(FdrtdError):
     """The bus or the microservice needed is not running."""
 
@@ -214,6 +236,7 @@ _BY_STATUS: dict[int, type[FdrtdError]] = {
         Conflict,
         PayloadTooLarge,
         UnsupportedMediaType,
+        TooManyRequests,
         ComputationFailed,
         SourceUnavailable,
         PartyTimeout,

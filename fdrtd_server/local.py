@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,16 @@ class LocalServer:
         """
         return self.home / "jetstream" / CLIENT_URL_FILE
 
+    def write_policy(self, text: str) -> None:
+        """Write ``text`` as the owner's ``policy.toml`` (replaced at once, never half-written).
+
+        A running server follows it from its next request on.
+        """
+        path = self.home / POLICY_FILE
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(text, "utf-8")
+        temporary.replace(path)
+
     def client(self, timeout: float = 30.0) -> Client:
         """A client with this server's analyst token (verifying and presenting as ``tls`` says)."""
         return Client(self.url, self.token, timeout=timeout, **self.requests_options())
@@ -215,8 +225,10 @@ class LocalFederation:
             server registers with each of them (``directory``, ``directories``).
         directory_interval: Seconds between heartbeats (``directory_interval``),
             if ``directories`` are given; None keeps the setting's default.
-        policy: The owner's policy file (``policy.toml``, :mod:`fdrtd_server.policy`)
-            written into every server home; None: the built-in defaults.
+        policy: The text of the owner's ``policy.toml`` (:mod:`fdrtd_server.policy`)
+            written into every server home before the start, or a map of server
+            name to text for some of them (:meth:`LocalServer.write_policy`);
+            None: the built-in defaults.
         tls: Every server serves HTTPS with these files, and the federation
             files name ``https://`` URLs (None: plain HTTP).
     """
@@ -229,7 +241,7 @@ class LocalFederation:
         *,
         directories: Sequence[str] = (),
         directory_interval: float | None = None,
-        policy: str | None = None,
+        policy: str | Mapping[str, str] | None = None,
         tls: LocalTls | None = None,
     ) -> None:
         self.root = root
@@ -247,8 +259,9 @@ class LocalFederation:
             token = TokenStore(home).add("analyst")
             self.servers[name] = LocalServer(home, name, port, token, admin, tls=tls)
             self.servers[name].owner_token = TokenStore(home).add("owner", "owner")
-            if policy is not None:
-                (home / POLICY_FILE).write_text(policy, "utf-8")
+            text = policy.get(name) if isinstance(policy, Mapping) else policy
+            if text is not None:
+                self.servers[name].write_policy(text)
         for server in self.servers.values():
             identity = Identity.load(server.home / "identity", server.name)
             for other in self.servers.values():

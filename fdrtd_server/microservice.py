@@ -95,8 +95,8 @@ from fdrtd_server.errors import (
     ServiceUnavailable,
 )
 from fdrtd_server.inputs import Input, Output, Signature
-from fdrtd_server.peers import PeerInbox, PeerSession
-from fdrtd_server.policy import DatasetPolicy
+from fdrtd_server.peers import PeerInbox, PeerSession, stop_reasons
+from fdrtd_server.policy import DatasetPolicy, job_deadline
 from fdrtd_server.privacy import KvStore, Ledger, PrivateTerms, terms_for
 from fdrtd_server.runners import (
     RESTARTED,
@@ -138,6 +138,10 @@ class Environment:
 
     server: str
     min_cohort: int = 3
+    small_cell: int = 0
+    """Table and histogram cells below this are hidden: per job, the strictest of the
+    server's ``min_cohort`` and the ``small_cell`` of the datasets' policies (0: the
+    ``min_cohort``)."""
     session_timeout: float = 30.0
     allow_map_reduce: bool = True
     allow_set_union: bool = False
@@ -147,6 +151,10 @@ class Environment:
     max_read_bytes: int = 2 * 1024 * 1024 * 1024
     plugin_policy: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)
     """The owner's settings of the microservices' own switches: ``[policy.<microservice>]``."""
+
+    def __post_init__(self) -> None:
+        if self.small_cell < 1:
+            object.__setattr__(self, "small_cell", self.min_cohort)
 
     def require(self, setting: str, what: str, why: str) -> None:
         """Refuse (403) a function that can disclose inputs unless the policy allows it.
@@ -1015,14 +1023,53 @@ def _sanitise(error: BaseException) -> tuple[str, str]:
 
 
 def _strictest(env: Environment, policies: Mapping[str, Any]) -> Environment:
-    """``env`` with the strictest minimum cohort of the server and the datasets' policies."""
-    minimums = [
-        int(p.get("min_cohort", 0))
-        for p in policies.values()
-        if isinstance(p, Mapping) and isinstance(p.get("min_cohort"), int)
-    ]
-    strictest = max([env.min_cohort, *minimums])
-    return env if strictest == env.min_cohort else dataclasses.replace(env, min_cohort=strictest)
+    """``env`` with the strictest minimum cohort and small-cell threshold.
+
+    Those of the server (its ``min_cohort`` for both) and of the datasets' policies.
+    """
+
+    def strictest(key: str, server: int) -> int:
+        found = [
+            int(p[key])
+            for p in policies.values()
+            if isinstance(p, Mapping) and isinstance(p.get(key), int)
+        ]
+        return max([server, *found])
+
+    return dataclasses.replace(
+        env,
+        min_cohort=strictest("min_cohort", env.min_cohort),
+        small_cell=strictest("small_cell", env.small_cell),
+    )
+
+
+async def _within(policy: Any, computation: Awaitable[Any]) -> Any:
+    """Await ``computation``, cancelled after the whole-job timeout of the owner's ``policy``.
+
+    The job then fails with :class:`~fdrtd_server.errors.JobTimeout`, and an
+    open peer session tells the other parties so (:func:`~fdrtd_server.peers.stop_reasons`).
+    """
+    deadline = job_deadline(policy) if isinstance(policy, Mapping) else None
+    if deadline is None:
+        return await computation
+    seconds, error = deadline
+    task = asyncio.current_task()
+    assert task is not None
+    reasons = stop_reasons()
+
+    def expire() -> None:
+        reasons.append(error)
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await computation
+    except asyncio.CancelledError:
+        if not reasons or task.uncancel() > 0:
+            raise  # stopped for another reason as well
+        raise error from None
+    finally:
+        timer.cancel()
 
 
 async def _refuse_session(
@@ -1141,7 +1188,7 @@ class _Runner:
         computed = asyncio.Event()
         recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
-            self._run(job, self.spec.jobs[function], message["inputs"], computed, recorded)
+            self._run(job, self.spec.jobs[function], message["inputs"], computed, recorded, policy)
         )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -1214,8 +1261,12 @@ class _Runner:
         inputs: dict[str, Any],
         computed: asyncio.Event,
         recorded: asyncio.Future[bool],
+        policy: Any = None,
     ) -> None:
         """Compute, then write the final record unless the start request's answer did.
+
+        The computation is cancelled after the whole-job timeout of the
+        owner's ``policy`` (as the controller sent it), and fails then.
 
         Nothing is written or reported once the job's record was changed by
         someone else (:attr:`JobContext.ended_elsewhere`): the job then has
@@ -1224,7 +1275,7 @@ class _Runner:
         assert ctx.record is not None
         error_class = ""
         try:
-            result = await function(ctx, inputs)
+            result = await _within(policy, function(ctx, inputs))
         except asyncio.CancelledError:
             self.computing.pop(ctx.handle, None)
             if ctx.ended_elsewhere:

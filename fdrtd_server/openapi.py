@@ -43,6 +43,7 @@ _ERRORS = {
         (409, "clashes with the server's state (a handle or session id in use)"),
         (413, "body too large"),
         (415, "unsupported content type"),
+        (429, "more computations at once than the owner's policy allows; wait for one to end"),
         (503, "NATS or a microservice is not available; try again"),
         (507, "this server's storage is full"),
     )
@@ -81,6 +82,7 @@ _RESPONSE_SCHEMAS: dict[str, Any] = {
             "function": {"type": "string"},
             "created": {"type": "string"},
             "updated": {"type": "string"},
+            "policy_version": {"type": "string", "description": "the owner's policy it ran under"},
             "value": {"type": "object"},
             "error": {
                 "type": "object",
@@ -388,7 +390,7 @@ def document(settings: Settings, functions: Functions | None = None) -> dict[str
             "/v1/catalogue": {
                 "get": _op(
                     "The named datasets you may use here: schema, coarse row count, "
-                    "allowed functions, version; never values"
+                    "allowed functions, version, the owner's policy; never values"
                 )
             },
             "/v1/budget": {

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import heapq
 import logging
 import secrets
@@ -77,6 +78,7 @@ __all__ = [
     "both",
     "read_session_record",
     "session_record",
+    "stop_reasons",
     "written_session_record",
 ]
 
@@ -125,6 +127,23 @@ async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
         if pending:
             # a NATS request may take a moment to notice its cancellation: never wait long
             await asyncio.wait(pending, timeout=1.0)
+
+
+_STOP_REASONS: contextvars.ContextVar[list[FdrtdError] | None] = contextvars.ContextVar(
+    "fdrtd_stop_reasons", default=None
+)
+
+
+def stop_reasons() -> list[FdrtdError]:
+    """A list of reasons to stop, for this task and the tasks it starts from now on.
+
+    An error put in it before the task is cancelled (a whole-job timeout, say)
+    is what a session left by that cancellation tells the other parties
+    (``abort``), so that they fail with it instead of waiting for this one.
+    """
+    reasons: list[FdrtdError] = []
+    _STOP_REASONS.set(reasons)
+    return reasons
 
 
 ABORT_TAG = "abort"
@@ -743,6 +762,9 @@ class PeerSession:
             except Exception as error:
                 exc = failure = error
         self._stop_pulse()
+        reasons = _STOP_REASONS.get()
+        if isinstance(exc, asyncio.CancelledError) and reasons:
+            exc = reasons[0]  # stopped on purpose (a timeout): the others are told why
         # an error every party reaches by itself from the same public data
         # (a disagreement, a cohort too small) needs no abort message
         collective = getattr(exc, "collective", False)

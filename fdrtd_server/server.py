@@ -263,10 +263,11 @@ class _Server(uvicorn.Server):
 def environment(settings: Settings) -> Environment:
     """What microservices need to know of the server's settings and policy.
 
-    Every field of :class:`Environment` but ``server`` (the server's name) is
-    the setting of the same name, so a new policy switch needs no copying here.
+    Every field of :class:`Environment` but ``server`` (the server's name) and
+    ``small_cell`` (the owner's policy sets it per job) is the setting of the
+    same name, so a new policy switch needs no copying here.
     """
-    shared = {f.name for f in dataclasses.fields(Environment)} - {"server"}
+    shared = {f.name for f in dataclasses.fields(Environment)} - {"server", "small_cell"}
     return Environment(server=settings.name, **{k: getattr(settings, k) for k in shared})
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -143,6 +144,16 @@ def current_policy(state: State) -> Policy:
         ) from None
 
 
+def _alive(state: State) -> Callable[[str], Awaitable[bool]]:
+    """Whether the job of a result handle still runs, as its record says."""
+
+    async def alive(handle: str) -> bool:
+        found = await state.bus.get_job(handle)
+        return found is not None and not found[0].finished
+
+    return alive
+
+
 async def compute(request: Request) -> Response:
     """Start a computation; answer its result handle (202), or its end (200).
 
@@ -185,19 +196,26 @@ async def compute(request: Request) -> Response:
         principal.name, principal.role, microservice, function, _strings(inputs)
     )
     policy = current_policy(state)
-    answer = await call_service(
-        request,
-        microservice,
-        function,
-        inputs,
-        principal=principal,
-        result=handle,
-        session=session,
-        datasets=datasets,
-        policy=policy.message(datasets),
-        bus_timeout=BUS_TIMEOUT + wait,
-        **({"wait": wait, "value": with_value} if wait > 0 else {}),
-    )
+    policy.check_functions(datasets, microservice, function)
+    running = state.policy.running  # the owner's max_concurrent, counted until the job ends
+    await running.admit(handle, principal.name, policy.limits(datasets), _alive(state))
+    answer = None
+    try:
+        answer = await call_service(
+            request,
+            microservice,
+            function,
+            inputs,
+            principal=principal,
+            result=handle,
+            session=session,
+            datasets=datasets,
+            policy=policy.message(datasets),
+            bus_timeout=BUS_TIMEOUT + wait,
+            **({"wait": wait, "value": with_value} if wait > 0 else {}),
+        )
+    finally:
+        running.started(handle, answer)
     refusals_end(request)
     state.audit.write(
         principal.name, "compute", handle, microservice=microservice, function=function

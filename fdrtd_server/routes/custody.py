@@ -40,6 +40,7 @@ from fdrtd_server.http_common import (
     state_of,
 )
 from fdrtd_server.inputs import DATA_HANDLE
+from fdrtd_server.policy import Policy, PolicyError
 
 __all__ = [
     "add_grant",
@@ -107,7 +108,8 @@ async def catalogue(request: Request) -> Response:
     """The datasets the caller may use here, never their values.
 
     Each with its name, description, owner, schema, coarse row count, the
-    functions the caller may use it for, and its version.
+    functions the caller may use it for, its version, and the owner's policy
+    as it concerns her (:meth:`fdrtd_server.policy.DatasetPolicy.public`).
     """
     principal = caller(request)
     state = state_of(request)
@@ -127,6 +129,10 @@ async def catalogue(request: Request) -> Response:
             answer = {}
         described = answer.get("datasets", {}) if isinstance(answer, dict) else {}
     k = state.settings.min_cohort
+    try:
+        policy: Policy | None = state.policy.current()
+    except PolicyError:
+        policy = None  # computations answer 503 until the owner mends it; listing goes on
     listed = []
     for entry, grants in visible:
         facts = described.get(entry.name) or {}
@@ -145,6 +151,9 @@ async def catalogue(request: Request) -> Response:
             "rows": coarse_rows(facts.get("rows"), k),
             "functions": functions,
             "version": facts.get("version"),
+            # the owner's rules for it (functions, cohort, cells, dp, bounds), never values
+            "policy": policy.of(entry.name).public(k) if policy else None,
+            "policy_version": policy.version if policy else None,
         }
         if "error" in facts:
             item["error"] = facts["error"]

@@ -99,6 +99,8 @@ async def view(
         answer["error"] = {"status": record.error_status, "detail": record.error}
     if record.datasets:
         answer["datasets"] = record.datasets
+    if record.policy_version:
+        answer["policy_version"] = record.policy_version  # the owner's policy it ran under
     return answer
 
 

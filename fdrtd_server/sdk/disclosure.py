@@ -73,7 +73,7 @@ def finite_result(result: dict[str, Any], function: str) -> dict[str, Any]:
     return result
 
 
-def suppress(counts: npt.ArrayLike, minimum: int) -> npt.NDArray[np.bool_]:
+def suppress(counts: npt.ArrayLike, minimum: int, *, empty: bool = False) -> npt.NDArray[np.bool_]:
     """Which cells of a table to hide, so that the released total pins none of them down.
 
     Every cell with ``0 < count < minimum`` is hidden. The total is released
@@ -89,20 +89,30 @@ def suppress(counts: npt.ArrayLike, minimum: int) -> npt.NDArray[np.bool_]:
     non-zero cell is left to hide, every cell is hidden, zeros included (a
     hidden cell may then be 0), and only the total remains.
 
+    With ``empty`` (a table of an owner's named dataset), empty cells are
+    hidden like small ones, so that a reader cannot tell "nobody" from "a
+    few" (and so cannot narrow bins down to where one record lies). A hidden
+    cell may then be 0, so the bound on one is the whole hidden sum: cells
+    are added, smallest first, until that sum reaches ``minimum``.
+
     Args:
         counts: The table (any shape) of non-negative counts.
-        minimum: The minimum cohort size.
+        minimum: The small-cell threshold (the minimum cohort size, or the
+            owner's ``small_cell``).
+        empty: Hide empty cells too.
 
     Returns:
         A boolean mask of the shape of ``counts``.
     """
     cells = np.asarray(counts, dtype=np.int64)
     flat = cells.reshape(-1)
-    hidden = (flat > 0) & (flat < minimum)
+    hidden = (flat < minimum) if empty else (flat > 0) & (flat < minimum)
 
     def safe() -> bool:
         count = int(hidden.sum())
-        return count == 0 or (count >= 2 and int(flat[hidden].sum()) - (count - 1) >= minimum)
+        # the most one hidden cell can hold, as a reader of the total works it out
+        most = int(flat[hidden].sum()) - (0 if empty else count - 1)
+        return count == 0 or (count >= 2 and most >= minimum)
 
     # visible non-zero cells, smallest first (a stable sort keeps row-major order on ties)
     candidates = [int(k) for k in np.argsort(flat, kind="stable") if flat[k] > 0 and not hidden[k]]

@@ -13,7 +13,8 @@ checks apply here as to the SMPC protocols:
   reference system); the SMPC ``minimum_maximum`` gives the joint ones;
 * histogram cells are suppressed as in SMPC tables
   (:func:`protocols.smpc.tables.suppress`, complementary, hidden cells
-  ``None``), counting the values outside the bin edges in an ``other`` cell
+  ``None``, below the owner's ``small_cell``; of a named dataset, empty
+  cells are hidden too), counting the values outside the bin edges in an ``other`` cell
   so that the released count gives no hidden cell away;
 * rows holding NaN or infinity are left out, as the SMPC protocols do
   (:func:`protocols.smpc.service.finite_rows`).
@@ -91,11 +92,18 @@ def _cells(data: np.ndarray[Any, Any], edges: np.ndarray[Any, Any]) -> Any:
 
 
 def _histogram(
-    data: np.ndarray[Any, Any], edges: np.ndarray[Any, Any], minimum: int, cells: Any = None
+    data: np.ndarray[Any, Any],
+    edges: np.ndarray[Any, Any],
+    minimum: int,
+    empty: bool,
+    cells: Any = None,
 ) -> Any:
-    """Counts per bin and outside (:func:`_cells`, or ``cells`` if given); small cells hidden."""
+    """Counts per bin and outside (:func:`_cells`, or ``cells`` if given); small cells hidden.
+
+    With ``empty`` (an owner's named dataset) empty cells are hidden like small ones.
+    """
     cells = _cells(data, edges) if cells is None else np.asarray(cells, dtype=np.int64)
-    hidden = suppress(cells, minimum)
+    hidden = suppress(cells, minimum, empty=empty)
     shown: list[int | None] = [None if h else int(c) for c, h in zip(cells, hidden, strict=True)]
     return {
         "edges": edges,
@@ -106,7 +114,11 @@ def _histogram(
 
 
 def aggregate_values(
-    values: np.ndarray[Any, Any], edges: np.ndarray[Any, Any] | None, min_cohort: int
+    values: np.ndarray[Any, Any],
+    edges: np.ndarray[Any, Any] | None,
+    small_cell: int,
+    *,
+    empty: bool = False,
 ) -> dict[str, Any]:
     """Count, sum, sum of squares (and a histogram) over the finite rows of ``values``.
 
@@ -114,7 +126,9 @@ def aggregate_values(
     The histogram has one cell per bin plus ``other`` (values outside the
     edges), so its cells add up to ``count``; cells are suppressed as in SMPC
     tables (``None``, listed in ``suppressed``, ``len(counts)`` standing for
-    ``other``). Zero cells are shown as 0.
+    ``other``) below ``small_cell``. Zero cells are shown as 0, unless
+    ``empty`` (an owner's named dataset): then they are hidden like small
+    ones, so that "none" and "a few" look alike.
 
     Raises:
         BadRequest: If the column is not numeric, or a histogram is asked of
@@ -137,7 +151,7 @@ def aggregate_values(
     if edges is not None:
         if data.ndim != 1:
             raise BadRequest("histograms need a column of single numbers")
-        result["histogram"] = _histogram(data, edges, min_cohort)
+        result["histogram"] = _histogram(data, edges, small_cell, empty)
     return result
 
 
@@ -149,7 +163,13 @@ def _squares_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
 
 
 async def private_aggregates(
-    dataset: Any, column: Any, edges: np.ndarray[Any, Any] | None, epsilon: Any, minimum: int
+    dataset: Any,
+    column: Any,
+    edges: np.ndarray[Any, Any] | None,
+    epsilon: Any,
+    minimum: int,
+    *,
+    empty: bool = False,
 ) -> dict[str, Any] | None:
     """The aggregates with differential privacy, if ``dataset`` needs it (else None).
 
@@ -198,7 +218,7 @@ async def private_aggregates(
         # one record is in exactly one cell (``other`` included): l1 and l2 sensitivity 1
         noisy = release.noisy("histogram", _cells(data, edges), 1, per_element=False)
         # noisy cells below 0 are shown as 0 (post-processing), then hidden as any small cell
-        result["histogram"] = _histogram(data, edges, minimum, [max(c, 0) for c in noisy])
+        result["histogram"] = _histogram(data, edges, minimum, empty, [max(c, 0) for c in noisy])
     result["privacy"] = {terms.dataset: release.statement((name,))}
     return result
 
@@ -249,10 +269,12 @@ async def aggregate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     edges = _edges(inputs.get("bins"))
     column = inputs.get("column")
     dataset = await ctx.load_dataset(inputs.get("data"), columns=[column], private=True)
+    # cells below the owner's small-cell threshold are hidden, and of a named dataset empty ones too
+    small_cell, empty = ctx.env.small_cell, bool(ctx.versions)
     found = await private_aggregates(
-        dataset, column, edges, inputs.get("epsilon"), ctx.env.min_cohort
+        dataset, column, edges, inputs.get("epsilon"), small_cell, empty=empty
     )
-    result = found or aggregate_values(dataset.column(column), edges, ctx.env.min_cohort)
+    result = found or aggregate_values(dataset.column(column), edges, small_cell, empty=empty)
     ctx.check_cohort(result["count"])
     # the sum of finite values can pass the float64 range: refused, not sent as infinity
     return finite_result(result, "'map.aggregate'")

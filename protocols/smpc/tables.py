@@ -81,7 +81,11 @@ Disclosure control (invariant 3)
     before its record count has passed. The minimum is the *largest*
     ``min_cohort`` among the parties' policies, exchanged in the setup round,
     so every party returns the same answer and every owner's policy holds.
-    Cells with ``0 < count < minimum`` are suppressed (``None``), and because
+    Cells with ``0 < count < small_cell`` are suppressed (``None``), the
+    threshold being the strictest of the parties' minimum cohorts and their
+    owners' ``small_cell`` (and where any party computes on an owner's named
+    dataset, empty cells are hidden too, so that "none" and "a few" look
+    alike), and because
     the total is released, further cells are suppressed until at least two
     are hidden and the hidden cells add up to enough that none of them is
     known to be below the minimum (complementary suppression,
@@ -324,6 +328,30 @@ def _threshold(smpc: SmpcSession) -> int:
     return max(int(m) for m in minimums)
 
 
+def _declared(ctx: JobContext) -> dict[str, Any]:
+    """What this party declares for disclosure control: minimum cohort, small cells, named data."""
+    return {
+        "min_cohort": ctx.env.min_cohort,
+        "small_cell": ctx.env.small_cell,
+        "named": bool(ctx.versions),  # an owner's named dataset: empty cells hidden too
+    }
+
+
+def _cells(smpc: SmpcSession) -> tuple[int, bool]:
+    """The strictest small-cell threshold of the parties' policies, and whether to hide empties.
+
+    A party that declared no ``small_cell`` stands for its minimum cohort.
+    """
+    declared = [
+        public.get("small_cell", public.get("min_cohort")) for public in smpc.public.values()
+    ]
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in declared):
+        raise ComputationFailed("a party sent a malformed small-cell threshold")
+    return max(int(m) for m in declared), any(
+        public.get("named") is True for public in smpc.public.values()
+    )
+
+
 def _hide(counts: I64, hidden: npt.NDArray[np.bool_]) -> list[Any]:
     shown = counts.astype(object)
     shown[hidden] = None
@@ -333,8 +361,8 @@ def _hide(counts: I64, hidden: npt.NDArray[np.bool_]) -> list[Any]:
 
 async def _count_and_table(
     ctx: JobContext, smpc: SmpcSession, records: int, local: I64, keys: tuple[str, ...]
-) -> tuple[int, I64, int]:
-    """The joint number of records and the joint table; with the strictest minimum cohort.
+) -> tuple[int, I64, tuple[int, bool]]:
+    """The joint number of records and the joint table; with the strictest small cells.
 
     One round where every party's own records meet its minimum cohort, else
     two (``SmpcSession.count_and_sum``). Before any table is opened, every
@@ -357,7 +385,7 @@ async def _count_and_table(
         ready=records >= ctx.env.min_cohort,
         vet=vet,
     )
-    return total, ring.decode_int(summed), _threshold(smpc)
+    return total, ring.decode_int(summed), _cells(smpc)
 
 
 # --- frequency tables and histograms -------------------------------------------------------
@@ -389,17 +417,17 @@ async def _one_way(ctx: JobContext, inputs: dict[str, Any], function: str) -> di
                 "function": function,
                 "categories": categories,
                 "bins": edges,
-                "min_cohort": ctx.env.min_cohort,
+                **_declared(ctx),
             },
             defer=True,
         )
         present = index != _MISSING
         local = np.bincount(np.where(index == _OTHER, cells, index)[present], minlength=cells + 1)
         agreed = ("function", "categories", "bins")
-        total, counts, minimum = await _count_and_table(
+        total, counts, (minimum, empty) = await _count_and_table(
             ctx, smpc, int(present.sum()), local.astype(np.int64), agreed
         )
-    hidden = suppress(counts, minimum)
+    hidden = suppress(counts, minimum, empty=empty)
     shown = _hide(counts, hidden)
     result: dict[str, Any] = {
         "counts": shown[:cells],
@@ -536,23 +564,28 @@ async def contingency_table(ctx: JobContext, inputs: dict[str, Any]) -> dict[str
                 "function": "contingency_table",
                 "x_categories": x_labels,
                 "y_categories": y_labels,
-                "min_cohort": ctx.env.min_cohort,
+                **_declared(ctx),
             },
             defer=True,
         )
         inside = (xi >= 0) & (yi >= 0)
         local = np.zeros((len(x_labels), len(y_labels)), dtype=np.int64)
         np.add.at(local, (xi[inside], yi[inside]), 1)
-        total, counts, minimum = await _count_and_table(
+        total, counts, cells = await _count_and_table(
             ctx, smpc, int(inside.sum()), local, ("function", "x_categories", "y_categories")
         )
-    return _two_way_result(x_labels, y_labels, counts, total, minimum)
+    return _two_way_result(x_labels, y_labels, counts, total, cells)
 
 
 def _two_way_result(
-    x_labels: list[Label], y_labels: list[Label], counts: I64, total: int, minimum: int
+    x_labels: list[Label],
+    y_labels: list[Label],
+    counts: I64,
+    total: int,
+    cells: tuple[int, bool],
 ) -> dict[str, Any]:
-    hidden = suppress(counts, minimum)
+    minimum, empty = cells
+    hidden = suppress(counts, minimum, empty=empty)
     return {
         "x_categories": x_labels,
         "y_categories": y_labels,
@@ -1077,7 +1110,7 @@ async def contingency_table_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
         smpc = SmpcSession(peers)
         public: dict[str, Any] = {"function": "contingency_table_vertical", "holders": holders}
         public |= {"x_categories": x_labels, "y_categories": y_labels, "paillier_bits": bits}
-        await smpc.setup({**public, "min_cohort": ctx.env.min_cohort})
+        await smpc.setup({**public, **_declared(ctx)})
         for key in public:
             agree(smpc, key)
         v = _Vertical(ctx, peers, holders, (len(x_labels), len(y_labels)), _threshold(smpc), bits)
@@ -1085,4 +1118,4 @@ async def contingency_table_vertical(ctx: JobContext, inputs: dict[str, Any]) ->
     counts = ring.decode_int(table)
     if counts.min() < 0 or int(counts.sum()) != joint or joint > n:
         raise ComputationFailed("the joint table is inconsistent; run the computation again")
-    return _two_way_result(x_labels, y_labels, counts, joint, v.minimum)
+    return _two_way_result(x_labels, y_labels, counts, joint, _cells(smpc))

@@ -39,7 +39,16 @@ from fdrtd_server.local import LocalFederation, LocalServer
 
 TIMEOUT = 30.0
 RESULT_HANDLE = re.compile(r"^r-[0-9a-f]{40}$")
-VIEW_KEYS = {"result", "status", "progress", "microservice", "function", "created", "updated"}
+VIEW_KEYS = {
+    "result",
+    "status",
+    "progress",
+    "microservice",
+    "function",
+    "created",
+    "updated",
+    "policy_version",
+}
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ of its time window, a revoked grant, the wrong role) is tried.
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -102,11 +103,14 @@ def test_the_catalogue_shows_what_the_caller_may_use_and_never_values(world: Wor
     assert eve.catalogue() == []
     admin = world.admin("alpha").catalogue()
     assert [entry["name"] for entry in admin] == ["cohort"]
-    text = requests.get(
+    listed = requests.get(
         world.servers["alpha"].url + "/v1/catalogue",
         headers={"authorization": f"Bearer {world.servers['alpha'].token}"},
         timeout=30,
-    ).text
+    ).json()
+    for entry in listed["datasets"]:  # the owner's policy: her settings, whose numbers may match
+        assert set(entry.pop("policy")) >= {"functions", "min_cohort", "small_cell", "dp"}
+    text = json.dumps(listed, separators=(",", ":"))
     for value in VALUES["alpha"][:5]:
         assert f"{value:.1f}," not in text
 
