@@ -292,11 +292,14 @@ def _analyst(federation: Federation) -> dict[str, dict[str, Any]]:
 
 
 def _suppressed(cells: Sequence[int], minimum: int = MIN_COHORT) -> list[float]:
-    """A table's cells as released, with the servers' complementary suppression as NaN."""
+    """A table's cells as released, with the servers' complementary suppression as NaN.
+
+    The tables are of the owners' named datasets: empty cells are hidden like small ones.
+    """
     # imported here: the demo otherwise needs nothing of the protocols
     from fdrtd_server.sdk import suppress
 
-    hidden = suppress(cells, minimum).tolist()
+    hidden = suppress(cells, minimum, empty=True).tolist()
     return [np.nan if h else float(c) for c, h in zip(cells, hidden, strict=True)]
 
 

@@ -71,7 +71,7 @@ def test_histogram_bisection_on_a_published_dataset_fails(local: LocalFederation
     analyst = local.servers["alpha"].client()
     # the default policy: differential privacy, and no bounds declared for the column, so
     # the aggregate has no sensitivity and is refused before anything is read or spent
-    estimate, answered, refused = _max_by_bisection(analyst, 0.0, 100_000.0, queries=80)
+    _, answered, refused = _max_by_bisection(analyst, 0.0, 100_000.0, queries=80)
     assert answered == 0
     assert isinstance(refused, Forbidden)
     assert "salaries" in str(refused) and "bounds" in str(refused)
