@@ -287,10 +287,18 @@ class JobRecord:
     error: str = ""
     result: Any = None
     result_in_store: bool = False
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The inputs as the job's receipt states them (:func:`fdrtd_server.receipts.parameters_of`)."""
+    session: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The multi-party session (``id``, ``parties``); empty for a job of this server alone."""
+    output_sha256: str = ""
+    """SHA-256 of the result's canonical bytes (:func:`fdrtd_client.receipts.output_sha256`)."""
     runner: str = ""
     """The id of the process running the job (see :mod:`fdrtd_server.runners`)."""
     datasets: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The version of each named dataset the job read, by name."""
+    policy_version: str = ""
+    """The version of this server's policy file the job ran under (stated in its result)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for msgpack."""

@@ -72,6 +72,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 
 from fdrtd_client import wire
+from fdrtd_server import receipts
 from fdrtd_server.audit import JOBS_SUBJECT
 from fdrtd_server.bus import (
     QUEUE_GROUP,
@@ -1084,6 +1085,11 @@ class _Runner:
         record = JobRecord(
             principal, self.spec.name, function, "running", created=now_iso(), runner=self.runner
         )
+        # what its receipt will state it ran (names and numbers; arrays only as digests)
+        record.parameters = receipts.parameters_of(message["inputs"])
+        record.session = dict(session) if isinstance(session, dict) else {}
+        policy = message.get("policy")
+        record.policy_version = str(policy.get("version", "")) if isinstance(policy, dict) else ""
         job = JobContext(**common, handle=handle, record=record)
         computed = asyncio.Event()
         recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -1172,6 +1178,7 @@ class _Runner:
         error_class = ""
         try:
             result = await function(ctx, inputs)
+            output = receipts.output_sha256(result)
         except asyncio.CancelledError:
             self.computing.pop(ctx.handle, None)
             if ctx.ended_elsewhere:
@@ -1195,6 +1202,7 @@ class _Runner:
             )
         else:
             ctx.record.status, ctx.record.progress, ctx.record.result = "done", 1.0, result
+            ctx.record.output_sha256 = output
         ctx.record.datasets = dict(ctx.versions)
         self.computing.pop(ctx.handle, None)
         computed.set()

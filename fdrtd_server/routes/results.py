@@ -26,6 +26,7 @@ from fdrtd_server.http_common import (
     respond,
     state_of,
 )
+from fdrtd_server.routes.receipts import view_receipt
 
 __all__ = [
     "MAX_WAIT",
@@ -99,6 +100,9 @@ async def view(
         answer["error"] = {"status": record.error_status, "detail": record.error}
     if record.datasets:
         answer["datasets"] = record.datasets
+    receipt = view_receipt(state, handle, record)
+    if receipt is not None:
+        answer["receipt"] = receipt  # this server's signed statement (docs/api.md, Receipts)
     return answer
 
 
