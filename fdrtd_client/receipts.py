@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import hashlib
 import json
 import math
@@ -168,8 +169,11 @@ def assemble(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     statement = first.get("statement") if isinstance(first, Mapping) else None
     if not isinstance(statement, Mapping):
         raise ReceiptError("format", "a server's receipt statement is not a map")
-    receipt: dict[str, Any] = {field: statement.get(field) for field in COMMON_FIELDS}
-    receipt["statements"] = {name: dict(entry) for name, entry in entries.items()}
+    # copies: a receipt shares no part with the views it was built from, nor its parts
+    receipt: dict[str, Any] = {
+        field: copy.deepcopy(statement.get(field)) for field in COMMON_FIELDS
+    }
+    receipt["statements"] = {name: copy.deepcopy(dict(entry)) for name, entry in entries.items()}
     receipt["cosignatures"] = {}
     return receipt
 
