@@ -15,6 +15,7 @@ from urllib.parse import urlencode, urlsplit
 
 import numpy as np
 import requests
+import urllib3
 
 from fdrtd_client import _tables, receipts, wire
 from fdrtd_client.errors import (
@@ -118,9 +119,13 @@ class Client:
         url: The server's base URL, e.g. ``http://127.0.0.1:8000``.
         token: Your token on that server.
         timeout: Seconds to wait for any one HTTP answer.
-        verify: TLS verification (``True``, or a CA bundle path); never turned off by
-            default. ``True`` uses ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` if set.
-            Proxy variables are honoured too; both are read when the client is made.
+        verify: TLS verification (``True``, or a CA bundle path, such as the
+            federation's CA); never turned off by default. ``True`` uses
+            ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` if set. Proxy variables are
+            honoured too; both are read when the client is made.
+        cert: A TLS client certificate, for servers that require one (mutual
+            TLS): the path of a PEM file holding certificate and key, or a
+            ``(certificate, key)`` pair of paths. The key must be unencrypted.
         start_wait: Seconds (0 to 60) the server may hold a request that starts a
             computation, so that a fast computation's result comes back with it
             and :meth:`Job.result` needs no further request; a computation that
@@ -151,6 +156,7 @@ class Client:
         *,
         timeout: float = 30.0,
         verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
         start_wait: float = 0.25,
         allow_insecure: bool = False,
         federation: str | Path | None = None,
@@ -184,6 +190,7 @@ class Client:
                 os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or verify
             )
         self._session.verify = verify
+        self._session.cert = cert
         self._session.headers.update({"authorization": f"Bearer {token}", "accept": wire.MSGPACK})
 
     def __repr__(self) -> str:
@@ -243,8 +250,24 @@ class Client:
         prepared.prepare_body(data, None)
         try:
             response = self._session.send(prepared, timeout=timeout or self.timeout)
+        except requests.exceptions.SSLError as error:
+            raise ConnectError(
+                f"the TLS handshake with the fdrtd server at {self.url} failed: pass "
+                "verify='CA bundle' if its certificate is signed by a private CA, and "
+                "cert=(certificate, key) if it requires a client certificate"
+            ) from error
         except requests.ConnectionError as error:
-            raise ConnectError(f"cannot reach the fdrtd server at {self.url}") from error
+            hint = ""
+            if self._base.startswith("https://") and isinstance(
+                error.args[0] if error.args else None, urllib3.exceptions.ProtocolError
+            ):
+                # TLS 1.3: a server refuses a client certificate after the client's side
+                # of the handshake, and the refusal reaches requests as a close
+                hint = (
+                    ": it closed the connection without answering; if it requires a TLS "
+                    "client certificate, pass cert=(certificate, key)"
+                )
+            raise ConnectError(f"cannot reach the fdrtd server at {self.url}{hint}") from error
         except requests.Timeout as error:
             raise RequestTimeout(
                 f"{self.url} did not answer within {timeout or self.timeout:g} s"
@@ -345,6 +368,16 @@ class Client:
     def catalogue(self) -> list[dict[str, Any]]:
         """The named datasets you may use on this server: schema, coarse rows, version."""
         return list(self.request("GET", "/v1/catalogue")["datasets"])
+
+    def budget(self) -> list[dict[str, Any]]:
+        """Your differential privacy budget of each named dataset here: spent and remaining.
+
+        One entry per dataset you may see: ``name``, ``dp`` (whether its owner
+        requires differential privacy) and, if so, ``mechanism``, the per-query
+        ``epsilon`` and ``delta``, ``spent``, ``remaining`` and ``caps`` (each
+        ``{"analyst": {epsilon, delta}, "total": {epsilon, delta}}``).
+        """
+        return list(self.request("GET", "/v1/budget")["datasets"])
 
     def publish(self, handle: str, name: str, description: str = "") -> dict[str, Any]:
         """Publish an upload of yours under ``name`` (owners): it joins the catalogue."""
@@ -717,6 +750,7 @@ def connect(
     *,
     timeout: float = 30.0,
     verify: bool | str = True,
+    cert: str | tuple[str, str] | None = None,
     start_wait: float = 0.25,
     allow_insecure: bool = False,
     federation: str | Path | None = None,
@@ -730,6 +764,7 @@ def connect(
         token,
         timeout=timeout,
         verify=verify,
+        cert=cert,
         start_wait=start_wait,
         allow_insecure=allow_insecure,
         federation=federation,

@@ -327,6 +327,47 @@ class Federation:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
+    @classmethod
+    def connect(
+        cls,
+        servers: Mapping[str, tuple[str, str]],
+        *,
+        timeout: float = 30.0,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
+        start_wait: float = 0.25,
+        allow_insecure: bool = False,
+    ) -> Federation:
+        """A federation of clients made alike: one ``(url, token)`` per server name.
+
+        The keyword arguments are those of :class:`Client`, passed on to each:
+        ``verify`` (the federation's CA bundle, for servers with certificates
+        of a private CA) and ``cert`` (your client certificate, for servers
+        that require one) are the usual ones to give.
+
+        Example::
+
+            fed = Federation.connect(
+                {"alpha": ("https://alpha.example:8443", token_a), ...},
+                verify="federation-ca.pem",
+                cert=("analyst.pem", "analyst.key"),
+            )
+        """
+        return cls(
+            {
+                name: Client(
+                    url,
+                    token,
+                    timeout=timeout,
+                    verify=verify,
+                    cert=cert,
+                    start_wait=start_wait,
+                    allow_insecure=allow_insecure,
+                )
+                for name, (url, token) in servers.items()
+            }
+        )
+
     def __repr__(self) -> str:
         return f"Federation({', '.join(self.clients)})"
 

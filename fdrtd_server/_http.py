@@ -5,7 +5,9 @@ in a thread pool cost milliseconds per message in thread hand-offs and GIL
 convoys on a busy event loop; this client stays on the loop, keeps one or
 more connections per peer open, and speaks just enough HTTP/1.1 for our own
 ``/v1/peer`` answers (``Content-Length`` bodies, or ``chunked``). TLS works
-through ``asyncio.open_connection(ssl=...)`` for ``https://`` peers.
+through ``asyncio.open_connection(ssl=...)`` for ``https://`` peers, with the
+context the gateway gives (:meth:`fdrtd_server.tls.TlsFiles.peer_context`);
+a handshake that fails says why (:class:`TlsRefused`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-__all__ = ["HttpError", "PeerHttpClient"]
+from fdrtd_server.tls import describe_error
+
+__all__ = ["HttpError", "PeerHttpClient", "TlsRefused"]
 
 MAX_RESPONSE = 1024 * 1024
 """Largest answer body read from a peer (ours are a few dozen bytes)."""
@@ -33,6 +37,18 @@ into one that is being closed is lost."""
 
 class HttpError(Exception):
     """The peer could not be reached or answered with something that is not HTTP."""
+
+
+class TlsRefused(HttpError):
+    """The TLS handshake with the peer failed: its certificate, or ours, was refused.
+
+    Not a passing trouble: trying again changes nothing until a certificate
+    or a setting is changed.
+    """
+
+
+class _Unanswered(HttpError):
+    """The peer closed the connection before the first byte of its answer."""
 
 
 @dataclass
@@ -57,13 +73,22 @@ class _Pool:
 
 
 class PeerHttpClient:
-    """POSTs bodies to peers' URLs, reusing connections."""
+    """POSTs bodies to peers' URLs, reusing connections.
 
-    def __init__(self, timeout: float = 10.0, max_idle: int = 8) -> None:
+    Args:
+        timeout: Seconds one exchange may take, connecting included.
+        max_idle: Most idle connections kept per peer.
+        ssl_context: The TLS context for ``https://`` peers (default: the
+            system's CA store, hostname checked).
+    """
+
+    def __init__(
+        self, timeout: float = 10.0, max_idle: int = 8, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.timeout = timeout
         self.max_idle = max_idle
         self._pools: dict[str, _Pool] = {}
-        self._ssl = ssl.create_default_context()
+        self._ssl = ssl_context or ssl.create_default_context()
 
     def _pool(self, base_url: str) -> _Pool:
         pool = self._pools.get(base_url)
@@ -106,6 +131,8 @@ class PeerHttpClient:
                         reader, writer = await asyncio.open_connection(
                             pool.host, pool.port, ssl=pool.ssl, limit=MAX_HEAD
                         )
+                    except ssl.SSLError as error:
+                        raise TlsRefused(f"cannot connect: {describe_error(error)}") from None
                     except OSError as error:
                         raise HttpError(f"cannot connect: {type(error).__name__}") from None
                 else:
@@ -117,8 +144,21 @@ class PeerHttpClient:
                 except (OSError, asyncio.IncompleteReadError, HttpError, ValueError) as error:
                     writer.close()
                     if kept is None:
+                        if isinstance(error, _Unanswered) and pool.ssl is not None:
+                            # TLS 1.3: a peer refuses a client certificate after the client's
+                            # side of the handshake, and the alert reaches asyncio as a close
+                            raise TlsRefused(
+                                "it closed the new TLS connection without answering: it requires "
+                                "a client certificate signed by the federation's CA (set "
+                                "'tls_client_cert' and 'tls_client_key', or 'tls_cert' allowing "
+                                "client authentication), or it stopped"
+                            ) from None
                         if isinstance(error, HttpError):
                             raise
+                        if isinstance(error, ssl.SSLError):
+                            raise TlsRefused(
+                                f"the connection failed: {describe_error(error)}"
+                            ) from None
                         raise HttpError(f"the connection failed: {type(error).__name__}") from None
                     continue
                 except BaseException:
@@ -151,7 +191,7 @@ class PeerHttpClient:
         # one gathered write: the body (up to tens of MiB) is not copied into the head
         writer.writelines([head.encode("latin-1"), body])
         await writer.drain()
-        status_line = await _line(reader)
+        status_line = await _line(reader, first=True)
         parts = status_line.split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not _digits(parts[1], 3):
             raise HttpError("the answer is not HTTP/1.1")
@@ -205,8 +245,12 @@ def _digits(text: bytes, most: int) -> bool:
     return 0 < len(text) <= most and all(0x30 <= byte <= 0x39 for byte in text)
 
 
-async def _line(reader: asyncio.StreamReader) -> bytes:
+async def _line(reader: asyncio.StreamReader, *, first: bool = False) -> bytes:
     """One line of the answer's head, at most :data:`MAX_HEAD` bytes, ending in a newline.
+
+    Args:
+        reader: The connection's reader.
+        first: Whether this is the status line (a close before it is :class:`_Unanswered`).
 
     Raises:
         HttpError: If the line is longer, or the peer closes before its end.
@@ -215,7 +259,9 @@ async def _line(reader: asyncio.StreamReader) -> bytes:
         line = await reader.readuntil(b"\n")
     except asyncio.LimitOverrunError:
         raise HttpError(f"the answer has a line longer than {MAX_HEAD} bytes") from None
-    except asyncio.IncompleteReadError:
+    except asyncio.IncompleteReadError as error:
+        if first and not error.partial:
+            raise _Unanswered("the peer closed the connection without answering") from None
         raise HttpError("the peer closed the connection in the middle of its answer") from None
     return line
 

@@ -53,7 +53,9 @@ from fdrtd_server.http_common import (
     problem,
 )
 from fdrtd_server.identity import Identity
-from fdrtd_server.routes import about, compute, custody, data, receipts, results
+from fdrtd_server.oidc import identity_provider
+from fdrtd_server.policy import PolicyStore
+from fdrtd_server.routes import about, compute, custody, data, privacy, receipts, results
 
 __all__ = ["ROUTES", "create_app", "internal_error", "open_audit_log"]
 
@@ -79,6 +81,7 @@ ROUTES: tuple[tuple[str, str, Handler, Roles], ...] = (
     ("GET",    "/v1/results/{handle}/events",  results.result_events,    DATA_ROLES),
     ("POST",   "/v1/receipts/cosign",          receipts.cosign,          DATA_ROLES),
     ("GET",    "/v1/catalogue",                custody.catalogue,        ANY_ROLE),
+    ("GET",    "/v1/budget",                   privacy.budget,           DATA_ROLES),
     ("POST",   "/v1/datasets",                 custody.publish,          ("owner",)),
     ("DELETE", "/v1/datasets/{name}",          custody.withdraw,         OWNER_ROLES),
     ("GET",    "/v1/grants",                   custody.list_grants,      OWNER_ROLES),
@@ -260,6 +263,8 @@ def create_app(
             audit=audit,
             extra={},
             custody=CustodyStore(settings.home),
+            policy=PolicyStore(settings.home),
+            identity=await identity_provider(settings),
         )
         app.state.fdrtd = state
 

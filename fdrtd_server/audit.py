@@ -65,6 +65,7 @@ __all__ = [
     "AuditLog",
     "Checkpoint",
     "Verified",
+    "audit_admin_change",
     "checkpoint_now",
     "checkpoint_path",
     "read_checkpoint",
@@ -194,6 +195,22 @@ def _parse_line(path: Path, number: int, line: bytes) -> tuple[dict[str, Any], s
 # -- reading the chain ---------------------------------------------------------
 
 
+def _linked(path: Path, number: int, line: bytes, head: str) -> tuple[dict[str, Any], str]:
+    """The record on line ``number`` and its hash, if it follows the record hashing to ``head``.
+
+    Raises:
+        AuditError: If the line is not a record, or does not continue the chain there.
+    """
+    record, claimed = _parse_line(path, number, line)
+    body = _canonical(record)
+    if record.get("prev") != head or hashlib.sha256(body.encode()).hexdigest() != claimed:
+        raise AuditError(
+            f"audit log {path} is broken at line {number}: this record or the one "
+            "before it was changed, removed or reordered"
+        )
+    return record, claimed
+
+
 @dataclass
 class _Scan:
     """What one pass over the log found."""
@@ -228,16 +245,7 @@ def _scan(path: Path, wanted: frozenset[int] = frozenset()) -> _Scan:
                 scan.partial = len(line)
                 break
             scan.complete_bytes += len(line)
-            record, claimed = _parse_line(path, number, line)
-            body = _canonical(record)
-            if (
-                record.get("prev") != scan.head
-                or hashlib.sha256(body.encode()).hexdigest() != claimed
-            ):
-                raise AuditError(
-                    f"audit log {path} is broken at line {number}: this record or the one "
-                    "before it was changed, removed or reordered"
-                )
+            record, claimed = _linked(path, number, line, scan.head)
             scan.head = claimed
             scan.count += 1
             if scan.count in wanted:
@@ -381,11 +389,28 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> bool:
 
 @contextlib.contextmanager
 def _checkpoint_lock(log_path: Path) -> Any:
-    """Serialise checkpoint writers across processes (server and CLI): a lock on the log.
+    """Serialise checkpoint writers across processes (server and CLI): a lock file beside the log.
 
-    Appends never take it, so records are written while a checkpoint is made.
+    Appends take another lock (:func:`_append_lock`), so that records are
+    written while a checkpoint is being signed and flushed.
     """
-    fd = os.open(log_path, os.O_RDONLY)
+    fd = os.open(log_path.with_name(log_path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _append_lock(log_path: Path) -> Any:
+    """The log opened for appending under an exclusive ``flock``: one writer at a time.
+
+    Every process that appends (the running server, ``fdrtd-server token``,
+    ``grant`` and ``source`` commands) takes it, so that each record chains
+    to the one written last by whoever wrote it.
+    """
+    fd = os.open(log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
@@ -546,10 +571,19 @@ def checkpoint_now(path: Path, signer: Signer) -> tuple[Verified, Checkpoint]:
     """
     verified, scan = _verify(path, None, signer.sign_public, signer.name, ())
     point = sign_checkpoint(signer, scan.count, scan.head)
-    with _checkpoint_lock(path) as fd:
-        os.fsync(fd)
+    _fsync(path)
+    with _checkpoint_lock(path):
         write_checkpoint(checkpoint_path(path), point)
     return verified, point
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` to disk (every record written so far, whoever wrote it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- writing -------------------------------------------------------------------
@@ -557,6 +591,15 @@ def checkpoint_now(path: Path, signer: Signer) -> tuple[Verified, Checkpoint]:
 
 class AuditLog:
     """Appends hash-chained records to ``path`` (mode 0600) and anchors them.
+
+    Several processes may append to one log: the running server and the
+    ``fdrtd-server`` commands that change tokens, grants, sources or the
+    policy while it runs. Each append takes an exclusive ``flock`` on the log
+    (:func:`_append_lock`), reads the records others appended since this
+    writer's last look (checking that they continue the chain), and chains
+    its record to the last of them. The server's checkpoint thread looks at
+    the log's size every ``delay`` seconds, so records appended by another
+    process are anchored by the running server too.
 
     Args:
         path: The log file; None audits nothing (a worker without a home).
@@ -569,7 +612,8 @@ class AuditLog:
         delay: Seconds from a record to the checkpoint that covers it.
 
     Raises:
-        AuditError: If ``signer`` is given and the log does not match its checkpoint.
+        AuditError: If the log's chain is broken, or ``signer`` is given and
+            the log does not match its checkpoint.
     """
 
     def __init__(
@@ -581,6 +625,10 @@ class AuditLog:
         self._lock = threading.Lock()
         self._last = _GENESIS
         self._count = 0
+        self._size = 0
+        """Bytes of the log up to the end of the last record this writer has seen."""
+        self._broken = ""
+        """Why this writer found the log broken while appending (it then signs nothing more)."""
         self._anchored = -1
         self._wake = threading.Event()
         self._closing = threading.Event()
@@ -589,9 +637,8 @@ class AuditLog:
             return
         if signer is None:
             if path.exists():
-                scan = _scan(path)
-                self._last, self._count = scan.head, scan.count
-                self._drop_partial(scan)
+                with self._lock, _append_lock(path) as fd:
+                    self._catch_up(fd)
             return
         self._open_anchored(path, signer)
         self._thread = threading.Thread(
@@ -617,12 +664,14 @@ class AuditLog:
         if read_checkpoint(own) is None:
             # a log from before checkpoints existed, or one whose checkpoint was
             # deleted: anchor it as found, and say so in the log itself
-            scan = _scan(path)
-            self._last, self._count = scan.head, scan.count
-            self._drop_partial(scan)
-            if scan.count:
-                log.warning("audit log %s has %d records and no checkpoint", path, scan.count)
-                self.write("server", UNANCHORED, path.name, "anchored as found", records=scan.count)
+            with self._lock, _append_lock(path) as fd:
+                self._catch_up(fd)
+                found = self._count
+                if found:
+                    log.warning("audit log %s has %d records and no checkpoint", path, found)
+                    self._append(
+                        fd, "server", UNANCHORED, path.name, "anchored as found", {"records": found}
+                    )
             self.checkpoint()
             return
         try:
@@ -633,23 +682,97 @@ class AuditLog:
                 f"verification: keep {path.name} and {own.name} as evidence, move both "
                 "away, and start again to begin a new log"
             ) from None
-        self._last, self._count = scan.head, scan.count
+        self._last, self._count, self._size = scan.head, scan.count, scan.complete_bytes
         self._anchored = verified.checkpoint.count if verified.checkpoint else 0
-        self._drop_partial(scan)
+        with self._lock, _append_lock(path) as fd:
+            self._catch_up(fd)  # what others appended since, and a cut-off last line
         if self._count != self._anchored:
             self.checkpoint()
 
-    def _drop_partial(self, scan: _Scan) -> None:
-        """Cut an incomplete last line (a crash while writing) so the next record starts clean."""
-        if scan.partial and self.path is not None:
-            os.truncate(self.path, scan.complete_bytes)
+    def _catch_up(self, fd: int) -> None:
+        """Read the records appended since this writer's last look; the append lock is held.
+
+        Each must continue the chain. An incomplete last line (a writer that
+        crashed while writing; no one writes now) is cut off and the repair
+        recorded, so that the next record starts clean.
+
+        Raises:
+            AuditError: If the log shrank or a new record does not continue the chain.
+        """
+        assert self.path is not None
+        size = os.fstat(fd).st_size
+        if size == self._size:
+            return
+        if size < self._size:
+            raise AuditError(
+                f"audit log {self.path} shrank from {self._size} to {size} bytes while it was "
+                "written: records were removed"
+            )
+        partial = 0
+        with open(os.dup(fd), "rb") as handle:
+            handle.seek(self._size)
+            for line in handle:
+                if not line.endswith(b"\n"):
+                    partial = len(line)
+                    break
+                number = self._count + 1
+                _, claimed = _linked(self.path, number, line, self._last)
+                self._last, self._count, self._size = claimed, number, self._size + len(line)
+        if partial:
+            os.ftruncate(fd, self._size)
             log.warning(
                 "audit log %s ended in an incomplete record of %d bytes (a crash while "
                 "writing); it was removed",
                 self.path,
-                scan.partial,
+                partial,
             )
-            self.write("server", "audit-repair", str(self.path.name), "dropped", bytes=scan.partial)
+            self._append(
+                fd, "server", "audit-repair", self.path.name, "dropped", {"bytes": partial}
+            )
+
+    def _catch_up_or_mark(self, fd: int) -> None:
+        """:meth:`_catch_up` while running: a broken log is reported, not a failed request.
+
+        The records go on after the break, which stays visible to
+        ``fdrtd-server audit verify``; no checkpoint is signed over it again.
+        """
+        try:
+            self._catch_up(fd)
+        except AuditError as error:
+            if not self._broken:
+                log.error("%s; no further audit checkpoint is signed", error)
+            self._broken = str(error)
+            self._size = os.fstat(fd).st_size
+
+    def _append(
+        self,
+        fd: int,
+        principal: str,
+        action: str,
+        target: str,
+        outcome: str,
+        extra: dict[str, Any],
+    ) -> None:
+        """Write one record at the end of the log; the append lock is held."""
+        record = {
+            "time": now_iso(),
+            "principal": principal,
+            "action": action,
+            "target": target,
+            "outcome": outcome,
+            **extra,
+            "prev": self._last,
+        }
+        # through JSON and back first, so that the line is a fixed point of the
+        # verifier's re-serialisation (a tuple becomes a list, an int key a string)
+        # non-finite floats as strings: the line is standard JSON (allow_nan=False)
+        body = _canonical(json.loads(_canonical(_standard(record))), allow_nan=False)
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        line = _line(body, digest)
+        os.write(fd, line)
+        self._last = digest
+        self._count += 1
+        self._size += len(line)
 
     def write(
         self, principal: str, action: str, target: str = "", outcome: str = "ok", **extra: Any
@@ -659,56 +782,53 @@ class AuditLog:
             return
         if "hash" in extra:
             raise ValueError("an audit record cannot have a field named 'hash'; rename it")
-        with self._lock:
-            record = {
-                "time": now_iso(),
-                "principal": principal,
-                "action": action,
-                "target": target,
-                "outcome": outcome,
-                **extra,
-                "prev": self._last,
-            }
-            # through JSON and back first, so that the line is a fixed point of the
-            # verifier's re-serialisation (a tuple becomes a list, an int key a string)
-            # non-finite floats as strings: the line is standard JSON (allow_nan=False)
-            body = _canonical(json.loads(_canonical(_standard(record))), allow_nan=False)
-            digest = hashlib.sha256(body.encode()).hexdigest()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, _line(body, digest))
-            finally:
-                os.close(fd)
-            self._last = digest
-            self._count += 1
+        with self._lock, _append_lock(self.path) as fd:
+            self._catch_up_or_mark(fd)
+            self._append(fd, principal, action, target, outcome, extra)
         if self._thread is not None:
             self._wake.set()
 
     def checkpoint(self) -> Checkpoint | None:
-        """Flush the log to disk and sign a checkpoint of it now; None without a signer."""
-        if self.path is None or self._signer is None:
+        """Flush the log to disk and sign a checkpoint of it now; None without a signer.
+
+        Records other processes appended are read first, so the checkpoint
+        covers them too. A log found broken while running is not signed.
+        """
+        if self.path is None or self._signer is None or not self.path.exists():
             return None
-        with self._lock:
+        with self._lock, _append_lock(self.path) as fd:
+            self._catch_up_or_mark(fd)
             count, head = self._count, self._last
-        if count == self._anchored or not self.path.exists():
+        if self._broken or count == self._anchored:
             return None
+        _fsync(self.path)  # the records the checkpoint covers reach the disk first
         point = sign_checkpoint(self._signer, count, head)
-        with _checkpoint_lock(self.path) as fd:
-            os.fsync(fd)  # the records the checkpoint covers reach the disk first
+        with _checkpoint_lock(self.path):
             write_checkpoint(checkpoint_path(self.path), point)
         self._anchored = count
         return point
 
+    def _grown(self) -> bool:
+        """Whether another process appended since this writer's last look."""
+        assert self.path is not None
+        try:
+            return self.path.stat().st_size != self._size
+        except FileNotFoundError:
+            return False
+
     def _checkpoints(self) -> None:
         while True:
-            self._wake.wait()
+            woken = self._wake.wait(self._delay)
             if self._closing.is_set():
                 return
-            # let the records of the next second gather under one checkpoint
-            self._closing.wait(self._delay)
-            self._wake.clear()
-            if self._closing.is_set():
-                return
+            if woken:
+                # let the records of the next second gather under one checkpoint
+                self._closing.wait(self._delay)
+                self._wake.clear()
+                if self._closing.is_set():
+                    return
+            elif not self._grown():
+                continue
             try:
                 self.checkpoint()
             except Exception:
@@ -722,3 +842,46 @@ class AuditLog:
             self._thread.join()
             self._thread = None
         self.checkpoint()
+
+
+def audit_admin_change(home: Path, actor: str, action: str, target: str, **fields: Any) -> None:
+    """Record a change an admin made outside the API, in ``home``'s audit log.
+
+    For the ``fdrtd-server`` commands that change tokens, grants, sources or
+    the policy, whether the server runs or not: the record is appended under
+    the log's lock, chained to whatever the server wrote last, and anchored
+    by a checkpoint signed with the server's identity (when this process can
+    read it; else the running server anchors it within about a second, a
+    stopped one at its next start). A log that fails verification is not
+    signed over; the record is written all the same and a warning says why.
+
+    Args:
+        home: The server home (its ``audit.log``).
+        actor: Who made the change (e.g. ``cli:<user>``).
+        action: What was done, as the API's records name it (``grant``, ``source-add``, ...).
+        target: The name the change is about.
+        **fields: More facts; never secrets (tokens, hashes, connection strings).
+
+    Raises:
+        AuditError: If the log's chain is broken before this record (nothing is written).
+    """
+    from fdrtd_server.identity import Identity  # local: keeps `import audit` light
+
+    path = home / "audit.log"
+    AuditLog(path).write(actor, action, target, "ok", **fields)
+    try:
+        settings_name = _server_name(home)
+        identity = Identity.load(home / "identity", settings_name)
+    except (FileNotFoundError, PermissionError, ValueError):
+        return  # the running server (or the next start) anchors the record
+    try:
+        checkpoint_now(path, identity)
+    except AuditError as error:
+        log.warning("the change was audited, but no checkpoint was signed: %s", error)
+
+
+def _server_name(home: Path) -> str:
+    """The server's name from ``home``'s settings (its identity file carries it too)."""
+    from fdrtd_server.config import load_settings  # local: config does not import audit
+
+    return load_settings(home).name

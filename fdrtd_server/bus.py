@@ -14,6 +14,7 @@ bucket            kind           holds
 ``fdrtd_results`` object store   results too large for a key-value entry
 ``fdrtd_running`` key-value      jobs running on past their start request, by runner
 ``fdrtd_runners`` key-value      liveness keys of the processes running jobs (expire)
+``fdrtd_budgets`` key-value      privacy budget spent per named dataset, exactly
 ================  =============  ===========================================
 
 Every bucket is bounded (``max_bytes``, with JetStream's "discard new"
@@ -108,6 +109,8 @@ RUNNING_BUCKET = "fdrtd_running"
 RUNNERS_BUCKET = "fdrtd_runners"
 VERSIONS_BUCKET = "fdrtd_versions"
 """The released version of each named dataset (see :mod:`fdrtd_server.custody`)."""
+BUDGETS_BUCKET = "fdrtd_budgets"
+"""The differential privacy budget spent on each named dataset (:mod:`fdrtd_server.privacy`)."""
 _VERSION_KEY = "_key"
 """The entry of the versions bucket holding :meth:`Bus.version_key` (no dataset name
 starts with ``_``)."""
@@ -173,7 +176,7 @@ class StoreLimits:
     @property
     def total(self) -> int:
         """The bytes all buckets reserve together."""
-        return self.data + self.results + self.jobs + 3 * self.records + 2 * _SMALLEST_BUCKET
+        return self.data + self.results + self.jobs + 3 * self.records + 3 * _SMALLEST_BUCKET
 
     @classmethod
     def of_total(cls, total: int, *, explicit: bool = False) -> StoreLimits:
@@ -330,6 +333,7 @@ class Bus:
         self.running: KeyValue
         self.runners: KeyValue
         self.versions: KeyValue
+        self.budgets: KeyValue
         self._version_key: bytes | None = None
         self._object_cache: OrderedDict[str, bytes] = OrderedDict()
         self._object_cache_bytes = 0
@@ -512,6 +516,7 @@ class Bus:
         # and the datasets, last, take what is left
         self.runners = await self._kv(RUNNERS_BUCKET, _SMALLEST_BUCKET, explicit, RUNNER_TTL)
         self.versions = await self._kv(VERSIONS_BUCKET, _SMALLEST_BUCKET, explicit)
+        self.budgets = await self._kv(BUDGETS_BUCKET, _SMALLEST_BUCKET, explicit)
         self.sets = await self._kv(SETS_BUCKET, limits.records, explicit)
         self.sessions = await self._kv(SESSIONS_BUCKET, limits.records, explicit)
         self.running = await self._kv(RUNNING_BUCKET, limits.records, explicit)
@@ -527,6 +532,7 @@ class Bus:
         names = {
             f"KV_{RUNNERS_BUCKET}",
             f"KV_{VERSIONS_BUCKET}",
+            f"KV_{BUDGETS_BUCKET}",
             f"KV_{SETS_BUCKET}",
             f"KV_{SESSIONS_BUCKET}",
             f"KV_{RUNNING_BUCKET}",

@@ -4,10 +4,13 @@
 
     fdrtd-server init DIR [--name NAME] [--port PORT]   create a server home
     fdrtd-server serve DIR [--nats-url URL] [--port PORT] [--no-local-microservices]
+                       [--tls-cert FILE --tls-key FILE]   serve HTTPS (see docs/deployment.md)
     fdrtd-server worker [--nats-url URL|file:PATH] --home DIR   microservices only, DIR's policy
     fdrtd-server demo                                   three parties, one joint result
-    fdrtd-server token add DIR NAME [--role analyst|owner|admin] [--rotate]
-                                                        create a token (or replace NAME's)
+    fdrtd-server token create DIR NAME [--role analyst|owner|admin] [--rotate]
+                        [--expires ISO8601|30d|12h]     create a token (or replace NAME's);
+                                                        'token add' is the same command
+    fdrtd-server token list DIR                         names, roles, creation, expiry (no secrets)
     fdrtd-server token revoke DIR NAME                  make NAME's token invalid
     fdrtd-server grant add DIR DATASET GRANTEE [--functions F,...] [--not-before T] [--not-after T]
     fdrtd-server grant list DIR [DATASET]               who may use which dataset
@@ -30,7 +33,9 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import getpass
 import logging
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -59,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument(
+        "--tls-cert", type=Path, help="serve HTTPS with this certificate chain (PEM; tls_cert)"
+    )
+    serve.add_argument(
+        "--tls-key", type=Path, help="the private key of --tls-cert (PEM, unencrypted; tls_key)"
+    )
+    serve.add_argument(
         "--no-local-microservices",
         action="store_true",
         help="run no microservices in this process (workers provide them)",
@@ -85,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="manage client tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
-    token_add = token_commands.add_parser("add", help="create a token (printed once)")
+    token_add = token_commands.add_parser(
+        "create", aliases=["add"], help="create a token (printed once)"
+    )
     token_add.add_argument("home", type=Path)
     token_add.add_argument("name")
     token_add.add_argument(
@@ -97,6 +110,15 @@ def _parser() -> argparse.ArgumentParser:
         help="give an existing (or revoked) NAME a new token; the old one stops working and "
         "NAME keeps its datasets and results",
     )
+    token_add.add_argument(
+        "--expires",
+        help="when the token stops working: an ISO 8601 time (UTC without an offset) or a "
+        "duration such as 30d, 12h, 45m, 2w (default: never)",
+    )
+    token_list = token_commands.add_parser(
+        "list", help="print names, roles, creation, expiry and revocation (never secrets)"
+    )
+    token_list.add_argument("home", type=Path)
     token_revoke = token_commands.add_parser(
         "revoke", help="make a token invalid now (its name stays reserved)"
     )
@@ -295,10 +317,53 @@ def _receipt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _actor() -> str:
+    """Who makes a change from the command line, as the audit log names them."""
+    try:
+        return f"cli:{getpass.getuser()}"[:64]
+    except (KeyError, OSError):  # no user name for this uid (a bare container)
+        return f"cli:uid-{os.getuid()}"
+
+
+def _tokens(args: argparse.Namespace) -> int:
+    """``token create|add|list|revoke``; every change is audited."""
+    import json
+
+    from fdrtd_server.audit import audit_admin_change
+
+    home = home_path(str(args.home))
+    settings = config.load_settings(home)  # refuse directories that are not server homes
+    store = config.TokenStore(home)
+    if args.token_command == "list":
+        print(json.dumps(store.listing(), indent=2))
+        return 0
+    if args.token_command == "revoke":
+        store.revoke(args.name)
+        audit_admin_change(home, _actor(), "token-revoke", args.name)
+        print(f"revoked the token of '{args.name}'; the name stays reserved", file=sys.stderr)
+        return 0
+    expires = config.parse_expiry(args.expires) if args.expires else None
+    prefix = settings.identity.name_prefix if settings.identity is not None else ""
+    token = store.add(
+        args.name, args.role, rotate=args.rotate, expires=expires, reserved_prefix=prefix
+    )
+    audit_admin_change(
+        home,
+        _actor(),
+        "token-rotate" if args.rotate else "token-create",
+        args.name,
+        role=store.role_of(args.name) or "",
+        expires=expires.isoformat(timespec="seconds") if expires else "",
+    )
+    print(token)
+    return 0
+
+
 def _custody(args: argparse.Namespace) -> int:
     """``grant add|list|revoke`` and ``source add|list|remove``."""
     import json
 
+    from fdrtd_server.audit import audit_admin_change
     from fdrtd_server.custody import CustodyStore, Grant
 
     home = home_path(str(args.home))
@@ -321,10 +386,21 @@ def _custody(args: argparse.Namespace) -> int:
                     args.not_after,
                     "(command line)",
                 )
-                store.grant(grant)
+                grant = store.grant(grant)
+                audit_admin_change(
+                    home,
+                    _actor(),
+                    "grant",
+                    grant.dataset,
+                    grantee=grant.grantee,
+                    functions=",".join(grant.functions) or "*",
+                    not_before=grant.not_before or "",
+                    not_after=grant.not_after or "",
+                )
                 print(f"granted '{grant.grantee}' the use of '{grant.dataset}'", file=sys.stderr)
             elif args.grant_command == "revoke":
                 store.revoke(args.dataset, args.grantee)
+                audit_admin_change(home, _actor(), "revoke", args.dataset, grantee=args.grantee)
                 print(f"revoked the grant of '{args.dataset}' to '{args.grantee}'", file=sys.stderr)
             else:
                 grants = [
@@ -354,9 +430,13 @@ def _custody(args: argparse.Namespace) -> int:
                 if value not in ("", 0)
             }
             entry = store.add_source(args.name, args.owner, spec, args.description)
+            audit_admin_change(
+                home, _actor(), "source-add", entry.name, kind=entry.kind, owner=entry.owner
+            )
             print(f"registered the {entry.kind} source '{entry.name}' of '{entry.owner}'")
         elif args.source_command == "remove":
             store.remove(args.name)
+            audit_admin_change(home, _actor(), "source-remove", args.name)
             print(f"removed the source '{args.name}' and its grants", file=sys.stderr)
         else:
             sources = {
@@ -387,7 +467,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         settings = config.load_settings(
             home_path(str(args.home)),
-            {"nats_url": args.nats_url, "host": args.host, "port": args.port},
+            {
+                "nats_url": args.nats_url,
+                "host": args.host,
+                "port": args.port,
+                **{
+                    key: str(path.expanduser().resolve())
+                    for key, path in (("tls_cert", args.tls_cert), ("tls_key", args.tls_key))
+                    if path is not None
+                },
+            },
         )
         return serve(settings, local_microservices=not args.no_local_microservices)
     if args.command == "worker":
@@ -408,15 +497,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_demo(rows=args.rows, keep=args.keep)
     if args.command == "token":
-        home = home_path(str(args.home))
-        config.load_settings(home)  # refuse directories that are not server homes
-        store = config.TokenStore(home)
-        if args.token_command == "revoke":
-            store.revoke(args.name)
-            print(f"revoked the token of '{args.name}'; the name stays reserved", file=sys.stderr)
-            return 0
-        print(store.add(args.name, args.role, rotate=args.rotate))
-        return 0
+        return _tokens(args)
     if args.command in ("grant", "source"):
         return _custody(args)
     if args.command == "federation":

@@ -16,7 +16,9 @@ key's name and the rule it breaks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import hmac
 import json
@@ -24,11 +26,16 @@ import os
 import re
 import secrets
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from fdrtd_server._files import write_atomic
+
+if TYPE_CHECKING:
+    from fdrtd_server.oidc import IdentitySettings
 
 __all__ = [
     "CONFIG_FILE",
@@ -36,8 +43,10 @@ __all__ = [
     "Secret",
     "Settings",
     "TokenStore",
+    "expired",
     "init_home",
     "load_settings",
+    "parse_expiry",
 ]
 
 CONFIG_FILE = "fdrtd.toml"
@@ -109,6 +118,20 @@ class Settings:
     directory_interval: float = 10.0
     """Seconds between two heartbeats to each directory; silent for 3 of them, a member
     drops out of the listing."""
+    identity: IdentitySettings | None = None
+    """The institution's identity provider (the ``[identity]`` table), if JWTs are accepted."""
+    tls_cert: str = ""
+    """The server's TLS certificate chain (PEM): set, the port serves HTTPS itself."""
+    tls_key: str = ""
+    """The private key of ``tls_cert`` (PEM, unencrypted); empty: it is in that file."""
+    tls_ca: str = ""
+    """The federation's CA bundle (PEM): peers' certificates must chain to it (only it)."""
+    tls_client_cert: str = ""
+    """The certificate the peer gateway presents to peers; empty: ``tls_cert``."""
+    tls_client_key: str = ""
+    """The private key of ``tls_client_cert``; empty: it is in that file."""
+    tls_require_client_cert: bool = False
+    """Take only clients with a certificate signed by ``tls_ca`` (mutual TLS)."""
 
     def __post_init__(self) -> None:
         if not NAME_RULE.fullmatch(self.name):
@@ -146,11 +169,16 @@ class Settings:
                 )
         if not 0.05 <= self.directory_interval <= 3600:
             raise ValueError("setting 'directory_interval' must be between 0.05 and 3600 seconds")
+        if any(getattr(self, key) for key in _TLS_KEYS):
+            from fdrtd_server import tls  # local: only servers that use TLS read its files
+
+            tls.check(self)
 
     @property
     def url(self) -> str:
         """The URL peers and clients use to reach this server."""
-        return self.public_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert else "http"
+        return self.public_url or f"{scheme}://{self.host}:{self.port}"
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """Return a copy with the given non-None fields replaced."""
@@ -180,7 +208,15 @@ _FIELD_TYPES: dict[str, type] = {
     "directory": bool,
     "directories": tuple,
     "directory_interval": float,
+    "tls_cert": str,
+    "tls_key": str,
+    "tls_ca": str,
+    "tls_client_cert": str,
+    "tls_client_key": str,
+    "tls_require_client_cert": bool,
 }
+_TLS_KEYS = tuple(key for key in _FIELD_TYPES if key.startswith("tls_"))
+"""The TLS settings (see :mod:`fdrtd_server.tls`)."""
 
 
 _POLICY_KEYS = (
@@ -270,6 +306,12 @@ def load_settings(
             values.setdefault("plugin_policy", {})[key] = _plugin_switches(path, key, value)
         elif key != "microservices":
             raise ValueError(f"{path}: unknown setting '{key}' in [policy]")
+    if "identity" in document:
+        from fdrtd_server.oidc import IdentitySettings  # local: only servers that use JWTs
+
+        if not isinstance(document["identity"], dict):
+            raise ValueError(f"{path}: [identity] must be a table")
+        values["identity"] = IdentitySettings.from_table(document["identity"], str(path), home)
     env = os.environ if environ is None else environ
     for key in _FIELD_TYPES:
         variable = "FDRTD_" + key.upper()
@@ -289,8 +331,10 @@ def _hash_token(token: str) -> str:
 class TokenStore:
     """Client tokens of one server, kept as hashes in ``tokens.json``.
 
-    The file is re-read when it changes, so ``fdrtd-server token add`` takes
-    effect on a running server.
+    The file is re-read when it changes, so ``fdrtd-server token create`` takes
+    effect on a running server. Every change is made under an exclusive lock
+    (``tokens.lock``), so the command line and the running server never lose
+    each other's changes.
 
     A token's name is who owns datasets and results, so a name is never given
     to someone else by accident: :meth:`add` refuses a name that exists, and
@@ -298,10 +342,18 @@ class TokenStore:
     matches it) to keep it from being reused. Only :meth:`add` with
     ``rotate=True`` gives an existing or revoked name a new secret, on
     purpose, for the same holder.
+
+    Each entry records when it was ``created`` and, optionally, when it
+    ``expires``; entries written before those existed have neither and keep
+    working. The names of people who came in with a JWT of the institution's
+    identity provider are kept here too (``"kind": "oidc"``, no hash), so that
+    grants can name them, :meth:`revoke` can shut them out of this server,
+    and no local token is ever made under their name.
     """
 
     def __init__(self, home: Path) -> None:
         self.path = home / TOKENS_FILE
+        self._lock_path = home / "tokens.lock"
         self._entries: dict[str, dict[str, str]] = {}
         self._mtime = -1.0
 
@@ -315,13 +367,29 @@ class TokenStore:
             self._entries = json.loads(self.path.read_text("utf-8"))
             self._mtime = mtime
 
-    def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._entries, indent=2), "utf-8")
-        os.chmod(tmp, 0o600)
-        tmp.replace(self.path)
+    @contextlib.contextmanager
+    def _editing(self) -> Iterator[dict[str, dict[str, str]]]:
+        """The entries as on disk, under an exclusive lock; written back if the block ends well."""
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._mtime = -1.0
+            self._reload()
+            yield self._entries
+            write_atomic(self.path, json.dumps(self._entries, indent=2), mode=0o600)
+        finally:
+            os.close(fd)  # releases the lock
+        self._mtime = -1.0  # read again next time
 
-    def add(self, name: str, role: str | None = None, *, rotate: bool = False) -> str:
+    def add(
+        self,
+        name: str,
+        role: str | None = None,
+        *,
+        rotate: bool = False,
+        expires: datetime | None = None,
+        reserved_prefix: str = "",
+    ) -> str:
         """Create a token for ``name`` and return it; only its hash is stored.
 
         Args:
@@ -330,50 +398,77 @@ class TokenStore:
                 rotated token keeps its role unless one is given.
             rotate: Replace the secret of an existing (or revoked) name: the old
                 token stops working at once, and the name keeps what it owns.
+            expires: When the token stops working (None: never); must be in the future.
+            reserved_prefix: Names that start with it belong to the identity provider
+                (its ``name_prefix``) and are refused.
 
         Raises:
             ValueError: If the name or role breaks the rules, if ``name`` exists
-                (or was revoked) and ``rotate`` is not set, or if ``rotate`` is
-                set and ``name`` does not exist.
+                (or was revoked) and ``rotate`` is not set, if ``rotate`` is
+                set and ``name`` does not exist or belongs to the identity
+                provider, or if ``expires`` is not in the future.
         """
         if not NAME_RULE.fullmatch(name):
             raise ValueError("token name must be lowercase letters, digits, '-' or '_'")
         if role is not None and role not in ROLES:
             raise ValueError(f"token role must be one of {', '.join(ROLES)}")
-        self._reload()
-        existing = self._entries.get(name)
-        if existing is not None and not rotate:
-            state = "was revoked" if "hash" not in existing else "exists"
+        if reserved_prefix and name.startswith(reserved_prefix):
             raise ValueError(
-                f"a token named '{name}' {state}, and the datasets and results of that name "
-                f"belong to it: choose another name for someone new, or use --rotate to give "
-                f"'{name}' a new token (the old one stops working)"
+                f"names starting with '{reserved_prefix}' belong to the identity provider's "
+                "users ([identity] name_prefix): choose a name without it"
             )
-        if existing is None and rotate:
-            raise ValueError(f"there is no token named '{name}' to rotate; add it without --rotate")
-        role = role or (existing or {}).get("role", "analyst")
+        now = datetime.now(UTC)
+        if expires is not None and expires <= now:
+            raise ValueError(
+                f"the expiry {expires.isoformat(timespec='seconds')} is not in the future"
+            )
         token = secrets.token_urlsafe(32)
-        self._entries[name] = {"hash": _hash_token(token), "role": role}
-        self._save()
+        with self._editing() as entries:
+            existing = entries.get(name)
+            if existing is not None and existing.get("kind") == "oidc":
+                raise ValueError(
+                    f"'{name}' is the name of an identity provider's user on this server; a "
+                    "local token cannot take it over"
+                )
+            if existing is not None and not rotate:
+                state = "was revoked" if "hash" not in existing else "exists"
+                raise ValueError(
+                    f"a token named '{name}' {state}, and the datasets and results of that name "
+                    f"belong to it: choose another name for someone new, or use --rotate to give "
+                    f"'{name}' a new token (the old one stops working)"
+                )
+            if existing is None and rotate:
+                raise ValueError(
+                    f"there is no token named '{name}' to rotate; create it without --rotate"
+                )
+            entry = {
+                "hash": _hash_token(token),
+                "role": role or (existing or {}).get("role", "analyst"),
+                "created": now.isoformat(timespec="seconds"),
+            }
+            if expires is not None:
+                entry["expires"] = expires.astimezone(UTC).isoformat(timespec="seconds")
+            entries[name] = entry
         return token
 
     def revoke(self, name: str) -> None:
         """Make ``name``'s token invalid at once; the name stays reserved.
 
         Its datasets and results are kept (the name still owns them) but no
-        token reaches them until ``add(name, rotate=True)``.
+        token reaches them until ``add(name, rotate=True)``. For a name of the
+        identity provider, its JWTs are refused on this server from then on.
 
         Raises:
             ValueError: If there is no token named ``name``, or it is already revoked.
         """
-        self._reload()
-        entry = self._entries.get(name)
-        if entry is None:
-            raise ValueError(f"there is no token named '{name}'")
-        if "hash" not in entry:
-            raise ValueError(f"the token named '{name}' is already revoked")
-        self._entries[name] = {"role": entry.get("role", "analyst"), "revoked": _now_iso()}
-        self._save()
+        with self._editing() as entries:
+            entry = entries.get(name)
+            if entry is None:
+                raise ValueError(f"there is no token named '{name}'")
+            if "revoked" in entry or ("hash" not in entry and entry.get("kind") != "oidc"):
+                raise ValueError(f"the token named '{name}' is already revoked")
+            kept = {k: v for k, v in entry.items() if k != "hash"}
+            entries[name] = {**kept, "revoked": _now_iso()}
 
     def role_of(self, name: str) -> str | None:
         """The role of the token name ``name`` (revoked names keep theirs), or None if unknown."""
@@ -381,16 +476,90 @@ class TokenStore:
         entry = self._entries.get(name)
         return None if entry is None else str(entry.get("role", "analyst"))
 
-    def authenticate(self, token: str) -> tuple[str, str] | None:
-        """Return ``(name, role)`` for a valid token, else None (constant-time compare)."""
+    def listing(self) -> list[dict[str, str]]:
+        """Every name with its role, kind, creation, expiry and revocation; never a secret."""
+        self._reload()
+        shown = ("role", "kind", "created", "expires", "revoked")
+        return [
+            {"name": name, **{k: str(entry[k]) for k in shown if k in entry}}
+            for name, entry in sorted(self._entries.items())
+        ]
+
+    def match(self, token: str) -> tuple[str, str, str] | None:
+        """``(name, role, expires)`` of the entry ``token`` belongs to, expired or not, else None.
+
+        ``expires`` is "" for a token that never expires. Constant-time compare.
+        """
         self._reload()
         digest = _hash_token(token)
-        found: tuple[str, str] | None = None
+        found: tuple[str, str, str] | None = None
         for name, entry in self._entries.items():
             # a revoked entry has no hash: compare with a value no digest equals
             if hmac.compare_digest(entry.get("hash", "-" * 64), digest):
-                found = (name, entry["role"])
+                found = (name, entry["role"], entry.get("expires", ""))
         return found
+
+    def authenticate(self, token: str) -> tuple[str, str] | None:
+        """Return ``(name, role)`` for a valid, unexpired token, else None."""
+        found = self.match(token)
+        if found is None or expired(found[2]):
+            return None
+        return found[0], found[1]
+
+    def external(self, name: str, role: str) -> str:
+        """Record a user of the identity provider; "" if they may come in.
+
+        The first visit adds the name (``"kind": "oidc"``), a changed role is
+        written down. Returns ``"local"`` if ``name`` is a local token's name,
+        ``"revoked"`` if it was revoked on this server.
+        """
+        self._reload()
+        entry = self._entries.get(name)
+        if entry is not None and entry.get("kind") != "oidc":
+            return "local"
+        if entry is not None and "revoked" in entry:
+            return "revoked"
+        if entry is not None and entry.get("role") == role:
+            return ""
+        with self._editing() as entries:
+            entry = entries.get(name)
+            if entry is not None and entry.get("kind") != "oidc":
+                return "local"
+            if entry is not None and "revoked" in entry:
+                return "revoked"
+            first = (entry or {}).get("created", _now_iso())
+            entries[name] = {"kind": "oidc", "role": role, "created": first}
+        return ""
+
+
+def expired(expires: str, now: datetime | None = None) -> bool:
+    """Whether an ISO 8601 expiry ("" for none) has passed."""
+    if not expires:
+        return False
+    return datetime.fromisoformat(expires) <= (now or datetime.now(UTC))
+
+
+def parse_expiry(text: str, now: datetime | None = None) -> datetime:
+    """An expiry from the command line: ISO 8601 (UTC if no offset) or a duration.
+
+    A duration is a number and a unit: ``30d``, ``12h``, ``45m``, ``2w``.
+
+    Raises:
+        ValueError: If it is neither, naming the forms that work.
+    """
+    now = now or datetime.now(UTC)
+    duration = re.fullmatch(r"(\d{1,6})([mhdw])", text.strip())
+    if duration:
+        unit = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[duration.group(2)]
+        return now + timedelta(**{unit: int(duration.group(1))})
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            "--expires must be an ISO 8601 time (2027-01-31T18:00:00+01:00; UTC without an "
+            "offset) or a duration such as 30d, 12h, 45m or 2w"
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _now_iso() -> str:
@@ -417,6 +586,8 @@ def init_home(home: Path, name: str, *, port: int = 8000, host: str = "127.0.0.1
         f'host = "{settings.host}"\n'
         f"port = {settings.port}\n"
         '# public_url = "https://fdrtd.example.org"\n'
+        "# serve HTTPS; peers must have certificates of the federation's CA (PEM files)\n"
+        '# tls_cert = "tls/server.pem"\n# tls_key = "tls/server.key"\n# tls_ca = "tls/ca.pem"\n'
         '# nats_url = "nats://127.0.0.1:4222"   # default: an embedded nats-server\n'
         "# csv, json and msgpack uploads are parsed in memory; raw arrays are not\n"
         f"# max_parse_bytes = {settings.max_parse_bytes}\n"

@@ -15,7 +15,8 @@ One kind is not a computation's: heartbeats for the federation directory
 (session :data:`fdrtd_server.directory.SESSION`) go, once verified and
 checked for replays like every message, to :mod:`fdrtd_server.directory`.
 One HTTP port per server, so a reverse proxy with TLS in front of it is all a
-deployment needs.
+deployment needs; or the server serves TLS itself, and the gateway verifies
+``https://`` peers against the federation's CA (:mod:`fdrtd_server.tls`).
 
 What one peer can make ``POST /v1/peer`` spend is bounded: at most
 :data:`MAX_PEER_READS` messages and :data:`PEER_READ_BYTES` bytes are read at
@@ -76,8 +77,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from fdrtd_client import wire
-from fdrtd_server import directory
-from fdrtd_server._http import HttpError, PeerHttpClient
+from fdrtd_server import directory, tls
+from fdrtd_server._http import HttpError, PeerHttpClient, TlsRefused
 from fdrtd_server.app import internal_error
 from fdrtd_server.audit import AuditLog
 from fdrtd_server.bus import (
@@ -263,7 +264,9 @@ class Gateway:
         self._federation_file = os.fspath(self.federation_path)
         self._federation_mtime = -1
         self.reload_members()
-        self.http = PeerHttpClient(timeout=SEND_TIMEOUT)
+        self.http = PeerHttpClient(
+            timeout=SEND_TIMEOUT, ssl_context=tls.files_of(state.settings).peer_context()
+        )
         self.replays = ReplayGuard()
         self.rejections = _RejectionAudit(state.audit)
         self.reading = 0
@@ -314,6 +317,9 @@ class Gateway:
                 status, answer, retried = await self.http.post(
                     peer.url, PEER_PATH, body, wire.MSGPACK
                 )
+            except TlsRefused as error:
+                # no passing trouble: the parties fail at once, saying why (not as a timeout)
+                return 502, f"cannot reach party '{peer.name}': {error}"
             except HttpError as error:
                 return 503, f"cannot reach party '{peer.name}': {error}"
             except TimeoutError:

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from fdrtd_client import wire
 from fdrtd_server.audit import AuditLog
 from fdrtd_server.bus import SERVICE_PREFIX, Bus
-from fdrtd_server.config import Settings, TokenStore
+from fdrtd_server.config import Settings, TokenStore, expired
 from fdrtd_server.custody import CustodyStore
 from fdrtd_server.errors import (
     BadRequest,
@@ -41,6 +41,8 @@ from fdrtd_server.errors import (
     UnsupportedMediaType,
     error_for_status,
 )
+from fdrtd_server.oidc import IdentityProvider, Refused, looks_like_jwt
+from fdrtd_server.policy import PolicyStore
 
 __all__ = [
     "ADMIN_ROLES",
@@ -60,6 +62,7 @@ __all__ = [
     "caller",
     "guarded",
     "handle_target",
+    "prepare_identity",
     "problem",
     "read_body",
     "read_limited",
@@ -95,6 +98,9 @@ class State:
     audit: AuditLog
     extra: dict[str, Any]
     custody: CustodyStore
+    policy: PolicyStore
+    identity: IdentityProvider | None = None
+    """The institution's identity provider, if the server accepts its JWTs (``[identity]``)."""
 
 
 def state_of(request: Request) -> State:
@@ -136,23 +142,40 @@ ADMIN_ROLES = ("admin",)
 def authenticate(request: Request, roles: tuple[str, ...] | None = None) -> Principal:
     """The caller behind the ``Authorization: Bearer`` token, if its role is one of ``roles``.
 
+    The bearer value is a token of this server, or a JWT of the institution's
+    identity provider (:mod:`fdrtd_server.oidc`) where ``[identity]`` is set up;
+    a value with a JWT's shape (three base64url parts joined by dots) is taken
+    for a JWT, anything else for a local token.
+
     Raises:
-        Unauthorized: If the header is missing or the token unknown.
-        Forbidden: If the token's role may not use the route (audited).
+        Unauthorized: If the header is missing, the token unknown or expired, or
+            the JWT not valid (the reason is named and audited).
+        Forbidden: If the token's role may not use the route, or a valid JWT
+            grants no role here (audited).
     """
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         _audit_refused_login(request, "no bearer token")
         raise Unauthorized("send your token as 'Authorization: Bearer <token>'")
-    found = state_of(request).tokens.authenticate(token.strip())
-    if found is None:
-        _audit_refused_login(request, "unknown token")
-        raise Unauthorized("the token is not valid on this server")
-    principal = Principal(*found)
+    state = state_of(request)
+    if looks_like_jwt(token):
+        principal = _jwt_principal(request, state, token)
+    else:
+        found = state.tokens.match(token)
+        if found is None:
+            _audit_refused_login(request, "unknown token")
+            raise Unauthorized("the token is not valid on this server")
+        if expired(found[2]):
+            _audit_refused_login(request, "expired token")
+            raise Unauthorized(
+                f"the token expired at {found[2]}; ask the server's admin for a new one"
+            )
+        principal = Principal(found[0], found[1])
     request.state.principal = principal  # for the audit of a refusal further on
     if roles is not None and principal.role not in roles:
-        state_of(request).audit.write(
+        state.audit.write(
             principal.name,
             "authorize",
             request.url.path[:200],
@@ -165,6 +188,41 @@ def authenticate(request: Request, roles: tuple[str, ...] | None = None) -> Prin
             f"token is '{principal.role}'"
         )
     return principal
+
+
+def _jwt_principal(request: Request, state: State, token: str) -> Principal:
+    """The caller behind a JWT of the identity provider, or a refusal naming why (audited)."""
+    if state.identity is None:
+        _audit_refused_login(request, "jwt without identity provider")
+        raise Unauthorized(
+            "this server accepts no JWTs (no identity provider is configured); use a token "
+            "from its admin"
+        )
+    try:
+        name, role = state.identity.verify(token)
+    except Refused as refused:
+        _audit_refused_login(request, refused.reason)
+        raise error_for_status(refused.status, refused.detail) from None
+    seen = state.tokens.external(name, role)
+    if seen:
+        _audit_refused_login(request, f"jwt name {seen}")
+        if seen == "revoked":
+            raise Unauthorized(f"the name '{name}' was revoked on this server; ask its admin")
+        raise Forbidden(
+            f"the name '{name}' is a local token's on this server; the admin must choose "
+            "another [identity] name_prefix"
+        )
+    return Principal(name, role)
+
+
+async def prepare_identity(request: Request) -> None:
+    """Fetch the identity provider's keys a JWT needs, in a thread, if they are due."""
+    state = state_of(request)
+    if state.identity is None:
+        return
+    _, _, token = request.headers.get("authorization", "").partition(" ")
+    if looks_like_jwt(token.strip()):
+        await state.identity.prepare(token.strip())
 
 
 def _audit_refused_login(request: Request, reason: str) -> None:
@@ -224,6 +282,7 @@ def guarded(handler: Handler, roles: Roles) -> Handler:
     @functools.wraps(handler)
     async def route(request: Request) -> Response:
         if roles is not PUBLIC:
+            await prepare_identity(request)
             authenticate(request, needed)
         try:
             return await handler(request)

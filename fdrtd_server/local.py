@@ -11,6 +11,11 @@ Each embedded ``nats-server`` requires the credentials its server drew at
 start; they are in :attr:`LocalServer.nats_url_file` (mode 0600) while it
 runs, for a worker started with ``--nats-url file:PATH``, and never on a
 command line.
+
+With ``tls=`` (a :class:`LocalTls`) the servers serve HTTPS themselves on
+``https://127.0.0.1:PORT``, verify each other against the given CA, and may
+require client certificates; the clients this module makes (and its
+readiness checks) verify against that CA and present the client certificate.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -29,25 +36,87 @@ from fdrtd_client import Client, Federation
 from fdrtd_server._embedded_nats import CLIENT_URL_FILE, free_port
 from fdrtd_server.config import PORT_FILE, TokenStore, init_home
 from fdrtd_server.identity import Identity, add_member
+from fdrtd_server.policy import POLICY_FILE
 
-__all__ = ["LocalFederation", "LocalServer"]
+__all__ = ["LocalFederation", "LocalServer", "LocalTls"]
+
+
+@dataclass(frozen=True)
+class LocalTls:
+    """TLS for local servers: PEM files on this machine (see :mod:`fdrtd_server.tls`).
+
+    The servers' certificate must name ``127.0.0.1`` (an IP subject alternative
+    name) and, since each gateway presents it to its peers, allow client
+    authentication too (or name no extended key usage).
+    """
+
+    ca: Path
+    """The federation's CA bundle (``tls_ca``); clients verify the servers against it."""
+    cert: Path
+    """The servers' certificate chain (``--tls-cert``)."""
+    key: Path
+    """Its private key (``--tls-key``)."""
+    client_cert: Path | None = None
+    """The certificate the clients made here (and the readiness checks) present."""
+    client_key: Path | None = None
+    """Its private key (None: in the certificate's file)."""
+    require_client_cert: bool = False
+    """Whether the servers take only clients with a certificate (``tls_require_client_cert``)."""
+
+    def requests_options(self) -> dict[str, Any]:
+        """``verify`` and ``cert`` for ``requests`` (and :class:`fdrtd_client.Client`)."""
+        if self.client_cert is None:
+            return {"verify": str(self.ca), "cert": None}
+        if self.client_key is None:
+            return {"verify": str(self.ca), "cert": str(self.client_cert)}
+        return {"verify": str(self.ca), "cert": (str(self.client_cert), str(self.client_key))}
 
 
 class LocalServer:
-    """One server process of a :class:`LocalFederation`."""
+    """One server process of a :class:`LocalFederation`.
 
-    def __init__(self, home: Path, name: str, port: int, token: str, admin_token: str) -> None:
+    Args:
+        tls: Serve HTTPS with these files (None: plain HTTP).
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        name: str,
+        port: int,
+        token: str,
+        admin_token: str,
+        *,
+        tls: LocalTls | None = None,
+    ) -> None:
         self.home, self.name, self.port = home, name, port
         self.token, self.admin_token = token, admin_token
         self.owner_token = ""
         """A token of the role ``owner`` (named ``owner``), if the federation made one."""
         self.process: subprocess.Popen[bytes] | None = None
         self.extra_args: list[str] = []
+        self.tls = tls
+        """The TLS files of the next start (None: plain HTTP); the URL's scheme follows it."""
 
     @property
     def url(self) -> str:
         """Base URL of the server."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def requests_options(self) -> dict[str, Any]:
+        """``verify`` and ``cert`` for ``requests`` to reach this server (empty without TLS)."""
+        return self.tls.requests_options() if self.tls is not None else {}
+
+    def _tls_args(self) -> tuple[list[str], dict[str, str]]:
+        """The command-line options and environment that make ``serve`` speak TLS."""
+        if self.tls is None:
+            return [], {}
+        args = ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+        env = {
+            "FDRTD_TLS_CA": str(self.tls.ca),
+            "FDRTD_TLS_REQUIRE_CLIENT_CERT": str(self.tls.require_client_cert).lower(),
+        }
+        return args, env
 
     @property
     def nats_url_file(self) -> Path:
@@ -60,8 +129,8 @@ class LocalServer:
         return self.home / "jetstream" / CLIENT_URL_FILE
 
     def client(self, timeout: float = 30.0) -> Client:
-        """A client with this server's analyst token."""
-        return Client(self.url, self.token, timeout=timeout)
+        """A client with this server's analyst token (verifying and presenting as ``tls`` says)."""
+        return Client(self.url, self.token, timeout=timeout, **self.requests_options())
 
     def start(self, *, ready_timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
         """Start ``fdrtd-server serve`` and wait for ``/readyz``.
@@ -74,6 +143,7 @@ class LocalServer:
         port_file = self.home / PORT_FILE
         port_file.unlink(missing_ok=True)
         port_args = ["--port", str(self.port)] if self.port else []
+        tls_args, tls_env = self._tls_args()
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -82,13 +152,15 @@ class LocalServer:
                 "serve",
                 str(self.home),
                 *port_args,
+                *tls_args,
                 *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **tls_env, **(env or {})},
         )
+        options = self.requests_options()
         log.close()
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
@@ -101,9 +173,10 @@ class LocalServer:
                     continue
                 self.port = int(text)
             try:
-                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
+                if requests.get(self.url + "/readyz", timeout=1, **options).status_code == 200:
                     # make sure it is our process that answers on this port
-                    name = requests.get(self.url + "/v1/identity", timeout=1).json().get("name")
+                    identity = requests.get(self.url + "/v1/identity", timeout=1, **options)
+                    name = identity.json().get("name")
                     if name == self.name and self.process.poll() is None:
                         return
                     self.stop()
@@ -142,6 +215,10 @@ class LocalFederation:
             server registers with each of them (``directory``, ``directories``).
         directory_interval: Seconds between heartbeats (``directory_interval``),
             if ``directories`` are given; None keeps the setting's default.
+        policy: The owner's policy file (``policy.toml``, :mod:`fdrtd_server.policy`)
+            written into every server home; None: the built-in defaults.
+        tls: Every server serves HTTPS with these files, and the federation
+            files name ``https://`` URLs (None: plain HTTP).
     """
 
     def __init__(
@@ -152,6 +229,8 @@ class LocalFederation:
         *,
         directories: Sequence[str] = (),
         directory_interval: float | None = None,
+        policy: str | None = None,
+        tls: LocalTls | None = None,
     ) -> None:
         self.root = root
         self.env = dict(env or {})
@@ -166,8 +245,10 @@ class LocalFederation:
             port = free_port()
             admin = init_home(home, name, port=port)
             token = TokenStore(home).add("analyst")
-            self.servers[name] = LocalServer(home, name, port, token, admin)
+            self.servers[name] = LocalServer(home, name, port, token, admin, tls=tls)
             self.servers[name].owner_token = TokenStore(home).add("owner", "owner")
+            if policy is not None:
+                (home / POLICY_FILE).write_text(policy, "utf-8")
         for server in self.servers.values():
             identity = Identity.load(server.home / "identity", server.name)
             for other in self.servers.values():

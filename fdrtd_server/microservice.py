@@ -97,6 +97,8 @@ from fdrtd_server.errors import (
 )
 from fdrtd_server.inputs import Input, Output, Signature
 from fdrtd_server.peers import PeerInbox, PeerSession
+from fdrtd_server.policy import DatasetPolicy
+from fdrtd_server.privacy import KvStore, Ledger, PrivateTerms, terms_for
 from fdrtd_server.runners import (
     RESTARTED,
     STOP_WRITE_TIMEOUT,
@@ -214,6 +216,10 @@ class Dataset:
     function may use instead of reading rows (``columns`` is then empty)."""
     limit: int | None = None
     """How many rows of :attr:`source` the version in use has (None: all)."""
+    privacy: PrivateTerms | None = None
+    """With ``load_dataset(..., private=True)``, the differential privacy terms of a
+    named dataset whose owner requires them (:mod:`fdrtd_server.sdk.privacy`); None
+    for the caller's own upload and a dataset without differential privacy."""
 
     async def source_column(self, name: Any) -> str:
         """The column ``name`` of :attr:`source`; None picks the only one.
@@ -365,6 +371,19 @@ class CallContext:
     switches: Mapping[str, bool] = field(default_factory=dict)
     """The microservice's own policy switches (:meth:`Microservice.switch`), as this
     server's owner set them (``[policy.<microservice>]``), else their defaults."""
+    policy_version: str = ""
+    """The version of the owner's policy file (:mod:`fdrtd_server.policy`) for this request."""
+    policies: Mapping[str, Any] = field(default_factory=dict)
+    """The owner's policy of each named dataset in :attr:`datasets`, as the controller sent it."""
+
+    def dataset_policy(self, name: str) -> DatasetPolicy:
+        """The owner's policy of the named dataset ``name`` (the defaults if none was sent)."""
+        found = self.policies.get(name)
+        return DatasetPolicy.from_dict(found) if isinstance(found, Mapping) else DatasetPolicy()
+
+    def budget_ledger(self) -> Ledger:
+        """This server's privacy budget ledger (:mod:`fdrtd_server.privacy`)."""
+        return Ledger(KvStore(self.bus.budgets))
 
     def policy(self, switch: str) -> bool:
         """Whether this server's policy turns ``switch`` on.
@@ -426,6 +445,7 @@ class CallContext:
         columns: Iterable[Any] | None = None,
         *,
         pushdown: bool = False,
+        private: bool = False,
     ) -> Dataset:
         """Load a dataset: a named one the caller may use, or an upload of her own.
 
@@ -437,15 +457,25 @@ class CallContext:
             pushdown: For a source read in place, read no rows: the dataset's
                 :attr:`Dataset.source` then computes aggregates where the data
                 lives (in SQL for a database). Ignored for uploads.
+            private: Whether the function releases its result with differential
+                privacy: a named dataset whose owner requires it then carries its
+                terms (:attr:`Dataset.privacy`); without, such a dataset is refused.
 
         Raises:
             BadRequest: If ``ref`` is neither a name nor a handle.
             NotFound: If no such dataset exists for the caller (a name she holds
                 no grant for is answered alike).
+            Forbidden: If the owner requires differential privacy and ``private``
+                is False (before anything is read or spent).
         """
         wanted = _wanted(columns)
         if isinstance(ref, str) and ref in self.datasets:
-            return await self._load_named(ref, self.datasets[ref], wanted, pushdown)
+            terms = terms_for(
+                ref, self.dataset_policy(ref), self.principal, private, self.budget_ledger
+            )
+            loaded = await self._load_named(ref, self.datasets[ref], wanted, pushdown)
+            loaded.privacy = terms
+            return loaded
         if isinstance(ref, str) and not ref.startswith(("d-", "r-")) and DATASET_NAME.match(ref):
             raise NotFound(f"no dataset named '{ref}' on this server")
         if not isinstance(ref, str) or not ref.startswith("d-"):
@@ -985,6 +1015,17 @@ def _sanitise(error: BaseException) -> tuple[str, str]:
     return "500", f"internal error (incident {incident}); the server log has details"
 
 
+def _strictest(env: Environment, policies: Mapping[str, Any]) -> Environment:
+    """``env`` with the strictest minimum cohort of the server and the datasets' policies."""
+    minimums = [
+        int(p.get("min_cohort", 0))
+        for p in policies.values()
+        if isinstance(p, Mapping) and isinstance(p.get("min_cohort"), int)
+    ]
+    strictest = max([env.min_cohort, *minimums])
+    return env if strictest == env.min_cohort else dataclasses.replace(env, min_cohort=strictest)
+
+
 async def _refuse_session(
     bus: Bus, env: Environment, session: dict[str, Any], error: FdrtdError
 ) -> None:
@@ -1067,29 +1108,39 @@ class _Runner:
         datasets = message.get("datasets") or {}
         if not isinstance(datasets, dict):
             raise BadRequest("'datasets' must be a map")
+        policy = message.get("policy") or {}
+        policies = policy.get("datasets") or {} if isinstance(policy, dict) else None
+        if not isinstance(policies, dict):
+            raise BadRequest("'policy' must be a map with the datasets' policies")
         # what every context of this request holds: who asks, and the policy's switches
         common: dict[str, Any] = {
             "bus": self.bus,
-            "env": self.env,
             "principal": principal,
             "role": role,
             "session": session,
             "datasets": datasets,
             "microservice": self.spec.name,
             "switches": self.switches,
+            "policy_version": str(policy.get("version", "")),
+            "policies": policies,
+            "env": _strictest(self.env, policies),
         }
         if function in self.spec.calls:
             ctx = CallContext(**common)
             return await self.spec.calls[function](ctx, message["inputs"])
         handle = parse_handle(message.get("result"), "result", "result")
         record = JobRecord(
-            principal, self.spec.name, function, "running", created=now_iso(), runner=self.runner
+            principal,
+            self.spec.name,
+            function,
+            "running",
+            created=now_iso(),
+            runner=self.runner,
+            policy_version=common["policy_version"],
         )
         # what its receipt will state it ran (names and numbers; arrays only as digests)
         record.parameters = receipts.parameters_of(message["inputs"])
         record.session = dict(session) if isinstance(session, dict) else {}
-        policy = message.get("policy")
-        record.policy_version = str(policy.get("version", "")) if isinstance(policy, dict) else ""
         job = JobContext(**common, handle=handle, record=record)
         computed = asyncio.Event()
         recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()

@@ -439,6 +439,12 @@ def document(settings: Settings, functions: Functions | None = None) -> dict[str
                     "allowed functions, version; never values"
                 )
             },
+            "/v1/budget": {
+                "get": _op(
+                    "Your differential privacy budget of each named dataset you may see: "
+                    "its terms, spent and remaining per analyst and in total"
+                )
+            },
             "/v1/directory": {
                 "get": _op(
                     "The live members of the federation (on a server that keeps the directory)"

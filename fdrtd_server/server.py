@@ -1,5 +1,7 @@
 """Running a server: the controller (with or without in-process microservices) and workers.
 
+With ``tls_cert`` set, the port serves HTTPS itself (see :mod:`fdrtd_server.tls`).
+
 ``serve`` starts, in order: the embedded ``nats-server`` (unless a NATS URL is
 given), then uvicorn with the controller app, whose lifespan connects to NATS,
 starts the in-process microservices on their *own* NATS connection (so they
@@ -233,7 +235,8 @@ class _Server(uvicorn.Server):
             bound = [sock.getsockname() for server in self.servers for sock in server.sockets]
             host, port = bound[0][:2] if bound else (self.config.host, self.config.port)
             host = f"[{host}]" if ":" in str(host) else host
-            log.info("%s", self.listening(f"http://{host}:{port}"))
+            scheme = "https" if self.config.ssl else "http"
+            log.info("%s", self.listening(f"{scheme}://{host}:{port}"))
 
     def nats_lost(self, what: str) -> None:
         """Stop because NATS is gone for good: log why, and exit with :data:`EXIT_NATS_LOST`."""
@@ -295,7 +298,7 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
         The exit code: 0 after SIGINT/SIGTERM, :data:`EXIT_NATS_LOST` if NATS
         went away for good.
     """
-    from fdrtd_server import directory, gateway
+    from fdrtd_server import directory, gateway, tls
     from fdrtd_server._embedded_nats import EmbeddedNats, redact_url, resolve_nats_url
 
     embedded = None
@@ -432,6 +435,11 @@ def serve(settings: Settings, *, local_microservices: bool = True) -> int:
             server_header=False,
             date_header=False,
         )
+        context = tls.files_of(settings).server_context()
+        if context is not None:
+            # our context, not uvicorn's: TLS 1.2 at least, client certificates if required
+            config.load()
+            config.ssl = context
         names = ", ".join(sorted(specs)) or "none in this process, workers serve them"
         where = "embedded" if embedded is not None else redact_url(nats_url)
         server = _Server(

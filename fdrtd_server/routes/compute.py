@@ -9,6 +9,7 @@ result handle, or the result itself if the job ends within ``?wait=``.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -17,9 +18,10 @@ from starlette.responses import Response
 
 from fdrtd_server.bus import JobRecord, new_handle
 from fdrtd_server.config import NAME_RULE as SERVER_NAME
-from fdrtd_server.errors import BadRequest, NotFound
+from fdrtd_server.errors import BadRequest, NotFound, ServiceUnavailable
 from fdrtd_server.http_common import (
     BUS_TIMEOUT,
+    State,
     audit_refusals,
     call_service,
     caller,
@@ -29,6 +31,7 @@ from fdrtd_server.http_common import (
     state_of,
 )
 from fdrtd_server.inputs import sent_name
+from fdrtd_server.policy import Policy, PolicyError
 from fdrtd_server.routes.results import audit_result, view, wait_and_value
 
 __all__ = ["COMPUTE_KEYS", "NAME", "SESSION_ID", "SESSION_KEYS", "compute"]
@@ -43,6 +46,7 @@ COMPUTE_KEYS = ("microservice", "function", "inputs", "session")
 """The keys of a ``POST /v1/compute`` body."""
 SESSION_KEYS = ("id", "parties")
 """The keys of its ``session``."""
+log = logging.getLogger("fdrtd.policy")
 _INT64 = (-(2**63), 2**64 - 1)
 """The integers msgpack (and so the bus) carries: int64 and uint64."""
 
@@ -122,6 +126,23 @@ def _strings(value: Any, depth: int = 0) -> set[str]:
     return set()
 
 
+def current_policy(state: State) -> Policy:
+    """The owner's policy in force now (``DIR/policy.toml``, read again when it changes).
+
+    Raises:
+        ServiceUnavailable: If the file was changed into one that breaks a rule:
+            nothing is computed until the owner mends it (``fdrtd-server policy check``).
+    """
+    try:
+        return state.policy.current()
+    except PolicyError as error:
+        log.error("policy file refused, nothing is computed: %s", error)
+        raise ServiceUnavailable(
+            "this server's policy file is invalid, so nothing is computed until its owner "
+            "mends it (fdrtd-server policy check names the line)"
+        ) from None
+
+
 async def compute(request: Request) -> Response:
     """Start a computation; answer its result handle (202), or its end (200).
 
@@ -160,6 +181,10 @@ async def compute(request: Request) -> Response:
     session = _check_session(body.get("session"))
     handle = new_handle("result")
     audit_refusals(request, "compute", f"{microservice}.{function}")
+    datasets = state.custody.usable(
+        principal.name, principal.role, microservice, function, _strings(inputs)
+    )
+    policy = current_policy(state)
     answer = await call_service(
         request,
         microservice,
@@ -168,9 +193,8 @@ async def compute(request: Request) -> Response:
         principal=principal,
         result=handle,
         session=session,
-        datasets=state.custody.usable(
-            principal.name, principal.role, microservice, function, _strings(inputs)
-        ),
+        datasets=datasets,
+        policy=policy.message(datasets),
         bus_timeout=BUS_TIMEOUT + wait,
         **({"wait": wait, "value": with_value} if wait > 0 else {}),
     )

@@ -24,6 +24,11 @@ is the supported surface, tested name by name in ``tests/unit/test_sdk.py``:
 * record ids and their private join: :func:`canonical_ids` (one rule for every
   join and set operation, :mod:`fdrtd_server.sdk.ids`) and :func:`join_ids`
   (DH-PSI around the holders, :mod:`fdrtd_server.sdk.join`);
+* differential privacy (:mod:`fdrtd_server.sdk.privacy`): a function with a
+  private release loads with ``load_dataset(..., private=True)``, clamps to
+  the owner's bounds, spends with :func:`private_release` and noises with
+  OpenDP's integer samplers; its ``epsilon`` input and ``privacy`` output are
+  :data:`EPSILON` and :data:`PRIVACY`;
 * :mod:`wire`, the one msgpack/JSON codec of client and server.
 
 :mod:`fdrtd_server.sdk.host` lends the built-in microservices parts of the
@@ -57,7 +62,7 @@ from fdrtd_server.microservice import (
     distribution_version,
 )
 from fdrtd_server.peers import PeerSession, both
-from fdrtd_server.sdk import curve, ring
+from fdrtd_server.sdk import curve, privacy, ring
 from fdrtd_server.sdk.disclosure import finite_result, finite_rows, numeric, suppress
 from fdrtd_server.sdk.ids import canonical_ids, id_bytes
 from fdrtd_server.sdk.join import join_domain, join_ids
@@ -70,6 +75,7 @@ from fdrtd_server.sdk.parties import (
     session_for,
     vet_declared,
 )
+from fdrtd_server.sdk.privacy import EPSILON, PRIVACY, private_release
 from fdrtd_server.sdk.smpc import SmpcSession, points_from
 from fdrtd_server.sdk.stages import Message, Stage, StagedPeers
 from fdrtd_server.sdk.transfer import receive_bytes, send_bytes
@@ -77,6 +83,8 @@ from fdrtd_server.sdk.transfer import receive_bytes, send_bytes
 __all__ = [
     "COLUMN",
     "DATA",
+    "EPSILON",
+    "PRIVACY",
     "BadRequest",
     "CallContext",
     "CohortTooSmall",
@@ -117,6 +125,8 @@ __all__ = [
     "joint_count",
     "numeric",
     "points_from",
+    "privacy",
+    "private_release",
     "receive_bytes",
     "ring",
     "send_bytes",

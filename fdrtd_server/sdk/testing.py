@@ -81,6 +81,8 @@ from fdrtd_server.errors import (
 )
 from fdrtd_server.microservice import Dataset, Environment, JobContext, Microservice, _wanted
 from fdrtd_server.peers import ABORT_TAG, END_TAG
+from fdrtd_server.policy import DatasetPolicy
+from fdrtd_server.privacy import Ledger, MemoryStore, terms_for
 
 __all__ = [
     "DATASET",
@@ -301,6 +303,12 @@ class MemoryContext(JobContext):
     wire: Wire = dataclasses.field(default_factory=Wire)
     reported: list[float] = dataclasses.field(default_factory=list)
     sessions: list[MemoryPeerSession] = dataclasses.field(default_factory=list)
+    ledger: Ledger = dataclasses.field(default_factory=lambda: Ledger(MemoryStore()))
+    """This party's privacy budget ledger, in memory."""
+
+    def budget_ledger(self) -> Ledger:
+        """This party's privacy budget ledger (:attr:`ledger`)."""
+        return self.ledger
 
     def peer_session(self) -> MemoryPeerSession:
         """This party's session of the computation (the SDK's ``session_for`` calls this)."""
@@ -321,10 +329,14 @@ class MemoryContext(JobContext):
         columns: Iterable[Any] | None = None,
         *,
         pushdown: bool = False,
+        private: bool = False,
     ) -> Dataset:
         """A dataset of this party, by name, as the server would load an upload.
 
         ``pushdown`` is ignored (as it is for an upload): the columns are in memory.
+        A dataset with a policy (``MemoryFederation(policies=...)``) is a named
+        dataset under its owner's policy, as on a server (differential privacy,
+        ``private``); one without is treated as the caller's own upload.
 
         Raises:
             NotFound: If this party has no dataset of that name.
@@ -338,14 +350,19 @@ class MemoryContext(JobContext):
         table = self.tables.get(ref)
         if table is None:
             raise NotFound(f"no dataset named '{ref}' on this server")
+        terms = None
+        if ref in self.policies:
+            terms = terms_for(
+                ref, self.dataset_policy(ref), self.principal, private, self.budget_ledger
+            )
         wanted = _wanted(columns)
         if wanted is not None and not all(name in table for name in wanted):
             raise BadRequest("the dataset has no column of that name")
         if wanted is not None and not wanted:
             first = next(iter(table.values()), np.empty(0))
-            return Dataset({}, count=int(first.shape[0]) if first.ndim else 1)
+            return Dataset({}, count=int(first.shape[0]) if first.ndim else 1, privacy=terms)
         chosen = table if wanted is None else {name: table[name] for name in wanted}
-        return Dataset(dict(chosen))
+        return Dataset(dict(chosen), privacy=terms)
 
     async def progress(self, fraction: float) -> None:
         """Record the progress (0 to 1) in :attr:`reported`."""
@@ -376,6 +393,11 @@ class MemoryFederation:
         timeout: Seconds each receive waits before :class:`PartyTimeout`.
         tamper: Changes every message on its way (see :data:`Tamper`).
         principal: Who asks, as ``ctx.principal`` (role ``analyst``).
+        policies: Each party's owner policy per dataset name (a
+            :class:`~fdrtd_server.policy.DatasetPolicy`): that dataset is then a
+            named one under it (differential privacy by default, with a budget
+            in the party's in-memory ledger, kept across runs). A dataset
+            without one is the caller's own upload.
 
     Attributes:
         log: The messages of the last run, as their senders sent them.
@@ -393,11 +415,13 @@ class MemoryFederation:
         timeout: float = WAIT,
         tamper: Tamper | None = None,
         principal: str = "analyst",
+        policies: Mapping[str, Mapping[str, DatasetPolicy]] | None = None,
     ) -> None:
         self.parties = list(parties)
         if len(set(self.parties)) != len(self.parties) or len(self.parties) < 2:
             raise ValueError("a federation needs at least two parties, each named once")
-        unknown = sorted((set(envs or {}) | set(datasets or {})) - set(self.parties))
+        named = set(envs or {}) | set(datasets or {}) | set(policies or {})
+        unknown = sorted(named - set(self.parties))
         if unknown:
             raise ValueError(f"no party named {', '.join(unknown)} in this federation")
         self.envs = {
@@ -409,6 +433,11 @@ class MemoryFederation:
         self.timeout = timeout
         self.tamper = tamper
         self.principal = principal
+        self.policies = {
+            party: {name: p.to_dict() for name, p in (policies or {}).get(party, {}).items()}
+            for party in self.parties
+        }
+        self.ledgers = {party: Ledger(MemoryStore()) for party in self.parties}
         self.log: list[Sent] = []
         self.contexts: dict[str, MemoryContext] = {}
 
@@ -424,8 +453,10 @@ class MemoryFederation:
                 self.principal,
                 "analyst",
                 dict(session),
+                policies=self.policies[party],
                 tables=self.tables[party],
                 wire=shared,
+                ledger=self.ledgers[party],
             )
             for party in self.parties
         }

@@ -19,6 +19,13 @@ checks apply here as to the SMPC protocols:
   (:func:`protocols.smpc.service.finite_rows`).
 
 When the aggregates of one server must stay secret, use the SMPC protocols.
+
+On a named dataset whose owner requires differential privacy, every released
+aggregate is noisy (:func:`private_aggregates`): the values are clamped to the
+owner's declared bounds, the query's ``epsilon`` is spent from the dataset's
+budget and split evenly over the count, the sum, the sum of squares and the
+histogram, and each gets integer noise from OpenDP (the histogram with
+sensitivity 1 per record: a record is in exactly one cell, ``other`` included).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import numpy as np
 from fdrtd_server.sdk import (
     COLUMN,
     DATA,
+    EPSILON,
+    PRIVACY,
     BadRequest,
     Forbidden,
     Input,
@@ -39,6 +48,10 @@ from fdrtd_server.sdk import (
     distribution_version,
     finite_result,
     finite_rows,
+    numeric,
+    privacy,
+    private_release,
+    ring,
     suppress,
 )
 
@@ -71,10 +84,17 @@ def _edges(bins: Any) -> np.ndarray[Any, Any] | None:
     return edges
 
 
-def _histogram(data: np.ndarray[Any, Any], edges: np.ndarray[Any, Any], minimum: int) -> Any:
-    """Counts per bin (``[e_i, e_{i+1})``, the last closed) and outside; small cells hidden."""
+def _cells(data: np.ndarray[Any, Any], edges: np.ndarray[Any, Any]) -> Any:
+    """Counts per bin (``[e_i, e_{i+1})``, the last closed), and outside them last."""
     inside = (data >= edges[0]) & (data <= edges[-1])
-    cells = np.append(np.histogram(data[inside], bins=edges)[0], int((~inside).sum()))
+    return np.append(np.histogram(data[inside], bins=edges)[0], int((~inside).sum()))
+
+
+def _histogram(
+    data: np.ndarray[Any, Any], edges: np.ndarray[Any, Any], minimum: int, cells: Any = None
+) -> Any:
+    """Counts per bin and outside (:func:`_cells`, or ``cells`` if given); small cells hidden."""
+    cells = _cells(data, edges) if cells is None else np.asarray(cells, dtype=np.int64)
     hidden = suppress(cells, minimum)
     shown: list[int | None] = [None if h else int(c) for c, h in zip(cells, hidden, strict=True)]
     return {
@@ -121,6 +141,68 @@ def aggregate_values(
     return result
 
 
+def _squares_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
+    """The bounds of the square of a value within ``bounds``."""
+    low, high = bounds
+    ends = (low * low, high * high)
+    return (0.0 if low <= 0.0 <= high else min(ends), max(ends))
+
+
+async def private_aggregates(
+    dataset: Any, column: Any, edges: np.ndarray[Any, Any] | None, epsilon: Any, minimum: int
+) -> dict[str, Any] | None:
+    """The aggregates with differential privacy, if ``dataset`` needs it (else None).
+
+    Values are clamped to the owner's bounds and encoded record by record in
+    fixed point (2^-20), so every sum is an exact integer sum with an exact
+    integer sensitivity; the query's epsilon is spent before any noise is
+    drawn and split evenly over the released statistics.
+
+    Raises:
+        Forbidden: If the column has no declared bounds, or the budget is spent.
+    """
+    terms = dataset.privacy
+    if terms is None:
+        return None
+    name = str(column) if column is not None else next(iter(dataset.columns), "")
+    values = numeric(dataset.column(column))
+    if values.ndim != 1:
+        raise BadRequest("aggregates with differential privacy need a column of single numbers")
+    bounds = terms.bound(name, "a sum")
+    data = finite_rows(values.astype(np.float64, copy=False))
+    frac_bits = ring.DEFAULT_FRAC_BITS
+    release = await private_release(dataset, epsilon, 3 + (edges is not None), "'map.aggregate'")
+    assert release is not None  # the dataset has privacy terms
+    clamped = privacy.clamped(data, bounds)
+    squares = _squares_bounds(bounds)
+    unit = 2.0**-frac_bits
+    (count,) = release.noisy("count", [int(data.shape[0])], 1)
+    (total,) = release.noisy(
+        "sum",
+        [int(privacy.fixed_units(clamped, frac_bits).sum(dtype=object))],
+        privacy.fixed_sensitivity(bounds, frac_bits),
+        unit=unit,
+    )
+    (sum_squares,) = release.noisy(
+        "sum_squares",
+        [int(privacy.fixed_units(np.square(clamped), frac_bits).sum(dtype=object))],
+        privacy.fixed_sensitivity(squares, frac_bits),
+        unit=unit,
+    )
+    result: dict[str, Any] = {
+        "count": count,
+        "sum": total * unit,
+        "sum_squares": sum_squares * unit,
+    }
+    if edges is not None:
+        # one record is in exactly one cell (``other`` included): l1 and l2 sensitivity 1
+        noisy = release.noisy("histogram", _cells(data, edges), 1, per_element=False)
+        # noisy cells below 0 are shown as 0 (post-processing), then hidden as any small cell
+        result["histogram"] = _histogram(data, edges, minimum, [max(c, 0) for c in noisy])
+    result["privacy"] = {terms.dataset: release.statement((name,))}
+    return result
+
+
 @service.job(
     "aggregate",
     inputs=[
@@ -134,20 +216,23 @@ def aggregate_values(
             maximum=MAX_BINS + 1,
             items="number",
         ),
+        EPSILON,
     ],
     outputs=[
         Output("count", "integer", "the number of finite rows"),
         Output("sum", "any", "their sum: a number, or a typed array for vectors"),
         Output("sum_squares", "any", "their sum of squares, likewise"),
         Output("histogram", "object", "with bins: {edges, counts, other, suppressed}"),
+        PRIVACY,
     ],
     policy=["allow_map_reduce"],
 )
 async def aggregate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Local aggregates over one column of a dataset the caller owns.
 
-    Inputs: ``data`` (data handle), ``column`` (optional), ``bins`` (optional
-    histogram edges).
+    Inputs: ``data`` (data handle or dataset name), ``column`` (optional),
+    ``bins`` (optional histogram edges), ``epsilon`` (on a dataset with
+    differential privacy: what this query spends; :func:`private_aggregates`).
 
     Returns:
         ``{"count", "sum", "sum_squares"}`` and, with ``bins``, ``"histogram"``:
@@ -162,9 +247,12 @@ async def aggregate(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
             "this server's policy does not allow map-reduce aggregates; use a secure protocol"
         )
     edges = _edges(inputs.get("bins"))
-    dataset = await ctx.load_dataset(inputs.get("data"), columns=[inputs.get("column")])
-    values = dataset.column(inputs.get("column"))
-    result = aggregate_values(values, edges, ctx.env.min_cohort)
+    column = inputs.get("column")
+    dataset = await ctx.load_dataset(inputs.get("data"), columns=[column], private=True)
+    found = await private_aggregates(
+        dataset, column, edges, inputs.get("epsilon"), ctx.env.min_cohort
+    )
+    result = found or aggregate_values(dataset.column(column), edges, ctx.env.min_cohort)
     ctx.check_cohort(result["count"])
     # the sum of finite values can pass the float64 range: refused, not sent as infinity
     return finite_result(result, "'map.aggregate'")

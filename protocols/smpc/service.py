@@ -24,12 +24,16 @@ import numpy.typing as npt
 from fdrtd_server.sdk import (
     COLUMN,
     DATA,
+    EPSILON,
+    PRIVACY,
     BadRequest,
     ComputationFailed,
     Conflict,
     Dataset,
+    Forbidden,
     Input,
     JobContext,
+    OutOfRange,
     Output,
     SmpcSession,
     agree,
@@ -40,6 +44,8 @@ from fdrtd_server.sdk import (
     finite_rows,
     joint_count,
     numeric,
+    privacy,
+    private_release,
     ring,
     session_for,
     vet_declared,
@@ -54,6 +60,7 @@ from protocols.smpc.common import COUNT, VALUE, service
 __all__ = [
     "bivariate",
     "count",
+    "mean",
     "minimum_maximum",
     "secure_sum",
     "service",
@@ -61,17 +68,137 @@ __all__ = [
 ]
 
 
-@service.job("count", inputs=[DATA], outputs=[COUNT])
+@service.job("count", inputs=[DATA, EPSILON], outputs=[COUNT, PRIVACY])
 async def count(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Total number of records over all parties; nothing else is revealed."""
+    """Total number of records over all parties; nothing else is revealed.
+
+    On a named dataset whose owner requires differential privacy, this
+    party's count gets its own noise before it is shared (``epsilon``).
+    """
     async with session_for(ctx) as peers:
         # inside the session: if this party's input is refused, the others hear it at once
-        dataset = await ctx.load_dataset(inputs.get("data"), columns=[])
+        dataset = await ctx.load_dataset(inputs.get("data"), columns=[], private=True)
+        rows = dataset.rows
+        release = await private_release(dataset, inputs.get("epsilon"), 1, "'smpc.count'")
+        if release is not None:
+            (rows,) = release.noisy("count", [rows], 1)
         smpc = SmpcSession(peers)
         await smpc.setup(declare(ctx, function="count"), defer=True)
-        total = await joint_count(ctx, smpc, dataset.rows)
+        total = await joint_count(ctx, smpc, rows)
         agree(smpc, "function")
-        return {"count": total}
+    return _stated({"count": total}, release)
+
+
+def _stated(result: dict[str, Any], release: Any, columns: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``result`` with the statement of a differentially private release, if there was one."""
+    if release is None:
+        return result
+    return {**result, "privacy": {release.terms.dataset: release.statement(columns)}}
+
+
+_FRAC_BITS = Input(
+    "frac_bits",
+    "integer",
+    "fixed-point fractional bits (precision 2^-frac_bits; each bit less doubles the "
+    "largest value allowed); must agree",
+    default=ring.DEFAULT_FRAC_BITS,
+    minimum=0,
+    maximum=40,
+)
+
+
+def _column_name(dataset: Dataset, column: Any) -> str:
+    """The name of the column ``column`` picks (None: the only one)."""
+    dataset.column(column)  # refuses a missing column, or None among several
+    return str(column) if column is not None else next(iter(dataset.columns))
+
+
+def _private_sum(
+    release: Any, values: npt.NDArray[np.float64], column: str, frac_bits: int
+) -> tuple[int, npt.NDArray[np.int64]]:
+    """This party's noisy record count and noisy sum (integer fixed-point units) of ``values``.
+
+    The values are clamped to the owner's declared bounds of ``column`` and
+    encoded record by record, so the sum is an exact integer sum whose
+    sensitivity is an exact integer; each gets its own noise share (one part
+    of the query's epsilon each) before anything is secret-shared.
+    """
+    bounds = release.terms.bound(column, "a sum")
+    finite = finite_rows(values)
+    units = privacy.fixed_units(privacy.clamped(finite, bounds), frac_bits)
+    sensitivity = privacy.fixed_sensitivity(bounds, frac_bits)
+    if max(int(finite.shape[0]), 1) * sensitivity >= 1 << 62:
+        raise OutOfRange(
+            "the bounds of this column, at this many records, overflow the fixed-point ring; "
+            "ask for fewer 'frac_bits'"
+        )
+    (rows,) = release.noisy("count", [int(finite.shape[0])], 1)
+    summed = units.sum(axis=0, dtype=np.int64)
+    noisy = release.noisy("sum", summed, sensitivity, unit=2.0**-frac_bits)
+    return rows, np.array(noisy).reshape(np.shape(summed))  # int64, or objects if too large
+
+
+async def _summed(ctx: JobContext, inputs: dict[str, Any], function: str) -> dict[str, Any]:
+    """The joint sum and count of a column (``secure_sum`` and ``mean``)."""
+    release = None
+    column = inputs.get("column")
+    async with session_for(ctx) as peers:
+        # inside the session: if this party's input is refused, the others hear it at once
+        dataset = await ctx.load_dataset(inputs.get("data"), columns=[column], private=True)
+        values = numeric(dataset.column(column))
+        elementwise = bool(inputs.get("elementwise", False))
+        frac_bits = inputs.get("frac_bits", ring.DEFAULT_FRAC_BITS)  # declared: 0 to 40
+        name = _column_name(dataset, column)
+        if dataset.privacy is not None:  # refused before anything is spent
+            dataset.privacy.bound(name, "a sum")
+        if dataset.privacy is not None and elementwise:
+            raise Forbidden(
+                f"the owner of dataset '{dataset.privacy.dataset}' requires differential "
+                "privacy, and an elementwise sum adds single records of each party; sum the "
+                "records (elementwise = false)"
+            )
+        release = await private_release(dataset, inputs.get("epsilon"), 2, f"'smpc.{function}'")
+        smpc = SmpcSession(peers)
+        if release is not None:
+            rows, noisy = _private_sum(release, values, name, frac_bits)
+            public = declare(ctx, shape=list(noisy.shape), elementwise=False, frac_bits=frac_bits)
+            await smpc.setup(public, defer=True)
+            encoded = ring.encode_int(noisy, parties=smpc.parties)
+            described, ready = rows, False  # whether to send early would tell the exact count
+        else:
+            if elementwise:
+                local, rows = values, dataset.rows
+            else:
+                finite = finite_rows(values)
+                local, rows = finite.sum(axis=0), int(finite.shape[0])
+            public = declare(
+                ctx, shape=list(np.shape(local)), elementwise=elementwise, frac_bits=frac_bits
+            )
+            await smpc.setup(public, defer=True)
+            encoded = ring.encode_fixed(
+                np.asarray(local, dtype=np.float64), frac_bits=frac_bits, parties=smpc.parties
+            )
+            # each element of an elementwise sum describes one record per party
+            described = min(rows, smpc.parties) if elementwise else rows
+            ready = described >= ctx.env.min_cohort
+
+        def vet(total: int) -> None:
+            check_joint_cohort(ctx, smpc, total)
+            if elementwise:
+                check_joint_cohort(ctx, smpc, smpc.parties)
+            agree(smpc, "elementwise")
+            agree(smpc, "frac_bits")
+            agree(smpc, "shape")
+
+        # the count and the sum share one round when this party's own records
+        # meet its minimum cohort (the joint count then does too)
+        total_rows, summed = await smpc.count_and_sum(rows, encoded, ready=ready, vet=vet)
+        total = ring.decode_fixed(summed, frac_bits=frac_bits)
+    value: Any = float(total) if total.ndim == 0 else total
+    result: dict[str, Any] = {"sum": value, "count": total_rows}
+    if function == "mean":
+        result = {"mean": value / total_rows if total_rows > 0 else None, **result}
+    return _stated(result, release, (name,))
 
 
 @service.job(
@@ -86,17 +213,10 @@ async def count(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
             "summing its records first; must agree",
             default=False,
         ),
-        Input(
-            "frac_bits",
-            "integer",
-            "fixed-point fractional bits (precision 2^-frac_bits; each bit less doubles the "
-            "largest value allowed); must agree",
-            default=ring.DEFAULT_FRAC_BITS,
-            minimum=0,
-            maximum=40,
-        ),
+        _FRAC_BITS,
+        EPSILON,
     ],
-    outputs=[Output("sum", "any", f"the joint sum: {VALUE}"), COUNT],
+    outputs=[Output("sum", "any", f"the joint sum: {VALUE}"), COUNT, PRIVACY],
 )
 async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Sum of a column over all records of all parties (scalars, vectors, matrices).
@@ -105,46 +225,31 @@ async def secure_sum(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     if True, each party's whole array is added elementwise to the others'
     (all parties must have the same shape; e.g. model updates), else each
     party first sums its records; ``frac_bits`` (default 20) fixed-point
-    precision.
+    precision; ``epsilon``: on a named dataset whose owner requires
+    differential privacy, what this query spends (the records are clamped to
+    the owner's bounds, and this party's count and sum get their own noise
+    before they are shared; elementwise sums are refused there).
     """
-    async with session_for(ctx) as peers:
-        # inside the session: if this party's input is refused, the others hear it at once
-        dataset = await ctx.load_dataset(inputs.get("data"), columns=[inputs.get("column")])
-        values = numeric(dataset.column(inputs.get("column")))
-        elementwise = bool(inputs.get("elementwise", False))
-        frac_bits = inputs.get("frac_bits", ring.DEFAULT_FRAC_BITS)  # declared: 0 to 40
-        if elementwise:
-            local, rows = values, dataset.rows
-        else:
-            finite = finite_rows(values)
-            local, rows = finite.sum(axis=0), int(finite.shape[0])
-        smpc = SmpcSession(peers)
-        public = declare(
-            ctx, shape=list(np.shape(local)), elementwise=elementwise, frac_bits=frac_bits
-        )
-        await smpc.setup(public, defer=True)
-        encoded = ring.encode_fixed(
-            np.asarray(local, dtype=np.float64), frac_bits=frac_bits, parties=smpc.parties
-        )
-        # each element of an elementwise sum describes one record per party
-        described = min(rows, smpc.parties) if elementwise else rows
+    return await _summed(ctx, inputs, "secure_sum")
 
-        def vet(total: int) -> None:
-            check_joint_cohort(ctx, smpc, total)
-            if elementwise:
-                check_joint_cohort(ctx, smpc, smpc.parties)
-            agree(smpc, "elementwise")
-            agree(smpc, "frac_bits")
-            agree(smpc, "shape")
 
-        # the count and the sum share one round when this party's own records
-        # meet its minimum cohort (the joint count then does too)
-        total_rows, summed = await smpc.count_and_sum(
-            rows, encoded, ready=described >= ctx.env.min_cohort, vet=vet
-        )
-        total = ring.decode_fixed(summed, frac_bits=frac_bits)
-    value: Any = float(total) if total.ndim == 0 else total
-    return {"sum": value, "count": total_rows}
+@service.job(
+    "mean",
+    inputs=[DATA, COLUMN, _FRAC_BITS, EPSILON],
+    outputs=[
+        Output("mean", "any", f"the joint mean: {VALUE}"),
+        Output("sum", "any", f"the joint sum: {VALUE}"),
+        COUNT,
+        PRIVACY,
+    ],
+)
+async def mean(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Mean of a column over all records of all parties: the joint sum over the joint count.
+
+    Under differential privacy both are noisy (each with half of the query's
+    epsilon) and the mean is their quotient, as :func:`secure_sum` releases them.
+    """
+    return await _summed(ctx, inputs, "mean")
 
 
 @service.job(

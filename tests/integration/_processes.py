@@ -13,7 +13,36 @@ from fdrtd_server._embedded_nats import EmbeddedNats, free_port, write_private
 from fdrtd_server.config import TokenStore, init_home
 from fdrtd_server.local import LocalServer
 
-__all__ = ["make_server", "start_worker", "start_worker_with_new_home", "wait_for"]
+__all__ = [
+    "NO_DP",
+    "cli",
+    "make_server",
+    "start_worker",
+    "start_worker_with_new_home",
+    "wait_for",
+    "without_dp",
+]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``fdrtd-server ARGS`` and return what it printed and its exit code."""
+    return subprocess.run(
+        [sys.executable, "-m", "fdrtd_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+NO_DP = 'version = "tests"\n\n[defaults.privacy]\ndp = false\n'
+"""A policy file that turns differential privacy off for every dataset: for tests of
+exact statistics on named datasets (``LocalFederation(policy=NO_DP)``, :func:`without_dp`)."""
+
+
+def without_dp(home: Path) -> None:
+    """Write :data:`NO_DP` as the policy file of the server home ``home``."""
+    (home / "policy.toml").write_text(NO_DP, "utf-8")
 
 
 def make_server(root: Path, name: str = "solo") -> LocalServer:

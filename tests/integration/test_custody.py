@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from _processes import wait_for
+from _processes import NO_DP, wait_for
 
 from fdrtd_client import Client, Federation, NotFound, ServerError
 from fdrtd_server.config import TokenStore
@@ -56,7 +56,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("custody")
-    with LocalFederation(root) as local:
+    with LocalFederation(root, policy=NO_DP) as local:  # exact statistics: no DP
         world = World(local)
         for name, values in VALUES.items():
             owner = world.owner(name)

@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _processes import make_server
+from _processes import cli, make_server, without_dp
 
 from fdrtd_client import Client, Conflict
 from fdrtd_server.config import TokenStore
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fdrtd_server", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
-
-
 def test_a_configured_source_is_served_and_changed_only_in_the_file(tmp_path: Path) -> None:
     server = make_server(tmp_path)
+    without_dp(server.home)  # exact aggregates of a named dataset
     owner = TokenStore(server.home).add("clinic", "owner")
     pq.write_table(pa.table({"x": [1.0, 2.0, 3.0, 4.0, 5.0]}), tmp_path / "x.parquet")
     config = server.home / "fdrtd.toml"

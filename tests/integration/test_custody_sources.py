@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
-from _processes import wait_for
+from _processes import NO_DP, wait_for
 from postgres import PostgresDsn
 
 from fdrtd_client import BadRequest, Client, NotFound, ServerError
@@ -79,7 +79,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, postgres_dsn: PostgresDsn) -
         "BROKEN_DSN": f"postgresql://x@127.0.0.1:{_closed_port()}/x",
     }
     local = LocalFederation(
-        root / "servers", directories=("alpha",), directory_interval=0.5, env=env
+        root / "servers", directories=("alpha",), directory_interval=0.5, env=env, policy=NO_DP
     )
     with local:
         world = World(local, root, table)

@@ -10,26 +10,15 @@ so it is refused with exit code 2. Through the real command line.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from _processes import cli
 
 from fdrtd_server.config import TokenStore, init_home
 from fdrtd_server.local import LocalServer
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fdrtd_server", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 @pytest.fixture

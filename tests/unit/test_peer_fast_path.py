@@ -24,6 +24,7 @@ from fdrtd_server.audit import AuditLog
 from fdrtd_server.config import Settings, TokenStore
 from fdrtd_server.custody import CustodyStore
 from fdrtd_server.http_common import State
+from fdrtd_server.policy import PolicyStore
 
 
 def _app(tmp_path: Path, extra: dict[str, Any]) -> Starlette:
@@ -40,6 +41,7 @@ def _app(tmp_path: Path, extra: dict[str, Any]) -> Starlette:
         audit=AuditLog(tmp_path / "audit.log"),
         extra=extra,
         custody=CustodyStore(tmp_path),
+        policy=PolicyStore(tmp_path),
     )
     return app
 

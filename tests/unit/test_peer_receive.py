@@ -26,6 +26,7 @@ from fdrtd_server.gateway import Gateway, ReplayGuard
 from fdrtd_server.http_common import State
 from fdrtd_server.identity import Identity, PeerEntry, add_member
 from fdrtd_server.peers import Incoming
+from fdrtd_server.policy import PolicyStore
 
 CHUNK = 64 * 1024
 
@@ -65,6 +66,7 @@ class _Peer:
             audit=AuditLog(self.audit_path),
             extra={},
             custody=CustodyStore(home),
+            policy=PolicyStore(home),
         )
         app.state.fdrtd = state
         self.gateway = Gateway(state)

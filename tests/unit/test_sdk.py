@@ -66,6 +66,11 @@ EXPECTED = {
     "finite_rows",
     "finite_result",
     "suppress",
+    # differential privacy
+    "privacy",
+    "private_release",
+    "EPSILON",
+    "PRIVACY",
     # misc
     "exit_with",
     "wire",
@@ -87,6 +92,7 @@ def test_every_name_imports() -> None:
 def test_the_modules_are_the_sdk_modules() -> None:
     assert isinstance(sdk.ring, types.ModuleType) and sdk.ring.__name__ == "fdrtd_server.sdk.ring"
     assert sdk.curve.__name__ == "fdrtd_server.sdk.curve"
+    assert sdk.privacy.__name__ == "fdrtd_server.sdk.privacy"
     assert sdk.wire.__name__ == "fdrtd_client.wire"  # the one codec (docs/architecture.md)
 
 

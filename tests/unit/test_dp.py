@@ -1,0 +1,184 @@
+"""Differential privacy without servers: calibration, integer noise, the ledger, the protocols."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections.abc import Coroutine
+from fractions import Fraction
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+from fdrtd_server.errors import BadRequest, Forbidden
+from fdrtd_server.policy import DatasetPolicy, Privacy
+from fdrtd_server.privacy import Ledger, MemoryStore, Spent, exact
+from fdrtd_server.sdk import privacy
+from fdrtd_server.sdk.testing import MemoryFederation
+from protocols.smpc.service import service
+
+CASES = [
+    ("laplace", 1, Fraction(1, 3), Fraction(0)),
+    ("laplace", 50 << 20, Fraction(1, 10), Fraction(0)),
+    ("laplace", 7, Fraction(3, 2), Fraction(0)),
+    ("gaussian", 1, Fraction(1, 2), Fraction(1, 10**6)),
+    ("gaussian", 120 << 20, Fraction(1, 10), Fraction(1, 10**7)),
+]
+
+
+@pytest.mark.parametrize(("mechanism", "sensitivity", "epsilon", "delta"), CASES)
+def test_the_epsilon_opendp_reports_for_the_scale_is_at_most_the_charge(
+    mechanism: str, sensitivity: int, epsilon: Fraction, delta: Fraction
+) -> None:
+    scale = privacy.calibrate(mechanism, sensitivity, epsilon, delta)
+    assert privacy.privacy_loss(mechanism, scale, sensitivity, delta) <= epsilon
+    # and it is tight: a scale a little smaller would cost more than was charged
+    smaller = scale * (1 - 1e-9)
+    assert privacy.privacy_loss(mechanism, smaller, sensitivity, delta) > epsilon
+
+
+def test_calibration_refuses_what_cannot_be_calibrated() -> None:
+    with pytest.raises(BadRequest):
+        privacy.calibrate("laplace", 1, Fraction(0), Fraction(0))
+    with pytest.raises(BadRequest):
+        privacy.calibrate("gaussian", 1, Fraction(1), Fraction(0))
+
+
+@pytest.mark.parametrize("mechanism", ["laplace", "gaussian"])
+def test_noise_is_integer_not_the_identity_and_about_as_wide_as_its_scale(mechanism: str) -> None:
+    drawn = privacy.noise(mechanism, 10.0, 4000, Fraction(1, 10**6))
+    assert all(isinstance(v, int) for v in drawn)
+    assert len(set(drawn)) > 10
+    variance = statistics.pvariance(drawn)
+    expected = 2 * 10.0**2 if mechanism == "laplace" else 10.0**2
+    # 4,000 draws: the sample variance is within a factor of 1.5 with overwhelming odds
+    assert expected / 1.5 < variance < expected * 1.5
+    assert abs(statistics.fmean(drawn)) < 2.0
+
+
+def test_fixed_point_units_and_sensitivity_are_exact_integers() -> None:
+    values = privacy.clamped([-5.0, 0.5, 200.0], (0.0, 120.0))
+    assert list(values) == [0.0, 0.5, 120.0]
+    units = privacy.fixed_units(values, 20)
+    assert units.dtype == np.int64 and list(units) == [0, 1 << 19, 120 << 20]
+    assert privacy.fixed_sensitivity((-3.0, 2.0), 20) == 3 << 20
+
+
+T = TypeVar("T")
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
+
+
+def test_three_spends_of_a_third_fit_in_one_and_a_fourth_is_refused() -> None:
+    ledger = Ledger(MemoryStore())
+    terms = Privacy(analyst_epsilon=1.0, total_epsilon=10.0)
+    third = Spent(Fraction(1, 3))
+    for _ in range(3):
+        _run(ledger.spend("d", "ann", terms, third))
+    with pytest.raises(Forbidden) as refused:
+        _run(ledger.spend("d", "ann", terms, Spent(Fraction(1, 10**9))))
+    assert "'d'" in str(refused.value) and "remains for you is epsilon 0 " in str(refused.value)
+    budget = _run(ledger.budget("d", "ann", terms))
+    assert budget.analyst.epsilon == 1 and budget.total.epsilon == 1
+
+
+def test_ten_spends_of_a_tenth_as_floats_fit_exactly() -> None:
+    ledger = Ledger(MemoryStore())
+    terms = Privacy(analyst_epsilon=1.0)
+    for _ in range(10):
+        _run(ledger.spend("d", "ann", terms, Spent(exact(0.1))))
+    assert _run(ledger.budget("d", "ann", terms)).analyst.epsilon == 1
+
+
+def test_the_total_caps_every_analyst_together() -> None:
+    ledger = Ledger(MemoryStore())
+    terms = Privacy(analyst_epsilon=1.0, total_epsilon=1.5)
+    _run(ledger.spend("d", "ann", terms, Spent(Fraction(1))))
+    with pytest.raises(Forbidden) as refused:
+        _run(ledger.spend("d", "bob", terms, Spent(Fraction(1))))
+    assert "epsilon 0.5 and delta" in str(refused.value)  # what the total leaves
+    _run(ledger.spend("d", "bob", terms, Spent(Fraction(1, 2))))
+
+
+def test_concurrent_spends_never_overspend() -> None:
+    ledger = Ledger(MemoryStore())
+    terms = Privacy(analyst_epsilon=100.0, total_epsilon=2.0)
+
+    async def race() -> list[object]:
+        spends = [ledger.spend("d", f"analyst{i}", terms, Spent(Fraction(1, 2))) for i in range(10)]
+        return await asyncio.gather(*spends, return_exceptions=True)
+
+    outcomes = _run(race())
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 4
+    assert all(isinstance(o, Forbidden) for o in outcomes if isinstance(o, BaseException))
+
+
+POLICY = DatasetPolicy(
+    bounds={"x": (0.0, 10.0)}, privacy=Privacy(epsilon=1.0, analyst_epsilon=100.0)
+)
+ROWS = {
+    "alpha": [1.0, 2.0, 3.0, 4.0, 5.0],
+    "beta": [2.0, 4.0, 6.0, 8.0, 10.0, 12.0],
+    "gamma": [0.5, 1.5, 2.5, 3.5],
+}
+
+
+def test_what_colluding_parties_learn_of_a_dp_party_is_already_noisy() -> None:
+    # alpha's dataset needs DP; beta and gamma compute on their own data (no noise),
+    # so the opened sum minus theirs is exactly what alpha put into the secret sharing
+    fed = MemoryFederation(
+        datasets={p: {"d": {"x": v}} for p, v in ROWS.items()},
+        policies={"alpha": {"d": POLICY}},
+    )
+    exact_alpha = sum(ROWS["alpha"])  # within the bounds: clamping changes nothing
+    shared = []
+    for _ in range(4):
+        result = fed.run_sync(service, "secure_sum", data="d", column="x")
+        others = sum(ROWS["beta"]) + sum(ROWS["gamma"])
+        shared.append(result["beta"]["sum"] - others)
+        assert "privacy" in result["alpha"] and "privacy" not in result["beta"]
+        assert result["alpha"]["privacy"]["d"]["noise"]["sum"]["scale"] == pytest.approx(20.0)
+    assert all(s != pytest.approx(exact_alpha, abs=1e-6) for s in shared)
+    assert len(set(shared)) == 4  # fresh noise each run
+
+
+def test_three_dp_parties_open_a_noisy_sum_and_count() -> None:
+    fed = MemoryFederation(
+        datasets={p: {"d": {"x": v}} for p, v in ROWS.items()},
+        policies={p: {"d": POLICY} for p in ROWS},
+    )
+    exact = sum(sum(v) for v in ROWS.values())
+    results = [fed.run_sync(service, "secure_sum", data="d", column="x") for _ in range(3)]
+    for result in results:
+        assert result["alpha"]["sum"] == result["beta"]["sum"] == result["gamma"]["sum"]
+    assert all(r["alpha"]["sum"] != pytest.approx(exact, abs=1e-6) for r in results)
+
+
+def test_a_column_without_bounds_is_refused_for_a_sum_but_not_for_a_count() -> None:
+    unbounded = DatasetPolicy(privacy=Privacy(epsilon=1.0, analyst_epsilon=100.0))
+    fed = MemoryFederation(
+        ("alpha", "beta"),
+        datasets={p: {"d": {"x": ROWS[p] * 2}} for p in ("alpha", "beta")},
+        policies={p: {"d": unbounded} for p in ("alpha", "beta")},
+    )
+    with pytest.raises(Forbidden, match="column 'x' of dataset 'd' has no declared bounds"):
+        fed.run_sync(service, "secure_sum", data="d", column="x")
+    # nothing was spent by the refused sum; a count needs no bounds
+    assert fed.ledgers["alpha"].store.entries == {}  # type: ignore[attr-defined]
+    counted = fed.run_sync(service, "count", data="d")
+    assert "privacy" in counted["alpha"]
+
+
+def test_functions_without_dp_are_refused_before_anything_is_spent() -> None:
+    fed = MemoryFederation(
+        ("alpha", "beta"),
+        datasets={p: {"d": {"x": ROWS[p] * 2}} for p in ("alpha", "beta")},
+        policies={p: {"d": POLICY} for p in ("alpha", "beta")},
+    )
+    for function in ("univariate", "minimum_maximum"):
+        with pytest.raises(Forbidden, match="requires differential privacy"):
+            fed.run_sync(service, function, data="d", column="x")
+    assert fed.ledgers["alpha"].store.entries == {}  # type: ignore[attr-defined]
