@@ -30,6 +30,7 @@ from fdrtd_client.errors import InsufficientStorage as InsufficientStorage
 from fdrtd_client.errors import NotFound as NotFound
 from fdrtd_client.errors import PartyTimeout as PartyTimeout
 from fdrtd_client.errors import PayloadTooLarge as PayloadTooLarge
+from fdrtd_client.errors import ReceiptError as ReceiptError
 from fdrtd_client.errors import RequestTimeout as RequestTimeout
 from fdrtd_client.errors import ResultTimeout as ResultTimeout
 from fdrtd_client.errors import ServerError as ServerError
@@ -56,6 +57,7 @@ __all__ = [
     "NotFound",
     "PartyTimeout",
     "PayloadTooLarge",
+    "ReceiptError",
     "RequestTimeout",
     "ResultTimeout",
     "ServerError",

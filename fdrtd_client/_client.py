@@ -17,11 +17,12 @@ import numpy as np
 import requests
 import urllib3
 
-from fdrtd_client import _tables, wire
+from fdrtd_client import _tables, receipts, wire
 from fdrtd_client.errors import (
     ConnectError,
     FdrtdClientError,
     InsecureTransportWarning,
+    ReceiptError,
     RequestTimeout,
     ResultTimeout,
     error_from_problem,
@@ -135,6 +136,10 @@ class Client:
             :class:`InsecureTransportWarning`, once per server and process, since
             the token would travel unencrypted. ``http://`` to this machine
             (``localhost``, ``127.0.0.1``, ``::1``) never warns.
+        federation: A federation file (``federation.toml``, as servers keep it)
+            holding the public keys that result receipts are checked against.
+            Without it, the key the server shows at ``GET /v1/identity`` is
+            fetched once and kept for this client (trust on first use).
 
     Warns:
         InsecureTransportWarning: For ``http://`` to another machine, unless
@@ -154,6 +159,7 @@ class Client:
         cert: str | tuple[str, str] | None = None,
         start_wait: float = 0.25,
         allow_insecure: bool = False,
+        federation: str | Path | None = None,
     ) -> None:
         if not 0 <= start_wait <= MAX_START_WAIT:
             raise FdrtdClientError(f"'start_wait' must be between 0 and {MAX_START_WAIT:g} seconds")
@@ -170,6 +176,8 @@ class Client:
             _warn_if_insecure(self._base)
         self.timeout = timeout
         self.start_wait = start_wait
+        self.federation = None if federation is None else Path(federation)
+        self._receipt_keys: dict[str, bytes] | None = None
         self._session = requests.Session()
         # The environment (proxy variables, REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE)
         # is read once here instead of on every request, which costs requests
@@ -509,6 +517,29 @@ class Client:
         answer: dict[str, Any] = self.request("GET", "/v1/identity")
         return answer
 
+    def receipt_keys(self) -> dict[str, bytes]:
+        """The public keys this client checks receipts against, by server name.
+
+        Those of the ``federation`` file if one was given; else this server's
+        own, as ``GET /v1/identity`` shows it, fetched once and then kept.
+
+        Raises:
+            ReceiptError: The federation file is unreadable, or the server
+                shows no valid key.
+        """
+        if self._receipt_keys is None:
+            if self.federation is not None:
+                self._receipt_keys = receipts.load_keys(self.federation)
+            else:
+                entry = self.identity()
+                name = entry.get("name")
+                if not isinstance(name, str):
+                    raise ReceiptError("key", f"{self.url} shows no name at /v1/identity")
+                what = f"the sign_key {self.url} shows"
+                key = receipts.decode_b64(entry.get("sign_key"), 32, what, "key")
+                self._receipt_keys = {name: key}
+        return dict(self._receipt_keys)
+
     def directory(self) -> list[dict[str, Any]]:
         """The live members of the federation, if this server keeps its directory.
 
@@ -537,6 +568,10 @@ class Job:
         self._final: dict[str, Any] | None = None
         self._final_has_value = False
         self._final_at = 0.0
+        self.receipt: dict[str, Any] | None = None
+        """The finished job's receipt once :meth:`result` returned (save it with
+        :func:`fdrtd_client.receipts.save`); a multi-party job's is its
+        :class:`FederatedJob`'s."""
 
     def __repr__(self) -> str:
         return f"Job({self.handle!r} on {self.client.url})"
@@ -580,23 +615,54 @@ class Job:
         return self._remember(answer, value)
 
     def result(
-        self, timeout: float = 60.0, *, progress: bool | None = None, value: bool = True
+        self,
+        timeout: float = 60.0,
+        *,
+        progress: bool | None = None,
+        value: bool = True,
+        verify_receipt: bool = True,
     ) -> Any:
-        """Wait for the computation and return its value.
+        """Wait for the computation and return its value, once its receipt verifies.
 
-        A final view already received is used without a request.
+        A final view already received is used without a request. The server's
+        signed statement (see :mod:`fdrtd_client.receipts`) is kept as
+        :attr:`receipt`.
 
         Args:
             timeout: Seconds to wait in all.
             progress: Show a progress line on stderr; default: when it is a terminal.
             value: ``False`` waits for success without downloading the value (returns None).
+            verify_receipt: Check the receipt against :meth:`Client.receipt_keys`
+                and the value received (``False``: keep it unchecked).
 
         Raises:
             ResultTimeout: If it is not finished within ``timeout``.
             ServerError: The computation's own error (e.g. ``PartyTimeout``).
+            ReceiptError: The receipt is missing or fails a check.
         """
         show = sys.stderr.isatty() if progress is None else progress
-        return self._outcome(self._wait(timeout, value=value, show=show), value)
+        view = self._wait(timeout, value=value, show=show)
+        outcome = self._outcome(view, value)
+        entry = view.get("receipt")
+        if entry is None:
+            if verify_receipt:
+                raise ReceiptError(
+                    "format",
+                    f"{self.client.url} sent no receipt with the result {self.handle}; "
+                    "pass verify_receipt=False to accept it unchecked",
+                )
+            return outcome
+        checked = outcome if value else ...
+        if _session_of(entry) is not None:
+            # one party's statement: the whole receipt is its FederatedJob's
+            if verify_receipt:
+                receipts.verify_statement(entry, self.client.receipt_keys(), value=checked)
+            return outcome
+        receipt = receipts.assemble({_server_of(entry): entry})
+        if verify_receipt:
+            receipts.verify_receipt(receipt, self.client.receipt_keys(), value=checked)
+        self.receipt = receipt
+        return outcome
 
     def _wait(
         self,
@@ -651,6 +717,21 @@ class Job:
         self._final, self._final_has_value = None, False
 
 
+def _server_of(entry: Any) -> str:
+    """The server a signed statement names (checked against its key by verification)."""
+    statement = entry.get("statement") if isinstance(entry, Mapping) else None
+    server = statement.get("server") if isinstance(statement, Mapping) else None
+    if not isinstance(server, str):
+        raise ReceiptError("format", "a result's receipt statement names no server")
+    return server
+
+
+def _session_of(entry: Any) -> Any:
+    """The session a signed statement names (None for a job of one server)."""
+    statement = entry.get("statement") if isinstance(entry, Mapping) else None
+    return statement.get("session") if isinstance(statement, Mapping) else None
+
+
 class _Abandoned(FdrtdClientError):
     """Internal: a wait given up because its caller no longer needs it."""
 
@@ -672,6 +753,7 @@ def connect(
     cert: str | tuple[str, str] | None = None,
     start_wait: float = 0.25,
     allow_insecure: bool = False,
+    federation: str | Path | None = None,
 ) -> Client:
     """Connect to an fdrtd server (no request is sent until you use it).
 
@@ -685,4 +767,5 @@ def connect(
         cert=cert,
         start_wait=start_wait,
         allow_insecure=allow_insecure,
+        federation=federation,
     )

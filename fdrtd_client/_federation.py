@@ -6,14 +6,22 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fdrtd_client._client import Client, Handle, Job, _draw
-from fdrtd_client.errors import FdrtdClientError, NotFound, ServiceUnavailable, TransportError
+from fdrtd_client import receipts
+from fdrtd_client._client import Client, Handle, Job, _draw, _server_of
+from fdrtd_client.errors import (
+    FdrtdClientError,
+    NotFound,
+    ReceiptError,
+    ServiceUnavailable,
+    TransportError,
+)
 
 __all__ = ["FederatedDataset", "FederatedJob", "Federation", "combine_aggregates"]
 
@@ -103,14 +111,26 @@ class FederatedJob:
     Attributes:
         jobs: One :class:`Job` per server, in the federation's server order.
         session: The session id the servers share.
+        parties: The servers' names, in the order of ``jobs`` (None: as
+            their statements name them).
+        receipt: The joint receipt, every party's statement and cosignature,
+            once :meth:`result` or :meth:`results` returned (save it with
+            :func:`fdrtd_client.receipts.save`).
     """
 
     def __init__(
-        self, jobs: Sequence[Job], session: str, *, federation: Federation | None = None
+        self,
+        jobs: Sequence[Job],
+        session: str,
+        *,
+        federation: Federation | None = None,
+        parties: Sequence[str] | None = None,
     ) -> None:
         self.jobs = list(jobs)
         self.session = session
         self._federation = federation
+        self.parties = None if parties is None else list(parties)
+        self.receipt: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"FederatedJob({self.session!r}, {len(self.jobs)} servers)"
@@ -120,29 +140,107 @@ class FederatedJob:
         """The dataset versions each server's finished job read: by server URL, then name."""
         return {job.client.url: job.versions for job in self.jobs}
 
-    def results(self, timeout: float = 60.0, *, progress: bool | None = None) -> list[Any]:
-        """Each server's result, in server order.
+    def results(
+        self, timeout: float = 60.0, *, progress: bool | None = None, verify_receipt: bool = True
+    ) -> list[Any]:
+        """Each server's result, in server order, once the joint receipt verifies.
 
         Raises:
             ServerError: The first error any server reports, as soon as it does
                 (the other servers' jobs are not waited for).
             ResultTimeout: If a server's job is not finished within ``timeout``.
+            ReceiptError: The receipt is missing or fails a check (see :meth:`result`).
         """
         views = self._finish(timeout, progress, [True] * len(self.jobs))
-        return [job._outcome(view, True) for job, view in zip(self.jobs, views, strict=True)]
+        values = [job._outcome(view, True) for job, view in zip(self.jobs, views, strict=True)]
+        self._receipt(views, values, verify_receipt)
+        return values
 
-    def result(self, timeout: float = 60.0, *, progress: bool | None = None) -> Any:
+    def result(
+        self, timeout: float = 60.0, *, progress: bool | None = None, verify_receipt: bool = True
+    ) -> Any:
         """The joint result: the first server's value, once every server has succeeded.
 
         Every server computes the same result; only the first one's is
         downloaded. Use :meth:`results` to fetch (and compare) all of them.
 
+        Every party's signed statement is gathered into one receipt, each party
+        cosigns it, and it is checked (:func:`fdrtd_client.receipts.verify_receipt`)
+        against the keys of the federation file, or those the servers showed
+        (:meth:`Federation.receipt_keys`), and the value received; then kept as
+        :attr:`receipt`. ``verify_receipt=False`` keeps it unchecked and not cosigned.
+
         Raises:
             ServerError: The first error any server reports, as soon as it does.
             ResultTimeout: If a server's job is not finished within ``timeout``.
+            ReceiptError: The receipt is missing or fails a check.
         """
         wanted = [True] + [False] * (len(self.jobs) - 1)
-        return self.jobs[0]._outcome(self._finish(timeout, progress, wanted)[0], True)
+        views = self._finish(timeout, progress, wanted)
+        value = self.jobs[0]._outcome(views[0], True)
+        self._receipt(views, [value], verify_receipt)
+        return value
+
+    def _receipt(self, views: list[dict[str, Any]], values: list[Any], verify: bool) -> None:
+        """Assemble the joint receipt of the final views; check it and have it cosigned."""
+        entries: dict[str, Any] = {}
+        for index, view in enumerate(views):
+            entry = view.get("receipt")
+            if entry is None:
+                if not verify:
+                    return
+                raise ReceiptError(
+                    "format",
+                    f"{self.jobs[index].client.url} sent no receipt with its result; pass "
+                    "verify_receipt=False to accept the result unchecked",
+                )
+            entries[self.parties[index] if self.parties else _server_of(entry)] = entry
+        receipt = receipts.assemble(entries)
+        kept = self.receipt
+        if (
+            verify
+            and kept is not None
+            and kept["cosignatures"]
+            and receipts.canonical(kept["statements"]) == receipts.canonical(receipt["statements"])
+        ):
+            # cosigned already (by result(), say): the values are all that is new
+            for value in values:
+                receipts.verify_receipt(kept, self._keys(), value=value)
+            return
+        if verify:
+            keys = self._keys()
+            # checked before the parties are asked to cosign: a clearer error, sooner
+            receipts.verify_receipt(receipt, keys, cosignatures=False, value=values[0])
+            answers = self._each_job(
+                lambda job: job.client.request(
+                    "POST", "/v1/receipts/cosign", body={"receipt": receipt}
+                )
+            )
+            receipt["cosignatures"] = {
+                name: answer.get("cosignature")
+                for name, answer in zip(entries, answers, strict=True)
+            }
+            for value in values:
+                receipts.verify_receipt(receipt, keys, value=value)
+        self.receipt = receipt
+
+    def _keys(self) -> dict[str, bytes]:
+        """The keys to check the receipt against: the federation's, else each job's server's."""
+        if self._federation is not None:
+            return self._federation.receipt_keys()
+        keys: dict[str, bytes] = {}
+        for job in self.jobs:
+            keys.update(job.client.receipt_keys())
+        return keys
+
+    def _each_job(self, function: Callable[[Job], Any]) -> list[Any]:
+        """``function(job)`` for every job; concurrently, in the federation's pool if any."""
+        if self._federation is None:
+            return [function(job) for job in self.jobs]
+        pool = self._federation._executor()
+        futures = [pool.submit(function, job) for job in self.jobs]
+        wait(futures)
+        return [future.result() for future in futures]
 
     def _finish(
         self, timeout: float, progress: bool | None, wanted: list[bool]
@@ -214,12 +312,18 @@ class Federation:
     Args:
         clients: One :class:`Client` per server, keyed by the server's name in
             the federation (the names the servers know each other by).
+        federation: A federation file listing every server with its public
+            key, against which result receipts are checked (see
+            :meth:`receipt_keys`).
     """
 
-    def __init__(self, clients: Mapping[str, Client]) -> None:
+    def __init__(
+        self, clients: Mapping[str, Client], *, federation: str | Path | None = None
+    ) -> None:
         if len(clients) < 2:
             raise FdrtdClientError("a federation needs at least two servers")
         self.clients = dict(clients)
+        self.federation = None if federation is None else Path(federation)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -290,6 +394,31 @@ class Federation:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def receipt_keys(self) -> dict[str, bytes]:
+        """The public keys result receipts are checked against, by server name.
+
+        Those of the ``federation`` file if one was given; else each server's
+        own key as its ``GET /v1/identity`` shows it, fetched once per client
+        (trust on first use), which must be under the name this federation
+        knows the server by.
+
+        Raises:
+            ReceiptError: The file is unreadable, or a server shows another name.
+        """
+        if self.federation is not None:
+            return receipts.load_keys(self.federation)
+        keys: dict[str, bytes] = {}
+        for name, client in self.clients.items():
+            theirs = client.receipt_keys()
+            if name not in theirs:
+                raise ReceiptError(
+                    "key",
+                    f"the server {client.url} does not show a key for the name {name!r} this "
+                    "federation knows it by: check the name, or give a federation file",
+                )
+            keys[name] = theirs[name]
+        return keys
 
     def _executor(self) -> ThreadPoolExecutor:
         """The federation's thread pool, made on first use."""
@@ -471,4 +600,6 @@ class Federation:
 
         calls = {name: (name == first, inputs[name]) for name in parties}
         jobs = self._each(calls, start)
-        return FederatedJob([jobs[name] for name in parties], session_id, federation=self)
+        return FederatedJob(
+            [jobs[name] for name in parties], session_id, federation=self, parties=parties
+        )

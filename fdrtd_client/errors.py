@@ -18,7 +18,8 @@ The tree::
     │   ├── ServiceUnavailable (503)
     │   ├── PartyTimeout (504)
     │   └── InsufficientStorage (507) the server's store is full
-    └── ResultTimeout               a result was not ready within your timeout
+    ├── ResultTimeout               a result was not ready within your timeout
+    └── ReceiptError                a result's receipt failed verification
 
 And one warning: :class:`InsecureTransportWarning` (a ``UserWarning``), for a
 plain ``http://`` URL to another machine.
@@ -38,6 +39,7 @@ __all__ = [
     "NotFound",
     "PartyTimeout",
     "PayloadTooLarge",
+    "ReceiptError",
     "RequestTimeout",
     "ResultTimeout",
     "ServerError",
@@ -76,6 +78,20 @@ class RequestTimeout(TransportError, TimeoutError):
 
 class ResultTimeout(FdrtdClientError, TimeoutError):
     """A computation did not finish within the time you allowed."""
+
+
+class ReceiptError(FdrtdClientError):
+    """A result's receipt failed verification: do not trust the result as stated.
+
+    Attributes:
+        check: The check that failed: ``format``, ``parties``, ``key``,
+            ``signature``, ``common``, ``cosignature``, ``output`` or
+            ``federation`` (the federation file holding the keys is unreadable).
+    """
+
+    def __init__(self, check: str, message: str) -> None:
+        self.check = check
+        super().__init__(f"receipt check '{check}' failed: {message}")
 
 
 class ServerError(FdrtdClientError):

@@ -55,7 +55,7 @@ from fdrtd_server.http_common import (
 from fdrtd_server.identity import Identity
 from fdrtd_server.oidc import identity_provider
 from fdrtd_server.policy import PolicyStore
-from fdrtd_server.routes import about, compute, custody, data, privacy, results
+from fdrtd_server.routes import about, compute, custody, data, privacy, receipts, results
 
 __all__ = ["ROUTES", "create_app", "internal_error", "open_audit_log"]
 
@@ -79,6 +79,7 @@ ROUTES: tuple[tuple[str, str, Handler, Roles], ...] = (
     ("GET",    "/v1/results/{handle}",         results.get_result,       DATA_ROLES),
     ("DELETE", "/v1/results/{handle}",         results.release_result,   DATA_ROLES),
     ("GET",    "/v1/results/{handle}/events",  results.result_events,    DATA_ROLES),
+    ("POST",   "/v1/receipts/cosign",          receipts.cosign,          DATA_ROLES),
     ("GET",    "/v1/catalogue",                custody.catalogue,        ANY_ROLE),
     ("GET",    "/v1/budget",                   privacy.budget,           DATA_ROLES),
     ("POST",   "/v1/datasets",                 custody.publish,          ("owner",)),

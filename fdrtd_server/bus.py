@@ -290,6 +290,12 @@ class JobRecord:
     error: str = ""
     result: Any = None
     result_in_store: bool = False
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The inputs as the job's receipt states them (:func:`fdrtd_server.receipts.parameters_of`)."""
+    session: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The multi-party session (``id``, ``parties``); empty for a job of this server alone."""
+    output_sha256: str = ""
+    """SHA-256 of the result's canonical bytes (:func:`fdrtd_client.receipts.output_sha256`)."""
     runner: str = ""
     """The id of the process running the job (see :mod:`fdrtd_server.runners`)."""
     datasets: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -26,6 +26,8 @@
     fdrtd-server audit checkpoint DIR                   sign a checkpoint of the audit log now
     fdrtd-server policy check FILE                      check a policy file before it is used
     fdrtd-server policy show DIR                        the owner's policy in force in DIR
+    fdrtd-server receipt verify FILE [--federation FILE | --home DIR]
+                                                        check a result's receipt offline
 """
 
 from __future__ import annotations
@@ -212,6 +214,18 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     policy_show = policy_commands.add_parser("show", help="print the policy in force in DIR")
     policy_show.add_argument("home", type=Path)
+
+    receipt = commands.add_parser("receipt", help="result receipts")
+    receipt_commands = receipt.add_subparsers(dest="receipt_command", required=True)
+    check = receipt_commands.add_parser(
+        "verify", help="check a saved receipt: every signature, and that the parties agree"
+    )
+    check.add_argument("file", type=Path, help="the receipt (JSON, as the client saves it)")
+    keys = check.add_mutually_exclusive_group(required=True)
+    keys.add_argument("--federation", type=Path, help="a federation file listing every party")
+    keys.add_argument(
+        "--home", type=Path, help="a server home: its federation file and its own identity"
+    )
     return parser
 
 
@@ -336,6 +350,20 @@ def _policy(args: argparse.Namespace) -> int:
         "datasets": {name: p.to_dict() for name, p in sorted(policy.datasets.items())},
     }
     print(json.dumps(shown, indent=2))
+    return 0
+
+
+def _receipt(args: argparse.Namespace) -> int:
+    """``receipt verify``: exit 0 with a summary line, 1 naming the check that failed."""
+    from fdrtd_client.errors import ReceiptError
+    from fdrtd_server.receipts import verify_file
+
+    home = None if args.home is None else home_path(str(args.home))
+    try:
+        print(verify_file(args.file, federation=args.federation, home=home))
+    except ReceiptError as error:
+        print(f"fdrtd-server: {args.file}: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -547,4 +575,6 @@ def _run(args: argparse.Namespace) -> int:
         return _audit(args)
     if args.command == "policy":
         return _policy(args)
+    if args.command == "receipt":
+        return _receipt(args)
     raise AssertionError(args.command)  # argparse makes this unreachable

@@ -72,6 +72,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 
 from fdrtd_client import wire
+from fdrtd_server import receipts
 from fdrtd_server.audit import JOBS_SUBJECT
 from fdrtd_server.bus import (
     QUEUE_GROUP,
@@ -1184,6 +1185,9 @@ class _Runner:
             runner=self.runner,
             policy_version=common["policy_version"],
         )
+        # what its receipt will state it ran (names and numbers; arrays only as digests)
+        record.parameters = receipts.parameters_of(message["inputs"])
+        record.session = dict(session) if isinstance(session, dict) else {}
         job = JobContext(**common, handle=handle, record=record)
         computed = asyncio.Event()
         recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -1276,6 +1280,7 @@ class _Runner:
         error_class = ""
         try:
             result = await _within(policy, function(ctx, inputs))
+            output = receipts.output_sha256(result)
         except asyncio.CancelledError:
             self.computing.pop(ctx.handle, None)
             if ctx.ended_elsewhere:
@@ -1299,6 +1304,7 @@ class _Runner:
             )
         else:
             ctx.record.status, ctx.record.progress, ctx.record.result = "done", 1.0, result
+            ctx.record.output_sha256 = output
         ctx.record.datasets = dict(ctx.versions)
         self.computing.pop(ctx.handle, None)
         computed.set()

@@ -84,6 +84,7 @@ _RESPONSE_SCHEMAS: dict[str, Any] = {
             "updated": {"type": "string"},
             "policy_version": {"type": "string", "description": "the owner's policy it ran under"},
             "value": {"type": "object"},
+            "receipt": {"$ref": "#/components/schemas/SignedStatement"},
             "error": {
                 "type": "object",
                 "required": ["status", "detail"],
@@ -93,6 +94,20 @@ _RESPONSE_SCHEMAS: dict[str, Any] = {
                 },
             },
         },
+    },
+    "SignedStatement": {
+        "type": "object",
+        "description": (
+            "what this server states its finished job ran, and its Ed25519 signature "
+            "(docs/api.md, Receipts)"
+        ),
+        "required": ["statement", "signature"],
+        "properties": {"statement": {"type": "object"}, "signature": {"type": "string"}},
+    },
+    "Cosignature": {
+        "type": "object",
+        "required": ["server", "cosignature"],
+        "properties": {"server": {"type": "string"}, "cosignature": {"type": "string"}},
     },
     "Dataset": {
         "type": "object",
@@ -161,6 +176,25 @@ _SESSION = {
 }
 
 
+_COSIGN = {
+    "type": "object",
+    "properties": {
+        "receipt": {
+            "type": "object",
+            "description": "every party's signed statement, gathered by the client",
+            "required": [
+                "receipt_version",
+                "protocol",
+                "session",
+                "output_sha256",
+                "statements",
+                "cosignatures",
+            ],
+        }
+    },
+    "required": ["receipt"],
+    "additionalProperties": False,
+}
 _DATASET_NAME = "^[a-z][a-z0-9_-]{0,62}$"
 _NAME_PARAM = {
     "name": "name",
@@ -386,6 +420,20 @@ def document(settings: Settings, functions: Functions | None = None) -> dict[str
                 "get": _op(
                     "Server-sent events with status and progress until finished", content=False
                 ),
+            },
+            "/v1/receipts/cosign": {
+                "post": _op(
+                    "Sign a whole receipt: this server's statement of the caller's job, "
+                    "unaltered, and every other party's verified against its federation file",
+                    answer="Cosignature",
+                    requestBody={
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": _COSIGN},
+                            "application/msgpack": {"schema": _COSIGN},
+                        },
+                    },
+                )
             },
             "/v1/catalogue": {
                 "get": _op(

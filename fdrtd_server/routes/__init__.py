@@ -8,6 +8,7 @@ module             routes
 :mod:`.data`       uploads: upload, list, describe, release
 :mod:`.compute`    starting a computation
 :mod:`.results`    a computation's status and value, its events, its release
+:mod:`.receipts`   a server's cosignature over a result's receipt
 :mod:`.custody`    the catalogue, named datasets, grants and sources
 =================  ==============================================================
 

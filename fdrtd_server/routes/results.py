@@ -26,6 +26,7 @@ from fdrtd_server.http_common import (
     respond,
     state_of,
 )
+from fdrtd_server.routes.receipts import view_receipt
 
 __all__ = [
     "MAX_WAIT",
@@ -101,6 +102,9 @@ async def view(
         answer["datasets"] = record.datasets
     if record.policy_version:
         answer["policy_version"] = record.policy_version  # the owner's policy it ran under
+    receipt = view_receipt(state, handle, record)
+    if receipt is not None:
+        answer["receipt"] = receipt  # this server's signed statement (docs/api.md, Receipts)
     return answer
 
 

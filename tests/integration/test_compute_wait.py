@@ -49,6 +49,7 @@ VIEW_KEYS = {
     "updated",
     "policy_version",
 }
+COSIGN = ("POST", "/v1/receipts/cosign")
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_wait_answers_a_fast_job_with_its_view(
     response = start(api, server, rows_job(rows10), wait="10")
     assert response.status_code == 200
     view = response.json()
-    assert set(view) == VIEW_KEYS | {"value"}
+    assert set(view) == VIEW_KEYS | {"value", "receipt"}
     assert RESULT_HANDLE.match(view["result"])
     assert (view["status"], view["progress"], view["value"]) == ("done", 1.0, {"rows": 10})
     assert (view["microservice"], view["function"]) == ("example", "rows")
@@ -149,7 +150,7 @@ def test_value_false_leaves_the_value_out(
     response = start(api, server, rows_job(rows10), wait="10", value="false")
     assert response.status_code == 200
     view = response.json()
-    assert set(view) == VIEW_KEYS
+    assert set(view) == VIEW_KEYS | {"receipt"}  # the receipt states the value's digest
     assert view["status"] == "done"
     fetched = api.get(server.url + f"/v1/results/{view['result']}", timeout=TIMEOUT).json()
     assert fetched["value"] == {"rows": 10}
@@ -289,6 +290,7 @@ def test_openapi_documents_wait_and_value(server: LocalServer) -> None:
 
 
 def test_result_of_a_finished_start_sends_no_request(client: Client, rows10: str) -> None:
+    client.receipt_keys()  # the server's key, fetched once per client to verify receipts
     counted = Counted(client)
     job = client.compute("example", "rows", data=rows10)
     assert counted.take() == [("POST", "/v1/compute")]
@@ -308,6 +310,7 @@ def test_result_of_a_finished_start_sends_no_request(client: Client, rows10: str
 
 def test_start_wait_zero_polls(server: LocalServer, rows10: str) -> None:
     with Client(server.url, server.token, timeout=TIMEOUT, start_wait=0) as eager:
+        eager.receipt_keys()
         counted = Counted(eager)
         job = eager.compute("example", "rows", data=rows10)
         assert job.result(TIMEOUT) == {"rows": 10}
@@ -408,11 +411,13 @@ def test_federated_sum_in_one_request_per_server(trio: LocalFederation) -> None:
     before = federation_threads()
     with trio.federation(timeout=TIMEOUT) as fed:
         inputs, total = _sum_inputs(fed)
+        fed.receipt_keys()  # each server's key, fetched once per client
         counted = {name: Counted(client) for name, client in fed.clients.items()}
         job = fed.compute("smpc", "secure_sum", inputs)
         assert job.result(TIMEOUT, progress=False) == {"sum": total, "count": 12}
         for name in fed.parties:
-            assert counted[name].take() == [("POST", "/v1/compute")], name
+            # and each party's cosignature of the joint receipt
+            assert counted[name].take() == [("POST", "/v1/compute"), COSIGN], name
         # only the first server sent its value: results() fetches the others' once
         assert job.results(TIMEOUT, progress=False) == [{"sum": total, "count": 12}] * 3
         assert counted[fed.parties[0]].take() == []
@@ -441,13 +446,14 @@ def test_federated_sum_without_start_wait_polls(trio: LocalFederation) -> None:
     }
     with Federation(clients) as fed:
         inputs, total = _sum_inputs(fed)
+        fed.receipt_keys()
         counted = {name: Counted(client) for name, client in fed.clients.items()}
         job = fed.compute("smpc", "secure_sum", inputs)
         assert job.result(TIMEOUT, progress=False) == {"sum": total, "count": 12}
         for name, job_of in zip(fed.parties, job.jobs, strict=True):
             sent = counted[name].take()
-            assert sent[0] == ("POST", "/v1/compute")
-            assert sent[1:] and set(sent[1:]) == {("GET", f"/v1/results/{job_of.handle}")}
+            assert (sent[0], sent[-1]) == (("POST", "/v1/compute"), COSIGN)
+            assert sent[1:-1] and set(sent[1:-1]) == {("GET", f"/v1/results/{job_of.handle}")}
         assert job.results(TIMEOUT, progress=False) == [{"sum": total, "count": 12}] * 3
 
 
