@@ -50,7 +50,8 @@ a ``detail`` for the person; neither ever holds the token.
 Keys come from ``jwks_file`` (read again when its modification time
 changes) or ``jwks_url`` (fetched with :class:`jwt.PyJWKClient` in a thread,
 never on the event loop: at start, every five minutes, and when a token
-names a key id the set lacks, at most every 30 seconds).
+names a key id the set lacks; never while a fetch runs, and at most once
+every 30 seconds, whether the last attempt failed or not).
 """
 
 from __future__ import annotations
@@ -396,22 +397,29 @@ class IdentityProvider:
 
         A failure keeps the keys fetched before and is logged.
         """
-        assert self._client is not None
         with self._fetching:
-            self._tried = time.monotonic()
-            try:
-                document = self._client.fetch_data()
-                self._keys = _key_set(json.dumps(document), self.settings.jwks_url)
-                self._fetched = time.monotonic()
-            except (jwt.PyJWTError, ValueError, OSError) as error:
-                log.warning("fetching the identity provider's keys failed: %s", error)
+            self._fetch()
+
+    def _fetch(self) -> None:
+        """Fetch the key set; the caller holds ``_fetching``."""
+        assert self._client is not None
+        self._tried = time.monotonic()
+        try:
+            document = self._client.fetch_data()
+            self._keys = _key_set(json.dumps(document), self.settings.jwks_url)
+            self._fetched = time.monotonic()
+        except (jwt.PyJWTError, ValueError, OSError) as error:
+            log.warning("fetching the identity provider's keys failed: %s", error)
 
     async def prepare(self, token: str) -> None:
         """Make sure the keys ``token`` needs are here, fetching them in a thread if due.
 
-        A no-op for a key file. For a key URL: fetched when the set is older
-        than :data:`KEYS_LIFESPAN`, or when the token's key id is unknown
-        and the last attempt was :data:`KEYS_COOLDOWN` seconds ago or more.
+        A no-op for a key file. For a key URL: fetched when the set is
+        missing or older than :data:`KEYS_LIFESPAN`, or when the token's key
+        id is unknown, but in every case at most once per
+        :data:`KEYS_COOLDOWN` seconds (counted from the last attempt, failed
+        or not) and never while another fetch runs: tokens, which anyone can
+        make up, cannot make the server hammer a failing provider.
         """
         if self._client is None:
             return
@@ -420,9 +428,16 @@ class IdentityProvider:
         with contextlib.suppress(jwt.PyJWTError):
             kid = str(jwt.get_unverified_header(token).get("kid") or "")
         stale = not self._keys or now - self._fetched >= KEYS_LIFESPAN
-        unknown = kid not in self._keys and now - self._tried >= KEYS_COOLDOWN
-        if stale or unknown:
-            await asyncio.to_thread(self.fetch)
+        unknown = kid not in self._keys
+        if not (stale or unknown) or now - self._tried < KEYS_COOLDOWN:
+            return
+        if not self._fetching.acquire(blocking=False):
+            return  # a fetch runs: this request uses the keys at hand
+        try:
+            self._tried = now
+            await asyncio.to_thread(self._fetch)
+        finally:
+            self._fetching.release()
 
     def _current_keys(self) -> dict[str, jwt.PyJWK]:
         if self._client is None:
@@ -449,7 +464,14 @@ class IdentityProvider:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise Refused(401, "malformed", "the token is not a well-formed JWT") from None
-        algorithm = header.get("alg")
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if not isinstance(algorithm, str) or not isinstance(kid, str | None):
+            raise Refused(
+                401,
+                "malformed",
+                "the token is not a well-formed JWT: its header's 'alg' (and 'kid', if present) "
+                "must be strings",
+            )
         if algorithm not in settings.algorithms:
             shown = algorithm if algorithm in ASYMMETRIC or algorithm in ("none", "HS256",
                     "HS384", "HS512") else "another"  # fmt: skip
@@ -460,10 +482,9 @@ class IdentityProvider:
                 f"{', '.join(settings.algorithms)} only",
             )
         keys = self._current_keys()
-        kid = header.get("kid")
         if kid is None and len(keys) == 1:
             key = next(iter(keys.values()))
-        elif isinstance(kid, str) and kid in keys:
+        elif kid is not None and kid in keys:
             key = keys[kid]
         else:
             raise Refused(
@@ -533,7 +554,8 @@ async def identity_provider(settings: Any) -> IdentityProvider | None:
     """The provider of ``settings.identity`` with its keys at hand, or None if there is none.
 
     A key URL is fetched once now, in a thread; if that fails the server
-    starts all the same (local tokens work) and tries again on the next JWT.
+    starts all the same (local tokens work) and tries again on a JWT
+    :data:`KEYS_COOLDOWN` seconds later.
     """
     if settings.identity is None:
         return None

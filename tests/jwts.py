@@ -87,6 +87,16 @@ class Provider:
         signature = hmac.new(self.public_pem(), signing, hashlib.sha256).digest()
         return f"{header}.{body}.{b64url(signature)}"
 
+    def with_header(self, header: dict[str, Any], claims: dict[str, Any] | None = None) -> str:
+        """A token with any ``header`` (a list as 'alg', say), signed with this key."""
+        signing = b64url(json.dumps(header).encode()) + "." + b64url(
+            json.dumps(claims or self.claims()).encode()
+        )
+        signature = jwt.algorithms.RSAAlgorithm(jwt.algorithms.RSAAlgorithm.SHA256).sign(
+            signing.encode(), self.key
+        )
+        return f"{signing}.{b64url(signature)}"
+
     def unsigned(self, claims: dict[str, Any] | None = None) -> str:
         """``alg: none``: no signature at all."""
         header = b64url(json.dumps({"alg": "none", "typ": "JWT", "kid": self.kid}).encode())

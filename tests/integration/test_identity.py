@@ -108,6 +108,19 @@ def test_alg_none_and_key_confusion_are_refused(idp_server: LocalServer) -> None
     assert audit_reasons(idp_server).count("algorithm not accepted") >= 2
 
 
+@pytest.mark.parametrize(
+    "header",
+    [{"alg": ["RS256"], "kid": "key-1"}, {"alg": {"RS256": 1}, "kid": "key-1"}],
+    ids=["alg-list", "alg-object"],
+)
+def test_a_header_whose_alg_is_not_a_string_is_refused_and_audited(
+    idp_server: LocalServer, header: dict[str, object]
+) -> None:
+    before = audit_reasons(idp_server).count("malformed")
+    refused(call(idp_server, IDP.with_header(header)), 401, "not a well-formed JWT", "'alg'")
+    assert audit_reasons(idp_server).count("malformed") == before + 1
+
+
 def test_a_token_without_a_mapped_role_is_forbidden(idp_server: LocalServer) -> None:
     refused(call(idp_server, IDP.token(IDP.claims(groups=None))), 403, "no role was granted")
     unmapped = IDP.claims(groups=["cafeteria"], roles=["visitor"])

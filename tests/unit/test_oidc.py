@@ -6,6 +6,7 @@ The key URL is served by a small HTTP server on 127.0.0.1 made here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import threading
 from collections.abc import Iterator
@@ -118,17 +119,17 @@ def test_nested_role_claims_and_one_string_work(tmp_path: Path) -> None:
     assert provider.verify(idp.token(idp.claims(groups="researchers")))[1] == "analyst"
 
 
-@pytest.fixture
-def served_keys() -> Iterator[tuple[str, list[bytes], list[int]]]:
-    """A JWKS URL on 127.0.0.1; set the document in the list, read the request count."""
-    document: list[bytes] = [b'{"keys": []}']
+@contextlib.contextmanager
+def _serve(status: int, document: list[bytes]) -> Iterator[tuple[str, list[int]]]:
+    """A key URL on 127.0.0.1 answering ``status`` with ``document[0]``; and its request count."""
     hits = [0]
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             hits[0] += 1
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(document[0])))
             self.end_headers()
             self.wfile.write(document[0])
 
@@ -139,10 +140,18 @@ def served_keys() -> Iterator[tuple[str, list[bytes], list[int]]]:
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/keys", document, hits
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/keys", hits
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def served_keys() -> Iterator[tuple[str, list[bytes], list[int]]]:
+    """A JWKS URL on 127.0.0.1; set the document in the list, read the request count."""
+    document: list[bytes] = [b'{"keys": []}']
+    with _serve(200, document) as (url, hits):
+        yield url, document, hits
 
 
 def test_keys_from_a_url_are_fetched_in_a_thread_and_on_an_unknown_kid(
@@ -188,3 +197,72 @@ def test_looks_like_jwt_never_matches_a_local_token() -> None:
     assert oidc.looks_like_jwt(Provider().token())
     assert oidc.looks_like_jwt("a.b.")  # alg none: still handled as a JWT (and refused)
     assert not any(oidc.looks_like_jwt(secrets.token_urlsafe(32)) for _ in range(100))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"alg": ["RS256"], "kid": "key-1"},
+        {"alg": {"RS256": 1}, "kid": "key-1"},
+        {"alg": 256, "kid": "key-1"},
+        {"kid": "key-1"},
+        {"alg": "RS256", "kid": ["key-1"]},
+        {"alg": "RS256", "kid": {"id": "key-1"}},
+        {"alg": "RS256", "kid": 1},
+    ],
+    ids=["alg-list", "alg-object", "alg-number", "alg-missing", "kid-list", "kid-object", "kid-int"],
+)
+def test_a_header_with_a_non_string_alg_or_kid_is_refused_as_malformed(
+    tmp_path: Path, header: dict[str, object]
+) -> None:
+    idp = Provider()
+    provider = IdentityProvider(_settings(jwks_file=idp.write_jwks(tmp_path / "keys.json")))
+    with pytest.raises(Refused) as caught:
+        provider.verify(idp.with_header(header))
+    assert (caught.value.status, caught.value.reason) == (401, "malformed")
+    # the same forms with string values pass: the refusal is about the types only
+    assert provider.verify(idp.with_header({"alg": "RS256", "kid": "key-1"}))[0] == "oidc-ann"
+
+
+def test_a_failing_key_url_is_fetched_at_most_once_per_cooldown() -> None:
+    """Made-up JWTs (no valid signature needed) cannot make the server hammer a failing IdP."""
+    bogus = "eyJhbGciOiJSUzI1NiJ9.e30.AAAA"  # JWT-shaped, unknown kid
+    with _serve(503, [b"unavailable"]) as (url, hits):
+        provider = IdentityProvider(_settings(jwks_url=url))
+
+        async def scenario() -> None:
+            await asyncio.gather(*(provider.prepare(bogus) for _ in range(50)))
+            assert hits[0] == 1  # one ran; the others did not start a second one
+            for _ in range(50):
+                await provider.prepare(bogus)
+            assert hits[0] == 1  # a failed fetch counts for the cooldown
+            provider._tried -= oidc.KEYS_COOLDOWN  # the cooldown has passed
+            await asyncio.gather(*(provider.prepare(bogus) for _ in range(50)))
+            assert hits[0] == 2
+
+        asyncio.run(scenario())
+        with pytest.raises(Refused) as caught:
+            provider.verify(Provider().token())
+        assert caught.value.status == 503
+
+
+def test_stale_keys_are_fetched_again_at_most_once_per_cooldown_while_the_url_fails(
+    served_keys: tuple[str, list[bytes], list[int]],
+) -> None:
+    url, document, hits = served_keys
+    idp = Provider()
+    document[0] = idp.jwks().encode()
+    provider = IdentityProvider(_settings(jwks_url=url))
+    provider.fetch()
+    assert hits[0] == 1
+    document[0] = b"not a key set"  # the provider breaks; the keys we have go stale
+    provider._fetched -= oidc.KEYS_LIFESPAN
+    provider._tried -= oidc.KEYS_LIFESPAN
+
+    async def scenario() -> None:
+        for _ in range(50):
+            await provider.prepare(idp.token())
+
+    asyncio.run(scenario())
+    assert hits[0] == 2
+    assert provider.verify(idp.token()) == ("oidc-ann", "analyst")  # the old keys still serve
