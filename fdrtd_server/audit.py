@@ -48,7 +48,9 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,6 +67,7 @@ __all__ = [
     "AuditLog",
     "Checkpoint",
     "Verified",
+    "admin_change",
     "audit_admin_change",
     "checkpoint_now",
     "checkpoint_path",
@@ -85,6 +88,12 @@ JOBS_SUBJECT = "fdrtd.audit.jobs"
 """Core NATS subject on which microservices report how each job ended, for the controller's log."""
 UNANCHORED = "audit-unanchored"
 """The action of the record a server writes when it finds records that no checkpoint covers."""
+FOREIGN = "audit-foreign"
+"""The action of the record a server writes when it finds records it did not write itself."""
+FOUND_AT_START = "found after the last checkpoint"
+"""The outcome of an ``audit-foreign`` record a server writes at start."""
+FOREIGN_SHOWN = 20
+"""How many of those records an ``audit-foreign`` record lists one by one."""
 
 
 class AuditError(ValueError):
@@ -195,20 +204,40 @@ def _parse_line(path: Path, number: int, line: bytes) -> tuple[dict[str, Any], s
 # -- reading the chain ---------------------------------------------------------
 
 
-def _linked(path: Path, number: int, line: bytes, head: str) -> tuple[dict[str, Any], str]:
-    """The record on line ``number`` and its hash, if it follows the record hashing to ``head``.
+def _linked(
+    path: Path, number: int, line: bytes, head: str, after: datetime | None
+) -> tuple[dict[str, Any], str, datetime]:
+    """The record on line ``number``, its hash and time, if it follows the record before it.
+
+    That record hashes to ``head`` and was written at ``after`` (None for the
+    first). Writers append records in time order (:meth:`AuditLog._append`
+    never writes a time before the last record's), so a record dated before
+    the one before it was not written by them: backdated.
 
     Raises:
-        AuditError: If the line is not a record, or does not continue the chain there.
+        AuditError: If the line is not a record, does not continue the chain
+            there, has no time with a zone, or goes back in time.
     """
     record, claimed = _parse_line(path, number, line)
     body = _canonical(record)
+    broken = f"audit log {path} is broken at line {number}"
     if record.get("prev") != head or hashlib.sha256(body.encode()).hexdigest() != claimed:
         raise AuditError(
-            f"audit log {path} is broken at line {number}: this record or the one "
-            "before it was changed, removed or reordered"
+            f"{broken}: this record or the one before it was changed, removed or reordered"
         )
-    return record, claimed
+    stated = record.get("time")
+    try:
+        when = datetime.fromisoformat(stated) if isinstance(stated, str) else None
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise AuditError(f"{broken}: the record has no valid time (ISO 8601 with a time zone)")
+    if after is not None and when < after:
+        raise AuditError(
+            f"{broken}: its time {stated} is before the time of the record before it; "
+            "writers append records in time order, so this one was backdated (forged)"
+        )
+    return record, claimed, when
 
 
 @dataclass
@@ -219,8 +248,16 @@ class _Scan:
     head: str = _GENESIS
     hashes: dict[int, str] = field(default_factory=dict)
     """The hash after record n, for the counts asked for."""
+    sizes: dict[int, int] = field(default_factory=dict)
+    """The bytes up to the end of record n, for the counts asked for."""
+    times: dict[int, datetime | None] = field(default_factory=dict)
+    """The time of record n, for the counts asked for."""
+    time: datetime | None = None
+    """The time of the last record."""
     unanchored: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     """(line number, record) of every record written by a server that found no checkpoint."""
+    foreign: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    """(line number, record) of every record a server wrote about records it did not write."""
     complete_bytes: int = 0
     """Length of the file up to the end of its last complete line."""
     partial: int = 0
@@ -238,20 +275,23 @@ def _scan(path: Path, wanted: frozenset[int] = frozenset()) -> _Scan:
     """
     scan = _Scan()
     if 0 in wanted:
-        scan.hashes[0] = _GENESIS
+        scan.hashes[0], scan.sizes[0], scan.times[0] = _GENESIS, 0, None
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.endswith(b"\n"):
                 scan.partial = len(line)
                 break
             scan.complete_bytes += len(line)
-            record, claimed = _linked(path, number, line, scan.head)
+            record, claimed, scan.time = _linked(path, number, line, scan.head, scan.time)
             scan.head = claimed
             scan.count += 1
             if scan.count in wanted:
                 scan.hashes[scan.count] = claimed
+                scan.sizes[scan.count], scan.times[scan.count] = scan.complete_bytes, scan.time
             if record.get("action") == UNANCHORED:
                 scan.unanchored.append((number, record))
+            elif record.get("action") == FOREIGN:
+                scan.foreign.append((number, record))
     return scan
 
 
@@ -432,6 +472,15 @@ class Verified:
     """Records written after that checkpoint: intact chain, but not yet anchored."""
     partial_bytes: int = 0
     """An incomplete last line (a crash while writing), not counted as a record."""
+    foreign: int = 0
+    """Records other processes appended while the server ran (``audit-foreign`` records)."""
+    foreign_lines: list[str] = field(default_factory=list)
+    """The line ranges of those records (``"12-14"``)."""
+    found_at_start: int = 0
+    """Records a server found after the last checkpoint when it started: written while none ran,
+    or by a server that was killed before its checkpoint."""
+    found_lines: list[str] = field(default_factory=list)
+    """The line ranges of those records."""
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -449,6 +498,21 @@ class Verified:
                 f"not anchored: the last {self.after_checkpoint} records were written after "
                 "that checkpoint; their removal could not be detected (the server writes a "
                 "checkpoint about a second after each record, and when it stops)"
+            )
+        if self.foreign:
+            out.append(
+                f"foreign: {self.foreign} records were appended by other processes than the "
+                f"server (lines {', '.join(self.foreign_lines)}): fdrtd-server commands, or "
+                "anyone who can write the server's home; the audit-foreign record after them "
+                "names who they claim to be from"
+            )
+        if self.found_at_start:
+            out.append(
+                f"found at start: {self.found_at_start} records were written after the last "
+                f"checkpoint (lines {', '.join(self.found_lines)}), while no server ran (by "
+                "fdrtd-server commands, or anyone who can write the server's home) or by a "
+                "server killed before its checkpoint; the audit-foreign record after them "
+                "names who they claim to be from"
             )
         if self.partial_bytes:
             out.append(
@@ -494,6 +558,7 @@ def _verify(
     public_key: bytes | None,
     server: str | None,
     extra: tuple[Path, ...],
+    upto: int = 0,
 ) -> tuple[Verified, _Scan]:
     own = checkpoint if checkpoint is not None else checkpoint_path(path)
     sources = [own, *extra]
@@ -522,7 +587,7 @@ def _verify(
                 f"as of {point.time}: the log was removed"
             )
         raise AuditError(f"{path} does not exist: nothing was audited on this server yet")
-    scan = _scan(path, frozenset(point.count for _, point in found))
+    scan = _scan(path, frozenset({upto, *(point.count for _, point in found)}))
     for source, point in found:
         if scan.count < point.count:
             raise AuditError(
@@ -550,6 +615,19 @@ def _verify(
         after_checkpoint=scan.count - (newest.count if newest else 0),
         partial_bytes=scan.partial,
     )
+    for number, record in scan.foreign:
+        counts = [record.get(key) for key in ("records", "first_line", "last_line")]
+        if all(type(value) is int for value in counts):
+            found_count, first, last = (int(value) for value in counts)  # type: ignore[arg-type]
+            lines = f"{first}-{last}" if first != last else f"{first}"
+            if record.get("outcome") == FOUND_AT_START:
+                verified.found_at_start += found_count
+                verified.found_lines.append(lines)
+            else:
+                verified.foreign += found_count
+                verified.foreign_lines.append(lines)
+        else:
+            verified.notes.append(f"line {number}: an audit-foreign record without its counts")
     for number, record in scan.unanchored:
         verified.notes.append(
             f"line {number}: at {record.get('time')} the server found {record.get('records')} "
@@ -589,6 +667,32 @@ def _fsync(path: Path) -> None:
 # -- writing -------------------------------------------------------------------
 
 
+def _foreign_fields(found: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """The facts of an ``audit-foreign`` record about the records ``found`` (line, record)."""
+
+    def short(value: Any) -> str:
+        return str(value)[:64]
+
+    shown = [
+        {
+            "line": number,
+            "time": short(record.get("time")),
+            "principal": short(record.get("principal")),
+            "action": short(record.get("action")),
+        }
+        for number, record in found[:FOREIGN_SHOWN]
+    ]
+    fields: dict[str, Any] = {
+        "records": len(found),
+        "first_line": found[0][0],
+        "last_line": found[-1][0],
+        "entries": shown,
+    }
+    if len(found) > len(shown):
+        fields["more"] = len(found) - len(shown)
+    return fields
+
+
 class AuditLog:
     """Appends hash-chained records to ``path`` (mode 0600) and anchors them.
 
@@ -599,7 +703,10 @@ class AuditLog:
     writer's last look (checking that they continue the chain), and chains
     its record to the last of them. The server's checkpoint thread looks at
     the log's size every ``delay`` seconds, so records appended by another
-    process are anchored by the running server too.
+    process are anchored by the running server too; but a server never
+    anchors them silently: it first appends an ``audit-foreign`` record
+    naming their lines and who they claim to be from (:meth:`_catch_up`),
+    and so it does at start for records written after its last checkpoint.
 
     Args:
         path: The log file; None audits nothing (a worker without a home).
@@ -625,6 +732,8 @@ class AuditLog:
         self._lock = threading.Lock()
         self._last = _GENESIS
         self._count = 0
+        self._time: datetime | None = None
+        """The time of the last record."""
         self._size = 0
         """Bytes of the log up to the end of the last record this writer has seen."""
         self._broken = ""
@@ -665,7 +774,7 @@ class AuditLog:
             # a log from before checkpoints existed, or one whose checkpoint was
             # deleted: anchor it as found, and say so in the log itself
             with self._lock, _append_lock(path) as fd:
-                self._catch_up(fd)
+                self._catch_up(fd, mark=False)  # the record below says so
                 found = self._count
                 if found:
                     log.warning("audit log %s has %d records and no checkpoint", path, found)
@@ -682,19 +791,29 @@ class AuditLog:
                 f"verification: keep {path.name} and {own.name} as evidence, move both "
                 "away, and start again to begin a new log"
             ) from None
-        self._last, self._count, self._size = scan.head, scan.count, scan.complete_bytes
         self._anchored = verified.checkpoint.count if verified.checkpoint else 0
+        # read again from the checkpoint on: records written after it were written while
+        # no server ran (or in the last second of one that was killed), so they are foreign
+        known = self._anchored
+        self._last, self._count = scan.hashes[known], known
+        self._size, self._time = scan.sizes[known], scan.times[known]
         with self._lock, _append_lock(path) as fd:
-            self._catch_up(fd)  # what others appended since, and a cut-off last line
+            self._catch_up(fd, found_at_start=True)  # and a cut-off last line
         if self._count != self._anchored:
             self.checkpoint()
 
-    def _catch_up(self, fd: int) -> None:
+    def _catch_up(self, fd: int, *, mark: bool = True, found_at_start: bool = False) -> None:
         """Read the records appended since this writer's last look; the append lock is held.
 
-        Each must continue the chain. An incomplete last line (a writer that
-        crashed while writing; no one writes now) is cut off and the repair
-        recorded, so that the next record starts clean.
+        Each must continue the chain, and not go back in time. An incomplete
+        last line (a writer that crashed while writing; no one writes now) is
+        cut off and the repair recorded, so that the next record starts clean.
+
+        A server (a writer with a signer) did not write these records: before
+        it anchors them with its next checkpoint, it appends an
+        ``audit-foreign`` record with their number, lines, times, principals
+        and actions (unless ``mark`` is false), so that ``audit verify``
+        shows them as appended by another process.
 
         Raises:
             AuditError: If the log shrank or a new record does not continue the chain.
@@ -709,6 +828,7 @@ class AuditLog:
                 "written: records were removed"
             )
         partial = 0
+        found: list[tuple[int, dict[str, Any]]] = []
         with open(os.dup(fd), "rb") as handle:
             handle.seek(self._size)
             for line in handle:
@@ -716,8 +836,10 @@ class AuditLog:
                     partial = len(line)
                     break
                 number = self._count + 1
-                _, claimed = _linked(self.path, number, line, self._last)
+                record, claimed, when = _linked(self.path, number, line, self._last, self._time)
                 self._last, self._count, self._size = claimed, number, self._size + len(line)
+                self._time = when
+                found.append((number, record))
         if partial:
             os.ftruncate(fd, self._size)
             log.warning(
@@ -729,6 +851,10 @@ class AuditLog:
             self._append(
                 fd, "server", "audit-repair", self.path.name, "dropped", {"bytes": partial}
             )
+        if found and mark and self._signer is not None:
+            outcome = FOUND_AT_START if found_at_start else "appended by another process"
+            log.info("audit log %s: %d records %s", self.path.name, len(found), outcome)
+            self._append(fd, "server", FOREIGN, self.path.name, outcome, _foreign_fields(found))
 
     def _catch_up_or_mark(self, fd: int) -> None:
         """:meth:`_catch_up` while running: a broken log is reported, not a failed request.
@@ -753,9 +879,18 @@ class AuditLog:
         outcome: str,
         extra: dict[str, Any],
     ) -> None:
-        """Write one record at the end of the log; the append lock is held."""
+        """Write one record at the end of the log; the append lock is held.
+
+        Its time is never before the last record's (a clock set back): the
+        verifier refuses records that go back in time.
+        """
+        stamp = now_iso()
+        when = datetime.fromisoformat(stamp)
+        if self._time is not None and when < self._time:
+            when = self._time
+            stamp = when.isoformat(timespec="milliseconds")
         record = {
-            "time": now_iso(),
+            "time": stamp,
             "principal": principal,
             "action": action,
             "target": target,
@@ -770,7 +905,7 @@ class AuditLog:
         digest = hashlib.sha256(body.encode()).hexdigest()
         line = _line(body, digest)
         os.write(fd, line)
-        self._last = digest
+        self._last, self._time = digest, when
         self._count += 1
         self._size += len(line)
 
@@ -844,38 +979,77 @@ class AuditLog:
         self.checkpoint()
 
 
-def audit_admin_change(home: Path, actor: str, action: str, target: str, **fields: Any) -> None:
-    """Record a change an admin made outside the API, in ``home``'s audit log.
+@contextlib.contextmanager
+def admin_change(home: Path, actor: str, action: str, target: str) -> Iterator[dict[str, Any]]:
+    """Make a change outside the API in the ``with`` block; it is audited, or not made.
 
     For the ``fdrtd-server`` commands that change tokens, grants, sources or
-    the policy, whether the server runs or not: the record is appended under
-    the log's lock, chained to whatever the server wrote last, and anchored
-    by a checkpoint signed with the server's identity (when this process can
-    read it; else the running server anchors it within about a second, a
-    stopped one at its next start). A log that fails verification is not
-    signed over; the record is written all the same and a warning says why.
+    the policy, whether the server runs or not. The log's lock is taken and
+    its chain checked *before* the block runs, and held until the change's
+    record is appended after it: a change is never made that cannot be
+    audited, and no other record comes between. The block puts the record's
+    further facts in the dict it is given (never secrets: tokens, hashes,
+    connection strings); if it raises, nothing is recorded.
+
+    The record is then anchored by a checkpoint signed with the server's
+    identity, when this process can read it and every record before this
+    one is anchored already; else the running server anchors it (listing it
+    as appended by another process) within about a second, a stopped one at
+    its next start.
 
     Args:
         home: The server home (its ``audit.log``).
-        actor: Who made the change (e.g. ``cli:<user>``).
-        action: What was done, as the API's records name it (``grant``, ``source-add``, ...).
+        actor: Who makes the change (e.g. ``cli:<user>``).
+        action: What is done, as the API's records name it (``grant``, ``source-add``, ...).
         target: The name the change is about.
-        **fields: More facts; never secrets (tokens, hashes, connection strings).
+
+    Raises:
+        AuditError: If the log's chain is broken: the block does not run.
+    """
+    path = home / "audit.log"
+    writer = AuditLog(path)
+    fields: dict[str, Any] = {}
+    with writer._lock, _append_lock(path) as fd:
+        writer._catch_up(fd)
+        yield fields
+        writer._append(fd, actor, action, target, "ok", fields)
+        own = writer._count
+    _anchor_change(home, path, own)
+
+
+def audit_admin_change(home: Path, actor: str, action: str, target: str, **fields: Any) -> None:
+    """Record a change an admin already made outside the API (see :func:`admin_change`).
 
     Raises:
         AuditError: If the log's chain is broken before this record (nothing is written).
     """
+    with admin_change(home, actor, action, target) as record:
+        record.update(fields)
+
+
+def _anchor_change(home: Path, path: Path, own: int) -> None:
+    """Sign a checkpoint up to record ``own`` if this process can, and all before it are anchored.
+
+    Records between the checkpoint and ``own`` were written by others (the
+    running server, or someone who can write the log): this process cannot
+    tell which, so it leaves them to the server, which lists the ones it did
+    not write before it anchors them.
+    """
     from fdrtd_server.identity import Identity  # local: keeps `import audit` light
 
-    path = home / "audit.log"
-    AuditLog(path).write(actor, action, target, "ok", **fields)
     try:
-        settings_name = _server_name(home)
-        identity = Identity.load(home / "identity", settings_name)
+        identity = Identity.load(home / "identity", _server_name(home))
     except (FileNotFoundError, PermissionError, ValueError):
         return  # the running server (or the next start) anchors the record
     try:
-        checkpoint_now(path, identity)
+        current = read_checkpoint(checkpoint_path(path))
+        if current is None or current.count != own - 1:
+            return
+        _, scan = _verify(path, None, identity.sign_public, identity.name, (), upto=own)
+        point = sign_checkpoint(identity, own, scan.hashes[own])
+        _fsync(path)
+        with _checkpoint_lock(path):
+            write_checkpoint(checkpoint_path(path), point)
     except AuditError as error:
         log.warning("the change was audited, but no checkpoint was signed: %s", error)
 

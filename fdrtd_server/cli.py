@@ -35,12 +35,15 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import getpass
+import contextlib
 import logging
 import os
+import pwd
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from fdrtd_server import config
 from fdrtd_server.identity import Identity, PeerEntry, add_member
@@ -368,18 +371,43 @@ def _receipt(args: argparse.Namespace) -> int:
 
 
 def _actor() -> str:
-    """Who makes a change from the command line, as the audit log names them."""
+    """Who makes a change from the command line, as the audit log names them.
+
+    The account of the process's user id, not ``$USER`` or ``$LOGNAME``
+    (which anyone sets to any name); ``uid-N`` if the id has no account.
+    """
+    uid = os.getuid()
     try:
-        return f"cli:{getpass.getuser()}"[:64]
-    except (KeyError, OSError):  # no user name for this uid (a bare container)
-        return f"cli:uid-{os.getuid()}"
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:  # no account for this uid (a bare container)
+        name = f"uid-{uid}"
+    return f"cli:{name}"[:64]
+
+
+@contextlib.contextmanager
+def _audited(home: Path, action: str, target: str) -> Iterator[dict[str, Any]]:
+    """Make a change in the ``with`` block only if its audit record can be written.
+
+    See :func:`fdrtd_server.audit.admin_change`; the record names the user
+    and their numeric uid. A broken audit log stops the command (exit 2)
+    before anything is changed.
+    """
+    from fdrtd_server.audit import AuditError, admin_change
+
+    try:
+        with admin_change(home, _actor(), action, target) as record:
+            record["uid"] = os.getuid()
+            yield record
+    except AuditError as error:
+        raise ValueError(
+            f"{error}. Nothing was changed: changes are made only when they can be "
+            f"audited; see 'fdrtd-server audit verify {home}'"
+        ) from None
 
 
 def _tokens(args: argparse.Namespace) -> int:
     """``token create|add|list|revoke``; every change is audited."""
     import json
-
-    from fdrtd_server.audit import audit_admin_change
 
     home = home_path(str(args.home))
     settings = config.load_settings(home)  # refuse directories that are not server homes
@@ -388,23 +416,18 @@ def _tokens(args: argparse.Namespace) -> int:
         print(json.dumps(store.listing(), indent=2))
         return 0
     if args.token_command == "revoke":
-        store.revoke(args.name)
-        audit_admin_change(home, _actor(), "token-revoke", args.name)
+        with _audited(home, "token-revoke", args.name):
+            store.revoke(args.name)
         print(f"revoked the token of '{args.name}'; the name stays reserved", file=sys.stderr)
         return 0
     expires = config.parse_expiry(args.expires) if args.expires else None
     prefix = settings.identity.name_prefix if settings.identity is not None else ""
-    token = store.add(
-        args.name, args.role, rotate=args.rotate, expires=expires, reserved_prefix=prefix
-    )
-    audit_admin_change(
-        home,
-        _actor(),
-        "token-rotate" if args.rotate else "token-create",
-        args.name,
-        role=store.role_of(args.name) or "",
-        expires=expires.isoformat(timespec="seconds") if expires else "",
-    )
+    with _audited(home, "token-rotate" if args.rotate else "token-create", args.name) as record:
+        token = store.add(
+            args.name, args.role, rotate=args.rotate, expires=expires, reserved_prefix=prefix
+        )
+        record["role"] = store.role_of(args.name) or ""
+        record["expires"] = expires.isoformat(timespec="seconds") if expires else ""
     print(token)
     return 0
 
@@ -413,7 +436,6 @@ def _custody(args: argparse.Namespace) -> int:
     """``grant add|list|revoke`` and ``source add|list|remove``."""
     import json
 
-    from fdrtd_server.audit import audit_admin_change
     from fdrtd_server.custody import CustodyStore, Grant
 
     home = home_path(str(args.home))
@@ -436,21 +458,19 @@ def _custody(args: argparse.Namespace) -> int:
                     args.not_after,
                     "(command line)",
                 )
-                grant = store.grant(grant)
-                audit_admin_change(
-                    home,
-                    _actor(),
-                    "grant",
-                    grant.dataset,
-                    grantee=grant.grantee,
-                    functions=",".join(grant.functions) or "*",
-                    not_before=grant.not_before or "",
-                    not_after=grant.not_after or "",
-                )
+                with _audited(home, "grant", grant.dataset) as record:
+                    grant = store.grant(grant)
+                    record.update(
+                        grantee=grant.grantee,
+                        functions=",".join(grant.functions) or "*",
+                        not_before=grant.not_before or "",
+                        not_after=grant.not_after or "",
+                    )
                 print(f"granted '{grant.grantee}' the use of '{grant.dataset}'", file=sys.stderr)
             elif args.grant_command == "revoke":
-                store.revoke(args.dataset, args.grantee)
-                audit_admin_change(home, _actor(), "revoke", args.dataset, grantee=args.grantee)
+                with _audited(home, "revoke", args.dataset) as record:
+                    store.revoke(args.dataset, args.grantee)
+                    record["grantee"] = args.grantee
                 print(f"revoked the grant of '{args.dataset}' to '{args.grantee}'", file=sys.stderr)
             else:
                 grants = [
@@ -479,14 +499,13 @@ def _custody(args: argparse.Namespace) -> int:
                 }.items()
                 if value not in ("", 0)
             }
-            entry = store.add_source(args.name, args.owner, spec, args.description)
-            audit_admin_change(
-                home, _actor(), "source-add", entry.name, kind=entry.kind, owner=entry.owner
-            )
+            with _audited(home, "source-add", args.name) as record:
+                entry = store.add_source(args.name, args.owner, spec, args.description)
+                record.update(kind=entry.kind, owner=entry.owner)
             print(f"registered the {entry.kind} source '{entry.name}' of '{entry.owner}'")
         elif args.source_command == "remove":
-            store.remove(args.name)
-            audit_admin_change(home, _actor(), "source-remove", args.name)
+            with _audited(home, "source-remove", args.name):
+                store.remove(args.name)
             print(f"removed the source '{args.name}' and its grants", file=sys.stderr)
         else:
             sources = {

@@ -89,8 +89,10 @@ class Provider:
 
     def with_header(self, header: dict[str, Any], claims: dict[str, Any] | None = None) -> str:
         """A token with any ``header`` (a list as 'alg', say), signed with this key."""
-        signing = b64url(json.dumps(header).encode()) + "." + b64url(
-            json.dumps(claims or self.claims()).encode()
+        signing = (
+            b64url(json.dumps(header).encode())
+            + "."
+            + b64url(json.dumps(claims or self.claims()).encode())
         )
         signature = jwt.algorithms.RSAAlgorithm(jwt.algorithms.RSAAlgorithm.SHA256).sign(
             signing.encode(), self.key

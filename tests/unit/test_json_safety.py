@@ -34,7 +34,13 @@ def test_the_audit_writer_writes_standard_json_that_the_verifier_accepts(tmp_pat
 
 
 def test_a_log_an_older_writer_wrote_with_a_bare_nan_still_verifies(tmp_path: Path) -> None:
-    record = {"time": "t", "principal": "alice", "action": "a", "target": "", "outcome": "ok"}
+    record = {
+        "time": "2020-01-01T00:00:00.000+00:00",
+        "principal": "alice",
+        "action": "a",
+        "target": "",
+        "outcome": "ok",
+    }
     body = json.dumps(
         {**record, "bytes": math.nan, "prev": audit._GENESIS}, sort_keys=True, separators=(",", ":")
     )

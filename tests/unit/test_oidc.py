@@ -210,7 +210,15 @@ def test_looks_like_jwt_never_matches_a_local_token() -> None:
         {"alg": "RS256", "kid": {"id": "key-1"}},
         {"alg": "RS256", "kid": 1},
     ],
-    ids=["alg-list", "alg-object", "alg-number", "alg-missing", "kid-list", "kid-object", "kid-int"],
+    ids=[
+        "alg-list",
+        "alg-object",
+        "alg-number",
+        "alg-missing",
+        "kid-list",
+        "kid-object",
+        "kid-int",
+    ],
 )
 def test_a_header_with_a_non_string_alg_or_kid_is_refused_as_malformed(
     tmp_path: Path, header: dict[str, object]
