@@ -532,26 +532,58 @@ class TokenStore:
         return ""
 
 
-def expired(expires: str, now: datetime | None = None) -> bool:
-    """Whether an ISO 8601 expiry ("" for none) has passed."""
-    if not expires:
+MAX_EXPIRY = timedelta(days=3650)
+"""The longest duration ``--expires`` takes (10 years); later is as good as never."""
+
+
+def expired(expires: object, now: datetime | None = None) -> bool:
+    """Whether an ISO 8601 expiry ("" for none) has passed.
+
+    A time without an offset is UTC, as :func:`parse_expiry` reads it. A
+    value that is not a time (a hand-edited or damaged ``tokens.json``)
+    counts as expired: the token fails closed, never with an error.
+    """
+    if expires == "":
         return False
-    return datetime.fromisoformat(expires) <= (now or datetime.now(UTC))
+    if not isinstance(expires, str):
+        return True
+    try:
+        when = datetime.fromisoformat(expires)
+    except ValueError:
+        return True
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when <= (now or datetime.now(UTC))
 
 
 def parse_expiry(text: str, now: datetime | None = None) -> datetime:
     """An expiry from the command line: ISO 8601 (UTC if no offset) or a duration.
 
-    A duration is a number and a unit: ``30d``, ``12h``, ``45m``, ``2w``.
+    A duration is a number and a unit: ``30d``, ``12h``, ``45m``, ``2w``; at
+    least one unit and at most :data:`MAX_EXPIRY` (10 years).
 
     Raises:
-        ValueError: If it is neither, naming the forms that work.
+        ValueError: If it is neither, or a duration out of range, naming the forms that work.
     """
     now = now or datetime.now(UTC)
     duration = re.fullmatch(r"(\d{1,6})([mhdw])", text.strip())
     if duration:
         unit = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[duration.group(2)]
-        return now + timedelta(**{unit: int(duration.group(1))})
+        if int(duration.group(1)) == 0:
+            raise ValueError(
+                f"--expires {text.strip()} would expire the token at once: give a duration of "
+                "at least 1 (e.g. 30d), or leave --expires out for a token that does not expire"
+            )
+        try:
+            length = timedelta(**{unit: int(duration.group(1))})
+        except OverflowError:
+            length = MAX_EXPIRY + timedelta(days=1)
+        if length > MAX_EXPIRY:
+            raise ValueError(
+                f"--expires {text.strip()} is longer than 10 years (3650d, 521w), the longest "
+                "expiry a token takes; leave --expires out for a token that does not expire"
+            )
+        return now + length
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:

@@ -16,7 +16,7 @@ import pytest
 import requests
 from _processes import cli, make_server, wait_for
 
-from fdrtd_server.config import TokenStore, init_home, parse_expiry
+from fdrtd_server.config import TokenStore, expired, init_home, parse_expiry
 from fdrtd_server.local import LocalServer
 
 
@@ -95,6 +95,59 @@ def test_an_expired_token_is_refused_naming_when(running: LocalServer) -> None:
     assert (
         "the token expired at " + expires.isoformat(timespec="seconds") in answer.json()["detail"]
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("0d", ("would expire the token at once",)),
+        ("0m", ("would expire the token at once",)),
+        ("999999w", ("longer than 10 years",)),
+        ("999999d", ("longer than 10 years",)),
+        ("3651d", ("longer than 10 years",)),
+    ],
+)
+def test_expiry_durations_out_of_range_are_refused(
+    home: Path, text: str, words: tuple[str, ...]
+) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_expiry(text)
+    for word in words:
+        assert word in str(caught.value)
+    made = cli("token", "create", str(home), "ann", "--expires", text)
+    assert made.returncode == 2 and words[0] in made.stderr and "Traceback" not in made.stderr
+    assert made.stdout == "" and TokenStore(home).role_of("ann") is None
+    now = datetime(2027, 1, 1, tzinfo=UTC)
+    assert parse_expiry("3650d", now) == now + timedelta(days=3650)
+
+
+def test_a_stored_expiry_without_a_zone_is_utc_and_a_broken_one_is_expired() -> None:
+    now = datetime(2027, 1, 1, tzinfo=UTC)
+    assert not expired("2027-01-01T00:00:01", now)
+    assert expired("2026-12-31T23:59:59", now)
+    assert not expired("", now)
+    for broken in ("soon", "2027-13-01", 5, None, ["2030-01-01"]):
+        assert expired(broken, now)
+
+
+@pytest.mark.parametrize(
+    ("stored", "status"),
+    [("2999-01-01T00:00:00", 200), ("2000-01-01T00:00:00", 401), ("next week", 401), (7, 401)],
+    ids=["naive-future", "naive-past", "unparsable", "number"],
+)
+def test_a_hand_edited_expiry_never_breaks_a_request(
+    running: LocalServer, stored: object, status: int
+) -> None:
+    name = f"edited-{status}-{abs(hash(str(stored))) % 10_000}"
+    token = TokenStore(running.home).add(name)
+    path = running.home / "tokens.json"
+    entries = json.loads(path.read_text("utf-8"))
+    entries[name]["expires"] = stored
+    path.write_text(json.dumps(entries), "utf-8")
+    answer = get(running, token)
+    assert answer.status_code == status, answer.text
+    if status == 401:
+        assert "expired" in answer.json()["detail"]
 
 
 def test_revoke_takes_effect_on_the_next_request(running: LocalServer) -> None:
