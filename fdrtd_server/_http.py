@@ -80,13 +80,22 @@ class PeerHttpClient:
         max_idle: Most idle connections kept per peer.
         ssl_context: The TLS context for ``https://`` peers (default: the
             system's CA store, hostname checked).
+        https_only: Refuse ``http://`` peers (:class:`TlsRefused`, before any
+            connection): for a server with TLS settings, whose peers' messages
+            must not travel in the clear because one member's URL says so.
     """
 
     def __init__(
-        self, timeout: float = 10.0, max_idle: int = 8, ssl_context: ssl.SSLContext | None = None
+        self,
+        timeout: float = 10.0,
+        max_idle: int = 8,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        https_only: bool = False,
     ) -> None:
         self.timeout = timeout
         self.max_idle = max_idle
+        self.https_only = https_only
         self._pools: dict[str, _Pool] = {}
         self._ssl = ssl_context or ssl.create_default_context()
 
@@ -98,6 +107,13 @@ class PeerHttpClient:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise HttpError(
                     f"peer URL must be http(s)://host[:port], got scheme '{parts.scheme}'"
+                )
+            if self.https_only and not secure:
+                raise TlsRefused(
+                    f"its URL {base_url} is plain http://, and this server has TLS settings "
+                    "('tls_cert' or 'tls_ca'): it sends to https:// members only. Give the "
+                    "member its https:// URL (a certificate signed by the federation's CA, "
+                    "setting 'tls_ca') in federation.toml"
                 )
             pool = _Pool(
                 host=parts.hostname,

@@ -589,6 +589,10 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError("a server cannot add itself to its own federation")
             add_member(home / "federation.toml", entry)
             print(f"added '{entry.name}' ({entry.url})")
+            from fdrtd_server.tls import plain_members
+
+            for warning in plain_members(settings, {entry.name: entry.url}):
+                print(f"fdrtd-server: warning: {warning}", file=sys.stderr)
         return 0
     if args.command == "audit":
         return _audit(args)

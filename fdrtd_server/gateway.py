@@ -265,8 +265,13 @@ class Gateway:
         self._federation_mtime = -1
         self.reload_members()
         self.http = PeerHttpClient(
-            timeout=SEND_TIMEOUT, ssl_context=tls.files_of(state.settings).peer_context()
+            timeout=SEND_TIMEOUT,
+            ssl_context=tls.files_of(state.settings).peer_context(),
+            https_only=tls.wants_https(state.settings),
         )
+        urls = {name: member.url for name, member in self.members.items()}
+        for warning in tls.plain_members(state.settings, urls):
+            log.warning("%s", warning)
         self.replays = ReplayGuard()
         self.rejections = _RejectionAudit(state.audit)
         self.reading = 0

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 if TYPE_CHECKING:
     from fdrtd_server.config import Settings
 
-__all__ = ["MINIMUM_VERSION", "TlsFiles", "check", "describe_error"]
+__all__ = ["MINIMUM_VERSION", "TlsFiles", "check", "describe_error", "plain_members", "wants_https"]
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 """The oldest TLS version spoken, on the server's port and to peers."""
@@ -224,6 +224,24 @@ def files_of(settings: Settings) -> TlsFiles:
         client_key=_path(home, settings.tls_client_key),
         require_client_cert=settings.tls_require_client_cert,
     )
+
+
+def wants_https(settings: Settings) -> bool:
+    """Whether the server has TLS settings, so that its gateway sends to https:// members only."""
+    return bool(settings.tls_cert or settings.tls_ca)
+
+
+def plain_members(settings: Settings, urls: dict[str, str]) -> list[str]:
+    """A warning for each member (name -> URL) its gateway will refuse: http:// under TLS."""
+    if not wants_https(settings):
+        return []
+    return [
+        f"federation member '{name}' has the plain http:// URL {url}, but this server has TLS "
+        "settings ('tls_cert' or 'tls_ca'): its gateway refuses to send to it; give it its "
+        "https:// URL"
+        for name, url in sorted(urls.items())
+        if not url.lower().startswith("https://")
+    ]
 
 
 def check(settings: Settings) -> None:

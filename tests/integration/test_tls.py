@@ -28,7 +28,7 @@ from conditions import wait_for
 
 from fdrtd_client import Client, Federation
 from fdrtd_client.errors import ConnectError, ServerError
-from fdrtd_server.identity import load_federation
+from fdrtd_server.identity import Identity, add_member, load_federation
 from fdrtd_server.local import LocalFederation, LocalServer, LocalTls
 
 SESSION_TIMEOUT = 3.0
@@ -161,6 +161,40 @@ def test_a_peer_with_a_certificate_of_another_ca_is_refused(
             assert healthy(server)
         both = Federation({name: fed.clients[name] for name in ("alpha", "beta")})
         assert secure_sum(both) == [{"sum": 20.0, "count": 8}] * 2
+        fed.close()
+
+
+def test_a_member_with_a_plain_http_url_is_refused_not_sent_in_the_clear(
+    tmp_path: Path, pki: dict[str, Any]
+) -> None:
+    federation = LocalFederation(
+        tmp_path, tls=tls_of(pki), env={"FDRTD_SESSION_TIMEOUT": f"{SESSION_TIMEOUT:g}"}
+    )
+    # gamma serves plain HTTP and is listed under its http:// URL by alpha and beta,
+    # which have TLS settings: nothing of theirs may travel to it in the clear
+    plain = federation.servers["gamma"]
+    plain.tls = None
+    entry = Identity.load(plain.home / "identity", "gamma").public_entry(plain.url)
+    for name in ("alpha", "beta"):
+        add_member(federation.servers[name].home / "federation.toml", entry)
+    with federation:
+        for name in ("alpha", "beta"):
+            told = (federation.servers[name].home / "server.log").read_text("utf-8")
+            warned = [line for line in told.splitlines() if "plain http:// URL" in line]
+            assert len(warned) == 1 and "WARNING" in warned[0] and "'gamma'" in warned[0], told
+        fed = federation.federation(timeout=20)
+        handles = fed.upload({name: np.arange(1.0, 5.0) for name in fed.parties})
+        job = fed.compute("smpc", "secure_sum", {n: {"data": h} for n, h in handles.items()})
+        details = {}
+        for name, one in zip(fed.parties, job.jobs, strict=True):
+            with pytest.raises(ServerError) as failed:
+                one.result(timeout=60, progress=False)
+            details[name] = failed.value.detail
+        # every party fails saying why, naming the setting; the TLS members name gamma's URL
+        for name, detail in details.items():
+            assert "'tls_ca'" in detail, (name, detail)
+        told = details["alpha"] + details["beta"]
+        assert f"cannot reach party 'gamma': its URL {plain.url} is plain http://" in told, details
         fed.close()
 
 

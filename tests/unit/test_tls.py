@@ -341,3 +341,71 @@ def test_client_passes_verify_and_cert_on(pki: dict[str, Any]) -> None:
         assert one._session.verify == str(pki["ca"].cert)
         assert one._session.cert == pair
     fed.close()
+
+
+# -- plain http:// members under TLS --------------------------------------------------------
+
+
+def test_with_tls_settings_the_gateway_client_never_sends_plain_http(tmp_path: Path) -> None:
+    """A member whose URL says http:// gets nothing, not even a connection attempt."""
+    connections = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = PeerHttpClient(timeout=30, https_only=True)
+        try:
+            with pytest.raises(TlsRefused) as refused:
+                await client.post(url, "/v1/peer", b"sealed", "a/b")
+            assert url in str(refused.value) and "'tls_ca'" in str(refused.value)
+        finally:
+            await client.close()
+            server.close()
+
+    asyncio.run(scenario())
+    assert connections[0] == 0
+
+
+def test_plain_members_are_named_only_when_tls_is_set(tmp_path: Path, pki: dict[str, Any]) -> None:
+    urls = {"beta": "http://10.0.0.2:8000", "gamma": "https://10.0.0.3:8000"}
+    assert (
+        not tls.wants_https(settings(tmp_path))
+        and tls.plain_members(settings(tmp_path), urls) == []
+    )
+    server: Issued = pki["server"]
+    choices = [
+        {"tls_ca": str(pki["ca"].cert)},
+        {"tls_cert": str(server.cert), "tls_key": str(server.key)},
+    ]
+    for tls_settings in choices:
+        with_tls = settings(tmp_path, **tls_settings)
+        assert tls.wants_https(with_tls)
+        (warning,) = tls.plain_members(with_tls, urls)
+        assert "'beta'" in warning and "http://10.0.0.2:8000" in warning
+
+
+def test_federation_add_warns_of_an_http_member_under_tls(
+    tmp_path: Path, pki: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fdrtd_server.identity import Identity
+
+    home, peer = tmp_path / "home", tmp_path / "peer"
+    init_home(home, "alpha")
+    init_home(peer, "beta")
+    entry = Identity.load(peer / "identity", "beta").public_entry("http://10.0.0.2:8000")
+    member = tmp_path / "beta.toml"
+    member.write_text(cli._entry_toml(entry), "utf-8")
+    assert cli.main(["federation", "add", str(home), str(member)]) == 0
+    assert "warning" not in capsys.readouterr().err  # no TLS settings: nothing to say
+    config = home / "fdrtd.toml"
+    config.write_text(
+        config.read_text().replace("[server]\n", f'[server]\ntls_ca = "{pki["ca"].cert}"\n')
+    )
+    assert cli.main(["federation", "add", str(home), str(member)]) == 0
+    told = capsys.readouterr()
+    assert "added 'beta'" in told.out
+    assert "warning: federation member 'beta' has the plain http:// URL" in told.err
