@@ -60,6 +60,19 @@ def secure_sum(federation: Federation, timeout: float = 60) -> list[Any]:
     return job.results(timeout=timeout, progress=False)
 
 
+def failing_sum(federation: LocalFederation) -> tuple[Federation, dict[str, str]]:
+    """A secure sum that fails on every party: the analyst's federation, each party's detail."""
+    fed = federation.federation(timeout=20)
+    handles = fed.upload({name: np.arange(1.0, 5.0) for name in fed.parties})
+    job = fed.compute("smpc", "secure_sum", {n: {"data": h} for n, h in handles.items()})
+    details = {}
+    for name, one in zip(fed.parties, job.jobs, strict=True):
+        with pytest.raises(ServerError) as failed:
+            one.result(timeout=60, progress=False)
+        details[name] = failed.value.detail
+    return fed, details
+
+
 def healthy(server: LocalServer) -> bool:
     """The server answers ``/readyz`` over TLS, verified against the CA."""
     options = server.requests_options()
@@ -142,14 +155,7 @@ def test_a_peer_with_a_certificate_of_another_ca_is_refused(
     rogue = federation.servers["gamma"]
     rogue.tls = LocalTls(ca=pki["other"].cert, cert=pki["rogue"].cert, key=pki["rogue"].key)
     with federation:
-        fed = federation.federation(timeout=20)
-        handles = fed.upload({name: np.arange(1.0, 5.0) for name in fed.parties})
-        job = fed.compute("smpc", "secure_sum", {n: {"data": h} for n, h in handles.items()})
-        details = {}
-        for name, one in zip(fed.parties, job.jobs, strict=True):
-            with pytest.raises(ServerError) as failed:
-                one.result(timeout=60, progress=False)
-            details[name] = failed.value.detail
+        fed, details = failing_sum(federation)
         # every party says why: a certificate was refused (its own send, or the abort
         # of a party whose send failed)
         for name, detail in details.items():
@@ -182,14 +188,7 @@ def test_a_member_with_a_plain_http_url_is_refused_not_sent_in_the_clear(
             told = (federation.servers[name].home / "server.log").read_text("utf-8")
             warned = [line for line in told.splitlines() if "plain http:// URL" in line]
             assert len(warned) == 1 and "WARNING" in warned[0] and "'gamma'" in warned[0], told
-        fed = federation.federation(timeout=20)
-        handles = fed.upload({name: np.arange(1.0, 5.0) for name in fed.parties})
-        job = fed.compute("smpc", "secure_sum", {n: {"data": h} for n, h in handles.items()})
-        details = {}
-        for name, one in zip(fed.parties, job.jobs, strict=True):
-            with pytest.raises(ServerError) as failed:
-                one.result(timeout=60, progress=False)
-            details[name] = failed.value.detail
+        fed, details = failing_sum(federation)
         # every party fails saying why, naming the setting; the TLS members name gamma's URL
         for name, detail in details.items():
             assert "'tls_ca'" in detail, (name, detail)
