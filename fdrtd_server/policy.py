@@ -139,7 +139,7 @@ class DatasetPolicy:
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     """Owner-declared bounds per column: values are clamped to them, and they give
     the sensitivity of differentially private releases."""
-    max_concurrent: int = 4
+    max_concurrent: int = 16
     """Computations one analyst may run at once on this dataset."""
     job_timeout: float = 600.0
     """Seconds a whole computation on this dataset may take."""
@@ -217,7 +217,7 @@ class DatasetPolicy:
             small_cell=int(data.get("small_cell", 3)),
             privacy=privacy,
             bounds=bounds,
-            max_concurrent=int(data.get("max_concurrent", 4)),
+            max_concurrent=int(data.get("max_concurrent", 16)),
             job_timeout=float(data.get("job_timeout", 600.0)),
         )
 
@@ -727,7 +727,7 @@ min_cohort = 3
 # table and histogram cells below this are hidden (empty ones too)
 small_cell = 3
 # computations one analyst may run at once on a dataset (and on her own uploads)
-max_concurrent = 4
+max_concurrent = 16
 # seconds a whole computation may take before it is cancelled (at most 86400)
 job_timeout = 600
 
