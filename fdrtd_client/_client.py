@@ -374,8 +374,11 @@ class Client:
 
         One entry per dataset you may see: ``name``, ``dp`` (whether its owner
         requires differential privacy) and, if so, ``mechanism``, the per-query
-        ``epsilon`` and ``delta``, ``spent``, ``remaining`` and ``caps`` (each
-        ``{"analyst": {epsilon, delta}, "total": {epsilon, delta}}``).
+        ``epsilon`` (and its floor ``min_epsilon``) and ``delta``, ``spent``,
+        ``remaining`` and ``caps``, each ``{"analyst": {epsilon, delta}}``: your
+        own spend and cap, and what you may still spend (the smaller of your own
+        remainder and the dataset's total). The dataset's owner also sees the
+        ``"total"`` of each, and ``analysts``: each analyst's spend.
         """
         return list(self.request("GET", "/v1/budget")["datasets"])
 

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fdrtd_client import Client, Federation
+from fdrtd_client import Client, Federation, receipts
 from fdrtd_client.errors import FdrtdClientError, NotFound
 from fdrtd_server.custody import RECORD_LEVEL
 from fdrtd_server.local import LocalFederation
@@ -393,6 +393,34 @@ def _privacy(federation: Federation, result: Mapping[str, Any]) -> None:
                 print(f"  {'':<50}{name}: the analyst has epsilon {left:g} of 'registry' left")
 
 
+def _receipt(receipt: Mapping[str, Any] | None, path: Path, home: Path) -> None:
+    """The receipt the client verified: who signed what; saved, and verified again offline.
+
+    The offline check is what ``fdrtd-server receipt verify FILE --home HOME`` does,
+    with the federation file of ``home`` (alpha's).
+    """
+    from fdrtd_server.receipts import verify_file  # the server's side, as the CLI runs it
+
+    if receipt is None:
+        raise _Failed("the result came without a receipt")
+    receipts.save(receipt, path)
+    versions = ", ".join(
+        f"{name} {entry['statement']['policy_version']}"
+        for name, entry in sorted(receipt["statements"].items())
+    )
+    print(
+        f"  {'':<50}receipt verified: {len(receipt['statements'])} signed statements, "
+        f"{len(receipt['cosignatures'])} cosignatures, output sha256 "
+        f"{str(receipt['output_sha256'])[:12]}"
+    )
+    print(f"  {'':<50}policy versions: {versions}")
+    try:
+        checked = verify_file(path, federation=None, home=home)
+    except FdrtdClientError as error:
+        raise _Failed(f"the saved receipt does not verify offline: {error}") from error
+    print(f"  {'':<50}fdrtd-server receipt verify {path.name} --home alpha: {checked}")
+
+
 def run_demo(
     rows: int = 5000, keep: Path | None = None, settings: Mapping[str, str] | None = None
 ) -> int:
@@ -680,6 +708,7 @@ def run_demo(
                 result, ms = run("mean", {}, registry)
                 show(label, result["mean"], bp.mean(), ms, rtol=_dp_tolerance(result, bp.mean()))
                 _privacy(federation, result)
+                _receipt(jobs[-1].receipt, root / "receipt.json", local.servers["alpha"].home)
             print(
                 "\nno server saw another's records; the analyst, who uploaded nothing, saw "
                 "only the joint results."

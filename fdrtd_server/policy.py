@@ -116,6 +116,9 @@ class Privacy:
     to (epsilon, delta))."""
     epsilon: float = 0.1
     """What one query spends unless the analyst asks for less."""
+    min_epsilon: float = 0.001
+    """The smallest epsilon a query may ask for (refused 400 below, before the spend): at a
+    tiny epsilon the noise is wider than a 64-bit sampler holds."""
     delta: float = 0.0
     """What one query spends of delta (0 for Laplace)."""
     analyst_epsilon: float = 1.0
@@ -139,7 +142,7 @@ class DatasetPolicy:
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     """Owner-declared bounds per column: values are clamped to them, and they give
     the sensitivity of differentially private releases."""
-    max_concurrent: int = 4
+    max_concurrent: int = 16
     """Computations one analyst may run at once on this dataset."""
     job_timeout: float = 600.0
     """Seconds a whole computation on this dataset may take."""
@@ -177,6 +180,7 @@ class DatasetPolicy:
                 {
                     "mechanism": privacy.mechanism,
                     "epsilon": privacy.epsilon,
+                    "min_epsilon": privacy.min_epsilon,
                     "delta": privacy.delta,
                     "analyst_epsilon": privacy.analyst_epsilon,
                     "analyst_delta": privacy.analyst_delta,
@@ -217,7 +221,7 @@ class DatasetPolicy:
             small_cell=int(data.get("small_cell", 3)),
             privacy=privacy,
             bounds=bounds,
-            max_concurrent=int(data.get("max_concurrent", 4)),
+            max_concurrent=int(data.get("max_concurrent", 16)),
             job_timeout=float(data.get("job_timeout", 600.0)),
         )
 
@@ -358,6 +362,12 @@ class _Reader:
             raise self.fail(
                 at("delta", "mechanism"),
                 f"{where}: the gaussian mechanism needs a 'delta' greater than 0 per query",
+            )
+        if privacy.min_epsilon > privacy.epsilon:
+            raise self.fail(
+                at("min_epsilon", "epsilon"),
+                f"{where}: 'min_epsilon' is above 'epsilon' per query: a query at the "
+                "per-query epsilon would be refused",
             )
         for spent, budget in (("epsilon", "analyst_epsilon"), ("epsilon", "total_epsilon")):
             if getattr(privacy, spent) > getattr(privacy, budget):
@@ -727,7 +737,7 @@ min_cohort = 3
 # table and histogram cells below this are hidden (empty ones too)
 small_cell = 3
 # computations one analyst may run at once on a dataset (and on her own uploads)
-max_concurrent = 4
+max_concurrent = 16
 # seconds a whole computation may take before it is cancelled (at most 86400)
 job_timeout = 600
 
@@ -736,6 +746,7 @@ job_timeout = 600
 dp = true
 mechanism = "laplace"      # or "gaussian" (then delta > 0)
 epsilon = 0.1              # what one query spends, unless the analyst asks for less
+min_epsilon = 0.001        # the smallest epsilon an analyst may ask for per query
 delta = 0.0
 analyst_epsilon = 1.0      # what each analyst may spend in all
 analyst_delta = 1e-6

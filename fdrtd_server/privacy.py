@@ -152,8 +152,21 @@ class Budget:
         everyone = self.total.left_of(self.total_cap)
         return Spent(min(mine.epsilon, everyone.epsilon), min(mine.delta, everyone.delta))
 
+    def own(self) -> dict[str, Any]:
+        """As an analyst is shown it: her own spend, cap and what she may still spend.
+
+        Never what the others spent, nor the total cap: her remainder is
+        the smaller of her own and the total's (:attr:`remaining`), which is
+        all the total tells her (a spend beyond it is refused anyway).
+        """
+        return {
+            "spent": {"analyst": self.analyst.shown()},
+            "remaining": {"analyst": self.remaining.shown()},
+            "caps": {"analyst": self.analyst_cap.shown()},
+        }
+
     def to_dict(self) -> dict[str, Any]:
-        """As a client is shown it: spent and remaining, per analyst and in total."""
+        """As the dataset's owner is shown it: spent and remaining, per analyst and in total."""
         return {
             "spent": {"analyst": self.analyst.shown(), "total": self.total.shown()},
             "remaining": {
@@ -308,16 +321,15 @@ def _budget(dataset: str, analyst: str, privacy: Privacy, entry: Mapping[str, An
 
 
 def _refusal(before: Budget, wanted: Spent, needs: str) -> str:
-    mine = before.analyst.left_of(before.analyst_cap)
-    everyone = before.total.left_of(before.total_cap)
+    # what remains for the caller: the smaller of her own remainder and the total's
+    # (never the others' spend as such)
+    left = before.remaining
     query = f"this query{f' ({needs})' if needs else ''}"
     return (
         f"the privacy budget of dataset '{before.dataset}' does not allow {query}: it needs "
         f"epsilon {show(wanted.epsilon):g} and delta {show(wanted.delta):g}; what remains for "
-        f"you is epsilon {show(mine.epsilon):g} and delta {show(mine.delta):g} of your own "
-        f"budget, and epsilon {show(everyone.epsilon):g} and delta {show(everyone.delta):g} "
-        "of the dataset's total; ask for a smaller 'epsilon', or ask the dataset's owner for "
-        "a larger budget"
+        f"you is epsilon {show(left.epsilon):g} and delta {show(left.delta):g}; ask for a "
+        "smaller 'epsilon', or ask the dataset's owner for a larger budget"
     )
 
 
@@ -358,13 +370,23 @@ class PrivateTerms:
         """What a query spends: the analyst's ``epsilon`` (None: the policy's), and delta.
 
         Raises:
-            BadRequest: If ``epsilon`` is not a positive number.
+            BadRequest: If ``epsilon`` is not a positive number, or is below the
+                owner's floor ``min_epsilon`` (at a tiny epsilon the noise is too
+                wide for the 64-bit sampler, whose saturated draws would give the
+                exact value away; a floor refuses it plainly, before the spend).
             Forbidden: If the policy asks for a mechanism this server does not
                 have, or the Gaussian one without a per-query delta.
         """
         chosen = exact(self.privacy.epsilon if epsilon is None else epsilon)
         if chosen <= 0:
             raise BadRequest("'epsilon' must be greater than 0")
+        floor = exact(self.privacy.min_epsilon, "min_epsilon")
+        if chosen < floor:
+            raise BadRequest(
+                f"'epsilon' {show(chosen):g} is below the smallest epsilon the owner of dataset "
+                f"'{self.dataset}' allows per query ({show(floor):g}, its 'min_epsilon'); ask "
+                "for at least that"
+            )
         mechanism = self.privacy.mechanism
         delta = exact(self.privacy.delta, "delta") if mechanism == "gaussian" else Fraction(0)
         if mechanism not in ("laplace", "gaussian") or (mechanism == "gaussian" and delta <= 0):

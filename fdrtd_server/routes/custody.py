@@ -15,7 +15,10 @@ route                                         roles         what
 ============================================  ============  ===============================
 
 The catalogue shows a dataset's schema, a coarse row count and its version,
-never values.
+never values. Of a dataset whose owner requires differential privacy it shows
+no row count but to its owner (:func:`shown_rows`): even a coarse count is a
+deterministic function of the number of records, released without noise (a
+record more moves 14 to 15, shown 10 to 20).
 
 A dataset the caller may not see is answered like one that does not exist
 (404), on every route.
@@ -52,6 +55,7 @@ __all__ = [
     "publish",
     "remove_source",
     "revoke_grant",
+    "shown_rows",
     "withdraw",
 ]
 
@@ -82,6 +86,28 @@ def coarse_rows(rows: Any, min_cohort: int) -> int | str | None:
     return rounded
 
 
+PRIVATE_ROWS = (
+    "private: the owner requires differential privacy for this dataset, so its row count "
+    "is released only as a noisy count (smpc.count, map.aggregate)"
+)
+"""The note beside ``rows: null`` of a dataset under differential privacy."""
+
+
+def shown_rows(rows: Any, min_cohort: int, private: bool) -> dict[str, Any]:
+    """The ``rows`` of a catalogue entry (and a note if it is private).
+
+    Args:
+        rows: The number of records, as the catalogue microservice found it.
+        min_cohort: The server's minimum cohort (:func:`coarse_rows`).
+        private: Whether the count must stay hidden: the dataset is under
+            differential privacy (or the policy cannot be read) and the
+            caller is not its owner.
+    """
+    if private:
+        return {"rows": None, "rows_note": PRIVATE_ROWS}
+    return {"rows": coarse_rows(rows, min_cohort)}
+
+
 def _body_map(body: Any, keys: tuple[str, ...], what: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest(f"the body must be a map with {', '.join(keys)}")
@@ -107,7 +133,8 @@ def _named(name: Any) -> str:
 async def catalogue(request: Request) -> Response:
     """The datasets the caller may use here, never their values.
 
-    Each with its name, description, owner, schema, coarse row count, the
+    Each with its name, description, owner, schema, coarse row count (none
+    under differential privacy, but to its owner: :func:`shown_rows`), the
     functions the caller may use it for, its version, and the owner's policy
     as it concerns her (:meth:`fdrtd_server.policy.DatasetPolicy.public`).
     """
@@ -148,7 +175,13 @@ async def catalogue(request: Request) -> Response:
             "owner": entry.owner,
             "kind": entry.kind,
             "columns": facts.get("columns"),
-            "rows": coarse_rows(facts.get("rows"), k),
+            # under DP (or an unreadable policy) a row count only for its owner
+            **shown_rows(
+                facts.get("rows"),
+                k,
+                entry.owner != principal.name
+                and (policy is None or policy.of(entry.name).privacy.dp),
+            ),
             "functions": functions,
             "version": facts.get("version"),
             # the owner's rules for it (functions, cohort, cells, dp, bounds), never values

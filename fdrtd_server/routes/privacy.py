@@ -3,8 +3,10 @@
 ``GET /v1/budget`` (owners and analysts) lists every named dataset the caller
 may see on this server with its differential privacy terms (whether the owner
 requires it, the mechanism, the per-query epsilon and delta) and, where it
-applies, what the caller and all analysts together have spent and what
-remains of each cap. The owner of a dataset also sees each analyst's spend.
+applies, what the caller has spent, her cap, and what she may still spend
+(the smaller of her own remainder and the total's). Only the owner of a
+dataset sees what all analysts together have spent, the total cap, and each
+analyst's spend: an analyst learns nothing of the others' queries here.
 """
 
 from __future__ import annotations
@@ -37,13 +39,15 @@ async def budget(request: Request) -> Response:
         }
         if terms.dp:
             found = await ledger.budget(entry.name, principal.name, terms)
+            owner = entry.owner == principal.name
             item.update(
                 mechanism=terms.mechanism,
                 epsilon=terms.epsilon,
+                min_epsilon=terms.min_epsilon,
                 delta=terms.delta if terms.mechanism == "gaussian" else 0.0,
-                **found.to_dict(),
+                **(found.to_dict() if owner else found.own()),
             )
-            if entry.owner == principal.name:
+            if owner:
                 item["analysts"] = {k: v.shown() for k, v in sorted(found.analysts.items())}
         listed.append(item)
     state.audit.write(principal.name, "list", "budget")

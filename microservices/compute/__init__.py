@@ -31,6 +31,7 @@ sensitivity 1 per record: a record is in exactly one cell, ``other`` included).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,8 @@ service = Microservice(
 )
 
 MAX_BINS = 10_000
+_CAP = 1 << 40
+"""Cell counts above this are suppressed as if they were this (their sum still fits int64)."""
 
 
 def _edges(bins: Any) -> np.ndarray[Any, Any] | None:
@@ -102,9 +105,12 @@ def _histogram(
 
     With ``empty`` (an owner's named dataset) empty cells are hidden like small ones.
     """
-    cells = _cells(data, edges) if cells is None else np.asarray(cells, dtype=np.int64)
-    hidden = suppress(cells, minimum, empty=empty)
-    shown: list[int | None] = [None if h else int(c) for c, h in zip(cells, hidden, strict=True)]
+    found = [int(c) for c in (_cells(data, edges) if cells is None else cells)]  # Python ints
+    # which to hide depends only on how each compares to the threshold and to the others:
+    # capped, the counts fit int64 whatever noise they carry
+    capped = np.asarray([min(c, _CAP) for c in found], dtype=np.int64)
+    hidden = suppress(capped, minimum, empty=empty)
+    shown: list[int | None] = [None if h else c for c, h in zip(found, hidden, strict=True)]
     return {
         "edges": edges,
         "counts": shown[:-1],
@@ -162,6 +168,26 @@ def _squares_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
     return (0.0 if low <= 0.0 <= high else min(ends), max(ends))
 
 
+_SENSITIVITY_BITS = 32
+"""One record adds at most about 2^32 fixed-point units to a DP sum of ``map.aggregate``."""
+
+
+def _frac_bits(bounds: tuple[float, float]) -> int:
+    """The fixed-point precision of a DP sum over ``bounds``: 2^-20, coarser if they are wide.
+
+    Coarse enough that one record adds at most about 2^32 units, so that the
+    noise scale stays far within the 64-bit sampler (squares of realistic
+    bounds, 1e10 for [0, 1e5], would otherwise need more than 2^50 units).
+    The rounding, half a unit per record, stays far below the noise, whose
+    scale is at least the bound over epsilon.
+    """
+    largest = max(abs(bounds[0]), abs(bounds[1]))
+    if largest < 1.0:
+        return ring.DEFAULT_FRAC_BITS
+    wanted = _SENSITIVITY_BITS - math.ceil(math.log2(largest))
+    return max(0, min(ring.DEFAULT_FRAC_BITS, wanted))
+
+
 async def private_aggregates(
     dataset: Any,
     column: Any,
@@ -174,9 +200,10 @@ async def private_aggregates(
     """The aggregates with differential privacy, if ``dataset`` needs it (else None).
 
     Values are clamped to the owner's bounds and encoded record by record in
-    fixed point (2^-20), so every sum is an exact integer sum with an exact
-    integer sensitivity; the query's epsilon is spent before any noise is
-    drawn and split evenly over the released statistics.
+    fixed point (2^-20, coarser for wide bounds: :func:`_frac_bits`), so every
+    sum is an exact integer sum with an exact integer sensitivity; the query's
+    epsilon is spent before any noise is drawn and split evenly over the
+    released statistics.
 
     Raises:
         Forbidden: If the column has no declared bounds, or the budget is spent.
@@ -188,35 +215,46 @@ async def private_aggregates(
     values = numeric(dataset.column(column))
     if values.ndim != 1:
         raise BadRequest("aggregates with differential privacy need a column of single numbers")
+    # everything that can refuse, before the spend: the bounds, their fixed-point
+    # encoding (and their squares'), every noise scale; none of it reads the values
     bounds = terms.bound(name, "a sum")
-    data = finite_rows(values.astype(np.float64, copy=False))
-    frac_bits = ring.DEFAULT_FRAC_BITS
-    release = await private_release(dataset, epsilon, 3 + (edges is not None), "'map.aggregate'")
-    assert release is not None  # the dataset has privacy terms
-    clamped = privacy.clamped(data, bounds)
     squares = _squares_bounds(bounds)
-    unit = 2.0**-frac_bits
-    (count,) = release.noisy("count", [int(data.shape[0])], 1)
+    frac_bits, square_bits = _frac_bits(bounds), _frac_bits(squares)
+    statistics = [
+        privacy.Statistic("count", 1),
+        privacy.Statistic(
+            "sum", privacy.fixed_sensitivity(bounds, frac_bits), unit=2.0**-frac_bits
+        ),
+        privacy.Statistic(
+            "sum_squares",
+            privacy.fixed_sensitivity(squares, square_bits),
+            unit=2.0**-square_bits,
+        ),
+    ]
+    if edges is not None:
+        # one record is in exactly one cell (``other`` included): l1 and l2 sensitivity 1
+        statistics.append(privacy.Statistic("histogram", 1, size=edges.size, per_element=False))
+    release = await private_release(dataset, epsilon, statistics, "'map.aggregate'")
+    assert release is not None  # the dataset has privacy terms
+    # after the spend nothing refuses on the values: they are clamped to bounds that
+    # fit, summed in Python integers, and only noisy values leave
+    data = finite_rows(values.astype(np.float64, copy=False))
+    clamped = privacy.clamped(data, bounds)
+    (count,) = release.noisy("count", [int(data.shape[0])])
     (total,) = release.noisy(
-        "sum",
-        [int(privacy.fixed_units(clamped, frac_bits).sum(dtype=object))],
-        privacy.fixed_sensitivity(bounds, frac_bits),
-        unit=unit,
+        "sum", [int(privacy.fixed_units(clamped, frac_bits).sum(dtype=object))]
     )
     (sum_squares,) = release.noisy(
         "sum_squares",
-        [int(privacy.fixed_units(np.square(clamped), frac_bits).sum(dtype=object))],
-        privacy.fixed_sensitivity(squares, frac_bits),
-        unit=unit,
+        [int(privacy.fixed_units(np.square(clamped), square_bits).sum(dtype=object))],
     )
     result: dict[str, Any] = {
         "count": count,
-        "sum": total * unit,
-        "sum_squares": sum_squares * unit,
+        "sum": total * 2.0**-frac_bits,
+        "sum_squares": sum_squares * 2.0**-square_bits,
     }
     if edges is not None:
-        # one record is in exactly one cell (``other`` included): l1 and l2 sensitivity 1
-        noisy = release.noisy("histogram", _cells(data, edges), 1, per_element=False)
+        noisy = release.noisy("histogram", _cells(data, edges))
         # noisy cells below 0 are shown as 0 (post-processing), then hidden as any small cell
         result["histogram"] = _histogram(data, edges, minimum, empty, [max(c, 0) for c in noisy])
     result["privacy"] = {terms.dataset: release.statement((name,))}

@@ -79,9 +79,10 @@ async def count(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         # inside the session: if this party's input is refused, the others hear it at once
         dataset = await ctx.load_dataset(inputs.get("data"), columns=[], private=True)
         rows = dataset.rows
-        release = await private_release(dataset, inputs.get("epsilon"), 1, "'smpc.count'")
+        counted = [privacy.Statistic("count", 1)]
+        release = await private_release(dataset, inputs.get("epsilon"), counted, "'smpc.count'")
         if release is not None:
-            (rows,) = release.noisy("count", [rows], 1)
+            (rows,) = release.noisy("count", [rows])
         smpc = SmpcSession(peers)
         await smpc.setup(declare(ctx, function="count"), defer=True)
         total = await joint_count(ctx, smpc, rows)
@@ -113,34 +114,78 @@ def _column_name(dataset: Dataset, column: Any) -> str:
     return str(column) if column is not None else next(iter(dataset.columns))
 
 
+RING_ROWS = 1 << 20
+"""The records per party a differentially private sum must have room for in the 64-bit ring.
+
+Checked before the spend (:func:`_ring_room`) against public terms only: the
+owner's bounds, ``frac_bits``, the number of parties and the noise scale. A
+party with more records, whose noisy sum then does not fit, is refused by the
+ring's own check, which sees only the noisy sum (post-processing)."""
+_NOISE_TAILS = 64
+"""Noise scales kept free in the ring beside the sum: Laplace noise exceeds 64 scales
+with probability exp(-64), Gaussian noise far less."""
+
+
+def _ring_room(
+    plan: privacy.Plan, bounds: tuple[float, float], frac_bits: int, parties: int
+) -> None:
+    """Refuse, before the spend, a DP sum whose bounds and noise leave the ring too little room.
+
+    Only public terms enter (never the row count): the refusal tells the
+    analyst nothing she did not know.
+
+    Raises:
+        OutOfRange: Naming the most ``frac_bits`` that would fit.
+    """
+    limit = ((1 << 63) - 1) // parties
+    scale = plan.scale("sum")
+
+    def fits(bits: int) -> bool:
+        sensitivity = privacy.fixed_sensitivity(bounds, bits)
+        return RING_ROWS * sensitivity + _NOISE_TAILS * scale * 2.0 ** (bits - frac_bits) < limit
+
+    if fits(frac_bits):
+        return
+    smaller = next((bits for bits in range(frac_bits - 1, -1, -1) if fits(bits)), None)
+    ask = (
+        f"ask for at most {smaller} 'frac_bits'"
+        if smaller is not None
+        else "ask the dataset's owner for narrower bounds"
+    )
+    raise OutOfRange(
+        f"at frac_bits {frac_bits}, the bounds {list(bounds)} of this column with their noise "
+        f"leave room in the 64-bit ring for fewer than {RING_ROWS} records per party at "
+        f"{parties} parties; {ask} (or a larger 'epsilon', for less noise); nothing was spent"
+    )
+
+
 def _private_sum(
-    release: Any, values: npt.NDArray[np.float64], column: str, frac_bits: int
-) -> tuple[int, npt.NDArray[np.int64]]:
+    release: privacy.Release,
+    values: npt.NDArray[np.float64],
+    bounds: tuple[float, float],
+    frac_bits: int,
+) -> tuple[int, npt.NDArray[Any]]:
     """This party's noisy record count and noisy sum (integer fixed-point units) of ``values``.
 
-    The values are clamped to the owner's declared bounds of ``column`` and
-    encoded record by record, so the sum is an exact integer sum whose
-    sensitivity is an exact integer; each gets its own noise share (one part
-    of the query's epsilon each) before anything is secret-shared.
+    The values are clamped to the owner's declared bounds and encoded record
+    by record (the bounds were checked to fit before the spend, so every
+    clamped value does), and summed in Python integers, so the sum is exact
+    and cannot overflow before the noise; each gets its own noise share (one
+    part of the query's epsilon each) before anything is secret-shared.
+    Nothing here refuses on the exact values: the ring's own check
+    (``ring.encode_int``) sees only the noisy sum.
     """
-    bounds = release.terms.bound(column, "a sum")
     finite = finite_rows(values)
     units = privacy.fixed_units(privacy.clamped(finite, bounds), frac_bits)
-    sensitivity = privacy.fixed_sensitivity(bounds, frac_bits)
-    if max(int(finite.shape[0]), 1) * sensitivity >= 1 << 62:
-        raise OutOfRange(
-            "the bounds of this column, at this many records, overflow the fixed-point ring; "
-            "ask for fewer 'frac_bits'"
-        )
-    (rows,) = release.noisy("count", [int(finite.shape[0])], 1)
-    summed = units.sum(axis=0, dtype=np.int64)
-    noisy = release.noisy("sum", summed, sensitivity, unit=2.0**-frac_bits)
-    return rows, np.array(noisy).reshape(np.shape(summed))  # int64, or objects if too large
+    (rows,) = release.noisy("count", [int(finite.shape[0])])
+    summed = units.sum(axis=0, dtype=object)  # Python integers
+    noisy = release.noisy("sum", np.asarray(summed, dtype=object))
+    # int64 where every noisy element fits, else objects (which the ring refuses)
+    return rows, np.array(noisy).reshape(np.shape(summed))
 
 
 async def _summed(ctx: JobContext, inputs: dict[str, Any], function: str) -> dict[str, Any]:
     """The joint sum and count of a column (``secure_sum`` and ``mean``)."""
-    release = None
     column = inputs.get("column")
     async with session_for(ctx) as peers:
         # inside the session: if this party's input is refused, the others hear it at once
@@ -149,18 +194,33 @@ async def _summed(ctx: JobContext, inputs: dict[str, Any], function: str) -> dic
         elementwise = bool(inputs.get("elementwise", False))
         frac_bits = inputs.get("frac_bits", ring.DEFAULT_FRAC_BITS)  # declared: 0 to 40
         name = _column_name(dataset, column)
-        if dataset.privacy is not None:  # refused before anything is spent
-            dataset.privacy.bound(name, "a sum")
-        if dataset.privacy is not None and elementwise:
-            raise Forbidden(
-                f"the owner of dataset '{dataset.privacy.dataset}' requires differential "
-                "privacy, and an elementwise sum adds single records of each party; sum the "
-                "records (elementwise = false)"
-            )
-        release = await private_release(dataset, inputs.get("epsilon"), 2, f"'smpc.{function}'")
         smpc = SmpcSession(peers)
+        release: privacy.Release | None = None
+        bounds = (0.0, 0.0)
+        if dataset.privacy is not None:  # everything that can refuse, before the spend
+            bounds = dataset.privacy.bound(name, "a sum")
+            if elementwise:
+                raise Forbidden(
+                    f"the owner of dataset '{dataset.privacy.dataset}' requires differential "
+                    "privacy, and an elementwise sum adds single records of each party; sum "
+                    "the records (elementwise = false)"
+                )
+            statistics = [
+                privacy.Statistic("count", 1),
+                privacy.Statistic(
+                    "sum",
+                    privacy.fixed_sensitivity(bounds, frac_bits),  # refuses bounds that overflow
+                    size=int(np.prod(values.shape[1:], dtype=np.int64)),
+                    unit=2.0**-frac_bits,
+                ),
+            ]
+            needs = f"'smpc.{function}'"
+            plan = privacy.plan_release(dataset, inputs.get("epsilon"), statistics, needs)
+            if plan is not None:
+                _ring_room(plan, bounds, frac_bits, smpc.parties)
+                release = await plan.spend()
         if release is not None:
-            rows, noisy = _private_sum(release, values, name, frac_bits)
+            rows, noisy = _private_sum(release, values, bounds, frac_bits)
             public = declare(ctx, shape=list(noisy.shape), elementwise=False, frac_bits=frac_bits)
             await smpc.setup(public, defer=True)
             encoded = ring.encode_int(noisy, parties=smpc.parties)

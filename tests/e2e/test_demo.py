@@ -59,6 +59,8 @@ def test_demo_prints_joint_results_equal_to_plaintext() -> None:
     assert "(the versions of patients it read)" in run.stdout
     assert "the analyst, who uploaded nothing" in run.stdout
     assert "alpha: the analyst has epsilon 1.5 of 'registry' left" in run.stdout
+    assert "receipt verified: 3 signed statements, 3 cosignatures" in run.stdout
+    assert "receipt verify receipt.json --home alpha: receipt of smpc.mean signed by" in run.stdout
     for label in CATALOGUE:
         assert any(line.startswith(label) for line in lines), label
 

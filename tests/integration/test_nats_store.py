@@ -284,7 +284,7 @@ def test_derived_limits_beyond_what_jetstream_reserves_are_shared_out(
             await bus.close()
 
     bounds = run(share())
-    assert len(bounds) == 8, bounds  # seven buckets and the versions of named datasets
+    assert len(bounds) == 9, bounds  # seven buckets, the versions and the privacy budgets
     assert all(bound >= MiB for bound in bounds.values()), bounds
     assert sum(bounds.values()) <= 64 * MiB
     assert bounds[f"OBJ_{DATA_BUCKET}"] == max(bounds.values())

@@ -302,7 +302,13 @@ def upload_all(
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, example_plugin: None) -> Iterator[World]:
-    federation = LocalFederation(tmp_path_factory.mktemp("nodl"), names=("north", "south"))
+    # every function is tried, and some are left waiting for a party refused its inputs:
+    # the limit of concurrent computations (policy.md) must not be what stops them
+    federation = LocalFederation(
+        tmp_path_factory.mktemp("nodl"),
+        names=("north", "south"),
+        policy='version = "nodl"\n[defaults]\nmax_concurrent = 256\n',
+    )
     north, south = federation.servers["north"], federation.servers["south"]
     other = TokenStore(north.home).add("other")
     errors: list[BaseException] = []

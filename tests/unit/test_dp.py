@@ -11,11 +11,13 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from fdrtd_server.errors import BadRequest, Forbidden
+from fdrtd_server.errors import BadRequest, Forbidden, OutOfRange
+from fdrtd_server.microservice import Dataset
 from fdrtd_server.policy import DatasetPolicy, Privacy
-from fdrtd_server.privacy import Ledger, MemoryStore, Spent, exact
+from fdrtd_server.privacy import Budget, Ledger, MemoryStore, PrivateTerms, Spent, exact
 from fdrtd_server.sdk import privacy
 from fdrtd_server.sdk.testing import MemoryFederation
+from microservices.compute import _histogram
 from protocols.smpc.service import service
 
 CASES = [
@@ -146,11 +148,13 @@ def test_what_colluding_parties_learn_of_a_dp_party_is_already_noisy() -> None:
 
 
 def test_three_dp_parties_open_a_noisy_sum_and_count() -> None:
+    # ten copies of each party's rows: a noisy joint count under the cohort of 3 (from
+    # 150 records, noise of scale 2 from each party) never happens in practice
     fed = MemoryFederation(
-        datasets={p: {"d": {"x": v}} for p, v in ROWS.items()},
+        datasets={p: {"d": {"x": v * 10}} for p, v in ROWS.items()},
         policies={p: {"d": POLICY} for p in ROWS},
     )
-    exact = sum(sum(v) for v in ROWS.values())
+    exact = 10 * sum(sum(v) for v in ROWS.values())
     results = [fed.run_sync(service, "secure_sum", data="d", column="x") for _ in range(3)]
     for result in results:
         assert result["alpha"]["sum"] == result["beta"]["sum"] == result["gamma"]["sum"]
@@ -182,3 +186,127 @@ def test_functions_without_dp_are_refused_before_anything_is_spent() -> None:
         with pytest.raises(Forbidden, match="requires differential privacy"):
             fed.run_sync(service, function, data="d", column="x")
     assert fed.ledgers["alpha"].store.entries == {}  # type: ignore[attr-defined]
+
+
+# --- the attacks of the first review: saturated noise, probes by refusal, repeated parts ---
+
+
+@pytest.mark.parametrize("scale", [1e300, float(1 << 64)])
+def test_noise_that_saturates_the_sampler_is_refused_never_returned(scale: float) -> None:
+    # OpenDP's i64 output saturates at 2^63 - 1: every draw would be one constant
+    with pytest.raises(OutOfRange, match="'epsilon'"):
+        privacy.noise("laplace", scale, 16)
+
+
+def test_calibration_turns_opendp_overflows_into_a_refusal() -> None:
+    with pytest.raises(OutOfRange, match="'epsilon'"):
+        privacy.calibrate("gaussian", 1, Fraction(10**6), Fraction(1, 10**7))
+
+
+LOW_FLOOR = DatasetPolicy(
+    bounds={"x": (0.0, 10.0)},
+    privacy=Privacy(epsilon=1.0, min_epsilon=1e-30, analyst_epsilon=100.0),
+)
+
+
+@pytest.mark.parametrize("function", ["count", "secure_sum", "mean"])
+def test_a_scale_beyond_the_sampler_is_refused_before_the_spend(function: str) -> None:
+    fed = MemoryFederation(
+        ("alpha", "beta"),
+        datasets={p: {"d": {"x": ROWS[p]}} for p in ("alpha", "beta")},
+        policies={p: {"d": LOW_FLOOR} for p in ("alpha", "beta")},
+    )
+    column = {} if function == "count" else {"column": "x"}
+    with pytest.raises(OutOfRange, match="above 2\\^50") as refused:
+        fed.run_sync(service, function, data="d", epsilon=1e-24, **column)
+    assert "nothing was spent" in str(refused.value)
+    assert all(ledger.store.entries == {} for ledger in fed.ledgers.values())  # type: ignore[attr-defined]
+
+
+def test_an_epsilon_below_the_owners_floor_is_a_bad_request_before_the_spend() -> None:
+    fed = MemoryFederation(
+        ("alpha", "beta"),
+        datasets={p: {"d": {"x": ROWS[p]}} for p in ("alpha", "beta")},
+        policies={p: {"d": POLICY} for p in ("alpha", "beta")},  # min_epsilon 0.001
+    )
+    with pytest.raises(BadRequest, match="min_epsilon"):
+        fed.run_sync(service, "count", data="d", epsilon=1e-24)
+    assert all(ledger.store.entries == {} for ledger in fed.ledgers.values())  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("rows", [4, 5])
+def test_whether_a_sum_fits_the_ring_is_decided_before_the_spend_on_public_terms(
+    rows: int,
+) -> None:
+    # bounds [0, 1e6] at frac_bits 40: 4 records fit in 2^62, 5 do not; the answer must
+    # not depend on which (the first release refused 5 after the spend, served 4)
+    wide = DatasetPolicy(
+        bounds={"x": (0.0, 1e6)}, privacy=Privacy(epsilon=1.0, analyst_epsilon=100.0)
+    )
+    fed = MemoryFederation(
+        ("alpha", "beta"),
+        datasets={
+            "alpha": {"d": {"x": np.arange(1.0, rows + 1)}},
+            "beta": {"d": {"x": np.zeros(9)}},
+        },
+        policies={"alpha": {"d": wide}},
+    )
+    details = []
+    for frac_bits in (40, 25):
+        with pytest.raises(OutOfRange) as refused:
+            fed.run_sync(service, "secure_sum", data="d", column="x", frac_bits=frac_bits)
+        details.append(str(refused.value))
+    assert "fewer 'frac_bits'" in details[0] and "ask for at most 22 'frac_bits'" in details[1]
+    assert fed.ledgers["alpha"].store.entries == {}  # type: ignore[attr-defined]
+
+
+def _release(parts: list[privacy.Statistic]) -> privacy.Release:
+    ledger = Ledger(MemoryStore())
+    terms = PrivateTerms(
+        "d",
+        Privacy(epsilon=1.0, analyst_epsilon=10.0),
+        {"x": (0.0, 10.0)},
+        "ann",
+        lambda d, a, p, w, n: ledger.spend(d, a, p, w, needs=n),
+    )
+    dataset = Dataset({"x": np.zeros(3)}, 3)
+    dataset.privacy = terms
+    plan = privacy.plan_release(dataset, None, parts, "'test'")
+    assert plan is not None
+    return _run(plan.spend())
+
+
+def test_a_release_noises_each_declared_statistic_once() -> None:
+    release = _release([privacy.Statistic("sum", 1), privacy.Statistic("count", 1)])
+    release.noisy("sum", [10])
+    with pytest.raises(RuntimeError):  # a second sum would spend what was paid for once
+        release.noisy("sum", [10])
+    with pytest.raises(RuntimeError):  # and the count can no longer be drawn either
+        release.noisy("count", [3])
+    with pytest.raises(RuntimeError):
+        _release([privacy.Statistic("sum", 1)]).noisy("other", [1])
+    with pytest.raises(ValueError):
+        _release([privacy.Statistic("sum", 1), privacy.Statistic("sum", 1)])
+
+
+def test_an_analyst_is_shown_her_own_budget_and_the_smaller_remainder() -> None:
+    budget = Budget(
+        "d",
+        analyst=Spent(Fraction(1, 4)),
+        total=Spent(Fraction(9, 10)),
+        analyst_cap=Spent(Fraction(1)),
+        total_cap=Spent(Fraction(1)),
+        analysts={"ann": Spent(Fraction(1, 4)), "bob": Spent(Fraction(13, 20))},
+    )
+    own = budget.own()
+    assert own["spent"] == {"analyst": {"epsilon": 0.25, "delta": 0.0}}
+    assert own["remaining"] == {"analyst": {"epsilon": pytest.approx(0.1), "delta": 0.0}}
+    assert "total" not in str(own) and "bob" not in str(own)
+    assert budget.to_dict()["spent"]["total"]["epsilon"] == pytest.approx(0.9)  # the owner's
+
+
+def test_noisy_histogram_cells_beyond_int64_are_shown_not_a_500() -> None:
+    edges = np.array([0.0, 1.0, 2.0])
+    shown = _histogram(np.array([0.5]), edges, 3, True, [2**70, 2**64, 1])
+    visible = [c for c in shown["counts"] if c is not None]
+    assert visible and set(visible) <= {2**70, 2**64} and shown["other"] is None

@@ -98,6 +98,13 @@ BAD = [
     ('version = "x"\n[datasets.p.privacy]\nmechanism = "gaussian"\n', 3, "needs a 'delta' greater"),
     ('version = "x"\n[datasets.p.privacy]\ndp = "yes"\n', 3, "'dp' must be true or false"),
     ('version = "x"\n[datasets.p.privacy]\nepsilon = 2.0\n', 3, "no query could run"),
+    ('version = "x"\n[datasets.p.privacy]\nmin_epsilon = 0\n', 3, "'min_epsilon' must be greater"),
+    ('version = "x"\n[datasets.p.privacy]\nmin_epsilon = 0.5\n', 3, "'min_epsilon' is above"),
+    (
+        'version = "x"\n[datasets.p.privacy]\nepsilon = 0.01\n\nmin_epsilon = 0.1\n',
+        5,
+        "'min_epsilon' is above 'epsilon'",
+    ),
     ('version = "x"\n[datasets.p.privacy]\nsigma = 1\n', 3, "unknown key 'sigma'"),
     ('version = "x"\n[datasets.p.bounds]\nage = [120, 0]\n', 3, "[lower, upper]"),
     ('version = "x"\n[datasets.p.bounds]\nage = [0, inf]\n', 3, "finite numbers"),
@@ -115,6 +122,15 @@ BAD = [
     ('version = "x"\n[defaults\n', 2, "not valid TOML"),
     ('version = "x"\nfunctions = [\n', 2, "not valid TOML"),
 ]
+
+
+def test_the_epsilon_floor_is_a_privacy_key_with_a_default_and_is_public() -> None:
+    policy = Policy.parse('version = "x"\n[datasets.p.privacy]\nmin_epsilon = 0.01\n')
+    assert Policy().defaults.privacy.min_epsilon == 0.001
+    assert policy.of("p").privacy.min_epsilon == 0.01
+    assert policy.of("p").public(3)["min_epsilon"] == 0.01
+    assert DatasetPolicy.from_dict(policy.of("p").to_dict()) == policy.of("p")  # on the bus
+    assert Policy.parse(TEMPLATE).defaults == DatasetPolicy()  # the template states it
 
 
 @pytest.mark.parametrize(("text", "line", "part"), BAD)
