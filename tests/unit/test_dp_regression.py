@@ -133,7 +133,5 @@ def _dp_dataset(policy: DatasetPolicy) -> Dataset:
 def test_a_noisy_gram_that_is_not_positive_definite_is_a_clear_422() -> None:
     xtx = np.array([[10.0, 20.0], [20.0, 5.0]])
     with pytest.raises(ComputationFailed, match="not positive definite") as failed:
-        regression._solve_private(
-            xtx, np.array([1.0, 2.0]), 9.0, 10, ["intercept", "x"], True
-        )
+        regression._solve_private(xtx, np.array([1.0, 2.0]), 9.0, 10, ["intercept", "x"], True)
     assert failed.value.status == 422 and "'epsilon'" in str(failed.value)
