@@ -60,7 +60,16 @@ __all__ = [
     "terms_for",
 ]
 
-DP_FUNCTIONS = ("smpc.count", "smpc.secure_sum", "smpc.mean", "map.aggregate")
+DP_FUNCTIONS = (
+    "smpc.count",
+    "smpc.secure_sum",
+    "smpc.mean",
+    "smpc.frequency_table",
+    "smpc.histogram",
+    "smpc.contingency_table",
+    "smpc.linear_regression",
+    "map.aggregate",
+)
 """The built-in functions with a differentially private release (named in refusals)."""
 _RETRIES = 64
 """Compare-and-set attempts before a spend gives up (each lost one means another won)."""

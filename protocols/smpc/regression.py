@@ -67,6 +67,8 @@ import numpy.typing as npt
 
 from fdrtd_server.sdk import (
     DATA,
+    EPSILON,
+    PRIVACY,
     BadRequest,
     ComputationFailed,
     Dataset,
@@ -74,6 +76,7 @@ from fdrtd_server.sdk import (
     Forbidden,
     Input,
     JobContext,
+    OutOfRange,
     Output,
     SmpcSession,
     agree,
@@ -84,6 +87,7 @@ from fdrtd_server.sdk import (
     join_domain,
     join_ids,
     numeric,
+    privacy,
     session_for,
 )
 from protocols.smpc import matmul
@@ -305,10 +309,156 @@ _OLS = [
 ]
 
 
+DP_FRAC_BITS = 16
+"""Fixed-point bits of a normalised value in a differentially private regression.
+
+Every column is divided by the largest magnitude its bounds allow and
+encoded as ``round(z * 2^16)``, so one record adds at most 2^32 units to
+each of the sufficient statistics; coarser (:func:`_private_plan`) where the
+number of statistics and the epsilon would need a noise scale above 2^50."""
+
+
+class _PrivateGram:
+    """A differentially private regression's release: its plan, scaling and columns.
+
+    Attributes:
+        plan: The release, checked and calibrated, not yet spent.
+        frac_bits: The fixed-point bits of every normalised value.
+        scales: The public divisor of each column of ``[X | y]`` (1 for the intercept).
+        bounds: The owner's bounds of each column of ``[X | y]`` (``(1, 1)`` for the intercept).
+        columns: The dataset's column names the release is stated for.
+    """
+
+    def __init__(
+        self,
+        plan: privacy.Plan,
+        frac_bits: int,
+        bounds: list[tuple[float, float]],
+        columns: list[str],
+    ) -> None:
+        self.plan = plan
+        self.frac_bits = frac_bits
+        self.bounds = bounds
+        self.scales = [max(abs(lo), abs(hi)) or 1.0 for lo, hi in bounds]
+        self.columns = columns
+
+
+def _gram_size(p: int) -> int:
+    """How many sufficient statistics a regression with ``p`` coefficients sums (y'y, X'y, X'X)."""
+    return 1 + p + p * (p + 1) // 2
+
+
+def _private_plan(
+    dataset: Dataset, inputs: dict[str, Any], names: list[str], intercept: bool
+) -> _PrivateGram | None:
+    """Check and calibrate a DP regression before the spend; None if the dataset needs no DP.
+
+    Nothing here reads the records: the bounds of every feature and of the
+    target (refused 403, naming the column, if the owner declared none), the
+    owner's epsilon floor, the noise scales (at :data:`DP_FRAC_BITS`, or
+    fewer bits where the scale would pass 2^50), and whether the bounds'
+    products fit a float.
+
+    The sufficient statistics of one record are the upper triangle of
+    ``w w'`` for ``w = [x | y]`` (the intercept's 1 included), each element
+    of ``w`` normalised to ``[-1, 1]`` by its public scale and encoded in
+    ``2^f`` units: each of the ``K = 1 + p + p(p+1)/2`` elements changes by at
+    most ``2^2f`` when one record is added or removed, so the vector's l1
+    sensitivity is ``K * 2^2f`` and its l2 sensitivity ``sqrt(K) * 2^2f``
+    (:class:`privacy.Statistic` per element); the count's is 1.
+    """
+    terms = dataset.privacy
+    if terms is None:
+        return None
+    features = [n for n in names if not (intercept and n == INTERCEPT)]
+    target = str(inputs.get("y"))
+    bounds = [terms.bound(c, "a linear regression") for c in [*features, target]]
+    if intercept:
+        bounds = [(1.0, 1.0), *bounds]
+    largest = max(max(abs(lo), abs(hi)) for lo, hi in bounds)
+    if not largest * largest * 2.0**96 < 2.0**1000:
+        raise OutOfRange(
+            f"the declared bounds of dataset '{terms.dataset}' are too large for the products "
+            "of a regression (their squares pass the float range); ask its owner for narrower "
+            "bounds; nothing was spent"
+        )
+    size = _gram_size(len(names))
+    epsilon = inputs.get("epsilon")
+    for bits in range(DP_FRAC_BITS, -1, -1):
+        statistics = [
+            privacy.Statistic("count", 1),
+            privacy.Statistic("gram", 1 << (2 * bits), size=size, unit=2.0 ** (-2 * bits)),
+        ]
+        try:
+            plan = privacy.plan_release(dataset, epsilon, statistics, "'smpc.linear_regression'")
+        except OutOfRange:
+            if bits == 0:
+                raise
+            continue
+        assert plan is not None  # the dataset has privacy terms
+        return _PrivateGram(plan, bits, bounds, [*features, target])
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _exact_gram(w: npt.NDArray[np.int64]) -> list[int]:
+    """The upper triangle of ``w'w`` as exact Python integers (int64 chunks, each exact)."""
+    size = w.shape[1]
+    total = np.zeros((size, size), dtype=object)
+    step = 1 << 28  # 2^28 records of at most 2^32 units each stay below 2^63
+    for start in range(0, w.shape[0], step):
+        chunk = w[start : start + step]
+        total = total + (chunk.T @ chunk).astype(object)
+    return [int(v) for v in total[np.triu_indices(size)]]
+
+
+def _noisy_sums(
+    gram: _PrivateGram, release: privacy.Release, x: F64, y: F64
+) -> tuple[float, list[float]]:
+    """This party's noisy count and noisy ``[y'y, X'y, triu(X'X)]``, in the data's units.
+
+    Clamped to the bounds, normalised, encoded and multiplied in exact
+    integers; the count and the statistics get this party's own noise; only
+    then are they scaled back to the data's units (post-processing) for the
+    secure sum.
+    """
+    f = gram.frac_bits
+    columns = np.column_stack([x, y])
+    lows, highs = np.asarray(gram.bounds, dtype=np.float64).T
+    # |clamped| <= scale, so every normalised value is within [-1, 1] (division is monotone)
+    normalised = np.clip(columns, lows, highs) / np.asarray(gram.scales)
+    w = privacy.fixed_units(normalised, f)
+    (rows,) = release.noisy("count", [int(columns.shape[0])])
+    exact = _exact_gram(w)  # upper triangle of [X | y]'[X | y], row by row
+    noisy = release.noisy("gram", exact)
+    size = len(gram.bounds)
+    unit = 2.0 ** (-2 * f)
+    scaled = np.zeros((size, size))
+    scaled[np.triu_indices(size)] = [float(v) * unit for v in noisy]
+    scaled *= np.outer(gram.scales, gram.scales)
+    p = size - 1
+    xtx, xty, yty = scaled[:p, :p], scaled[:p, p], scaled[p, p]
+    return float(rows), [float(yty), *map(float, xty), *_triu(xtx)]
+
+
+def _solve_private(
+    xtx: F64, xty: F64, yty: float, n: int, names: list[str], intercept: bool
+) -> dict[str, Any]:
+    """OLS on noisy statistics: a noisy ``X'X`` that is not positive definite is a clear 422."""
+    try:
+        np.linalg.cholesky(xtx)
+    except np.linalg.LinAlgError:
+        raise ComputationFailed(
+            "the noisy X'X is not positive definite: the noise outweighs what the records "
+            "tell of the features; ask for a larger 'epsilon', fewer features, or more "
+            "records (the budget spent is not returned)"
+        ) from None
+    return ols_from_gram(xtx, xty, yty, n, names, intercept=intercept)
+
+
 @service.job(
     "linear_regression",
-    inputs=[DATA, _x("the feature columns (a name or a list)"), _Y, _INTERCEPT],
-    outputs=_OLS,
+    inputs=[DATA, _x("the feature columns (a name or a list)"), _Y, _INTERCEPT, EPSILON],
+    outputs=[*_OLS, PRIVACY],
 )
 async def linear_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Ordinary least squares over the records of all parties (horizontal partition).
@@ -316,26 +466,42 @@ async def linear_regression(ctx: JobContext, inputs: dict[str, Any]) -> dict[str
     Inputs: ``data``; ``x`` (feature column names) and ``y`` (target column);
     ``intercept`` (default true, must agree). Coefficients are named after the
     first party's columns. Records with a missing value are left out.
+
+    On a named dataset whose owner requires differential privacy (``epsilon``:
+    what the query spends), every feature and the target need declared
+    bounds; this party's count and sufficient statistics get its own noise
+    before they are shared (:func:`_private_plan`), and the model is solved
+    from the noisy totals; its standard errors do not include the noise.
     """
     async with session_for(ctx) as peers:
-        dataset = await ctx.load_dataset(inputs.get("data"))
+        dataset = await ctx.load_dataset(inputs.get("data"), private=True)
         x, y, names, intercept = _horizontal_data(dataset, inputs)
         p = len(names)
+        gram = _private_plan(dataset, inputs, names, intercept)
+        release = None if gram is None else await gram.plan.spend()
         smpc = SmpcSession(peers)
         public = declare(
             ctx, function="linear_regression", intercept=intercept, features=p, names=names
         )
         await smpc.setup(public, defer=True)
+        if gram is not None and release is not None:
+            rows, local = _noisy_sums(gram, release, x, y)
+        else:
+            rows, local = float(x.shape[0]), [float(y @ y), *map(float, x.T @ y), *_triu(x.T @ x)]
         # the count first: nothing else is summed unless the cohort is large enough
-        n = round((await _sum_big(smpc, [float(x.shape[0])]))[0])
+        n = round((await _sum_big(smpc, [rows]))[0])
         for key in ("function", "intercept", "features"):
             agree(smpc, key)
         check_joint_cohort(ctx, smpc, n)
         names = _first_party_names(smpc, p)
-        sums = await _sum_big(smpc, [float(y @ y), *map(float, x.T @ y), *_triu(x.T @ x)])
+        sums = await _sum_big(smpc, local)
     xty = np.array(sums[1 : 1 + p])
     xtx = _from_triu(sums[1 + p :], p)
-    return ols_from_gram(xtx, xty, sums[0], n, names, intercept=intercept)
+    if release is None:
+        return ols_from_gram(xtx, xty, sums[0], n, names, intercept=intercept)
+    fitted = _solve_private(xtx, xty, sums[0], n, names, intercept)
+    assert gram is not None
+    return {**fitted, "privacy": {release.terms.dataset: release.statement(gram.columns)}}
 
 
 def _logistic_local(x: F64, y: F64, beta: F64) -> list[float]:

@@ -75,6 +75,20 @@ side of a protocol run between the servers of a computation session.
       is one encryption per aligned record (about 80 per second and core at
       2048 bits, so about 13 s for 1000 records).
 
+Differential privacy
+    On a named dataset whose owner requires differential privacy, the three
+    horizontal tables are released with noise (``epsilon``): the query's
+    epsilon is spent from the dataset's budget on this server once every
+    check that needs no data has passed, split evenly between the count and
+    the cells; this party adds its own integer noise (OpenDP, the owner's
+    mechanism) to its count and to each of its cells before anything is
+    shared. One record is in at most one cell, so the cells have l1 and l2
+    sensitivity 1 under adding or removing a record, as the count has.
+    The opened count and cells are already noisy; the cohort check sees the
+    noisy count; noisy cells below 0 are shown as 0, and then small (and
+    empty) cells are suppressed as below (post-processing). The vertical
+    table has no such release and is refused there (403).
+
 Disclosure control (invariant 3)
     A table over fewer records than the minimum cohort is refused on every
     party, and no table (nor, for the vertical table, the join) is opened
@@ -114,6 +128,8 @@ from phe import paillier
 from fdrtd_server.sdk import (
     COLUMN,
     DATA,
+    EPSILON,
+    PRIVACY,
     BadRequest,
     CohortTooSmall,
     ComputationFailed,
@@ -130,6 +146,8 @@ from fdrtd_server.sdk import (
     join_ids,
     numeric,
     points_from,
+    privacy,
+    private_release,
     receive_bytes,
     ring,
     send_bytes,
@@ -328,12 +346,17 @@ def _threshold(smpc: SmpcSession) -> int:
     return max(int(m) for m in minimums)
 
 
-def _declared(ctx: JobContext) -> dict[str, Any]:
-    """What this party declares for disclosure control: minimum cohort, small cells, named data."""
+def _declared(ctx: JobContext, private: bool = False) -> dict[str, Any]:
+    """What this party declares for disclosure control: minimum cohort, small cells, named data.
+
+    ``private``: this party's table is a differentially private release (of
+    an owner's named dataset): empty cells are hidden too.
+    """
     return {
         "min_cohort": ctx.env.min_cohort,
         "small_cell": ctx.env.small_cell,
-        "named": bool(ctx.versions),  # an owner's named dataset: empty cells hidden too
+        # an owner's named dataset: empty cells hidden too
+        "named": bool(ctx.versions) or private,
     }
 
 
@@ -360,7 +383,12 @@ def _hide(counts: I64, hidden: npt.NDArray[np.bool_]) -> list[Any]:
 
 
 async def _count_and_table(
-    ctx: JobContext, smpc: SmpcSession, records: int, local: I64, keys: tuple[str, ...]
+    ctx: JobContext,
+    smpc: SmpcSession,
+    records: int,
+    local: I64,
+    keys: tuple[str, ...],
+    release: privacy.Release | None = None,
 ) -> tuple[int, I64, tuple[int, bool]]:
     """The joint number of records and the joint table; with the strictest small cells.
 
@@ -368,7 +396,18 @@ async def _count_and_table(
     two (``SmpcSession.count_and_sum``). Before any table is opened, every
     party refuses together if the parties disagree on ``keys`` of their
     (deferred) setup or the joint count is below the strictest minimum.
+
+    With a ``release`` (this party's dataset needs differential privacy) the
+    count and every cell get this party's own noise before they are shared
+    (:func:`_noisy_table`), and this party never sends its table early: whether
+    it may would tell whether its exact count meets its minimum cohort. The
+    opened count and cells are then noisy, and the cohort check sees the
+    noisy count.
     """
+    ready = records >= ctx.env.min_cohort
+    if release is not None:
+        records, local = _noisy_table(release, records, local)
+        ready = False
 
     def vet(total: int) -> None:
         for key in keys:
@@ -380,12 +419,54 @@ async def _count_and_table(
             raise error
 
     total, summed = await smpc.count_and_sum(
-        records,
-        ring.encode_int(local, parties=smpc.parties),
-        ready=records >= ctx.env.min_cohort,
-        vet=vet,
+        records, ring.encode_int(local, parties=smpc.parties), ready=ready, vet=vet
     )
-    return total, ring.decode_int(summed), _cells(smpc)
+    # exact counts are never below 0; noisy ones below 0 are shown as 0 (post-processing)
+    return total, np.maximum(ring.decode_int(summed), 0), _cells(smpc)
+
+
+def _table_statistics(cells: int) -> list[privacy.Statistic]:
+    """What a table releases under differential privacy, declared before the spend.
+
+    One record is counted once and lies in at most one cell (``other``
+    included): adding or removing it changes the count by 1 and the vector
+    of cells by 1 in one cell, so l1 and l2 sensitivity 1 for each.
+    """
+    return [
+        privacy.Statistic("count", 1),
+        privacy.Statistic("table", 1, size=cells, per_element=False),
+    ]
+
+
+async def _private_table(
+    dataset: Dataset, epsilon: Any, cells: int, function: str
+) -> privacy.Release | None:
+    """Plan and spend a table's release, if ``dataset`` needs differential privacy (else None).
+
+    Everything that can refuse without the data (the owner's epsilon floor,
+    the two noise scales) is checked by :func:`privacy.plan_release` before
+    the spend; a table needs no bounds (it counts, it sums no values).
+    """
+    return await private_release(dataset, epsilon, _table_statistics(cells), f"'smpc.{function}'")
+
+
+def _noisy_table(release: privacy.Release, records: int, local: I64) -> tuple[int, I64]:
+    """This party's noisy count and noisy cells: exact in Python integers, then noised.
+
+    The noisy cells are int64 where each fits (always, at a scale within
+    2^50), else objects, which the ring's own check refuses: that check sees
+    only noisy values.
+    """
+    (rows,) = release.noisy("count", [int(records)])
+    noisy = release.noisy("table", np.asarray(local, dtype=object))
+    return rows, np.array(noisy).reshape(local.shape)
+
+
+def _stated(result: dict[str, Any], release: privacy.Release | None) -> dict[str, Any]:
+    """``result`` with this party's statement of a differentially private release, if any."""
+    if release is None:
+        return result
+    return {**result, "privacy": {release.terms.dataset: release.statement()}}
 
 
 # --- frequency tables and histograms -------------------------------------------------------
@@ -403,7 +484,7 @@ async def _one_way(ctx: JobContext, inputs: dict[str, Any], function: str) -> di
                 categories = _labels(inputs.get("categories"), "categories")
             else:
                 edges = _edges(inputs.get("bins"))
-        dataset = await ctx.load_dataset(inputs.get("data"))
+        dataset = await ctx.load_dataset(inputs.get("data"), private=True)
         column = _vector(dataset, inputs.get("column"))
         index = (
             bin_index(column, edges)
@@ -411,13 +492,15 @@ async def _one_way(ctx: JobContext, inputs: dict[str, Any], function: str) -> di
             else category_index(column, categories or [])
         )
         cells = len(edges) - 1 if edges is not None else len(categories or [])
+        # everything that can refuse without the data has run: only now is anything spent
+        release = await _private_table(dataset, inputs.get("epsilon"), cells + 1, function)
         smpc = SmpcSession(peers)
         await smpc.setup(
             {
                 "function": function,
                 "categories": categories,
                 "bins": edges,
-                **_declared(ctx),
+                **_declared(ctx, release is not None),
             },
             defer=True,
         )
@@ -425,7 +508,7 @@ async def _one_way(ctx: JobContext, inputs: dict[str, Any], function: str) -> di
         local = np.bincount(np.where(index == _OTHER, cells, index)[present], minlength=cells + 1)
         agreed = ("function", "categories", "bins")
         total, counts, (minimum, empty) = await _count_and_table(
-            ctx, smpc, int(present.sum()), local.astype(np.int64), agreed
+            ctx, smpc, int(present.sum()), local.astype(np.int64), agreed, release
         )
     hidden = suppress(counts, minimum, empty=empty)
     shown = _hide(counts, hidden)
@@ -441,7 +524,7 @@ async def _one_way(ctx: JobContext, inputs: dict[str, Any], function: str) -> di
         result = {"categories": _bin_labels(edges or []), "edges": edges, **result}
     else:
         result = {"edges": edges, **result}
-    return result
+    return _stated(result, release)
 
 
 def _categories(name: str, what: str, required: bool = False) -> Input:
@@ -478,6 +561,7 @@ _ONE_WAY = [
     Output("edges", "array", "the bin edges (with bins)"),
     *_TABLE,
     Output("other", "integer", "the count of values in no category or bin; null if suppressed"),
+    PRIVACY,
 ]
 _TWO_WAY = [
     Output("x_categories", "array", "the categories of x (rows)"),
@@ -493,6 +577,7 @@ _TWO_WAY = [
         COLUMN,
         _categories("categories", "the categories to count (or give bins)"),
         _bins(required=False),
+        EPSILON,
     ],
     outputs=_ONE_WAY,
 )
@@ -507,12 +592,15 @@ async def frequency_table(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, 
         ``"edges"`` with bins). ``counts[i]`` counts ``categories[i]`` and
         ``other`` the values that are none of them; a suppressed cell is
         ``None``, and ``suppressed`` lists its index (``len(categories)``
-        stands for ``other``). Missing values (NaN) are not counted.
+        stands for ``other``). Missing values (NaN) are not counted. On a
+        named dataset whose owner requires differential privacy, the count
+        and the cells are noisy and ``privacy`` states the spend (``epsilon``:
+        what the query spends; module docstring).
     """
     return await _one_way(ctx, inputs, "frequency_table")
 
 
-@service.job("histogram", inputs=[DATA, COLUMN, _bins(required=True)], outputs=_ONE_WAY)
+@service.job("histogram", inputs=[DATA, COLUMN, _bins(required=True), EPSILON], outputs=_ONE_WAY)
 async def histogram(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Joint histogram of a numeric column over public bin edges, small cells suppressed.
 
@@ -521,7 +609,8 @@ async def histogram(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         ``{"edges", "counts", "other", "total", "suppressed"}``: ``other``
-        counts the values outside ``[e0, ek]``; as for :func:`frequency_table`.
+        counts the values outside ``[e0, ek]``; as for :func:`frequency_table`
+        (with differential privacy too).
     """
     return await _one_way(ctx, inputs, "histogram")
 
@@ -534,8 +623,9 @@ async def histogram(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
         Input("y", "string", "the column of the columns", required=True),
         _categories("x_categories", "the categories of x", required=True),
         _categories("y_categories", "the categories of y", required=True),
+        EPSILON,
     ],
-    outputs=_TWO_WAY,
+    outputs=[*_TWO_WAY, PRIVACY],
 )
 async def contingency_table(ctx: JobContext, inputs: dict[str, Any]) -> dict[str, Any]:
     """Joint contingency table of two columns that every party holds for its own records.
@@ -548,33 +638,39 @@ async def contingency_table(ctx: JobContext, inputs: dict[str, Any]) -> dict[str
         ``{"x_categories", "y_categories", "counts", "total", "suppressed"}``:
         ``counts[i][j]`` counts the records with ``x_categories[i]`` and
         ``y_categories[j]``, ``None`` if suppressed; ``suppressed`` lists
-        ``[i, j]`` of each suppressed cell.
+        ``[i, j]`` of each suppressed cell. With differential privacy as
+        :func:`frequency_table`.
     """
     async with session_for(ctx) as peers:
         x_labels = _labels(inputs.get("x_categories"), "x_categories")
         y_labels = _labels(inputs.get("y_categories"), "y_categories")
         if len(x_labels) * len(y_labels) > MAX_CELLS:
             raise BadRequest(f"a contingency table may have at most {MAX_CELLS} cells")
-        dataset = await ctx.load_dataset(inputs.get("data"))
+        dataset = await ctx.load_dataset(inputs.get("data"), private=True)
         xi = category_index(_vector(dataset, _name(inputs, "x")), x_labels)
         yi = category_index(_vector(dataset, _name(inputs, "y")), y_labels)
+        # everything that can refuse without the data has run: only now is anything spent
+        release = await _private_table(
+            dataset, inputs.get("epsilon"), len(x_labels) * len(y_labels), "contingency_table"
+        )
         smpc = SmpcSession(peers)
         await smpc.setup(
             {
                 "function": "contingency_table",
                 "x_categories": x_labels,
                 "y_categories": y_labels,
-                **_declared(ctx),
+                **_declared(ctx, release is not None),
             },
             defer=True,
         )
         inside = (xi >= 0) & (yi >= 0)
         local = np.zeros((len(x_labels), len(y_labels)), dtype=np.int64)
         np.add.at(local, (xi[inside], yi[inside]), 1)
+        agreed = ("function", "x_categories", "y_categories")
         total, counts, cells = await _count_and_table(
-            ctx, smpc, int(inside.sum()), local, ("function", "x_categories", "y_categories")
+            ctx, smpc, int(inside.sum()), local, agreed, release
         )
-    return _two_way_result(x_labels, y_labels, counts, total, cells)
+    return _stated(_two_way_result(x_labels, y_labels, counts, total, cells), release)
 
 
 def _two_way_result(

@@ -238,8 +238,15 @@ class Context:
         self.session = {"id": self.peers.id, "parties": self.peers.parties}
 
     async def load_dataset(
-        self, handle: Any, field_name: str = "data", columns: Any = None, *, pushdown: bool = False
+        self,
+        handle: Any,
+        field_name: str = "data",
+        columns: Any = None,
+        *,
+        pushdown: bool = False,
+        private: bool = False,
     ) -> Dataset:
+        # the caller's own data: no differential privacy, whatever ``private`` says
         return Dataset({key: np.asarray(column) for key, column in handle.items()})
 
     async def progress(self, fraction: float) -> None:
