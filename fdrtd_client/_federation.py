@@ -145,6 +145,9 @@ class FederatedJob:
     ) -> list[Any]:
         """Each server's result, in server order, once the joint receipt verifies.
 
+        Each value must hash to its own server's ``output_sha256`` and to the
+        common ``joint_sha256`` (see :meth:`result`).
+
         Raises:
             ServerError: The first error any server reports, as soon as it does
                 (the other servers' jobs are not waited for).
@@ -161,14 +164,18 @@ class FederatedJob:
     ) -> Any:
         """The joint result: the first server's value, once every server has succeeded.
 
-        Every server computes the same result; only the first one's is
-        downloaded. Use :meth:`results` to fetch (and compare) all of them.
+        Every server computes the same result but for the fields that are each
+        party's own (:data:`fdrtd_client.receipts.PARTY_FIELDS`: its statement of
+        its differential-privacy spend); only the first one's is downloaded.
+        Use :meth:`results` to fetch (and compare) all of them.
 
         Every party's signed statement is gathered into one receipt, each party
         cosigns it, and it is checked (:func:`fdrtd_client.receipts.verify_receipt`)
         against the keys of the federation file, or those the servers showed
-        (:meth:`Federation.receipt_keys`), and the value received; then kept as
-        :attr:`receipt`. ``verify_receipt=False`` keeps it unchecked and not cosigned.
+        (:meth:`Federation.receipt_keys`); the value received must hash to the
+        first party's ``output_sha256`` and to the common ``joint_sha256``. The
+        receipt is then kept as :attr:`receipt`. ``verify_receipt=False`` keeps
+        it unchecked and not cosigned.
 
         Raises:
             ServerError: The first error any server reports, as soon as it does.
@@ -196,6 +203,9 @@ class FederatedJob:
                 )
             entries[self.parties[index] if self.parties else _server_of(entry)] = entry
         receipt = receipts.assemble(entries)
+        # each value received checked against its own party's statement (both digests):
+        # results() fetched every party's, result() the first party's only
+        received = dict(zip(entries, values, strict=False))
         kept = self.receipt
         if (
             verify
@@ -204,13 +214,12 @@ class FederatedJob:
             and receipts.canonical(kept["statements"]) == receipts.canonical(receipt["statements"])
         ):
             # cosigned already (by result(), say): the values are all that is new
-            for value in values:
-                receipts.verify_receipt(kept, self._keys(), value=value)
+            receipts.verify_receipt(kept, self._keys(), values=received)
             return
         if verify:
             keys = self._keys()
             # checked before the parties are asked to cosign: a clearer error, sooner
-            receipts.verify_receipt(receipt, keys, cosignatures=False, value=values[0])
+            receipts.verify_receipt(receipt, keys, cosignatures=False, values=received)
             answers = self._each_job(
                 lambda job: job.client.request(
                     "POST", "/v1/receipts/cosign", body={"receipt": receipt}
@@ -220,8 +229,7 @@ class FederatedJob:
                 name: answer.get("cosignature")
                 for name, answer in zip(entries, answers, strict=True)
             }
-            for value in values:
-                receipts.verify_receipt(receipt, keys, value=value)
+            receipts.verify_receipt(receipt, keys, values=received)
         self.receipt = receipt
 
     def _keys(self) -> dict[str, bytes]:

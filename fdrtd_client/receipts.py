@@ -4,14 +4,17 @@ A finished job's view carries its server's **statement**: the protocol
 (``microservice.function``), the parameters (names and numbers as given,
 arrays and long texts as SHA-256 digests), the session, the version of every
 dataset read, the version of the server's policy, the SHA-256 of the result
-value and the time the job ended, signed by the server's Ed25519 key. The
-client gathers every party's statement into one **receipt**, and each party
-then signs the whole (a *cosignature*), having checked its own statement
-against its job and the others' signatures against its federation file::
+value (``output_sha256``) and of the value without the fields that are each
+party's own (``joint_sha256``, see :data:`PARTY_FIELDS`: a party's statement
+of its differential-privacy spend differs from the others'), and the time
+the job ended, signed by the server's Ed25519 key. The client gathers every
+party's statement into one **receipt**, and each party then signs the whole
+(a *cosignature*), having checked its own statement against its job and the
+others' signatures against its federation file::
 
-    {"receipt_version": 1, "protocol": "smpc.secure_sum",
+    {"receipt_version": 2, "protocol": "smpc.secure_sum",
      "session": {"id": "...", "parties": ["alpha", "beta"]} | null,
-     "output_sha256": "<hex>",
+     "joint_sha256": "<hex>",
      "statements": {"alpha": {"statement": {...}, "signature": "<base64>"}, ...},
      "cosignatures": {"alpha": "<base64>", ...}}
 
@@ -29,6 +32,7 @@ base64 text, non-finite floats ``null`` (JSON has no NaN), map keys text,
 and a NumPy array ``{"__ndarray__": {"dtype", "shape", "sha256"}}`` with the
 SHA-256 of its little-endian, C-ordered bytes. A JSON client and a msgpack
 client therefore compute the same :func:`output_sha256` for the same answer.
+:func:`joint_sha256` hashes the same way a map without its :data:`PARTY_FIELDS`.
 Floats are written as Python writes them (the shortest text that reads back
 as the same float). A signature signs a domain line (:data:`STATEMENT_DOMAIN`
 or :data:`COSIGN_DOMAIN`) and then the canonical bytes, so that it can never
@@ -58,6 +62,7 @@ from fdrtd_client.wire import _array_to_parts
 __all__ = [
     "COMMON_FIELDS",
     "COSIGN_DOMAIN",
+    "PARTY_FIELDS",
     "RECEIPT_VERSION",
     "STATEMENT_DOMAIN",
     "STATEMENT_FIELDS",
@@ -66,6 +71,8 @@ __all__ = [
     "check_format",
     "cosigned_bytes",
     "decode_b64",
+    "joint_sha256",
+    "joint_value",
     "load",
     "load_keys",
     "normal",
@@ -77,8 +84,8 @@ __all__ = [
     "verify_statement",
 ]
 
-RECEIPT_VERSION = 1
-"""The receipt format this module writes and checks."""
+RECEIPT_VERSION = 2
+"""The receipt format this module writes and checks (2: statements state ``joint_sha256``)."""
 STATEMENT_DOMAIN = b"fdrtd receipt statement v1\n"
 """What a server's statement signature signs first, before the statement's canonical bytes."""
 COSIGN_DOMAIN = b"fdrtd receipt cosignature v1\n"
@@ -95,11 +102,16 @@ STATEMENT_FIELDS = (
     "datasets",
     "policy_version",
     "output_sha256",
+    "joint_sha256",
     "time",
 )
 """The fields of a statement, all required, no others."""
-COMMON_FIELDS = ("receipt_version", "protocol", "session", "output_sha256")
+COMMON_FIELDS = ("receipt_version", "protocol", "session", "joint_sha256")
 """The fields every party's statement and the receipt itself must hold alike."""
+PARTY_FIELDS = ("privacy",)
+"""The fields of a result (a map) that are each party's own: its differential-privacy
+statement (its spend, its noise, its budget). The parties' values may differ in these
+alone; ``joint_sha256`` is the digest of the value without them."""
 _RECEIPT_FIELDS = (*COMMON_FIELDS, "statements", "cosignatures")
 _SIGNATURE_TEXT = 88
 """Base64 of a 64-byte Ed25519 signature is 88 characters."""
@@ -142,6 +154,18 @@ def canonical(value: Any) -> bytes:
 def output_sha256(value: Any) -> str:
     """The SHA-256 (hex) of a result value's canonical bytes, as statements state it."""
     return hashlib.sha256(canonical(value)).hexdigest()
+
+
+def joint_value(value: Any) -> Any:
+    """The part of a result value every party releases alike: a map without :data:`PARTY_FIELDS`."""
+    if isinstance(value, Mapping):
+        return {key: item for key, item in value.items() if key not in PARTY_FIELDS}
+    return value
+
+
+def joint_sha256(value: Any) -> str:
+    """The SHA-256 (hex) of :func:`joint_value`'s canonical bytes: common to every party."""
+    return output_sha256(joint_value(value))
 
 
 def statement_bytes(statement: Mapping[str, Any]) -> bytes:
@@ -266,6 +290,7 @@ def verify_receipt(
     keys: Mapping[str, bytes],
     *,
     value: Any = ...,
+    values: Mapping[str, Any] | None = None,
     cosignatures: bool = True,
 ) -> list[str]:
     """Check a receipt; return the parties that signed it.
@@ -274,13 +299,17 @@ def verify_receipt(
     session's parties'; each statement names the key ``keys`` holds for its
     server and is signed by it; every statement holds the receipt's common
     fields; each party cosigned the whole (a receipt of several parties);
-    and, if ``value`` is given, the value hashes to the stated output.
+    and the values given hash to what was stated.
 
     Args:
         receipt: The receipt (a map, as :func:`load` reads it).
         keys: The raw 32-byte Ed25519 public key of each server, by name
             (:func:`load_keys` reads them from a federation file).
-        value: The result value received, to check against ``output_sha256``.
+        value: A result value received from a party not named: it must hash
+            to the receipt's ``joint_sha256``, and as a whole to some party's
+            ``output_sha256`` (its own statement, :data:`PARTY_FIELDS` and all).
+        values: Result values by the party that sent each: each must hash to
+            that party's ``output_sha256`` and to the ``joint_sha256``.
         cosignatures: False checks everything but the cosignatures (what a
             server checks before it adds its own).
 
@@ -305,9 +334,24 @@ def verify_receipt(
             signature = decode_b64(given[name], 64, f"{name!r}'s cosignature", "cosignature")
             if not _valid(keys[name], signature, signed):
                 raise _fail("cosignature", f"{name!r}'s cosignature is not valid")
-    if value is not ... and output_sha256(value) != receipt["output_sha256"]:
-        raise _fail("output", "the result value does not hash to the receipt's output_sha256")
+    if value is not ...:
+        stated = {receipt["statements"][name]["statement"]["output_sha256"] for name in parties}
+        if joint_sha256(value) != receipt["joint_sha256"] or output_sha256(value) not in stated:
+            raise _fail("output", "the result value does not hash to what the parties stated")
+    for name, received in (values or {}).items():
+        if name not in parties:
+            raise _fail("output", f"a value is checked for {str(name)[:64]!r}, not a party")
+        _check_value(receipt["statements"][name]["statement"], received)
     return parties
+
+
+def _check_value(statement: Mapping[str, Any], value: Any) -> None:
+    """Check a party's result value against its statement's two digests."""
+    name = statement["server"]
+    if output_sha256(value) != statement["output_sha256"]:
+        raise _fail("output", f"the value from {name!r} does not hash to its output_sha256")
+    if joint_sha256(value) != statement["joint_sha256"]:
+        raise _fail("output", f"the value from {name!r} does not hash to the joint_sha256")
 
 
 def _check_statement(name: str, entry: Mapping[str, Any], keys: Mapping[str, bytes]) -> Any:
@@ -333,7 +377,8 @@ def verify_statement(entry: Any, keys: Mapping[str, bytes], *, value: Any = ...)
     """Check one server's signed statement (part of a multi-party receipt); return its server.
 
     The checks of :func:`verify_receipt` that one statement allows: its shape,
-    its key, its signature and, if ``value`` is given, the output digest.
+    its key, its signature and, if ``value`` (this server's) is given, both
+    digests of it.
 
     Raises:
         ReceiptError: As :func:`verify_receipt`.
@@ -348,8 +393,8 @@ def verify_statement(entry: Any, keys: Mapping[str, bytes], *, value: Any = ...)
         raise _fail("format", "a signed statement is {statement, signature} of a known shape")
     name = entry["statement"]["server"]
     statement = _check_statement(name, entry, keys)
-    if value is not ... and output_sha256(value) != statement["output_sha256"]:
-        raise _fail("output", "the result value does not hash to the statement's output_sha256")
+    if value is not ...:
+        _check_value(statement, value)
     return str(name)
 
 
@@ -391,12 +436,12 @@ def load_keys(path: str | Path) -> dict[str, bytes]:
 
 
 def summary(receipt: Mapping[str, Any]) -> str:
-    """One line about a (verified) receipt: protocol, parties, output digest."""
+    """One line about a (verified) receipt: protocol, parties, joint output digest."""
     statements = receipt.get("statements") or {}
     times = sorted(str(entry["statement"]["time"]) for entry in statements.values())
     return (
-        f"receipt of {receipt.get('protocol')} signed by {', '.join(statements)}; output "
-        f"sha256 {str(receipt.get('output_sha256'))[:16]}..., ended {times[-1] if times else '?'}"
+        f"receipt of {receipt.get('protocol')} signed by {', '.join(statements)}; joint "
+        f"sha256 {str(receipt.get('joint_sha256'))[:16]}..., ended {times[-1] if times else '?'}"
     )
 
 

@@ -296,6 +296,8 @@ class JobRecord:
     """The multi-party session (``id``, ``parties``); empty for a job of this server alone."""
     output_sha256: str = ""
     """SHA-256 of the result's canonical bytes (:func:`fdrtd_client.receipts.output_sha256`)."""
+    joint_sha256: str = ""
+    """SHA-256 of the result without this party's own fields (``receipts.joint_sha256``)."""
     runner: str = ""
     """The id of the process running the job (see :mod:`fdrtd_server.runners`)."""
     datasets: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -410,8 +410,8 @@ def _receipt(receipt: Mapping[str, Any] | None, path: Path, home: Path) -> None:
     )
     print(
         f"  {'':<50}receipt verified: {len(receipt['statements'])} signed statements, "
-        f"{len(receipt['cosignatures'])} cosignatures, output sha256 "
-        f"{str(receipt['output_sha256'])[:12]}"
+        f"{len(receipt['cosignatures'])} cosignatures, joint sha256 "
+        f"{str(receipt['joint_sha256'])[:12]}"
     )
     print(f"  {'':<50}policy versions: {versions}")
     try:

@@ -1281,6 +1281,7 @@ class _Runner:
         try:
             result = await _within(policy, function(ctx, inputs))
             output = receipts.output_sha256(result)
+            joint = receipts.joint_sha256(result)
         except asyncio.CancelledError:
             self.computing.pop(ctx.handle, None)
             if ctx.ended_elsewhere:
@@ -1304,7 +1305,7 @@ class _Runner:
             )
         else:
             ctx.record.status, ctx.record.progress, ctx.record.result = "done", 1.0, result
-            ctx.record.output_sha256 = output
+            ctx.record.output_sha256, ctx.record.joint_sha256 = output, joint
         ctx.record.datasets = dict(ctx.versions)
         self.computing.pop(ctx.handle, None)
         computed.set()

@@ -186,7 +186,7 @@ _COSIGN = {
                 "receipt_version",
                 "protocol",
                 "session",
-                "output_sha256",
+                "joint_sha256",
                 "statements",
                 "cosignatures",
             ],

@@ -4,7 +4,8 @@ The format and its checks live in :mod:`fdrtd_client.receipts`, shared with
 the client. Here the server:
 
 - records what a job ran, when the job starts (:func:`parameters_of`, stored
-  in the job record with the session) and ends (its output's SHA-256);
+  in the job record with the session) and ends (its output's SHA-256, and
+  that of the output without this party's own fields, common to all parties);
 - signs its **statement** whenever it serves a finished job's view
   (:func:`signed_statement`). The controller signs, not the microservice,
   since microservices may run in workers without the identity key; Ed25519
@@ -34,6 +35,7 @@ from fdrtd_server.identity import Identity, load_federation
 __all__ = [
     "FEDERATION_FILE",
     "PARAMETERS_MAX",
+    "joint_sha256",
     "member_keys",
     "output_sha256",
     "parameters_of",
@@ -50,6 +52,7 @@ FEDERATION_FILE = "federation.toml"
 """The federation file in a server home (as :mod:`fdrtd_server.gateway` reads it)."""
 
 output_sha256 = format_.output_sha256
+joint_sha256 = format_.joint_sha256
 
 
 def _digest(value: Any) -> dict[str, str]:
@@ -105,6 +108,7 @@ def statement_of(name: str, key: bytes, handle: str, record: JobRecord) -> dict[
         "datasets": record.datasets,
         "policy_version": record.policy_version,
         "output_sha256": record.output_sha256,
+        "joint_sha256": record.joint_sha256,
         "time": record.updated,
     }
 

@@ -57,8 +57,8 @@ def _identity(state: State) -> Identity | None:
 
 def view_receipt(state: State, handle: str, record: JobRecord) -> dict[str, Any] | None:
     """The signed statement for a finished job's view; None if it failed, or nothing can sign."""
-    if record.status != "done" or not record.output_sha256:
-        return None  # failed, or ended before this server stated outputs
+    if record.status != "done" or not record.output_sha256 or not record.joint_sha256:
+        return None  # failed, or ended before this server stated both output digests
     identity = _identity(state)
     return None if identity is None else receipts.signed_statement(identity, handle, record)
 

@@ -37,6 +37,7 @@ def record_of(name: str, session: dict[str, Any] | None, value: Any) -> JobRecor
     record.datasets = {f"cohort-{name}": {"id": "ab" * 32, "time": "2026-01-01T00:00:00Z"}}
     record.policy_version = f"policy-{name}-3"
     record.output_sha256 = receipts.output_sha256(value)
+    record.joint_sha256 = receipts.joint_sha256(value)
     return record
 
 
@@ -190,9 +191,14 @@ def _add(receipt: dict[str, Any]) -> None:
 OTHER_SIGNATURE = base64.b64encode(b"\x01" * 64).decode()
 ALTERATIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "receipt protocol": (_set(("protocol",), "smpc.count"), "common"),
-    "receipt output": (_set(("output_sha256",), "0" * 64), "common"),
+    "receipt joint output": (_set(("joint_sha256",), "0" * 64), "common"),
+    "a statement's joint output": (
+        _set(("statements", "gamma", "statement", "joint_sha256"), "0" * 64),
+        "signature",
+    ),
     "receipt session id": (_set(("session", "id"), "t" * 32), "common"),
-    "receipt version": (_set(("receipt_version",), 2), "format"),
+    "receipt version": (_set(("receipt_version",), receipts.RECEIPT_VERSION + 1), "format"),
+    "the former receipt version": (_set(("receipt_version",), 1), "format"),
     "a party left out": (_drop("gamma"), "parties"),
     "a party added": (_add, "parties"),
     "session parties": (_set(("session", "parties"), ["alpha", "beta"]), "parties"),
@@ -307,3 +313,115 @@ def test_federation_files_are_read_strictly(tmp_path: Any) -> None:
         with pytest.raises(ReceiptError) as caught:
             receipts.load_keys(bad)
         assert caught.value.check == "federation"
+
+
+def _private(spent: float) -> dict[str, Any]:
+    """A party's statement of its differential-privacy release, as smpc.count states it."""
+    return {
+        "cohort": {
+            "mechanism": "laplace",
+            "epsilon": spent,
+            "noise": {"count": {"scale": 1 / spent}},
+            "remaining": {"epsilon": 1.0 - spent},
+        }
+    }
+
+
+# one noisy count, released alike; alpha and gamma state their own spend, beta (no DP) none
+DP_VALUES = {
+    "alpha": {"count": 80, "privacy": _private(0.5)},
+    "beta": {"count": 80},
+    "gamma": {"count": 80, "privacy": _private(0.25)},
+}
+
+
+@pytest.fixture(scope="module")
+def private(identities: dict[str, Identity]) -> dict[str, Any]:
+    """A cosigned receipt of a DP count: the parties' values differ in their privacy field."""
+    entries = {
+        name: signed_statement(
+            identities[name], f"r-{index:040x}", record_of(name, SESSION, DP_VALUES[name])
+        )
+        for index, name in enumerate(PARTIES)
+    }
+    return cosign(receipts.assemble(entries), identities)
+
+
+def test_values_differing_only_in_party_fields_share_the_joint_digest(
+    private: dict[str, Any], keys: dict[str, bytes]
+) -> None:
+    assert receipts.PARTY_FIELDS == ("privacy",)
+    digests = {name: receipts.joint_sha256(value) for name, value in DP_VALUES.items()}
+    assert len(set(digests.values())) == 1 == len({private["joint_sha256"], *digests.values()})
+    outputs = {entry["statement"]["output_sha256"] for entry in private["statements"].values()}
+    assert len(outputs) == 3  # each party states its own whole value
+    assert receipts.verify_receipt(private, keys, values=DP_VALUES) == list(PARTIES)
+    for value in DP_VALUES.values():  # a value of a party not named: some party's, whole
+        assert receipts.verify_receipt(private, keys, value=value) == list(PARTIES)
+    # a value that is not a map has no party fields: both digests are its own
+    assert receipts.joint_sha256(3.5) == receipts.output_sha256(3.5)
+    assert receipts.joint_sha256([{"privacy": 1}]) == receipts.output_sha256([{"privacy": 1}])
+
+
+@pytest.mark.parametrize(
+    ("party", "change"),
+    [
+        ("alpha", lambda v: v["privacy"]["cohort"].update(epsilon=0.125)),  # its spend understated
+        ("gamma", lambda v: v["privacy"]["cohort"]["remaining"].update(epsilon=0.9)),
+        ("alpha", lambda v: v.pop("privacy")),  # the privacy block dropped
+        ("beta", lambda v: v.update(privacy=_private(0.5))),  # one added where none was
+        ("gamma", lambda v: v.update(count=81)),  # the joint part itself
+    ],
+)
+def test_a_party_value_altered_fails(
+    private: dict[str, Any],
+    keys: dict[str, bytes],
+    party: str,
+    change: Callable[[dict[str, Any]], Any],
+) -> None:
+    altered = copy.deepcopy(DP_VALUES[party])
+    change(altered)
+    with pytest.raises(ReceiptError) as caught:
+        receipts.verify_receipt(private, keys, values={**DP_VALUES, party: altered})
+    assert caught.value.check == "output" and party in str(caught.value)
+    if altered not in DP_VALUES.values():  # alpha's without privacy is beta's, as beta sent it
+        with pytest.raises(ReceiptError) as caught:
+            receipts.verify_receipt(private, keys, value=altered)
+        assert caught.value.check == "output"
+    entry = private["statements"][party]
+    with pytest.raises(ReceiptError) as caught:
+        receipts.verify_statement(entry, keys, value=altered)
+    assert caught.value.check == "output"
+
+
+def test_a_value_is_checked_against_the_party_that_sent_it(
+    private: dict[str, Any], keys: dict[str, bytes]
+) -> None:
+    """Gamma's value passed off as alpha's: the joint part agrees, the whole does not."""
+    with pytest.raises(ReceiptError) as caught:
+        receipts.verify_receipt(private, keys, values={"alpha": DP_VALUES["gamma"]})
+    assert caught.value.check == "output" and "alpha" in str(caught.value)
+    with pytest.raises(ReceiptError) as caught:
+        receipts.verify_receipt(private, keys, values={"delta": DP_VALUES["alpha"]})
+    assert caught.value.check == "output"
+
+
+def test_the_joint_digest_of_a_dp_receipt_cannot_be_altered(
+    private: dict[str, Any], identities: dict[str, Identity], keys: dict[str, bytes]
+) -> None:
+    """The receipt's joint digest, or one statement's re-signed by its own server."""
+    tampered = copy.deepcopy(private)
+    tampered["joint_sha256"] = receipts.joint_sha256({"count": 81})
+    with pytest.raises(ReceiptError) as caught:
+        receipts.verify_receipt(tampered, keys)
+    assert caught.value.check == "common"
+    # beta states another joint value, signed with its own key: it differs from the others'
+    record = record_of("beta", SESSION, DP_VALUES["beta"])
+    record.joint_sha256 = receipts.joint_sha256({"count": 81})
+    tampered = copy.deepcopy(private)
+    tampered["statements"]["beta"] = signed_statement(
+        identities["beta"], tampered["statements"]["beta"]["statement"]["result"], record
+    )
+    with pytest.raises(ReceiptError) as caught:
+        receipts.verify_receipt(tampered, keys, cosignatures=False)
+    assert caught.value.check == "common" and "beta" in str(caught.value)
