@@ -326,9 +326,9 @@ def _policy(args: argparse.Namespace) -> int:
     if args.policy_command == "check":
         path = Path(args.file)
         try:
-            policy = Policy.parse(path.read_text("utf-8"), str(path))
-        except UnicodeDecodeError:
-            print(f"{path}: the file is not UTF-8 text", file=sys.stderr)
+            policy = Policy.read(path)
+        except FileNotFoundError:
+            print(f"{path}: no such file", file=sys.stderr)
             return 2
         except PolicyError as error:
             print(error, file=sys.stderr)
@@ -342,7 +342,7 @@ def _policy(args: argparse.Namespace) -> int:
     config.load_settings(home)  # refuse directories that are not server homes
     path = home / POLICY_FILE
     try:
-        policy = Policy.parse(path.read_text("utf-8"), str(path)) if path.exists() else Policy()
+        policy = Policy.read(path) if path.exists() else Policy()
     except PolicyError as error:
         print(error, file=sys.stderr)
         return 2

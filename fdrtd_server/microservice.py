@@ -99,6 +99,7 @@ from fdrtd_server.inputs import Input, Output, Signature
 from fdrtd_server.peers import PeerInbox, PeerSession, stop_reasons
 from fdrtd_server.policy import DatasetPolicy, job_deadline
 from fdrtd_server.privacy import KvStore, Ledger, PrivateTerms, terms_for
+from fdrtd_server.provenance import Provenance
 from fdrtd_server.runners import (
     RESTARTED,
     STOP_WRITE_TIMEOUT,
@@ -383,6 +384,9 @@ class CallContext:
     """The version of the owner's policy file (:mod:`fdrtd_server.policy`) for this request."""
     policies: Mapping[str, Any] = field(default_factory=dict)
     """The owner's policy of each named dataset in :attr:`datasets`, as the controller sent it."""
+    provenance: Provenance = field(default_factory=Provenance)
+    """What :meth:`load_dataset` loaded: uploads of the caller's, named datasets read exactly;
+    a multi-party function declares it (``fdrtd_server.sdk.declare``)."""
 
     def dataset_policy(self, name: str) -> DatasetPolicy:
         """The owner's policy of the named dataset ``name`` (the defaults if none was sent)."""
@@ -478,9 +482,9 @@ class CallContext:
         """
         wanted = _wanted(columns)
         if isinstance(ref, str) and ref in self.datasets:
-            terms = terms_for(
-                ref, self.dataset_policy(ref), self.principal, private, self.budget_ledger
-            )
+            policy = self.dataset_policy(ref)
+            terms = terms_for(ref, policy, self.principal, private, self.budget_ledger)
+            self.provenance.named(ref, exact=terms is None, analyst_inputs=policy.analyst_inputs)
             loaded = await self._load_named(ref, self.datasets[ref], wanted, pushdown)
             loaded.privacy = terms
             return loaded
@@ -492,6 +496,7 @@ class CallContext:
                 "as returned by the server"
             )
         handle, description = await self.owned_description(ref, field_name)
+        self.provenance.upload()
         return await _decoded(self.bus, handle, description, wanted, self.env.max_read_bytes)
 
     async def _load_named(

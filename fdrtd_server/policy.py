@@ -2,8 +2,10 @@
 
 The policy file says, per named dataset with server-wide defaults, which
 microservices and functions may use it, the minimum cohort and small-cell
-threshold, whether differential privacy applies and with which budget, and
-limits (concurrent computations per analyst, a whole-job timeout)::
+threshold, whether differential privacy applies and with which budget,
+whether its exact results may be computed beside the analyst's own uploads
+(``analyst_inputs``), and limits (concurrent computations per analyst, a
+whole-job timeout)::
 
     version = "2026-12-07"          # the owner's label; stated in every result
 
@@ -75,6 +77,18 @@ DEFAULT_VERSION = "default"
 """The version of the built-in policy, for a server without a policy file."""
 MAX_JOB_TIMEOUT = 86400.0
 """The longest whole-job timeout a policy may set: one day."""
+MAX_COUNT = 2**31 - 1
+"""The largest integer a policy may give a count (``min_cohort``, ``small_cell``,
+``max_concurrent``): far beyond any real need, and within every integer the
+protocols and their messages carry."""
+MAX_EPSILON = 1e6
+"""The largest epsilon (per query or in a budget) a policy may set."""
+MAX_BOUND = 1e18
+"""The largest magnitude of a declared bound: beyond it no fixed-point encoding holds it."""
+MAX_FILE_BYTES = 1 << 20
+"""The largest policy file read (1 MiB); a larger one is refused, as a broken rule is."""
+READ_ATTEMPTS = 5
+"""Reads of a policy file that changes while it is read, before the request is refused."""
 MECHANISMS = ("laplace", "gaussian")
 AUDIT_ACTOR = "owner-policy"
 """Who the audit log names for a change of the policy file the controller noticed."""
@@ -146,6 +160,11 @@ class DatasetPolicy:
     """Computations one analyst may run at once on this dataset."""
     job_timeout: float = 600.0
     """Seconds a whole computation on this dataset may take."""
+    analyst_inputs: bool = False
+    """Whether exact results of this dataset (no differential privacy) may be computed
+    beside inputs the caller supplied herself (her uploads, on any party): she could
+    subtract what she knows of them. False refuses such a multi-party computation on
+    every party (:mod:`fdrtd_server.provenance`)."""
 
     def allows(self, microservice: str, function: str) -> bool:
         """Whether ``microservice.function`` may use the dataset."""
@@ -162,6 +181,7 @@ class DatasetPolicy:
             "bounds": {column: list(pair) for column, pair in self.bounds.items()},
             "max_concurrent": self.max_concurrent,
             "job_timeout": self.job_timeout,
+            "analyst_inputs": self.analyst_inputs,
         }
 
     def public(self, server_min_cohort: int) -> dict[str, Any]:
@@ -191,6 +211,7 @@ class DatasetPolicy:
             "bounds": {column: list(pair) for column, pair in self.bounds.items()},
             "max_concurrent": self.max_concurrent,
             "job_timeout": self.job_timeout,
+            "analyst_inputs": self.analyst_inputs,
         }
 
     def summary(self) -> str:
@@ -205,7 +226,8 @@ class DatasetPolicy:
         return (
             f"functions {functions}; min_cohort {self.min_cohort}, small_cell "
             f"{self.small_cell}; {dp}{bounds}; max_concurrent {self.max_concurrent}, "
-            f"job_timeout {self.job_timeout:g} s"
+            f"job_timeout {self.job_timeout:g} s; analyst_inputs "
+            f"{str(self.analyst_inputs).lower()}"
         )
 
     @classmethod
@@ -223,10 +245,11 @@ class DatasetPolicy:
             bounds=bounds,
             max_concurrent=int(data.get("max_concurrent", 16)),
             job_timeout=float(data.get("job_timeout", 600.0)),
+            analyst_inputs=data.get("analyst_inputs") is True,
         )
 
 
-_DATASET_KEYS = ("functions", "min_cohort", "small_cell", "privacy", "bounds")
+_DATASET_KEYS = ("functions", "min_cohort", "small_cell", "analyst_inputs", "privacy", "bounds")
 _LIMIT_KEYS = ("max_concurrent", "job_timeout")
 _PRIVACY_KEYS = tuple(f.name for f in dataclasses.fields(Privacy))
 
@@ -295,8 +318,11 @@ class _Reader:
         return "[" + ".".join(path) + "]"
 
     def count(self, value: Any, path: tuple[str, ...]) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.fail(path, f"{self.where(path[:-1])} '{path[-1]}' must be an integer >= 1")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+            raise self.fail(
+                path,
+                f"{self.where(path[:-1])} '{path[-1]}' must be an integer from 1 to {MAX_COUNT}",
+            )
         return value
 
     def number(self, value: Any, path: tuple[str, ...]) -> float:
@@ -334,8 +360,10 @@ class _Reader:
                     raise self.fail(at, f'{where} \'mechanism\' must be "laplace" or "gaussian"')
                 merged[key] = item
             elif key.endswith("epsilon") and key in _PRIVACY_KEYS:
-                if self.number(item, at) <= 0:
-                    raise self.fail(at, f"{where} '{key}' must be greater than 0")
+                if not 0 < self.number(item, at) <= MAX_EPSILON:
+                    raise self.fail(
+                        at, f"{where} '{key}' must be greater than 0 and at most {MAX_EPSILON:g}"
+                    )
                 merged[key] = float(item)
             elif key.endswith("delta") and key in _PRIVACY_KEYS:
                 if not 0 <= self.number(item, at) < 1:
@@ -395,12 +423,13 @@ class _Reader:
                 not isinstance(pair, list)
                 or len(pair) != 2
                 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair)
-                or not all(math.isfinite(v) for v in pair)
+                or not all(math.isfinite(v) and abs(v) <= MAX_BOUND for v in pair)
                 or not pair[0] < pair[1]
             ):
                 raise self.fail(
                     (*path, column),
-                    f"{where} {_key(column)} must be [lower, upper]: finite numbers, lower < upper",
+                    f"{where} {_key(column)} must be [lower, upper]: numbers from "
+                    f"-{MAX_BOUND:g} to {MAX_BOUND:g}, lower < upper",
                 )
             found[column] = (float(pair[0]), float(pair[1]))
         return found
@@ -416,6 +445,10 @@ class _Reader:
                 values[key] = self.functions(value, at)
             elif key in ("min_cohort", "small_cell", "max_concurrent"):
                 values[key] = self.count(value, at)
+            elif key == "analyst_inputs":
+                if not isinstance(value, bool):
+                    raise self.fail(at, f"{where} 'analyst_inputs' must be true or false")
+                values[key] = value
             elif key == "job_timeout":
                 seconds = self.number(value, at)
                 if not 0 < seconds <= MAX_JOB_TIMEOUT:
@@ -449,6 +482,32 @@ def _toml_line(error: tomllib.TOMLDecodeError, text: str) -> tuple[int | None, s
     return line, message
 
 
+def _read_text(path: Path) -> str:
+    """The text of the policy file ``path``, at most :data:`MAX_FILE_BYTES` of UTF-8.
+
+    Raises:
+        PolicyError: If it is larger, not UTF-8, or cannot be read.
+        FileNotFoundError: If there is no file.
+    """
+    try:
+        with path.open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise PolicyError(
+            f"the file cannot be read ({reason}); it must be a regular file the server can read",
+            str(path),
+        ) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise PolicyError(f"the file is larger than {MAX_FILE_BYTES} bytes", str(path))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError("the file is not UTF-8 text", str(path)) from None
+
+
 @dataclass(frozen=True)
 class Policy:
     """A whole policy file: its version, the defaults and each dataset's own table."""
@@ -467,6 +526,29 @@ class Policy:
         Raises:
             PolicyError: Naming ``source``, the line and what is wrong.
         """
+        if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8")) > MAX_FILE_BYTES:
+            raise PolicyError(f"the file is larger than {MAX_FILE_BYTES} bytes", source)
+        try:
+            return cls._parse(text, source)
+        except RecursionError:
+            raise PolicyError(
+                "tables or arrays are nested too deeply; a policy needs at most a few levels",
+                source,
+            ) from None
+
+    @classmethod
+    def read(cls, path: Path) -> Policy:
+        """Read and :meth:`parse` the policy file ``path``.
+
+        Raises:
+            PolicyError: If it breaks a rule, is larger than :data:`MAX_FILE_BYTES`,
+                is not UTF-8 text, or cannot be read (naming why).
+            FileNotFoundError: If there is no file.
+        """
+        return cls.parse(_read_text(path), str(path))
+
+    @classmethod
+    def _parse(cls, text: str, source: str) -> Policy:
         try:
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
@@ -676,42 +758,96 @@ class PolicyStore:
     def current(self) -> Policy:
         """The policy in force now.
 
+        The file is read again when its time, size or inode changed, and its
+        stamp is taken again after the read: a file that changed while it was
+        read is read again (a few times), so that a half-written file is not
+        taken for the new one. An owner should still replace it at once (write
+        a new file, then rename it over the old one).
+
         Raises:
-            PolicyError: If the file was changed into one that breaks a rule.
+            PolicyError: If the file was changed into one that breaks a rule,
+                cannot be read (a directory, no permission), is too large, or
+                kept changing while it was read.
         """
         try:
-            stat = self.path.stat()
+            stamp = self._stat()
         except FileNotFoundError:
-            if self._stamp is not None or self._refused is not None:
-                self._stamp, self._refused = None, None
-                self._changed(Policy())
+            return self._missing()
+        except PolicyError as error:
+            self._refuse((-1, -1, -1), error)
+            raise
+        if stamp == self._stamp:
             return self._policy
-        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        if stamp != self._stamp:
+        for _ in range(READ_ATTEMPTS):
             try:
-                policy = Policy.parse(self.path.read_text("utf-8"), str(self.path))
-            except (PolicyError, UnicodeDecodeError) as error:
-                if stamp != self._refused:
-                    self._refused = stamp
-                    if self.audit is not None:
-                        line = error.line if isinstance(error, PolicyError) else None
-                        reason = error.reason if isinstance(error, PolicyError) else "not UTF-8"
-                        self.audit.write(
-                            AUDIT_ACTOR,
-                            "policy",
-                            "(invalid file)",
-                            "refused",
-                            line=line or 0,
-                            reason=reason[:300],
-                        )
-                if isinstance(error, UnicodeDecodeError):
-                    raise PolicyError("the file is not UTF-8 text", str(self.path)) from None
-                raise
+                policy: Policy | None = Policy.read(self.path)
+                failure: PolicyError | None = None
+                after = self._stat()
+            except FileNotFoundError:
+                return self._missing()
+            except PolicyError as error:
+                policy, failure = None, error
+                try:
+                    after = self._stat()
+                except FileNotFoundError:
+                    return self._missing()
+                except PolicyError:
+                    after = stamp
+            if after != stamp:
+                stamp = after  # changed while read: read the new one
+                continue
+            if policy is None:
+                assert failure is not None
+                self._refuse(stamp, failure)
+                raise failure
             self._stamp, self._refused = stamp, None
             if policy.version != self._policy.version:
                 self._changed(policy)
             self._policy = policy
+            return self._policy
+        raise PolicyError(
+            "the file changed while it was read, again and again; replace it at once "
+            "(write a new file, then rename it over policy.toml)",
+            str(self.path),
+        )
+
+    def _stat(self) -> tuple[int, int, int]:
+        """The file's time, size and inode.
+
+        Raises:
+            FileNotFoundError: If there is no file.
+            PolicyError: If it cannot be looked at (no permission on its directory).
+        """
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise PolicyError(f"the file cannot be read ({reason})", str(self.path)) from None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def _missing(self) -> Policy:
+        """No file: the built-in defaults (audited once, if a file was there before)."""
+        if self._stamp is not None or self._refused is not None:
+            self._stamp, self._refused = None, None
+            self._changed(Policy())
         return self._policy
+
+    def _refuse(self, stamp: tuple[int, int, int], error: PolicyError) -> None:
+        """Audit a file that breaks a rule, once per change of the file."""
+        if stamp == self._refused:
+            return
+        self._refused = stamp
+        if self.audit is not None:
+            self.audit.write(
+                AUDIT_ACTOR,
+                "policy",
+                "(invalid file)",
+                "refused",
+                line=error.line or 0,
+                reason=error.reason[:300],
+            )
 
     def _changed(self, policy: Policy) -> None:
         if self.audit is not None:
@@ -740,6 +876,10 @@ small_cell = 3
 max_concurrent = 16
 # seconds a whole computation may take before it is cancelled (at most 86400)
 job_timeout = 600
+# whether exact results (dp = false) may be computed beside data the analyst
+# uploaded herself, on this or another server: she could subtract her own part
+# and see this dataset's small counts; false refuses such a computation
+analyst_inputs = false
 
 [defaults.privacy]
 # only functions with a differentially private release may use a named dataset

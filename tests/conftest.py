@@ -122,8 +122,11 @@ def trio(
         "FDRTD_ALLOW_MATRIX_PRODUCT": "true",
         "FDRTD_ALLOW_VERTICAL_REGRESSION": "true",
     }
-    # exact statistics on named datasets in the shared servers: differential privacy off
-    no_dp = 'version = "tests"\n\n[defaults.privacy]\ndp = false\n'
+    # exact statistics on named datasets in the shared servers: differential privacy off,
+    # and named datasets may meet the analysts' uploads
+    no_dp = (
+        'version = "tests"\n\n[defaults]\nanalyst_inputs = true\n\n[defaults.privacy]\ndp = false\n'
+    )
     with LocalFederation(tmp_path_factory.mktemp("trio"), env=policy, policy=no_dp) as federation:
         yield federation
 

@@ -12,7 +12,8 @@ is the supported surface, tested name by name in ``tests/unit/test_sdk.py``:
 * the errors a function raises (each carries its HTTP status);
 * the parties of a multi-party function (:mod:`fdrtd_server.sdk.parties`):
   its :class:`PeerSession`, what each party declares and all must agree on,
-  the joint minimum cohort;
+  the joint minimum cohort, the owner's rule on inputs of the caller's
+  (:func:`vet_inputs`);
 * secure computation: :class:`SmpcSession` (secure sums, OR, maximum) over
   the fixed-point :mod:`ring`, and the Curve25519 primitives of :mod:`curve`;
 * protocol stages (:mod:`fdrtd_server.sdk.stages`): a :class:`Stage` names a
@@ -74,6 +75,7 @@ from fdrtd_server.sdk.parties import (
     joint_count,
     session_for,
     vet_declared,
+    vet_inputs,
 )
 from fdrtd_server.sdk.privacy import EPSILON, PRIVACY, private_release
 from fdrtd_server.sdk.smpc import SmpcSession, points_from
@@ -133,5 +135,6 @@ __all__ = [
     "session_for",
     "suppress",
     "vet_declared",
+    "vet_inputs",
     "wire",
 ]

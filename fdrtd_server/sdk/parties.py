@@ -2,19 +2,26 @@
 
 Every multi-party function opens its :func:`session_for` the request, sets up an
 :class:`~fdrtd_server.sdk.smpc.SmpcSession` with what this party :func:`declare` s
-in public (options, shapes, and this server's minimum cohort), and refuses,
-on every party alike, what the parties do not :func:`agree` on and a joint
-count below the strictest party's minimum cohort (:func:`check_joint_cohort`).
+in public (options, shapes, this server's minimum cohort, and where its inputs
+come from), and refuses, on every party alike, what the parties do not
+:func:`agree` on and a joint count below the strictest party's minimum cohort
+(:func:`check_joint_cohort`). Once every party's declaration is known, the
+session refuses exact results of a named dataset whose owner keeps
+``analyst_inputs = false`` beside an upload of the caller's
+(:mod:`fdrtd_server.provenance`); a protocol that exchanges its declarations
+itself calls :func:`vet_inputs` on them.
 A refusal that every party reaches from the same public values is marked
 ``collective``: no party has to tell the others to stop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from fdrtd_server import provenance
 from fdrtd_server.errors import BadRequest, CohortTooSmall, ComputationFailed
 from fdrtd_server.microservice import JobContext
 from fdrtd_server.peers import PeerSession
@@ -28,6 +35,7 @@ __all__ = [
     "joint_count",
     "session_for",
     "vet_declared",
+    "vet_inputs",
 ]
 
 
@@ -68,8 +76,33 @@ def agree(smpc: SmpcSession, key: str) -> Any:
 
 
 def declare(ctx: JobContext, **public: Any) -> dict[str, Any]:
-    """Public metadata for ``SmpcSession.setup``, with this server's minimum cohort."""
-    return {**public, "min_cohort": ctx.env.min_cohort}
+    """Public metadata for ``SmpcSession.setup``, with this server's minimum cohort.
+
+    It also states where this party's inputs come from (key ``provenance``:
+    whether it loaded an upload of the caller's, and which named datasets it
+    read exactly whose owner keeps ``analyst_inputs = false``), so load every
+    dataset first: one loaded after it is a :class:`PluginError`.
+    """
+    return {
+        **public,
+        "min_cohort": ctx.env.min_cohort,
+        provenance.KEY: ctx.provenance.declared(),
+    }
+
+
+def vet_inputs(public: Mapping[str, Any]) -> None:
+    """Refuse, on every party alike, an owner's exact data beside inputs of the caller's.
+
+    ``SmpcSession`` calls it once every party's public metadata is known; a
+    protocol that exchanges its :func:`declare` d values itself (PSI) calls it
+    on them, by party, before anything else is sent.
+
+    Raises:
+        Forbidden: If a party read a named dataset exactly whose owner's policy
+            has ``analyst_inputs = false`` and any party loaded an upload of
+            the caller's; marked ``collective``.
+    """
+    provenance.vet(public)
 
 
 def check_joint_cohort(ctx: JobContext, smpc: SmpcSession, total: float) -> None:

@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fdrtd_server import provenance
 from fdrtd_server.errors import ComputationFailed
 from fdrtd_server.peers import PeerSession, both
 from fdrtd_server.sdk import curve, ring
@@ -204,7 +205,19 @@ class SmpcSession:
             self._deferred = mine
             return self.public
         self._store_public(await self.staged.exchange(SmpcStage.SEEDS, mine))
+        self._vet_public()
         return self.public
+
+    def _vet_public(self) -> None:
+        """Every party's public metadata is known: refuse what no party may compute.
+
+        Called before anything but the setup is opened. The rule of every
+        multi-party function: a named dataset whose owner keeps
+        ``analyst_inputs = false`` is not computed on exactly beside an upload
+        of the caller's (:func:`fdrtd_server.provenance.vet`, from the
+        declarations of ``fdrtd_server.sdk.declare``).
+        """
+        provenance.vet(self.public)
 
     def _store_public(self, received: dict[str, Any]) -> None:
         """Keep every party's public metadata (of the form ``_PUBLIC``, checked by its stage)."""
@@ -221,6 +234,7 @@ class SmpcSession:
         deferred, self._deferred = self._deferred, None
         if deferred is not None:
             self._store_public(await self.staged.exchange(SmpcStage.SEEDS, deferred))
+            self._vet_public()
 
     def _label(self, tag: str, giver: str, taker: str) -> bytes:
         return f"{self.peers.id}|{tag}|{giver}|{taker}".encode()
@@ -257,6 +271,7 @@ class SmpcSession:
             for party, parts in received.items():
                 self._store_public({party: parts[0]["public"]})
                 parts[0] = parts[0]["v"]
+            self._vet_public()
         received[self.peers.me] = _split(y)
         return _add(received, y.size).reshape(values.shape)
 
@@ -383,6 +398,8 @@ class SmpcSession:
             counts[party] = [message["count"]]
             if message["sum"] is not None:
                 sums[party] = message["sum"]
+        if deferred is not None:
+            self._vet_public()
         total_rows = int(ring.decode_int(_add(counts, 1))[0])
         vet(total_rows)
         for party in self.peers.others:
@@ -490,6 +507,8 @@ class SmpcSession:
                     )
                 parts.extend(message)
             received[party] = parts
+        if deferred is not None:
+            self._vet_public()
         return _add_big(received, len(wire_form))
 
     def _masked_big(self, tag: str, values: Sequence[float]) -> list[bytes]:

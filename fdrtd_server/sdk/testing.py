@@ -352,9 +352,11 @@ class MemoryContext(JobContext):
             raise NotFound(f"no dataset named '{ref}' on this server")
         terms = None
         if ref in self.policies:
-            terms = terms_for(
-                ref, self.dataset_policy(ref), self.principal, private, self.budget_ledger
-            )
+            policy = self.dataset_policy(ref)
+            terms = terms_for(ref, policy, self.principal, private, self.budget_ledger)
+            self.provenance.named(ref, exact=terms is None, analyst_inputs=policy.analyst_inputs)
+        else:
+            self.provenance.upload()
         wanted = _wanted(columns)
         if wanted is not None and not all(name in table for name in wanted):
             raise BadRequest("the dataset has no column of that name")

@@ -146,6 +146,7 @@ from fdrtd_server.sdk import (
     distribution_version,
     receive_bytes,
     send_bytes,
+    vet_inputs,
 )
 from fdrtd_server.sdk import stages as staged
 from fdrtd_server.sdk.stages import Message
@@ -468,6 +469,7 @@ async def _setup(
                 "the parties disagree on the function or protocol version; every party "
                 "must run the same psi function of the same fdrtd version"
             )
+    vet_inputs(received)  # before anything but the setup: every party alike
     for party in peers.others:
         if received[party]["size"] < ctx.env.min_cohort:
             raise Forbidden(

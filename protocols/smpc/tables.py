@@ -142,6 +142,7 @@ from fdrtd_server.sdk import (
     agree,
     canonical_ids,
     curve,
+    declare,
     id_bytes,
     join_ids,
     numeric,
@@ -352,12 +353,8 @@ def _declared(ctx: JobContext, private: bool = False) -> dict[str, Any]:
     ``private``: this party's table is a differentially private release (of
     an owner's named dataset): empty cells are hidden too.
     """
-    return {
-        "min_cohort": ctx.env.min_cohort,
-        "small_cell": ctx.env.small_cell,
-        # an owner's named dataset: empty cells hidden too
-        "named": bool(ctx.versions) or private,
-    }
+    # an owner's named dataset: empty cells hidden too
+    return declare(ctx, small_cell=ctx.env.small_cell, named=bool(ctx.versions) or private)
 
 
 def _cells(smpc: SmpcSession) -> tuple[int, bool]:

@@ -35,9 +35,10 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-NO_DP = 'version = "tests"\n\n[defaults.privacy]\ndp = false\n'
-"""A policy file that turns differential privacy off for every dataset: for tests of
-exact statistics on named datasets (``LocalFederation(policy=NO_DP)``, :func:`without_dp`)."""
+NO_DP = 'version = "tests"\n\n[defaults]\nanalyst_inputs = true\n\n[defaults.privacy]\ndp = false\n'
+"""A policy file that turns differential privacy off for every dataset, and lets exact
+results of a named dataset be computed beside an analyst's uploads: for tests of exact
+statistics on named datasets (``LocalFederation(policy=NO_DP)``, :func:`without_dp`)."""
 
 
 def without_dp(home: Path) -> None:

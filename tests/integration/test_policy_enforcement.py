@@ -4,9 +4,11 @@ Three real servers. On alpha, the owner publishes ``patients`` (40 records)
 and ``small`` (20 records) and grants the analyst their use; alpha's
 ``policy.toml`` says what may be done with them. The analyst tries a
 function the policy forbids, a query under the minimum cohort, a table with
-small and empty cells, more computations at once than allowed and a
-computation longer than allowed; the owner changes the file under the
-running server, breaks it and mends it. Every refusal is a 4xx problem
+small and empty cells, padding of her own beside the owner's exact data,
+more computations at once than allowed and a computation longer than
+allowed; the owner changes the file under the running server, breaks it
+(also with nesting, sizes and numbers no parser or protocol should meet)
+and mends it. Every refusal is a 4xx problem
 document or a failed job whose error explains itself, and nothing is
 released.
 """
@@ -56,6 +58,7 @@ value = [0, 40]
 
 [datasets.small]
 min_cohort = 50
+analyst_inputs = true
 
 [datasets.small.privacy]
 dp = false
@@ -145,6 +148,8 @@ def test_small_and_empty_cells_of_a_named_dataset_are_hidden_alike(world: World)
     )
     # 3 and the empty bin and "other" are under 10; 12 is hidden with them
     assert local["counts"] == [None, None, 25, None] and local["other"] is None
+    # beside an upload of the analyst's only where the owner accepts analyst inputs
+    world.policy("alpha", POLICY.replace("small_cell = 10\n", OPEN_TO_ANALYSTS))
     spec = session("alpha", "beta")
     theirs = world.analyst("beta").upload(np.full(20, 25.0))
     jobs = [
@@ -159,6 +164,73 @@ def test_small_and_empty_cells_of_a_named_dataset_are_hidden_alike(world: World)
         joint = job.result(TIMEOUT)
         assert joint["counts"] == [None, None, 45, None] and joint["other"] is None
         assert joint["total"] == 60
+    world.policy("alpha", POLICY)
+
+
+OPEN_TO_ANALYSTS = "small_cell = 10\nanalyst_inputs = true\n"
+"""The line of ``[datasets.patients]`` that lets the analyst's uploads meet its exact data."""
+# the reviewer's column (F1): bins [0,10): 1, [10,20): none, [20,30): 25, [30,40]: 12, 2 outside
+REVIEWED = np.concatenate([[5.0], np.full(25, 25.0), np.full(12, 35.0), [50.0, 60.0]])
+PADDING = np.concatenate([np.full(10, v) for v in (5.0, 15.0, 25.0, 35.0, 99.0)])
+"""Ten records of the analyst's own in every bin and outside: no joint cell is small."""
+
+
+def test_the_analysts_own_padding_beside_an_owners_exact_data_is_refused(world: World) -> None:
+    """Review F1: joint cells minus her own padding were the owner's exact small cells."""
+    everything = POLICY.replace(
+        '["map.aggregate", "smpc.histogram", "smpc.count"]', '["*"]'
+    ).replace("[datasets.small]", "[datasets.reviewed]\nsmall_cell = 10\n[datasets.small]")
+    everything += "[datasets.reviewed.privacy]\ndp = false\n"
+    world.policy("alpha", everything)
+    owner = Client(world.servers["alpha"].url, world.servers["alpha"].owner_token)
+    if "reviewed" not in {entry["name"] for entry in owner.catalogue()}:
+        owner.publish(owner.upload(REVIEWED), "reviewed")
+        # a median and a set intersection are record-level: granted by name (custody)
+        owner.grant("reviewed", "analyst", functions=["*", "smpc.median", "psi.intersection_size"])
+    pad = world.analyst("beta").upload(PADDING)
+    tried = [
+        ("smpc", "histogram", {"column": "value", "bins": EDGES}),
+        ("smpc", "count", {}),
+        ("smpc", "secure_sum", {"column": "value"}),
+        ("smpc", "univariate", {"column": "value"}),
+        ("smpc", "median", {"column": "value"}),
+        ("smpc", "linear_regression", {"x": ["value"], "y": "value"}),
+        ("smpc", "contingency_table", {"x": "value", "y": "value"} | CATEGORIES),
+        ("psi", "intersection_size", {"column": "value"}),
+    ]
+    for microservice, function, inputs in tried:
+        spec = session("alpha", "beta")
+        jobs = [
+            world.analyst("alpha").compute(microservice, function, spec, data="reviewed", **inputs),
+            world.analyst("beta").compute(microservice, function, spec, data=pad, **inputs),
+        ]
+        for job in jobs:  # every party refuses, from the same declarations
+            with pytest.raises(Forbidden) as caught:
+                job.result(TIMEOUT)
+            detail = caught.value.detail
+            assert "dataset 'reviewed' (on party 'alpha')" in detail, (function, detail)
+            assert "analyst_inputs = false" in detail and "'beta'" in detail, detail
+            assert "value" not in job.status()
+    # the catalogue tells the analyst before she tries
+    listed = {entry["name"]: entry for entry in world.analyst("alpha").catalogue()}
+    assert listed["reviewed"]["policy"]["analyst_inputs"] is False
+    # an owner who accepts analyst inputs accepts that she subtracts them
+    accepting = everything.replace(
+        "[datasets.reviewed]\n", "[datasets.reviewed]\nanalyst_inputs = true\n"
+    )
+    world.policy("alpha", accepting)
+    spec = session("alpha", "beta")
+    bins = {"column": "value", "bins": EDGES}
+    jobs = [
+        world.analyst("alpha").compute("smpc", "histogram", spec, data="reviewed", **bins),
+        world.analyst("beta").compute("smpc", "histogram", spec, data=pad, **bins),
+    ]
+    joint = [job.result(TIMEOUT) for job in jobs][1]
+    assert [c - 10 for c in joint["counts"]] == [1, 0, 25, 12]
+    world.policy("alpha", POLICY)
+
+
+CATEGORIES = {"x_categories": [5.0, 25.0], "y_categories": [5.0, 25.0]}
 
 
 def test_results_state_the_policy_version_and_the_catalogue_the_rules(world: World) -> None:
@@ -208,6 +280,45 @@ def test_a_change_applies_to_the_next_request_and_is_audited(world: World) -> No
         check=False,
     )
     assert verify.returncode == 0, verify.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # reviews F3 and F4: a RecursionError was a 500 without an audit record, and a
+        # 20-digit count passed, then broke every computation with a 400 to the analyst
+        ('version = "1"\n[defaults]\nbounds = ' + "{a=" * 3000 + "1" + "}" * 3000, "nested"),
+        (POLICY + "[defaults]\nmax_concurrent = 99999999999999999999\n", "2147483647"),
+        (POLICY + "[defaults]\nsmall_cell = 9223372036854775807\n", "2147483647"),
+        (POLICY + "#" * (1 << 20) + "\n", "larger than 1048576 bytes"),
+        (None, "cannot be read"),  # a directory where the file should be
+    ],
+)
+def test_a_file_no_parser_or_protocol_should_meet_stops_computations_503_and_is_audited(
+    world: World, text: str | None, reason: str
+) -> None:
+    path = world.servers["alpha"].home / "policy.toml"
+    if text is None:
+        path.unlink()
+        path.mkdir()
+    else:
+        world.policy("alpha", text)
+    analyst = world.analyst("alpha", 30)
+    try:
+        for _ in range(2):
+            with pytest.raises(ServiceUnavailable, match="policy file is invalid") as caught:
+                analyst.compute("map", "aggregate", data="patients", column="value")
+            assert caught.value.status == 503
+        refused = [r for r in world.audit("alpha") if r["action"] == "policy"][-1]
+        assert refused["outcome"] == "refused" and reason in refused["reason"], refused
+        # the analyst's own computations elsewhere go on
+        beta = world.analyst("beta", 30)
+        assert beta.compute("map", "aggregate", data=beta.upload(SMALL)).result(TIMEOUT)
+    finally:
+        if text is None:
+            path.rmdir()
+        world.policy("alpha", POLICY)
+    analyst.compute("map", "aggregate", data="patients", column="value").result(TIMEOUT)
 
 
 def test_more_computations_at_once_than_the_policy_allows_are_refused_429(world: World) -> None:

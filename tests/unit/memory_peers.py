@@ -38,6 +38,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 
 from fdrtd_server.errors import PartyTimeout, error_for_status
 from fdrtd_server.microservice import Dataset, Environment
+from fdrtd_server.provenance import Provenance
 from fdrtd_server.sdk.smpc import SmpcSession
 
 
@@ -236,6 +237,7 @@ class Context:
         self.env = Environment(**{"server": name, **switches, **env})
         self.peers = Peers(Wire() if wire is None else wire, name, parties)
         self.session = {"id": self.peers.id, "parties": self.peers.parties}
+        self.provenance = Provenance()
 
     async def load_dataset(
         self,
@@ -247,6 +249,7 @@ class Context:
         private: bool = False,
     ) -> Dataset:
         # the caller's own data: no differential privacy, whatever ``private`` says
+        self.provenance.upload()
         return Dataset({key: np.asarray(column) for key, column in handle.items()})
 
     async def progress(self, fraction: float) -> None:

@@ -71,7 +71,11 @@ def test_a_good_file_fills_each_dataset_from_the_defaults() -> None:
 
 BAD = [
     # (text, line, part of the message)
-    ('version = "x"\n[defaults]\nmin_cohort = 0\n', 3, "'min_cohort' must be an integer >= 1"),
+    (
+        'version = "x"\n[defaults]\nmin_cohort = 0\n',
+        3,
+        "'min_cohort' must be an integer from 1 to 2147483647",
+    ),
     ('version = "x"\n[defaults]\nsmall_cell = 2.5\n', 3, "'small_cell' must be an integer"),
     ('version = "x"\n[defaults]\nmax_concurrent = 0\n', 3, "'max_concurrent'"),
     ('version = "x"\n[defaults]\n\njob_timeout = 0\n', 4, "'job_timeout' must be more than 0"),
@@ -107,7 +111,7 @@ BAD = [
     ),
     ('version = "x"\n[datasets.p.privacy]\nsigma = 1\n', 3, "unknown key 'sigma'"),
     ('version = "x"\n[datasets.p.bounds]\nage = [120, 0]\n', 3, "[lower, upper]"),
-    ('version = "x"\n[datasets.p.bounds]\nage = [0, inf]\n', 3, "finite numbers"),
+    ('version = "x"\n[datasets.p.bounds]\nage = [0, inf]\n', 3, "numbers from -1e+18 to 1e+18"),
     ('version = "x"\n[datasets.p.bounds]\nage = ["0", "1"]\n', 3, "[lower, upper]"),
     ('version = "x"\n[datasets.p]\nmin_cohrt = 3\n', 3, "unknown key 'min_cohrt'"),
     ('version = "x"\n[datasets.p]\nprivacy = 1\n', 3, "must be a table"),
@@ -121,6 +125,17 @@ BAD = [
     ('version = "x"\n[defaults]\nmin_cohort = \n', 3, "not valid TOML"),
     ('version = "x"\n[defaults\n', 2, "not valid TOML"),
     ('version = "x"\nfunctions = [\n', 2, "not valid TOML"),
+    # integers a computation could not carry, floats beyond any sane range (review F4)
+    ('version = "x"\n[defaults]\nmax_concurrent = 99999999999999999999\n', 3, "2147483647"),
+    ('version = "x"\n[defaults]\nmin_cohort = 9223372036854775807\n', 3, "2147483647"),
+    ('version = "x"\n[datasets.p]\nsmall_cell = 2147483648\n', 3, "'small_cell'"),
+    ('version = "x"\n[datasets.p.privacy]\ntotal_epsilon = 1e300\n', 3, "at most 1e+06"),
+    ('version = "x"\n[datasets.p.privacy]\nepsilon = nan\n', 3, "must be finite"),
+    ('version = "x"\n[defaults.bounds]\nage = [0, 1e308]\n', 3, "-1e+18 to 1e+18"),
+    ('version = "x"\n[defaults.bounds]\nage = [0, 99999999999999999999]\n', 3, "1e+18"),
+    ('version = "x"\n[defaults]\njob_timeout = inf\n', 3, "must be finite"),
+    ('version = "x"\n[datasets.p]\nanalyst_inputs = "yes"\n', 3, "'analyst_inputs' must be true"),
+    ('version = "x"\n[defaults]\nanalyst_inputs = 1\n', 3, "'analyst_inputs' must be true"),
 ]
 
 
@@ -330,3 +345,114 @@ def test_a_histogram_of_a_named_dataset_hides_empty_bins_at_the_small_cell_thres
     # 4, 0 and the empty "other" hide 4 records: 12 is hidden with them
     assert named["counts"] == [None, None, 30, None]
     assert named["other"] is None  # the empty "other" cell too
+
+
+# --- files no parser should meet (review F3), and what the catalogue shows (F1) -----------
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('version = "1"\n[defaults]\nbounds = ' + "{a=" * 3000 + "1" + "}" * 3000, "nested"),
+        ('version = "1"\nx = ' + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+        ('version = "1"\n' + "#" * (1 << 20) + "\n", "larger than 1048576 bytes"),
+    ],
+)
+def test_a_file_that_would_break_the_parser_is_a_policy_error(text: str, reason: str) -> None:
+    with pytest.raises(PolicyError, match=reason):
+        Policy.parse(text)
+
+
+def test_an_unreadable_or_huge_file_is_refused_and_audited_like_an_invalid_one(
+    tmp_path: Path,
+) -> None:
+    audit = AuditLog(tmp_path / "audit.log")
+    store = PolicyStore(tmp_path, audit)
+    path = tmp_path / "policy.toml"
+    path.mkdir()  # a directory where the file should be
+    for _ in range(2):
+        with pytest.raises(PolicyError, match=r"cannot be read"):
+            store.current()
+    path.rmdir()
+    path.write_text(GOOD + "#" * (1 << 20), "utf-8")
+    with pytest.raises(PolicyError, match="larger than 1048576 bytes"):
+        store.current()
+    path.write_text('version = "1"\n[defaults]\nbounds = ' + "{a=" * 3000 + "1" + "}" * 3000)
+    with pytest.raises(PolicyError, match="nested too deeply"):
+        store.current()
+    path.write_text(GOOD, "utf-8")
+    assert store.current().of("patients").small_cell == 10
+    audit.close()
+    refused = [r for r in _records(tmp_path / "audit.log") if r.get("outcome") == "refused"]
+    assert [r["reason"].split(" (")[0].split(";")[0] for r in refused] == [
+        "the file cannot be read",
+        "the file is larger than 1048576 bytes",
+        "tables or arrays are nested too deeply",
+    ]
+
+
+def test_policy_check_names_a_deep_huge_unreadable_or_missing_file_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text('version = "1"\n[defaults]\nbounds = ' + "{a=" * 3000 + "1" + "}" * 3000)
+    assert main(["policy", "check", str(path)]) == 2
+    assert "nested too deeply" in capsys.readouterr().err
+    path.write_text('version = "1"\n[defaults]\nmax_concurrent = 99999999999999999999\n')
+    assert main(["policy", "check", str(path)]) == 2
+    assert f"{path}:3: [defaults] 'max_concurrent' must be" in capsys.readouterr().err
+    path.unlink()
+    assert main(["policy", "check", str(path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    path.mkdir()
+    assert main(["policy", "check", str(path)]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def test_a_file_changed_while_it_is_read_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An in-place edit: the first read sees half of it, and the file changes meanwhile."""
+    store = PolicyStore(tmp_path)
+    path = tmp_path / "policy.toml"
+    whole = GOOD.replace("small_cell = 10", "small_cell = 12")
+    half = whole[: whole.index("[datasets.patients.privacy]")]  # valid TOML: dp stays on
+    path.write_text(half, "utf-8")
+    reads: list[str] = []
+    read = Policy.read
+
+    def racing(file: Path) -> Policy:
+        found = read(file)
+        reads.append(found.version)
+        if len(reads) == 1:  # the owner's editor writes the rest meanwhile
+            path.write_text(whole, "utf-8")
+        return found
+
+    monkeypatch.setattr(Policy, "read", staticmethod(racing))
+    policy = store.current()
+    assert len(reads) == 2 and policy.version == Policy.parse(whole).version
+    assert not policy.of("patients").privacy.dp  # never the half without its privacy table
+
+    def always_changing(file: Path) -> Policy:
+        found = read(file)
+        path.write_text(path.read_text("utf-8") + "\n", "utf-8")
+        return found
+
+    monkeypatch.setattr(Policy, "read", staticmethod(always_changing))
+    path.write_text(GOOD, "utf-8")
+    with pytest.raises(PolicyError, match="changed while it was read"):
+        store.current()
+
+
+def test_analyst_inputs_is_a_dataset_key_off_by_default_and_shown_in_the_catalogue() -> None:
+    policy = Policy.parse(
+        'version = "x"\n[defaults]\nanalyst_inputs = true\n[datasets.p]\nanalyst_inputs = false\n'
+    )
+    assert DatasetPolicy().analyst_inputs is False
+    assert policy.defaults.analyst_inputs and not policy.of("p").analyst_inputs
+    assert policy.of("other").analyst_inputs  # from [defaults]
+    for dataset in (policy.defaults, policy.of("p")):
+        assert DatasetPolicy.from_dict(dataset.to_dict()) == dataset
+        assert dataset.public(3)["analyst_inputs"] is dataset.analyst_inputs
+    assert "analyst_inputs false" in policy.of("p").summary()
+    assert "analyst_inputs = false" in TEMPLATE

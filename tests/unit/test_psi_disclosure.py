@@ -93,7 +93,9 @@ def test_onions_have_one_length_whatever_the_items() -> None:
     # The setup messages differ only by the fresh key: nothing about item lengths.
     setups = [s.value for s in net.sent if s.tag == service.Stage.SETUP]
     assert {frozenset(v) for v in setups} == {
-        frozenset({"function", "version", "size", "min_cohort", "key", "max_item_bytes"})
+        frozenset(
+            {"function", "version", "size", "min_cohort", "provenance", "key", "max_item_bytes"}
+        )
     }
     assert {(v["size"], v["max_item_bytes"]) for v in setups} == {(3, 256)}
 

@@ -46,6 +46,7 @@ EXPECTED = {
     "agree",
     "check_joint_cohort",
     "vet_declared",
+    "vet_inputs",
     "joint_count",
     # secure computation
     "SmpcSession",
