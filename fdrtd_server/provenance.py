@@ -29,13 +29,15 @@ the analyst knows of the others.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fdrtd_server.errors import ComputationFailed, Forbidden, PluginError
 
-__all__ = ["KEY", "Provenance", "vet"]
+__all__ = ["KEY", "Provenance", "bind", "bound", "vet"]
 
 KEY = "provenance"
 """The key of a party's declaration in the public values of a multi-party setup."""
@@ -81,6 +83,25 @@ class Provenance:
         """This party's declaration (value of :data:`KEY`); nothing may be loaded after it."""
         self._declared = True
         return {"supplied": self.supplied, "guarded": sorted(self.guarded)}
+
+
+_BOUND: weakref.WeakKeyDictionary[Any, Provenance] = weakref.WeakKeyDictionary()
+"""The provenance of the job each open peer session belongs to (see :func:`bind`)."""
+
+
+def bind(session: Any, provenance: Provenance) -> None:
+    """Remember that ``session`` (a peer session) runs the job whose inputs ``provenance`` notes.
+
+    ``fdrtd_server.sdk.session_for`` binds every session it opens, so that an
+    ``SmpcSession`` set up without ``declare`` still declares (:func:`bound`).
+    """
+    with contextlib.suppress(TypeError):  # a stand-in session without weak references
+        _BOUND[session] = provenance
+
+
+def bound(session: Any) -> Provenance | None:
+    """The provenance bound to ``session`` by :func:`bind`, if any."""
+    return _BOUND.get(session)
 
 
 def vet(public: Mapping[str, Any]) -> None:

@@ -53,15 +53,20 @@ def session_for(ctx: JobContext) -> PeerSession:
     own = getattr(ctx, "peer_session", None)
     if callable(own):
         session: PeerSession = own()
-        return session
-    spec = ctx.session
-    if not spec:
-        raise BadRequest(
-            "this is a multi-party protocol: give a 'session' with an 'id' and the 'parties'"
+    else:
+        spec = ctx.session
+        if not spec:
+            raise BadRequest(
+                "this is a multi-party protocol: give a 'session' with an 'id' and the 'parties'"
+            )
+        session = PeerSession(
+            ctx.bus, spec["id"], spec["parties"], ctx.env.server, ctx.env.session_timeout
         )
-    return PeerSession(
-        ctx.bus, spec["id"], spec["parties"], ctx.env.server, ctx.env.session_timeout
-    )
+    # an SmpcSession set up without declare() still declares where the inputs come from
+    found = getattr(ctx, "provenance", None)  # a stand-in context of a test may have none
+    if isinstance(found, provenance.Provenance):
+        provenance.bind(session, found)
+    return session
 
 
 def agree(smpc: SmpcSession, key: str) -> Any:

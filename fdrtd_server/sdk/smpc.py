@@ -200,6 +200,9 @@ class SmpcSession:
         # the parties' order gives roles (the OR's comparer and evaluator, order
         # statistics' shifter and evaluator), so every party must use the same
         mine = {**(public or {}), "parties": list(self.peers.parties)}
+        found = provenance.bound(self.peers)
+        if provenance.KEY not in mine and found is not None:
+            mine[provenance.KEY] = found.declared()  # set up without declare()
         self.public = {self.peers.me: mine}
         if defer:
             self._deferred = mine

@@ -249,6 +249,26 @@ def test_a_dataset_loaded_after_the_declaration_is_a_plugin_error() -> None:
     assert any(isinstance(o, PluginError) for o in outcomes.values()), outcomes
 
 
+def test_a_plugin_that_sets_up_without_declare_still_declares() -> None:
+    async def undeclared(ctx: MemoryContext, inputs: dict[str, Any]) -> Any:
+        dataset = await ctx.load_dataset(inputs["data"])
+        async with session_for(ctx) as peers:
+            smpc = SmpcSession(peers)
+            await smpc.setup({"function": "undeclared"}, defer=True)
+            rows = np.array([len(dataset.column("x"))])
+            return {"n": int((await smpc.sum_ring(rows)).item())}
+
+    fed = MemoryFederation(
+        ("alpha", "beta"),
+        datasets={"alpha": {"d": table(0.0)}, "beta": {"d": table(1.0)}},
+        policies={"alpha": {"d": EXACT}},
+    )
+    outcomes = asyncio.run(fed.outcomes(undeclared, data="d"))
+    assert all(isinstance(o, Forbidden) for o in outcomes.values()), outcomes
+    fed.policies["alpha"]["d"]["analyst_inputs"] = True
+    assert fed.run_sync(undeclared, data="d")["beta"] == {"n": 2 * ROWS}
+
+
 @pytest.mark.parametrize(
     "declared",
     [
