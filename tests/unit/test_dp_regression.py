@@ -55,7 +55,7 @@ def test_a_dp_partys_sufficient_statistics_are_noisy_before_they_are_shared(
         return await original(self, values)
 
     monkeypatch.setattr(SmpcSession, "sum_big", recording)
-    fed = _federation(200, ["alpha"])
+    fed = _federation(5000, ["alpha"])  # enough rows that the noisy X'X stays positive definite
     result = fed.run_sync(service, "linear_regression", data="d", x=["x1", "x2"], y="y")
     statement = result["alpha"]["privacy"]["d"]
     assert set(statement["noise"]) == {"count", "gram"}
@@ -64,11 +64,11 @@ def test_a_dp_partys_sufficient_statistics_are_noisy_before_they_are_shared(
     assert "privacy" not in result["beta"]
     count, sums = shared["alpha"]
     exact = _exact_local(fed.tables["alpha"]["d"])
-    assert count != [200.0] or sums != pytest.approx(exact)
+    assert count != [5000.0] or sums != pytest.approx(exact)
     assert sums != pytest.approx(exact, rel=1e-9)  # every element carries noise
     assert sum(s != pytest.approx(e, rel=1e-12) for s, e in zip(sums, exact, strict=True)) >= 8
     # the parties computing on their own uploads share their exact statistics
-    assert shared["beta"] == [[200.0], pytest.approx(_exact_local(fed.tables["beta"]["d"]))]
+    assert shared["beta"] == [[5000.0], pytest.approx(_exact_local(fed.tables["beta"]["d"]))]
     assert result["alpha"]["coefficients"] == result["beta"]["coefficients"]
 
 
