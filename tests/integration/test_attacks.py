@@ -147,3 +147,22 @@ def test_zeros_beside_a_victim_do_not_read_her_array(local: LocalFederation) -> 
         else:
             assert value["sum"] != VICTIM.sum()
             assert "privacy" in value
+
+
+def test_zeros_beside_a_victim_are_refused_without_dp_too(local: LocalFederation) -> None:
+    """The owner turned DP off: her exact data is still never beside the analyst's own."""
+    policy = local.servers["beta"].home / "policy.toml"
+    policy.write_text('version = "exact"\n[datasets.salaries.privacy]\ndp = false\n', "utf-8")
+    try:
+        with local.federation() as fed:
+            zeros = {
+                name: fed.clients[name].upload(np.zeros(VICTIM.size))
+                for name in ("alpha", "gamma")
+            }
+            inputs = {"beta": {"data": "salaries"}, **{n: {"data": h} for n, h in zeros.items()}}
+            job = fed.compute("smpc", "secure_sum", inputs, elementwise=True, frac_bits=40)
+            with pytest.raises(Forbidden) as refused:
+                job.result(timeout=60)
+            assert "salaries" in str(refused.value) and "analyst_inputs" in str(refused.value)
+    finally:
+        policy.unlink()
