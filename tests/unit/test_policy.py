@@ -264,8 +264,12 @@ def test_the_store_follows_changes_and_audits_each_version_and_refusal(tmp_path:
     assert changed["target"] == second.version and changed["previous"] == first.version
     assert changed["changed"] == "patients" and changed["added"] == "x"
     assert removed["target"] == "default" and removed["removed"] == "patients,x"
-    text = (tmp_path / "audit.log").read_text("utf-8")
-    assert "120" not in text and "20," not in text  # names, never values
+    # names, never values (the chain's hashes, the times and the versions, which end in
+    # hex digits, are left out: they may hold any number)
+    hashed = ("hash", "prev", "time", "target", "previous")
+    fields = [json.dumps({k: v for k, v in r.items() if k not in hashed}) for r in records]
+    text = "\n".join(fields)
+    assert "120" not in text and "20," not in text
 
 
 def test_a_rewrite_of_the_same_size_within_the_same_tick_is_seen(tmp_path: Path) -> None:
