@@ -345,13 +345,16 @@ class Federation:
         cert: str | tuple[str, str] | None = None,
         start_wait: float = 0.25,
         allow_insecure: bool = False,
+        federation: str | Path | None = None,
     ) -> Federation:
         """A federation of clients made alike: one ``(url, token)`` per server name.
 
         The keyword arguments are those of :class:`Client`, passed on to each:
         ``verify`` (the federation's CA bundle, for servers with certificates
         of a private CA) and ``cert`` (your client certificate, for servers
-        that require one) are the usual ones to give.
+        that require one) are the usual ones to give. ``federation`` is the
+        federation file the receipts are verified against (as for
+        :class:`Federation`).
 
         Example::
 
@@ -373,7 +376,8 @@ class Federation:
                     allow_insecure=allow_insecure,
                 )
                 for name, (url, token) in servers.items()
-            }
+            },
+            federation=federation,
         )
 
     def __repr__(self) -> str:

@@ -325,8 +325,10 @@ def _key_set(text: str, source: str) -> dict[str, jwt.PyJWK]:
             continue
         try:
             key = jwt.PyJWK.from_dict(entry)
-        except jwt.PyJWTError:
-            continue  # an algorithm this server cannot use: as PyJWKSet does
+        except (jwt.PyJWTError, TypeError, ValueError, KeyError):
+            # an algorithm this server cannot use (as PyJWKSet does), or a malformed
+            # entry (an "alg" that is a list...): the other keys still count
+            continue
         keys[str(key.key_id or "")] = key
     if not keys:
         raise ValueError(f"{source} holds no usable signing key")

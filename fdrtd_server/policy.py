@@ -16,7 +16,7 @@ whole-job timeout)::
 
     [defaults.privacy]
     dp = true
-    epsilon = 0.1                   # spent by one query unless the analyst asks for less
+    epsilon = 0.1                   # what a query spends unless the analyst asks otherwise
 
     [datasets.patients]
     functions = ["smpc.secure_sum", "smpc.count", "map.*"]
@@ -129,7 +129,8 @@ class Privacy:
     """``"laplace"`` (pure epsilon-DP) or ``"gaussian"`` (zero-concentrated, converted
     to (epsilon, delta))."""
     epsilon: float = 0.1
-    """What one query spends unless the analyst asks for less."""
+    """What one query spends unless the analyst asks for another epsilon (from
+    ``min_epsilon`` up to what remains of her budget)."""
     min_epsilon: float = 0.001
     """The smallest epsilon a query may ask for (refused 400 below, before the spend): at a
     tiny epsilon the noise is wider than a 64-bit sampler holds."""
@@ -328,7 +329,7 @@ class _Reader:
     def number(self, value: Any, path: tuple[str, ...]) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(path, f"{self.where(path[:-1])} '{path[-1]}' must be a number")
-        if not math.isfinite(value):
+        if not _finite(value):
             raise self.fail(path, f"{self.where(path[:-1])} '{path[-1]}' must be finite")
         return float(value)
 
@@ -423,7 +424,7 @@ class _Reader:
                 not isinstance(pair, list)
                 or len(pair) != 2
                 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair)
-                or not all(math.isfinite(v) and abs(v) <= MAX_BOUND for v in pair)
+                or not all(_finite(v) and abs(v) <= MAX_BOUND for v in pair)
                 or not pair[0] < pair[1]
             ):
                 raise self.fail(
@@ -466,6 +467,14 @@ class _Reader:
                 keys = ", ".join((*_DATASET_KEYS, *_LIMIT_KEYS))
                 raise self.fail(at, f"{where}: unknown key {_key(key)}; its keys are {keys}")
         return dataclasses.replace(base, **values)
+
+
+def _finite(value: float) -> bool:
+    """Whether ``value`` is a finite number a float can hold (an integer may be too large)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _toml_line(error: tomllib.TOMLDecodeError, text: str) -> tuple[int | None, str]:
@@ -554,6 +563,9 @@ class Policy:
         except tomllib.TOMLDecodeError as error:
             line, reason = _toml_line(error, text)
             raise PolicyError(f"not valid TOML: {reason}", source, line) from None
+        except ValueError:
+            # Python refuses to read an integer of more than 4300 digits
+            raise PolicyError("not valid TOML: a number is far too long", source) from None
         reader = _Reader(text, source)
         for key in document:
             if key not in ("version", "defaults", "datasets"):
@@ -885,7 +897,7 @@ analyst_inputs = false
 # only functions with a differentially private release may use a named dataset
 dp = true
 mechanism = "laplace"      # or "gaussian" (then delta > 0)
-epsilon = 0.1              # what one query spends, unless the analyst asks for less
+epsilon = 0.1              # what one query spends, unless the analyst asks otherwise
 min_epsilon = 0.001        # the smallest epsilon an analyst may ask for per query
 delta = 0.0
 analyst_epsilon = 1.0      # what each analyst may spend in all

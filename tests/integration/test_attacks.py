@@ -156,8 +156,7 @@ def test_zeros_beside_a_victim_are_refused_without_dp_too(local: LocalFederation
     try:
         with local.federation() as fed:
             zeros = {
-                name: fed.clients[name].upload(np.zeros(VICTIM.size))
-                for name in ("alpha", "gamma")
+                name: fed.clients[name].upload(np.zeros(VICTIM.size)) for name in ("alpha", "gamma")
             }
             inputs = {"beta": {"data": "salaries"}, **{n: {"data": h} for n, h in zeros.items()}}
             job = fed.compute("smpc", "secure_sum", inputs, elementwise=True, frac_bits=40)

@@ -95,6 +95,22 @@ def test_a_key_set_with_a_symmetric_key_is_refused(tmp_path: Path) -> None:
     assert caught.value.status == 503
 
 
+def test_a_malformed_key_entry_is_skipped_and_the_others_still_verify(tmp_path: Path) -> None:
+    import json
+
+    good = Provider()
+    keys = good.write_jwks(tmp_path / "keys.json")
+    document = json.loads(keys.read_text("utf-8"))
+    document["keys"].insert(0, {"kty": "RSA", "alg": ["RS256"], "kid": "odd", "n": "AQAB"})
+    keys.write_text(json.dumps(document), "utf-8")
+    provider = IdentityProvider(_settings(jwks_file=keys))
+    assert provider.verify(good.token())  # an "alg" that is a list was a TypeError, a 500
+    keys.write_text(json.dumps({"keys": [document["keys"][0]]}), "utf-8")
+    with pytest.raises(Refused) as caught:
+        IdentityProvider(_settings(jwks_file=keys)).verify(good.token())
+    assert caught.value.status == 503  # no usable key: "no key set", not a 500
+
+
 def test_the_key_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
     old, new = Provider(kid="old"), Provider(kid="new")
     keys = old.write_jwks(tmp_path / "keys.json")

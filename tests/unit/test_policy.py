@@ -148,6 +148,28 @@ def test_the_epsilon_floor_is_a_privacy_key_with_a_default_and_is_public() -> No
     assert Policy.parse(TEMPLATE).defaults == DatasetPolicy()  # the template states it
 
 
+HUGE = 10**400
+"""An integer no float can hold."""
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f'version = "x"\n[defaults.bounds]\nage = [0, {HUGE}]\n',
+        f'version = "x"\n[defaults.privacy]\nepsilon = {HUGE}\n',
+        f'version = "x"\n[defaults]\njob_timeout = {HUGE}\n',
+        f'version = "x"\n[defaults]\nmin_cohort = {"9" * 5000}\n',
+    ],
+)
+def test_numbers_beyond_a_float_or_python_s_digit_limit_are_refused_not_raised(
+    text: str,
+) -> None:
+    # an integer too large for a float raised OverflowError, one of more than 4300
+    # digits ValueError: a 500 on every computation instead of the 503 of a bad file
+    with pytest.raises(PolicyError):
+        Policy.parse(text, "policy.toml")
+
+
 @pytest.mark.parametrize(("text", "line", "part"), BAD)
 def test_each_broken_rule_is_refused_naming_its_line(text: str, line: int, part: str) -> None:
     with pytest.raises(PolicyError) as caught:
