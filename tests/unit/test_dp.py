@@ -40,6 +40,18 @@ def test_the_epsilon_opendp_reports_for_the_scale_is_at_most_the_charge(
     assert privacy.privacy_loss(mechanism, smaller, sensitivity, delta) > epsilon
 
 
+@pytest.mark.parametrize(("mechanism", "sensitivity", "epsilon", "delta"), CASES)
+def test_a_remembered_calibration_is_the_search_s_own_answer(
+    mechanism: str, sensitivity: int, epsilon: Fraction, delta: Fraction
+) -> None:
+    searched = privacy._bisect.__wrapped__(mechanism, sensitivity, epsilon, delta)
+    first = privacy.calibrate(mechanism, sensitivity, epsilon, delta)
+    hits = privacy._bisect.cache_info().hits
+    again = privacy.calibrate(mechanism, sensitivity, epsilon, delta)
+    assert first == again == searched
+    assert privacy._bisect.cache_info().hits == hits + 1  # the second came from the cache
+
+
 def test_calibration_refuses_what_cannot_be_calibrated() -> None:
     with pytest.raises(BadRequest):
         privacy.calibrate("laplace", 1, Fraction(0), Fraction(0))
