@@ -80,6 +80,7 @@ __all__ = [
     "save",
     "statement_bytes",
     "summary",
+    "value_sha256s",
     "verify_receipt",
     "verify_statement",
 ]
@@ -166,6 +167,17 @@ def joint_value(value: Any) -> Any:
 def joint_sha256(value: Any) -> str:
     """The SHA-256 (hex) of :func:`joint_value`'s canonical bytes: common to every party."""
     return output_sha256(joint_value(value))
+
+
+def value_sha256s(value: Any) -> tuple[str, str]:
+    """:func:`output_sha256` and :func:`joint_sha256` of ``value``.
+
+    A value that holds no party field is encoded once: the two are then the same.
+    """
+    whole = output_sha256(value)
+    if isinstance(value, Mapping) and any(key in value for key in PARTY_FIELDS):
+        return whole, joint_sha256(value)
+    return whole, whole
 
 
 def statement_bytes(statement: Mapping[str, Any]) -> bytes:
@@ -336,7 +348,8 @@ def verify_receipt(
                 raise _fail("cosignature", f"{name!r}'s cosignature is not valid")
     if value is not ...:
         stated = {receipt["statements"][name]["statement"]["output_sha256"] for name in parties}
-        if joint_sha256(value) != receipt["joint_sha256"] or output_sha256(value) not in stated:
+        whole, joint = value_sha256s(value)
+        if joint != receipt["joint_sha256"] or whole not in stated:
             raise _fail("output", "the result value does not hash to what the parties stated")
     for name, received in (values or {}).items():
         if name not in parties:
@@ -348,9 +361,10 @@ def verify_receipt(
 def _check_value(statement: Mapping[str, Any], value: Any) -> None:
     """Check a party's result value against its statement's two digests."""
     name = statement["server"]
-    if output_sha256(value) != statement["output_sha256"]:
+    whole, joint = value_sha256s(value)
+    if whole != statement["output_sha256"]:
         raise _fail("output", f"the value from {name!r} does not hash to its output_sha256")
-    if joint_sha256(value) != statement["joint_sha256"]:
+    if joint != statement["joint_sha256"]:
         raise _fail("output", f"the value from {name!r} does not hash to the joint_sha256")
 
 

@@ -1285,8 +1285,7 @@ class _Runner:
         error_class = ""
         try:
             result = await _within(policy, function(ctx, inputs))
-            output = receipts.output_sha256(result)
-            joint = receipts.joint_sha256(result)
+            output, joint = receipts.value_sha256s(result)
         except asyncio.CancelledError:
             self.computing.pop(ctx.handle, None)
             if ctx.ended_elsewhere:

@@ -41,6 +41,7 @@ __all__ = [
     "parameters_of",
     "signed_statement",
     "statement_of",
+    "value_sha256s",
     "verify_file",
 ]
 
@@ -53,6 +54,7 @@ FEDERATION_FILE = "federation.toml"
 
 output_sha256 = format_.output_sha256
 joint_sha256 = format_.joint_sha256
+value_sha256s = format_.value_sha256s
 
 
 def _digest(value: Any) -> dict[str, str]:

@@ -425,3 +425,19 @@ def test_the_joint_digest_of_a_dp_receipt_cannot_be_altered(
     with pytest.raises(ReceiptError) as caught:
         receipts.verify_receipt(tampered, keys, cosignatures=False)
     assert caught.value.check == "common" and "beta" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"count": 12},
+        {"count": 12, "privacy": {"d": {"epsilon": 0.5}}},
+        [1.0, 2.0],
+        np.arange(3.0),
+    ],
+)
+def test_both_digests_at_once_are_the_two_digests(value: object) -> None:
+    assert receipts.value_sha256s(value) == (
+        receipts.output_sha256(value),
+        receipts.joint_sha256(value),
+    )
