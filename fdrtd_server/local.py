@@ -138,6 +138,15 @@ class LocalServer:
         temporary.write_text(text, "utf-8")
         temporary.replace(path)
 
+    def publish(
+        self, data: Any, name: str, description: str = "", *, grantee: str | None = "analyst"
+    ) -> None:
+        """The owner uploads ``data``, publishes it as ``name`` and grants ``grantee`` its use."""
+        with Client(self.url, self.owner_token, **self.requests_options()) as owner:
+            owner.publish(owner.upload(data), name, description)
+            if grantee is not None:
+                owner.grant(name, grantee)
+
     def client(self, timeout: float = 30.0) -> Client:
         """A client with this server's analyst token (verifying and presenting as ``tls`` says)."""
         return Client(self.url, self.token, timeout=timeout, **self.requests_options())

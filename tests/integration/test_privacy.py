@@ -51,14 +51,8 @@ EVERYTHING = np.concatenate(list(VALUES.values()))
 def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     with LocalFederation(tmp_path_factory.mktemp("privacy"), policy=POLICY) as federation:
         for name, values in VALUES.items():
-            server = federation.servers[name]
-            with Client(server.url, server.owner_token) as owner:
-                owner.publish(owner.upload(values), "cohort")
-                owner.grant("cohort", "analyst")
-                if name == "alpha":
-                    for extra in ("race", "small"):
-                        owner.publish(owner.upload(values), extra)
-                        owner.grant(extra, "analyst")
+            for dataset in ("cohort", "race", "small") if name == "alpha" else ("cohort",):
+                federation.servers[name].publish(values, dataset)
         yield federation
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fdrtd_client import Client, Forbidden
+from fdrtd_client import Forbidden
 from fdrtd_server.local import LocalFederation, LocalServer
 
 POLICY = """
@@ -51,10 +51,7 @@ DATA = {name: _survey(20_000 + 2000 * k, k) for k, name in enumerate(("alpha", "
 def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     with LocalFederation(tmp_path_factory.mktemp("dptables"), policy=POLICY) as federation:
         for name, data in DATA.items():
-            server = federation.servers[name]
-            with Client(server.url, server.owner_token) as owner:
-                owner.publish(owner.upload(data), "survey")
-                owner.grant("survey", "analyst")
+            federation.servers[name].publish(data, "survey")
         yield federation
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fdrtd_client import Client, ReceiptError, receipts
+from fdrtd_client import ReceiptError, receipts
 from fdrtd_server.local import LocalFederation
 
 
@@ -53,10 +53,7 @@ VALUES = {
 def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     with LocalFederation(tmp_path_factory.mktemp("receipts-dp"), policy=POLICIES) as federation:
         for name, values in VALUES.items():
-            server = federation.servers[name]
-            with Client(server.url, server.owner_token) as owner:
-                owner.publish(owner.upload(values), "cohort")
-                owner.grant("cohort", "analyst")
+            federation.servers[name].publish(values, "cohort")
         yield federation
 
 
