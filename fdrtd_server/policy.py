@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 import re
 import tomllib
@@ -72,6 +73,7 @@ __all__ = [
     "write_template",
 ]
 
+log = logging.getLogger("fdrtd.policy")
 POLICY_FILE = "policy.toml"
 DEFAULT_VERSION = "default"
 """The version of the built-in policy, for a server without a policy file."""
@@ -765,6 +767,8 @@ class PolicyStore:
         """The computations each caller runs now (the ``max_concurrent`` limits)."""
         self._stamp: tuple[int, int, int] | None = None
         self._refused: tuple[int, int, int] | None = None
+        self._failure: PolicyError | None = None
+        """Why the file at stamp :attr:`_refused` was refused (raised again, not re-read)."""
         self._policy = Policy()
 
     def current(self) -> Policy:
@@ -790,6 +794,8 @@ class PolicyStore:
             raise
         if stamp == self._stamp:
             return self._policy
+        if stamp == self._refused and self._failure is not None:
+            raise self._failure  # the same broken file: not read and parsed on every request
         for _ in range(READ_ATTEMPTS):
             try:
                 policy: Policy | None = Policy.read(self.path)
@@ -850,7 +856,8 @@ class PolicyStore:
         """Audit a file that breaks a rule, once per change of the file."""
         if stamp == self._refused:
             return
-        self._refused = stamp
+        self._refused, self._failure = stamp, error
+        log.error("policy file refused, nothing is computed until it is mended: %s", error)
         if self.audit is not None:
             self.audit.write(
                 AUDIT_ACTOR,

@@ -9,7 +9,6 @@ result handle, or the result itself if the job ends within ``?wait=``.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -47,7 +46,6 @@ COMPUTE_KEYS = ("microservice", "function", "inputs", "session")
 """The keys of a ``POST /v1/compute`` body."""
 SESSION_KEYS = ("id", "parties")
 """The keys of its ``session``."""
-log = logging.getLogger("fdrtd.policy")
 _INT64 = (-(2**63), 2**64 - 1)
 """The integers msgpack (and so the bus) carries: int64 and uint64."""
 
@@ -136,8 +134,8 @@ def current_policy(state: State) -> Policy:
     """
     try:
         return state.policy.current()
-    except PolicyError as error:
-        log.error("policy file refused, nothing is computed: %s", error)
+    except PolicyError:
+        # logged and audited once per change of the file (PolicyStore)
         raise ServiceUnavailable(
             "this server's policy file is invalid, so nothing is computed until its owner "
             "mends it (fdrtd-server policy check names the line)"

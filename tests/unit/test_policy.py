@@ -482,3 +482,26 @@ def test_analyst_inputs_is_a_dataset_key_off_by_default_and_shown_in_the_catalog
         assert dataset.public(3)["analyst_inputs"] is dataset.analyst_inputs
     assert "analyst_inputs false" in policy.of("p").summary()
     assert "analyst_inputs = false" in TEMPLATE
+
+
+def test_a_broken_file_is_read_once_while_it_stays_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = PolicyStore(tmp_path)
+    path = tmp_path / "policy.toml"
+    path.write_text(GOOD.replace("small_cell = 10", "small_cell = zehn"), "utf-8")
+    reads: list[Path] = []
+    read = Policy.read
+
+    def counted(file: Path) -> Policy:
+        reads.append(file)
+        return read(file)
+
+    monkeypatch.setattr(Policy, "read", staticmethod(counted))
+    for _ in range(5):  # refused on every request ...
+        with pytest.raises(PolicyError, match=r"policy.toml:8: "):
+            store.current()
+    assert len(reads) == 1  # ... but read and parsed once
+    path.write_text(GOOD, "utf-8")  # mended: read again
+    assert store.current().of("patients").small_cell == 10
+    assert len(reads) == 2
